@@ -1,0 +1,1 @@
+"""The DICOM network side: SCP handlers, configuration and the `minipacs` command."""

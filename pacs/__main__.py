@@ -1,0 +1,3 @@
+from pacs.cli import main
+
+main()

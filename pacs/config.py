@@ -1,0 +1,168 @@
+"""Configuration: one dataclass, filled from a TOML file, then MINIPACS_* variables, then flags.
+
+Nothing else in minipacs reads the environment.
+"""
+
+import re
+import tomllib
+from dataclasses import dataclass
+from dataclasses import field
+from dataclasses import fields
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, 16 chars
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the setting."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A known remote AE (C-MOVE destinations and, later, access rules)."""
+
+    aet: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    data: Path = field(
+        default=Path("pacs-data"), metadata={"help": "Archive folder (files and index)."}
+    )
+    aet: str = field(default="MINIPACS", metadata={"help": "Our AE title."})
+    host: str = field(
+        default="127.0.0.1",
+        metadata={
+            "help": "Address the DICOM and HTTP servers bind to. 127.0.0.1 keeps them private to "
+            "this machine; 0.0.0.0 exposes patient data to every host that can reach it."
+        },
+    )
+    port: int = field(default=11112, metadata={"help": "DICOM port (0 picks a free one)."})
+    http_port: int = field(default=8080, metadata={"help": "HTTP port (0 picks a free one)."})
+    peer: tuple[Peer, ...] = field(
+        default=(), metadata={"help": "Known remote AEs, AET=HOST:PORT (repeatable)."}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR."})
+    fsync: bool = field(
+        default=True,
+        metadata={
+            "help": "fsync every file and index commit before Success (off trades safety "
+            "for speed)."
+        },
+    )
+    duplicates: str = field(
+        default="keep",
+        metadata={
+            "help": "Different bytes under a stored SOP Instance UID: keep, replace or reject."
+        },
+    )
+    accept_unknown_sop_classes: bool = field(
+        default=False,
+        metadata={"help": "Accept C-STORE of SOP classes that are not standard storage classes."},
+    )
+    max_pdu: int = field(
+        default=0,
+        metadata={"help": "Largest PDU we accept, in bytes (0 = no limit; fastest ingest)."},
+    )
+    max_associations: int = field(
+        default=32, metadata={"help": "Concurrent DICOM associations before new ones are refused."}
+    )
+
+
+def settings() -> list[str]:
+    """Names of every setting (TOML key; MINIPACS_<NAME> in the environment)."""
+    return [f.name for f in fields(Config)]
+
+
+def parse_peer(text: str) -> Peer:
+    """Parse `AET=HOST:PORT`."""
+    aet, sep, address = text.partition("=")
+    host, colon, port = address.rpartition(":")
+    if not sep or not colon or not host:
+        raise ConfigError(f"peer {text!r} is not AET=HOST:PORT")
+    return Peer(_aet(aet.strip(), "peer AE title"), host.strip(), _port(port, f"peer {aet} port"))
+
+
+def load(config_file: Path | None, env: dict[str, str], flags: dict[str, Any]) -> Config:
+    """Merge file < environment < flags into a validated Config."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            values.update(tomllib.loads(Path(config_file).read_text()))
+        except OSError as exc:
+            raise ConfigError(f"config file {config_file}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file}: {exc}") from exc
+    for name in settings():
+        key = f"MINIPACS_{name.upper()}"
+        if key in env:
+            values[name] = env[key]
+    values.update({k: v for k, v in flags.items() if v is not None and v != ()})
+    unknown = set(values) - set(settings())
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return replace(Config(), **{k: _convert(k, v) for k, v in values.items()})
+
+
+def _convert(name: str, value: Any) -> Any:
+    if name == "data":
+        return Path(value)
+    if name == "aet":
+        return _aet(str(value), "aet")
+    if name in ("port", "http_port"):
+        return _port(value, name)
+    if name in ("max_pdu", "max_associations"):
+        return _int(value, name, 0 if name == "max_pdu" else 1)
+    if name in ("fsync", "accept_unknown_sop_classes"):
+        return _bool(value, name)
+    if name == "peer":
+        items = value.split(",") if isinstance(value, str) else value
+        return tuple(parse_peer(p) if isinstance(p, str) else p for p in items if p)
+    if name == "log_level":
+        level = str(value).upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {value!r}")
+        return level
+    if name == "duplicates":
+        if value not in ("keep", "replace", "reject"):
+            raise ConfigError(f"duplicates must be keep, replace or reject, not {value!r}")
+        return value
+    return str(value)
+
+
+def _aet(value: str, name: str) -> str:
+    if not AET_RE.match(value) or not value.strip():
+        raise ConfigError(f"{name} {value!r} is not a valid AE title (1-16 characters, no '\\')")
+    return value
+
+
+def _port(value: Any, name: str) -> int:
+    port = _int(value, name, 0)
+    if port > 65535:
+        raise ConfigError(f"{name} must be 0-65535, not {value!r}")
+    return port
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, not {value!r}")
+    return number
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}")

@@ -1,0 +1,71 @@
+"""The DICOM listener: which SOP classes and transfer syntaxes we accept, and the AE."""
+
+import logging
+from typing import Any
+
+from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom import _config
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs import spool
+from pacs.config import Config
+from pacs.handlers import build_handlers
+from storage import Archive
+
+log = logging.getLogger(__name__)
+
+
+class SharedContext(PresentationContext):
+    """A supported context that every association shares instead of deep-copying.
+
+    pynetdicom deep-copies the supported contexts for each new association; with every
+    storage class × every transfer syntax that costs ~70 ms per association
+    (shared/notes/pynetdicom-ingest.md). Negotiation never mutates them, so one copy
+    serves all.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "SharedContext":
+        return self
+
+
+def transfer_syntaxes() -> list[str]:
+    """Every transfer syntax pydicom knows, the uncompressed defaults first."""
+    first = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    return first + [uid for uid in AllTransferSyntaxes if uid not in first]
+
+
+def supported_contexts() -> list[PresentationContext]:
+    syntaxes = transfer_syntaxes()
+    contexts = []
+    for uid in [Verification, *(cx.abstract_syntax for cx in AllStoragePresentationContexts)]:
+        context = SharedContext()
+        context.abstract_syntax = uid
+        context.transfer_syntax = syntaxes if uid != Verification else syntaxes[:2]
+        contexts.append(context)
+    return contexts
+
+
+def start_scp(config: Config, archive: Archive) -> ThreadedAssociationServer:
+    """Start listening; raises OSError when the address cannot be bound."""
+    spool.install(archive.incoming)
+    _config.UNRESTRICTED_STORAGE_SERVICE = config.accept_unknown_sop_classes
+    ae = AE(ae_title=config.aet)
+    ae.maximum_pdu_size = config.max_pdu
+    ae.maximum_associations = config.max_associations
+    ae.network_timeout = 60
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    server = ae.start_server(
+        (config.host, config.port),
+        block=False,
+        evt_handlers=build_handlers(archive),
+        contexts=supported_contexts(),
+    )
+    assert server is not None
+    return server

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Write a synthetic study made from a pydicom test file, with fresh UIDs.
+
+    scripts/make_study.py OUT --count 500 --size 512
+
+Each instance is the source file with its pixels resampled to size×size, a new SOP
+Instance UID, one shared Study/Series UID, and its InstanceNumber/position set. Used by
+the tests and the benchmarks: no data is downloaded.
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import generate_uid
+
+log = logging.getLogger("make_study")
+
+
+def make_study(out: Path, count: int, size: int = 512, source: str = "CT_small.dcm") -> list[Path]:
+    """Write `count` instances of one new study under `out`; return their paths."""
+    template = dcmread(get_testdata_file(source))
+    pixels = template.pixel_array
+    if size != pixels.shape[0]:
+        index = np.arange(size) * pixels.shape[0] // size
+        pixels = pixels[np.ix_(index, index * pixels.shape[1] // pixels.shape[0])]
+    template.PixelData = np.ascontiguousarray(pixels).tobytes()
+    template.Rows, template.Columns = pixels.shape
+    template.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    template.StudyInstanceUID = generate_uid()
+    template.SeriesInstanceUID = generate_uid()
+    template.StudyDescription = "minipacs synthetic study"
+    template.AccessionNumber = template.StudyInstanceUID[-12:]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number in range(1, count + 1):
+        sop_uid = generate_uid()
+        template.SOPInstanceUID = sop_uid
+        template.file_meta.MediaStorageSOPInstanceUID = sop_uid
+        template.InstanceNumber = number
+        template.ImagePositionPatient = [0, 0, number]
+        template.SliceLocation = number
+        path = out / f"{number:05d}.dcm"
+        template.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--count", type=int, default=500)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--source", default="CT_small.dcm")
+    args = parser.parse_args()
+    logging.basicConfig(level="INFO")
+    paths = make_study(args.out, args.count, args.size, args.source)
+    log.info("wrote %d instances to %s", len(paths), args.out)
+
+
+if __name__ == "__main__":
+    main()

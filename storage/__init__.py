@@ -1,0 +1,8 @@
+"""The archive: files on disk, the index, the one ingest path and the one query engine."""
+
+from storage.archive import Archive
+from storage.archive import Outcome
+from storage.archive import Problem
+from storage.archive import Stored
+
+__all__ = ["Archive", "Outcome", "Problem", "Stored"]

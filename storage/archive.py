@@ -1,0 +1,346 @@
+"""The archive: files under one root, indexed in SQLite, written by one ingest path.
+
+Order of a write (DESIGN.md "Storage"): the bytes land in `.incoming/`, are fsynced,
+hard-linked into `<study>/<series>/<sop>.dcm` (which never clobbers: the filesystem
+decides duplicates, even across processes), the directory is fsynced, then the index
+row commits. Only then does the caller hear success. A crash at any point leaves
+either nothing, a temporary file (removed at start-up) or a file without a row
+(indexed at start-up).
+"""
+
+import enum
+import fcntl
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+
+from peewee import OperationalError
+from peewee import SqliteDatabase
+
+from storage import index
+from storage.dataset import read_instance
+from storage.errors import DuplicateRejected
+from storage.errors import InvalidDataset
+from storage.errors import OutOfResources
+from storage.errors import StorageError
+from storage.errors import UIDMismatch
+from storage.files import CHUNK
+from storage.files import fsync_path
+from storage.files import hash_file
+from storage.files import instance_path
+from storage.files import make_dirs
+from storage.files import reraise_full
+from storage.models import MODELS
+from storage.models import Instance
+from storage.models import Patient
+from storage.models import Series
+from storage.models import Study
+from storage.models import db
+
+log = logging.getLogger(__name__)
+DUPLICATE_POLICIES = ("keep", "replace", "reject")
+
+
+class Outcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # same SOP Instance UID, identical bytes: nothing to do
+    KEPT = "kept"  # same UID, different bytes, policy `keep`: the stored copy stays
+    REPLACED = "replaced"  # same UID, different bytes, policy `replace`
+
+
+@dataclass(frozen=True)
+class Stored:
+    outcome: Outcome
+    sop_uid: str
+    path: str
+
+
+@dataclass
+class Problem:
+    """One finding of `verify` or `reconcile`: a path and what is wrong with it."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ReconcileReport:
+    removed_temporary: int = 0
+    indexed: int = 0
+    rehashed: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+class Archive:
+    """One archive root. Open it once per process; every thread may call `ingest`."""
+
+    def __init__(self, root: Path, *, fsync: bool = True, duplicates: str = "keep") -> None:
+        if duplicates not in DUPLICATE_POLICIES:
+            raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
+        self.root = Path(root).absolute()
+        self.incoming = self.root / ".incoming"
+        self.fsync = fsync
+        self.duplicates = duplicates
+        self._writer: index.IndexWriter | None = None
+        self._lock_fd: int | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def open(self) -> "Archive":
+        """Create the folders and the index; raise StorageError when the root is unusable."""
+        try:
+            self.incoming.mkdir(parents=True, exist_ok=True)
+            probe = self.incoming / f"probe-{uuid.uuid4().hex}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(f"data folder {self.root} is not writable: {exc.strerror}") from exc
+        database = SqliteDatabase(
+            self.root / "index.sqlite",
+            timeout=60,
+            pragmas={
+                "journal_mode": "wal",
+                # FULL: a commit is on disk when it returns (Success follows it).
+                "synchronous": "full" if self.fsync else "normal",
+                "foreign_keys": 1,
+                "cache_size": -16000,
+            },
+        )
+        db.initialize(database)
+        with db.connection_context():
+            db.create_tables(MODELS)
+        self._writer = index.IndexWriter(db, immediate=True)
+        return self
+
+    def lock(self, exclusive: bool) -> bool:
+        """Take the archive lock: shared for servers and imports, exclusive for start-up repair
+        and reindex. Returns False when another process holds it incompatibly."""
+        if self._lock_fd is None:
+            self._lock_fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o640)
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(self._lock_fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def check(self) -> None:
+        """Raise if the index cannot be read (for /healthz)."""
+        with db.connection_context():
+            db.execute_sql("SELECT 1 FROM instance LIMIT 1")
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        db.close()
+
+    def __enter__(self) -> "Archive":
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- ingest ------------------------------------------------------------------
+
+    def incoming_path(self) -> Path:
+        """A fresh temporary path on the archive's filesystem, for a file about to be ingested."""
+        return self.incoming / f"{uuid.uuid4().hex}.part"
+
+    def ingest(
+        self,
+        tmp: Path,
+        *,
+        digest: tuple[int, str] | None = None,
+        sop_class_uid: str | None = None,
+        sop_uid: str | None = None,
+        calling_aet: str = "",
+    ) -> Stored:
+        """Store the Part 10 file at `tmp` (consumed) and index it; return once durable.
+
+        `sop_class_uid`/`sop_uid` are what the request announced (C-STORE); `digest` is
+        (size, SHA-256) when the caller hashed the bytes while receiving them.
+        """
+        try:
+            parsed = read_instance(tmp)
+            if sop_uid is not None and sop_uid.rstrip("\0 ") != parsed.sop_uid:
+                raise UIDMismatch(f"SOP Instance UID {parsed.sop_uid} differs from the request")
+            if sop_class_uid is not None and sop_class_uid.rstrip("\0 ") != parsed.sop_class_uid:
+                raise UIDMismatch(f"SOP Class UID {parsed.sop_class_uid} differs from the request")
+            size, sha = digest or hash_file(tmp)
+            rel = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
+            outcome = self._place(tmp, rel, sha)
+            if outcome is Outcome.KEPT:
+                log.warning("kept stored %s: different bytes arrived under its UID", parsed.sop_uid)
+                return Stored(outcome, parsed.sop_uid, rel)
+            row = index.Row(parsed, rel, size, sha, calling_aet, outcome is Outcome.REPLACED)
+            try:
+                self._write(index.apply_row, row)
+            except StorageError:
+                if outcome is Outcome.STORED:  # no row: take the file back out
+                    (self.root / rel).unlink(missing_ok=True)
+                raise
+            return Stored(outcome, parsed.sop_uid, rel)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def import_file(self, source: Path, calling_aet: str = "") -> Stored:
+        """Copy a file from elsewhere into `.incoming/` and ingest it."""
+        tmp = self.incoming_path()
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    dst.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            reraise_full(exc)
+        return self.ingest(tmp, digest=(size, digest.hexdigest()), calling_aet=calling_aet)
+
+    def _place(self, tmp: Path, rel: str, sha: str) -> Outcome:
+        """Put the file in place, or decide what a file already there means."""
+        final = self.root / rel
+        try:
+            if self.fsync:
+                fsync_path(tmp)
+            make_dirs(self.root, os.path.dirname(rel), self.fsync)
+            try:
+                os.link(tmp, final)
+                outcome = Outcome.STORED
+            except FileExistsError:
+                outcome = self._duplicate(tmp, final, sha)
+            if self.fsync and outcome in (Outcome.STORED, Outcome.REPLACED):
+                fsync_path(final.parent)
+        except OSError as exc:
+            reraise_full(exc)
+        return outcome
+
+    def _duplicate(self, tmp: Path, final: Path, sha: str) -> Outcome:
+        if hash_file(final)[1] == sha:
+            return Outcome.DUPLICATE
+        if self.duplicates == "keep":
+            return Outcome.KEPT
+        if self.duplicates == "reject":
+            raise DuplicateRejected(f"{final.stem} is stored with different content")
+        self._write(index.mark_replacing, final.stem)
+        os.replace(tmp, final)
+        return Outcome.REPLACED
+
+    def _write(self, fn, *args):
+        assert self._writer is not None, "archive is not open"
+        try:
+            return self._writer.call(fn, *args)
+        except OperationalError as exc:
+            if "full" in str(exc):
+                raise OutOfResources(f"no space left for the index ({exc})") from exc
+            raise StorageError(f"index write failed: {exc}") from exc
+
+    # -- maintenance ---------------------------------------------------------------
+
+    def reconcile(self) -> ReconcileReport:
+        """Start-up repair: drop temporaries, index unindexed files, rehash rows being
+        replaced, report rows whose file is gone."""
+        report = ReconcileReport()
+        for leftover in self.incoming.iterdir():
+            leftover.unlink(missing_ok=True)
+            report.removed_temporary += 1
+        with db.connection_context():
+            flagged = list(Instance.select().where(Instance.state == 1))
+            for row in flagged:
+                self._adopt(self.root / row.path, report, replace=True)
+                report.rehashed += 1
+            for path in self._files():
+                if not Instance.select().where(Instance.sop_uid == path.stem).exists():
+                    self._adopt(path, report)
+            for rel in self._paths():
+                if not (self.root / rel).is_file():
+                    report.problems.append(Problem(rel, "indexed but the file is missing"))
+        for problem in report.problems:
+            log.warning("reconcile: %s: %s", problem.path, problem.reason)
+        return report
+
+    def reindex(self) -> ReconcileReport:
+        """Rebuild the index from the files alone."""
+        with db.connection_context():
+            db.drop_tables(MODELS)
+            db.create_tables(MODELS)
+        report = ReconcileReport()
+        for path in self._files():
+            self._adopt(path, report)
+        return report
+
+    def verify(self) -> Iterator[Problem]:
+        """Check every indexed file's size and SHA-256; also report unindexed files."""
+        with db.connection_context():
+            rows = Instance.select(Instance.path, Instance.size, Instance.sha256)
+            for rel, size, sha in rows.tuples().iterator():
+                path = self.root / rel
+                if not path.is_file():
+                    yield Problem(rel, "file is missing")
+                    continue
+                actual_size, actual_sha = hash_file(path)
+                if actual_size != size:
+                    yield Problem(rel, f"size is {actual_size}, index says {size}")
+                elif actual_sha != sha:
+                    yield Problem(rel, "SHA-256 differs from the index (file corrupted)")
+            for path in self._files():
+                if not Instance.select().where(Instance.sop_uid == path.stem).exists():
+                    yield Problem(str(path.relative_to(self.root)), "file is not indexed")
+
+    def stats(self) -> dict[str, int]:
+        with db.connection_context():
+            return {
+                "patients": Patient.select().count(),
+                "studies": Study.select().count(),
+                "series": Series.select().count(),
+                "instances": Instance.select().count(),
+                "bytes": int(Instance.select(Instance.size.sum()).scalar() or 0),
+            }
+
+    def count_files(self) -> int:
+        return sum(1 for _ in self._files())
+
+    def _adopt(self, path: Path, report: ReconcileReport, replace: bool = False) -> None:
+        """Index a file that is already in place."""
+        rel = str(path.relative_to(self.root))
+        try:
+            parsed = read_instance(path)
+            expected = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
+            if expected != rel:
+                raise InvalidDataset(f"its UIDs say it belongs at {expected}")
+            size, sha = hash_file(path)
+            self._write(index.apply_row, index.Row(parsed, rel, size, sha, replace=replace))
+            report.indexed += 1
+        except (StorageError, OSError) as exc:
+            report.problems.append(Problem(rel, f"not indexed: {exc}"))
+
+    def _files(self) -> Iterator[Path]:
+        """Every `<study>/<series>/<sop>.dcm` under the root."""
+        for study in _subdirs(self.root):
+            for series in _subdirs(study):
+                with os.scandir(series) as entries:
+                    for entry in entries:
+                        if entry.is_file() and entry.name.endswith(".dcm"):
+                            yield Path(entry.path)
+
+    def _paths(self) -> Iterator[str]:
+        for (rel,) in Instance.select(Instance.path).tuples().iterator():
+            yield rel
+
+
+def _subdirs(path: Path) -> Iterator[Path]:
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir() and not entry.name.startswith("."):
+                yield Path(entry.path)

@@ -1,0 +1,29 @@
+"""Errors the archive raises; `pacs` maps them to DIMSE statuses, `viewer` to HTTP codes."""
+
+
+class StorageError(Exception):
+    """Base class: something the archive refused or could not do."""
+
+
+class InvalidUID(StorageError):
+    """A UID that is missing, not `^[0-9]+(\\.[0-9]+)*$` or longer than 64 characters."""
+
+
+class InvalidDataset(StorageError):
+    """The bytes do not parse as a DICOM dataset, or it lacks what an instance needs."""
+
+
+class NotDicom(InvalidDataset):
+    """Not a DICOM Part 10 file at all (import skips these)."""
+
+
+class UIDMismatch(StorageError):
+    """The dataset's SOP Class/Instance UID differ from what the request announced."""
+
+
+class DuplicateRejected(StorageError):
+    """Different bytes arrived under a stored SOP Instance UID and the policy is `reject`."""
+
+
+class OutOfResources(StorageError):
+    """The disk is full (or a quota/limit was hit): nothing was stored."""

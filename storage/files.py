@@ -1,0 +1,61 @@
+"""The on-disk layout and the durable-write primitives it relies on."""
+
+import contextlib
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+from storage.errors import OutOfResources
+
+# Errors that mean "no room", whatever the filesystem calls it.
+FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+CHUNK = 1 << 20
+
+
+def instance_path(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """Relative path of an instance; UIDs are validated before they get here."""
+    return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    """Size and SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fp:
+        while chunk := fp.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dirs(root: Path, rel_dir: str, fsync: bool) -> None:
+    """Create `root/rel_dir` and make each new directory entry durable in its parent."""
+    path = root / rel_dir
+    if path.is_dir():
+        return
+    missing = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir()
+        if fsync:
+            fsync_path(directory.parent)
+
+
+def reraise_full(exc: OSError) -> None:
+    """Turn a disk-full OSError into OutOfResources; re-raise anything else unchanged."""
+    if exc.errno in FULL_ERRNOS:
+        raise OutOfResources(f"no space left to store the instance ({exc.strerror})") from exc
+    raise exc

@@ -1,0 +1,82 @@
+"""The index: Patient → Study → Series → Instance, one row per entity.
+
+The matching keys of PS3.4 C.6 are plain indexed columns; counts and the
+ModalitiesInStudy/SOPClassesInStudy lists are maintained on every insert so
+queries never count rows. Each instance keeps its DICOM JSON (PS3.18 F.2, bulk
+data left out) so return keys and metadata never need the file.
+"""
+
+from peewee import BigIntegerField
+from peewee import DatabaseProxy
+from peewee import DateTimeField
+from peewee import ForeignKeyField
+from peewee import IntegerField
+from peewee import Model
+from peewee import TextField
+
+db = DatabaseProxy()
+
+
+class BaseModel(Model):
+    class Meta:
+        database = db
+
+
+# Identity is PatientID + IssuerOfPatientID (PS3.3 C.7.1.1); '' when absent.
+class Patient(BaseModel):
+    patient_id = TextField(default="")
+    issuer = TextField(default="")
+    patient_name = TextField(default="", index=True)
+    birth_date = TextField(default="")
+    sex = TextField(default="")
+    num_studies = IntegerField(default=0)
+    num_series = IntegerField(default=0)
+    num_instances = IntegerField(default=0)
+
+    class Meta:
+        indexes = ((("patient_id", "issuer"), True),)
+
+
+# A study belongs to the patient of the first instance that created it.
+class Study(BaseModel):
+    study_uid = TextField(unique=True)
+    patient = ForeignKeyField(Patient, backref="studies", lazy_load=False, index=True)
+    study_date = TextField(default="", index=True)
+    study_time = TextField(default="")
+    accession_number = TextField(default="", index=True)
+    study_id = TextField(default="")
+    referring_physician = TextField(default="")
+    description = TextField(default="")
+    modalities = TextField(default="")  # ModalitiesInStudy, backslash-separated, sorted
+    sop_classes = TextField(default="")  # SOPClassesInStudy, backslash-separated, sorted
+    num_series = IntegerField(default=0)
+    num_instances = IntegerField(default=0)
+    updated_at = DateTimeField()
+
+
+class Series(BaseModel):
+    series_uid = TextField(unique=True)
+    study = ForeignKeyField(Study, backref="series", lazy_load=False, index=True)
+    modality = TextField(default="", index=True)
+    series_number = IntegerField(null=True)
+    description = TextField(default="")
+    num_instances = IntegerField(default=0)
+
+
+# state: 0 = file and row agree; 1 = a `replace` is rewriting the file (start-up rehashes it).
+class Instance(BaseModel):
+    sop_uid = TextField(unique=True)
+    series = ForeignKeyField(Series, backref="instances", lazy_load=False, index=True)
+    sop_class_uid = TextField()
+    instance_number = IntegerField(null=True)
+    transfer_syntax = TextField()
+    path = TextField()  # relative to the archive root
+    size = BigIntegerField()
+    sha256 = TextField()
+    received_at = DateTimeField()
+    calling_aet = TextField(default="")
+    json = TextField()
+    state = IntegerField(default=0)
+
+
+MODELS = (Patient, Study, Series, Instance)
