@@ -172,9 +172,13 @@ class Archive:
         try:
             parsed = read_instance(tmp)
             if sop_uid is not None and sop_uid.rstrip("\0 ") != parsed.sop_uid:
-                raise UIDMismatch(f"SOP Instance UID {parsed.sop_uid} differs from the request")
+                raise UIDMismatch(
+                    f"dataset SOP Instance UID differs from request: {parsed.sop_uid}"
+                )
             if sop_class_uid is not None and sop_class_uid.rstrip("\0 ") != parsed.sop_class_uid:
-                raise UIDMismatch(f"SOP Class UID {parsed.sop_class_uid} differs from the request")
+                raise UIDMismatch(
+                    f"dataset SOP Class UID differs from request: {parsed.sop_class_uid}"
+                )
             size, sha = digest or hash_file(tmp)
             rel = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
             outcome = self._place(tmp, rel, sha)

@@ -1,0 +1,272 @@
+"""C-STORE into the archive with real clients: bit-preserving, indexed, policed."""
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import STORESCU_PROPOSE
+from conftest import storescu
+from dicom_files import dataset_bytes
+from dicom_files import malformed
+from dicom_files import storable
+from scu import store_dataset
+from scu import store_files
+
+STORABLE = storable()
+
+
+def index_rows(data: Path, sql: str, *args) -> list[tuple]:
+    with sqlite3.connect(f"file:{data / 'index.sqlite'}?mode=ro", uri=True) as db:
+        return db.execute(sql, args).fetchall()
+
+
+def stored_path(data: Path, sample) -> Path:
+    return data / sample.study_uid / sample.series_uid / f"{sample.sop_uid}.dcm"
+
+
+def test_every_storable_pydicom_file_is_stored_bit_for_bit(start_server):
+    # Several shipped files share a SOP Instance UID in different encodings: `replace`
+    # makes each one's bytes the stored ones, checked right after its own C-STORE.
+    server = start_server("--duplicates", "replace")
+    for sample in STORABLE:
+        (response,) = store_files(
+            server.port, [sample.path], [(sample.sop_class_uid, sample.transfer_syntax)]
+        )
+        if sample.meta_sop_uid != sample.sop_uid:
+            # pynetdicom announces the File Meta's UID; the dataset carries another.
+            assert response.Status == 0xA900, sample.path.name
+            assert "SOP Instance UID differs" in response.ErrorComment
+            continue
+        assert response.Status == 0x0000, f"{sample.path.name}: {response}"
+        stored = stored_path(server.data, sample)
+        assert dataset_bytes(stored) == dataset_bytes(sample.path), sample.path.name
+        meta = pydicom.dcmread(stored, stop_before_pixels=True).file_meta
+        assert meta.TransferSyntaxUID == sample.transfer_syntax
+        assert meta.MediaStorageSOPInstanceUID == sample.sop_uid
+        ((study, series, syntax, size),) = index_rows(
+            server.data,
+            "SELECT st.study_uid, se.series_uid, i.transfer_syntax, i.size FROM instance i "
+            "JOIN series se ON se.id = i.series_id JOIN study st ON st.id = se.study_id "
+            "WHERE i.sop_uid = ?",
+            sample.sop_uid,
+        )
+        assert (study, series, syntax) == (
+            sample.study_uid,
+            sample.series_uid,
+            sample.transfer_syntax,
+        )
+        assert size == stored.stat().st_size
+    distinct = {s.sop_uid for s in STORABLE if s.meta_sop_uid == s.sop_uid}
+    assert index_rows(server.data, "SELECT count(*) FROM instance") == [(len(distinct),)]
+
+
+@pytest.mark.parametrize(
+    "sample",
+    [s for s in STORABLE if s.transfer_syntax in STORESCU_PROPOSE],
+    ids=lambda s: s.path.name,
+)
+def test_dcmtk_storescu_stores_each_transfer_syntax(server, sample):
+    result = storescu(
+        server.port, sample.path, extra=(STORESCU_PROPOSE[sample.transfer_syntax],), check=False
+    )
+    for limitation in ("No presentation context for", "No SOP Class or Instance UID in file"):
+        if limitation in result.stderr:  # dcmtk cannot send this file; pynetdicom did above
+            pytest.skip(f"storescu cannot send it: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    stored = pydicom.dcmread(stored_path(server.data, sample))
+    original = pydicom.dcmread(sample.path)
+    assert stored.file_meta.TransferSyntaxUID == sample.transfer_syntax
+    # dcmtk re-encodes what it sends (group lengths, OB/OW): compare values, not bytes.
+    for tag in original.keys():
+        if tag.element != 0 and tag != 0xFFFCFFFC:  # dcmtk drops trailing padding
+            assert stored[tag].value == original[tag].value, original[tag].name
+
+
+def test_index_keys_and_decoded_text(server):
+    charset = [
+        s for s in STORABLE if s.path.parent.name == "charset_files" and s.meta_sop_uid == s.sop_uid
+    ]
+    assert len(charset) >= 10
+    store_files(
+        server.port,
+        [s.path for s in charset],
+        sorted({(s.sop_class_uid, s.transfer_syntax) for s in charset}),
+    )
+    for sample in charset:
+        ds = pydicom.dcmread(sample.path, stop_before_pixels=True)
+        rows = index_rows(
+            server.data,
+            "SELECT p.patient_id, p.patient_name, st.study_date, se.modality FROM instance i "
+            "JOIN series se ON se.id = i.series_id JOIN study st ON st.id = se.study_id "
+            "JOIN patient p ON p.id = st.patient_id WHERE i.sop_uid = ?",
+            sample.sop_uid,
+        )
+        assert rows == [
+            (
+                str(ds.get("PatientID", "")),
+                str(ds.get("PatientName", "")),
+                str(ds.get("StudyDate", "")),
+                str(ds.get("Modality", "")),
+            )
+        ], sample.path.name
+    # ISO 2022 Japanese, read back as text, not as escape sequences.
+    names = {row[0] for row in index_rows(server.data, "SELECT patient_name FROM patient")}
+    assert "Yamada^Tarou=山田^太郎=やまだ^たろう" in names
+    assert any("\x1b" not in name and "김희중" in name for name in names)
+
+
+def test_counts_and_modalities_are_maintained(server, tmp_path):
+    from make_study import make_study
+
+    paths = make_study(tmp_path / "study", 12, size=64)
+    storescu(server.port, *paths)
+    ds = pydicom.dcmread(paths[0])
+    assert index_rows(
+        server.data,
+        "SELECT num_series, num_instances, modalities, sop_classes FROM study WHERE study_uid = ?",
+        ds.StudyInstanceUID,
+    ) == [(1, 12, "CT", ds.SOPClassUID)]
+    assert index_rows(
+        server.data, "SELECT num_instances FROM series WHERE series_uid = ?", ds.SeriesInstanceUID
+    ) == [(12,)]
+
+
+def test_identical_duplicate_is_success_and_not_duplicated(server):
+    sample = next(s for s in STORABLE if s.path.name == "CT_small.dcm")
+    context = [(sample.sop_class_uid, sample.transfer_syntax)]
+    responses = store_files(server.port, [sample.path, sample.path], context)
+    assert [r.Status for r in responses] == [0, 0]
+    assert index_rows(server.data, "SELECT count(*) FROM instance") == [(1,)]
+    assert "duplicate" in server.log()
+
+
+def _changed_copy(sample) -> pydicom.Dataset:
+    ds = pydicom.dcmread(sample.path)
+    ds.StudyDescription = "changed bytes, same UID"
+    return ds
+
+
+@pytest.mark.parametrize(
+    ("policy", "status", "kept"),
+    [("keep", 0x0000, True), ("replace", 0x0000, False), ("reject", 0x0111, True)],
+)
+def test_duplicate_policy_for_different_bytes(start_server, policy, status, kept):
+    server = start_server("--duplicates", policy)
+    sample = next(s for s in STORABLE if s.path.name == "CT_small.dcm")
+    store_files(server.port, [sample.path], [(sample.sop_class_uid, sample.transfer_syntax)])
+    response = store_dataset(server.port, _changed_copy(sample), sample.transfer_syntax)
+    assert response.Status == status
+    stored = stored_path(server.data, sample)
+    assert (dataset_bytes(stored) == dataset_bytes(sample.path)) is kept
+    ((count, sha),) = index_rows(server.data, "SELECT count(*), sha256 FROM instance")
+    assert count == 1
+    import hashlib
+
+    assert sha == hashlib.sha256(stored.read_bytes()).hexdigest()
+    assert not list((server.data / ".incoming").iterdir())
+
+
+@pytest.mark.parametrize("sample", malformed(), ids=lambda s: s.path.name)
+def test_malformed_dataset_cannot_be_understood(server, sample):
+    (response,) = store_files(
+        server.port, [sample.path], [(sample.sop_class_uid, sample.transfer_syntax)]
+    )
+    assert response.Status == 0xC000
+    assert "ErrorComment" in response
+    assert not stored_path(server.data, sample).exists()
+    assert not list((server.data / ".incoming").iterdir())
+    assert "refused (0xC000)" in server.log()
+
+
+@pytest.mark.parametrize(
+    ("meta_key", "value", "comment"),
+    [
+        ("MediaStorageSOPInstanceUID", "1.2.3.4.5.6.7.8", "SOP Instance UID differs"),
+        ("MediaStorageSOPClassUID", "1.2.840.10008.5.1.4.1.1.4", "SOP Class UID differs"),
+    ],
+)
+def test_request_and_dataset_uids_must_agree(server, tmp_path, meta_key, value, comment):
+    # pynetdicom announces the File Meta's UIDs in the C-STORE request and sends the
+    # dataset as it is: a file whose meta disagrees with its dataset is a mismatch.
+    sample = next(s for s in STORABLE if s.path.name == "CT_small.dcm")
+    ds = pydicom.dcmread(sample.path)
+    setattr(ds.file_meta, meta_key, value)
+    path = tmp_path / "mismatch.dcm"
+    ds.save_as(path)
+    sop_class = ds.file_meta.MediaStorageSOPClassUID
+    (response,) = store_files(server.port, [path], [(sop_class, sample.transfer_syntax)])
+    assert response.Status == 0xA900
+    assert comment in response.ErrorComment
+    assert index_rows(server.data, "SELECT count(*) FROM instance") == [(0,)]
+    assert not stored_path(server.data, sample).exists()
+
+
+@pytest.mark.parametrize(
+    ("uid", "reason"),
+    [("../../x", "not a valid UID"), ("1." + "2" * 80, "not a valid UID"), ("", "missing")],
+)
+def test_bad_uids_never_become_paths(server, uid, reason):
+    sample = next(s for s in STORABLE if s.path.name == "CT_small.dcm")
+    ds = pydicom.dcmread(sample.path)
+    ds.StudyInstanceUID = uid
+    response = store_dataset(server.port, ds, sample.transfer_syntax)
+    assert response.Status == 0xC000
+    assert reason in response.ErrorComment
+    assert sorted(p.name for p in server.data.iterdir()) == [
+        ".incoming",
+        ".lock",
+        "index.sqlite",
+        "index.sqlite-shm",
+        "index.sqlite-wal",
+    ]
+    assert not (server.data.parent / "x").exists()
+
+
+def test_unknown_sop_class_refused_unless_configured(start_server, tmp_path):
+    sample = next(s for s in STORABLE if s.path.name == "CT_small.dcm")
+    ds = pydicom.dcmread(sample.path)
+    ds.SOPClassUID = "1.2.826.0.1.3680043.9.9999.1"  # a private class
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    from pynetdicom import AE
+
+    for flags, accepted in (((), False), (("--config", str(tmp_path / "c.toml")), True)):
+        (tmp_path / "c.toml").write_text("accept_unknown_sop_classes = true\n")
+        server = start_server(*flags, data=tmp_path / f"data-{accepted}")
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(ds.SOPClassUID, sample.transfer_syntax)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+        if accepted:
+            assert assoc.is_established
+            assert assoc.send_c_store(ds).Status == 0
+            assoc.release()
+        else:
+            assert not assoc.is_established or not assoc.accepted_contexts
+            if assoc.is_established:
+                assoc.release()
+        server.stop()
+
+
+def test_eight_concurrent_associations(server, tmp_path):
+    from make_study import make_study
+
+    studies = [make_study(tmp_path / f"s{n}", 15, size=64) for n in range(8)]
+    errors: list[str] = []
+
+    def send(paths):
+        result = storescu(server.port, *paths, check=False)
+        if result.returncode:
+            errors.append(result.stderr)
+
+    threads = [threading.Thread(target=send, args=(paths,)) for paths in studies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    assert index_rows(server.data, "SELECT count(*), count(DISTINCT sop_uid) FROM instance") == [
+        (120, 120)
+    ]
+    assert index_rows(server.data, "SELECT sum(num_instances) FROM study") == [(120,)]
+    assert "locked" not in server.log()
