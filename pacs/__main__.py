@@ -1,3 +1,3 @@
 from pacs.cli import main
 
-main()
+main(prog_name="minipacs")

@@ -366,8 +366,9 @@ class StoreScp(Server):
     def command(self) -> list[str]:
         # --fork: one child per association, so that parallel associations run in
         # parallel (the default single-process mode serves them one after another).
-        # +B: write the dataset bytes exactly as received; +xa: accept every transfer
-        # syntax it knows; -pdu 131072: its largest receive PDU (this is the ceiling).
+        # The default --storescp-args: +B writes the dataset bytes exactly as received,
+        # +xa accepts every transfer syntax it knows, -pdu 131072 is its largest
+        # receive PDU (this is the ceiling), -dhl skips reverse DNS look-ups.
         return [
             "storescp",
             "--fork",
@@ -375,11 +376,7 @@ class StoreScp(Server):
             self.aet,
             "-od",
             str(self.out),
-            "+B",
-            "+xa",
-            "-pdu",
-            "131072",
-            "-dhl",
+            *shlex.split(self.opts.storescp_args),
             str(self.port),
         ]
 
@@ -780,6 +777,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help='extra arguments for `minipacs serve`, e.g. "--no-fsync"',
     )
     parser.add_argument(
+        "--storescp-args",
+        default="+B +xa -pdu 131072 -dhl",
+        help="storescp options besides --fork, -aet and -od",
+    )
+    parser.add_argument(
         "--minipacs", type=Path, default=REPO / ".venv" / "bin" / "minipacs", help="executable"
     )
     parser.add_argument("--orthanc", type=Path, default=ORTHANC_BIN, help="Orthanc executable")
@@ -879,6 +881,7 @@ def main(argv: list[str] | None = None) -> int:
                 "instance_kb": total_bytes / len(files) / 1000,
                 "parallel": opts.parallel,
                 "minipacs_args": opts.minipacs_args,
+                "storescp_args": opts.storescp_args,
                 "cpus": os.cpu_count(),
                 "tmp": str(root),
             }

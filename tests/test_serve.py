@@ -1,0 +1,176 @@
+"""`minipacs serve`: settings, start-up errors, /healthz, C-ECHO, clean stops."""
+
+import json
+import signal
+import sys
+import socket
+import sqlite3
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import free_port
+from conftest import minipacs
+from conftest import run
+from scu import echo
+
+from pacs.config import Config
+from pacs.config import load
+from pacs.config import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_echoscu_and_pynetdicom_echo(server):
+    result = run("echoscu", "-v", "-aec", "MINIPACS", "127.0.0.1", str(server.port))
+    assert "Received Echo Response (Success)" in result.stderr
+    assert echo(server.port) == 0x0000
+
+
+def test_healthz(server):
+    with urllib.request.urlopen(f"{server.url}/healthz") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "application/json"
+        body = json.load(response)
+    assert body["status"] == "ok"
+    assert body["aet"] == "MINIPACS"
+
+
+def test_listens_on_loopback_only_by_default(server):
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        assert sock.connect_ex(("127.0.0.1", server.port)) == 0
+    proc_net = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    listening = [line.split() for line in proc_net if line.split()[3] == "0A"]
+    ours = {int(f[1].split(":")[1], 16): f[1].split(":")[0] for f in listening}
+    assert ours[server.port] == "0100007F"  # 127.0.0.1
+    assert ours[server.http_port] == "0100007F"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_both_servers_and_closes_the_index(server, sig):
+    assert server.stop(sig) == 0
+    log = server.log()
+    assert "Traceback" not in log
+    assert "stopped" in log
+    # The last connection closed checkpoints and removes the WAL.
+    assert not (server.data / "index.sqlite-wal").exists()
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", server.port)) != 0
+
+
+def test_port_in_use_is_one_line_and_exit_2(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = minipacs(
+            "serve", "--data", str(tmp_path / "d"), "--port", str(port), "--http-port", "0",
+            check=False,
+        )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"cannot listen for DICOM on 127.0.0.1:{port}" in result.stderr
+    assert "Address already in use" in result.stderr
+
+
+def test_unwritable_data_folder_is_exit_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = minipacs("serve", "--data", str(blocker / "data"), "--port", "0", check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "is not writable" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("--aet", "WAY_TOO_LONG_AE_TITLE"), {}, "not a valid AE title"),
+        (("--peer", "NOPORT=localhost"), {}, "is not AET=HOST:PORT"),
+        (("--port", "70000"), {}, "port must be 0-65535"),
+        ((), {"MINIPACS_HTTP_PORT": "eighty"}, "http_port must be a whole number"),
+        ((), {"MINIPACS_LOG_LEVEL": "LOUD"}, "log_level must be"),
+        ((), {"MINIPACS_FSYNC": "maybe"}, "fsync must be true or false"),
+    ],
+)
+def test_bad_setting_is_one_line_and_exit_2(tmp_path, args, env, message):
+    result = minipacs("serve", "--data", str(tmp_path / "d"), *args, check=False, env=env)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bad_config_file_is_exit_2(tmp_path):
+    config = tmp_path / "minipacs.toml"
+    config.write_text("port = [\n")
+    result = minipacs("serve", "--config", str(config), check=False)
+    assert result.returncode == 2
+    assert f"config file {config}" in result.stderr
+    config.write_text('colour = "blue"\n')
+    result = minipacs("serve", "--config", str(config), check=False)
+    assert "unknown setting(s): colour" in result.stderr
+
+
+def test_flags_beat_environment_beat_file(tmp_path):
+    config = tmp_path / "minipacs.toml"
+    config.write_text(
+        'aet = "FROMFILE"\nport = 1000\nhttp_port = 2000\npeer = ["A=10.0.0.1:104"]\n'
+    )
+    env = {"MINIPACS_PORT": "3000", "MINIPACS_HTTP_PORT": "4000", "MINIPACS_PEER": "B=h:1,C=h:2"}
+    merged = load(config, env, {"http_port": 5000, "peer": ()})
+    assert (merged.aet, merged.port, merged.http_port) == ("FROMFILE", 3000, 5000)
+    assert [p.aet for p in merged.peer] == ["B", "C"]
+    assert load(None, {}, {}) == Config()
+
+
+def test_serve_uses_settings_from_file_and_environment(start_server, tmp_path):
+    config = tmp_path / "minipacs.toml"
+    config.write_text('aet = "FILEPACS"\n')
+    server = start_server("--config", str(config), env={"MINIPACS_AET": "ENVPACS"})
+    with urllib.request.urlopen(f"{server.url}/healthz") as response:
+        assert json.load(response)["aet"] == "ENVPACS"
+    result = run("echoscu", "-aec", "ENVPACS", "127.0.0.1", str(server.port))
+    assert result.returncode == 0
+
+
+def test_every_setting_is_documented():
+    readme = (ROOT / "README.md").read_text()
+    help_text = minipacs("serve", "--help").stdout
+    for name in settings():
+        assert f"| `{name}` |" in readme, f"{name} missing from README's settings table"
+        assert Config.__dataclass_fields__[name].metadata["help"]
+    for flag in ("--data", "--aet", "--host", "--port", "--http-port", "--config", "--peer",
+                 "--log-level"):
+        assert flag in help_text
+
+
+def test_python_dash_m_pacs_is_the_minipacs_command():
+    assert minipacs("--help").stdout == run(str(Path(sys.executable).parent / "minipacs"), "--help").stdout
+
+
+def test_port_zero_picks_a_free_port_and_logs_it(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pacs", "serve", "--data", str(tmp_path / "d"), "--port", "0",
+         "--http-port", str(free_port())],
+        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        line = ""
+        while time.monotonic() < deadline and "DICOM on" not in line:
+            line = proc.stderr.readline()
+        port = int(line.split("DICOM on 127.0.0.1:")[1].split(",")[0])
+        assert port > 0
+        assert echo(port) == 0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        proc.stderr.close()
+    with sqlite3.connect(tmp_path / "d" / "index.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM instance").fetchone() == (0,)
