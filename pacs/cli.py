@@ -174,15 +174,10 @@ def _walk(paths: tuple[Path, ...]) -> Iterator[Path]:
 
 
 def _report(summary: dict, problems: list[tuple[str, str]], as_json: bool) -> None:
-    """Data on stdout: a JSON object, or `key: value` lines then one line per problem."""
+    """Data on stdout: one JSON object, or a line per problem then a `key: value` summary."""
     if as_json:
-        click.echo(
-            json.dumps(
-                {**summary, "problems": [{"path": p, "reason": r} for p, r in problems]}
-                if problems or "problems" in summary
-                else summary
-            )
-        )
+        details = [{"path": path, "reason": reason} for path, reason in problems]
+        click.echo(json.dumps({**summary, "details": details}))
         return
     for path, reason in problems:
         click.echo(f"{path}: {reason}")

@@ -90,8 +90,9 @@ def handle_store(event: Event, archive: Archive) -> int | Dataset:
 
 
 def handle_conn_close(event: Event) -> None:
-    """Free what a dead association left half-received."""
-    spool.sweep(idle_seconds=120)
+    """Remove what a dead association left half-received (and any older strays)."""
+    spool.discard(getattr(event.assoc, "dul", None))
+    spool.sweep(idle_seconds=600)
 
 
 def _failure(status: int, comment: str) -> Dataset:

@@ -33,6 +33,7 @@ class SpoolFile:
         self.error: OSError | None = None
         self.size = 0
         self.touched = time.monotonic()
+        self.owner = threading.current_thread()  # the association's DUL thread
         self._sha = hashlib.sha256()
         self._fd: int | None = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 
@@ -98,11 +99,20 @@ def take(path: Path) -> SpoolFile | None:
     return spool
 
 
+def discard(owner: threading.Thread | None) -> int:
+    """Remove what a closed association left half-received."""
+    return _remove(lambda spool: spool.owner is owner)
+
+
 def sweep(idle_seconds: float) -> int:
-    """Remove datasets whose association died mid-transfer (nothing written for a while)."""
+    """Remove half-received datasets nothing has written to for a while."""
     limit = time.monotonic() - idle_seconds
+    return _remove(lambda spool: spool.touched < limit)
+
+
+def _remove(predicate) -> int:
     with _lock:
-        stale = [name for name, spool in _open.items() if spool.touched < limit]
+        stale = [name for name, spool in _open.items() if predicate(spool)]
         spools = [_open.pop(name) for name in stale]
     for spool in spools:
         spool.close()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from peewee import OperationalError
 from peewee import SqliteDatabase
+from peewee import fn
 
 from storage import index
 from storage.dataset import read_instance
@@ -309,7 +310,7 @@ class Archive:
                 "studies": Study.select().count(),
                 "series": Series.select().count(),
                 "instances": Instance.select().count(),
-                "bytes": int(Instance.select(Instance.size.sum()).scalar() or 0),
+                "bytes": int(Instance.select(fn.SUM(Instance.size)).scalar() or 0),
             }
 
     def count_files(self) -> int:

@@ -2,9 +2,9 @@
 
 import json
 import signal
-import sys
 import socket
 import sqlite3
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -65,7 +65,13 @@ def test_port_in_use_is_one_line_and_exit_2(tmp_path):
         busy.listen()
         port = busy.getsockname()[1]
         result = minipacs(
-            "serve", "--data", str(tmp_path / "d"), "--port", str(port), "--http-port", "0",
+            "serve",
+            "--data",
+            str(tmp_path / "d"),
+            "--port",
+            str(port),
+            "--http-port",
+            "0",
             check=False,
         )
     assert result.returncode == 2
@@ -141,13 +147,24 @@ def test_every_setting_is_documented():
     for name in settings():
         assert f"| `{name}` |" in readme, f"{name} missing from README's settings table"
         assert Config.__dataclass_fields__[name].metadata["help"]
-    for flag in ("--data", "--aet", "--host", "--port", "--http-port", "--config", "--peer",
-                 "--log-level"):
+    for flag in (
+        "--data",
+        "--aet",
+        "--host",
+        "--port",
+        "--http-port",
+        "--config",
+        "--peer",
+        "--log-level",
+    ):
         assert flag in help_text
 
 
 def test_python_dash_m_pacs_is_the_minipacs_command():
-    assert minipacs("--help").stdout == run(str(Path(sys.executable).parent / "minipacs"), "--help").stdout
+    assert (
+        minipacs("--help").stdout
+        == run(str(Path(sys.executable).parent / "minipacs"), "--help").stdout
+    )
 
 
 def test_port_zero_picks_a_free_port_and_logs_it(tmp_path):
@@ -156,9 +173,21 @@ def test_port_zero_picks_a_free_port_and_logs_it(tmp_path):
     import time
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pacs", "serve", "--data", str(tmp_path / "d"), "--port", "0",
-         "--http-port", str(free_port())],
-        cwd=ROOT, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pacs",
+            "serve",
+            "--data",
+            str(tmp_path / "d"),
+            "--port",
+            "0",
+            "--http-port",
+            str(free_port()),
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 30

@@ -1,0 +1,66 @@
+"""kill -9 during ingest: every acknowledged instance survives, nothing partial remains."""
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+
+import pydicom
+import pytest
+from conftest import minipacs
+from make_study import make_study
+
+
+def acknowledged(storescu_output: str) -> list[str]:
+    """Files whose C-STORE got Success, from `storescu -v` output."""
+    done, current = [], None
+    for line in storescu_output.splitlines():
+        if "Sending file: " in line:
+            current = line.split("Sending file: ", 1)[1].strip()
+        elif "Received Store Response (Success)" in line and current:
+            done.append(current)
+            current = None
+    return done
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_mid_ingest_loses_no_acknowledged_instance(start_server, tmp_path, seed):
+    rng = random.Random(seed)
+    paths = make_study(tmp_path / "study", 300, size=256)
+    server = start_server()
+    client = subprocess.Popen(
+        ["storescu", "-v", "-aec", "MINIPACS", "127.0.0.1", str(server.port), *map(str, paths)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    kill_after = rng.randint(20, 250)
+    lines: list[str] = []
+    killed = threading.Event()
+    for line in client.stderr:
+        lines.append(line)
+        if not killed.is_set() and len(acknowledged("".join(lines))) >= kill_after:
+            time.sleep(rng.uniform(0, 0.01))  # land at an arbitrary point of a later store
+            os.kill(server.proc.pid, signal.SIGKILL)
+            killed.set()
+    client.wait(60)
+    client.stderr.close()
+    server.proc.wait(10)
+    assert killed.is_set(), "the study finished before the kill"
+    acked = acknowledged("".join(lines))
+    assert kill_after <= len(acked) < len(paths)
+
+    server.start()  # same data folder: start-up reconciles
+    with sqlite3.connect(f"file:{server.data / 'index.sqlite'}?mode=ro", uri=True) as db:
+        indexed = {row[0] for row in db.execute("SELECT sop_uid FROM instance")}
+    for path in acked:
+        assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID in indexed
+    assert list((server.data / ".incoming").iterdir()) == []
+    server.stop()
+    result = minipacs("verify", "--data", str(server.data), "--json", check=False)
+    assert result.returncode == 0, result.stdout
+    assert '"problems": 0' in result.stdout
