@@ -1,0 +1,171 @@
+"""Hostile and broken input: full disk, garbage on the port, absurd PDUs, cut-off peers.
+
+Each case ends with the same checks: the server still answers, nothing partial was
+left in the archive, nothing was written outside it.
+"""
+
+import os
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import minipacs
+from make_study import make_study
+from scu import echo
+from scu import store_files
+
+VERIFICATION = b"1.2.840.10008.1.1"
+IMPLICIT_LE = b"1.2.840.10008.1.2"
+CT_IMAGE = b"1.2.840.10008.5.1.4.1.1.2"
+
+
+def assert_still_serving_and_clean(server) -> None:
+    assert server.proc.poll() is None, server.log()
+    assert echo(server.port) == 0
+    deadline = time.monotonic() + 5  # the connection-close handler runs asynchronously
+    while list((server.data / ".incoming").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((server.data / ".incoming").iterdir()) == []
+
+
+# -- full disk -----------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 4 MiB tmpfs; needs root (CI runs as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_full_disk_gives_a700_and_keeps_serving(start_server, small_disk, tmp_path):
+    server = start_server(data=small_disk / "data")
+    paths = make_study(tmp_path / "study", 12, size=512)  # 12 × 530 kB > 4 MiB
+    sop_class = "1.2.840.10008.5.1.4.1.1.2"
+    responses = store_files(server.port, paths, [(sop_class, "1.2.840.10008.1.2.1")])
+    statuses = [r.Status for r in responses]
+    stored = statuses.index(0xA700)
+    assert stored >= 1
+    assert set(statuses[:stored]) == {0}
+    assert set(statuses[stored:]) == {0xA700}
+    assert "no space" in responses[stored].ErrorComment.lower()
+    assert "refused (0xA700)" in server.log()
+    assert_still_serving_and_clean(server)
+    server.stop()
+    result = minipacs("verify", "--data", str(server.data), "--json", check=False)
+    assert result.returncode == 0, result.stdout
+    assert f'"instances": {stored}' in result.stdout
+
+
+# -- garbage and absurd PDUs ---------------------------------------------------
+
+
+def _item(kind: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(payload)) + payload
+
+
+def associate_rq(max_pdu: int, abstract: bytes = VERIFICATION) -> bytes:
+    """A hand-built A-ASSOCIATE-RQ (PS3.8 9.3.2) with the given maximum PDU length."""
+    context = _item(0x30, abstract) + _item(0x40, IMPLICIT_LE)
+    items = _item(0x10, b"1.2.840.10008.3.1.1.1")
+    items += _item(0x20, bytes([1, 0, 0, 0]) + context)
+    user = _item(0x51, struct.pack(">I", max_pdu)) + _item(0x52, b"1.2.3.4")
+    items += _item(0x50, user)
+    body = struct.pack(">HH", 1, 0) + b"MINIPACS".ljust(16) + b"PARROT".ljust(16)
+    body += bytes(32) + items
+    return struct.pack(">BBI", 1, 0, len(body)) + body
+
+
+def c_echo_pdata() -> bytes:
+    """P-DATA-TF carrying a C-ECHO-RQ command on context 1."""
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+
+    command = Dataset()
+    command.AffectedSOPClassUID = VERIFICATION.decode()
+    command.CommandField = 0x0030
+    command.MessageID = 1
+    command.CommandDataSetType = 0x0101
+    encoded = encode(command, True, True)
+    command.CommandGroupLength = len(encoded)
+    encoded = encode(command, True, True)
+    pdv = struct.pack(">IB", len(encoded) + 2, 1) + b"\x03" + encoded
+    return struct.pack(">BBI", 4, 0, len(pdv)) + pdv
+
+
+def converse(port: int, *messages: bytes, wait: float = 2.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        received = b""
+        for message in messages:
+            sock.sendall(message)
+            time.sleep(0.2)
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return received
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        os.urandom(4096),
+        b"\x01\x00\xff\xff\xff\xff" + os.urandom(64),  # A-ASSOCIATE-RQ claiming 4 GiB
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x04\x00\x00\x00\x00\x10" + os.urandom(16),  # P-DATA before any association
+    ],
+    ids=["random", "huge-length", "http", "pdata-first"],
+)
+def test_garbage_on_the_port(server, garbage):
+    converse(server.port, garbage)
+    assert_still_serving_and_clean(server)
+    assert list(server.data.glob("*/*/*.dcm")) == []
+
+
+@pytest.mark.parametrize("max_pdu", [0xFFFFFFFF, 0, 1, 7, 100])
+def test_absurd_maximum_pdu_sizes(server, max_pdu):
+    reply = converse(server.port, associate_rq(max_pdu), c_echo_pdata())
+    assert reply[:1] in (b"\x02", b"\x03", b"\x07")  # accepted, rejected or aborted: an answer
+    assert_still_serving_and_clean(server)
+
+
+def test_peer_vanishing_mid_dataset_leaves_nothing(server, tmp_path):
+    (path,) = make_study(tmp_path / "study", 1, size=512)
+    body = path.read_bytes()
+    from pydicom.dataset import Dataset
+    from pynetdicom.dsutils import encode
+
+    command = Dataset()
+    command.AffectedSOPClassUID = CT_IMAGE.decode()
+    command.CommandField = 0x0001
+    command.MessageID = 1
+    command.Priority = 0
+    command.CommandDataSetType = 0x0000
+    command.AffectedSOPInstanceUID = "1.2.3.4"
+    encoded = encode(command, True, True)
+    command.CommandGroupLength = len(encoded)
+    encoded = encode(command, True, True)
+    pdv = struct.pack(">IB", len(encoded) + 2, 1) + b"\x03" + encoded
+    fragment = body[300:100_300]  # part of the dataset, never the last fragment
+    pdv += struct.pack(">IB", len(fragment) + 2, 1) + b"\x00" + fragment
+    rq = associate_rq(0, CT_IMAGE)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(rq)
+        assert sock.recv(6)[:1] == b"\x02"
+        time.sleep(0.2)
+        sock.recv(65536)
+        sock.sendall(struct.pack(">BBI", 4, 0, len(pdv)) + pdv)
+        time.sleep(0.3)
+    assert_still_serving_and_clean(server)
+    assert list(server.data.glob("*/*/*.dcm")) == []
