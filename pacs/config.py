@@ -65,8 +65,11 @@ class Config:
         metadata={"help": "Accept C-STORE of SOP classes that are not standard storage classes."},
     )
     max_pdu: int = field(
-        default=0,
-        metadata={"help": "Largest PDU we accept, in bytes (0 = no limit; fastest ingest)."},
+        default=1 << 20,
+        metadata={
+            "help": "Largest PDU a peer may send us, in bytes (0 = no limit, which lets one "
+            "peer make us hold a whole dataset in memory)."
+        },
     )
     max_associations: int = field(
         default=32, metadata={"help": "Concurrent DICOM associations before new ones are refused."}

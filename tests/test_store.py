@@ -270,3 +270,44 @@ def test_eight_concurrent_associations(server, tmp_path):
     ]
     assert index_rows(server.data, "SELECT sum(num_instances) FROM study") == [(120,)]
     assert "locked" not in server.log()
+
+
+def _write_big_instance(path: Path, frames: int) -> str:
+    """A multi-frame 512×512 16-bit instance written in chunks (never whole in memory)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(next(s.path for s in STORABLE if s.path.name == "CT_small.dcm"))
+    del ds.PixelData
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 512
+    ds.NumberOfFrames = frames
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.save_as(path, enforce_file_format=True)
+    frame = bytes(range(256)) * (512 * 512 * 2 // 256)
+    with open(path, "ab") as fp:
+        fp.write(b"\xe0\x7f\x10\x00OW\x00\x00" + (len(frame) * frames).to_bytes(4, "little"))
+        for _ in range(frames):
+            fp.write(frame)
+    return ds.SOPInstanceUID
+
+
+def test_big_instance_is_received_to_disk_not_memory(server, tmp_path):
+    path = tmp_path / "big.dcm"
+    sop_uid = _write_big_instance(path, frames=600)  # 300 MiB of pixel data
+    (response,) = store_files(
+        server.port, [path], [("1.2.840.10008.5.1.4.1.1.7.3", "1.2.840.10008.1.2.1")]
+    )
+    assert response.Status == 0
+    (stored,) = server.data.glob(f"*/*/{sop_uid}.dcm")
+    assert dataset_bytes(stored) == dataset_bytes(path)
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    peak_kib = int(
+        next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
+    )
+    assert peak_kib < 200 * 1024, f"peak RSS {peak_kib} KiB while receiving a 300 MiB instance"

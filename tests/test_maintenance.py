@@ -1,0 +1,94 @@
+"""import, reindex, verify and stats: the archive repairs and checks itself from its files."""
+
+import json
+import sqlite3
+
+from conftest import TEST_FILES
+from conftest import minipacs
+from make_study import make_study
+
+
+def rows(data, sql):
+    with sqlite3.connect(data / "index.sqlite") as db:
+        return db.execute(sql).fetchall()
+
+
+def test_import_reindex_verify_round_trip(tmp_path):
+    data = tmp_path / "data"
+    study = make_study(tmp_path / "study", 10, size=64)
+    (tmp_path / "study" / "notes.txt").write_text("not DICOM")
+    result = minipacs("import", "--data", str(data), "--json", str(tmp_path / "study"))
+    summary = json.loads(result.stdout)
+    assert (summary["stored"], summary["skipped"], summary["rejected"]) == (10, 1, 0)
+    assert "notes.txt" in summary["details"][0]["path"]
+    assert "not a DICOM Part 10 file" in summary["details"][0]["reason"]
+    # Importing again stores nothing twice.
+    again = json.loads(minipacs("import", "--data", str(data), "--json", *map(str, study)).stdout)
+    assert (again["stored"], again["duplicate"]) == (0, 10)
+
+    stats = json.loads(minipacs("stats", "--data", str(data), "--json").stdout)
+    assert (stats["studies"], stats["series"], stats["instances"]) == (1, 1, 10)
+    assert stats["bytes"] == sum(p.stat().st_size for p in data.glob("*/*/*.dcm"))
+    assert minipacs("verify", "--data", str(data)).returncode == 0
+
+    # Lose the index: reindex rebuilds it from the files alone.
+    before = rows(data, "SELECT sop_uid, path, size, sha256 FROM instance ORDER BY sop_uid")
+    (data / "index.sqlite").unlink()
+    for suffix in ("-wal", "-shm"):
+        (data / f"index.sqlite{suffix}").unlink(missing_ok=True)
+    result = minipacs("reindex", "--data", str(data))
+    assert "indexed: 10" in result.stdout
+    after = rows(data, "SELECT sop_uid, path, size, sha256 FROM instance ORDER BY sop_uid")
+    assert after == before
+    assert rows(data, "SELECT num_instances FROM study") == [(10,)]
+
+    # Corrupt one file (same size), delete another: verify names both, exits 1.
+    victim, gone = sorted(data.glob("*/*/*.dcm"))[:2]
+    content = bytearray(victim.read_bytes())
+    content[-1] ^= 0xFF
+    victim.write_bytes(bytes(content))
+    gone.unlink()
+    result = minipacs("verify", "--data", str(data), check=False)
+    assert result.returncode == 1
+    assert f"{victim.relative_to(data)}: SHA-256 differs" in result.stdout
+    assert f"{gone.relative_to(data)}: file is missing" in result.stdout
+    assert "problems: 2" in result.stdout
+
+
+def test_import_rejects_with_reasons_and_exits_1(tmp_path):
+    data = tmp_path / "data"
+    result = minipacs(
+        "import",
+        "--data",
+        str(data),
+        str(TEST_FILES / "MR_truncated.dcm"),
+        str(TEST_FILES / "CT_small.dcm"),
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "MR_truncated.dcm: rejected: dataset truncated" in result.stdout
+    assert "stored: 1" in result.stdout
+
+
+def test_start_up_indexes_unindexed_files_and_reports_missing(start_server, tmp_path):
+    data = tmp_path / "data"
+    study = make_study(tmp_path / "study", 3, size=64)
+    minipacs("import", "--data", str(data), *map(str, study))
+    stray = data / ".incoming" / "leftover.part"
+    stray.write_bytes(b"half a dataset")
+    first, second, _ = sorted(data.glob("*/*/*.dcm"))
+    with sqlite3.connect(data / "index.sqlite") as db:
+        db.execute("DELETE FROM instance WHERE path = ?", (str(first.relative_to(data)),))
+    second.unlink()
+    server = start_server(data=data)
+    log = server.log()
+    assert "1 temporary file(s) removed, 1 file(s) indexed, 1 problem(s)" in log
+    assert f"{second.relative_to(data)}: indexed but the file is missing" in log
+    assert not stray.exists()
+    assert rows(data, "SELECT count(*) FROM instance") == [(3,)]
+
+
+def test_reindex_refuses_while_a_server_runs(server):
+    result = minipacs("reindex", "--data", str(server.data), check=False)
+    assert result.returncode == 2
+    assert "stop it first" in result.stderr
