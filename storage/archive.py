@@ -116,6 +116,7 @@ class Archive:
         with db.connection_context():
             db.create_tables(MODELS)
         self._writer = index.IndexWriter(db, immediate=True)
+        self._sql = index.Statements(db)
         return self
 
     def lock(self, exclusive: bool) -> bool:
@@ -188,7 +189,7 @@ class Archive:
                 return Stored(outcome, parsed.sop_uid, rel)
             row = index.Row(parsed, rel, size, sha, calling_aet, outcome is Outcome.REPLACED)
             try:
-                self._write(index.apply_row, row)
+                self._write(index.apply_row, row, self._sql, db)
             except StorageError:
                 if outcome is Outcome.STORED:  # no row: take the file back out
                     (self.root / rel).unlink(missing_ok=True)
@@ -325,7 +326,8 @@ class Archive:
             if expected != rel:
                 raise InvalidDataset(f"its UIDs say it belongs at {expected}")
             size, sha = hash_file(path)
-            self._write(index.apply_row, index.Row(parsed, rel, size, sha, replace=replace))
+            row = index.Row(parsed, rel, size, sha, replace=replace)
+            self._write(index.apply_row, row, self._sql, db)
             report.indexed += 1
         except (StorageError, OSError) as exc:
             report.problems.append(Problem(rel, f"not indexed: {exc}"))

@@ -18,6 +18,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.uid import ExplicitVRBigEndian
 from pydicom.uid import ImplicitVRLittleEndian
 
+from storage.dicomjson import dataset_to_json
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
 from storage.errors import NotDicom
@@ -259,11 +260,7 @@ def _parse(ds: Dataset, syntax: str, pixel_vrs: dict[int, str]) -> ParsedInstanc
 def to_json(ds: Dataset, pixel_vrs: dict[int, str]) -> str:
     """PS3.18 F.2 DICOM JSON of `ds`; long binary values, and the pixel data dcmread skipped,
     become a BulkDataURI holding the tag (the web side makes it an absolute URL)."""
-    body = ds.to_json_dict(
-        bulk_data_threshold=BULK_THRESHOLD,
-        bulk_data_element_handler=lambda elem: f"{elem.tag:08X}",
-        suppress_invalid_tags=True,
-    )
+    body = dataset_to_json(ds, BULK_THRESHOLD, lambda tag: f"{tag:08X}")
     for tag, vr in sorted(pixel_vrs.items()):
         body.setdefault(f"{tag:08X}", {"vr": vr, "BulkDataURI": f"{tag:08X}"})
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False)

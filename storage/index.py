@@ -107,36 +107,93 @@ class IndexWriter:
             job.done.set()
 
 
-def apply_row(row: Row) -> None:
+class Statements:
+    """The SQL of one row insert, built once with the database's own placeholder.
+
+    peewee builds each query in Python (~0.2 ms a statement); ingest writes six per
+    instance, so the hot path uses these plain, portable statements instead.
+    """
+
+    def __init__(self, database: Database) -> None:
+        p = database.param
+        self.find_instance = f"SELECT id FROM instance WHERE sop_uid = {p}"
+        self.find_series = f"SELECT id, study_id FROM series WHERE series_uid = {p}"
+        self.study_lists = f"SELECT patient_id, modalities, sop_classes FROM study WHERE id = {p}"
+        self.count_series = f"UPDATE series SET num_instances = num_instances + 1 WHERE id = {p}"
+        self.count_study = (
+            f"UPDATE study SET num_instances = num_instances + 1, num_series = num_series + {p}, "
+            f"modalities = {p}, sop_classes = {p}, updated_at = {p} WHERE id = {p}"
+        )
+        self.count_patient = (
+            f"UPDATE patient SET num_instances = num_instances + 1, "
+            f"num_series = num_series + {p}, num_studies = num_studies + {p} WHERE id = {p}"
+        )
+        columns = ["sop_uid", "series_id", *INSTANCE_COLUMNS]
+        marks = ", ".join([p] * len(columns))
+        self.insert_instance = (
+            f"INSERT INTO instance ({', '.join(columns)}, state) VALUES ({marks}, 0)"
+        )
+        sets = ", ".join(f"{c} = {p}" for c in INSTANCE_COLUMNS)
+        self.replace_instance = f"UPDATE instance SET {sets}, state = 0 WHERE id = {p}"
+
+
+INSTANCE_COLUMNS = (
+    "sop_class_uid",
+    "instance_number",
+    "transfer_syntax",
+    "path",
+    "size",
+    "sha256",
+    "received_at",
+    "calling_aet",
+    "json",
+)
+
+
+def apply_row(row: Row, sql: Statements, database: Database) -> None:
     """Insert or update one instance and maintain the counts above it."""
     parsed = row.parsed
-    existing = Instance.get_or_none(Instance.sop_uid == parsed.sop_uid)
-    if existing is not None:
+    found = database.execute_sql(sql.find_instance, (parsed.sop_uid,)).fetchone()
+    values = (
+        parsed.sop_class_uid,
+        parsed.instance_number,
+        parsed.transfer_syntax,
+        row.path,
+        row.size,
+        row.sha256,
+        _now(),
+        row.calling_aet,
+        parsed.json,
+    )
+    if found is not None:
         if row.replace:
-            Instance.update(**_instance_fields(row), state=0).where(
-                Instance.id == existing.id
-            ).execute()
+            database.execute_sql(sql.replace_instance, (*values, found[0]))
         return
-    patient, _ = _patient(parsed)
-    study, new_study = _study(parsed, patient)
-    series, new_series = _series(parsed, study)
-    Instance.insert(sop_uid=parsed.sop_uid, series=series.id, **_instance_fields(row)).execute()
-
-    Series.update(num_instances=Series.num_instances + 1).where(Series.id == series.id).execute()
-    modalities = _add(study.modalities, parsed.series["modality"])
-    sop_classes = _add(study.sop_classes, parsed.sop_class_uid)
-    Study.update(
-        num_instances=Study.num_instances + 1,
-        num_series=Study.num_series + int(new_series),
-        modalities=modalities,
-        sop_classes=sop_classes,
-        updated_at=datetime.now(UTC),
-    ).where(Study.id == study.id).execute()
-    Patient.update(
-        num_instances=Patient.num_instances + 1,
-        num_series=Patient.num_series + int(new_series),
-        num_studies=Patient.num_studies + int(new_study),
-    ).where(Patient.id == patient.id).execute()
+    series = database.execute_sql(sql.find_series, (parsed.series_uid,)).fetchone()
+    if series is None:
+        study_id, new_study = _study(parsed, _patient(parsed)[0])
+        series_id = Series.insert(
+            series_uid=parsed.series_uid, study=study_id, **parsed.series
+        ).execute()
+        new_series = True
+    else:
+        (series_id, study_id), new_study, new_series = series, False, False
+    database.execute_sql(sql.insert_instance, (parsed.sop_uid, series_id, *values))
+    database.execute_sql(sql.count_series, (series_id,))
+    patient_id, modalities, sop_classes = database.execute_sql(
+        sql.study_lists, (study_id,)
+    ).fetchone()
+    database.execute_sql(
+        sql.count_study,
+        (
+            int(new_series),
+            _add(modalities, parsed.series["modality"]),
+            _add(sop_classes, parsed.sop_class_uid),
+            _now(),
+            study_id,
+        ),
+    )
+    database.execute_sql(sql.count_patient, (int(new_series), int(new_study), patient_id))
 
 
 def mark_replacing(sop_uid: str) -> None:
@@ -152,37 +209,37 @@ def _instance_fields(row: Row) -> dict:
         "path": row.path,
         "size": row.size,
         "sha256": row.sha256,
-        "received_at": datetime.now(UTC),
+        "received_at": _now(),
         "calling_aet": row.calling_aet,
         "json": row.parsed.json,
     }
 
 
-def _patient(parsed: ParsedInstance) -> tuple[Patient, bool]:
+def _patient(parsed: ParsedInstance) -> tuple[int, bool]:
     keys = parsed.patient
-    found = Patient.get_or_none(
-        (Patient.patient_id == keys["patient_id"]) & (Patient.issuer == keys["issuer"])
+    found = (
+        Patient.select(Patient.id)
+        .where((Patient.patient_id == keys["patient_id"]) & (Patient.issuer == keys["issuer"]))
+        .scalar()
     )
     if found is not None:
         return found, False
-    return Patient.create(**keys), True
+    return Patient.insert(**keys).execute(), True
 
 
-def _study(parsed: ParsedInstance, patient: Patient) -> tuple[Study, bool]:
-    found = Study.get_or_none(Study.study_uid == parsed.study_uid)
+def _study(parsed: ParsedInstance, patient_id: int) -> tuple[int, bool]:
+    found = Study.select(Study.id).where(Study.study_uid == parsed.study_uid).scalar()
     if found is not None:
         return found, False
-    study = Study.create(
-        study_uid=parsed.study_uid, patient=patient.id, updated_at=datetime.now(UTC), **parsed.study
-    )
-    return study, True
+    study_id = Study.insert(
+        study_uid=parsed.study_uid, patient=patient_id, updated_at=_now(), **parsed.study
+    ).execute()
+    return study_id, True
 
 
-def _series(parsed: ParsedInstance, study: Study) -> tuple[Series, bool]:
-    found = Series.get_or_none(Series.series_uid == parsed.series_uid)
-    if found is not None:
-        return found, False
-    return Series.create(series_uid=parsed.series_uid, study=study.id, **parsed.series), True
+def _now() -> str:
+    """UTC now, in the text form peewee's DateTimeField stores."""
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _add(values: str, value: str) -> str:
