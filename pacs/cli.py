@@ -75,6 +75,7 @@ def main() -> None:
     "--duplicates", type=click.Choice(["keep", "replace", "reject"]), help=_help("duplicates")
 )
 @click.option("--fsync/--no-fsync", default=None, help=_help("fsync"))
+@click.option("--workers", type=int, help=_help("workers"))
 def serve(config_file: Path | None, **flags) -> None:
     """Run the DICOM SCP and the web server until SIGINT/SIGTERM."""
     config = build_config(config_file, **flags)

@@ -71,6 +71,13 @@ class Config:
             "peer make us hold a whole dataset in memory)."
         },
     )
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": "DICOM worker processes sharing the port (SO_REUSEPORT); more than 1 lets "
+            "ingest use more than one core (pynetdicom is GIL-bound)."
+        },
+    )
     max_associations: int = field(
         default=32, metadata={"help": "Concurrent DICOM associations before new ones are refused."}
     )
@@ -118,7 +125,7 @@ def _convert(name: str, value: Any) -> Any:
         return _aet(str(value), "aet")
     if name in ("port", "http_port"):
         return _port(value, name)
-    if name in ("max_pdu", "max_associations"):
+    if name in ("max_pdu", "max_associations", "workers"):
         return _int(value, name, 0 if name == "max_pdu" else 1)
     if name in ("fsync", "accept_unknown_sop_classes"):
         return _bool(value, name)

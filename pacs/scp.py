@@ -1,6 +1,8 @@
 """The DICOM listener: which SOP classes and transfer syntaxes we accept, and the AE."""
 
 import logging
+import socket
+import threading
 from typing import Any
 
 from pydicom.uid import AllTransferSyntaxes
@@ -51,7 +53,18 @@ def supported_contexts() -> list[PresentationContext]:
     return contexts
 
 
-def start_scp(config: Config, archive: Archive) -> ThreadedAssociationServer:
+class SharedPortServer(ThreadedAssociationServer):
+    """A listener that shares its port with the other workers (the kernel spreads
+    connections over them)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def start_scp(
+    config: Config, archive: Archive, shared_port: bool = False
+) -> ThreadedAssociationServer:
     """Start listening; raises OSError when the address cannot be bound."""
     spool.install(archive.incoming)
     _config.UNRESTRICTED_STORAGE_SERVICE = config.accept_unknown_sop_classes
@@ -61,11 +74,12 @@ def start_scp(config: Config, archive: Archive) -> ThreadedAssociationServer:
     ae.network_timeout = 60
     ae.acse_timeout = 30
     ae.dimse_timeout = 60
-    server = ae.start_server(
+    server = ae.make_server(
         (config.host, config.port),
-        block=False,
         evt_handlers=build_handlers(archive),
         contexts=supported_contexts(),
+        server_class=SharedPortServer if shared_port else ThreadedAssociationServer,
     )
-    assert server is not None
+    threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
+    ae._servers.append(server)  # as AE.start_server does, so server.shutdown() finds it
     return server

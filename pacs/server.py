@@ -1,7 +1,16 @@
-"""`minipacs serve`: the DICOM SCP and the web server on one archive, stopped by a signal."""
+"""`minipacs serve`: the DICOM SCP and the web server on one archive, stopped by a signal.
 
+With `workers = 1` everything runs in this process. With more, this process serves
+HTTP and supervises N worker processes that each run the SCP on the same port
+(SO_REUSEPORT) and the same archive: pynetdicom is GIL-bound at ~115 instances/s a
+process (shared/notes/pynetdicom-ingest.md), so more cores need more processes.
+"""
+
+import dataclasses
 import logging
+import multiprocessing
 import signal
+import socket
 import threading
 import time
 
@@ -20,17 +29,22 @@ class StartupError(Exception):
     """The server cannot start (port taken, data folder unusable); the message says why."""
 
 
-def serve(config: Config, ready: threading.Event | None = None) -> None:
-    """Run until SIGINT/SIGTERM (or `stop` is set), then stop both servers cleanly."""
-    archive = _open_archive(config)
+def serve(config: Config) -> None:
+    """Run until SIGINT/SIGTERM, then stop both servers cleanly."""
+    stop = _stop_on_signals()
+    archive = _open_archive(config, repair=True)
     scp = http = None
+    workers: list[multiprocessing.Process] = []
+    port_holder: socket.socket | None = None
     try:
-        try:
-            scp = start_scp(config, archive)
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen for DICOM on {config.host}:{config.port}: {exc.strerror}"
-            ) from exc
+        if config.workers == 1:
+            scp = _listen(config, archive, shared_port=False)
+            port = scp.server_address[1]
+        else:
+            port_holder = _reserve_port(config)
+            port = port_holder.getsockname()[1]
+            config = dataclasses.replace(config, port=port)
+            workers = [_spawn(config, n) for n in range(config.workers)]
         try:
             http = waitress.create_server(
                 create_app(config, archive), host=config.host, port=config.http_port, threads=8
@@ -41,26 +55,95 @@ def serve(config: Config, ready: threading.Event | None = None) -> None:
             ) from exc
         threading.Thread(target=http.run, name="http", daemon=True).start()
         log.info(
-            "minipacs %s: DICOM on %s:%s, HTTP on http://%s:%s/, data in %s",
+            "minipacs %s: DICOM on %s:%s (%d process(es)), HTTP on http://%s:%s/, data in %s",
             config.aet,
             config.host,
-            scp.server_address[1],
+            port,
+            config.workers,
             config.host,
             http.effective_port,
             archive.root,
         )
-        _wait_for_signal(ready)
+        while not stop.wait(0.5):
+            workers = [_respawn_if_dead(config, n, w) for n, w in enumerate(workers)]
+        log.info("stopping")
     finally:
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.join(DRAIN_SECONDS + 5)
+            if worker.is_alive():
+                worker.kill()
         _stop(scp, http, archive)
+        if port_holder is not None:
+            port_holder.close()
 
 
-def _open_archive(config: Config) -> Archive:
+def run_worker(config: Config, number: int) -> None:
+    """A DICOM worker process: the SCP on the shared port until SIGTERM."""
+    logging.basicConfig(
+        level=config.log_level,
+        format=f"%(asctime)s %(levelname)s worker{number} %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel("DEBUG" if config.log_level == "DEBUG" else "WARNING")
+    stop = _stop_on_signals()
+    archive = _open_archive(config, repair=False)
+    scp = None
+    try:
+        scp = _listen(config, archive, shared_port=True)
+        stop.wait()
+    finally:
+        _stop(scp, None, archive)
+
+
+def _spawn(config: Config, number: int) -> multiprocessing.Process:
+    # spawn, not fork: this process already runs threads (index writer, HTTP).
+    context = multiprocessing.get_context("spawn")
+    worker = context.Process(
+        target=run_worker, args=(config, number), name=f"dicom-worker-{number}"
+    )
+    worker.start()
+    return worker
+
+
+def _respawn_if_dead(config: Config, number: int, worker: multiprocessing.Process):
+    if worker.is_alive():
+        return worker
+    log.error("DICOM worker %d exited with %s: starting a new one", number, worker.exitcode)
+    return _spawn(config, number)
+
+
+def _reserve_port(config: Config) -> socket.socket:
+    """Bind (not listen) the shared port so that port 0 resolves once for every worker and a
+    port taken by another program fails here, with a clear message."""
+    holder = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        holder.bind((config.host, config.port))
+    except OSError as exc:
+        holder.close()
+        raise StartupError(
+            f"cannot listen for DICOM on {config.host}:{config.port}: {exc.strerror}"
+        ) from exc
+    return holder
+
+
+def _listen(config: Config, archive: Archive, shared_port: bool):
+    try:
+        return start_scp(config, archive, shared_port=shared_port)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen for DICOM on {config.host}:{config.port}: {exc.strerror}"
+        ) from exc
+
+
+def _open_archive(config: Config, repair: bool) -> Archive:
     archive = Archive(config.data, fsync=config.fsync, duplicates=config.duplicates)
     try:
         archive.open()
     except Exception as exc:
         raise StartupError(str(exc)) from exc
-    if archive.lock(exclusive=True):
+    if repair and archive.lock(exclusive=True):
         report = archive.reconcile()
         log.info(
             "start-up check: %d temporary file(s) removed, %d file(s) indexed, %d problem(s)",
@@ -68,20 +151,17 @@ def _open_archive(config: Config) -> Archive:
             report.indexed,
             len(report.problems),
         )
-    else:
+    elif repair:
         log.info("another minipacs process uses %s: start-up check skipped", archive.root)
     archive.lock(exclusive=False)
     return archive
 
 
-def _wait_for_signal(ready: threading.Event | None) -> None:
+def _stop_on_signals() -> threading.Event:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    if ready is not None:
-        ready.set()
-    stop.wait()
-    log.info("stopping")
+    return stop
 
 
 def _stop(scp, http, archive: Archive) -> None:

@@ -194,7 +194,7 @@ def test_port_zero_picks_a_free_port_and_logs_it(tmp_path):
         line = ""
         while time.monotonic() < deadline and "DICOM on" not in line:
             line = proc.stderr.readline()
-        port = int(line.split("DICOM on 127.0.0.1:")[1].split(",")[0])
+        port = int(line.split("DICOM on 127.0.0.1:")[1].split()[0])
         assert port > 0
         assert echo(port) == 0
     finally:

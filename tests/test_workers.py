@@ -1,0 +1,82 @@
+"""`--workers N`: several SCP processes on one port and one archive, supervised."""
+
+import os
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+from conftest import storescu
+from make_study import make_study
+from scu import echo
+
+
+def children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
+
+
+def workers(pid: int) -> set[int]:
+    """Child processes running the SCP (not multiprocessing's resource tracker)."""
+    return {
+        child
+        for child in children(pid)
+        if b"multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_bytes()
+        and b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
+    }
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_workers_share_port_and_archive(start_server, tmp_path):
+    server = start_server("--workers", "2")
+    wait_for(lambda: len(workers(server.proc.pid)) == 2)
+    wait_for(lambda: "DICOM on" in server.log())
+    studies = [make_study(tmp_path / f"s{n}", 20, size=64) for n in range(6)]
+    errors: list[str] = []
+
+    def send(paths):
+        result = storescu(server.port, *paths, check=False)
+        if result.returncode:
+            errors.append(result.stderr)
+
+    threads = [threading.Thread(target=send, args=(paths,)) for paths in studies]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert errors == []
+    with sqlite3.connect(server.data / "index.sqlite") as db:
+        assert db.execute("SELECT count(*), count(DISTINCT sop_uid) FROM instance").fetchone() == (
+            120,
+            120,
+        )
+        assert db.execute("SELECT sum(num_instances) FROM study").fetchone() == (120,)
+    assert "worker0" in server.log() and "worker1" in server.log()
+
+
+def test_a_dead_worker_is_replaced_and_stop_ends_all(start_server):
+    server = start_server("--workers", "2")
+    wait_for(lambda: len(workers(server.proc.pid)) == 2)
+    victim = min(workers(server.proc.pid))
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(workers(server.proc.pid)) == 2 and victim not in workers(server.proc.pid))
+    assert "exited with -9: starting a new one" in server.log()
+    wait_for(lambda: server.log().count("DICOM on") == 1)
+    for _ in range(4):  # whichever process the kernel picks answers
+        assert echo(server.port) == 0
+    remaining = workers(server.proc.pid)
+    assert server.stop() == 0
+    for pid in remaining:
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        )
