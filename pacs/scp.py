@@ -13,6 +13,7 @@ from pynetdicom import _config
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs import spool
@@ -34,6 +35,25 @@ class SharedContext(PresentationContext):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "SharedContext":
         return self
+
+
+def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv reading up to 1 MiB a call instead of 4 KiB.
+
+    pynetdicom reads each PDU 4096 bytes at a time: ~130 recv calls for a 512×512 CT
+    slice. A PDU longer than the maximum we announced (PS3.8 9.3.1) is refused as a
+    broken connection rather than buffered: a peer cannot make us hold 4 GiB.
+    """
+    limit = self.assoc.acceptor.maximum_length if self.assoc.is_acceptor else 0
+    if limit and nr_bytes > max(limit, 1 << 16):
+        raise OSError(f"peer sent a {nr_bytes}-byte PDU; our maximum is {limit}")
+    stream = bytearray()
+    while len(stream) < nr_bytes:
+        chunk = self.socket.recv(min(nr_bytes - len(stream), 1 << 20))
+        if not chunk:  # connection closed: return what we have, as pynetdicom does
+            break
+        stream += chunk
+    return stream
 
 
 def transfer_syntaxes() -> list[str]:
@@ -67,6 +87,7 @@ def start_scp(
 ) -> ThreadedAssociationServer:
     """Start listening; raises OSError when the address cannot be bound."""
     spool.install(archive.incoming)
+    AssociationSocket.recv = _recv  # docs/decisions.md 2026-11-25
     _config.UNRESTRICTED_STORAGE_SERVICE = config.accept_unknown_sop_classes
     ae = AE(ae_title=config.aet)
     ae.maximum_pdu_size = config.max_pdu

@@ -15,6 +15,8 @@ import logging
 import os
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -77,6 +79,14 @@ class ReconcileReport:
     problems: list[Problem] = field(default_factory=list)
 
 
+def _wait(future: Future) -> None:
+    """Wait for a background fsync; a disk-full error becomes OutOfResources."""
+    try:
+        future.result()
+    except OSError as exc:
+        reraise_full(exc)
+
+
 class Archive:
     """One archive root. Open it once per process; every thread may call `ingest`."""
 
@@ -89,6 +99,7 @@ class Archive:
         self.duplicates = duplicates
         self._writer: index.IndexWriter | None = None
         self._lock_fd: int | None = None
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -137,6 +148,7 @@ class Archive:
             db.execute_sql("SELECT 1 FROM instance LIMIT 1")
 
     def close(self) -> None:
+        self._pool.shutdown()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -171,8 +183,12 @@ class Archive:
         `sop_class_uid`/`sop_uid` are what the request announced (C-STORE); `digest` is
         (size, SHA-256) when the caller hashed the bytes while receiving them.
         """
+        # The file's fsync (disk time, GIL released) overlaps the parsing (CPU time).
+        synced = self._pool.submit(fsync_path, tmp) if self.fsync else None
         try:
             parsed = read_instance(tmp)
+            if synced is not None:
+                _wait(synced)
             if sop_uid is not None and sop_uid.rstrip("\0 ") != parsed.sop_uid:
                 raise UIDMismatch(
                     f"dataset SOP Instance UID differs from request: {parsed.sop_uid}"
@@ -196,6 +212,8 @@ class Archive:
                 raise
             return Stored(outcome, parsed.sop_uid, rel)
         finally:
+            if synced is not None:
+                synced.exception()  # never unlink under a running fsync
             tmp.unlink(missing_ok=True)
 
     def import_file(self, source: Path, calling_aet: str = "") -> Stored:
@@ -218,8 +236,6 @@ class Archive:
         """Put the file in place, or decide what a file already there means."""
         final = self.root / rel
         try:
-            if self.fsync:
-                fsync_path(tmp)
             make_dirs(self.root, os.path.dirname(rel), self.fsync)
             try:
                 os.link(tmp, final)

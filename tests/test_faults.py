@@ -169,3 +169,22 @@ def test_peer_vanishing_mid_dataset_leaves_nothing(server, tmp_path):
         time.sleep(0.3)
     assert_still_serving_and_clean(server)
     assert list(server.data.glob("*/*/*.dcm")) == []
+
+
+def test_pdu_longer_than_our_maximum_is_refused(server):
+    # We announce 1 MiB; a P-DATA claiming 512 MiB is a protocol violation, not a buffer.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(associate_rq(0, CT_IMAGE))
+        assert sock.recv(6)[:1] == b"\x02"
+        time.sleep(0.2)
+        sock.recv(65536)
+        sock.sendall(struct.pack(">BBI", 4, 0, 512 << 20) + os.urandom(65536))
+        try:  # without the limit the server would sit waiting for 512 MiB: a timeout here
+            answer = sock.recv(65536)
+        except ConnectionResetError:
+            answer = b""
+    assert answer == b"" or answer[:1] == b"\x07"  # closed, or A-ABORT
+    status = Path(f"/proc/{server.proc.pid}/status").read_text()
+    peak_kib = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1])
+    assert peak_kib < 200 * 1024
+    assert_still_serving_and_clean(server)
