@@ -78,6 +78,17 @@ class Config:
             "ingest use more than one core (pynetdicom is GIL-bound)."
         },
     )
+    pn_case_insensitive: bool = field(
+        default=True,
+        metadata={"help": "Match person names without regard to case (PS3.4 C.2.2.2.1)."},
+    )
+    max_results: int = field(
+        default=10000,
+        metadata={
+            "help": "C-FIND answers before the query ends with 0xA700 (Out of Resources) "
+            "asking for a narrower query."
+        },
+    )
     max_associations: int = field(
         default=32, metadata={"help": "Concurrent DICOM associations before new ones are refused."}
     )
@@ -125,9 +136,9 @@ def _convert(name: str, value: Any) -> Any:
         return _aet(str(value), "aet")
     if name in ("port", "http_port"):
         return _port(value, name)
-    if name in ("max_pdu", "max_associations", "workers"):
+    if name in ("max_pdu", "max_associations", "workers", "max_results"):
         return _int(value, name, 0 if name == "max_pdu" else 1)
-    if name in ("fsync", "accept_unknown_sop_classes"):
+    if name in ("fsync", "accept_unknown_sop_classes", "pn_case_insensitive"):
         return _bool(value, name)
     if name == "peer":
         items = value.split(",") if isinstance(value, str) else value

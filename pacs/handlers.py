@@ -4,15 +4,30 @@ Statuses a handler can send, and why, are listed in its docstring (PS3.4 Annex B
 C-STORE, PS3.7 Annex C for the general ones).
 """
 
+import itertools
 import logging
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import build_context
 from pynetdicom import evt
 from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelMove
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pacs import spool
+from pacs.config import Config
 from storage import Archive
+from storage import query
 from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
@@ -102,9 +117,173 @@ def _failure(status: int, comment: str) -> Dataset:
     return response
 
 
-def build_handlers(archive: Archive) -> list:
+def build_handlers(archive: Archive, config: Config) -> list:
     return [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [archive]),
+        (evt.EVT_C_FIND, handle_find, [archive, config]),
+        (evt.EVT_C_GET, handle_get, [archive, config]),
+        (evt.EVT_C_MOVE, handle_move, [archive, config]),
         (evt.EVT_CONN_CLOSE, handle_conn_close),
     ]
+
+
+# -- Query/Retrieve ----------------------------------------------------------------
+
+FIND_MODELS = {
+    PatientRootQueryRetrieveInformationModelFind: "PATIENT",
+    StudyRootQueryRetrieveInformationModelFind: "STUDY",
+    PatientRootQueryRetrieveInformationModelMove: "PATIENT",
+    StudyRootQueryRetrieveInformationModelMove: "STUDY",
+    PatientRootQueryRetrieveInformationModelGet: "PATIENT",
+    StudyRootQueryRetrieveInformationModelGet: "STUDY",
+}
+PENDING = 0xFF00
+CANCELLED = 0xFE00
+IDENTIFIER_MISMATCH = 0xA900  # PS3.4 C.4.1.1.4: Identifier does not match SOP Class
+UNABLE_TO_PROCESS = 0xC000
+
+
+def handle_find(event: Event, archive: Archive, config: Config):
+    """C-FIND: one pending answer per matching entity, then Success.
+
+    0xFF00 pending (each answer); 0x0000 done; 0xFE00 cancelled (C-CANCEL, checked between
+    answers); 0xA900 no or a bad QueryRetrieveLevel; 0xA700 more than `max_results`
+    answers (those sent stand, the query should be narrowed); 0xC000 the identifier cannot
+    be decoded.
+    """
+    model = FIND_MODELS[event.request.AffectedSOPClassUID]
+    try:
+        identifier = event.identifier
+        level = str(identifier.get("QueryRetrieveLevel", ""))
+        keys = query.keys_from_dataset(identifier)
+        answers = archive.find(level, keys, model, _options(config), limit=config.max_results + 1)
+        first = next(answers, None)
+    except query.QueryError as exc:
+        log.warning("C-FIND from %s refused: %s", event.assoc.requestor.ae_title, exc)
+        yield _failure(IDENTIFIER_MISMATCH, str(exc)), None
+        return
+    except Exception as exc:  # a value pydicom cannot decode
+        log.warning(
+            "C-FIND from %s: identifier not understood: %s", event.assoc.requestor.ae_title, exc
+        )
+        yield _failure(UNABLE_TO_PROCESS, f"identifier not understood: {exc}"), None
+        return
+    count = 0
+    for answer in itertools.chain([first] if first else [], answers):
+        if event.is_cancelled:
+            log.info(
+                "C-FIND from %s cancelled after %d answers", event.assoc.requestor.ae_title, count
+            )
+            yield CANCELLED, None
+            return
+        if count == config.max_results:
+            log.warning(
+                "C-FIND from %s stopped at max_results=%d", event.assoc.requestor.ae_title, count
+            )
+            yield _failure(OUT_OF_RESOURCES, f"more than {count} matches: narrow the query"), None
+            return
+        count += 1
+        yield PENDING, Dataset.from_json(answer)
+    log.info("C-FIND %s level from %s: %d answer(s)", level, event.assoc.requestor.ae_title, count)
+
+
+def handle_get(event: Event, archive: Archive, config: Config):
+    """C-GET: C-STORE sub-operations over the requesting association.
+
+    Pending with remaining/completed/failed/warning counts; final 0x0000, 0xB000 (some
+    failed, with the Failed SOP Instance UID List), 0xA702 (all failed), 0xFE00 on C-CANCEL
+    (checked between instances), 0xA900 bad identifier. Instances go as stored, or
+    decompressed to Explicit VR Little Endian when the peer accepted no context for the
+    stored transfer syntax.
+    """
+    instances = _locate(event, archive)
+    if instances is None:
+        yield _failure(IDENTIFIER_MISMATCH, "bad Query/Retrieve Level or identifier"), None
+        return
+    yield len(instances)
+    yield from _sub_operations(event, instances, lambda: event.assoc.accepted_contexts)
+
+
+def handle_move(event: Event, archive: Archive, config: Config):
+    """C-MOVE: C-STORE sub-operations over a new association to a configured peer.
+
+    0xA801 unknown destination (not in `peer`) or destination not reachable; then as C-GET.
+    The new association proposes only what the instances need: per SOP class, each stored
+    transfer syntax and the uncompressed ones as fall-back.
+    """
+    destination = event.move_destination
+    if isinstance(destination, bytes):
+        destination = destination.decode("ascii", "replace")
+    peer = next((p for p in config.peer if p.aet == destination.strip()), None)
+    if peer is None:
+        log.warning("C-MOVE from %s to unknown AE %r", event.assoc.requestor.ae_title, destination)
+        yield None, None
+        return
+    instances = _locate(event, archive)
+    if instances is None:
+        yield None, None
+        return
+    established: list = []
+    kwargs = {
+        "contexts": _contexts_for(instances),
+        "evt_handlers": [(evt.EVT_ESTABLISHED, lambda e: established.append(e.assoc))],
+        "max_pdu": 0,
+    }
+    yield peer.host, peer.port, kwargs
+    yield len(instances)
+    yield from _sub_operations(
+        event, instances, lambda: established[0].accepted_contexts if established else []
+    )
+
+
+def _options(config: Config) -> query.Options:
+    return query.Options(pn_case_insensitive=config.pn_case_insensitive, retrieve_aet=config.aet)
+
+
+def _locate(event: Event, archive: Archive) -> list[dict] | None:
+    model = FIND_MODELS[event.request.AffectedSOPClassUID]
+    try:
+        identifier = event.identifier
+        level = str(identifier.get("QueryRetrieveLevel", ""))
+        return list(archive.locate(level, query.keys_from_dataset(identifier), model))
+    except Exception as exc:
+        log.warning("retrieve from %s refused: %s", event.assoc.requestor.ae_title, exc)
+        return None
+
+
+def _contexts_for(instances: list[dict]) -> list[PresentationContext]:
+    """One context per (SOP class, stored syntax) and one uncompressed per SOP class; merged
+    per SOP class when that exceeds the 128 contexts an association may propose."""
+    needed: dict[str, set[str]] = {}
+    for row in instances:
+        needed.setdefault(row["instance_sop_class_uid"], set()).add(row["instance_transfer_syntax"])
+    uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    pairs = [(c, [s]) for c, syntaxes in needed.items() for s in sorted(syntaxes)]
+    pairs += [(c, uncompressed) for c in needed]
+    if len(pairs) > 128:
+        pairs = [(c, sorted(syntaxes) + uncompressed) for c, syntaxes in needed.items()][:128]
+    return [build_context(c, syntaxes) for c, syntaxes in pairs]
+
+
+def _sub_operations(event: Event, instances: list[dict], accepted):
+    for row in instances:
+        if event.is_cancelled:
+            yield CANCELLED, None
+            return
+        yield PENDING, _dataset_to_send(row, accepted())
+
+
+def _dataset_to_send(row: dict, accepted: list) -> Dataset:
+    """The stored instance, decompressed when the peer took no context for its syntax."""
+    ds = dcmread(row["instance_path"])
+    syntax = ds.file_meta.TransferSyntaxUID
+    offered = [cx.transfer_syntax[0] for cx in accepted if cx.abstract_syntax == ds.SOPClassUID]
+    if syntax in offered or not syntax.is_compressed:
+        return ds
+    if any(not UID(s).is_compressed for s in offered):
+        try:
+            ds.decompress()
+        except Exception as exc:  # no decoder: the sub-operation fails and is counted
+            log.warning("cannot decompress %s for the peer: %s", row["instance_sop_uid"], exc)
+    return ds

@@ -12,6 +12,12 @@ from pynetdicom import AE
 from pynetdicom import _config
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelMove
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
@@ -22,6 +28,16 @@ from pacs.handlers import build_handlers
 from storage import Archive
 
 log = logging.getLogger(__name__)
+
+
+QUERY_RETRIEVE = [
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+]
 
 
 class SharedContext(PresentationContext):
@@ -63,14 +79,25 @@ def transfer_syntaxes() -> list[str]:
 
 
 def supported_contexts() -> list[PresentationContext]:
+    """Verification and Query/Retrieve (uncompressed), every storage class in every syntax;
+    storage contexts accept SCP/SCU role selection so C-GET can send back over them."""
     syntaxes = transfer_syntaxes()
     contexts = []
-    for uid in [Verification, *(cx.abstract_syntax for cx in AllStoragePresentationContexts)]:
-        context = SharedContext()
-        context.abstract_syntax = uid
-        context.transfer_syntax = syntaxes if uid != Verification else syntaxes[:2]
+    for uid in [Verification, *QUERY_RETRIEVE]:
+        contexts.append(_context(uid, syntaxes[:2]))
+    for storage in AllStoragePresentationContexts:
+        context = _context(storage.abstract_syntax, syntaxes)
+        context.scu_role = True
+        context.scp_role = True
         contexts.append(context)
     return contexts
+
+
+def _context(uid: str, syntaxes: list[str]) -> "SharedContext":
+    context = SharedContext()
+    context.abstract_syntax = uid
+    context.transfer_syntax = syntaxes
+    return context
 
 
 class SharedPortServer(ThreadedAssociationServer):
@@ -97,7 +124,7 @@ def start_scp(
     ae.dimse_timeout = 60
     server = ae.make_server(
         (config.host, config.port),
-        evt_handlers=build_handlers(archive),
+        evt_handlers=build_handlers(archive, config),
         contexts=supported_contexts(),
         server_class=SharedPortServer if shared_port else ThreadedAssociationServer,
     )

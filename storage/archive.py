@@ -26,6 +26,7 @@ from peewee import SqliteDatabase
 from peewee import fn
 
 from storage import index
+from storage import query
 from storage.dataset import read_instance
 from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
@@ -319,6 +320,19 @@ class Archive:
             for path in self._files():
                 if not Instance.select().where(Instance.sop_uid == path.stem).exists():
                     yield Problem(str(path.relative_to(self.root)), "file is not indexed")
+
+    def find(self, level: str, keys: list, model: str = "STUDY", options=None, **paging):
+        """Answers of the query engine (storage.query.find), on this thread's connection."""
+        with db.connection_context():
+            yield from query.find(level, keys, model, options or query.Options(), **paging)
+
+    def locate(self, level: str, keys: list, model: str = "STUDY") -> Iterator[dict]:
+        """Every instance under the entities the keys select (storage.query.locate); each
+        row's `instance_path` is made absolute."""
+        with db.connection_context():
+            for row in query.locate(level, keys, model):
+                row["instance_path"] = self.root / row["instance_path"]
+                yield row
 
     def stats(self) -> dict[str, int]:
         with db.connection_context():

@@ -203,6 +203,25 @@ def _walk_items(fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
             fp.seek(fp.tell() + length)
 
 
+def name_key(name: str) -> str:
+    """The alphabetic component group of a PN, trailing empty components dropped, upper
+    case: what case-insensitive PN matching compares (PS3.4 C.2.2.2.1)."""
+    alphabetic = name.split("=")[0].rstrip("^ ")
+    return alphabetic.upper()
+
+
+def time_key(value: str, upper: bool = False) -> str:
+    """A TM as HHMMSS.ffffff; missing parts are zeros, or their maximum when `upper` (the end
+    of a range: "13" means up to 13:59:59.999999)."""
+    value = value.replace(":", "").strip()
+    if not value:
+        return ""
+    whole, _, fraction = value.partition(".")
+    pad = "595959"[len(whole) :] if upper and len(whole) < 6 else "0" * (6 - len(whole))
+    fraction = (fraction + ("9" if upper else "0") * 6)[:6]
+    return f"{whole[:6]}{pad if len(whole) < 6 else ''}.{fraction}"
+
+
 def _text(ds: Dataset, keyword: str) -> str:
     value = ds.get(keyword)
     if value is None:
@@ -232,12 +251,14 @@ def _parse(ds: Dataset, syntax: str, pixel_vrs: dict[int, str]) -> ParsedInstanc
                 "patient_id": _text(ds, "PatientID"),
                 "issuer": _text(ds, "IssuerOfPatientID"),
                 "patient_name": _text(ds, "PatientName"),
+                "name_key": name_key(_text(ds, "PatientName")),
                 "birth_date": _text(ds, "PatientBirthDate"),
                 "sex": _text(ds, "PatientSex"),
             },
             study={
                 "study_date": _text(ds, "StudyDate"),
                 "study_time": _text(ds, "StudyTime"),
+                "time_key": time_key(_text(ds, "StudyTime")),
                 "accession_number": _text(ds, "AccessionNumber"),
                 "study_id": _text(ds, "StudyID"),
                 "referring_physician": _text(ds, "ReferringPhysicianName"),

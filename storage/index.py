@@ -128,6 +128,7 @@ class Statements:
             f"UPDATE patient SET num_instances = num_instances + 1, "
             f"num_series = num_series + {p}, num_studies = num_studies + {p} WHERE id = {p}"
         )
+        self.add_modality = f"INSERT INTO studymodality (study_id, modality) VALUES ({p}, {p})"
         columns = ["sop_uid", "series_id", *INSTANCE_COLUMNS]
         marks = ", ".join([p] * len(columns))
         self.insert_instance = (
@@ -183,11 +184,14 @@ def apply_row(row: Row, sql: Statements, database: Database) -> None:
     patient_id, modalities, sop_classes = database.execute_sql(
         sql.study_lists, (study_id,)
     ).fetchone()
+    modality = parsed.series["modality"]
+    if modality and modality not in modalities.split("\\"):
+        database.execute_sql(sql.add_modality, (study_id, modality))
     database.execute_sql(
         sql.count_study,
         (
             int(new_series),
-            _add(modalities, parsed.series["modality"]),
+            _add(modalities, modality),
             _add(sop_classes, parsed.sop_class_uid),
             _now(),
             study_id,

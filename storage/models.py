@@ -26,7 +26,8 @@ class BaseModel(Model):
 class Patient(BaseModel):
     patient_id = TextField(default="")
     issuer = TextField(default="")
-    patient_name = TextField(default="", index=True)
+    patient_name = TextField(default="")
+    name_key = TextField(default="", index=True)  # alphabetic group, upper case: PN matching
     birth_date = TextField(default="")
     sex = TextField(default="")
     num_studies = IntegerField(default=0)
@@ -43,6 +44,7 @@ class Study(BaseModel):
     patient = ForeignKeyField(Patient, backref="studies", lazy_load=False, index=True)
     study_date = TextField(default="", index=True)
     study_time = TextField(default="")
+    time_key = TextField(default="")  # StudyTime as HHMMSS.ffffff, for range matching
     accession_number = TextField(default="", index=True)
     study_id = TextField(default="")
     referring_physician = TextField(default="")
@@ -52,6 +54,15 @@ class Study(BaseModel):
     num_series = IntegerField(default=0)
     num_instances = IntegerField(default=0)
     updated_at = DateTimeField()
+
+
+# One row per modality per study: ModalitiesInStudy matching through an index.
+class StudyModality(BaseModel):
+    study = ForeignKeyField(Study, backref="modality_rows", lazy_load=False)
+    modality = TextField()
+
+    class Meta:
+        indexes = ((("modality", "study"), True),)
 
 
 class Series(BaseModel):
@@ -67,7 +78,7 @@ class Series(BaseModel):
 class Instance(BaseModel):
     sop_uid = TextField(unique=True)
     series = ForeignKeyField(Series, backref="instances", lazy_load=False, index=True)
-    sop_class_uid = TextField()
+    sop_class_uid = TextField(index=True)
     instance_number = IntegerField(null=True)
     transfer_syntax = TextField()
     path = TextField()  # relative to the archive root
@@ -79,4 +90,4 @@ class Instance(BaseModel):
     state = IntegerField(default=0)
 
 
-MODELS = (Patient, Study, Series, Instance)
+MODELS = (Patient, Study, StudyModality, Series, Instance)

@@ -1,0 +1,491 @@
+"""The one query engine: PS3.4 C.2.2.2 matching over the index, answers as DICOM JSON.
+
+C-FIND (and later QIDO-RS and the viewer's study list) call `find`. Keys the index keeps
+as columns are matched in SQL, through indexes; any other key with a value is matched
+against the stored DICOM JSON of the entity, in Python, after the SQL has narrowed the
+rows. Answers stream from the database cursor: a query matching 100,000 rows never holds
+them all. One answer per matching entity of the level, never per instance.
+
+Hierarchy is lenient (PS3.4 C.4.1.2.2 allows it): unique keys of the levels above the
+query level restrict the answer when given and are not required.
+"""
+
+import fnmatch
+import json
+import re
+from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from peewee import Expression
+from peewee import Field
+from peewee import SqliteDatabase
+from pydicom.dataset import Dataset
+
+from storage.dataset import name_key
+from storage.dataset import time_key
+from storage.models import Instance
+from storage.models import Patient
+from storage.models import Series
+from storage.models import Study
+from storage.models import StudyModality
+from storage.models import db
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+MODELS = ("PATIENT", "STUDY")  # Patient Root, Study Root
+# VRs on which * and ? are wildcards (PS3.4 C.2.2.2.4); elsewhere they are plain text.
+WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
+RANGE_VRS = {"DA", "TM", "DT"}
+
+
+class QueryError(ValueError):
+    """The identifier cannot be a query (bad level or model); C-FIND answers 0xA900."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key of the identifier: its tag, VR and the value as text ('' = universal)."""
+
+    tag: int
+    vr: str
+    value: Any  # str, list of str (UID lists), or list of item dicts (sequence matching)
+
+    @property
+    def hex(self) -> str:
+        return f"{self.tag:08X}"
+
+
+# Index columns by tag, with the level they belong to.
+COLUMNS: dict[int, tuple[str, Field]] = {
+    0x00100020: ("PATIENT", Patient.patient_id),
+    0x00100021: ("PATIENT", Patient.issuer),
+    0x00100030: ("PATIENT", Patient.birth_date),
+    0x00100040: ("PATIENT", Patient.sex),
+    0x0020000D: ("STUDY", Study.study_uid),
+    0x00080020: ("STUDY", Study.study_date),
+    0x00080050: ("STUDY", Study.accession_number),
+    0x00200010: ("STUDY", Study.study_id),
+    0x00081030: ("STUDY", Study.description),
+    0x0020000E: ("SERIES", Series.series_uid),
+    0x00080060: ("SERIES", Series.modality),
+    0x0008103E: ("SERIES", Series.description),
+    0x00080018: ("IMAGE", Instance.sop_uid),
+    0x00080016: ("IMAGE", Instance.sop_class_uid),
+}
+PATIENT_NAME, STUDY_TIME, MODALITIES = 0x00100010, 0x00080030, 0x00080061
+SPECIAL = {PATIENT_NAME: "PATIENT", STUDY_TIME: "STUDY", MODALITIES: "STUDY"}
+LEVEL_OF_UNIQUE = {
+    0x00100020: "PATIENT",
+    0x0020000D: "STUDY",
+    0x0020000E: "SERIES",
+    0x00080018: "IMAGE",
+}
+
+# Computed return keys (PS3.4 C.6.1.1.x): tag → (VR, level it is defined at, column).
+COMPUTED = {
+    0x00201200: ("IS", "PATIENT", Patient.num_studies),  # NumberOfPatientRelatedStudies
+    0x00201202: ("IS", "PATIENT", Patient.num_series),  # NumberOfPatientRelatedSeries
+    0x00201204: ("IS", "PATIENT", Patient.num_instances),  # NumberOfPatientRelatedInstances
+    0x00201206: ("IS", "STUDY", Study.num_series),  # NumberOfStudyRelatedSeries
+    0x00201208: ("IS", "STUDY", Study.num_instances),  # NumberOfStudyRelatedInstances
+    0x00201209: ("IS", "SERIES", Series.num_instances),  # NumberOfSeriesRelatedInstances
+    0x00080061: ("CS", "STUDY", Study.modalities),  # ModalitiesInStudy
+    0x00080062: ("UI", "STUDY", Study.sop_classes),  # SOPClassesInStudy
+}
+INSTANCE_AVAILABILITY, RETRIEVE_AET, QUERY_LEVEL, CHARSET = (
+    0x00080056,
+    0x00080054,
+    0x00080052,
+    0x00080005,
+)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Matching switches; `pn_case_insensitive` is PS3.4's optional PN rule."""
+
+    pn_case_insensitive: bool = True
+    retrieve_aet: str = ""
+
+
+def find(
+    level: str,
+    keys: list[Key],
+    model: str = "STUDY",
+    options: Options = Options(),
+    limit: int | None = None,
+    offset: int = 0,
+) -> Iterator[dict[str, Any]]:
+    """Yield one DICOM JSON answer per matching entity at `level`.
+
+    `keys` are the identifier's keys (match keys with a value, return keys without);
+    each answer carries every requested key, empty where the archive has no value.
+    """
+    level = level.upper().strip()
+    if level not in LEVELS:
+        raise QueryError(f"Query/Retrieve Level {level!r} is not one of {', '.join(LEVELS)}")
+    query, post = _select(level, keys, model, options)
+    if not post:
+        if offset:
+            query = query.offset(offset)
+        if limit is not None:
+            query = query.limit(limit)
+    skipped = produced = 0
+    for row in query.dicts().iterator():
+        stored = _stored_json(level, row) if post or _needs_json(keys) else {}
+        if post and not all(_matches(stored.get(k.hex), k, options) for k in post):
+            continue
+        if post:
+            if skipped < offset:
+                skipped += 1
+                continue
+            if limit is not None and produced >= limit:
+                return
+        produced += 1
+        yield _answer(level, keys, row, stored, options)
+
+
+def locate(level: str, keys: list[Key], model: str = "STUDY") -> Iterator[dict[str, Any]]:
+    """Rows of every instance under the entities the keys select (C-MOVE, C-GET): each has
+    instance_sop_uid, instance_sop_class_uid, instance_transfer_syntax and instance_path."""
+    level = level.upper().strip()
+    if level not in LEVELS:
+        raise QueryError(f"Query/Retrieve Level {level!r} is not one of {', '.join(LEVELS)}")
+    if model == "STUDY" and level == "PATIENT":
+        raise QueryError("the Study Root information model has no PATIENT level")
+    query, _ = _select("IMAGE", keys, model, Options(), limit_to=level)
+    yield from query.dicts().iterator()
+
+
+def _select(level: str, keys: list[Key], model: str, options: Options, limit_to: str = ""):
+    """The SQL for `level` with every indexed condition, and the keys left for Python."""
+    if model not in MODELS:
+        raise QueryError(f"unknown information model {model!r}")
+    if model == "STUDY" and level == "PATIENT":
+        raise QueryError("the Study Root information model has no PATIENT level")
+    depth = LEVELS.index(limit_to or level)
+    allowed = set(LEVELS[: depth + 1])
+    query = _base(level)
+    post: list[Key] = []
+    for key in keys:
+        if key.tag in (QUERY_LEVEL, CHARSET) or _empty(key.value):
+            continue
+        owner = COLUMNS.get(key.tag, (SPECIAL.get(key.tag), None))[0]
+        if owner is not None and owner not in allowed:
+            continue  # a key below the query level cannot restrict it
+        condition = _condition(key, options)
+        if condition is None:
+            post.append(key)
+        else:
+            query = query.where(condition)
+    return query, post
+
+
+def keys_from_dataset(ds: Dataset) -> list[Key]:
+    """The keys of a C-FIND/C-MOVE/C-GET identifier, text decoded by its character set."""
+    keys = []
+    for elem in ds:
+        if elem.tag.group == 0x0002:
+            continue
+        if elem.VR == "SQ":
+            items = [item.to_json_dict(1024, lambda e: "") for item in elem.value]
+            keys.append(Key(int(elem.tag), "SQ", items))
+        elif elem.VM > 1:
+            keys.append(Key(int(elem.tag), elem.VR, [str(v) for v in elem.value]))
+        else:
+            value = elem.value
+            keys.append(Key(int(elem.tag), elem.VR, "" if value is None else str(value)))
+    return keys
+
+
+def _empty(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(_empty(v) for v in value) if value else True
+    if isinstance(value, dict):
+        return not value
+    return value is None or str(value).strip() == "" or str(value).strip() == "*"
+
+
+def _base(level: str):
+    """The SELECT for a level: its ids, its columns and those of the levels above."""
+    fields = [Patient.id.alias("patient_pk"), *_columns(Patient)]
+    if level == "PATIENT":
+        return Patient.select(*fields).order_by(Patient.id)
+    fields += [Study.id.alias("study_pk"), *_columns(Study)]
+    query = Study.select(*fields).join(Patient, on=(Study.patient == Patient.id))
+    if level == "STUDY":
+        return query.order_by(Study.id)
+    fields += [Series.id.alias("series_pk"), *_columns(Series)]
+    query = (
+        Series.select(*fields)
+        .join(Study, on=(Series.study == Study.id))
+        .join(Patient, on=(Study.patient == Patient.id))
+    )
+    if level == "SERIES":
+        return query.order_by(Series.id)
+    fields += [Instance.id.alias("instance_pk"), *_columns(Instance, skip={"json"})]
+    return (
+        Instance.select(*fields)
+        .join(Series, on=(Instance.series == Series.id))
+        .join(Study, on=(Series.study == Study.id))
+        .join(Patient, on=(Study.patient == Patient.id))
+        .order_by(Instance.id)
+    )
+
+
+def _columns(model, skip: set[str] = frozenset()) -> list:
+    prefix = model._meta.table_name
+    return [
+        field.alias(f"{prefix}_{name}")
+        for name, field in model._meta.fields.items()
+        if name not in skip and name != "id" and name not in ("patient", "study", "series")
+    ]
+
+
+# -- SQL conditions ----------------------------------------------------------------
+
+
+def _condition(key: Key, options: Options) -> Expression | None:
+    """The SQL condition for an indexed key, or None to match it in Python."""
+    if key.tag == PATIENT_NAME:
+        return _name_condition(str(key.value), options)
+    if key.tag == MODALITIES:
+        values = key.value if isinstance(key.value, list) else str(key.value).split("\\")
+        matching = StudyModality.select(StudyModality.study).where(
+            _any_of(StudyModality.modality, [v.strip() for v in values], "CS")
+        )
+        return Study.id.in_(matching)
+    if key.tag == STUDY_TIME:
+        return _range(Study.time_key, str(key.value), time=True)
+    if key.tag not in COLUMNS:
+        return None
+    field = COLUMNS[key.tag][1]
+    if key.vr == "SQ":
+        return None
+    if key.vr in RANGE_VRS:
+        return _range(field, str(key.value))
+    values = key.value if isinstance(key.value, list) else [key.value]
+    if key.vr == "UI":  # list of UIDs (PS3.4 C.2.2.2.2): backslash or multi-valued
+        uids = [u.strip() for v in values for u in str(v).split("\\") if u.strip()]
+        return field.in_(uids)
+    if len(values) > 1:
+        return None
+    return _single(field, str(values[0]).strip(), key.vr)
+
+
+def _any_of(field: Field, values: list[str], vr: str) -> Expression:
+    condition = None
+    for value in values:
+        part = _single(field, value, vr)
+        condition = part if condition is None else (condition | part)
+    return condition
+
+
+def _single(field: Field, value: str, vr: str) -> Expression:
+    if vr in WILDCARD_VRS and ("*" in value or "?" in value):
+        return _wildcard(field, value)
+    return field == value
+
+
+def _name_condition(value: str, options: Options) -> Expression | None:
+    """PN: the alphabetic group through the indexed key; other groups are matched in Python."""
+    groups = value.split("=")
+    if len(groups) > 1 and any(g.strip() for g in groups[1:]):
+        return None
+    alphabetic = groups[0].rstrip("^ ")
+    if not options.pn_case_insensitive:
+        return _single(Patient.patient_name, value, "PN") if "=" not in value else None
+    return _single(Patient.name_key, name_key(alphabetic), "PN")
+
+
+def _wildcard(field: Field, pattern: str) -> Expression:
+    """* and ? (PS3.4 C.2.2.2.4) as SQLite GLOB (case-sensitive, index-friendly prefix)
+    or LIKE elsewhere; every other character is literal."""
+    if isinstance(db.obj, SqliteDatabase):
+        glob = "".join(c if c in "*?" else (f"[{c}]" if c in "[]" else c) for c in pattern)
+        return Expression(field, "GLOB", glob)
+    like = "".join(
+        "%" if c == "*" else "_" if c == "?" else ("\\" + c if c in "%_\\" else c) for c in pattern
+    )
+    return Expression(field, "LIKE", like)
+
+
+def _range(field: Field, value: str, time: bool = False) -> Expression:
+    """Single value or range (PS3.4 C.2.2.2.5): 'A-B', '-B', 'A-'."""
+    value = value.strip()
+    if "-" not in value:
+        if time:
+            return (field >= time_key(value)) & (field <= time_key(value, upper=True))
+        return field == value
+    low, _, high = value.partition("-")
+    low, high = low.strip(), high.strip()
+    if time:
+        low, high = time_key(low), time_key(high, upper=True)
+    condition = field != ""
+    if low:
+        condition &= field >= low
+    if high:
+        condition &= field <= high
+    return condition
+
+
+# -- matching in Python, on stored DICOM JSON ---------------------------------------
+
+
+def _matches(element: dict | None, key: Key, options: Options) -> bool:
+    """Does the stored element match `key` (a key with a value)?"""
+    values = _values(element)
+    if key.vr == "SQ":
+        items = (element or {}).get("Value") or []
+        wanted = [item for item in key.value if item]
+        return all(any(_item_matches(item, q, options) for item in items) for q in wanted)
+    queries = key.value if isinstance(key.value, list) else [key.value]
+    queries = [str(q) for q in queries]
+    if key.vr == "UI":
+        uids = {u.strip() for q in queries for u in q.split("\\") if u.strip()}
+        return any(v in uids for v in values)
+    query = queries[0].strip()
+    if key.vr in RANGE_VRS and "-" in query:
+        low, _, high = query.partition("-")
+        return any(v and (not low or v >= low) and (not high or v <= high) for v in values)
+    compare = _comparator(query, key.vr, options)
+    return any(compare(v) for v in values)
+
+
+def _item_matches(item: dict, query: dict, options: Options) -> bool:
+    for tag_hex, element in query.items():
+        key = Key(int(tag_hex, 16), element.get("vr", ""), _query_value(element))
+        if not _empty(key.value) and not _matches(item.get(tag_hex), key, options):
+            return False
+    return True
+
+
+def _query_value(element: dict) -> Any:
+    values = element.get("Value") or []
+    if element.get("vr") == "SQ":
+        return values
+    if element.get("vr") == "PN":
+        values = [_pn_text(v) for v in values]
+    return values[0] if len(values) == 1 else [str(v) for v in values] if values else ""
+
+
+def _comparator(query: str, vr: str, options: Options) -> Callable[[str], bool]:
+    fold = vr == "PN" and options.pn_case_insensitive
+    if vr == "PN":
+        query = "=".join(g.rstrip("^ ") for g in query.split("="))
+    if fold:
+        query = query.upper()
+    wildcard = vr in WILDCARD_VRS and ("*" in query or "?" in query)
+    regex = re.compile(fnmatch.translate(query), re.S) if wildcard else None
+
+    def compare(value: str) -> bool:
+        if vr == "PN":
+            value = "=".join(g.rstrip("^ ") for g in value.split("="))
+            groups_q, groups_v = query.split("="), value.split("=")
+            return all(
+                not q or _text_match(q, groups_v[i] if i < len(groups_v) else "", fold)
+                for i, q in enumerate(groups_q)
+            )
+        if regex is not None:
+            return regex.match(value) is not None
+        return value == query
+
+    return compare
+
+
+def _text_match(query: str, value: str, fold: bool) -> bool:
+    value = value.upper() if fold else value
+    if "*" in query or "?" in query:
+        return re.match(fnmatch.translate(query), value, re.S) is not None
+    return value == query
+
+
+def _values(element: dict | None) -> list[str]:
+    """The values of a stored JSON element as text (PN as 'A=I=P')."""
+    if not element:
+        return []
+    out = []
+    for value in element.get("Value") or []:
+        if isinstance(value, dict):
+            out.append(_pn_text(value))
+        elif value is not None:
+            out.append(str(value) if not isinstance(value, float) else f"{value:g}")
+    return out
+
+
+def _pn_text(value: Any) -> str:
+    if not isinstance(value, dict):
+        return str(value)
+    groups = [value.get(g, "") for g in ("Alphabetic", "Ideographic", "Phonetic")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)
+
+
+# -- answers ------------------------------------------------------------------------
+
+
+def _needs_json(keys: list[Key]) -> bool:
+    return any(
+        k.tag not in COMPUTED
+        and k.tag not in (QUERY_LEVEL, CHARSET, INSTANCE_AVAILABILITY, RETRIEVE_AET)
+        for k in keys
+    )
+
+
+_JSON_SQL = {
+    "IMAGE": "SELECT json FROM instance WHERE id = {p}",
+    "SERIES": "SELECT json FROM instance WHERE series_id = {p} ORDER BY id LIMIT 1",
+    "STUDY": (
+        "SELECT i.json FROM instance i JOIN series s ON i.series_id = s.id "
+        "WHERE s.study_id = {p} ORDER BY i.id LIMIT 1"
+    ),
+    "PATIENT": (
+        "SELECT i.json FROM instance i JOIN series s ON i.series_id = s.id "
+        "JOIN study st ON s.study_id = st.id WHERE st.patient_id = {p} ORDER BY i.id LIMIT 1"
+    ),
+}
+_PK = {"IMAGE": "instance_pk", "SERIES": "series_pk", "STUDY": "study_pk", "PATIENT": "patient_pk"}
+
+
+def _stored_json(level: str, row: dict) -> dict:
+    """The DICOM JSON of the entity (of one of its instances, for the levels above IMAGE)."""
+    sql = _JSON_SQL[level].format(p=db.obj.param)
+    found = db.execute_sql(sql, (row[_PK[level]],)).fetchone()
+    return json.loads(found[0]) if found else {}
+
+
+def _answer(level: str, keys: list[Key], row: dict, stored: dict, options: Options) -> dict:
+    answer: dict[str, Any] = {
+        "00080005": {"vr": "CS", "Value": ["ISO_IR 192"]},  # answers are UTF-8
+        "00080052": {"vr": "CS", "Value": [level]},
+    }
+    for key in keys:
+        if key.tag in (QUERY_LEVEL, CHARSET):
+            continue
+        answer[key.hex] = _return_value(key, row, stored, options)
+    return dict(sorted(answer.items()))
+
+
+def _return_value(key: Key, row: dict, stored: dict, options: Options) -> dict:
+    if key.tag in COMPUTED:
+        vr, _, field = COMPUTED[key.tag]
+        value = row.get(f"{field.model._meta.table_name}_{field.name}")
+        if value is None or value == "":
+            return {"vr": vr}
+        if vr == "IS":
+            return {"vr": vr, "Value": [int(value)]}
+        return {"vr": vr, "Value": str(value).split("\\")}
+    if key.tag == INSTANCE_AVAILABILITY:
+        return {"vr": "CS", "Value": ["ONLINE"]}
+    if key.tag == RETRIEVE_AET:
+        return (
+            {"vr": "AE", "Value": [options.retrieve_aet]} if options.retrieve_aet else {"vr": "AE"}
+        )
+    element = stored.get(key.hex)
+    if element is None:
+        return {"vr": key.vr or "UN"}
+    if "BulkDataURI" in element or "InlineBinary" in element:
+        return {"vr": element["vr"]}  # binary values are not C-FIND answers
+    return element
