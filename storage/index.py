@@ -97,14 +97,22 @@ class IndexWriter:
                         with self._db.atomic():
                             job.result = job.fn()
                     except Exception as exc:  # this job fails alone; the others still commit
-                        log.exception("index write failed")
-                        job.error = exc
+                        job.error = _cause(exc)
+                        log.error("index write failed: %s", job.error)
         except Exception as exc:  # the commit itself failed: nothing in the batch is durable
-            log.error("index commit of %d writes failed: %s", len(jobs), exc)
+            log.error("index commit of %d writes failed: %s", len(jobs), _cause(exc))
             for job in jobs:
-                job.error = job.error or exc
+                job.error = job.error or _cause(exc)
         for job in jobs:
             job.done.set()
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The first error of a chain: when SQLite rolls a failed statement back itself (disk
+    full), peewee's own rollback then fails and hides the reason."""
+    while exc.__context__ is not None and "rollback" in str(exc):
+        exc = exc.__context__
+    return exc
 
 
 class Statements:
