@@ -92,6 +92,7 @@ COMPUTED = {
     0x00201209: ("IS", "SERIES", Series.num_instances),  # NumberOfSeriesRelatedInstances
     0x00080061: ("CS", "STUDY", Study.modalities),  # ModalitiesInStudy
     0x00080062: ("UI", "STUDY", Study.sop_classes),  # SOPClassesInStudy
+    0x00083002: ("UI", "IMAGE", Instance.transfer_syntax),  # AvailableTransferSyntaxUID
 }
 INSTANCE_AVAILABILITY, RETRIEVE_AET, QUERY_LEVEL, CHARSET = (
     0x00080056,

@@ -1,0 +1,324 @@
+"""The SCU side, for scripts: echo, find, send, move and get against any PACS.
+
+Each function opens its own association(s) and raises `ScuError` (a DIMSE failure, with
+its status) or `AssociationError` (refused, aborted, unreachable); results are plain
+pydicom Datasets and small dataclasses.
+"""
+
+import logging
+import threading
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom import StoragePresentationContexts
+from pynetdicom import _config
+from pynetdicom import build_role
+from pynetdicom import evt
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelMove
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+from pynetdicom.sop_class import Verification
+
+log = logging.getLogger(__name__)
+UNIQUE_KEY = {
+    "PATIENT": "PatientID",
+    "STUDY": "StudyInstanceUID",
+    "SERIES": "SeriesInstanceUID",
+    "IMAGE": "SOPInstanceUID",
+}
+FIND = {
+    "PATIENT": PatientRootQueryRetrieveInformationModelFind,
+    "STUDY": StudyRootQueryRetrieveInformationModelFind,
+}
+MOVE = {
+    "PATIENT": PatientRootQueryRetrieveInformationModelMove,
+    "STUDY": StudyRootQueryRetrieveInformationModelMove,
+}
+GET = {
+    "PATIENT": PatientRootQueryRetrieveInformationModelGet,
+    "STUDY": StudyRootQueryRetrieveInformationModelGet,
+}
+UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+class AssociationError(ConnectionError):
+    """The peer could not be reached, refused the association, or aborted it."""
+
+
+class ScuError(Exception):
+    """The peer answered with a failure status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"0x{status:04X}: {message}")
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where to connect: the peer's address and AE title, and ours."""
+
+    host: str = "127.0.0.1"
+    port: int = 11112
+    aet: str = "MINIPACS"
+    calling_aet: str = "MINIPACS-SCU"
+
+
+@dataclass
+class Outcome:
+    """The result of send, move or get: counts, failed UIDs and the final status."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    status: int = 0x0000
+    failed_uids: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.status in (0x0000, 0xB000) and not self.problems
+
+
+def echo(remote: Remote) -> int:
+    """C-ECHO; returns the status (0x0000 for success)."""
+    with _association(remote, [(Verification, UNCOMPRESSED)]) as assoc:
+        response = assoc.send_c_echo()
+        return _status(response)
+
+
+def identifier(level: str, keys: dict[str, str]) -> Dataset:
+    """A query identifier from `Keyword=value` pairs ('' = return key)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level.upper()
+    for keyword, value in keys.items():
+        if tag_for_keyword(keyword) is None:
+            raise ValueError(f"{keyword} is not a DICOM keyword")
+        vr = dictionary_VR(keyword)
+        setattr(ds, keyword, [] if vr == "SQ" else value)
+    if any(isinstance(v, str) and not v.isascii() for v in keys.values()):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
+
+
+def find(remote: Remote, query: Dataset, model: str = "STUDY") -> Iterator[Dataset]:
+    """C-FIND; yields each answer; raises ScuError when the query ends in failure."""
+    model = model.upper()
+    with _association(remote, [(FIND[model], UNCOMPRESSED)]) as assoc:
+        for status, answer in assoc.send_c_find(query, FIND[model]):
+            code = _status(status)
+            if code in (0xFF00, 0xFF01):
+                yield answer
+            elif code != 0x0000:
+                raise ScuError(code, str(status.get("ErrorComment", "C-FIND failed")))
+
+
+def send(
+    remote: Remote,
+    paths: Iterable[Path],
+    parallel: int = 1,
+    progress: Callable[[Path, int], None] | None = None,
+) -> Outcome:
+    """C-STORE files exactly as they are (dataset bytes from the file), over `parallel`
+    associations; `progress(path, status)` is called after each."""
+    files = [Path(p) for p in paths]
+    outcome = Outcome()
+    lock = threading.Lock()
+    chunks = [files[n::parallel] for n in range(max(1, parallel))]
+
+    def run(chunk: list[Path]) -> None:
+        try:
+            _send_chunk(remote, chunk, outcome, lock, progress)
+        except AssociationError as exc:
+            with lock:
+                outcome.failed += len(chunk)
+                outcome.problems.append(str(exc))
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in chunks if c]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcome
+
+
+def move(
+    remote: Remote,
+    level: str,
+    uids: list[str],
+    destination: str,
+    model: str = "STUDY",
+    progress: Callable[[Dataset], None] | None = None,
+) -> Outcome:
+    """C-MOVE the entities with these unique keys to the AE `destination`."""
+    model = model.upper()
+    query = _retrieve_identifier(level, uids)
+    with _association(remote, [(MOVE[model], UNCOMPRESSED)]) as assoc:
+        return _retrieve(assoc.send_c_move(query, destination, MOVE[model]), progress)
+
+
+def get(
+    remote: Remote,
+    level: str,
+    uids: list[str],
+    out: Path,
+    model: str = "STUDY",
+    progress: Callable[[Dataset], None] | None = None,
+) -> Outcome:
+    """C-GET the entities with these unique keys into folder `out` (files as received)."""
+    model = model.upper()
+    out.mkdir(parents=True, exist_ok=True)
+    contexts = [(GET[model], UNCOMPRESSED), *_storage_contexts(remote, level, uids, model)]
+    roles = [build_role(c, scp_role=True) for c in dict.fromkeys(c for c, _ in contexts[1:])]
+    received: list[str] = []
+
+    def store(event) -> int:
+        sop_uid = event.request.AffectedSOPInstanceUID
+        (out / f"{sop_uid}.dcm").write_bytes(event.encoded_dataset())
+        received.append(sop_uid)
+        return 0x0000
+
+    handlers = [(evt.EVT_C_STORE, store)]
+    with _association(remote, contexts, roles, handlers) as assoc:
+        return _retrieve(assoc.send_c_get(_retrieve_identifier(level, uids), GET[model]), progress)
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+class _association:
+    """Context manager: an established association, released (or aborted) on exit."""
+
+    def __init__(self, remote: Remote, contexts, roles=None, handlers=None) -> None:
+        ae = AE(ae_title=remote.calling_aet)
+        ae.maximum_pdu_size = 1 << 20
+        for sop_class, syntaxes in contexts[:128]:
+            ae.add_requested_context(sop_class, syntaxes)
+        self.assoc = ae.associate(
+            remote.host,
+            remote.port,
+            ae_title=remote.aet,
+            ext_neg=roles or [],
+            evt_handlers=handlers or [],
+        )
+        if not self.assoc.is_established:
+            reason = "rejected" if self.assoc.is_rejected else "not reachable or aborted"
+            raise AssociationError(
+                f"association with {remote.aet} at {remote.host}:{remote.port} {reason}"
+            )
+
+    def __enter__(self):
+        return self.assoc
+
+    def __exit__(self, *exc: object) -> None:
+        if self.assoc.is_established:
+            self.assoc.release()
+
+
+def _status(response: Dataset) -> int:
+    if not response or "Status" not in response:
+        raise AssociationError("no response: the association was aborted or timed out")
+    return int(response.Status)
+
+
+def _send_chunk(remote, chunk, outcome, lock, progress) -> None:
+    metas = [(path, dcmread(path, stop_before_pixels=True, specific_tags=[])) for path in chunk]
+    contexts: dict[tuple[str, str], None] = {}
+    for _, ds in metas:
+        contexts[(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)] = None
+    # One association per 128 distinct (SOP class, transfer syntax) pairs.
+    pairs = list(contexts)
+    for start in range(0, len(pairs), 128):
+        group = set(pairs[start : start + 128])
+        todo = [
+            p
+            for p, ds in metas
+            if (ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID) in group
+        ]
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        with _association(remote, [(c, [s]) for c, s in group]) as assoc:
+            for path in todo:
+                try:
+                    status = _status(assoc.send_c_store(path))
+                except (ValueError, AttributeError) as exc:  # no context, bad file meta
+                    status = 0xC000
+                    log.warning("%s: %s", path, exc)
+                with lock:
+                    if status in (0x0000,) or status & 0xF000 == 0xB000:
+                        outcome.completed += 1
+                        outcome.warning += status != 0
+                    else:
+                        outcome.failed += 1
+                        outcome.failed_uids.append(str(path))
+                        outcome.status = status
+                if progress:
+                    progress(path, status)
+
+
+def _retrieve_identifier(level: str, uids: list[str]) -> Dataset:
+    level = level.upper()
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    setattr(ds, UNIQUE_KEY[level], uids if len(uids) > 1 else uids[0])
+    return ds
+
+
+def _retrieve(responses, progress) -> Outcome:
+    outcome = Outcome()
+    for status, answer in responses:
+        code = _status(status)
+        outcome.completed = int(status.get("NumberOfCompletedSuboperations", outcome.completed))
+        outcome.failed = int(status.get("NumberOfFailedSuboperations", outcome.failed))
+        outcome.warning = int(status.get("NumberOfWarningSuboperations", outcome.warning))
+        if progress and code in (0xFF00, 0xFF01):
+            progress(status)
+        elif code not in (0xFF00, 0xFF01):
+            outcome.status = code
+            if answer is not None and "FailedSOPInstanceUIDList" in answer:
+                failed = answer.FailedSOPInstanceUIDList
+                outcome.failed_uids = [failed] if isinstance(failed, str) else list(failed)
+            if code not in (0x0000, 0xB000):
+                outcome.problems.append(
+                    f"0x{code:04X}: {status.get('ErrorComment', 'retrieve failed')}"
+                )
+    return outcome
+
+
+def _storage_contexts(remote: Remote, level: str, uids: list[str], model: str):
+    """What to offer for C-GET's sub-operations: the SOP classes and transfer syntaxes of
+    the instances (asked with C-FIND; AvailableTransferSyntaxUID where the peer answers
+    it), each also uncompressed so the peer can decompress what we cannot take."""
+    query = _retrieve_identifier(level, uids)
+    query.QueryRetrieveLevel = "IMAGE"
+    query.SOPClassUID = ""
+    query.AvailableTransferSyntaxUID = ""
+    query.SOPInstanceUID = ""
+    needed: dict[str, set[str]] = {}
+    try:
+        for answer in find(remote, query, model):
+            syntax = answer.get("AvailableTransferSyntaxUID", "")
+            needed.setdefault(str(answer.SOPClassUID), set()).update(
+                [str(syntax)] if syntax else []
+            )
+    except (ScuError, AssociationError) as exc:  # a strict peer: offer the common classes
+        log.info("could not list the instances first (%s): offering common storage classes", exc)
+        return [(cx.abstract_syntax, UNCOMPRESSED) for cx in StoragePresentationContexts[:127]]
+    pairs = [
+        (c, [s]) for c, syntaxes in needed.items() for s in sorted(syntaxes) if UID(s).is_compressed
+    ]
+    pairs += [(c, UNCOMPRESSED) for c in needed]
+    return pairs[:127]
