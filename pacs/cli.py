@@ -91,6 +91,7 @@ def serve(config_file: Path | None, **flags) -> None:
 
 @main.command("import")
 @config_options
+@click.option("--fsync/--no-fsync", default=None, help=_help("fsync"))
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def import_(config_file: Path | None, paths: tuple[Path, ...], as_json: bool, **flags) -> None:

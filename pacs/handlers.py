@@ -124,6 +124,7 @@ def build_handlers(archive: Archive, config: Config) -> list:
         (evt.EVT_C_FIND, handle_find, [archive, config]),
         (evt.EVT_C_GET, handle_get, [archive, config]),
         (evt.EVT_C_MOVE, handle_move, [archive, config]),
+        (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         (evt.EVT_CONN_CLOSE, handle_conn_close),
     ]
 
@@ -137,6 +138,10 @@ FIND_MODELS = {
     StudyRootQueryRetrieveInformationModelMove: "STUDY",
     PatientRootQueryRetrieveInformationModelGet: "PATIENT",
     StudyRootQueryRetrieveInformationModelGet: "STUDY",
+}
+FIND_CLASSES = {
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
 }
 PENDING = 0xFF00
 CANCELLED = 0xFE00
@@ -157,7 +162,8 @@ def handle_find(event: Event, archive: Archive, config: Config):
         identifier = event.identifier
         level = str(identifier.get("QueryRetrieveLevel", ""))
         keys = query.keys_from_dataset(identifier)
-        answers = archive.find(level, keys, model, _options(config), limit=config.max_results + 1)
+        options = _options(config, event)
+        answers = archive.find(level, keys, model, options, limit=config.max_results + 1)
         first = next(answers, None)
     except query.QueryError as exc:
         log.warning("C-FIND from %s refused: %s", event.assoc.requestor.ae_title, exc)
@@ -237,8 +243,26 @@ def handle_move(event: Event, archive: Archive, config: Config):
     )
 
 
-def _options(config: Config) -> query.Options:
-    return query.Options(pn_case_insensitive=config.pn_case_insensitive, retrieve_aet=config.aet)
+def handle_sop_extended(event: Event) -> dict[str, bytes]:
+    """Extended negotiation for C-FIND (PS3.4 C.5.1.1): we offer combined date-time range
+    matching (byte 2) when asked; relational queries and fuzzy matching we decline."""
+    accepted = {}
+    for uid, info in event.app_info.items():
+        if uid in FIND_CLASSES and info:
+            combined = info[1:2] if len(info) > 1 else b"\x00"
+            accepted[uid] = b"\x00" + combined
+    return accepted
+
+
+def _options(config: Config, event: Event | None = None) -> query.Options:
+    info = b""
+    if event is not None:
+        info = event.assoc.requestor.sop_class_extended.get(event.request.AffectedSOPClassUID, b"")
+    return query.Options(
+        pn_case_insensitive=config.pn_case_insensitive,
+        retrieve_aet=config.aet,
+        combined_datetime=info[1:2] == b"\x01",
+    )
 
 
 def _locate(event: Event, archive: Archive) -> list[dict] | None:

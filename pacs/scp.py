@@ -1,7 +1,6 @@
 """The DICOM listener: which SOP classes and transfer syntaxes we accept, and the AE."""
 
 import logging
-import socket
 import threading
 from typing import Any
 
@@ -19,10 +18,10 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs import spool
+from pacs import transport
 from pacs.config import Config
 from pacs.handlers import build_handlers
 from storage import Archive
@@ -53,25 +52,6 @@ class SharedContext(PresentationContext):
         return self
 
 
-def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
-    """AssociationSocket.recv reading up to 1 MiB a call instead of 4 KiB.
-
-    pynetdicom reads each PDU 4096 bytes at a time: ~130 recv calls for a 512×512 CT
-    slice. A PDU longer than the maximum we announced (PS3.8 9.3.1) is refused as a
-    broken connection rather than buffered: a peer cannot make us hold 4 GiB.
-    """
-    limit = self.assoc.acceptor.maximum_length if self.assoc.is_acceptor else 0
-    if limit and nr_bytes > max(limit, 1 << 16):
-        raise OSError(f"peer sent a {nr_bytes}-byte PDU; our maximum is {limit}")
-    stream = bytearray()
-    while len(stream) < nr_bytes:
-        chunk = self.socket.recv(min(nr_bytes - len(stream), 1 << 20))
-        if not chunk:  # connection closed: return what we have, as pynetdicom does
-            break
-        stream += chunk
-    return stream
-
-
 def transfer_syntaxes() -> list[str]:
     """Every transfer syntax pydicom knows, the uncompressed defaults first."""
     first = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -100,21 +80,12 @@ def _context(uid: str, syntaxes: list[str]) -> "SharedContext":
     return context
 
 
-class SharedPortServer(ThreadedAssociationServer):
-    """A listener that shares its port with the other workers (the kernel spreads
-    connections over them)."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
 def start_scp(
     config: Config, archive: Archive, shared_port: bool = False
 ) -> ThreadedAssociationServer:
     """Start listening; raises OSError when the address cannot be bound."""
     spool.install(archive.incoming)
-    AssociationSocket.recv = _recv  # docs/decisions.md 2026-11-25
+    transport.install()
     _config.UNRESTRICTED_STORAGE_SERVICE = config.accept_unknown_sop_classes
     ae = AE(ae_title=config.aet)
     ae.maximum_pdu_size = config.max_pdu
@@ -126,7 +97,7 @@ def start_scp(
         (config.host, config.port),
         evt_handlers=build_handlers(archive, config),
         contexts=supported_contexts(),
-        server_class=SharedPortServer if shared_port else ThreadedAssociationServer,
+        server_class=transport.SharedPortServer if shared_port else transport.Server,
     )
     threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
     ae._servers.append(server)  # as AE.start_server does, so server.shutdown() finds it

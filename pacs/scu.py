@@ -34,6 +34,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pynetdicom.sop_class import Verification
 
+from pacs import transport
+
 log = logging.getLogger(__name__)
 UNIQUE_KEY = {
     "PATIENT": "PatientID",
@@ -204,6 +206,7 @@ class _association:
     """Context manager: an established association, released (or aborted) on exit."""
 
     def __init__(self, remote: Remote, contexts, roles=None, handlers=None) -> None:
+        transport.install()
         ae = AE(ae_title=remote.calling_aet)
         ae.maximum_pdu_size = 1 << 20
         for sop_class, syntaxes in contexts[:128]:

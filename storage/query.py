@@ -74,6 +74,7 @@ COLUMNS: dict[int, tuple[str, Field]] = {
     0x00080016: ("IMAGE", Instance.sop_class_uid),
 }
 PATIENT_NAME, STUDY_TIME, MODALITIES = 0x00100010, 0x00080030, 0x00080061
+STUDY_DATE = 0x00080020
 SPECIAL = {PATIENT_NAME: "PATIENT", STUDY_TIME: "STUDY", MODALITIES: "STUDY"}
 LEVEL_OF_UNIQUE = {
     0x00100020: "PATIENT",
@@ -108,6 +109,7 @@ class Options:
 
     pn_case_insensitive: bool = True
     retrieve_aet: str = ""
+    combined_datetime: bool = False  # negotiated by the SCU (PS3.4 C.5.1.1.2)
 
 
 def find(
@@ -169,8 +171,13 @@ def _select(level: str, keys: list[Key], model: str, options: Options, limit_to:
     allowed = set(LEVELS[: depth + 1])
     query = _base(level)
     post: list[Key] = []
+    combined = _combined_datetime(keys) if options.combined_datetime else None
+    if combined is not None:
+        query = query.where(combined)
     for key in keys:
         if key.tag in (QUERY_LEVEL, CHARSET) or _empty(key.value):
+            continue
+        if combined is not None and key.tag in (STUDY_DATE, STUDY_TIME):
             continue
         owner = COLUMNS.get(key.tag, (SPECIAL.get(key.tag), None))[0]
         if owner is not None and owner not in allowed:
@@ -273,6 +280,31 @@ def _condition(key: Key, options: Options) -> Expression | None:
     if len(values) > 1:
         return None
     return _single(field, str(values[0]).strip(), key.vr)
+
+
+def _combined_datetime(keys: list[Key]) -> Expression | None:
+    """StudyDate and StudyTime as one datetime range (PS3.4 C.2.2.2.5.1, when negotiated)."""
+    date = next((k for k in keys if k.tag == STUDY_DATE and not _empty(k.value)), None)
+    time = next((k for k in keys if k.tag == STUDY_TIME and not _empty(k.value)), None)
+    if date is None or time is None:
+        return None
+    d1, _, d2 = (
+        str(date.value).strip().partition("-")
+        if "-" in str(date.value)
+        else (str(date.value).strip(), "", str(date.value).strip())
+    )
+    t1, _, t2 = (
+        str(time.value).strip().partition("-")
+        if "-" in str(time.value)
+        else (str(time.value).strip(), "", str(time.value).strip())
+    )
+    stamp = Study.study_date.concat(Study.time_key)
+    condition = Study.study_date != ""
+    if d1.strip():
+        condition &= stamp >= d1.strip() + (time_key(t1) or "000000.000000")
+    if d2.strip():
+        condition &= stamp <= d2.strip() + (time_key(t2, upper=True) or "235959.999999")
+    return condition
 
 
 def _any_of(field: Field, values: list[str], vr: str) -> Expression:

@@ -1,0 +1,58 @@
+"""Socket behaviour pynetdicom leaves out, installed for both our SCP and our SCU.
+
+- TCP_NODELAY on every association socket: a DIMSE message is a small command PDU
+  followed by the dataset; with Nagle's algorithm the second write waits for the peer's
+  delayed ACK (~40 ms a message).
+- PDUs read up to 1 MiB per recv call instead of 4 KiB, and a PDU longer than the maximum
+  we announced (PS3.8 9.3.1) is treated as a broken connection, not buffered.
+See docs/decisions.md (2026-11-25).
+"""
+
+import socket
+
+from pynetdicom.transport import AssociationSocket
+from pynetdicom.transport import ThreadedAssociationServer
+
+_create_socket = AssociationSocket._create_socket
+
+
+class Server(ThreadedAssociationServer):
+    """The SCP listener: accepted connections get TCP_NODELAY."""
+
+    def get_request(self) -> tuple[socket.socket, tuple]:
+        connection, address = super().get_request()
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return connection, address
+
+
+class SharedPortServer(Server):
+    """A listener sharing its port with the other workers (SO_REUSEPORT): the kernel
+    spreads new connections over them."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _nodelay_socket(self: AssociationSocket, address) -> socket.socket:
+    sock = _create_socket(self, address)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    limit = self.assoc.acceptor.maximum_length if self.assoc.is_acceptor else 0
+    if limit and nr_bytes > max(limit, 1 << 16):
+        raise OSError(f"peer sent a {nr_bytes}-byte PDU; our maximum is {limit}")
+    stream = bytearray()
+    while len(stream) < nr_bytes:
+        chunk = self.socket.recv(min(nr_bytes - len(stream), 1 << 20))
+        if not chunk:  # connection closed: return what we have, as pynetdicom does
+            break
+        stream += chunk
+    return stream
+
+
+def install() -> None:
+    AssociationSocket.recv = _recv
+    AssociationSocket._create_socket = _nodelay_socket
