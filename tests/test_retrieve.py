@@ -1,0 +1,253 @@
+"""C-MOVE and C-GET: real peers (dcmtk storescp as destination, movescu, getscu) and ours."""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import TEST_FILES
+from conftest import free_port
+from conftest import minipacs
+from conftest import run
+from corpus import build
+from dicom_files import dataset_bytes
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+from pacs import scu
+
+
+class StoreSCP:
+    """dcmtk storescp as a C-MOVE destination, writing what it receives bit for bit (+B);
+    `accept_all` takes compressed syntaxes too, else only uncompressed ones."""
+
+    def __init__(self, port: int, out: Path, accept_all: bool = True) -> None:
+        self.port, self.out = port, out
+        out.mkdir(parents=True, exist_ok=True)
+        args = ["storescp", "+B", "-aet", "STORESCP", "-od", str(out)]
+        args += ["+xa"] if accept_all else []
+        self.proc = subprocess.Popen(
+            [*args, str(port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        deadline = time.monotonic() + 10
+        while run("echoscu", "127.0.0.1", str(port), check=False).returncode:
+            assert time.monotonic() < deadline, "storescp did not start"
+            time.sleep(0.1)
+
+    def files(self) -> list[Path]:
+        return sorted(self.out.iterdir())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def corpus_server(start_server, tmp_path):
+    """The query corpus, plus compressed instances, on a server that knows STORESCP."""
+    made = build(tmp_path / "corpus")
+    for name in ("JPEG2000.dcm", "MR_small_RLE.dcm"):
+        (tmp_path / "corpus" / name).write_bytes((TEST_FILES / name).read_bytes())
+    minipacs("import", "--data", str(tmp_path / "data"), str(tmp_path / "corpus"), "--no-fsync")
+    destination_port = free_port()
+    server = start_server(
+        "--peer",
+        f"STORESCP=127.0.0.1:{destination_port}",
+        "--peer",
+        "DOWN=127.0.0.1:1",
+        data=tmp_path / "data",
+    )
+    return server, made, destination_port
+
+
+def test_movescu_moves_a_study_byte_identical(corpus_server, tmp_path):
+    server, made, port = corpus_server
+    dest = StoreSCP(port, tmp_path / "moved")
+    try:
+        result = run(
+            "movescu",
+            "-v",
+            "-S",
+            "-aec",
+            "MINIPACS",
+            "-aem",
+            "STORESCP",
+            "-k",
+            "QueryRetrieveLevel=STUDY",
+            "-k",
+            f"StudyInstanceUID={made['A']['uid']}",
+            "127.0.0.1",
+            str(server.port),
+        )
+        assert "Received Final Move Response (Success)" in result.stderr
+        files = dest.files()
+        assert len(files) == 5
+        for path in files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            stored = next(server.data.glob(f"*/*/{ds.SOPInstanceUID}.dcm"))
+            assert dataset_bytes(path) == dataset_bytes(stored)
+    finally:
+        dest.stop()
+
+
+def test_move_decompresses_for_a_peer_taking_only_uncompressed(corpus_server, tmp_path):
+    server, made, port = corpus_server
+    dest = StoreSCP(port, tmp_path / "plain", accept_all=False)
+    try:
+        original = pydicom.dcmread(TEST_FILES / "JPEG2000.dcm")
+        outcome = scu.move(
+            scu.Remote(port=server.port), "IMAGE", [original.SOPInstanceUID], "STORESCP"
+        )
+        assert outcome.ok and outcome.completed == 1
+        (received,) = dest.files()
+        ds = pydicom.dcmread(received)
+        assert not ds.file_meta.TransferSyntaxUID.is_compressed
+        assert np.array_equal(ds.pixel_array, original.pixel_array)
+    finally:
+        dest.stop()
+
+
+def test_move_to_unknown_destination_is_a801(corpus_server):
+    server, made, _ = corpus_server
+    outcome = scu.move(scu.Remote(port=server.port), "STUDY", [made["A"]["uid"]], "NOBODY")
+    assert outcome.status == 0xA801
+    assert "unknown AE 'NOBODY'" in server.log()
+
+
+def test_move_to_a_destination_that_is_down_fails_and_server_keeps_serving(corpus_server):
+    server, made, _ = corpus_server
+    outcome = scu.move(scu.Remote(port=server.port), "STUDY", [made["A"]["uid"]], "DOWN")
+    assert not outcome.ok
+    assert outcome.status & 0xF000 == 0xA000
+    assert scu.echo(scu.Remote(port=server.port)) == 0
+
+
+def test_cancel_mid_move(start_server, tmp_path):
+    from make_study import make_study
+
+    paths = make_study(tmp_path / "big", 300, size=64)
+    minipacs("import", "--data", str(tmp_path / "data"), str(tmp_path / "big"), "--no-fsync")
+    port = free_port()
+    server = start_server("--peer", f"STORESCP=127.0.0.1:{port}", data=tmp_path / "data")
+    dest = StoreSCP(port, tmp_path / "moved")
+    try:
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+        query = scu.identifier(
+            "STUDY", {"StudyInstanceUID": pydicom.dcmread(paths[0]).StudyInstanceUID}
+        )
+        statuses = []
+        for status, _ in assoc.send_c_move(
+            query, "STORESCP", StudyRootQueryRetrieveInformationModelMove, msg_id=9
+        ):
+            statuses.append(status)
+            if len(statuses) == 2:
+                assoc.send_c_cancel(9, query_model=StudyRootQueryRetrieveInformationModelMove)
+        assoc.release()
+        final = statuses[-1]
+        assert final.Status == 0xFE00
+        assert 0 < final.NumberOfCompletedSuboperations < 300
+        assert final.NumberOfRemainingSuboperations > 0
+    finally:
+        dest.stop()
+
+
+def test_getscu_gets_a_series_byte_identical(corpus_server, tmp_path):
+    server, made, _ = corpus_server
+    series_uid, sops = made["C"]["series"][0]
+    out = tmp_path / "got"
+    out.mkdir()
+    result = run(
+        "getscu",
+        "-v",
+        "-S",
+        "+B",
+        "-aec",
+        "MINIPACS",
+        "-od",
+        str(out),
+        "-k",
+        "QueryRetrieveLevel=SERIES",
+        "-k",
+        f"StudyInstanceUID={made['C']['uid']}",
+        "-k",
+        f"SeriesInstanceUID={series_uid}",
+        "127.0.0.1",
+        str(server.port),
+    )
+    assert "Received C-GET Response (Success)" in result.stderr
+    got = sorted(out.iterdir())
+    assert len(got) == len(sops)
+    for path in got:
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert uid in sops
+        assert dataset_bytes(path) == dataset_bytes(next(server.data.glob(f"*/*/{uid}.dcm")))
+
+
+def test_our_get_keeps_compressed_instances_compressed(corpus_server, tmp_path):
+    server, _, _ = corpus_server
+    original = pydicom.dcmread(TEST_FILES / "MR_small_RLE.dcm", stop_before_pixels=True)
+    outcome = scu.get(
+        scu.Remote(port=server.port), "STUDY", [original.StudyInstanceUID], tmp_path / "got"
+    )
+    assert outcome.ok and outcome.completed >= 1
+    received = tmp_path / "got" / f"{original.SOPInstanceUID}.dcm"
+    assert pydicom.dcmread(received).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
+    assert dataset_bytes(received) == dataset_bytes(TEST_FILES / "MR_small_RLE.dcm")
+
+
+def test_get_and_move_cli_exit_statuses(corpus_server, tmp_path):
+    server, made, _ = corpus_server
+    port = str(server.port)
+    result = minipacs("get", "--port", port, "--out", str(tmp_path / "cli"), made["B"]["uid"])
+    assert "completed: 2  failed: 0" in result.stdout
+    result = minipacs("move", "--port", port, "--dest", "NOBODY", made["B"]["uid"], check=False)
+    assert result.returncode == 1
+    assert "0xA801" in result.stdout
+    result = minipacs("echo", "--port", str(free_port()), check=False)
+    assert result.returncode == 3
+    result = minipacs(
+        "find", "--port", port, "--csv", "PatientID=PID1", "StudyInstanceUID", "StudyDate"
+    )
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "PatientID,StudyInstanceUID,StudyDate"
+    assert sorted(lines[1:]) == sorted(
+        [f"PID1,{made['A']['uid']},20200105", f"PID1,{made['B']['uid']},20210310"]
+    )
+
+
+def test_more_than_128_sop_class_and_syntax_combinations(start_server, tmp_path):
+    from pynetdicom import AllStoragePresentationContexts
+
+    template = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    folder = tmp_path / "many"
+    folder.mkdir()
+    classes = [cx.abstract_syntax for cx in AllStoragePresentationContexts][:70]
+    for n, sop_class in enumerate(classes):
+        for implicit in (False, True):
+            ds = template.copy()
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = (
+                f"1.2.3.{n}.{int(implicit)}"
+            )
+            ds.file_meta.TransferSyntaxUID = (
+                "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+            )
+            ds.save_as(
+                folder / f"{n}-{int(implicit)}.dcm", implicit_vr=implicit, little_endian=True
+            )
+    minipacs("import", "--data", str(tmp_path / "data"), str(folder), "--no-fsync")
+    # The destination is a second minipacs: it accepts every storage class (storescp does not).
+    dest = start_server("--aet", "DEST", data=tmp_path / "dest")
+    server = start_server("--peer", f"DEST=127.0.0.1:{dest.port}", data=tmp_path / "data")
+    outcome = scu.move(scu.Remote(port=server.port), "STUDY", [template.StudyInstanceUID], "DEST")
+    assert outcome.ok, (outcome, server.log()[-2000:])
+    assert outcome.completed == 140
+    assert len(list((tmp_path / "dest").glob("*/*/*.dcm"))) == 140
