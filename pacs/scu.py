@@ -317,8 +317,9 @@ def _storage_contexts(remote: Remote, level: str, uids: list[str], model: str):
             needed.setdefault(str(answer.SOPClassUID), set()).update(
                 [str(syntax)] if syntax else []
             )
-    except (ScuError, AssociationError) as exc:  # a strict peer: offer the common classes
-        log.info("could not list the instances first (%s): offering common storage classes", exc)
+    except (ScuError, AssociationError) as exc:
+        log.info("could not list the instances first: %s", exc)
+    if not needed:  # a strict peer (hierarchical IMAGE query refused): the common classes
         return [(cx.abstract_syntax, UNCOMPRESSED) for cx in StoragePresentationContexts[:127]]
     pairs = [
         (c, [s]) for c, syntaxes in needed.items() for s in sorted(syntaxes) if UID(s).is_compressed

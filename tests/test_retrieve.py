@@ -251,3 +251,16 @@ def test_more_than_128_sop_class_and_syntax_combinations(start_server, tmp_path)
     assert outcome.ok, (outcome, server.log()[-2000:])
     assert outcome.completed == 140
     assert len(list((tmp_path / "dest").glob("*/*/*.dcm"))) == 140
+
+
+def test_send_cli_in_parallel_is_bit_preserving(server, tmp_path):
+    from make_study import make_study
+
+    paths = make_study(tmp_path / "study", 24, size=32)
+    result = minipacs(
+        "send", "--port", str(server.port), "--parallel", "4", str(tmp_path / "study")
+    )
+    assert "completed: 24  failed: 0" in result.stdout
+    for path in paths:
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert dataset_bytes(next(server.data.glob(f"*/*/{uid}.dcm"))) == dataset_bytes(path)
