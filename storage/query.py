@@ -522,3 +522,11 @@ def _return_value(key: Key, row: dict, stored: dict, options: Options) -> dict:
     if "BulkDataURI" in element or "InlineBinary" in element:
         return {"vr": element["vr"]}  # binary values are not C-FIND answers
     return element
+
+
+def explain(level: str, keys: list[Key], model: str = "STUDY") -> list[str]:
+    """SQLite's plan for a query (EXPLAIN QUERY PLAN details): how tests prove the common
+    keys are answered through indexes."""
+    query, _ = _select(level.upper(), keys, model, Options())
+    sql, params = query.sql()
+    return [row[-1] for row in db.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall()]
