@@ -311,3 +311,19 @@ def test_big_instance_is_received_to_disk_not_memory(server, tmp_path):
         next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]
     )
     assert peak_kib < 200 * 1024, f"peak RSS {peak_kib} KiB while receiving a 300 MiB instance"
+
+
+def test_every_transfer_syntax_pydicom_knows_is_accepted(server):
+    from pydicom.uid import AllTransferSyntaxes
+    from pydicom.uid import HTJ2K
+    from pydicom.uid import MPEG4HP41
+    from pynetdicom import AE
+
+    assert HTJ2K in AllTransferSyntaxes and MPEG4HP41 in AllTransferSyntaxes
+    ae = AE(ae_title="PYNETDICOM")
+    for syntax in AllTransferSyntaxes:
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.77.1.4.1", syntax)  # video photographic
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+    accepted = {cx.transfer_syntax[0] for cx in assoc.accepted_contexts}
+    assoc.release()
+    assert accepted == set(AllTransferSyntaxes)
