@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 from dicom_files import CHARSET_FILES
 from dicom_files import TEST_FILES
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 STUDIES = {
@@ -53,6 +54,11 @@ def build(out: Path) -> dict[str, dict]:
                 ds.StudyDescription = f"study {label}"
                 ds.SeriesDescription = f"{modality} series {number}"
                 ds.BodyPartExamined = "HEAD" if label == "A" else "CHEST"
+                code = Dataset()
+                code.CodeValue = f"PROC-{label}"
+                code.CodingSchemeDesignator = "LOCAL"
+                code.CodeMeaning = f"procedure {label}"
+                ds.ProcedureCodeSequence = [code]
                 ds.save_as(out / f"{ds.SOPInstanceUID}.dcm")
                 sops.append(ds.SOPInstanceUID)
             made[label]["series"].append((series_uid, sops))

@@ -1,5 +1,6 @@
 """C-FIND through storage.query: every PS3.4 C.2.2.2 rule, both models, real clients."""
 
+import pydicom
 import pytest
 from conftest import Server
 from conftest import minipacs
@@ -293,3 +294,67 @@ def _config(tmp_path, text):
     path = tmp_path / "minipacs.toml"
     path.write_text(text)
     return path
+
+
+def test_sequence_matching(archive):
+    server, made = archive
+    item = Dataset()
+    item.CodeValue = "PROC-B"
+    item.CodingSchemeDesignator = ""
+    query = scu.identifier("STUDY", {"StudyInstanceUID": ""})
+    query.ProcedureCodeSequence = [item]
+    answers = list(scu.find(scu.Remote(port=server.port), query))
+    assert study_labels(made, answers) == {"B"}
+    assert answers[0].ProcedureCodeSequence[0].CodingSchemeDesignator == "LOCAL"
+    item.CodeValue = "PROC-?"  # wildcards inside an item
+    answers = list(scu.find(scu.Remote(port=server.port), query))
+    assert study_labels(made, answers) == {"A", "B", "C", "D"}
+
+
+@pytest.mark.parametrize(
+    ("source", "charset", "name"),
+    [
+        ("chrX2.dcm", "GB18030", "=王^小东"),
+        ("chrI2.dcm", ["", "ISO 2022 IR 149"], "==홍^길동"),
+        ("chrH32.dcm", ["ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ^ﾀﾛｳ=山田*"),
+        ("chrX1.dcm", "ISO_IR 192", "Wang^XiaoDong=王^小東"),
+        ("chrFren.dcm", "ISO_IR 100", "Buc^Jérôme"),
+    ],
+)
+def test_queries_in_other_character_sets(start_server, tmp_path, source, charset, name):
+    from dicom_files import CHARSET_FILES
+
+    minipacs("import", "--data", str(tmp_path / "data"), str(CHARSET_FILES / source))
+    server = start_server(data=tmp_path / "data")
+    query = Dataset()
+    query.SpecificCharacterSet = charset
+    query.QueryRetrieveLevel = "PATIENT"
+    query.PatientName = name
+    query.PatientID = ""
+    answers = list(scu.find(scu.Remote(port=server.port), query, "PATIENT"))
+    assert len(answers) == 1
+    stored = pydicom.dcmread(CHARSET_FILES / source).PatientName
+    assert str(answers[0].PatientName) == str(stored)
+
+
+def test_paging_with_limit_and_offset(archive, tmp_path):
+    from storage import Archive
+
+    server, _ = archive
+    with Archive(server.data, fsync=False) as store:
+        keys = query_keys({"StudyInstanceUID": ""})
+        every = [a["0020000D"]["Value"][0] for a in store.find("STUDY", keys)]
+        page = [a["0020000D"]["Value"][0] for a in store.find("STUDY", keys, limit=2, offset=1)]
+        past = list(store.find("STUDY", keys, limit=2, offset=len(every)))
+        filtered = list(
+            store.find("STUDY", query_keys({"BodyPartExamined": "CHEST"}), limit=1, offset=1)
+        )
+    assert page == every[1:3]
+    assert past == []
+    assert len(filtered) == 1
+
+
+def query_keys(values):
+    from storage import query
+
+    return query.keys_from_dataset(scu.identifier("STUDY", values))

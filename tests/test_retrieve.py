@@ -264,3 +264,39 @@ def test_send_cli_in_parallel_is_bit_preserving(server, tmp_path):
     for path in paths:
         uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
         assert dataset_bytes(next(server.data.glob(f"*/*/{uid}.dcm"))) == dataset_bytes(path)
+
+
+@pytest.mark.parametrize("conflicts", [1, 5], ids=["some-fail-b000", "all-fail-a702"])
+def test_failed_sub_operations_are_reported(corpus_server, start_server, tmp_path, conflicts):
+    # The destination (a second minipacs, duplicates = reject) already holds different
+    # bytes under some of the UIDs: those C-STOREs fail with 0x0111.
+    server, made, _ = corpus_server
+    (series_a1, sops_a1), (series_a2, sops_a2) = made["A"]["series"]
+    conflicting = (sops_a1 + sops_a2)[:conflicts]
+    folder = tmp_path / "conflicts"
+    folder.mkdir()
+    for uid in conflicting:
+        ds = pydicom.dcmread(next(server.data.glob(f"*/*/{uid}.dcm")))
+        ds.StudyDescription = "something else"
+        ds.save_as(folder / f"{uid}.dcm")
+    minipacs("import", "--data", str(tmp_path / "dest"), str(folder))
+    dest = start_server("--aet", "DEST", "--duplicates", "reject", data=tmp_path / "dest")
+    relay = start_server("--peer", f"DEST=127.0.0.1:{dest.port}", data=server.data)
+    outcome = scu.move(scu.Remote(port=relay.port), "STUDY", [made["A"]["uid"]], "DEST")
+    assert outcome.failed == conflicts
+    assert outcome.completed == 5 - conflicts
+    assert sorted(outcome.failed_uids) == sorted(conflicting)
+    assert outcome.status == (0xB000 if conflicts < 5 else 0xA702)
+
+
+def test_move_a_list_of_studies(corpus_server, tmp_path):
+    server, made, port = corpus_server
+    dest = StoreSCP(port, tmp_path / "moved")
+    try:
+        outcome = scu.move(
+            scu.Remote(port=server.port), "STUDY", [made["B"]["uid"], made["D"]["uid"]], "STORESCP"
+        )
+        assert outcome.ok and outcome.completed == 3
+        assert len(dest.files()) == 3
+    finally:
+        dest.stop()

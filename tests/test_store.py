@@ -314,9 +314,9 @@ def test_big_instance_is_received_to_disk_not_memory(server, tmp_path):
 
 
 def test_every_transfer_syntax_pydicom_knows_is_accepted(server):
-    from pydicom.uid import AllTransferSyntaxes
     from pydicom.uid import HTJ2K
     from pydicom.uid import MPEG4HP41
+    from pydicom.uid import AllTransferSyntaxes
     from pynetdicom import AE
 
     assert HTJ2K in AllTransferSyntaxes and MPEG4HP41 in AllTransferSyntaxes
