@@ -25,9 +25,11 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pacs import spool
+from pacs import transport
 from pacs.config import Config
 from storage import Archive
 from storage import query
+from storage.dataset import dataset_bytes
 from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
@@ -299,13 +301,19 @@ def _sub_operations(event: Event, instances: list[dict], accepted):
 
 
 def _dataset_to_send(row: dict, accepted: list) -> Dataset:
-    """The stored instance, decompressed when the peer took no context for its syntax."""
-    ds = dcmread(row["instance_path"])
-    syntax = ds.file_meta.TransferSyntaxUID
-    offered = [cx.transfer_syntax[0] for cx in accepted if cx.abstract_syntax == ds.SOPClassUID]
-    if syntax in offered or not syntax.is_compressed:
-        return ds
-    if any(not UID(s).is_compressed for s in offered):
+    """The stored instance: its bytes as stored when the peer took that syntax, else the
+    dataset (pynetdicom converts between uncompressed syntaxes), decompressed if needed."""
+    path = row["instance_path"]
+    syntax = UID(row["instance_transfer_syntax"])
+    offered = [
+        cx.transfer_syntax[0]
+        for cx in accepted
+        if cx.abstract_syntax == row["instance_sop_class_uid"]
+    ]
+    if syntax in offered:
+        return transport.StoredDataset(dcmread(path, stop_before_pixels=True), dataset_bytes(path))
+    ds = dcmread(path)
+    if syntax.is_compressed and any(not UID(s).is_compressed for s in offered):
         try:
             ds.decompress()
         except Exception as exc:  # no decoder: the sub-operation fails and is counted

@@ -18,7 +18,6 @@ from pydicom import dcmread
 from pydicom.datadict import dictionary_VR
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import ImplicitVRLittleEndian
 from pynetdicom import AE
@@ -321,8 +320,6 @@ def _storage_contexts(remote: Remote, level: str, uids: list[str], model: str):
         log.info("could not list the instances first: %s", exc)
     if not needed:  # a strict peer (hierarchical IMAGE query refused): the common classes
         return [(cx.abstract_syntax, UNCOMPRESSED) for cx in StoragePresentationContexts[:127]]
-    pairs = [
-        (c, [s]) for c, syntaxes in needed.items() for s in sorted(syntaxes) if UID(s).is_compressed
-    ]
+    pairs = [(c, [s]) for c, syntaxes in needed.items() for s in sorted(syntaxes)]
     pairs += [(c, UNCOMPRESSED) for c in needed]
     return pairs[:127]

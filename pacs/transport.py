@@ -5,15 +5,43 @@
   delayed ACK (~40 ms a message).
 - PDUs read up to 1 MiB per recv call instead of 4 KiB, and a PDU longer than the maximum
   we announced (PS3.8 9.3.1) is treated as a broken connection, not buffered.
+- A dataset carrying its stored bytes (`StoredDataset`) is sent as those bytes when the
+  negotiated transfer syntax is the stored one: C-MOVE/C-GET send exactly what was
+  received, where pydicom's re-encoding would drop group lengths or re-deflate.
 See docs/decisions.md (2026-11-25).
 """
 
 import socket
 
+from pydicom.dataset import Dataset
+from pynetdicom import association
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
 
 _create_socket = AssociationSocket._create_socket
+_encode = association.encode
+
+
+class StoredDataset(Dataset):
+    """A stored instance's header plus its dataset bytes as received."""
+
+    def __init__(self, header: Dataset, raw: bytes) -> None:
+        super().__init__(header)
+        self.file_meta = header.file_meta
+        self._stored_bytes = raw
+
+
+def _encode_stored(ds: Dataset, is_implicit: bool, is_little: bool, deflated: bool = False):
+    raw = getattr(ds, "_stored_bytes", None)
+    if raw is not None:
+        syntax = ds.file_meta.TransferSyntaxUID
+        if (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated) == (
+            is_implicit,
+            is_little,
+            deflated,
+        ):
+            return raw
+    return _encode(ds, is_implicit, is_little, deflated)
 
 
 class Server(ThreadedAssociationServer):
@@ -56,3 +84,4 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
 def install() -> None:
     AssociationSocket.recv = _recv
     AssociationSocket._create_socket = _nodelay_socket
+    association.encode = _encode_stored

@@ -98,6 +98,14 @@ def read_instance(path: Path) -> ParsedInstance:
     return _parse(ds, syntax, pixel_vrs)
 
 
+def dataset_bytes(path: Path) -> bytes:
+    """The dataset part of a stored Part 10 file, exactly as received (what C-STORE sends)."""
+    with open(path, "rb") as fp:
+        start, _ = _read_meta(fp)
+        fp.seek(start)
+        return fp.read()
+
+
 def _read_meta(fp: BinaryIO) -> tuple[int, str]:
     """Return the dataset's offset and the transfer syntax from the File Meta (PS3.10 7.1)."""
     fp.seek(128)

@@ -300,3 +300,21 @@ def test_move_a_list_of_studies(corpus_server, tmp_path):
         assert len(dest.files()) == 3
     finally:
         dest.stop()
+
+
+def test_every_stored_pydicom_file_comes_back_byte_identical(start_server, tmp_path):
+    from dicom_files import storable
+
+    folder = tmp_path / "all"
+    folder.mkdir()
+    for n, sample in enumerate(storable()):
+        (folder / f"{n:03d}-{sample.path.name}").write_bytes(sample.path.read_bytes())
+    minipacs("import", "--data", str(tmp_path / "data"), str(folder), "--no-fsync")
+    server = start_server(data=tmp_path / "data")
+    stored = {p.stem: p for p in (tmp_path / "data").glob("*/*/*.dcm")}
+    studies = {p.parent.parent.name for p in stored.values()}
+    outcome = scu.get(scu.Remote(port=server.port), "STUDY", sorted(studies), tmp_path / "got")
+    assert outcome.ok, outcome
+    assert outcome.completed == len(stored)
+    for uid, path in stored.items():
+        assert dataset_bytes(tmp_path / "got" / f"{uid}.dcm") == dataset_bytes(path), path.name
