@@ -45,6 +45,7 @@ def serve(config: Config) -> None:
             port = port_holder.getsockname()[1]
             config = dataclasses.replace(config, port=port)
             workers = [_spawn(config, n) for n in range(config.workers)]
+            _wait_until_listening(workers)
         try:
             http = waitress.create_server(
                 create_app(config, archive), host=config.host, port=config.http_port, threads=8
@@ -79,7 +80,7 @@ def serve(config: Config) -> None:
             port_holder.close()
 
 
-def run_worker(config: Config, number: int) -> None:
+def run_worker(config: Config, number: int, listening) -> None:
     """A DICOM worker process: the SCP on the shared port until SIGTERM."""
     logging.basicConfig(
         level=config.log_level,
@@ -91,6 +92,7 @@ def run_worker(config: Config, number: int) -> None:
     scp = None
     try:
         scp = _listen(config, archive, shared_port=True)
+        listening.set()
         stop.wait()
     finally:
         _stop(scp, None, archive)
@@ -99,11 +101,24 @@ def run_worker(config: Config, number: int) -> None:
 def _spawn(config: Config, number: int) -> multiprocessing.Process:
     # spawn, not fork: this process already runs threads (index writer, HTTP).
     context = multiprocessing.get_context("spawn")
+    listening = context.Event()
     worker = context.Process(
-        target=run_worker, args=(config, number), name=f"dicom-worker-{number}"
+        target=run_worker, args=(config, number, listening), name=f"dicom-worker-{number}"
     )
+    worker.listening = listening  # type: ignore[attr-defined]
     worker.start()
     return worker
+
+
+def _wait_until_listening(workers: list[multiprocessing.Process], timeout: float = 60) -> None:
+    """Start-up is over when every worker listens (or one has died trying)."""
+    deadline = time.monotonic() + timeout
+    for worker in workers:
+        while not worker.listening.wait(0.1):  # type: ignore[attr-defined]
+            if not worker.is_alive():
+                raise StartupError(f"DICOM worker {worker.name} exited with {worker.exitcode}")
+            if time.monotonic() > deadline:
+                raise StartupError(f"DICOM worker {worker.name} did not start listening")
 
 
 def _respawn_if_dead(config: Config, number: int, worker: multiprocessing.Process):
