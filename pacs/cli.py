@@ -220,6 +220,24 @@ def remote_options(func):
     return func
 
 
+def level_options(func):
+    """-L/--level and --model (Patient Root or Study Root), shared by find, move and get."""
+    func = click.option(
+        "--model",
+        default="STUDY",
+        show_default=True,
+        type=click.Choice(["PATIENT", "STUDY"], case_sensitive=False),
+        help="Information model: Patient Root or Study Root.",
+    )(func)
+    return click.option(
+        "-L",
+        "--level",
+        default="STUDY",
+        show_default=True,
+        type=click.Choice(["PATIENT", "STUDY", "SERIES", "IMAGE"], case_sensitive=False),
+    )(func)
+
+
 def _remote(host: str, port: int, aet: str, calling_aet: str) -> scu.Remote:
     return scu.Remote(host=host, port=port, aet=aet, calling_aet=calling_aet)
 
@@ -252,20 +270,7 @@ def echo(host, port, aet, calling_aet, log_level) -> None:
 
 @main.command()
 @remote_options
-@click.option(
-    "-L",
-    "--level",
-    default="STUDY",
-    show_default=True,
-    type=click.Choice(["PATIENT", "STUDY", "SERIES", "IMAGE"], case_sensitive=False),
-)
-@click.option(
-    "--model",
-    default="STUDY",
-    show_default=True,
-    type=click.Choice(["PATIENT", "STUDY"], case_sensitive=False),
-    help="Information model: Patient Root or Study Root.",
-)
+@level_options
 @click.option("--json", "as_json", is_flag=True, help="Answers as DICOM JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Answers as CSV.")
 @click.argument("keys", nargs=-1, metavar="Keyword=value|Keyword...")
@@ -322,19 +327,7 @@ def send(host, port, aet, calling_aet, log_level, parallel, paths) -> None:
 
 @main.command()
 @remote_options
-@click.option(
-    "-L",
-    "--level",
-    default="STUDY",
-    show_default=True,
-    type=click.Choice(["PATIENT", "STUDY", "SERIES", "IMAGE"], case_sensitive=False),
-)
-@click.option(
-    "--model",
-    default="STUDY",
-    show_default=True,
-    type=click.Choice(["PATIENT", "STUDY"], case_sensitive=False),
-)
+@level_options
 @click.option("--dest", required=True, help="AE title to move to (known to the peer).")
 @click.argument("uids", nargs=-1, required=True)
 def move(host, port, aet, calling_aet, log_level, level, model, dest, uids) -> None:
@@ -348,19 +341,7 @@ def move(host, port, aet, calling_aet, log_level, level, model, dest, uids) -> N
 
 @main.command()
 @remote_options
-@click.option(
-    "-L",
-    "--level",
-    default="STUDY",
-    show_default=True,
-    type=click.Choice(["PATIENT", "STUDY", "SERIES", "IMAGE"], case_sensitive=False),
-)
-@click.option(
-    "--model",
-    default="STUDY",
-    show_default=True,
-    type=click.Choice(["PATIENT", "STUDY"], case_sensitive=False),
-)
+@level_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for files.")
 @click.argument("uids", nargs=-1, required=True)
 def get(host, port, aet, calling_aet, log_level, level, model, out, uids) -> None:
