@@ -89,6 +89,10 @@ class Config:
             "asking for a narrower query."
         },
     )
+    render_cache_mb: int = field(
+        default=256,
+        metadata={"help": "Memory for decoded frames kept for re-rendering (MiB)."},
+    )
     max_associations: int = field(
         default=32, metadata={"help": "Concurrent DICOM associations before new ones are refused."}
     )
@@ -136,7 +140,7 @@ def _convert(name: str, value: Any) -> Any:
         return _aet(str(value), "aet")
     if name in ("port", "http_port"):
         return _port(value, name)
-    if name in ("max_pdu", "max_associations", "workers", "max_results"):
+    if name in ("max_pdu", "max_associations", "workers", "max_results", "render_cache_mb"):
         return _int(value, name, 0 if name == "max_pdu" else 1)
     if name in ("fsync", "accept_unknown_sop_classes", "pn_case_insensitive"):
         return _bool(value, name)

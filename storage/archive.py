@@ -334,6 +334,25 @@ class Archive:
                 row["instance_path"] = self.root / row["instance_path"]
                 yield row
 
+    def instance_file(self, sop_uid: str, study_uid: str = "", series_uid: str = "") -> Path | None:
+        """The stored file of an instance, or None; given study/series UIDs must match."""
+        with db.connection_context():
+            row = (
+                Instance.select(Instance.path, Series.series_uid, Study.study_uid)
+                .join(Series, on=(Instance.series == Series.id))
+                .join(Study, on=(Series.study == Study.id))
+                .where(Instance.sop_uid == sop_uid)
+                .tuples()
+                .first()
+            )
+        if (
+            row is None
+            or (study_uid and row[2] != study_uid)
+            or (series_uid and row[1] != series_uid)
+        ):
+            return None
+        return self.root / row[0]
+
     def stats(self) -> dict[str, int]:
         with db.connection_context():
             return {

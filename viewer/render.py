@@ -1,0 +1,305 @@
+"""The one render pipeline: stored frame → 8-bit PNG/JPEG, as PS3.3 C.11 says to display it.
+
+decode frame (pydicom + pylibjpeg/pyjpegls; LRU cache bounded in bytes) → Modality LUT
+(PS3.3 C.11.1) → VOI LUT: requested window, else the file's first window, else its VOI
+LUT Sequence, else min/max (C.11.2) → MONOCHROME1 / Presentation LUT INVERSE (C.11.6) →
+colour (RGB, YBR as decoded, PALETTE COLOR C.7.6.3.1.5) → region, flips, size → encoding.
+No Flask here: WADO-URI, WADO-RS and the viewer all call `render`.
+"""
+
+import io
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from PIL import ImageDraw
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.pixels import apply_color_lut
+from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_voi_lut
+from pydicom.pixels import pixel_array
+
+
+class RenderError(Exception):
+    """The instance cannot be rendered (no pixels, no decoder, bad frame); `status` is the
+    HTTP code that fits."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to render. `frame` counts from 1 (PS3.18 frameNumber); `region` is
+    (left, top, right, bottom), normalised 0-1 when every value ≤ 1, else in pixels."""
+
+    frame: int = 1
+    window: tuple[float, float] | None = None  # (center, width); None: the file's VOI
+    minmax: bool = False  # ignore the file's VOI: window the frame's min to max
+    rows: int | None = None
+    columns: int | None = None
+    exact_size: bool = False  # fill rows×columns instead of fitting inside
+    region: tuple[float, float, float, float] | None = None
+    flip_horizontal: bool = False
+    flip_vertical: bool = False
+    format: str = "png"  # png, jpeg or gif
+    quality: int = 90
+    annotation: tuple[str, ...] = ()  # "patient", "technique"
+
+
+class FrameCache:
+    """Decoded frames (after the Modality LUT), least recently used out first, bounded in
+    bytes; shared by every request thread."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple, tuple[Dataset, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[Dataset, np.ndarray] | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None:
+                self._items.move_to_end(key)
+            return item
+
+    def put(self, key: tuple, item: tuple[Dataset, np.ndarray]) -> None:
+        size = item[1].nbytes
+        if size > self.max_bytes:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = item
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, old) = self._items.popitem(last=False)
+                self.bytes -= old.nbytes
+
+
+def render(path: Path, request: Request, cache: FrameCache) -> bytes:
+    """The encoded image of one frame of the stored instance at `path`."""
+    ds, values = _frame(path, request.frame, cache)
+    window = request.window
+    if window is None and request.minmax:
+        low, high = float(values.min()), float(values.max())
+        window = ((low + high) / 2, max(high - low, 1.0))
+    image = _to_8bit(ds, values, window, request.frame, exact=request.minmax)
+    image = _region(image, request.region)
+    if request.flip_horizontal:
+        image = image[:, ::-1]
+    if request.flip_vertical:
+        image = image[::-1]
+    picture = _resize(Image.fromarray(np.ascontiguousarray(image)), request)
+    if request.annotation:
+        _annotate(picture, ds, request.annotation)
+    return _encode(picture, request.format, request.quality)
+
+
+def number_of_frames(ds: Dataset) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames") or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+# -- decode + Modality LUT ----------------------------------------------------------
+
+
+def _frame(path: Path, frame: int, cache: FrameCache) -> tuple[Dataset, np.ndarray]:
+    key = (str(path), path.stat().st_mtime_ns, frame)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    ds = dcmread(path, stop_before_pixels=True)
+    if not any(t in ds for t in (0x7FE00010,)) and "Rows" not in ds:
+        raise RenderError("the instance has no pixel data", 400)
+    frames = number_of_frames(ds)
+    if not 1 <= frame <= frames:
+        raise RenderError(f"frameNumber {frame} is outside 1-{frames}", 400)
+    try:
+        arr = pixel_array(path, index=frame - 1, raw=False)
+    except Exception as exc:  # no decoder, corrupt stream: say so
+        raise RenderError(f"cannot decode the pixel data: {exc}", 422) from exc
+    if arr.ndim == 2 or ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2"):
+        arr = _modality(arr, ds, frame)
+    item = (ds, arr)
+    cache.put(key, item)
+    return item
+
+
+def _modality(arr: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
+    """Rescale slope/intercept or Modality LUT Sequence (PS3.3 C.11.1), per frame for
+    enhanced multi-frame (Pixel Value Transformation in the functional groups)."""
+    group = _functional_group(ds, frame, "PixelValueTransformationSequence")
+    if group is not None and "RescaleSlope" in group:
+        slope = float(group.RescaleSlope)
+        intercept = float(group.get("RescaleIntercept", 0) or 0)
+        return arr.astype(np.float64) * slope + intercept
+    return apply_modality_lut(arr, ds).astype(np.float64)
+
+
+def _functional_group(ds: Dataset, frame: int, name: str) -> Dataset | None:
+    """The item of macro `name` that applies to `frame` (per-frame, else shared)."""
+    for sequence, index in (
+        ("PerFrameFunctionalGroupsSequence", frame - 1),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
+        groups = ds.get(sequence)
+        if groups and len(groups) > index and name in groups[index]:
+            items = groups[index][name]
+            if items:
+                return items[0]
+    return None
+
+
+# -- VOI LUT, presentation, colour --------------------------------------------------
+
+
+def _to_8bit(ds: Dataset, values: np.ndarray, window, frame: int, exact: bool) -> np.ndarray:
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if photometric == "PALETTE COLOR":
+        return _scale_to_8bit(apply_color_lut(values.astype(np.uint16), ds), ds, lut=True)
+    if values.ndim == 3:  # RGB (YBR_* are decoded to RGB by pydicom)
+        return _scale_to_8bit(values, ds)
+    grey = _voi(ds, values, window, frame, exact)
+    inverse = photometric == "MONOCHROME1"
+    if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
+        inverse = not inverse
+    if inverse:
+        grey = 255.0 - grey
+    return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+
+
+def _voi(ds: Dataset, values: np.ndarray, window, frame: int, exact: bool) -> np.ndarray:
+    """Grey levels 0-255 (float) from modality values."""
+    function = "LINEAR_EXACT" if exact else str(ds.get("VOILUTFunction") or "LINEAR").upper()
+    if window is None:
+        group = _functional_group(ds, frame, "FrameVOILUTSequence")
+        source = group if group is not None and "WindowCenter" in group else ds
+        window = _first_window(source)
+        if group is not None:
+            function = str(group.get("VOILUTFunction", function) or function).upper()
+    if window is not None:
+        return window_to_grey(values, window[0], window[1], function)
+    if ds.get("VOILUTSequence"):
+        item = ds.VOILUTSequence[0]
+        out = apply_voi_lut(values.astype(np.int64), ds, index=0, prefer_lut=True)
+        bits = int(item.LUTDescriptor[2]) or 16
+        return out.astype(np.float64) * 255.0 / (2**bits - 1)
+    low, high = float(values.min()), float(values.max())
+    return window_to_grey(values, (low + high) / 2, max(high - low, 1.0), "LINEAR_EXACT")
+
+
+def _first_window(ds: Dataset) -> tuple[float, float] | None:
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    try:
+        return (float(center), float(width)) if center is not None and width is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _first(value):
+    if value is None or value == "":
+        return None
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return value[0] if len(value) else None
+    return value
+
+
+def window_to_grey(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT) and C.11.2.1.3.1 (SIGMOID), output 0-255."""
+    x = values.astype(np.float64)
+    if function == "SIGMOID":
+        if width <= 0:
+            raise RenderError("Window Width must be greater than 0 for SIGMOID", 400)
+        return 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise RenderError("Window Width must be greater than 0 for LINEAR_EXACT", 400)
+        return np.clip(((x - center) / width + 0.5) * 255.0, 0.0, 255.0)
+    if width < 1:
+        raise RenderError("Window Width must be at least 1 for LINEAR", 400)
+    if width == 1:
+        return np.where(x <= center - 0.5, 0.0, 255.0)
+    return np.clip(((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0, 0.0, 255.0)
+
+
+def _scale_to_8bit(arr: np.ndarray, ds: Dataset, lut: bool = False) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if lut:
+        top = float(arr.max()) if arr.size else 255.0
+        bits = 16 if top > 255 else 8
+    else:
+        bits = int(ds.get("BitsStored", 8) or 8)
+    if bits <= 8:
+        return arr.astype(np.uint8)
+    return np.clip(np.rint(arr.astype(np.float64) * 255.0 / (2**bits - 1)), 0, 255).astype(np.uint8)
+
+
+# -- geometry and encoding ----------------------------------------------------------
+
+
+def _region(image: np.ndarray, region) -> np.ndarray:
+    if region is None:
+        return image
+    height, width = image.shape[:2]
+    left, top, right, bottom = region
+    if max(region) <= 1.0:
+        left, right = left * width, right * width
+        top, bottom = top * height, bottom * height
+    box = [int(round(v)) for v in (left, top, right, bottom)]
+    box = [
+        min(max(v, 0), limit) for v, limit in zip(box, (width, height, width, height), strict=True)
+    ]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise RenderError("region is empty", 400)
+    return image[box[1] : box[3], box[0] : box[2]]
+
+
+def _resize(picture: Image.Image, request: Request) -> Image.Image:
+    rows, columns = request.rows, request.columns
+    if rows is None and columns is None:
+        return picture
+    width, height = picture.size
+    if request.exact_size and rows and columns:
+        size = (columns, rows)
+    else:
+        scale = min((columns or width * 10**6) / width, (rows or height * 10**6) / height)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if size == picture.size:
+        return picture
+    return picture.resize(
+        size, Image.Resampling.BILINEAR if size[0] < width else Image.Resampling.BICUBIC
+    )
+
+
+def _annotate(picture: Image.Image, ds: Dataset, kinds: tuple[str, ...]) -> None:
+    lines = []
+    if "patient" in kinds:
+        lines.append(f"{ds.get('PatientName', '')}  {ds.get('PatientID', '')}")
+    if "technique" in kinds:
+        lines.append(
+            " ".join(str(ds.get(k, "")) for k in ("Modality", "SeriesDescription")).strip()
+        )
+    draw = ImageDraw.Draw(picture)
+    fill = 255 if picture.mode == "L" else (255, 255, 255)
+    draw.multiline_text((4, 4), "\n".join(lines), fill=fill)
+
+
+def _encode(picture: Image.Image, fmt: str, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "jpeg":
+        picture.save(buffer, "JPEG", quality=quality)
+    elif fmt == "gif":
+        picture.save(buffer, "GIF")
+    else:
+        picture.save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()

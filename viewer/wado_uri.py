@@ -1,0 +1,232 @@
+"""WADO-URI (PS3.18 chapter 9): one object by its UIDs, as DICOM or as a rendered image.
+
+Every answer is exact: 400 with a plain-text reason for a missing or invalid parameter,
+404 for an unknown object, 406 when no acceptable content type or transfer syntax can
+be produced. Rendered images go through `viewer.render`; they carry an ETag and
+Cache-Control and answer 304 to a matching If-None-Match.
+"""
+
+import hashlib
+import io
+import re
+
+from flask import Blueprint
+from flask import Response
+from flask import current_app
+from flask import request
+from pydicom import dcmread
+from pydicom.uid import UID
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ImplicitVRLittleEndian
+
+from viewer import render
+
+bp = Blueprint("wado_uri", __name__)
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+IMAGE_TYPES = {"image/jpeg": "jpeg", "image/png": "png", "image/gif": "gif"}
+DICOM = "application/dicom"
+KNOWN = {
+    "requestType",
+    "studyUID",
+    "seriesUID",
+    "objectUID",
+    "contentType",
+    "charset",
+    "anonymize",
+    "annotation",
+    "rows",
+    "columns",
+    "region",
+    "windowCenter",
+    "windowWidth",
+    "frameNumber",
+    "imageQuality",
+    "presentationUID",
+    "presentationSeriesUID",
+    "transferSyntax",
+}
+CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers only, never shared caches
+
+
+class WadoError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@bp.errorhandler(WadoError)
+def _wado_error(error: WadoError) -> Response:
+    current_app.logger.info("WADO-URI %s: %s", error.status, error)
+    return Response(f"{error}\n", status=error.status, mimetype="text/plain")
+
+
+@bp.errorhandler(render.RenderError)
+def _render_error(error: render.RenderError) -> Response:
+    current_app.logger.warning("WADO-URI render failed: %s", error)
+    return Response(f"{error}\n", status=error.status, mimetype="text/plain")
+
+
+@bp.route("/wado", methods=["GET", "POST"])
+def wado() -> Response:
+    """GET with a query string or POST with a form: the same parameters."""
+    params = request.values
+    if params.get("requestType") != "WADO":
+        raise WadoError(400, "requestType must be WADO")
+    uids = [_uid(params, name) for name in ("studyUID", "seriesUID", "objectUID")]
+    if params.get("anonymize"):
+        if params["anonymize"] != "yes":
+            raise WadoError(400, "anonymize must be yes")
+        raise WadoError(400, "anonymize=yes is not supported yet (no de-identification)")
+    if params.get("presentationUID") or params.get("presentationSeriesUID"):
+        raise WadoError(400, "presentation states are not supported")
+    archive = current_app.extensions["minipacs"]["archive"]
+    path = archive.instance_file(uids[2], uids[0], uids[1])
+    if path is None:
+        raise WadoError(404, f"no object {uids[2]} in series {uids[1]} of study {uids[0]}")
+    header = dcmread(path, stop_before_pixels=True)
+    has_pixels = "Rows" in header and "Columns" in header
+    content_type = _content_type(params.get("contentType", ""), has_pixels)
+    if content_type == DICOM:
+        return _dicom(path, header, params.get("transferSyntax", ""))
+    for name in ("transferSyntax",):
+        if params.get(name):
+            raise WadoError(400, f"{name} applies only to application/dicom")
+    return _image(path, header, content_type, params)
+
+
+def _uid(params, name: str) -> str:
+    value = params.get(name, "")
+    if not value:
+        raise WadoError(400, f"{name} is required")
+    if len(value) > 64 or not UID_RE.match(value):
+        raise WadoError(400, f"{name} is not a valid UID")
+    return value
+
+
+def _content_type(accepted: str, has_pixels: bool) -> str:
+    """The first type of the list we can produce (PS3.18 9.1.2.1.5); images default to
+    image/jpeg, other objects to application/dicom."""
+    default = "image/jpeg" if has_pixels else DICOM
+    if not accepted.strip():
+        return default
+    for item in accepted.split(","):
+        media = item.split(";")[0].strip().lower()
+        if media in ("*/*", "*"):
+            return default
+        if media == DICOM:
+            return DICOM
+        if media in IMAGE_TYPES or media == "image/*":
+            if not has_pixels:
+                continue
+            return "image/jpeg" if media == "image/*" else media
+    raise WadoError(406, f"cannot produce any of: {accepted}")
+
+
+def _dicom(path, header, syntax: str) -> Response:
+    stored = UID(header.file_meta.TransferSyntaxUID)
+    wanted = UID(syntax.strip() or ExplicitVRLittleEndian)
+    if syntax.strip() and syntax.strip() != "*" and not UID_RE.match(syntax.strip()):
+        raise WadoError(400, "transferSyntax is not a valid UID")
+    if syntax.strip() == "*" or wanted == stored:
+        return _send_file(path, stored)
+    if wanted not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        raise WadoError(406, f"cannot transcode {stored.name} to {wanted}")
+    ds = dcmread(path)
+    if stored.is_compressed:
+        try:
+            ds.decompress()
+        except Exception as exc:
+            raise WadoError(406, f"cannot decompress {stored.name}: {exc}") from exc
+    buffer = io.BytesIO()
+    ds.file_meta.TransferSyntaxUID = wanted
+    ds.save_as(
+        buffer, implicit_vr=wanted.is_implicit_VR, little_endian=True, enforce_file_format=True
+    )
+    return _dicom_response(buffer.getvalue(), wanted)
+
+
+def _send_file(path, syntax: UID) -> Response:
+    return _dicom_response(path.read_bytes(), syntax)
+
+
+def _dicom_response(body: bytes, syntax: UID) -> Response:
+    response = Response(body, mimetype=DICOM)
+    response.headers["Cache-Control"] = CACHE_CONTROL
+    response.headers["Content-Disposition"] = "attachment; filename=object.dcm"
+    response.headers["X-Transfer-Syntax"] = str(syntax)
+    return response
+
+
+def _image(path, header, content_type: str, params) -> Response:
+    wanted = render.Request(
+        frame=_int(params, "frameNumber", 1, minimum=1),
+        window=_window(params),
+        rows=_int(params, "rows", None, minimum=1),
+        columns=_int(params, "columns", None, minimum=1),
+        region=_region(params.get("region")),
+        format=IMAGE_TYPES[content_type],
+        quality=_int(params, "imageQuality", 90, minimum=1, maximum=100),
+        annotation=_annotation(params.get("annotation", "")),
+    )
+    tag = _etag(path, wanted)
+    if request.if_none_match.contains(tag):
+        response = Response(status=304)
+    else:
+        cache = current_app.extensions["minipacs"]["frames"]
+        response = Response(render.render(path, wanted, cache), mimetype=content_type)
+    response.set_etag(tag)
+    response.headers["Cache-Control"] = CACHE_CONTROL
+    return response
+
+
+def _etag(path, wanted: render.Request) -> str:
+    stat = path.stat()
+    return hashlib.sha256(
+        f"{path}|{stat.st_mtime_ns}|{stat.st_size}|{wanted}".encode()
+    ).hexdigest()[:32]
+
+
+def _int(params, name: str, default, minimum: int | None = None, maximum: int | None = None):
+    value = params.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise WadoError(400, f"{name} must be a whole number") from None
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        raise WadoError(400, f"{name} must be between {minimum} and {maximum or 'any'}")
+    return number
+
+
+def _window(params) -> tuple[float, float] | None:
+    center, width = params.get("windowCenter"), params.get("windowWidth")
+    if center is None and width is None:
+        return None
+    if center is None or width is None:
+        raise WadoError(400, "windowCenter and windowWidth go together")
+    try:
+        return float(center), float(width)
+    except ValueError:
+        raise WadoError(400, "windowCenter and windowWidth must be numbers") from None
+
+
+def _region(value: str | None):
+    if not value:
+        return None
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise WadoError(400, "region must be four numbers: left,top,right,bottom") from None
+    if len(parts) != 4 or min(parts) < 0 or parts[2] <= parts[0] or parts[3] <= parts[1]:
+        raise WadoError(400, "region must be left,top,right,bottom with left<right, top<bottom")
+    return parts
+
+
+def _annotation(value: str) -> tuple[str, ...]:
+    kinds = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = set(kinds) - {"patient", "technique"}
+    if unknown:
+        raise WadoError(400, f"annotation must be patient and/or technique, not {sorted(unknown)}")
+    return kinds
