@@ -20,7 +20,6 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 from pydicom.pixels import apply_modality_lut
-from pydicom.pixels import apply_voi_lut
 from pydicom.pixels import pixel_array
 
 
@@ -124,7 +123,7 @@ def _frame(path: Path, frame: int, cache: FrameCache) -> tuple[Dataset, np.ndarr
     if not 1 <= frame <= frames:
         raise RenderError(f"frameNumber {frame} is outside 1-{frames}", 400)
     try:
-        arr = pixel_array(path, index=frame - 1, raw=False)
+        arr = _decode(path, frame)
     except Exception as exc:  # no decoder, corrupt stream: say so
         raise RenderError(f"cannot decode the pixel data: {exc}", 422) from exc
     if arr.ndim == 2 or ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2"):
@@ -132,6 +131,15 @@ def _frame(path: Path, frame: int, cache: FrameCache) -> tuple[Dataset, np.ndarr
     item = (ds, arr)
     cache.put(key, item)
     return item
+
+
+def _decode(path: Path, frame: int) -> np.ndarray:
+    """One frame, read from the file without loading the others; a deflated dataset has to
+    be inflated whole first."""
+    try:
+        return pixel_array(path, index=frame - 1, raw=False)
+    except AttributeError:  # pydicom cannot seek in a deflated stream
+        return pixel_array(dcmread(path), index=frame - 1, raw=False)
 
 
 def _modality(arr: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
@@ -189,12 +197,22 @@ def _voi(ds: Dataset, values: np.ndarray, window, frame: int, exact: bool) -> np
     if window is not None:
         return window_to_grey(values, window[0], window[1], function)
     if ds.get("VOILUTSequence"):
-        item = ds.VOILUTSequence[0]
-        out = apply_voi_lut(values.astype(np.int64), ds, index=0, prefer_lut=True)
-        bits = int(item.LUTDescriptor[2]) or 16
-        return out.astype(np.float64) * 255.0 / (2**bits - 1)
+        return _voi_lut(values, ds.VOILUTSequence[0])
     low, high = float(values.min()), float(values.max())
     return window_to_grey(values, (low + high) / 2, max(high - low, 1.0), "LINEAR_EXACT")
+
+
+def _voi_lut(values: np.ndarray, item: Dataset) -> np.ndarray:
+    """PS3.3 C.11.2.1.1: input below the first mapped value takes the first entry, above
+    the last takes the last; entries scale from their bit depth to 0-255."""
+    entries, first, bits = (int(v) for v in item.LUTDescriptor)
+    entries = entries or 65536
+    data = item.LUTData
+    if isinstance(data, bytes):
+        data = np.frombuffer(data, dtype="<u2" if bits > 8 else "u1")
+    lut = np.asarray(data, dtype=np.float64)[:entries]
+    index = np.clip(np.rint(values).astype(np.int64) - first, 0, len(lut) - 1)
+    return lut[index] * 255.0 / (2 ** (bits or 16) - 1)
 
 
 def _first_window(ds: Dataset) -> tuple[float, float] | None:
