@@ -228,11 +228,11 @@ def test_rows_columns_region_and_flips():
 
 
 def test_cache_is_bounded_and_reused(tmp_path):
-    cache = FrameCache(max_bytes=200_000)  # room for one 128×128 float64 frame
+    cache = FrameCache(max_bytes=100_000)
     path = TEST_FILES / "CT_small.dcm"
     render(path, Request(), cache)
-    assert cache.bytes == 128 * 128 * 8
+    assert cache.bytes == 128 * 128 * 4  # integer modality values stay int32
     render(path, Request(window=(0, 100)), cache)  # a new window: the cached frame
-    assert cache.bytes == 128 * 128 * 8
-    render(TEST_FILES / "MR_small.dcm", Request(), cache)
-    assert cache.bytes <= 200_000
+    assert cache.bytes == 128 * 128 * 4
+    render(TEST_FILES / "rtdose_1frame.dcm", Request(), cache)  # float64: evicts CT
+    assert cache.bytes <= 100_000

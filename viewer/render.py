@@ -146,11 +146,18 @@ def _modality(arr: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
     """Rescale slope/intercept or Modality LUT Sequence (PS3.3 C.11.1), per frame for
     enhanced multi-frame (Pixel Value Transformation in the functional groups)."""
     group = _functional_group(ds, frame, "PixelValueTransformationSequence")
-    if group is not None and "RescaleSlope" in group:
-        slope = float(group.RescaleSlope)
-        intercept = float(group.get("RescaleIntercept", 0) or 0)
-        return arr.astype(np.float64) * slope + intercept
-    return apply_modality_lut(arr, ds).astype(np.float64)
+    source = group if group is not None and "RescaleSlope" in group else ds
+    if "ModalityLUTSequence" in ds and source is ds:
+        out = apply_modality_lut(arr, ds)
+        return out.astype(np.int32) if out.dtype.kind in "iu" else out.astype(np.float64)
+    slope = float(source.get("RescaleSlope", 1) or 1)
+    intercept = float(source.get("RescaleIntercept", 0) or 0)
+    if arr.dtype.kind in "iu" and slope.is_integer() and intercept.is_integer():
+        # Exact integers stay integers: half the memory in the cache, and windowing by LUT.
+        return arr.astype(np.int64 if arr.dtype.itemsize >= 4 else np.int32) * int(slope) + int(
+            intercept
+        )
+    return arr.astype(np.float64) * slope + intercept
 
 
 def _functional_group(ds: Dataset, frame: int, name: str) -> Dataset | None:
@@ -176,6 +183,15 @@ def _to_8bit(ds: Dataset, values: np.ndarray, window, frame: int, exact: bool) -
         return _scale_to_8bit(apply_color_lut(values.astype(np.uint16), ds), ds, lut=True)
     if values.ndim == 3:  # RGB (YBR_* are decoded to RGB by pydicom)
         return _scale_to_8bit(values, ds)
+    if values.dtype.kind in "iu":
+        low, high = int(values.min()), int(values.max())
+        if high - low < 1 << 20:  # window every possible value once, then look up
+            domain = np.arange(low, high + 1, dtype=np.int64)
+            return _grey(ds, domain, window, frame, exact, photometric)[values - low]
+    return _grey(ds, values, window, frame, exact, photometric)
+
+
+def _grey(ds: Dataset, values: np.ndarray, window, frame: int, exact: bool, photometric: str):
     grey = _voi(ds, values, window, frame, exact)
     inverse = photometric == "MONOCHROME1"
     if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
