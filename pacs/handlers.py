@@ -6,6 +6,7 @@ C-STORE, PS3.7 Annex C for the general ones).
 
 import itertools
 import logging
+import socket
 from pathlib import Path
 
 from pydicom import dcmread
@@ -216,7 +217,8 @@ def handle_get(event: Event, archive: Archive, config: Config):
 def handle_move(event: Event, archive: Archive, config: Config):
     """C-MOVE: C-STORE sub-operations over a new association to a configured peer.
 
-    0xA801 unknown destination (not in `peer`) or destination not reachable; then as C-GET.
+    0xA801 unknown destination (not in `peer`); 0xC514 known but not reachable (logged);
+    then as C-GET.
     The new association proposes only what the instances need: per SOP class, each stored
     transfer syntax and the uncompressed ones as fall-back.
     """
@@ -232,6 +234,13 @@ def handle_move(event: Event, archive: Archive, config: Config):
     if instances is None:
         yield None, None
         return
+    if not _reachable(peer.host, peer.port):
+        # Raised before the destination is yielded: pynetdicom answers 0xC514 (unable to
+        # process) instead of 0xA801, which would claim the AE is unknown.
+        log.warning(
+            "C-MOVE destination %s at %s:%d is not reachable", peer.aet, peer.host, peer.port
+        )
+        raise ConnectionError(f"move destination {peer.aet} is not reachable")
     established: list = []
     kwargs = {
         "contexts": _contexts_for(instances),
@@ -254,6 +263,14 @@ def handle_sop_extended(event: Event) -> dict[str, bytes]:
             combined = info[1:2] if len(info) > 1 else b"\x00"
             accepted[uid] = b"\x00" + combined
     return accepted
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            return True
+    except OSError:
+        return False
 
 
 def _options(config: Config, event: Event | None = None) -> query.Options:

@@ -124,7 +124,8 @@ def test_move_to_a_destination_that_is_down_fails_and_server_keeps_serving(corpu
     server, made, _ = corpus_server
     outcome = scu.move(scu.Remote(port=server.port), "STUDY", [made["A"]["uid"]], "DOWN")
     assert not outcome.ok
-    assert outcome.status & 0xF000 == 0xA000
+    assert outcome.status & 0xF000 == 0xC000  # unable to process: known AE, not reachable
+    assert "DOWN at 127.0.0.1:1 is not reachable" in server.log()
     assert scu.echo(scu.Remote(port=server.port)) == 0
 
 

@@ -1099,7 +1099,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--grow-size", type=int, default=8, help="rows = columns, grown images")
     parser.add_argument(
-        "--import-processes", type=int, default=1, help="`minipacs import` processes for growth"
+        "--import-processes", type=int, default=2, help="`minipacs import` processes for growth"
     )
     parser.add_argument(
         "--processes", type=int, default=2, help="processes writing the synthetic files"
