@@ -123,7 +123,10 @@ def reindex(config_file: Path | None, **flags) -> None:
     archive = _open(config_file, **flags)
     if not archive.lock(exclusive=True):
         raise UsageFailure(f"a minipacs server is running on {archive.root}: stop it first")
-    report = archive.reindex()
+    with click.progressbar(
+        length=archive.count_files(), label="reindexing", file=sys.stderr
+    ) as bar:
+        report = archive.reindex(progress=lambda: bar.update(1))
     archive.close()
     problems = [(p.path, p.reason) for p in report.problems]
     _report({"indexed": report.indexed, "problems": len(problems)}, problems, False)
@@ -139,9 +142,8 @@ def verify(config_file: Path | None, as_json: bool, **flags) -> None:
     total = archive.stats()["instances"]
     problems = []
     with click.progressbar(length=total, label="verifying", file=sys.stderr) as bar:
-        for problem in archive.verify():
+        for problem in archive.verify(progress=lambda: bar.update(1)):
             problems.append((problem.path, problem.reason))
-        bar.update(total)
     archive.close()
     _report({"instances": total, "problems": len(problems)}, problems, as_json)
     sys.exit(1 if problems else 0)

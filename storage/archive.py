@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
@@ -293,21 +294,25 @@ class Archive:
             log.warning("reconcile: %s: %s", problem.path, problem.reason)
         return report
 
-    def reindex(self) -> ReconcileReport:
-        """Rebuild the index from the files alone."""
+    def reindex(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
+        """Rebuild the index from the files alone; `progress()` after each file."""
         with db.connection_context():
             db.drop_tables(MODELS)
             db.create_tables(MODELS)
         report = ReconcileReport()
         for path in self._files():
             self._adopt(path, report)
+            if progress:
+                progress()
         return report
 
-    def verify(self) -> Iterator[Problem]:
+    def verify(self, progress: Callable[[], None] | None = None) -> Iterator[Problem]:
         """Check every indexed file's size and SHA-256; also report unindexed files."""
         with db.connection_context():
             rows = Instance.select(Instance.path, Instance.size, Instance.sha256)
             for rel, size, sha in rows.tuples().iterator():
+                if progress:
+                    progress()
                 path = self.root / rel
                 if not path.is_file():
                     yield Problem(rel, "file is missing")

@@ -468,8 +468,7 @@ def query_specs(corpus: Corpus) -> list[QuerySpec]:
 
 def findscu_command(server: Server, spec: QuerySpec, quiet: bool) -> list[str]:
     cmd = ["findscu", "-S", "-aet", CALLING_AET, "-aec", server.aet, "-to", "60"]
-    if quiet:
-        cmd.append("-q")
+    cmd.append("-q" if quiet else "-v")
     cmd += [HOST, str(server.port), "-k", f"QueryRetrieveLevel={spec.level}"]
     for keyword, value in spec.keys:
         cmd += ["-k", f"{keyword}={value}" if value else keyword]
