@@ -31,6 +31,7 @@ from pacs.config import Config
 from storage import Archive
 from storage import query
 from storage.dataset import dataset_bytes
+from storage.dicomjson import json_to_dataset
 from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
@@ -193,7 +194,7 @@ def handle_find(event: Event, archive: Archive, config: Config):
             yield _failure(OUT_OF_RESOURCES, f"more than {count} matches: narrow the query"), None
             return
         count += 1
-        yield PENDING, Dataset.from_json(answer)
+        yield PENDING, json_to_dataset(answer)
     log.info("C-FIND %s level from %s: %d answer(s)", level, event.assoc.requestor.ae_title, count)
 
 

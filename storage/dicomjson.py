@@ -159,3 +159,40 @@ def _numbers(vr: str, values: list[str]) -> dict | None:
                 return None
             numbers.append(number)
     return {"vr": vr, "Value": numbers}
+
+
+def json_to_dataset(body: dict[str, Any]) -> Dataset:
+    """A pydicom Dataset from DICOM JSON (C-FIND answers); BulkDataURI values are left empty.
+
+    pydicom's `Dataset.from_json` validates and converts each element on the way in and
+    cost more than the query itself; answers built here are encoded by pydicom as usual.
+    """
+    ds = Dataset()
+    for tag_hex, element in body.items():
+        vr = element.get("vr", "UN")
+        values = element.get("Value")
+        if vr == "SQ":
+            value: Any = [json_to_dataset(item or {}) for item in values or []]
+        elif "InlineBinary" in element:
+            value = base64.b64decode(element["InlineBinary"])
+        elif not values:
+            value = None
+        elif vr == "PN":
+            value = [_pn_string(v) for v in values]
+        elif vr == "AT":
+            value = [int(v, 16) for v in values]
+        else:
+            value = ["" if v is None else v for v in values]
+        if isinstance(value, list) and vr != "SQ" and len(value) == 1:
+            value = value[0]
+        ds.add_new(int(tag_hex, 16), vr, value)
+    return ds
+
+
+def _pn_string(value: Any) -> str:
+    if not isinstance(value, dict):
+        return "" if value is None else str(value)
+    groups = [value.get(g, "") for g in ("Alphabetic", "Ideographic", "Phonetic")]
+    while groups and not groups[-1]:
+        groups.pop()
+    return "=".join(groups)

@@ -135,8 +135,9 @@ def find(
         if limit is not None:
             query = query.limit(limit)
     skipped = produced = 0
-    for row in query.dicts().iterator():
-        stored = _stored_json(level, row) if post or _needs_json(keys) else {}
+    needs_json = bool(post) or _needs_json(keys, level)
+    for row in _rows(query):
+        stored = _stored_json(level, row) if needs_json else {}
         if post and not all(_matches(stored.get(k.hex), k, options) for k in post):
             continue
         if post:
@@ -158,7 +159,18 @@ def locate(level: str, keys: list[Key], model: str = "STUDY") -> Iterator[dict[s
     if model == "STUDY" and level == "PATIENT":
         raise QueryError("the Study Root information model has no PATIENT level")
     query, _ = _select("IMAGE", keys, model, Options(), limit_to=level)
-    yield from query.dicts().iterator()
+    yield from _rows(query)
+
+
+def _rows(query, batch: int = 256) -> Iterator[dict[str, Any]]:
+    """Stream a SELECT as dicts, `batch` rows per fetch: one GIL round trip per batch, not
+    per row, while the association thread competes with pynetdicom's for the GIL."""
+    sql, params = query.sql()
+    cursor = db.execute_sql(sql, params)
+    names = [column[0] for column in cursor.description]
+    while rows := cursor.fetchmany(batch):
+        for values in rows:
+            yield dict(zip(names, values, strict=True))
 
 
 def _select(level: str, keys: list[Key], model: str, options: Options, limit_to: str = ""):
@@ -459,12 +471,63 @@ def _pn_text(value: Any) -> str:
 # -- answers ------------------------------------------------------------------------
 
 
-def _needs_json(keys: list[Key]) -> bool:
+# Return keys answered from the row's own columns (no JSON parse): tag → (column, VR).
+FROM_COLUMNS = {
+    0x00100020: ("patient_patient_id", "LO"),
+    0x00100021: ("patient_issuer", "LO"),
+    0x00100010: ("patient_patient_name", "PN"),
+    0x00100030: ("patient_birth_date", "DA"),
+    0x00100040: ("patient_sex", "CS"),
+    0x0020000D: ("study_study_uid", "UI"),
+    0x00080020: ("study_study_date", "DA"),
+    0x00080030: ("study_study_time", "TM"),
+    0x00080050: ("study_accession_number", "SH"),
+    0x00200010: ("study_study_id", "SH"),
+    0x00080090: ("study_referring_physician", "PN"),
+    0x00081030: ("study_description", "LO"),
+    0x0020000E: ("series_series_uid", "UI"),
+    0x00080060: ("series_modality", "CS"),
+    0x00200011: ("series_series_number", "IS"),
+    0x0008103E: ("series_description", "LO"),
+    0x00080018: ("instance_sop_uid", "UI"),
+    0x00080016: ("instance_sop_class_uid", "UI"),
+    0x00200013: ("instance_instance_number", "IS"),
+}
+COLUMN_LEVEL = {"patient": "PATIENT", "study": "STUDY", "series": "SERIES", "instance": "IMAGE"}
+NOT_STORED = (QUERY_LEVEL, CHARSET, INSTANCE_AVAILABILITY, RETRIEVE_AET)
+
+
+def _from_columns(tag: int, level: str) -> bool:
+    column = FROM_COLUMNS.get(tag)
+    if column is None:
+        return False
+    owner = COLUMN_LEVEL[column[0].split("_")[0]]
+    return LEVELS.index(owner) <= LEVELS.index(level)
+
+
+def _needs_json(keys: list[Key], level: str) -> bool:
     return any(
-        k.tag not in COMPUTED
-        and k.tag not in (QUERY_LEVEL, CHARSET, INSTANCE_AVAILABILITY, RETRIEVE_AET)
+        k.tag not in COMPUTED and k.tag not in NOT_STORED and not _from_columns(k.tag, level)
         for k in keys
     )
+
+
+def _column_value(tag: int, row: dict) -> dict:
+    column, vr = FROM_COLUMNS[tag]
+    value = row.get(column)
+    if value is None or value == "":
+        return {"vr": vr}
+    if vr == "IS":
+        return {"vr": vr, "Value": [int(value)]}
+    if vr == "PN":
+        names = []
+        for name in str(value).split("\\"):
+            groups = dict(
+                zip(("Alphabetic", "Ideographic", "Phonetic"), name.split("="), strict=False)
+            )
+            names.append({k: v for k, v in groups.items() if v})
+        return {"vr": vr, "Value": names}
+    return {"vr": vr, "Value": str(value).split("\\")}
 
 
 _JSON_SQL = {
@@ -497,11 +560,11 @@ def _answer(level: str, keys: list[Key], row: dict, stored: dict, options: Optio
     for key in keys:
         if key.tag in (QUERY_LEVEL, CHARSET):
             continue
-        answer[key.hex] = _return_value(key, row, stored, options)
+        answer[key.hex] = _return_value(key, level, row, stored, options)
     return dict(sorted(answer.items()))
 
 
-def _return_value(key: Key, row: dict, stored: dict, options: Options) -> dict:
+def _return_value(key: Key, level: str, row: dict, stored: dict, options: Options) -> dict:
     if key.tag in COMPUTED:
         vr, _, field = COMPUTED[key.tag]
         value = row.get(f"{field.model._meta.table_name}_{field.name}")
@@ -512,6 +575,8 @@ def _return_value(key: Key, row: dict, stored: dict, options: Options) -> dict:
         return {"vr": vr, "Value": str(value).split("\\")}
     if key.tag == INSTANCE_AVAILABILITY:
         return {"vr": "CS", "Value": ["ONLINE"]}
+    if not stored and _from_columns(key.tag, level):
+        return _column_value(key.tag, row)
     if key.tag == RETRIEVE_AET:
         return (
             {"vr": "AE", "Value": [options.retrieve_aet]} if options.retrieve_aet else {"vr": "AE"}
