@@ -69,7 +69,7 @@ class FrameCache:
             return item
 
     def put(self, key: tuple, item: tuple[Dataset, np.ndarray]) -> None:
-        size = item[1].nbytes
+        size = _cost(item)
         if size > self.max_bytes:
             return
         with self._lock:
@@ -78,8 +78,19 @@ class FrameCache:
             self._items[key] = item
             self.bytes += size
             while self.bytes > self.max_bytes:
-                _, (_, old) = self._items.popitem(last=False)
-                self.bytes -= old.nbytes
+                _, old = self._items.popitem(last=False)
+                self.bytes -= _cost(old)
+
+
+def _cost(item: tuple[Dataset, np.ndarray]) -> int:
+    """Bytes an entry holds: the frame, plus its parsed header (~400 B an element as pydicom
+    objects; a CT header with private tags is ~90 KiB)."""
+    ds, arr = item
+    elements = getattr(ds, "_minipacs_elements", None)
+    if elements is None:
+        elements = sum(1 for _ in ds.iterall())
+        ds._minipacs_elements = elements
+    return arr.nbytes + 400 * elements
 
 
 def render(path: Path, request: Request, cache: FrameCache) -> bytes:
