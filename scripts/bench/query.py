@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sqlite3
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
@@ -70,6 +72,7 @@ from _common import tail
 log = logging.getLogger("bench.query")
 
 STORESCP_AET = "STORESCP"
+PY_SPY = REPO / ".venv" / "bin" / "py-spy"
 QUERY_YEAR = 2020  # the StudyDate range query asks for this calendar year
 CORPUS_YEARS = (2010, 2025)  # corpus StudyDates, inclusive
 GROWTH_YEARS = (1995, 2009)  # grown studies: outside the corpus and the queried year
@@ -522,7 +525,7 @@ class FindClient:
         self.model = StudyRootQueryRetrieveInformationModelFind
         self.server = server
         ae = AE(ae_title=CALLING_AET)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         ae.add_requested_context(self.model)
         self.assoc = ae.associate(HOST, server.port, ae_title=server.aet)
         if not self.assoc.is_established:
@@ -530,8 +533,9 @@ class FindClient:
         raw = self.assoc.dul.socket.socket
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def run(self, spec: QuerySpec) -> tuple[float, int]:
-        """(seconds, answers) of one C-FIND; raises unless it ends Success."""
+    def run(self, spec: QuerySpec, collect: dict[str, dict[str, str]] | None = None):
+        """(seconds, answers) of one C-FIND; raises unless it ends Success. With `collect`,
+        each answer's return keys go into it, under its unique key's value."""
         from pydicom.dataset import Dataset
 
         ds = Dataset()
@@ -540,10 +544,15 @@ class FindClient:
             setattr(ds, keyword, value)
         answers, final = 0, None
         started = time.perf_counter()
-        for status, _identifier in self.assoc.send_c_find(ds, self.model):
+        for status, identifier in self.assoc.send_c_find(ds, self.model):
             code = int(status.Status) if status is not None and "Status" in status else None
             if code in (0xFF00, 0xFF01):
                 answers += 1
+                if collect is not None and identifier is not None:
+                    unique = "SOPInstanceUID" if spec.level == "IMAGE" else "StudyInstanceUID"
+                    collect[_text(identifier, unique)] = {
+                        keyword: _text(identifier, keyword) for keyword, value in spec.keys
+                    }
             else:
                 final = code
         elapsed = time.perf_counter() - started
@@ -557,6 +566,43 @@ class FindClient:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.assoc.release()
+
+
+def _text(ds: Any, keyword: str) -> str:
+    """A returned value as comparable text: trimmed, multiple values sorted, '' if absent."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(sorted(str(v).strip() for v in value))
+    return str(value).strip()
+
+
+def compare_answers(
+    label: str, name_a: str, a: dict[str, dict[str, str]], name_b: str, b: dict[str, dict[str, str]]
+) -> list[str]:
+    """Differences between two servers' answers to one query: entities only one returned,
+    and return-key values that differ (per keyword: how many, and one example)."""
+    out = []
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        out.append(
+            f"{label}: {len(only_a)} entities only from {name_a}, {len(only_b)} only from "
+            f"{name_b} (e.g. {(only_a or only_b)[0]})"
+        )
+    differing: dict[str, list[tuple[str, str, str]]] = {}
+    for unique in sorted(set(a) & set(b)):
+        for keyword, value in a[unique].items():
+            other = b[unique].get(keyword, "")
+            if value != other:
+                differing.setdefault(keyword, []).append((unique, value, other))
+    for keyword, cases in sorted(differing.items()):
+        unique, value, other = cases[0]
+        out.append(
+            f"{label}: {keyword} differs in {len(cases)} of {len(set(a) & set(b))} answers, "
+            f"e.g. {name_a} {value!r} vs {name_b} {other!r}"
+        )
+    return out
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
@@ -599,7 +645,10 @@ Results = dict[str, dict[str, dict[str, Latency]]]
 
 
 def measure_queries(
-    servers: list[Server], specs: list[QuerySpec], opts: argparse.Namespace
+    servers: list[Server],
+    specs: list[QuerySpec],
+    opts: argparse.Namespace,
+    contents: dict[str, dict[str, dict[str, dict[str, str]]]] | None = None,
 ) -> Results:
     """Each query `opts.reps` times per server and client, servers interleaved run by run
     (so that background load hits both alike), after one counting run that warms up."""
@@ -624,7 +673,11 @@ def measure_queries(
                     log.error("%s", exc)
                 if server.name in clients:
                     try:
-                        cell["pynetdicom"].answers = clients[server.name].run(spec)[1]
+                        collected: dict[str, dict[str, str]] = {}
+                        client = clients[server.name]
+                        cell["pynetdicom"].answers = client.run(spec, collected)[1]
+                        if contents is not None:
+                            contents.setdefault(spec.key, {})[server.name] = collected
                     except Exception as exc:
                         cell["pynetdicom"].error = str(exc)
                         log.error("%s", exc)
@@ -665,6 +718,73 @@ def measure_queries(
         for client in clients.values():
             client.close()
     return results
+
+
+# The query engine alone: storage.query.find in a separate process (the project's venv),
+# on the archive's index opened read-only, answers consumed as DICOM JSON. Same keys as the
+# DICOM queries; no network, no pynetdicom, no Dataset.from_json.
+ENGINE_SNIPPET = """
+import json, sys, time
+from peewee import SqliteDatabase
+from pydicom.dataset import Dataset
+from storage import query
+from storage.models import db
+job = json.load(sys.stdin)
+db.initialize(SqliteDatabase("file:" + job["index"] + "?mode=ro", uri=True,
+                             pragmas={"cache_size": -16000}))
+out = {}
+with db.connection_context():
+    for key, level, pairs in job["specs"]:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = level
+        for keyword, value in pairs:
+            setattr(ds, keyword, value)
+        keys = query.keys_from_dataset(ds)
+        options = query.Options(retrieve_aet="MINIPACS")
+        runs, answers = [], None
+        for _ in range(job["reps"] + 1):
+            started = time.perf_counter()
+            count = sum(1 for _ in query.find(level, keys, "STUDY", options))
+            runs.append(1000 * (time.perf_counter() - started))
+            answers = count
+        out[key] = {"answers": answers, "runs_ms": runs[1:]}
+json.dump(out, sys.stdout)
+"""
+
+
+def measure_engine(
+    opts: argparse.Namespace, data: Path, specs: list[QuerySpec]
+) -> dict[str, Latency] | None:
+    """p50 of storage.query.find per query (after one warm-up run); None when the project's
+    query API cannot be called this way (it is internal, and may change)."""
+    python = opts.minipacs.parent / "python"
+    job = {
+        "index": str(data / "index.sqlite"),
+        "reps": opts.reps,
+        "specs": [[s.key, s.level, [list(k) for k in s.keys]] for s in specs],
+    }
+    try:
+        result = subprocess.run(
+            [str(python), "-c", ENGINE_SNIPPET],
+            input=json.dumps(job),
+            capture_output=True,
+            text=True,
+            cwd=opts.code or REPO,
+            env=minipacs_env(opts),
+            timeout=opts.query_timeout * len(specs),
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        log.warning("query engine measurement timed out: skipped")
+        return None
+    if result.returncode != 0:
+        log.warning("query engine measurement failed (skipped):\n%s", result.stderr[-1500:])
+        return None
+    out = {}
+    for key, value in json.loads(result.stdout).items():
+        out[key] = Latency(answers=value["answers"], runs_ms=value["runs_ms"])
+    log.info("engine p50 ms: %s", {k: (v.answers, round(v.p50 or 0, 2)) for k, v in out.items()})
+    return out
 
 
 # --------------------------------------------------------------------------- C-MOVE
@@ -786,6 +906,9 @@ class QueryMinipacs(Minipacs):
         self.data = data
         self.peers = peers
 
+    def env(self) -> dict[str, str]:
+        return minipacs_env(self.opts)
+
     def extra_args(self) -> list[str]:
         peers = [a for aet, port in self.peers.items() for a in ("--peer", f"{aet}={HOST}:{port}")]
         return peers + super().extra_args()
@@ -811,20 +934,6 @@ class QueryOrthanc(Orthanc):
         return config
 
 
-def run_logged(cmd: list[str], log_path: Path, timeout: float) -> tuple[int, float]:
-    """Run a command to completion with its output in `log_path`: (status, seconds)."""
-    with log_path.open("wb") as out:
-        started = time.perf_counter()
-        proc = PROCS.start(cmd, env=base_env(), out=out)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"{cmd[0]} {cmd[1]} did not finish within {timeout:.0f} s") from None
-        finally:
-            PROCS.stop(proc, grace=5.0)
-        return code, time.perf_counter() - started
-
-
 def minipacs_import(
     opts: argparse.Namespace, data: Path, folders: list[Path], log_path: Path, parallel: int = 1
 ) -> float:
@@ -840,7 +949,7 @@ def minipacs_import(
             out = path.open("wb")
             cmd = [str(opts.minipacs), "import", "--data", str(data), "--no-fsync", "--json"]
             cmd += [str(f) for f in group]
-            procs.append((PROCS.start(cmd, env=base_env(), out=out), out, path))
+            procs.append((PROCS.start(cmd, env=minipacs_env(opts), out=out), out, path))
         deadline = started + opts.import_timeout
         for proc, _out, path in procs:
             try:
@@ -882,64 +991,206 @@ def wait_orthanc_count(server: Orthanc, count: int, timeout: float) -> None:
     raise BenchError(f"orthanc holds {seen} of {count} instances after {timeout:.0f} s")
 
 
+# --------------------------------------------------------------------------- profiling
+
+
+@contextlib.contextmanager
+def profiled(server: Server, out: Path | None, phase: str) -> Iterator[None]:
+    """py-spy (raw collapsed stacks, non-idle threads, non-blocking) on the server while
+    the block runs, when `out` is set; a summary of the hottest frames goes to the log."""
+    if out is None or server.proc is None or not server.alive():
+        yield
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{server.name}-{phase}.txt"
+    log_path = out / f"{server.name}-{phase}.py-spy.log"
+    cmd = [str(PY_SPY), "record", "--pid", str(server.proc.pid), "--format", "raw"]
+    cmd += ["--nonblocking", "--rate", "200", "--output", str(path)]
+    with log_path.open("wb") as out_file:
+        spy = PROCS.start(cmd, env=base_env(), out=out_file)
+        time.sleep(1.0)  # attach before the measured work starts
+        try:
+            yield
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                spy.send_signal(signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.wait(timeout=30)
+            PROCS.stop(spy, grace=5.0)
+    if path.exists():
+        log.info("py-spy %s %s: %s\n%s", server.name, phase, path, summarize_profile(path))
+    else:
+        log.warning("py-spy wrote nothing:\n%s", tail(log_path))
+
+
+def summarize_profile(path: Path, top: int = 25) -> str:
+    """The frames with most samples on their stack (inclusive), from py-spy raw output."""
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + count
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+    if not total:
+        return "  (no samples)"
+    lines = [f"  {total} samples; inclusive:"]
+    for frame, count in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"  {100 * count / total:5.1f}%  {frame}")
+    lines.append("  self:")
+    for frame, count in sorted(own.items(), key=lambda kv: -kv[1])[:15]:
+        lines.append(f"  {100 * count / total:5.1f}%  {frame}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- report
 
 
-def _cell(lat: Latency | None) -> tuple[str, str]:
-    if lat is None:
-        return "-", "-"
-    if lat.error is not None and not lat.runs_ms:
-        return "ERR", "ERR"
-    return fmt(lat.p50), fmt(lat.p95)
+def _pp(lat: Latency | None) -> str:
+    """'p50/p95' of a latency cell."""
+    if lat is None or not lat.runs_ms:
+        return "ERR" if lat is not None and lat.error else "-"
+    return f"{lat.p50:.1f}/{lat.p95:.1f}"
 
 
-def latency_table(
-    title: str,
+def _answers(lat: Latency | None) -> str:
+    return "-" if lat is None or lat.answers is None else str(lat.answers)
+
+
+def find_table(
     results: Results,
     specs: list[QuerySpec],
     names: list[str],
-    client: str,
     expected: dict[str, int],
+    engine: dict[str, Latency] | None,
 ) -> list[str]:
-    lines = [title]
-    head = f"  {'query':<28} {'expected':>8} " + " ".join(f"{n + ' answers':>16}" for n in names)
-    for name in names:
-        head += f" {name + ' p50':>13} {'p95':>7}"
-    if len(names) == 2:
-        head += f" {'p50 ratio':>9}"
-    lines.append(head)
+    """One row per query: answers per server and the corpus, p50/p95 per client and server."""
+    two = len(names) == 2
+    width = 15
+    head = f"  {'query':<27} " + " ".join(f"{n[:8]:>8}" for n in names) + f" {'corpus':>7} |"
+    for _client in ("findscu", "pynetdicom"):
+        head += " " + " ".join(f"{n:>{width}}" for n in names) + (f" {'ratio':>5}" if two else "")
+        head += " |"
+    head += f" {'engine':>7}"
+    group = f"  {'':<27} " + f"{'answers':^{9 * len(names) + 7}} |"
+    span = (width + 1) * len(names) + (6 if two else 0)
+    group += (
+        f" {'findscu process':^{span - 1}} | {'pynetdicom, one assoc.':^{span - 1}} | {'p50':>7}"
+    )
+    lines = [group, head]
     for spec in specs:
-        row = f"  {spec.label:<28} {expected.get(spec.key, 0):>8} "
-        cells = [results[spec.key][n][client] for n in names]
-        counts = [c.answers for c in cells]
-        row += " ".join(f"{'-' if c is None else c:>16}" for c in counts)
-        for lat in cells:
-            p50, p95 = _cell(lat)
-            row += f" {p50:>13} {p95:>7}"
-        if len(names) == 2:
-            row += f" {fmt(ratio(cells[0].p50, cells[1].p50), '.2f'):>9}"
-        if len(set(counts)) > 1 or any(c != expected.get(spec.key) for c in counts):
+        cells = results[spec.key]
+        row = f"  {spec.label:<27} "
+        row += " ".join(f"{_answers(cells[n]['findscu']):>8}" for n in names)
+        row += f" {expected.get(spec.key, 0):>7} |"
+        for client in ("findscu", "pynetdicom"):
+            row += " " + " ".join(f"{_pp(cells[n][client]):>{width}}" for n in names)
+            if two:
+                value = ratio(cells[names[0]][client].p50, cells[names[1]][client].p50)
+                row += f" {fmt(value, '.2f'):>5}"
+            row += " |"
+        lat = engine.get(spec.key) if engine else None
+        row += f" {fmt(lat.p50 if lat else None, '.1f'):>7}"
+        counts = {c.answers for n in names for c in cells[n].values()}
+        if lat is not None and lat.answers is not None:
+            counts.add(lat.answers)
+        if counts != {expected.get(spec.key)}:
             row += "  ≠ MISMATCH"
         lines.append(row)
     return lines
 
 
-def check_counts(results: Results, specs: list[QuerySpec], expected: dict[str, int]) -> list[str]:
-    """Every answer count that differs from another client's, server's or the expected one."""
+def check_counts(
+    results: Results,
+    specs: list[QuerySpec],
+    expected: dict[str, int],
+    engine: dict[str, Latency] | None = None,
+) -> list[str]:
+    """Every answer count that differs from what the corpus holds, and every failure."""
     out = []
     for spec in specs:
-        for server, clients in results[spec.key].items():
-            for client, lat in clients.items():
-                if lat.error:
-                    out.append(
-                        f"{spec.label}: {server} {client} failed: {lat.error.splitlines()[0]}"
-                    )
-                elif lat.answers != expected[spec.key]:
-                    out.append(
-                        f"{spec.label}: {server} ({client}) {lat.answers} answers, "
-                        f"the corpus has {expected[spec.key]}"
-                    )
+        cells = {(srv, c): lat for srv, d in results[spec.key].items() for c, lat in d.items()}
+        if engine and spec.key in engine:
+            cells[("minipacs", "engine")] = engine[spec.key]
+        for (server, client), lat in cells.items():
+            if lat.error:
+                out.append(f"{spec.label}: {server} ({client}) failed: {lat.error.splitlines()[0]}")
+            elif lat.answers != expected[spec.key]:
+                out.append(
+                    f"{spec.label}: {server} ({client}) {lat.answers} answers, "
+                    f"the corpus has {expected[spec.key]}"
+                )
     return out
+
+
+def evaluate_targets(
+    specs: list[QuerySpec],
+    base: Results,
+    moves: list[MoveResult],
+    grown: Results | None,
+    grown_instances: int | None,
+) -> list[dict[str, Any]]:
+    """The targets: value on findscu (the verdict) and on the in-process client (shown)."""
+    targets: list[dict[str, Any]] = []
+
+    def p50(results: Results | None, key: str, server: str, client: str) -> float | None:
+        if results is None or server not in results.get(key, {}):
+            return None
+        return results[key][server][client].p50
+
+    def add(label: str, value: float | None, other: float | None, goal: float, higher: bool):
+        def verdict(v: float | None) -> str:
+            if v is None:
+                return "n/a"
+            return "PASS" if (v >= goal if higher else v <= goal) else "FAIL"
+
+        targets.append(
+            {
+                "target": label,
+                "value": value,
+                "verdict": verdict(value),
+                "in_process_value": other,
+                "in_process_verdict": verdict(other) if other is not None else None,
+                "goal": goal,
+            }
+        )
+
+    for spec in specs:
+        goal = MODALITIES_TARGET if spec.key == "modality_mr" else 1.0
+        values = [
+            ratio(p50(base, spec.key, "minipacs", c), p50(base, spec.key, "orthanc", c))
+            for c in ("findscu", "pynetdicom")
+        ]
+        add(f"{spec.label}: p50 ≤ {goal:.1f} × orthanc's", *values, goal, False)
+    by = {m.server: m for m in moves}
+    add(
+        "C-MOVE inst/s ≥ 1.0 × orthanc's",
+        ratio(
+            by["minipacs"].inst_per_s if "minipacs" in by else None,
+            by["orthanc"].inst_per_s if "orthanc" in by else None,
+        ),
+        None,
+        1.0,
+        True,
+    )
+    if grown is not None:
+        for spec in specs:
+            if spec.study_level:
+                add(
+                    f"at {grown_instances or 0:,}: {spec.label} p50 < "
+                    f"{STUDY_LEVEL_TARGET_MS:.0f} ms",
+                    p50(grown, spec.key, "minipacs", "findscu"),
+                    p50(grown, spec.key, "minipacs", "pynetdicom"),
+                    STUDY_LEVEL_TARGET_MS,
+                    False,
+                )
+    return targets
 
 
 def report(
@@ -948,133 +1199,73 @@ def report(
     base: Results,
     moves: list[MoveResult],
     grown: Results | None,
+    engines: dict[str, dict[str, Latency] | None],
 ) -> tuple[str, list[dict[str, Any]]]:
     meta, corpus = payload["meta"], payload["corpus"]
     names = meta["servers"]
+    expected = corpus["expected"]
     lines = [
-        f"C-FIND / C-MOVE, {' vs '.join(names)}, {meta['date']}, 127.0.0.1, TCP_NODELAY=1, "
+        f"C-FIND / C-MOVE, {' vs '.join(names)}"
+        + (f" ({meta['orthanc_version']})" if "orthanc_version" in meta else "")
+        + f", {meta['date']}, minipacs {meta.get('commit', '?')}, 127.0.0.1, TCP_NODELAY=1, "
         f"{meta['cpus']} CPUs",
         f"corpus: {corpus['studies']:,} studies, {corpus['patients']:,} patients, "
         f"{corpus['series']:,} series, {corpus['instances']:,} instances "
-        f"({corpus['bytes'] / 1e6:.0f} MB; {corpus['instances'] - corpus['big_count']:,} "
-        f"× {meta['size']}² + {corpus['big_count']} × {meta['big_size']}² CT)",
+        f"({corpus['instances'] - corpus['big_count']:,} × {meta['size']}² in varied studies "
+        f"+ one {corpus['big_count']} × {meta['big_size']}² CT study; "
+        f"{corpus['bytes'] / 1e6:.0f} MB)",
         "loaded: " + ", ".join(f"{k} {v:.1f} s" for k, v in payload["load_s"].items()),
+        "load average (1 min) at start / end: "
+        f"{meta['load_avg_start'][0]:.2f} / {meta.get('load_avg_end', [float('nan')])[0]:.2f}",
         "",
+        f"C-FIND, ms, p50/p95 of {meta['reps']} runs per query, client and server (servers "
+        "interleaved run by run); ratio = minipacs p50 ÷ orthanc p50",
+        "findscu: the whole `findscu -S -q` process, start to exit (association included);",
+        "pynetdicom: send_c_find on one association opened beforehand, in this process;",
+        "engine: minipacs' storage.query.find alone, answers as DICOM JSON, no DICOM network",
     ]
-    lines += latency_table(
-        f"C-FIND, ms — findscu process, start to exit ({meta['reps']} runs each, -q; "
-        "ratio = minipacs ÷ orthanc)",
-        base,
-        specs,
-        names,
-        "findscu",
-        corpus["expected"],
-    )
-    lines.append("")
-    lines += latency_table(
-        f"C-FIND, ms — pynetdicom in-process, one open association ({meta['reps']} runs each)",
-        base,
-        specs,
-        names,
-        "pynetdicom",
-        corpus["expected"],
-    )
+    lines += find_table(base, specs, names, expected, engines.get("base"))
     lines += [
         "",
-        f"C-MOVE of the {corpus['big_count']}-instance study to storescp "
-        f"(movescu start to exit, {meta['move_reps']} runs each)",
+        f"C-MOVE of the {corpus['big_count']}-instance study to storescp (movescu start to exit,"
+        f" {meta['move_reps']} runs per server, interleaved)",
+        f"  {'server':<10} {'inst/s p50':>10} {'best':>7} {'s p50':>6}  status",
     ]
-    lines.append(f"  {'server':<10} {'inst/s (p50)':>12} {'best':>7} {'s p50':>7}  status")
     for move in moves:
         status = "ok" if move.error is None else "FAILED: " + move.error.splitlines()[0][:70]
         lines.append(
-            f"  {move.server:<10} {fmt(move.inst_per_s):>12} {fmt(move.best_inst_per_s):>7} "
-            f"{fmt(move.p50_s, '.2f'):>7}  {status}"
+            f"  {move.server:<10} {fmt(move.inst_per_s):>10} {fmt(move.best_inst_per_s):>7} "
+            f"{fmt(move.p50_s, '.2f'):>6}  {status}"
         )
     growth = payload.get("growth")
     if grown is not None and growth:
         counts = growth["counts"]
         lines += [
             "",
-            f"minipacs grown to {counts['instance']:,} instances ({counts['study']:,} studies, "
-            f"{counts['patient']:,} patients): {growth['added']:,} instances "
-            f"({growth['size']}² images, {GROWTH_PER_SERIES} per series) written in "
-            f"{growth['write_s']:.0f} s, imported in {growth['import_s']:.0f} s "
-            f"({growth['added'] / growth['import_s']:.0f} inst/s, {growth['import_processes']} "
-            f"import process(es), --no-fsync); serve start-up {growth['startup_s']:.1f} s",
+            f"minipacs grown to {counts['instance']:,} instances, {counts['study']:,} studies, "
+            f"{counts['patient']:,} patients: +{growth['added']:,} instances "
+            f"({growth['size']}² images, {GROWTH_PER_SERIES} per series, no DOE, no MR, "
+            f"{GROWTH_YEARS[0]}–{GROWTH_YEARS[1]})",
+            f"  written in {growth['write_s']:.0f} s; `minipacs import --no-fsync` × "
+            f"{growth['import_processes']} in {growth['import_s']:.0f} s "
+            f"({growth['added'] / growth['import_s']:.0f} inst/s); serve start-up "
+            f"{growth['startup_s']:.1f} s",
         ]
-        lines += latency_table(
-            "  findscu, ms", grown, specs, ["minipacs"], "findscu", corpus["expected"]
-        )
-        lines += latency_table(
-            "  pynetdicom in-process, ms",
-            grown,
-            specs,
-            ["minipacs"],
-            "pynetdicom",
-            corpus["expected"],
-        )
+        lines += find_table(grown, specs, ["minipacs"], expected, engines.get("grown"))
 
-    targets: list[dict[str, Any]] = []
-
-    def p50(results: Results | None, key: str, server: str, client: str) -> float | None:
-        if results is None or server not in results.get(key, {}):
-            return None
-        return results[key][server][client].p50
-
-    def target(label: str, values: dict[str, float | None], goal: float, higher: bool) -> None:
-        verdicts = {}
-        for client, value in values.items():
-            if value is None:
-                verdicts[client] = "n/a"
-            else:
-                ok = value >= goal if higher else value <= goal
-                verdicts[client] = "PASS" if ok else "FAIL"
-        targets.append({"target": label, "values": values, "goal": goal, "verdicts": verdicts})
-
-    clients = ("findscu", "pynetdicom")
-    for spec in specs:
-        goal = MODALITIES_TARGET if spec.key == "modality_mr" else 1.0
-        target(
-            f"{spec.label}: p50 ≤ {goal:g} × orthanc",
-            {
-                c: ratio(p50(base, spec.key, "minipacs", c), p50(base, spec.key, "orthanc", c))
-                for c in clients
-            },
-            goal,
-            False,
-        )
-    mp = next((m for m in moves if m.server == "minipacs"), None)
-    oc = next((m for m in moves if m.server == "orthanc"), None)
-    move_ratio = ratio(mp.inst_per_s if mp else None, oc.inst_per_s if oc else None)
-    target("C-MOVE inst/s ≥ orthanc's", {"findscu": move_ratio, "pynetdicom": None}, 1.0, True)
-    if grown is not None:
-        for spec in specs:
-            if spec.study_level:
-                target(
-                    f"at {growth['counts']['instance'] if growth else '?':,}: {spec.label} p50 < "
-                    f"{STUDY_LEVEL_TARGET_MS:.0f} ms",
-                    {c: p50(grown, spec.key, "minipacs", c) for c in clients},
-                    STUDY_LEVEL_TARGET_MS,
-                    False,
-                )
-    lines += ["", f"targets{'':<43} {'findscu':>14} {'in-process':>14}"]
+    targets = evaluate_targets(
+        specs, base, moves, grown, growth["counts"]["instance"] if growth else None
+    )
+    lines += ["", "targets (verdict on findscu / movescu; [pynetdicom in-process])"]
     for t in targets:
-        cells = []
-        for client in clients:
-            value = t["values"].get(client)
-            spec_fmt = ".1f" if "ms" in t["target"] else ".2f"
-            cells.append(
-                f"{fmt(value, spec_fmt):>8} {t['verdicts'][client]:<5}"
-                if value is not None
-                else f"{'':>8} {'-':<5}"
-            )
-        lines.append(f"  {t['target']:<48} {cells[0]:>14} {cells[1]:>14}")
-    lines.append("  (C-MOVE is movescu for both columns' purposes: shown once)")
-
+        spec_fmt = ".1f" if "ms" in t["target"] else ".2f"
+        line = f"  {t['target']:<50} {fmt(t['value'], spec_fmt):>7}  {t['verdict']:<4}"
+        if t["in_process_value"] is not None:
+            line += f"   [{fmt(t['in_process_value'], spec_fmt)} {t['in_process_verdict']}]"
+        lines.append(line)
     problems = payload.get("problems", [])
-    if problems:
-        lines += ["", "problems:"] + [f"  {p}" for p in problems]
+    lines += ["", "problems:" if problems else "problems: none (answer counts agree, logs clean)"]
+    lines += [f"  {p}" for p in problems]
     return "\n".join(lines), targets
 
 
@@ -1131,6 +1322,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--tmp", type=Path, default=None, help="parent of the temporary folder (None: system's)"
     )
     parser.add_argument("--log-dir", type=Path, help="keep every server and tool log here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="record minipacs with py-spy into this folder during each phase (perturbs the "
+        "figures: not for the recorded run)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
     parser.add_argument("--query-timeout", type=float, default=120.0, help="seconds per query")
     parser.add_argument("--move-timeout", type=float, default=300.0, help="seconds per C-MOVE")
@@ -1140,8 +1337,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--strict", action="store_true", help="exit 3 when a measured target is missed"
     )
+    parser.add_argument(
+        "--live-code",
+        action="store_true",
+        help="run minipacs from the working tree as it is at each start, not from a copy "
+        "taken when the run begins",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     opts = parser.parse_args(argv)
+    opts.code = None
     if opts.studies < 2 or opts.big_count < 1 or opts.reps < 1 or opts.move_reps < 1:
         parser.error("--studies must be ≥ 2, --big-count, --reps and --move-reps ≥ 1")
     return opts
@@ -1192,6 +1396,70 @@ def grow(opts: argparse.Namespace, root: Path, data: Path) -> dict[str, Any]:
     }
 
 
+CODE_PACKAGES = ("pacs", "storage", "viewer")
+
+
+def snapshot_code(root: Path, opts: argparse.Namespace) -> str:
+    """Copy the project's packages into `root/code` and run every minipacs process of this
+    run from there (PYTHONPATH ahead of the editable install), so that edits to the working
+    tree during a run cannot change the code measured halfway. Returns what was copied:
+    HEAD's short hash, '+dirty' when the packages differ from it."""
+    commit = git_commit()
+    code = root / "code"
+    for package in CODE_PACKAGES:
+        if (REPO / package).is_dir():
+            shutil.copytree(
+                REPO / package, code / package, ignore=shutil.ignore_patterns("__pycache__")
+            )
+    opts.code = code
+    probe = subprocess.run(
+        [str(opts.minipacs.parent / "python"), "-c", "import pacs; print(pacs.__file__)"],
+        cwd=code,
+        env=minipacs_env(opts),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if not probe.stdout.strip().startswith(str(code)):
+        raise BenchError(f"the code snapshot is not what minipacs imports: {probe.stdout!r}")
+    log.info("minipacs code %s copied to %s", commit, code)
+    return commit
+
+
+def minipacs_env(opts: argparse.Namespace) -> dict[str, str]:
+    """The environment of minipacs processes: the code snapshot first on the path."""
+    env = base_env()
+    code = getattr(opts, "code", None)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(code)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
+    return env
+
+
+def git_commit() -> str:
+    """HEAD's short hash, '+dirty' when the project's packages differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", *CODE_PACKAGES],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head + ("+dirty" if dirty else "")
+
+
 def start_timed(server: Server) -> float:
     started = time.perf_counter()
     server.start()
@@ -1224,6 +1492,9 @@ def main(argv: list[str] | None = None) -> int:
     if not opts.minipacs.exists():
         log.error("%s not found: create the venv (./scripts/serve does)", opts.minipacs)
         return 2
+    if opts.profile and not PY_SPY.exists():
+        log.error("%s not found: pip install py-spy into the venv", PY_SPY)
+        return 2
 
     root: Path | None = None
     started: list[Server] = []
@@ -1247,6 +1518,8 @@ def main(argv: list[str] | None = None) -> int:
                 "cpus": os.cpu_count(),
                 "load_avg_start": os.getloadavg(),
                 "tmp": str(root),
+                "commit": git_commit() if opts.live_code else snapshot_code(root, opts),
+                "code": "live working tree" if opts.live_code else "snapshot at start",
             }
             if use_orthanc:
                 meta["orthanc_version"] = orthanc_version(opts.orthanc)
@@ -1293,9 +1566,15 @@ def main(argv: list[str] | None = None) -> int:
             log.info(
                 "C-FIND: %d queries × %d runs × %d server(s)", len(specs), opts.reps, len(servers)
             )
-            base = measure_queries(servers, specs, opts)
+            contents: dict[str, dict[str, dict[str, dict[str, str]]]] = {}
+            with profiled(minipacs, opts.profile, "find"):
+                base = measure_queries(servers, specs, opts, contents)
+            engines: dict[str, dict[str, Latency] | None] = {
+                "base": measure_engine(opts, data, specs)
+            }
             log.info("C-MOVE: %d runs × %d server(s)", opts.move_reps, len(servers))
-            moves = measure_moves(servers, storescp, corpus, opts)
+            with profiled(minipacs, opts.profile, "move"):
+                moves = measure_moves(servers, storescp, corpus, opts)
             for server in servers[1:]:
                 server.stop()  # Orthanc is done: free the CPU and memory for the growth
 
@@ -1307,7 +1586,10 @@ def main(argv: list[str] | None = None) -> int:
                 again = QueryMinipacs(workdir("minipacs-grown"), opts, data, peers)
                 started.append(again)
                 growth["startup_s"] = start_timed(again)
-                grown = measure_queries([again], specs, opts)
+                grown_contents: dict[str, dict[str, dict[str, dict[str, str]]]] = {}
+                with profiled(again, opts.profile, "find-grown"):
+                    grown = measure_queries([again], specs, opts, grown_contents)
+                engines["grown"] = measure_engine(opts, data, specs)
             elif opts.grow:
                 log.warning(
                     "--grow %d is not above the corpus' %d instances: skipped",
@@ -1315,12 +1597,41 @@ def main(argv: list[str] | None = None) -> int:
                     corpus.instances,
                 )
 
-            problems = check_counts(base, specs, corpus.expected)
+            problems = check_counts(base, specs, corpus.expected, engines.get("base"))
             if grown is not None:
                 problems += [
-                    f"at {opts.grow:,}: {p}" for p in check_counts(grown, specs, corpus.expected)
+                    f"at {opts.grow:,}: {p}"
+                    for p in check_counts(grown, specs, corpus.expected, engines.get("grown"))
                 ]
             problems += [f"C-MOVE {m.server}: {m.error}" for m in moves if m.error]
+            # Same answers? minipacs against Orthanc, and minipacs at --grow against itself
+            # before (the grown studies match none of the queries).
+            differences: list[str] = []
+            for spec in specs:
+                got = contents.get(spec.key, {})
+                if "minipacs" in got and "orthanc" in got:
+                    differences += compare_answers(
+                        spec.label, "minipacs", got["minipacs"], "orthanc", got["orthanc"]
+                    )
+                if grown is not None and "minipacs" in got:
+                    later = grown_contents.get(spec.key, {}).get("minipacs")
+                    if later is not None:
+                        differences += compare_answers(
+                            spec.label, "minipacs", got["minipacs"], "minipacs grown", later
+                        )
+            compared = sum(len(v) for d in contents.values() for v in d.values())
+            log.info(
+                "return keys compared over %d answers (%s): %d difference(s)",
+                compared,
+                " and ".join(
+                    (["minipacs vs orthanc"] if "orthanc" in meta["servers"] else [])
+                    + (["minipacs before vs after growth"] if grown is not None else [])
+                ),
+                len(differences),
+            )
+            for line in differences:
+                log.warning("answers differ: %s", line)
+            problems += [f"answers differ: {line}" for line in differences]
             for server in started:
                 server.stop()
             log_problems, log_summary = server_log_problems(started)
@@ -1352,10 +1663,14 @@ def main(argv: list[str] | None = None) -> int:
                     if grown is not None
                     else None
                 ),
+                "engine": {
+                    phase: {k: lat.as_dict() for k, lat in cells.items()} if cells else None
+                    for phase, cells in engines.items()
+                },
                 "logs": log_summary,
                 "problems": problems,
             }
-            table, targets = report(payload, specs, base, moves, grown)
+            table, targets = report(payload, specs, base, moves, grown, engines)
             payload["targets"] = targets
             print(table)
             if opts.json:
@@ -1375,7 +1690,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if failed:
                 return 1
-            if opts.strict and any("FAIL" in t["verdicts"].values() for t in targets):
+            if opts.strict and any(t["verdict"] == "FAIL" for t in targets):
                 return 3
             return 0
     except BenchError as exc:
