@@ -142,3 +142,22 @@ def storescu(port: int, *files: Path | str, extra: tuple[str, ...] = (), check: 
         *map(str, files),
         check=check,
     )
+
+
+def storescu_concurrently(port: int, batches: list[list[Path]]) -> list[str]:
+    """One storescu per batch, all at once; the stderr of each that failed."""
+    import threading
+
+    errors: list[str] = []
+
+    def send(paths: list[Path]) -> None:
+        result = storescu(port, *paths, check=False)
+        if result.returncode:
+            errors.append(result.stderr)
+
+    threads = [threading.Thread(target=send, args=(batch,)) for batch in batches]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return errors

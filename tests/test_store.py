@@ -1,13 +1,13 @@
 """C-STORE into the archive with real clients: bit-preserving, indexed, policed."""
 
 import sqlite3
-import threading
 from pathlib import Path
 
 import pydicom
 import pytest
 from conftest import STORESCU_PROPOSE
 from conftest import storescu
+from conftest import storescu_concurrently
 from dicom_files import dataset_bytes
 from dicom_files import malformed
 from dicom_files import storable
@@ -252,18 +252,7 @@ def test_eight_concurrent_associations(server, tmp_path):
     from make_study import make_study
 
     studies = [make_study(tmp_path / f"s{n}", 15, size=64) for n in range(8)]
-    errors: list[str] = []
-
-    def send(paths):
-        result = storescu(server.port, *paths, check=False)
-        if result.returncode:
-            errors.append(result.stderr)
-
-    threads = [threading.Thread(target=send, args=(paths,)) for paths in studies]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    errors = storescu_concurrently(server.port, studies)
     assert errors == []
     assert index_rows(server.data, "SELECT count(*), count(DISTINCT sop_uid) FROM instance") == [
         (120, 120)

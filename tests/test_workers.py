@@ -3,11 +3,10 @@
 import os
 import signal
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
-from conftest import storescu
+from conftest import storescu_concurrently
 from make_study import make_study
 from scu import echo
 
@@ -41,19 +40,8 @@ def test_workers_share_port_and_archive(start_server, tmp_path):
     wait_for(lambda: len(workers(server.proc.pid)) == 2)
     wait_for(lambda: "DICOM on" in server.log())
     studies = [make_study(tmp_path / f"s{n}", 20, size=64) for n in range(6)]
-    errors: list[str] = []
-
-    def send(paths):
-        result = storescu(server.port, *paths, check=False)
-        if result.returncode:
-            errors.append(result.stderr)
-
     halves = [half for paths in studies for half in (paths[:10], paths[10:])]
-    threads = [threading.Thread(target=send, args=(half,)) for half in halves]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    errors = storescu_concurrently(server.port, halves)
     assert errors == []
     with sqlite3.connect(server.data / "index.sqlite") as db:
         assert db.execute("SELECT count(*), count(DISTINCT sop_uid) FROM instance").fetchone() == (
