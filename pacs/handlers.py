@@ -181,6 +181,7 @@ def handle_find(event: Event, archive: Archive, config: Config):
         return
     count = 0
     for answer in itertools.chain([first] if first else [], answers):
+        transport.wait_to_send(event.assoc)  # also where a C-CANCEL gets read
         if event.is_cancelled:
             log.info(
                 "C-FIND from %s cancelled after %d answers", event.assoc.requestor.ae_title, count

@@ -8,15 +8,22 @@
 - A dataset carrying its stored bytes (`StoredDataset`) is sent as those bytes when the
   negotiated transfer syntax is the stored one: C-MOVE/C-GET send exactly what was
   received, where pydicom's re-encoding would drop group lengths or re-deflate.
+- `wait_to_send`: pynetdicom queues outgoing PDUs without bound, and its DUL thread sends
+  everything queued before it reads the socket again. A handler that answers faster than
+  the socket drains would queue a whole result in memory and read a C-CANCEL only after
+  the last answer; handlers wait here before each answer instead.
 See docs/decisions.md (2026-11-25).
 """
 
 import socket
+import time
 
 from pydicom.dataset import Dataset
 from pynetdicom import association
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
+
+SEND_QUEUE_LIMIT = 32  # PDUs an association may have waiting to be sent
 
 _create_socket = AssociationSocket._create_socket
 _encode = association.encode
@@ -42,6 +49,13 @@ def _encode_stored(ds: Dataset, is_implicit: bool, is_little: bool, deflated: bo
         ):
             return raw
     return _encode(ds, is_implicit, is_little, deflated)
+
+
+def wait_to_send(assoc: association.Association) -> None:
+    """Block while more than SEND_QUEUE_LIMIT PDUs wait in the association's send queue."""
+    pending = assoc.dul.to_provider_queue
+    while pending.qsize() > SEND_QUEUE_LIMIT and assoc.is_established:
+        time.sleep(0.0002)
 
 
 class Server(ThreadedAssociationServer):
