@@ -96,6 +96,30 @@ class Config:
     max_associations: int = field(
         default=32, metadata={"help": "Concurrent DICOM associations before new ones are refused."}
     )
+    public_url: str = field(
+        default="",
+        metadata={
+            "help": "Base URL clients reach the web side at (BulkDataURI, RetrieveURL); empty: "
+            "the URL of each request."
+        },
+    )
+    trust_proxy: bool = field(
+        default=False,
+        metadata={
+            "help": "Take the client-facing scheme, host and prefix from X-Forwarded-Proto/"
+            "Host/Prefix (only behind a reverse proxy that sets them)."
+        },
+    )
+    cors_origins: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Origins allowed to call the web side cross-origin (comma list, * = any)."
+        },
+    )
+    max_upload_mb: int = field(
+        default=4096,
+        metadata={"help": "Largest STOW-RS request body (MiB); bigger ones answer 413."},
+    )
 
 
 def settings() -> list[str]:
@@ -140,13 +164,25 @@ def _convert(name: str, value: Any) -> Any:
         return _aet(str(value), "aet")
     if name in ("port", "http_port"):
         return _port(value, name)
-    if name in ("max_pdu", "max_associations", "workers", "max_results", "render_cache_mb"):
+    if name in (
+        "max_pdu",
+        "max_associations",
+        "workers",
+        "max_results",
+        "render_cache_mb",
+        "max_upload_mb",
+    ):
         return _int(value, name, 0 if name == "max_pdu" else 1)
-    if name in ("fsync", "accept_unknown_sop_classes", "pn_case_insensitive"):
+    if name in ("fsync", "accept_unknown_sop_classes", "pn_case_insensitive", "trust_proxy"):
         return _bool(value, name)
     if name == "peer":
         items = value.split(",") if isinstance(value, str) else value
         return tuple(parse_peer(p) if isinstance(p, str) else p for p in items if p)
+    if name == "cors_origins":
+        items = value.split(",") if isinstance(value, str) else value
+        return tuple(str(o).strip().rstrip("/") for o in items if str(o).strip())
+    if name == "public_url":
+        return str(value).rstrip("/")
     if name == "log_level":
         level = str(value).upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -48,7 +48,11 @@ def serve(config: Config) -> None:
             _wait_until_listening(workers)
         try:
             http = waitress.create_server(
-                create_app(config, archive), host=config.host, port=config.http_port, threads=8
+                create_app(config, archive),
+                host=config.host,
+                port=config.http_port,
+                threads=8,
+                max_request_body_size=(config.max_upload_mb << 20) + (1 << 20),
             )
         except OSError as exc:
             raise StartupError(

@@ -63,6 +63,9 @@ class Stored:
     outcome: Outcome
     sop_uid: str
     path: str
+    sop_class_uid: str = ""
+    study_uid: str = ""
+    series_uid: str = ""
 
 
 @dataclass
@@ -178,11 +181,13 @@ class Archive:
         digest: tuple[int, str] | None = None,
         sop_class_uid: str | None = None,
         sop_uid: str | None = None,
+        study_uid: str | None = None,
         calling_aet: str = "",
     ) -> Stored:
         """Store the Part 10 file at `tmp` (consumed) and index it; return once durable.
 
-        `sop_class_uid`/`sop_uid` are what the request announced (C-STORE); `digest` is
+        `sop_class_uid`/`sop_uid` are what the request announced (C-STORE), `study_uid` the
+        study a STOW-RS request was addressed to; `digest` is
         (size, SHA-256) when the caller hashed the bytes while receiving them.
         """
         # The file's fsync (disk time, GIL released) overlaps the parsing (CPU time).
@@ -199,12 +204,24 @@ class Archive:
                 raise UIDMismatch(
                     f"dataset SOP Class UID differs from request: {parsed.sop_class_uid}"
                 )
+            if study_uid is not None and study_uid != parsed.study_uid:
+                raise UIDMismatch(
+                    f"instance {parsed.sop_uid} belongs to study {parsed.study_uid}, "
+                    f"not {study_uid}"
+                )
             size, sha = digest or hash_file(tmp)
             rel = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
             outcome = self._place(tmp, rel, sha)
             if outcome is Outcome.KEPT:
                 log.warning("kept stored %s: different bytes arrived under its UID", parsed.sop_uid)
-                return Stored(outcome, parsed.sop_uid, rel)
+                return Stored(
+                    outcome,
+                    parsed.sop_uid,
+                    rel,
+                    parsed.sop_class_uid,
+                    parsed.study_uid,
+                    parsed.series_uid,
+                )
             row = index.Row(parsed, rel, size, sha, calling_aet, outcome is Outcome.REPLACED)
             try:
                 self._write(index.apply_row, row, self._sql, db)
@@ -212,7 +229,14 @@ class Archive:
                 if outcome is Outcome.STORED:  # no row: take the file back out
                     (self.root / rel).unlink(missing_ok=True)
                 raise
-            return Stored(outcome, parsed.sop_uid, rel)
+            return Stored(
+                outcome,
+                parsed.sop_uid,
+                rel,
+                parsed.sop_class_uid,
+                parsed.study_uid,
+                parsed.series_uid,
+            )
         finally:
             if synced is not None:
                 synced.exception()  # never unlink under a running fsync
@@ -338,6 +362,12 @@ class Archive:
             for row in query.locate(level, keys, model):
                 row["instance_path"] = self.root / row["instance_path"]
                 yield row
+
+    def instance_json(self, level: str, keys: list) -> Iterator[tuple[str, str]]:
+        """(SOP Instance UID, stored DICOM JSON) under the entities the keys select
+        (storage.query.instance_json)."""
+        with db.connection_context():
+            yield from query.instance_json(level, keys)
 
     def instance_file(self, sop_uid: str, study_uid: str = "", series_uid: str = "") -> Path | None:
         """The stored file of an instance, or None; given study/series UIDs must match."""

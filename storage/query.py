@@ -110,6 +110,11 @@ class Options:
     pn_case_insensitive: bool = True
     retrieve_aet: str = ""
     combined_datetime: bool = False  # negotiated by the SCU (PS3.4 C.5.1.1.2)
+    # QIDO-RS fuzzymatching=true: a PN value without wildcards matches names in which any
+    # component (or word) starts with it, ignoring case: "joh" finds DOE^JOHN and JOHNSON.
+    fuzzy_names: bool = False
+    # QIDO-RS includefield=all: every stored attribute of the level, not only the keys.
+    all_attributes: bool = False
 
 
 def find(
@@ -135,7 +140,7 @@ def find(
         if limit is not None:
             query = query.limit(limit)
     skipped = produced = 0
-    needs_json = bool(post) or _needs_json(keys, level)
+    needs_json = bool(post) or options.all_attributes or _needs_json(keys, level)
     for row in _rows(query):
         stored = _stored_json(level, row) if needs_json else {}
         if post and not all(_matches(stored.get(k.hex), k, options) for k in post):
@@ -339,6 +344,13 @@ def _name_condition(value: str, options: Options) -> Expression | None:
     if len(groups) > 1 and any(g.strip() for g in groups[1:]):
         return None
     alphabetic = groups[0].rstrip("^ ")
+    if options.fuzzy_names and not any(c in alphabetic for c in "*?"):
+        start = name_key(alphabetic)
+        return (
+            _wildcard(Patient.name_key, f"{start}*")
+            | _wildcard(Patient.name_key, f"*^{start}*")
+            | _wildcard(Patient.name_key, f"* {start}*")
+        )
     if not options.pn_case_insensitive:
         return _single(Patient.patient_name, value, "PN") if "=" not in value else None
     return _single(Patient.name_key, name_key(alphabetic), "PN")
@@ -416,9 +428,14 @@ def _query_value(element: dict) -> Any:
 
 
 def _comparator(query: str, vr: str, options: Options) -> Callable[[str], bool]:
-    fold = vr == "PN" and options.pn_case_insensitive
+    fold = vr == "PN" and (options.pn_case_insensitive or options.fuzzy_names)
     if vr == "PN":
         query = "=".join(g.rstrip("^ ") for g in query.split("="))
+        if options.fuzzy_names and not any(c in query for c in "*?="):
+            start = query.upper()
+            return lambda value: any(
+                word.startswith(start) for word in re.split(r"[\^= ]+", value.upper())
+            )
     if fold:
         query = query.upper()
     wildcard = vr in WILDCARD_VRS and ("*" in query or "?" in query)
@@ -553,7 +570,8 @@ def _stored_json(level: str, row: dict) -> dict:
 
 
 def _answer(level: str, keys: list[Key], row: dict, stored: dict, options: Options) -> dict:
-    answer: dict[str, Any] = {
+    answer: dict[str, Any] = _level_attributes(level, stored) if options.all_attributes else {}
+    answer |= {
         "00080005": {"vr": "CS", "Value": ["ISO_IR 192"]},  # answers are UTF-8
         "00080052": {"vr": "CS", "Value": [level]},
     }
@@ -587,6 +605,79 @@ def _return_value(key: Key, level: str, row: dict, stored: dict, options: Option
     if "BulkDataURI" in element or "InlineBinary" in element:
         return {"vr": element["vr"]}  # binary values are not C-FIND answers
     return element
+
+
+# Attributes `includefield=all` returns above the IMAGE level, beyond the patient group
+# (0010,xxxx): the study and series modules' common attributes (PS3.3 C.7.2, C.7.3).
+STUDY_ATTRIBUTES = {
+    0x00080020,
+    0x00080030,
+    0x00080050,
+    0x00080051,
+    0x00080090,
+    0x00080096,
+    0x00081030,
+    0x00081032,
+    0x00081060,
+    0x00081080,
+    0x00080201,
+    0x0020000D,
+    0x00200010,
+    0x00101010,
+    0x00101020,
+    0x00101030,
+    0x00321032,
+    0x00321060,
+}
+SERIES_ATTRIBUTES = {
+    0x00080021,
+    0x00080031,
+    0x00080060,
+    0x00080070,
+    0x00080080,
+    0x00081010,
+    0x0008103E,
+    0x00081040,
+    0x00081050,
+    0x00081070,
+    0x00081090,
+    0x00180015,
+    0x00181030,
+    0x00185100,
+    0x0020000E,
+    0x00200011,
+    0x00200052,
+    0x00200060,
+    0x00400244,
+    0x00400245,
+    0x00400254,
+    0x00400275,
+}
+
+
+def _level_attributes(level: str, stored: dict) -> dict[str, Any]:
+    """The stored attributes that belong to `level` and the levels above it."""
+    if level == "IMAGE":
+        return dict(stored)
+    wanted = STUDY_ATTRIBUTES if level == "STUDY" else set()
+    if level == "SERIES":
+        wanted = STUDY_ATTRIBUTES | SERIES_ATTRIBUTES
+    return {
+        tag: element
+        for tag, element in stored.items()
+        if (tag.startswith("0010") or int(tag, 16) in wanted) and "BulkDataURI" not in element
+    }
+
+
+def instance_json(level: str, keys: list[Key], model: str = "STUDY") -> Iterator[tuple[str, str]]:
+    """(SOP Instance UID, stored DICOM JSON text) of every instance under the entities the
+    keys select, in series then instance order: WADO-RS metadata, read without a parse."""
+    query, _ = _select("IMAGE", keys, model, Options(), limit_to=level)
+    query = query.select_extend(Instance.json.alias("instance_json")).order_by(
+        Series.series_number, Series.id, Instance.instance_number, Instance.id
+    )
+    for row in _rows(query):
+        yield row["instance_sop_uid"], row["instance_json"]
 
 
 def explain(level: str, keys: list[Key], model: str = "STUDY") -> list[str]:

@@ -1,16 +1,23 @@
-"""The web side: a Flask app factory with the WADO-URI blueprint; DICOMweb and the viewer
-UI arrive as blueprints of their own."""
+"""The web side: a Flask app factory with the WADO-URI and DICOMweb blueprints; the viewer
+UI arrives as a blueprint of its own."""
 
 from typing import Any
 
 from flask import Flask
+from flask import Response
 from flask import jsonify
+from flask import request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from storage import Archive
+
+CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, Cache-Control"
+EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Encoding, ETag, Warning"
 
 
 def create_app(config: Any, archive: Archive) -> Flask:
     """Build the app around one long-lived archive (kept in `app.extensions`)."""
+    from viewer import dicomweb
     from viewer import render
     from viewer import wado_uri
 
@@ -21,6 +28,11 @@ def create_app(config: Any, archive: Archive) -> Flask:
         "frames": render.FrameCache(config.render_cache_mb << 20),
     }
     app.register_blueprint(wado_uri.bp)
+    app.register_blueprint(dicomweb.bp)
+    if config.trust_proxy:  # scheme, host and prefix as the client sees them
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
+    if config.cors_origins:
+        app.after_request(lambda response: _cors(response, config.cors_origins))
 
     @app.get("/healthz")
     def healthz():
@@ -28,3 +40,20 @@ def create_app(config: Any, archive: Archive) -> Flask:
         return jsonify(status="ok", aet=config.aet, dicom_port=config.port)
 
     return app
+
+
+def _cors(response: Response, origins: tuple[str, ...]) -> Response:
+    """Cross-origin access for the configured origins (preflight included); CORP lets pages
+    with cross-origin isolation (OHIF's COEP) load images and bulk data."""
+    response.headers["Cross-Origin-Resource-Policy"] = "cross-origin"
+    origin = request.headers.get("Origin", "").rstrip("/")
+    if not origin or ("*" not in origins and origin not in origins):
+        return response
+    response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+    response.headers.add("Vary", "Origin")
+    response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response

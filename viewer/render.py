@@ -7,6 +7,7 @@ colour (RGB, YBR as decoded, PALETTE COLOR C.7.6.3.1.5) → region, flips, size 
 No Flask here: WADO-URI, WADO-RS and the viewer all call `render`.
 """
 
+import hashlib
 import io
 import threading
 from collections import OrderedDict
@@ -39,6 +40,7 @@ class Request:
 
     frame: int = 1
     window: tuple[float, float] | None = None  # (center, width); None: the file's VOI
+    function: str = ""  # LINEAR, LINEAR_EXACT or SIGMOID; "": the file's (else LINEAR)
     minmax: bool = False  # ignore the file's VOI: window the frame's min to max
     rows: int | None = None
     columns: int | None = None
@@ -100,7 +102,8 @@ def render(path: Path, request: Request, cache: FrameCache) -> bytes:
     if window is None and request.minmax:
         low, high = float(values.min()), float(values.max())
         window = ((low + high) / 2, max(high - low, 1.0))
-    image = _to_8bit(ds, values, window, request.frame, exact=request.minmax)
+    function = "LINEAR_EXACT" if request.minmax else request.function.upper()
+    image = _to_8bit(ds, values, window, request.frame, function)
     image = _region(image, request.region)
     if request.flip_horizontal:
         image = image[:, ::-1]
@@ -110,6 +113,13 @@ def render(path: Path, request: Request, cache: FrameCache) -> bytes:
     if request.annotation:
         _annotate(picture, ds, request.annotation)
     return _encode(picture, request.format, request.quality)
+
+
+def etag(path: Path, request: Request) -> str:
+    """Identifies a rendering: the file (path, mtime, size) and every parameter."""
+    stat = path.stat()
+    key = f"{path}|{stat.st_mtime_ns}|{stat.st_size}|{request}"
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def number_of_frames(ds: Dataset) -> int:
@@ -134,7 +144,7 @@ def _frame(path: Path, frame: int, cache: FrameCache) -> tuple[Dataset, np.ndarr
     if not 1 <= frame <= frames:
         raise RenderError(f"frameNumber {frame} is outside 1-{frames}", 400)
     try:
-        arr = _decode(path, frame)
+        arr = decode_frame(path, frame)
     except Exception as exc:  # no decoder, corrupt stream: say so
         raise RenderError(f"cannot decode the pixel data: {exc}", 422) from exc
     if arr.ndim == 2 or ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2"):
@@ -144,7 +154,7 @@ def _frame(path: Path, frame: int, cache: FrameCache) -> tuple[Dataset, np.ndarr
     return item
 
 
-def _decode(path: Path, frame: int) -> np.ndarray:
+def decode_frame(path: Path, frame: int) -> np.ndarray:
     """One frame, read from the file without loading the others; a deflated dataset has to
     be inflated whole first."""
     try:
@@ -188,7 +198,7 @@ def _functional_group(ds: Dataset, frame: int, name: str) -> Dataset | None:
 # -- VOI LUT, presentation, colour --------------------------------------------------
 
 
-def _to_8bit(ds: Dataset, values: np.ndarray, window, frame: int, exact: bool) -> np.ndarray:
+def _to_8bit(ds: Dataset, values: np.ndarray, window, frame: int, function: str) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "PALETTE COLOR":
         return _scale_to_8bit(apply_color_lut(values.astype(np.uint16), ds), ds, lut=True)
@@ -198,12 +208,12 @@ def _to_8bit(ds: Dataset, values: np.ndarray, window, frame: int, exact: bool) -
         low, high = int(values.min()), int(values.max())
         if high - low < 1 << 20:  # window every possible value once, then look up
             domain = np.arange(low, high + 1, dtype=np.int64)
-            return _grey(ds, domain, window, frame, exact, photometric)[values - low]
-    return _grey(ds, values, window, frame, exact, photometric)
+            return _grey(ds, domain, window, frame, function, photometric)[values - low]
+    return _grey(ds, values, window, frame, function, photometric)
 
 
-def _grey(ds: Dataset, values: np.ndarray, window, frame: int, exact: bool, photometric: str):
-    grey = _voi(ds, values, window, frame, exact)
+def _grey(ds: Dataset, values: np.ndarray, window, frame: int, function: str, photometric: str):
+    grey = _voi(ds, values, window, frame, function)
     inverse = photometric == "MONOCHROME1"
     if str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE":
         inverse = not inverse
@@ -212,14 +222,15 @@ def _grey(ds: Dataset, values: np.ndarray, window, frame: int, exact: bool, phot
     return np.clip(np.rint(grey), 0, 255).astype(np.uint8)
 
 
-def _voi(ds: Dataset, values: np.ndarray, window, frame: int, exact: bool) -> np.ndarray:
-    """Grey levels 0-255 (float) from modality values."""
-    function = "LINEAR_EXACT" if exact else str(ds.get("VOILUTFunction") or "LINEAR").upper()
+def _voi(ds: Dataset, values: np.ndarray, window, frame: int, asked: str) -> np.ndarray:
+    """Grey levels 0-255 (float) from modality values; `asked` overrides the file's
+    VOI LUT Function."""
+    function = asked or str(ds.get("VOILUTFunction") or "LINEAR").upper()
     if window is None:
         group = _functional_group(ds, frame, "FrameVOILUTSequence")
         source = group if group is not None and "WindowCenter" in group else ds
         window = _first_window(source)
-        if group is not None:
+        if group is not None and not asked:
             function = str(group.get("VOILUTFunction", function) or function).upper()
     if window is not None:
         return window_to_grey(values, window[0], window[1], function)

@@ -6,8 +6,6 @@ be produced. Rendered images go through `viewer.render`; they carry an ETag and
 Cache-Control and answer 304 to a matching If-None-Match.
 """
 
-import hashlib
-import io
 import re
 
 from flask import Blueprint
@@ -17,9 +15,9 @@ from flask import request
 from pydicom import dcmread
 from pydicom.uid import UID
 from pydicom.uid import ExplicitVRLittleEndian
-from pydicom.uid import ImplicitVRLittleEndian
 
 from viewer import render
+from viewer import transcode
 
 bp = Blueprint("wado_uri", __name__)
 
@@ -125,29 +123,14 @@ def _content_type(accepted: str, has_pixels: bool) -> str:
 
 def _dicom(path, header, syntax: str) -> Response:
     stored = UID(header.file_meta.TransferSyntaxUID)
-    wanted = UID(syntax.strip() or ExplicitVRLittleEndian)
-    if syntax.strip() and syntax.strip() != "*" and not UID_RE.match(syntax.strip()):
+    wanted = syntax.strip() or ExplicitVRLittleEndian
+    if wanted != "*" and not UID_RE.match(wanted):
         raise WadoError(400, "transferSyntax is not a valid UID")
-    if syntax.strip() == "*" or wanted == stored:
-        return _send_file(path, stored)
-    if wanted not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
-        raise WadoError(406, f"cannot transcode {stored.name} to {wanted}")
-    ds = dcmread(path)
-    if stored.is_compressed:
-        try:
-            ds.decompress()
-        except Exception as exc:
-            raise WadoError(406, f"cannot decompress {stored.name}: {exc}") from exc
-    buffer = io.BytesIO()
-    ds.file_meta.TransferSyntaxUID = wanted
-    ds.save_as(
-        buffer, implicit_vr=wanted.is_implicit_VR, little_endian=True, enforce_file_format=True
-    )
-    return _dicom_response(buffer.getvalue(), wanted)
-
-
-def _send_file(path, syntax: UID) -> Response:
-    return _dicom_response(path.read_bytes(), syntax)
+    try:
+        body = transcode.instance_bytes(path, stored, wanted)
+    except transcode.TranscodeError as exc:
+        raise WadoError(406, str(exc)) from exc
+    return _dicom_response(body, stored if wanted == "*" else UID(wanted))
 
 
 def _dicom_response(body: bytes, syntax: UID) -> Response:
@@ -169,7 +152,7 @@ def _image(path, header, content_type: str, params) -> Response:
         quality=_int(params, "imageQuality", 90, minimum=1, maximum=100),
         annotation=_annotation(params.get("annotation", "")),
     )
-    tag = _etag(path, wanted)
+    tag = render.etag(path, wanted)
     if request.if_none_match.contains(tag):
         response = Response(status=304)
     else:
@@ -178,13 +161,6 @@ def _image(path, header, content_type: str, params) -> Response:
     response.set_etag(tag)
     response.headers["Cache-Control"] = CACHE_CONTROL
     return response
-
-
-def _etag(path, wanted: render.Request) -> str:
-    stat = path.stat()
-    return hashlib.sha256(
-        f"{path}|{stat.st_mtime_ns}|{stat.st_size}|{wanted}".encode()
-    ).hexdigest()[:32]
 
 
 def _int(params, name: str, default, minimum: int | None = None, maximum: int | None = None):

@@ -1,0 +1,162 @@
+"""STOW-RS (PS3.18 10.5): multipart/related parts streamed to disk and through
+`Archive.ingest`, the one ingest path; the answer lists what was stored and what failed.
+
+Each part is written to `<data>/.incoming` while it arrives (hashed on the way), so memory
+stays at one read buffer whatever the body size. A part is acknowledged only once ingest
+returned, i.e. once file and index row are durable. When the body breaks off, the parts
+that arrived whole are stored and the one cut short is dropped.
+"""
+
+import hashlib
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pydicom import dcmread
+
+from storage import Archive
+from storage.errors import DuplicateRejected
+from storage.errors import InvalidDataset
+from storage.errors import InvalidUID
+from storage.errors import OutOfResources
+from storage.errors import StorageError
+from storage.errors import UIDMismatch
+from viewer.media import MediaError
+from viewer.media import parse_media_type
+
+log = logging.getLogger(__name__)
+
+DICOM = "application/dicom"
+HEAD = 64 << 10  # bytes of each part kept to name a failed instance
+# FailureReason (0008,1197) values, PS3.18 Table 10.5.3-2 / PS3.4 Annex B.
+PROCESSING_FAILURE = 0x0110
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
+DATASET_MISMATCH = 0xA900  # also: the instance is not of the study in the path
+CANNOT_UNDERSTAND = 0xC000
+
+
+@dataclass
+class Outcome:
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str = ""
+    series_uid: str = ""
+    failure: int | None = None
+    reason: str = ""
+
+
+def store_parts(
+    archive: Archive,
+    parts: Iterator[tuple[dict[str, str], Iterator[bytes]]],
+    default_type: str,
+    study_uid: str | None,
+    calling: str,
+) -> Iterator[Outcome]:
+    """Ingest each part; yields one Outcome per part, in order."""
+    for headers, chunks in parts:
+        media = headers.get("content-type", default_type)
+        try:
+            kind = parse_media_type(media).media_type
+        except MediaError:
+            kind = media
+        if kind != DICOM:
+            for _ in chunks:
+                pass
+            yield Outcome("", "", failure=SOP_CLASS_NOT_SUPPORTED, reason=f"part type {media}")
+            continue
+        yield _store_part(archive, chunks, study_uid, calling)
+
+
+def _store_part(archive: Archive, chunks: Iterator[bytes], study_uid, calling: str) -> Outcome:
+    tmp = archive.incoming_path()
+    digest = hashlib.sha256()
+    head = bytearray()
+    size = 0
+    try:
+        with open(tmp, "xb") as out:
+            for chunk in chunks:  # MediaError when the body breaks off: the part is dropped
+                out.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                if len(head) < HEAD:
+                    head += chunk[: HEAD - len(head)]
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        stored = archive.ingest(tmp, digest=(size, digest.hexdigest()), study_uid=study_uid)
+    except StorageError as exc:
+        code = _failure_code(exc)
+        sop_class, sop, study = _names(bytes(head))
+        log.warning("STOW-RS from %s: %s failed (0x%04X): %s", calling, sop or "?", code, exc)
+        return Outcome(sop_class, sop, study, failure=code, reason=str(exc))
+    log.info("STOW-RS from %s: %s %s", calling, stored.sop_uid, stored.outcome.value)
+    return Outcome(stored.sop_class_uid, stored.sop_uid, stored.study_uid, stored.series_uid)
+
+
+def _failure_code(exc: StorageError) -> int:
+    if isinstance(exc, OutOfResources):
+        return OUT_OF_RESOURCES
+    if isinstance(exc, UIDMismatch):
+        return DATASET_MISMATCH
+    if isinstance(exc, InvalidDataset | InvalidUID):
+        return CANNOT_UNDERSTAND
+    if isinstance(exc, DuplicateRejected):
+        return PROCESSING_FAILURE
+    return PROCESSING_FAILURE
+
+
+def _names(head: bytes) -> tuple[str, str, str]:
+    """SOP Class, SOP Instance and Study UIDs from a part's first bytes, where readable."""
+    try:
+        ds = dcmread(
+            io.BytesIO(head),
+            force=True,
+            stop_before_pixels=True,
+            specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"],
+        )
+        return (
+            str(ds.get("SOPClassUID", "")),
+            str(ds.get("SOPInstanceUID", "")),
+            str(ds.get("StudyInstanceUID", "")),
+        )
+    except Exception:
+        return "", "", ""
+
+
+def response(outcomes: list[Outcome], base: str, study_uid: str | None) -> tuple[int, dict]:
+    """The PS3.18 10.5.3 answer: 200 all stored, 202 some failed, 409 none stored."""
+    stored = [o for o in outcomes if o.failure is None]
+    failed = [o for o in outcomes if o.failure is not None]
+    body: dict = {"00080005": {"vr": "CS", "Value": ["ISO_IR 192"]}}
+    studies = {o.study_uid for o in stored} or ({study_uid} if study_uid else set())
+    if len(studies) == 1:
+        body["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{studies.pop()}"]}
+    body["00081198"] = {"vr": "SQ", "Value": [_failed_item(o) for o in failed]}
+    body["00081199"] = {"vr": "SQ", "Value": [_stored_item(o, base) for o in stored]}
+    status = 200 if not failed else 202 if stored else 409
+    return status, body
+
+
+def _failed_item(outcome: Outcome) -> dict:
+    item = {}
+    if outcome.sop_class_uid:
+        item["00081150"] = {"vr": "UI", "Value": [outcome.sop_class_uid]}
+    if outcome.sop_uid:
+        item["00081155"] = {"vr": "UI", "Value": [outcome.sop_uid]}
+    item["00081197"] = {"vr": "US", "Value": [outcome.failure]}
+    return item
+
+
+def _stored_item(outcome: Outcome, base: str) -> dict:
+    url = (
+        f"{base}/studies/{outcome.study_uid}/series/{outcome.series_uid}"
+        f"/instances/{outcome.sop_uid}"
+    )
+    return {
+        "00081150": {"vr": "UI", "Value": [outcome.sop_class_uid]},
+        "00081155": {"vr": "UI", "Value": [outcome.sop_uid]},
+        "00081190": {"vr": "UR", "Value": [url]},
+    }
