@@ -459,9 +459,9 @@ def _frame_choice(accept: list[MediaRange], stored: str) -> tuple[bool, str]:
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/frames/<frames>/rendered")
 def rendered(study: str, series=None, sop=None, frames=None) -> Response:
     rows = _instances(_scope(study, series, sop))
-    fmt, media = _image_type()
+    fmt, media, wrap = _image_type()
     frame = _single_frame(frames)
-    if sop is None:  # a study or series: every instance's first frame, one part each
+    if sop is None and wrap:  # a study or series: every instance's first frame, one part each
         wanted = _render_request(fmt, 1)
         cache = current_app.extensions["minipacs"]["frames"]
 
@@ -470,7 +470,9 @@ def rendered(study: str, series=None, sop=None, frames=None) -> Response:
                 yield {"Content-Type": media}, [render.render(row["instance_path"], wanted, cache)]
 
         return _multipart(parts(), new_boundary(), media)
-    return _render_one(rows[0]["instance_path"], _render_request(fmt, frame), media)
+    # One image asked for: the instance's, or the study's or series' middle instance.
+    path = _representative(rows)["instance_path"]
+    return _render_one(path, _render_request(fmt, frame), media, wrap)
 
 
 @bp.get("/studies/<study>/thumbnail")
@@ -479,10 +481,15 @@ def rendered(study: str, series=None, sop=None, frames=None) -> Response:
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/frames/<frames>/thumbnail")
 def thumbnail(study: str, series=None, sop=None, frames=None) -> Response:
     rows = _instances(_scope(study, series, sop))
-    rows.sort(key=lambda r: (r.get("instance_instance_number") or 0, r["instance_pk"]))
-    fmt, media = _image_type()
+    fmt, media, wrap = _image_type()
     wanted = _render_request(fmt, _single_frame(frames), thumbnail=True)
-    return _render_one(rows[len(rows) // 2]["instance_path"], wanted, media)
+    return _render_one(_representative(rows)["instance_path"], wanted, media, wrap)
+
+
+def _representative(rows: list[dict]) -> dict:
+    """The middle instance by Instance Number: what a study or series looks like."""
+    rows = sorted(rows, key=lambda r: (r.get("instance_instance_number") or 0, r["instance_pk"]))
+    return rows[len(rows) // 2]
 
 
 def _single_frame(frames: str | None) -> int:
@@ -494,23 +501,34 @@ def _single_frame(frames: str | None) -> int:
     return numbers[0]
 
 
-def _render_one(path: Path, wanted: render.Request, media: str) -> Response:
+def _render_one(path: Path, wanted: render.Request, media: str, wrap: bool) -> Response:
     tag = render.etag(path, wanted)
+    cache = current_app.extensions["minipacs"]["frames"]
     if request.if_none_match.contains(tag):
         response = Response(status=304)
+    elif wrap:
+        image = render.render(path, wanted, cache)
+        response = _multipart([({"Content-Type": media}, [image])], new_boundary(), media)
     else:
-        cache = current_app.extensions["minipacs"]["frames"]
         response = Response(render.render(path, wanted, cache), mimetype=media)
     response.set_etag(tag)
     return _private(response)
 
 
-def _image_type() -> tuple[str, str]:
+def _image_type() -> tuple[str, str, bool]:
+    """(format, media type, wrap in multipart?): OHIF asks for thumbnails as
+    multipart/related; a single image is then sent as a one-part multipart body."""
     for choice in _accept():
         if choice.media_type in ("*/*", "image/*"):
-            return "jpeg", "image/jpeg"
+            return "jpeg", "image/jpeg", False
         if choice.media_type in RENDERED_TYPES:
-            return RENDERED_TYPES[choice.media_type], choice.media_type
+            return RENDERED_TYPES[choice.media_type], choice.media_type, False
+        if choice.media_type == "multipart/related":
+            kind = choice.params.get("type", "image/jpeg").lower()
+            if kind in RENDERED_TYPES:
+                return RENDERED_TYPES[kind], kind, True
+            if kind in ("*/*", "image/*", OCTETS):
+                return "jpeg", "image/jpeg", True
     raise WebError(406, "rendered images are image/jpeg, image/png or image/gif")
 
 
