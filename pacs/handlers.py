@@ -341,7 +341,7 @@ def _dataset_to_send(row: dict, accepted: list) -> Dataset:
     ds = dcmread(path)
     if syntax.is_compressed and any(not UID(s).is_compressed for s in offered):
         try:
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)  # same instance, another syntax
         except Exception as exc:  # no decoder: the sub-operation fails and is counted
             log.warning("cannot decompress %s for the peer: %s", row["instance_sop_uid"], exc)
     return ds

@@ -53,6 +53,8 @@ def serve(config: Config) -> None:
                 port=config.http_port,
                 threads=8,
                 max_request_body_size=(config.max_upload_mb << 20) + (1 << 20),
+                # X-Forwarded-* reach the app (its ProxyFix) only when told to trust them.
+                clear_untrusted_proxy_headers=not config.trust_proxy,
             )
         except OSError as exc:
             raise StartupError(

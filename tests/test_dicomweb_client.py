@@ -165,6 +165,7 @@ def test_retrieve_instance_as_stored_and_decompressed(client):
         study, series, sop, media_types=(("application/dicom", "1.2.840.10008.1.2.1"),)
     )
     assert plain.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert plain.SOPInstanceUID == sop
     assert np.array_equal(plain.pixel_array, stored.pixel_array)
 
 

@@ -108,6 +108,7 @@ def test_move_decompresses_for_a_peer_taking_only_uncompressed(corpus_server, tm
         (received,) = dest.files()
         ds = pydicom.dcmread(received)
         assert not ds.file_meta.TransferSyntaxUID.is_compressed
+        assert ds.SOPInstanceUID == original.SOPInstanceUID  # pydicom would mint a new one
         assert np.array_equal(ds.pixel_array, original.pixel_array)
     finally:
         dest.stop()

@@ -65,7 +65,7 @@ def instance_bytes(path: Path, stored: str, wanted: str) -> bytes:
     ds = dcmread(path)
     if UID(stored).is_compressed:
         try:
-            ds.decompress()
+            ds.decompress(generate_instance_uid=False)  # same instance, another syntax
         except Exception as exc:
             raise TranscodeError(f"cannot decompress {UID(stored).name}: {exc}", 422) from exc
     buffer = io.BytesIO()
