@@ -288,7 +288,8 @@ def _parse(ds: Dataset, syntax: str, pixel_vrs: dict[int, str]) -> ParsedInstanc
 
 def to_json(ds: Dataset, pixel_vrs: dict[int, str]) -> str:
     """PS3.18 F.2 DICOM JSON of `ds`; long binary values, and the pixel data dcmread skipped,
-    become a BulkDataURI holding the tag (the web side makes it an absolute URL)."""
+    become a BulkDataURI holding the element's path, TAG[/ITEM/TAG...] (the web side puts
+    the instance's bulkdata URL in front)."""
     body = dataset_to_json(ds, BULK_THRESHOLD, lambda tag: f"{tag:08X}")
     for tag, vr in sorted(pixel_vrs.items()):
         body.setdefault(f"{tag:08X}", {"vr": vr, "BulkDataURI": f"{tag:08X}"})

@@ -41,7 +41,8 @@ def dataset_to_json(
     ds: Dataset, threshold: int, bulk: BulkHandler, parent_codec: str | None = "latin_1"
 ) -> dict[str, Any]:
     """The DICOM JSON object of `ds`; binary values longer than `threshold` bytes of
-    base64 become {"BulkDataURI": bulk(tag)}. Items inherit their parent's character set."""
+    base64 become {"BulkDataURI": bulk(tag)} (prefixed by SEQ/ITEM/ inside sequence items).
+    Items inherit their parent's character set."""
     codec = _codec(ds, parent_codec)
     body: dict[str, Any] = {}
     for tag in sorted(ds._dict):
@@ -65,6 +66,11 @@ def _codec(ds: Dataset, parent_codec: str | None) -> str | None:
     return SIMPLE_CHARSETS.get(value.strip(" \0"))
 
 
+def _in_item(bulk: BulkHandler, tag: int, index: int) -> BulkHandler:
+    """Bulk data inside a sequence item is named by its path: SEQ/ITEM/TAG."""
+    return lambda inner: f"{tag:08X}/{index}/{bulk(inner)}"
+
+
 def _element(ds: Dataset, tag: int, codec: str | None, threshold: int, bulk: BulkHandler) -> dict:
     raw = ds._dict[tag]
     if isinstance(raw, RawDataElement) and raw.value is not None:
@@ -74,7 +80,10 @@ def _element(ds: Dataset, tag: int, codec: str | None, threshold: int, bulk: Bul
             return fast
     elem = ds[tag]
     if elem.VR == "SQ":
-        items = [dataset_to_json(item, threshold, bulk, codec) for item in elem.value]
+        items = [
+            dataset_to_json(item, threshold, _in_item(bulk, tag, index), codec)
+            for index, item in enumerate(elem.value)
+        ]
         return {"vr": "SQ", "Value": items}
     return elem.to_json_dict(lambda e: bulk(int(e.tag)), threshold)
 

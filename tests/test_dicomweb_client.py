@@ -27,6 +27,7 @@ FILES = {
     "rle2": TEST_FILES / "SC_rgb_rle_2frame.dcm",
     "jpeg": TEST_FILES / "SC_rgb_jpeg_dcmtk.dcm",
     "japanese": CHARSET_FILES / "chrH31.dcm",
+    "ecg": TEST_FILES / "waveform_ecg.dcm",  # bulk data inside sequence items
 }
 
 
@@ -191,6 +192,16 @@ def test_metadata_at_every_level_with_bulk_data_uris(client, server):
     stored = pydicom.dcmread(FILES["ct"])
     assert client.retrieve_bulkdata(uri) == [stored.PixelData]
     assert list(client.iter_bulkdata(uri)) == [stored.PixelData]
+
+
+def test_bulk_data_inside_sequence_items(client):
+    study, series, sop = uids("ecg")
+    metadata = client.retrieve_instance_metadata(study, series, sop)
+    stored = pydicom.dcmread(FILES["ecg"])
+    for index, item in enumerate(metadata["54000100"]["Value"]):
+        uri = item["54001010"]["BulkDataURI"]
+        assert uri.endswith(f"/instances/{sop}/bulkdata/54000100/{index}/54001010")
+        assert client.retrieve_bulkdata(uri) == [stored.WaveformSequence[index].WaveformData]
 
 
 def test_frames_uncompressed_and_as_stored(client):

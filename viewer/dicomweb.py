@@ -234,32 +234,10 @@ def _series_of(text: str) -> str:
     return match.group(1) if match else ""
 
 
-PIXEL_BULK = re.compile(r'"7FE00010":\{"vr":"(O[BW])","BulkDataURI":"7FE00010"\}')
-
-
 def _with_bulk_urls(text: str, instance_url: str) -> str:
-    """Stored BulkDataURIs hold a tag; clients get absolute URLs with the element's path.
-    Pixel data alone (the common case) is rewritten in the text, anything else through
-    a parse."""
-    if text.count('"BulkDataURI"') == 1 and PIXEL_BULK.search(text):
-        url = f"{instance_url}/bulkdata/7FE00010"
-        return PIXEL_BULK.sub(
-            lambda m: f'"7FE00010":{{"vr":"{m.group(1)}","BulkDataURI":"{url}"}}', text
-        )
-    if '"BulkDataURI"' not in text:
-        return text
-    body = json.loads(text)
-    _absolute(body, f"{instance_url}/bulkdata")
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
-
-
-def _absolute(dataset: dict, prefix: str) -> None:
-    for tag, element in dataset.items():
-        if "BulkDataURI" in element:
-            element["BulkDataURI"] = f"{prefix}/{tag}"
-        elif element.get("vr") == "SQ":
-            for index, item in enumerate(element.get("Value") or []):
-                _absolute(item, f"{prefix}/{tag}/{index}")
+    """Stored BulkDataURIs hold the element's path (TAG[/ITEM/TAG...]); clients get
+    absolute URLs. A text replacement: no parse of the stored JSON."""
+    return text.replace('"BulkDataURI":"', f'"BulkDataURI":"{instance_url}/bulkdata/')
 
 
 # -- WADO-RS: instances --------------------------------------------------------------
@@ -391,7 +369,8 @@ def _frame_numbers(text: str) -> list[int]:
 
 def _octets_accepted() -> None:
     for choice in _accept():
-        if choice.matches("multipart/related") and choice.params.get("type", OCTETS) == OCTETS:
+        kind = choice.params.get("type", OCTETS).lower()
+        if choice.matches("multipart/related") and kind in (OCTETS, "*/*", "application/*"):
             return
     raise WebError(406, 'bulk data is multipart/related; type="application/octet-stream"')
 
