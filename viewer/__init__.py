@@ -1,5 +1,5 @@
-"""The web side: a Flask app factory with the WADO-URI and DICOMweb blueprints; the viewer
-UI arrives as a blueprint of its own."""
+"""The web side: a Flask app factory with the WADO-URI, DICOMweb and viewer (UI)
+blueprints."""
 
 from typing import Any
 
@@ -19,6 +19,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     """Build the app around one long-lived archive (kept in `app.extensions`)."""
     from viewer import dicomweb
     from viewer import render
+    from viewer import ui
     from viewer import wado_uri
 
     app = Flask(__name__)
@@ -29,6 +30,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     }
     app.register_blueprint(wado_uri.bp)
     app.register_blueprint(dicomweb.bp)
+    app.register_blueprint(ui.bp)
     if config.trust_proxy:  # scheme, host and prefix as the client sees them
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
     if config.cors_origins:

@@ -520,7 +520,9 @@ def _render_request(fmt: str, frame: int, thumbnail: bool = False) -> render.Req
         fields |= {"rows": THUMBNAIL, "columns": THUMBNAIL}
     if "quality" in args:
         fields["quality"] = _int_param("quality", args["quality"], 1, 100)
-    if "window" in args:
+    if args.get("window") == "auto":  # extension: this frame's min to max (viewer preset)
+        fields["minmax"] = True
+    elif "window" in args:
         parts = args["window"].split(",")
         if len(parts) not in (2, 3):
             raise WebError(400, "window is center,width[,function]")

@@ -1,0 +1,109 @@
+// The viewer's DICOMweb client: QIDO-RS searches, instance metadata and rendered images,
+// all from this server (same origin), through fetch with AbortSignals so stale requests
+// can be cancelled.
+
+export const ROOT = "/dicom-web";
+
+export class RequestError extends Error {
+  constructor(status, message) {
+    super(message);
+    this.status = status;
+  }
+}
+
+async function check(response) {
+  if (response.ok) return response;
+  let reason = response.statusText;
+  try {
+    reason = (await response.json()).error || reason;
+  } catch {
+    // not JSON: keep the status text
+  }
+  throw new RequestError(response.status, reason);
+}
+
+export async function getJSON(path, params, signal) {
+  const query = params && [...params].length ? `?${params}` : "";
+  const response = await fetch(`${ROOT}${path}${query}`, {
+    headers: { Accept: "application/dicom+json" },
+    signal,
+  });
+  await check(response);
+  return response.json();
+}
+
+export function searchStudies(params, signal) {
+  return getJSON("/studies", params, signal);
+}
+
+export function searchSeries(study, signal) {
+  const params = new URLSearchParams({ includefield: "00080021,00080031" });
+  return getJSON(`/studies/${study}/series`, params, signal);
+}
+
+export function searchInstances(study, series, signal) {
+  return getJSON(`/studies/${study}/series/${series}/instances`, null, signal);
+}
+
+export async function instanceMetadata(study, series, sop, signal) {
+  const items = await getJSON(`/studies/${study}/series/${series}/instances/${sop}/metadata`, null, signal);
+  return items[0];
+}
+
+export function instancePath(study, series, sop) {
+  return `${ROOT}/studies/${study}/series/${series}/instances/${sop}`;
+}
+
+// The URL of one rendered frame: window is null (the file's own), "auto" or {center, width}.
+export function renderedURL(study, series, sop, frame, { window, format, quality, viewport }) {
+  const params = new URLSearchParams();
+  if (window === "auto") params.set("window", "auto");
+  else if (window) params.set("window", `${round(window.center)},${round(window.width)}`);
+  params.set("accept", format === "png" ? "image/png" : "image/jpeg");
+  if (format !== "png") params.set("quality", String(quality || 90));
+  if (viewport) params.set("viewport", `${viewport[0]},${viewport[1]}`);
+  return `${instancePath(study, series, sop)}/frames/${frame}/rendered?${params}`;
+}
+
+export function thumbnailURL(study, series) {
+  return `${ROOT}/studies/${study}/series/${series}/thumbnail?viewport=96,96`;
+}
+
+export async function fetchBitmap(url, signal) {
+  const response = await check(await fetch(url, { signal }));
+  return createImageBitmap(await response.blob());
+}
+
+function round(value) {
+  return Math.round(value * 100) / 100;
+}
+
+// -- reading DICOM JSON --------------------------------------------------------------
+
+export function values(item, tag) {
+  return (item && item[tag] && item[tag].Value) || [];
+}
+
+export function first(item, tag) {
+  const found = values(item, tag);
+  return found.length ? found[0] : undefined;
+}
+
+export function text(item, tag) {
+  return values(item, tag)
+    .map((v) => (v && typeof v === "object" ? personName(v) : String(v)))
+    .join("\\");
+}
+
+export function personName(value) {
+  const alphabetic = value.Alphabetic || value.Ideographic || value.Phonetic || "";
+  const [family, given, middle, prefix, suffix] = alphabetic.split("^");
+  const rest = [given, middle].filter(Boolean).join(" ");
+  const name = [family, rest].filter(Boolean).join(", ");
+  return [prefix, name, suffix].filter(Boolean).join(" ");
+}
+
+export function formatDate(value) {
+  const digits = String(value || "");
+  return digits.length === 8 ? `${digits.slice(0, 4)}-${digits.slice(4, 6)}-${digits.slice(6)}` : digits;
+}
