@@ -154,6 +154,7 @@ def test_retrieve_default_syntax_and_as_stored(server):
     )
     (part,) = parts(headers, body)
     assert part.get_payload(decode=True) == FILES["j2k"].read_bytes()
+    assert int(headers["Content-Length"]) == len(body)  # keeps the connection open
     assert part["Content-Location"] == url
     _, headers, body = get(url, Accept="application/dicom")  # single part, for an instance
     assert headers["Content-Type"].startswith("application/dicom")
@@ -165,6 +166,7 @@ def test_frames_carry_their_transfer_syntax(server):
     url = f"{instance_url(server, 'jpeg')}/frames/1"
     _, headers, body = get(url, Accept='multipart/related; type="image/jpeg"')
     (part,) = parts(headers, body)
+    assert int(headers["Content-Length"]) == len(body)
     assert media(part) == ("image/jpeg", "1.2.840.10008.1.2.4.50")
     assert part.get_payload(decode=True) == get_frame(stored.PixelData, 0, number_of_frames=1)
     _, headers, body = get(url, Accept='multipart/related; type="application/octet-stream"')

@@ -33,6 +33,7 @@ from viewer.media import MultipartReader
 from viewer.media import TooLarge
 from viewer.media import file_chunks
 from viewer.media import multipart
+from viewer.media import multipart_length
 from viewer.media import new_boundary
 from viewer.media import parse_accept
 from viewer.media import parse_media_type
@@ -47,6 +48,7 @@ OCTETS = "application/octet-stream"
 RENDERED_TYPES = {"image/jpeg": "jpeg", "image/png": "png", "image/gif": "gif"}
 CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers only, never shared caches
 THUMBNAIL = 128
+EAGER_FRAMES = 32  # frames cut before answering; longer lists stream
 GZIP_MIN = 1024
 TRUNCATED = (
     '299 {host} "The number of results exceeded the maximum supported by the server. '
@@ -266,21 +268,29 @@ def retrieve(study: str, series: str | None = None, sop: str | None = None) -> R
         response.headers["Content-Type"] = f"{DICOM}; transfer-syntax={syntax}"
         return _private(response)
     boundary = new_boundary()
+    heads = []
+    for row, syntax in plan:
+        headers = {
+            "Content-Type": f"{DICOM}; transfer-syntax={syntax}",
+            "Content-Location": _row_url(row),
+        }
+        if syntax == row["instance_transfer_syntax"]:
+            headers["Content-Length"] = str(row["instance_path"].stat().st_size)
+        heads.append(headers)
 
     def parts() -> Iterator[tuple[dict[str, str], Iterable[bytes]]]:
-        for row, syntax in plan:
-            headers = {
-                "Content-Type": f"{DICOM}; transfer-syntax={syntax}",
-                "Content-Location": _row_url(row),
-            }
-            if syntax == row["instance_transfer_syntax"]:
-                headers["Content-Length"] = str(row["instance_path"].stat().st_size)
+        for (row, syntax), headers in zip(plan, heads, strict=True):
+            if "Content-Length" in headers:
                 yield headers, file_chunks(row["instance_path"])
             else:
                 stored = row["instance_transfer_syntax"]
                 yield headers, [transcode.instance_bytes(row["instance_path"], stored, syntax)]
 
-    return _multipart(parts(), boundary, DICOM)
+    response = _multipart(parts(), boundary, DICOM)
+    if all("Content-Length" in h for h in heads):  # all as stored: the length is known
+        sizes = [int(h["Content-Length"]) for h in heads]
+        response.headers["Content-Length"] = str(multipart_length(heads, sizes, boundary))
+    return response
 
 
 def _instances(scope: dict[int, str]) -> list[dict]:
@@ -398,9 +408,12 @@ def _frames_response(row: dict, numbers: list[int], ds=None) -> Response:
             }
             yield headers, [data]
 
-    if not as_stored:  # decode before the 200 goes out: a decoder failure is a 422
-        first = transcode.frame_bytes(ds, path, numbers[0], False)
-        del first
+    if len(numbers) <= EAGER_FRAMES:  # cut now: a decoder failure is a 422, and a
+        boundary = new_boundary()  # Content-Length keeps the connection open
+        body = b"".join(multipart(list(parts()), boundary))
+        response = Response(body)
+        response.headers["Content-Type"] = f'multipart/related; type="{media}"; boundary={boundary}'
+        return _private(response)
     return _multipart(parts(), new_boundary(), media)
 
 
@@ -607,8 +620,7 @@ def store(study: str | None = None) -> Response:
     outcomes: list[stow.Outcome] = []
     caller = request.remote_addr or "?"
     try:
-        for outcome in stow.store_parts(_archive(), reader.parts(), part_type, study, caller):
-            outcomes.append(outcome)
+        stow.store_parts(_archive(), reader.parts(), part_type, study, caller, outcomes)
     except MediaError as exc:
         stored = sum(1 for o in outcomes if o.failure is None)
         current_app.logger.warning(

@@ -98,13 +98,27 @@ def new_boundary() -> str:
 
 def multipart(parts: Iterable[tuple[dict[str, str], Iterable[bytes]]], boundary: str):
     """Stream a multipart/related body: each part is (headers, body chunks)."""
-    delimiter = b"--" + boundary.encode("ascii")
     for headers, body in parts:
-        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        yield delimiter + CRLF + head.encode("latin-1") + CRLF
+        yield _part_head(headers, boundary)
         yield from body
         yield CRLF
-    yield delimiter + b"--" + CRLF
+    yield _closing(boundary)
+
+
+def multipart_length(headers: Iterable[dict[str, str]], sizes: Iterable[int], boundary: str):
+    """The byte length of the body `multipart` makes from parts of these headers and
+    sizes: a Content-Length keeps HTTP/1.1 connections open for the next request."""
+    parts = sum(len(_part_head(h, boundary)) + n + 2 for h, n in zip(headers, sizes, strict=True))
+    return parts + len(_closing(boundary))
+
+
+def _part_head(headers: dict[str, str], boundary: str) -> bytes:
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return b"--" + boundary.encode("ascii") + CRLF + lines.encode("latin-1") + CRLF
+
+
+def _closing(boundary: str) -> bytes:
+    return b"--" + boundary.encode("ascii") + b"--" + CRLF
 
 
 def file_chunks(path, start: int = 0, length: int | None = None) -> Iterator[bytes]:

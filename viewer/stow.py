@@ -11,7 +11,11 @@ import hashlib
 import io
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom import dcmread
 
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
 HEAD = 64 << 10  # bytes of each part kept to name a failed instance
+INGEST_THREADS = 4
 # FailureReason (0008,1197) values, PS3.18 Table 10.5.3-2 / PS3.4 Annex B.
 PROCESSING_FAILURE = 0x0110
 SOP_CLASS_NOT_SUPPORTED = 0x0122
@@ -53,23 +58,40 @@ def store_parts(
     default_type: str,
     study_uid: str | None,
     calling: str,
-) -> Iterator[Outcome]:
-    """Ingest each part; yields one Outcome per part, in order."""
-    for headers, chunks in parts:
-        media = headers.get("content-type", default_type)
+    outcomes: list[Outcome],
+) -> None:
+    """Receive each part to disk and ingest it, appending one Outcome per part, in order.
+
+    Ingests run on a few threads while the next part is received, so fsyncs overlap and
+    the index writer commits them in groups. When the body breaks off (MediaError), the
+    parts received whole are still ingested and listed before the error propagates.
+    """
+    pending: list[Future | Outcome] = []
+    with ThreadPoolExecutor(INGEST_THREADS, thread_name_prefix="stow") as pool:
         try:
-            kind = parse_media_type(media).media_type
-        except MediaError:
-            kind = media
-        if kind != DICOM:
-            for _ in chunks:
-                pass
-            yield Outcome("", "", failure=SOP_CLASS_NOT_SUPPORTED, reason=f"part type {media}")
-            continue
-        yield _store_part(archive, chunks, study_uid, calling)
+            for headers, chunks in parts:
+                media = headers.get("content-type", default_type)
+                try:
+                    kind = parse_media_type(media).media_type
+                except MediaError:
+                    kind = media
+                if kind != DICOM:
+                    for _ in chunks:
+                        pass
+                    reason = f"part type {media}"
+                    pending.append(Outcome("", "", failure=SOP_CLASS_NOT_SUPPORTED, reason=reason))
+                    continue
+                received = _receive(archive, chunks)
+                pending.append(pool.submit(_ingest, archive, *received, study_uid, calling))
+                running = [p for p in pending if isinstance(p, Future) and not p.done()]
+                if len(running) > 2 * INGEST_THREADS:
+                    wait(running[:INGEST_THREADS])
+        finally:
+            outcomes.extend(p.result() if isinstance(p, Future) else p for p in pending)
 
 
-def _store_part(archive: Archive, chunks: Iterator[bytes], study_uid, calling: str) -> Outcome:
+def _receive(archive: Archive, chunks: Iterator[bytes]) -> tuple[Path, int, str, bytes]:
+    """The part written to a temporary file: (path, size, SHA-256, its first bytes)."""
     tmp = archive.incoming_path()
     digest = hashlib.sha256()
     head = bytearray()
@@ -85,11 +107,17 @@ def _store_part(archive: Archive, chunks: Iterator[bytes], study_uid, calling: s
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return tmp, size, digest.hexdigest(), bytes(head)
+
+
+def _ingest(
+    archive: Archive, tmp: Path, size: int, sha: str, head: bytes, study_uid, calling: str
+) -> Outcome:
     try:
-        stored = archive.ingest(tmp, digest=(size, digest.hexdigest()), study_uid=study_uid)
+        stored = archive.ingest(tmp, digest=(size, sha), study_uid=study_uid)
     except StorageError as exc:
         code = _failure_code(exc)
-        sop_class, sop, study = _names(bytes(head))
+        sop_class, sop, study = _names(head)
         log.warning("STOW-RS from %s: %s failed (0x%04X): %s", calling, sop or "?", code, exc)
         return Outcome(sop_class, sop, study, failure=code, reason=str(exc))
     log.info("STOW-RS from %s: %s %s", calling, stored.sop_uid, stored.outcome.value)
