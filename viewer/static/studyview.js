@@ -125,11 +125,18 @@ class StudyView {
           this.setZoom(this.zoom * (event.deltaY < 0 ? 1.1 : 1 / 1.1));
           return;
         }
-        wheel += event.deltaY * (event.deltaMode === 1 ? 40 : 1);
-        while (Math.abs(wheel) >= 50) {
-          const step = Math.sign(wheel);
-          wheel -= 50 * step;
-          this.go(this.index + step);
+        // A mouse notch (|delta| ≥ 50 px, or lines) is one slice; a touchpad's small
+        // deltas add up to one slice per 100 px.
+        const delta = event.deltaY * (event.deltaMode === 1 ? 40 : 1);
+        if (Math.abs(delta) >= 50) {
+          wheel = 0;
+          this.go(this.index + Math.sign(delta));
+          return;
+        }
+        wheel += delta;
+        if (Math.abs(wheel) >= 100) {
+          this.go(this.index + Math.sign(wheel));
+          wheel = 0;
         }
       },
       { passive: false, signal },

@@ -1,0 +1,263 @@
+"""The browser viewer in a real headless Chromium (Debian's, driven by Playwright) against
+the real server, with studies pushed by storescu. Screenshots of each screen are saved
+under test-artifacts/viewer/."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from conftest import ROOT
+from conftest import STORESCU_PROPOSE
+from conftest import Server
+from conftest import storescu
+from dicom_files import TEST_FILES
+from playwright.sync_api import Page
+from playwright.sync_api import expect
+from playwright.sync_api import sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts" / "viewer"
+SLICES = 30
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from make_study import make_study
+
+    root = tmp_path_factory.mktemp("viewer")
+    stack = make_study(root / "stack", SLICES, size=96)
+    for path in stack:  # a patient of its own, so a search can single it out
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID = "Stack^Synthetic", "STACK1"
+        ds.save_as(path)
+    running = Server(root / "data").start()
+    storescu(running.port, *stack)
+    for name in (
+        "CT_small.dcm",
+        "SC_rgb_rle_2frame.dcm",
+        "SC_rgb_jpeg_dcmtk.dcm",
+        "JPEG-lossy.dcm",
+    ):
+        syntax = pydicom.dcmread(TEST_FILES / name, stop_before_pixels=True).file_meta
+        propose = STORESCU_PROPOSE.get(syntax.TransferSyntaxUID)
+        storescu(running.port, TEST_FILES / name, extra=(propose,) if propose else ())
+    yield running
+    running.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server, request) -> Page:
+    # bypass_csp: the page's CSP forbids eval, which Playwright's wait_for_function uses.
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+    page = context.new_page()
+    page.requests = []
+    page.errors = []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    yield page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"{request.node.name}.png")
+    context.close()
+    assert page.errors == []
+
+
+def uid_of(name: str, keyword: str) -> str:
+    return str(pydicom.dcmread(TEST_FILES / name, stop_before_pixels=True).get(keyword))
+
+
+def open_stack(page: Page, server: Server) -> None:
+    page.goto(f"{server.url}/?id=STACK1")
+    page.locator("tr.study").first.click()
+    wait_drawn(page, 1)
+    expect(page.locator(".counter")).to_have_text(f"1 / {SLICES}")
+
+
+def wait_drawn(page: Page, count: int) -> None:
+    page.wait_for_function(f"globalThis.minipacsView && globalThis.minipacsView.drawn >= {count}")
+
+
+def drawn(page: Page) -> int:
+    return page.evaluate("globalThis.minipacsView.drawn")
+
+
+def canvas(page: Page) -> bytes:
+    return page.locator(".stage canvas").screenshot()
+
+
+def test_search_narrows_the_list(page, server):
+    page.goto(server.url)
+    expect(page.locator("tr.study")).to_have_count(4)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "list.png")
+    page.get_by_label("Patient ID").fill("STACK1")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("tr.study")).to_have_count(1)
+    assert "id=STACK1" in page.url
+    expect(page.locator("tr.study td").nth(8)).to_have_text(str(SLICES))
+    page.get_by_label("Patient ID").fill("")
+    page.get_by_label("Patient name").fill("stack")  # any name part, any case
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator("tr.study")).to_have_count(1)
+    page.get_by_label("Patient name").fill("nobody")
+    page.get_by_role("button", name="Search").click()
+    expect(page.locator(".state")).to_have_text("No studies match this search.")
+
+
+def test_keyboard_opens_a_study_from_the_list(page, server):
+    page.goto(f"{server.url}/?id=STACK1")
+    page.locator("tr.study").first.focus()
+    page.keyboard.press("Enter")
+    wait_drawn(page, 1)
+    assert "/study/" in page.url
+
+
+def test_slice_counter_follows_wheel_keys_and_slider(page, server):
+    open_stack(page, server)
+    page.locator(".stage").hover()
+    for _ in range(3):
+        page.mouse.wheel(0, 100)
+    expect(page.locator(".counter")).to_have_text(f"4 / {SLICES}")
+    page.keyboard.press("ArrowDown")
+    expect(page.locator(".counter")).to_have_text(f"5 / {SLICES}")
+    page.keyboard.press("End")
+    expect(page.locator(".counter")).to_have_text(f"{SLICES} / {SLICES}")
+    page.keyboard.press("Home")
+    expect(page.locator(".counter")).to_have_text(f"1 / {SLICES}")
+    page.locator(".scroll input[type=range]").fill("12")
+    expect(page.locator(".counter")).to_have_text(f"12 / {SLICES}")
+    expect(page.locator(".corner.bl")).to_contain_text("Im 12")
+
+
+def test_window_drag_changes_the_image(page, server):
+    open_stack(page, server)
+    before = canvas(page)
+    count = drawn(page)
+    box = page.locator(".stage").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down()
+    page.mouse.move(x - 150, y + 60, steps=8)
+    page.mouse.up()
+    wait_drawn(page, count + 1)  # the exact PNG after the drag
+    page.wait_for_function("globalThis.minipacsView.loading.size === 0")
+    assert canvas(page) != before
+    expect(page.locator(".preset")).to_have_value("custom")
+    expect(page.locator(".corner.br")).to_contain_text("WC ")
+
+
+def test_preset_applies_its_window(page, server):
+    open_stack(page, server)
+    page.get_by_label("Window preset").select_option(label="Brain (40/80)")
+    expect(page.locator(".corner.br")).to_contain_text("WC 40 WW 80")
+    page.wait_for_function("globalThis.minipacsView.loading.size === 0")
+    assert any("window=40%2C80" in url or "window=40,80" in url for url in page.requests)
+    page.screenshot(path=ARTIFACTS / "brain-preset.png")
+
+
+def test_invert_zoom_and_overlays(page, server):
+    open_stack(page, server)
+    before = canvas(page)
+    page.get_by_role("button", name="Invert").click()
+    assert canvas(page) != before
+    page.get_by_role("button", name="1:1").click()
+    expect(page.locator(".corner.br")).to_contain_text("Zoom 100%")
+    page.get_by_role("button", name="Overlays").click()
+    expect(page.locator(".corner.tl")).to_be_hidden()
+
+
+def test_cine_advances_frames(page, server):
+    open_stack(page, server)
+    page.get_by_label("Frames per second").fill("20")
+    page.get_by_label("Frames per second").dispatch_event("change")
+    page.get_by_role("button", name="▶ Cine").click()
+    page.wait_for_function("globalThis.minipacsView.index >= 5")
+    page.get_by_role("button", name="❚❚ Stop").click()
+    index = page.evaluate("globalThis.minipacsView.index")
+    page.wait_for_timeout(300)
+    assert page.evaluate("globalThis.minipacsView.index") == index  # stopped
+
+
+def test_multiframe_instance_scrolls_its_frames(page, server):
+    study = uid_of("SC_rgb_rle_2frame.dcm", "StudyInstanceUID")
+    page.goto(f"{server.url}/study/{study}")
+    wait_drawn(page, 1)
+    expect(page.locator(".counter")).to_have_text("1 / 3")  # 2 frames + the JPEG instance
+    page.keyboard.press("ArrowDown")
+    expect(page.locator(".corner.bl")).to_contain_text("Fr ")
+    assert "frame=" in page.url
+
+
+def test_tag_panel_shows_the_instance(page, server):
+    study = uid_of("CT_small.dcm", "StudyInstanceUID")
+    page.goto(f"{server.url}/study/{study}")
+    wait_drawn(page, 1)
+    page.get_by_role("button", name="Tags").click()
+    row = page.locator("tr[data-tag='00080018']")
+    expect(row).to_contain_text(uid_of("CT_small.dcm", "SOPInstanceUID"))
+    expect(row).to_contain_text("SOPInstanceUID")
+    expect(page.locator("tr[data-tag='7FE00010']")).to_contain_text("(bulk data)")
+
+
+def test_deep_link_reopens_the_same_instance(page, server, browser):
+    open_stack(page, server)
+    page.locator(".scroll input[type=range]").fill("7")
+    expect(page.locator(".counter")).to_have_text(f"7 / {SLICES}")
+    link = page.url
+    assert re.search(r"/study/[0-9.]+/series/[0-9.]+/instance/[0-9.]+$", link)
+    other = browser.new_context(bypass_csp=True).new_page()
+    other.goto(link)
+    expect(other.locator(".counter")).to_have_text(f"7 / {SLICES}")
+    assert other.url == link
+    other.context.close()
+
+
+def test_back_and_forward(page, server):
+    page.goto(f"{server.url}/?id=STACK1")
+    page.locator("tr.study").first.click()
+    wait_drawn(page, 1)
+    page.go_back()
+    expect(page.locator("tr.study")).to_have_count(1)
+    assert page.url.endswith("/?id=STACK1")
+    page.go_forward()
+    expect(page.locator(".counter")).to_have_text(f"1 / {SLICES}")
+
+
+def test_unrenderable_image_is_a_message_in_the_viewport(page, server):
+    study = uid_of("JPEG-lossy.dcm", "StudyInstanceUID")
+    page.goto(f"{server.url}/study/{study}")
+    expect(page.locator(".message")).to_contain_text("Cannot display this image")
+
+
+def test_download_is_the_stored_file(page, server):
+    study = uid_of("CT_small.dcm", "StudyInstanceUID")
+    page.goto(f"{server.url}/study/{study}")
+    wait_drawn(page, 1)
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download").click()
+    saved = Path(download.value.path())
+    sop = uid_of("CT_small.dcm", "SOPInstanceUID")
+    assert saved.read_bytes() == next(server.data.rglob(f"{sop}.dcm")).read_bytes()
+
+
+def test_the_page_talks_only_to_its_own_server(page, server):
+    open_stack(page, server)
+    for _ in range(5):
+        page.keyboard.press("ArrowDown")
+    page.get_by_role("button", name="Tags").click()
+    page.wait_for_function("globalThis.minipacsView.loading.size === 0")
+    hosts = {re.match(r"^[a-z]+://[^/]+", url).group(0) for url in page.requests if "://" in url}
+    assert hosts == {server.url}, hosts
+
+
+def test_chromium_is_debians():
+    assert shutil.which("chromium") == CHROMIUM
