@@ -31,7 +31,7 @@ from pacs.config import Config
 from storage import Archive
 from storage import query
 from storage.dataset import dataset_bytes
-from storage.dicomjson import json_to_dataset
+from storage.dicomjson import json_to_bytes
 from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
@@ -156,7 +156,7 @@ UNABLE_TO_PROCESS = 0xC000
 def handle_find(event: Event, archive: Archive, config: Config):
     """C-FIND: one pending answer per matching entity, then Success.
 
-    0xFF00 pending (each answer); 0x0000 done; 0xFE00 cancelled (C-CANCEL, checked between
+    0xFF00 pending (each answer, written by `transport.send_find_answer`); 0x0000 done; 0xFE00 cancelled (C-CANCEL, checked between
     answers); 0xA900 no or a bad QueryRetrieveLevel; 0xA700 more than `max_results`
     answers (those sent stand, the query should be narrowed); 0xC000 the identifier cannot
     be decoded.
@@ -179,6 +179,7 @@ def handle_find(event: Event, archive: Archive, config: Config):
         )
         yield _failure(UNABLE_TO_PROCESS, f"identifier not understood: {exc}"), None
         return
+    implicit = event.context.transfer_syntax[0] == ImplicitVRLittleEndian  # else explicit LE
     count = 0
     for answer in itertools.chain([first] if first else [], answers):
         transport.wait_to_send(event.assoc)  # also where a C-CANCEL gets read
@@ -195,7 +196,9 @@ def handle_find(event: Event, archive: Archive, config: Config):
             yield _failure(OUT_OF_RESOURCES, f"more than {count} matches: narrow the query"), None
             return
         count += 1
-        yield PENDING, json_to_dataset(answer)
+        identifier = json_to_bytes(answer, implicit)
+        context_id = event.context.context_id
+        transport.send_find_answer(event.assoc, context_id, event.request, PENDING, identifier)
     log.info("C-FIND %s level from %s: %d answer(s)", level, event.assoc.requestor.ae_title, count)
 
 

@@ -170,32 +170,85 @@ def _numbers(vr: str, values: list[str]) -> dict | None:
     return {"vr": vr, "Value": numbers}
 
 
-def json_to_dataset(body: dict[str, Any]) -> Dataset:
-    """A pydicom Dataset from DICOM JSON (C-FIND answers); BulkDataURI values are left empty.
+def json_to_bytes(body: dict[str, Any], implicit: bool) -> bytes:
+    """DICOM JSON encoded as a little endian dataset (C-FIND answers), text as UTF-8: the
+    answer must declare ISO_IR 192. BulkDataURI values are sent empty.
 
-    pydicom's `Dataset.from_json` validates and converts each element on the way in and
-    cost more than the query itself; answers built here are encoded by pydicom as usual.
+    Building a pydicom Dataset and letting pydicom encode it cost ~0.3 ms an answer, more
+    than the query found it in; this is a direct walk over the JSON.
     """
-    ds = Dataset()
-    for tag_hex, element in body.items():
-        vr = element.get("vr", "UN")
-        values = element.get("Value")
-        if vr == "SQ":
-            value: Any = [json_to_dataset(item or {}) for item in values or []]
-        elif "InlineBinary" in element:
-            value = base64.b64decode(element["InlineBinary"])
-        elif not values:
-            value = None
-        elif vr == "PN":
-            value = [_pn_string(v) for v in values]
-        elif vr == "AT":
-            value = [int(v, 16) for v in values]
-        else:
-            value = ["" if v is None else v for v in values]
-        if isinstance(value, list) and vr != "SQ" and len(value) == 1:
-            value = value[0]
-        ds.add_new(int(tag_hex, 16), vr, value)
-    return ds
+    out = bytearray()
+    for tag_hex in sorted(body):
+        _encode_element(out, int(tag_hex, 16), body[tag_hex], implicit)
+    return bytes(out)
+
+
+LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}
+UNDEFINED = 0xFFFFFFFF
+
+
+def _encode_element(out: bytearray, tag: int, element: dict, implicit: bool) -> None:
+    vr = element.get("vr", "UN")
+    if vr == "SQ":
+        _header(out, tag, vr, UNDEFINED, implicit)
+        for item in element.get("Value") or []:
+            out += struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED)
+            for inner in sorted(item or {}):
+                if inner != "00080005":  # an item's own character set: its text is UTF-8 now
+                    _encode_element(out, int(inner, 16), item[inner], implicit)
+            out += struct.pack("<HHI", 0xFFFE, 0xE00D, 0)
+        out += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        return
+    value = _value_bytes(vr, element)
+    _header(out, tag, vr, len(value), implicit)
+    out += value
+
+
+def _header(out: bytearray, tag: int, vr: str, length: int, implicit: bool) -> None:
+    out += struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if implicit:
+        out += struct.pack("<I", length)
+    elif vr in LONG_LENGTH_VRS:
+        out += vr.encode("ascii") + struct.pack("<HI", 0, length)
+    else:
+        out += vr.encode("ascii") + struct.pack("<H", length)
+
+
+def _value_bytes(vr: str, element: dict) -> bytes:
+    if "InlineBinary" in element:
+        data = base64.b64decode(element["InlineBinary"])
+        return data + b"\0" if len(data) % 2 else data
+    values = element.get("Value") or []
+    if not values:
+        return b""
+    if vr in NUMBERS:
+        return struct.pack(f"<{len(values)}{NUMBERS[vr]}", *values)
+    if vr == "AT":
+        return b"".join(struct.pack("<HH", int(v, 16) >> 16, int(v, 16) & 0xFFFF) for v in values)
+    if vr == "PN":
+        text = "\\".join(_pn_string(v) for v in values)
+    elif vr == "DS":
+        text = "\\".join(_ds(v) for v in values)
+    else:
+        text = "\\".join("" if v is None else str(v) for v in values)
+    data = text.encode("utf-8")
+    if len(data) % 2:
+        data += b"\0" if vr == "UI" else b" "
+    return data
+
+
+def _ds(value: Any) -> str:
+    """A DS of at most 16 characters (PS3.5 6.2)."""
+    if value is None:
+        return ""
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    text = repr(float(value))
+    for digits in range(15, 0, -1):
+        if len(text) <= 16:
+            break
+        text = f"{float(value):.{digits}g}"
+    return text
 
 
 def _pn_string(value: Any) -> str:

@@ -238,6 +238,29 @@ def test_combined_datetime_range_when_negotiated(archive):
     )
 
 
+@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
+def test_answers_are_the_same_in_both_transfer_syntaxes(archive, syntax):
+    """Answers are written by minipacs (transport.send_find_answer), not by pynetdicom."""
+    server, made = archive
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, [syntax])
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+    query = scu.identifier(
+        "STUDY",
+        {"PatientName": "", "StudyInstanceUID": "", "ModalitiesInStudy": "", "StudyDate": ""},
+    )
+    answers = [
+        ds
+        for status, ds in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+        if status.Status == 0xFF00
+    ]
+    assoc.release()
+    assert {a.StudyInstanceUID for a in answers} == {v["uid"] for v in made.values()}
+    japanese = next(a for a in answers if a.StudyInstanceUID == made["J"]["uid"])
+    assert japanese.SpecificCharacterSet == "ISO_IR 192"
+    assert str(japanese.PatientName.ideographic) == "山田^太郎"
+
+
 def test_cancel_ends_with_fe00(start_server, tmp_path):
     from make_study import make_study
 
