@@ -156,10 +156,10 @@ UNABLE_TO_PROCESS = 0xC000
 def handle_find(event: Event, archive: Archive, config: Config):
     """C-FIND: one pending answer per matching entity, then Success.
 
-    0xFF00 pending (each answer, written by `transport.send_find_answer`); 0x0000 done; 0xFE00 cancelled (C-CANCEL, checked between
-    answers); 0xA900 no or a bad QueryRetrieveLevel; 0xA700 more than `max_results`
-    answers (those sent stand, the query should be narrowed); 0xC000 the identifier cannot
-    be decoded.
+    0xFF00 pending (each answer, written by `transport.send_find_answer`); 0x0000 done;
+    0xFE00 cancelled (C-CANCEL, checked between answers); 0xA900 no or a bad
+    QueryRetrieveLevel; 0xA700 more than `max_results` answers (those sent stand, the
+    query should be narrowed); 0xC000 the identifier cannot be decoded.
     """
     model = FIND_MODELS[event.request.AffectedSOPClassUID]
     try:
@@ -340,7 +340,9 @@ def _dataset_to_send(row: dict, accepted: list) -> Dataset:
         if cx.abstract_syntax == row["instance_sop_class_uid"]
     ]
     if syntax in offered:
-        return transport.StoredDataset(dcmread(path, stop_before_pixels=True), dataset_bytes(path))
+        return transport.StoredDataset(
+            row["instance_sop_class_uid"], row["instance_sop_uid"], syntax, dataset_bytes(path)
+        )
     ds = dcmread(path)
     if syntax.is_compressed and any(not UID(s).is_compressed for s in offered):
         try:

@@ -13,6 +13,14 @@
   (pydicom Dataset, DIMSE primitives, a queue, its polling DUL thread) cost ~0.9 ms an
   answer; this costs a few tens of µs. Only while a handler runs, when pynetdicom has
   nothing of its own to send on that association.
+- `send_c_store` for a `StoredDataset` (C-MOVE and C-GET sub-operations): the request is
+  written straight to the socket and the response taken from pynetdicom's DIMSE queue,
+  skipping pydicom's command encoding, the DUL send queue and the reactor hand-over.
+- pynetdicom's two reactor threads per association poll: the DUL thread sleeps 1 ms
+  between socket checks, the association thread 1 ms between DIMSE queue checks. Their
+  `time` is replaced by `_WakingTime`, whose sleep waits for what is polled for (data on
+  the socket, a message on the queue) for at most the same 1 ms: every PDU in and every
+  request served no longer waits up to a millisecond per hop.
 - `wait_to_send`: pynetdicom queues outgoing PDUs without bound, and its DUL thread sends
   everything queued before it reads the socket again. A handler that answers faster than
   the socket drains would queue a whole result in memory and read a C-CANCEL only after
@@ -20,27 +28,37 @@
 See docs/decisions.md (2026-11-25).
 """
 
+import select
 import socket
 import struct
+import threading
 import time
 
 from pydicom.dataset import Dataset
+from pydicom.dataset import FileMetaDataset
 from pynetdicom import association
+from pynetdicom import dul
+from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
 
 SEND_QUEUE_LIMIT = 32  # PDUs an association may have waiting to be sent
 
 _create_socket = AssociationSocket._create_socket
+_send_c_store = Association.send_c_store
 _encode = association.encode
 
 
 class StoredDataset(Dataset):
-    """A stored instance's header plus its dataset bytes as received."""
+    """A stored instance, as its UIDs (from the index) and its dataset bytes as received."""
 
-    def __init__(self, header: Dataset, raw: bytes) -> None:
-        super().__init__(header)
-        self.file_meta = header.file_meta
+    def __init__(self, sop_class_uid: str, sop_uid: str, syntax: str, raw: bytes) -> None:
+        super().__init__()
+        self.SOPClassUID = sop_class_uid
+        self.SOPInstanceUID = sop_uid
+        self.file_meta = FileMetaDataset()
+        self.file_meta.TransferSyntaxUID = syntax
         self._stored_bytes = raw
 
 
@@ -64,7 +82,7 @@ def wait_to_send(assoc: association.Association) -> None:
         time.sleep(0.0002)
 
 
-C_FIND_RSP = 0x8020
+C_STORE_RQ, C_FIND_RSP = 0x0001, 0x8020
 NO_DATASET, DATASET = 0x0101, 0x0000
 
 
@@ -82,6 +100,76 @@ def send_find_answer(
     pdus = _pdata(context_id, command, True, _peer_max_pdu(assoc))
     pdus += _pdata(context_id, identifier, False, _peer_max_pdu(assoc))
     assoc.dul.socket.send(pdus)
+
+
+def _stored_c_store(
+    self: Association,
+    dataset,
+    msg_id: int = 1,
+    priority: int = 2,
+    originator_aet: str | None = None,
+    originator_id: int | None = None,
+) -> Dataset:
+    """Association.send_c_store, fast for a StoredDataset sent in its stored syntax."""
+    raw = getattr(dataset, "_stored_bytes", None)
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    context = next(
+        (
+            cx
+            for cx in self.accepted_contexts
+            if cx.abstract_syntax == getattr(dataset, "SOPClassUID", None)
+            and cx.transfer_syntax[0] == syntax
+            and (cx.as_scu if self.is_requestor else cx.as_scp)
+        ),
+        None,
+    )
+    if raw is None or context is None or not self.is_established:
+        return _send_c_store(self, dataset, msg_id, priority, originator_aet, originator_id)
+    elements = [
+        (0x00000002, _ui(dataset.SOPClassUID)),
+        (0x00000100, struct.pack("<H", C_STORE_RQ)),
+        (0x00000110, struct.pack("<H", msg_id)),
+        (0x00000700, struct.pack("<H", priority)),
+        (0x00000800, struct.pack("<H", DATASET)),
+        (0x00001000, _ui(dataset.SOPInstanceUID)),
+    ]
+    if originator_aet:
+        elements.append((0x00001030, _ae(originator_aet)))
+    if originator_id is not None:
+        elements.append((0x00001031, struct.pack("<H", originator_id)))
+    # The reactor must not take the response off the queue. pynetdicom pauses it for each
+    # sub-operation and lets it run between them, which races with a fast answer (the
+    # reactor wakes late and reads it); ours stays paused until release() resumes it.
+    self._reactor_checkpoint.clear()
+    while not self._is_paused:
+        time.sleep(0.0001)
+    try:
+        max_pdu = _peer_max_pdu(self)
+        sock = self.dul.socket
+        sock.send(_pdata(context.context_id, _command(*elements), True, max_pdu))
+        step = max_pdu - 6 if max_pdu else 1 << 20
+        for start in range(0, max(len(raw), 1), step):  # one PDU at a time: no second copy
+            last = start + step >= len(raw)
+            sock.send(_pdv(context.context_id, raw[start : start + step], False, last))
+        _, response = self.dimse.get_msg(block=True)
+    finally:
+        if self.is_acceptor:  # C-GET: the handler runs in the reactor's own thread
+            self._reactor_checkpoint.set()
+    status = Dataset()
+    if not isinstance(response, C_STORE) or response.Status is None:
+        self.abort()  # no (or no valid) answer within the DIMSE timeout
+        return status
+    status.Status = response.Status
+    for keyword in ("ErrorComment", "OffendingElement"):
+        value = getattr(response, keyword, None)
+        if value is not None:
+            setattr(status, keyword, value)
+    return status
+
+
+def _ae(title: str) -> bytes:
+    data = title.encode("ascii")[:16]
+    return data + b" " if len(data) % 2 else data
 
 
 def _ui(uid: str) -> bytes:
@@ -106,12 +194,43 @@ def _pdata(context_id: int, data: bytes, command: bool, max_pdu: int) -> bytes:
     size = max_pdu - 6 if max_pdu else max(len(data), 1)
     out = bytearray()
     for start in range(0, max(len(data), 1), size):
-        fragment = data[start : start + size]
         last = start + size >= len(data)
-        header = (1 if command else 0) | (2 if last else 0)
-        item = struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
-        out += struct.pack(">BBI", 0x04, 0, len(item)) + item
+        out += _pdv(context_id, data[start : start + size], command, last)
     return bytes(out)
+
+
+def _pdv(context_id: int, fragment: bytes, command: bool, last: bool) -> bytes:
+    """One P-DATA-TF PDU with one PDV item (its message control header: PS3.8 E.2)."""
+    header = (1 if command else 0) | (2 if last else 0)
+    item = struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
+    return struct.pack(">BBI", 0x04, 0, len(item)) + item
+
+
+class _WakingTime:
+    """`time` for pynetdicom.dul and pynetdicom.association: their reactors' idle sleeps end
+    as soon as there is something to do."""
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        thread = threading.current_thread()
+        if seconds <= 0.001 and isinstance(thread, dul.DULServiceProvider):
+            sock = getattr(thread.socket, "socket", None)
+            if sock is not None:
+                try:
+                    select.select([sock], [], [], seconds)
+                    return
+                except (OSError, ValueError):  # closed meanwhile: sleep as asked
+                    pass
+        elif seconds == 0.001 and isinstance(thread, Association):
+            waiting = thread.dimse.msg_queue
+            with waiting.not_empty:  # holds the queue's lock: qsize() would deadlock
+                if not waiting.queue:
+                    waiting.not_empty.wait(seconds)
+            return
+        time.sleep(seconds)
 
 
 class Server(ThreadedAssociationServer):
@@ -154,4 +273,6 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
 def install() -> None:
     AssociationSocket.recv = _recv
     AssociationSocket._create_socket = _nodelay_socket
+    Association.send_c_store = _stored_c_store
+    dul.time = association.time = _WakingTime()
     association.encode = _encode_stored
