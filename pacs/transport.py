@@ -17,10 +17,12 @@
   written straight to the socket and the response taken from pynetdicom's DIMSE queue,
   skipping pydicom's command encoding, the DUL send queue and the reactor hand-over.
 - pynetdicom's two reactor threads per association poll: the DUL thread sleeps 1 ms
-  between socket checks, the association thread 1 ms between DIMSE queue checks. Their
-  `time` is replaced by `_WakingTime`, whose sleep waits for what is polled for (data on
-  the socket, a message on the queue) for at most the same 1 ms: every PDU in and every
-  request served no longer waits up to a millisecond per hop.
+  between checks of its socket and its send queue, the association thread 1 ms between
+  checks of its DIMSE queue and the DUL's ACSE queue. Their `time` is replaced by
+  `_WakingTime`, whose sleep waits (at most the same 1 ms) for what is polled for: the
+  DUL on its socket plus a wake-up socketpair that its send queue writes to, the
+  association on its DIMSE queue, notified also by the ACSE queue. No PDU in or out, no
+  request and no release waits up to a millisecond per hop.
 - `wait_to_send`: pynetdicom queues outgoing PDUs without bound, and its DUL thread sends
   everything queued before it reads the socket again. A handler that answers faster than
   the socket drains would queue a whole result in memory and read a C-CANCEL only after
@@ -28,6 +30,8 @@
 See docs/decisions.md (2026-11-25).
 """
 
+import contextlib
+import queue
 import select
 import socket
 import struct
@@ -47,6 +51,8 @@ SEND_QUEUE_LIMIT = 32  # PDUs an association may have waiting to be sent
 
 _create_socket = AssociationSocket._create_socket
 _send_c_store = Association.send_c_store
+_dul_init_original = dul.DULServiceProvider.__init__
+_dul_run_original = dul.DULServiceProvider.run_reactor
 _encode = association.encode
 
 
@@ -206,6 +212,47 @@ def _pdv(context_id: int, fragment: bytes, command: bool, last: bool) -> bytes:
     return struct.pack(">BBI", 0x04, 0, len(item)) + item
 
 
+class _WakingQueue(queue.Queue):
+    """A DUL queue whose put() also wakes the thread that waits for it."""
+
+    def __init__(self, wake) -> None:
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+def _dul_init(self: dul.DULServiceProvider, assoc: Association) -> None:
+    _dul_init_original(self, assoc)
+    self._wake_recv, self._wake_send = socket.socketpair()
+    self._wake_recv.setblocking(False)
+    self._wake_send.setblocking(False)
+    self.to_provider_queue = _WakingQueue(lambda: _wake_dul(self))
+    self.to_user_queue = _WakingQueue(lambda: _wake_reactor(assoc))
+
+
+def _dul_run(self: dul.DULServiceProvider) -> None:
+    try:
+        _dul_run_original(self)
+    finally:
+        self._wake_recv.close()
+        self._wake_send.close()
+
+
+def _wake_dul(provider: dul.DULServiceProvider) -> None:
+    with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+        provider._wake_send.send(b"\0")
+
+
+def _wake_reactor(assoc: Association) -> None:
+    dimse = getattr(assoc, "dimse", None)
+    if dimse is not None:
+        with dimse.msg_queue.not_empty:
+            dimse.msg_queue.not_empty.notify_all()
+
+
 class _WakingTime:
     """`time` for pynetdicom.dul and pynetdicom.association: their reactors' idle sleeps end
     as soon as there is something to do."""
@@ -220,7 +267,10 @@ class _WakingTime:
             sock = getattr(thread.socket, "socket", None)
             if sock is not None:
                 try:
-                    select.select([sock], [], [], seconds)
+                    select.select([sock, thread._wake_recv], [], [], seconds)
+                    while thread._wake_recv.recv(4096):
+                        pass
+                except BlockingIOError:  # drained
                     return
                 except (OSError, ValueError):  # closed meanwhile: sleep as asked
                     pass
@@ -275,4 +325,6 @@ def install() -> None:
     AssociationSocket._create_socket = _nodelay_socket
     Association.send_c_store = _stored_c_store
     dul.time = association.time = _WakingTime()
+    dul.DULServiceProvider.__init__ = _dul_init
+    dul.DULServiceProvider.run_reactor = _dul_run
     association.encode = _encode_stored
