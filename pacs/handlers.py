@@ -156,7 +156,7 @@ UNABLE_TO_PROCESS = 0xC000
 def handle_find(event: Event, archive: Archive, config: Config):
     """C-FIND: one pending answer per matching entity, then Success.
 
-    0xFF00 pending (each answer, written by `transport.send_find_answer`); 0x0000 done;
+    0xFF00 pending (each answer, written by `transport.FindAnswers`); 0x0000 done;
     0xFE00 cancelled (C-CANCEL, checked between answers); 0xA900 no or a bad
     QueryRetrieveLevel; 0xA700 more than `max_results` answers (those sent stand, the
     query should be narrowed); 0xC000 the identifier cannot be decoded.
@@ -180,25 +180,26 @@ def handle_find(event: Event, archive: Archive, config: Config):
         yield _failure(UNABLE_TO_PROCESS, f"identifier not understood: {exc}"), None
         return
     implicit = event.context.transfer_syntax[0] == ImplicitVRLittleEndian  # else explicit LE
+    pending = transport.FindAnswers(event.assoc, event.context.context_id, event.request)
     count = 0
     for answer in itertools.chain([first] if first else [], answers):
-        transport.wait_to_send(event.assoc)  # also where a C-CANCEL gets read
         if event.is_cancelled:
+            pending.flush()
             log.info(
                 "C-FIND from %s cancelled after %d answers", event.assoc.requestor.ae_title, count
             )
             yield CANCELLED, None
             return
         if count == config.max_results:
+            pending.flush()
             log.warning(
                 "C-FIND from %s stopped at max_results=%d", event.assoc.requestor.ae_title, count
             )
             yield _failure(OUT_OF_RESOURCES, f"more than {count} matches: narrow the query"), None
             return
         count += 1
-        identifier = json_to_bytes(answer, implicit)
-        context_id = event.context.context_id
-        transport.send_find_answer(event.assoc, context_id, event.request, PENDING, identifier)
+        pending.send(json_to_bytes(answer, implicit))
+    pending.flush()
     log.info("C-FIND %s level from %s: %d answer(s)", level, event.assoc.requestor.ae_title, count)
 
 

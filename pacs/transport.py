@@ -8,8 +8,8 @@
 - A dataset carrying its stored bytes (`StoredDataset`) is sent as those bytes when the
   negotiated transfer syntax is the stored one: C-MOVE/C-GET send exactly what was
   received, where pydicom's re-encoding would drop group lengths or re-deflate.
-- `send_find_answer`: a C-FIND pending response written straight to the socket as
-  P-DATA-TF PDUs, the identifier encoded from the index's DICOM JSON. pynetdicom's path
+- `FindAnswers`: C-FIND pending responses written straight to the socket as P-DATA-TF
+  PDUs (batched), the identifier encoded from the index's DICOM JSON. pynetdicom's path
   (pydicom Dataset, DIMSE primitives, a queue, its polling DUL thread) cost ~0.9 ms an
   answer; this costs a few tens of µs. Only while a handler runs, when pynetdicom has
   nothing of its own to send on that association.
@@ -23,10 +23,6 @@
   DUL on its socket plus a wake-up socketpair that its send queue writes to, the
   association on its DIMSE queue, notified also by the ACSE queue. No PDU in or out, no
   request and no release waits up to a millisecond per hop.
-- `wait_to_send`: pynetdicom queues outgoing PDUs without bound, and its DUL thread sends
-  everything queued before it reads the socket again. A handler that answers faster than
-  the socket drains would queue a whole result in memory and read a C-CANCEL only after
-  the last answer; handlers wait here before each answer instead.
 See docs/decisions.md (2026-11-25).
 """
 
@@ -46,8 +42,6 @@ from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
-
-SEND_QUEUE_LIMIT = 32  # PDUs an association may have waiting to be sent
 
 _create_socket = AssociationSocket._create_socket
 _send_c_store = Association.send_c_store
@@ -81,31 +75,44 @@ def _encode_stored(ds: Dataset, is_implicit: bool, is_little: bool, deflated: bo
     return _encode(ds, is_implicit, is_little, deflated)
 
 
-def wait_to_send(assoc: association.Association) -> None:
-    """Block while more than SEND_QUEUE_LIMIT PDUs wait in the association's send queue."""
-    pending = assoc.dul.to_provider_queue
-    while pending.qsize() > SEND_QUEUE_LIMIT and assoc.is_established:
-        time.sleep(0.0002)
-
-
 C_STORE_RQ, C_FIND_RSP = 0x0001, 0x8020
+PENDING = 0xFF00
 NO_DATASET, DATASET = 0x0101, 0x0000
 
 
-def send_find_answer(
-    assoc: association.Association, context_id: int, request, status: int, identifier: bytes
-) -> None:
-    """One C-FIND-RSP (pending, with its identifier) on the association's socket."""
-    command = _command(
-        (0x00000002, _ui(request.AffectedSOPClassUID)),
-        (0x00000100, struct.pack("<H", C_FIND_RSP)),
-        (0x00000120, struct.pack("<H", request.MessageID)),
-        (0x00000800, struct.pack("<H", DATASET)),
-        (0x00000900, struct.pack("<H", status)),
-    )
-    pdus = _pdata(context_id, command, True, _peer_max_pdu(assoc))
-    pdus += _pdata(context_id, identifier, False, _peer_max_pdu(assoc))
-    assoc.dul.socket.send(pdus)
+class FindAnswers:
+    """C-FIND pending responses written straight to the socket, several per send()."""
+
+    FLUSH = 32 << 10
+
+    def __init__(self, assoc: association.Association, context_id: int, request) -> None:
+        command = _command(
+            (0x00000002, _ui(request.AffectedSOPClassUID)),
+            (0x00000100, struct.pack("<H", C_FIND_RSP)),
+            (0x00000120, struct.pack("<H", request.MessageID)),
+            (0x00000800, struct.pack("<H", DATASET)),
+            (0x00000900, struct.pack("<H", PENDING)),
+        )
+        self._socket = assoc.dul.socket
+        self._context_id = context_id
+        self._max_pdu = _peer_max_pdu(assoc)
+        self._command = _pdata(context_id, command, True, self._max_pdu)  # the same each time
+        self._buffer = bytearray()
+        self._answered = False
+
+    def send(self, identifier: bytes) -> None:
+        first = not self._answered
+        self._answered = True
+        self._buffer += self._command
+        self._buffer += _pdata(self._context_id, identifier, False, self._max_pdu)
+        if first or len(self._buffer) >= self.FLUSH:  # the first answer goes out at once
+            self.flush()
+
+    def flush(self) -> None:
+        """Out with what is buffered: before any response pynetdicom sends after these."""
+        if self._buffer:
+            self._socket.send(bytes(self._buffer))
+            self._buffer.clear()
 
 
 def _stored_c_store(

@@ -240,7 +240,7 @@ def test_combined_datetime_range_when_negotiated(archive):
 
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
 def test_answers_are_the_same_in_both_transfer_syntaxes(archive, syntax):
-    """Answers are written by minipacs (transport.send_find_answer), not by pynetdicom."""
+    """Answers are written by minipacs (transport.FindAnswers), not by pynetdicom."""
     server, made = archive
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, [syntax])
@@ -270,7 +270,10 @@ def test_cancel_ends_with_fe00(start_server, tmp_path):
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
-    query = scu.identifier("IMAGE", {"SOPInstanceUID": ""})
+    # A return key outside the index columns makes each answer read the instance's JSON:
+    # the 400 answers take long enough for a cancel sent on the first to arrive between
+    # them (it lands after ~10; the first answer is sent alone, the others in batches).
+    query = scu.identifier("IMAGE", {"SOPInstanceUID": "", "ImageType": ""})
     statuses = []
     for status, _ in assoc.send_c_find(
         query, PatientRootQueryRetrieveInformationModelFind, msg_id=7
