@@ -20,6 +20,7 @@ from playwright.sync_api import sync_playwright
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts" / "viewer"
 SLICES = 30
+OTHERS = ("CT_small.dcm", "SC_rgb_rle_2frame.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG-lossy.dcm")
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +34,15 @@ def server(tmp_path_factory):
         ds.PatientName, ds.PatientID = "Stack^Synthetic", "STACK1"
         ds.save_as(path)
     running = Server(root / "data").start()
-    storescu(running.port, *stack)
-    for name in (
-        "CT_small.dcm",
-        "SC_rgb_rle_2frame.dcm",
-        "SC_rgb_jpeg_dcmtk.dcm",
-        "JPEG-lossy.dcm",
-    ):
-        syntax = pydicom.dcmread(TEST_FILES / name, stop_before_pixels=True).file_meta
-        propose = STORESCU_PROPOSE.get(syntax.TransferSyntaxUID)
-        storescu(running.port, TEST_FILES / name, extra=(propose,) if propose else ())
-    yield running
-    running.kill()
+    try:  # the server stops even when pushing the studies fails
+        storescu(running.port, *stack)
+        for name in OTHERS:
+            syntax = pydicom.dcmread(TEST_FILES / name, stop_before_pixels=True).file_meta
+            propose = STORESCU_PROPOSE.get(syntax.TransferSyntaxUID)
+            storescu(running.port, TEST_FILES / name, extra=(propose,) if propose else ())
+        yield running
+    finally:
+        running.kill()
 
 
 @pytest.fixture(scope="module")
