@@ -116,6 +116,14 @@ class Config:
             "help": "Origins allowed to call the web side cross-origin (comma list, * = any)."
         },
     )
+    parse_processes: int = field(
+        default=1,
+        metadata={
+            "help": "Child processes that parse incoming instances for the server, so that "
+            "concurrent C-STORE and STOW-RS ingests use more than one core (0: in-process; "
+            "on 2 cores 1 measured best)."
+        },
+    )
     max_upload_mb: int = field(
         default=4096,
         metadata={"help": "Largest STOW-RS request body (MiB); bigger ones answer 413."},
@@ -173,6 +181,8 @@ def _convert(name: str, value: Any) -> Any:
         "max_upload_mb",
     ):
         return _int(value, name, 0 if name == "max_pdu" else 1)
+    if name == "parse_processes":
+        return _int(value, name, 0)
     if name in ("fsync", "accept_unknown_sop_classes", "pn_case_insensitive", "trust_proxy"):
         return _bool(value, name)
     if name == "peer":

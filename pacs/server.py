@@ -159,7 +159,13 @@ def _listen(config: Config, archive: Archive, shared_port: bool):
 
 
 def _open_archive(config: Config, repair: bool) -> Archive:
-    archive = Archive(config.data, fsync=config.fsync, duplicates=config.duplicates)
+    archive = Archive(
+        config.data,
+        fsync=config.fsync,
+        duplicates=config.duplicates,
+        # DICOM worker processes (repair=False) are parallel already.
+        parse_processes=config.parse_processes if repair else 0,
+    )
     try:
         archive.open()
     except Exception as exc:

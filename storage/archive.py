@@ -12,12 +12,16 @@ import enum
 import fcntl
 import hashlib
 import logging
+import multiprocessing
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
 from concurrent.futures import Future
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -28,6 +32,7 @@ from peewee import fn
 
 from storage import index
 from storage import query
+from storage.dataset import ParsedInstance
 from storage.dataset import read_instance
 from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
@@ -95,7 +100,16 @@ def _wait(future: Future) -> None:
 class Archive:
     """One archive root. Open it once per process; every thread may call `ingest`."""
 
-    def __init__(self, root: Path, *, fsync: bool = True, duplicates: str = "keep") -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        fsync: bool = True,
+        duplicates: str = "keep",
+        parse_processes: int = 0,
+    ) -> None:
+        """`parse_processes` > 0: parse incoming files in that many child processes (started
+        on first use), so concurrent ingests are not bound to one core by the GIL."""
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
         self.root = Path(root).absolute()
@@ -105,6 +119,9 @@ class Archive:
         self._writer: index.IndexWriter | None = None
         self._lock_fd: int | None = None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
+        self.parse_processes = parse_processes
+        self._parsers: ProcessPoolExecutor | None = None
+        self._parsers_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -154,6 +171,9 @@ class Archive:
 
     def close(self) -> None:
         self._pool.shutdown()
+        if self._parsers is not None:
+            self._parsers.shutdown(cancel_futures=True)
+            self._parsers = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -193,7 +213,7 @@ class Archive:
         # The file's fsync (disk time, GIL released) overlaps the parsing (CPU time).
         synced = self._pool.submit(fsync_path, tmp) if self.fsync else None
         try:
-            parsed = read_instance(tmp)
+            parsed = self._parse(tmp)
             if synced is not None:
                 _wait(synced)
             if sop_uid is not None and sop_uid.rstrip("\0 ") != parsed.sop_uid:
@@ -241,6 +261,23 @@ class Archive:
             if synced is not None:
                 synced.exception()  # never unlink under a running fsync
             tmp.unlink(missing_ok=True)
+
+    def _parse(self, tmp: Path) -> ParsedInstance:
+        if not self.parse_processes:
+            return read_instance(tmp)
+        with self._parsers_lock:
+            if self._parsers is None:
+                context = multiprocessing.get_context("spawn")  # no fork of a threaded server
+                self._parsers = ProcessPoolExecutor(self.parse_processes, mp_context=context)
+            parsers = self._parsers
+        try:
+            return parsers.submit(read_instance, tmp).result()
+        except BrokenProcessPool:  # a parser died (killed, out of memory): start afresh
+            log.warning("a parser process died; parsing %s in-process", tmp.name)
+            with self._parsers_lock:
+                if self._parsers is parsers:
+                    self._parsers = None
+            return read_instance(tmp)
 
     def import_file(self, source: Path, calling_aet: str = "") -> Stored:
         """Copy a file from elsewhere into `.incoming/` and ingest it."""
