@@ -410,13 +410,14 @@ class StudyView {
     const slice = this.stack[this.index];
     const ratio = window.devicePixelRatio || 1;
     const sourceWidth = slice ? slice.columns || bitmap.width : bitmap.width; // zoom is per DICOM pixel
+    const aspect = this.pixelAspect(slice); // a pixel's height ÷ its width
     if (this.fit) {
       const { width, height } = this.stage.getBoundingClientRect();
-      this.zoom = Math.min(width / sourceWidth, height / (bitmap.height * (sourceWidth / bitmap.width)));
+      this.zoom = Math.min(width / sourceWidth, height / (bitmap.height * aspect * (sourceWidth / bitmap.width)));
     }
     const scale = (this.zoom * ratio * sourceWidth) / bitmap.width;
     const drawWidth = bitmap.width * scale;
-    const drawHeight = bitmap.height * scale;
+    const drawHeight = bitmap.height * scale * aspect;
     const x = (this.canvas.width - drawWidth) / 2 + this.pan[0] * ratio;
     const y = (this.canvas.height - drawHeight) / 2 + this.pan[1] * ratio;
     context.imageSmoothingEnabled = scale < 2;
@@ -424,6 +425,17 @@ class StudyView {
     context.drawImage(bitmap, x, y, drawWidth, drawHeight);
     context.filter = "none";
     this.updateOverlays();
+  }
+
+  // Pixel Spacing (row, column) or Pixel Aspect Ratio (vertical, horizontal): images keep
+  // their true proportions when pixels are not square.
+  pixelAspect(slice) {
+    const meta = slice && this.metadata.get(slice.sop);
+    const spacing = values(meta, "00280030").map(Number);
+    if (spacing.length === 2 && spacing[0] > 0 && spacing[1] > 0) return spacing[0] / spacing[1];
+    const ratio = values(meta, "00280034").map(Number);
+    if (ratio.length === 2 && ratio[0] > 0 && ratio[1] > 0) return ratio[0] / ratio[1];
+    return 1;
   }
 
   updateOverlays() {
@@ -631,7 +643,7 @@ class StudyView {
         const meta = await instanceMetadata(this.study, this.series, sop, this.controller.signal);
         this.metadata.set(sop, meta);
         if (this.stack[this.index]?.sop === sop) {
-          this.updateOverlays();
+          this.redraw(); // its pixel aspect, and the overlays
           this.renderTags();
         }
       } catch (error) {
