@@ -129,8 +129,9 @@ class StudyView {
         // deltas add up to one slice per 100 px.
         const delta = event.deltaY * (event.deltaMode === 1 ? 40 : 1);
         if (Math.abs(delta) >= 50) {
+          // A busy browser merges queued notches into one event (deltaY 200, 300…).
           wheel = 0;
-          this.go(this.index + Math.sign(delta));
+          this.go(this.index + Math.sign(delta) * Math.max(1, Math.round(Math.abs(delta) / 100)));
           return;
         }
         wheel += delta;
@@ -184,6 +185,7 @@ class StudyView {
     }
     this.seriesList.sort((a, b) => (first(a, "00200011") ?? 1e9) - (first(b, "00200011") ?? 1e9));
     this.strip.replaceChildren(...this.seriesList.map((series) => this.seriesButton(series)));
+    setTimeout(() => this.loadThumbnails(), 1500); // also when no image can be drawn
     if (!this.seriesList.length) {
       this.showMessage("This study has no series.");
       return;
@@ -198,7 +200,7 @@ class StudyView {
     const link = el(
       "a",
       { href: `/study/${this.study}/series/${uid}`, "data-link": "", class: "series-item", "data-series": uid },
-      el("img", { src: thumbnailURL(this.study, uid), alt: "", width: "96", height: "96", loading: "lazy" }),
+      el("img", { "data-src": thumbnailURL(this.study, uid), alt: "", width: "96", height: "96" }),
       el("span", { class: "label" }, label),
       el("span", { class: "count" }, `${text(series, "00080060")} · ${count} image${count === 1 ? "" : "s"}`),
     );
@@ -268,9 +270,34 @@ class StudyView {
     const url = `/study/${this.study}/series/${this.series}/instance/${slice.sop}${frame}`;
     if (!fromUrl || location.pathname + location.search !== url) history.replaceState({}, "", url);
     this.download.href = `/wado?requestType=WADO&studyUID=${this.study}&seriesUID=${this.series}&objectUID=${slice.sop}&contentType=application%2Fdicom&transferSyntax=*`;
-    this.request(next, "png", { current: true });
+    this.showCurrent();
     this.prefetch();
     this.loadMetadata(slice.sop);
+  }
+
+  // Scrolling faster than the server renders: one request for "the current slice" in
+  // flight; when it lands, the slice current by then is asked for. Frames are dropped,
+  // the picture keeps moving, and the server renders nothing nobody will see.
+  showCurrent() {
+    const key = this.key_(this.index, "png");
+    if (this.bitmaps.has(key) || this.loading.has(key) || !this.currentLoad) {
+      this.currentLoad = this.request(this.index, "png", { current: true })
+        .catch(() => {})
+        .finally(() => {
+          this.currentLoad = null;
+          if (this.currentStale) {
+            this.currentStale = false;
+            this.showCurrent();
+          }
+        });
+      return;
+    }
+    this.currentStale = true;
+    this.placeholder(this.index);
+  }
+
+  exactShown() {
+    return this.shown && this.shown.key === this.key_(this.index, "png");
   }
 
   key_(index, format) {
@@ -299,10 +326,9 @@ class StudyView {
     }
     if (current) this.placeholder(index);
     if (this.loading.has(key)) {
-      return this.loading.get(key).promise.then((bitmap) => {
-        if (current && this.isCurrent(key)) this.draw(key, bitmap);
-        return bitmap;
-      });
+      const loading = this.loading.get(key);
+      loading.current ||= current; // the request that loads it draws it: once
+      return loading.promise;
     }
     const controller = new AbortController();
     const promise = fetchBitmap(this.url(index, format, quality), controller.signal).then(
@@ -310,6 +336,7 @@ class StudyView {
         this.loading.delete(key);
         this.remember(key, bitmap);
         if (this.isCurrent(key)) this.draw(key, bitmap);
+        else if (controller.current && !this.exactShown()) this.draw(null, bitmap); // moved on: show it meanwhile
         this.prefetch();
         return bitmap;
       },
@@ -321,6 +348,7 @@ class StudyView {
     );
     promise.catch(() => {});
     controller.index = index;
+    controller.current = current;
     controller.promise = promise;
     this.loading.set(key, controller);
     return promise;
@@ -354,8 +382,8 @@ class StudyView {
     const keep = new Set(wanted.filter((i) => i >= 0 && i < this.stack.length).map((i) => this.key_(i, "png")));
     keep.add(this.key_(this.index, "png"));
     for (const [key, controller] of this.loading) {
-      if (!keep.has(key) && !key.endsWith("|jpeg")) {
-        controller.abort(); // a slice we scrolled away from, or an old window
+      if (!keep.has(key) && !key.endsWith("|jpeg") && !controller.current) {
+        controller.abort(); // a prefetch we scrolled away from, or for an old window
         this.loading.delete(key);
       }
     }
@@ -398,6 +426,16 @@ class StudyView {
     this.shown = { key, bitmap };
     if (key) this.drawn += 1;
     this.redraw();
+    if (this.drawn === 1) this.loadThumbnails();
+  }
+
+  // The series thumbnails are asked for once the first image is up: they would compete
+  // with it on the server.
+  loadThumbnails() {
+    for (const image of this.strip.querySelectorAll("img[data-src]")) {
+      image.src = image.dataset.src;
+      image.removeAttribute("data-src");
+    }
   }
 
   redraw() {
