@@ -7,6 +7,7 @@ C-STORE, PS3.7 Annex C for the general ones).
 import itertools
 import logging
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydicom import dcmread
@@ -149,6 +150,7 @@ FIND_CLASSES = {
 }
 PENDING = 0xFF00
 CANCELLED = 0xFE00
+READ_AHEAD_MAX = 64 << 20  # bytes: larger instances are read when their turn comes
 IDENTIFIER_MISMATCH = 0xA900  # PS3.4 C.4.1.1.4: Identifier does not match SOP Class
 UNABLE_TO_PROCESS = 0xC000
 
@@ -323,11 +325,21 @@ def _contexts_for(instances: list[dict]) -> list[PresentationContext]:
 
 
 def _sub_operations(event: Event, instances: list[dict], accepted):
-    for row in instances:
-        if event.is_cancelled:
-            yield CANCELLED, None
-            return
-        yield PENDING, _dataset_to_send(row, accepted())
+    """The instances to send; the next one's file is read while the peer stores the
+    current one (unless it is large: two in memory at once)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+        upcoming = None
+        for index, row in enumerate(instances):
+            if event.is_cancelled:
+                yield CANCELLED, None
+                return
+            contexts = accepted()
+            dataset = upcoming.result() if upcoming else _dataset_to_send(row, contexts)
+            upcoming = None
+            following = instances[index + 1] if index + 1 < len(instances) else None
+            if following is not None and (following.get("instance_size") or 0) < READ_AHEAD_MAX:
+                upcoming = reader.submit(_dataset_to_send, following, contexts)
+            yield PENDING, dataset
 
 
 def _dataset_to_send(row: dict, accepted: list) -> Dataset:
