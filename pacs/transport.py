@@ -166,12 +166,25 @@ def _stored_c_store(
         time.sleep(0.0001)
     try:
         max_pdu = _peer_max_pdu(self)
-        sock = self.dul.socket
-        sock.send(_pdata(context.context_id, _command(*elements), True, max_pdu))
-        step = max_pdu - 6 if max_pdu else 1 << 20
-        for start in range(0, max(len(raw), 1), step):  # one PDU at a time: no second copy
+        parts = [_pdata(context.context_id, _command(*elements), True, max_pdu)]
+        view, step = memoryview(raw), max_pdu - 6 if max_pdu else 1 << 20
+        for start in range(0, max(len(raw), 1), step):  # PDU headers around views of `raw`
+            fragment = view[start : start + step]
             last = start + step >= len(raw)
-            sock.send(_pdv(context.context_id, raw[start : start + step], False, last))
+            header = 2 if last else 0  # a dataset fragment; last or not
+            parts.append(
+                struct.pack(
+                    ">BBIIBB",
+                    0x04,
+                    0,
+                    len(fragment) + 6,
+                    len(fragment) + 2,
+                    context.context_id,
+                    header,
+                )
+            )
+            parts.append(fragment)
+        self.dul.socket.socket.sendall(b"".join(parts))  # one copy, one call
         _, response = self.dimse.get_msg(block=True)
     finally:
         if self.is_acceptor:  # C-GET: the handler runs in the reactor's own thread
