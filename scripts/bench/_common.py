@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -552,3 +553,65 @@ def setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(message)s",
     )
+
+
+# -- shared by the benchmark scripts -------------------------------------------------
+
+CODE_PACKAGES = ("pacs", "storage", "viewer")
+# Command lines of work that would distort the figures: another benchmark or test run.
+OTHER_WORK = re.compile(r"scripts/bench/\w+\.py|pytest|scripts/test\b")
+
+
+def other_work() -> list[str]:
+    """Other benchmarks or test runs on this machine (they would distort the figures)."""
+    found = []
+    me = os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        with contextlib.suppress(OSError):
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if OTHER_WORK.search(cmd):
+                found.append(f"{entry.name} {cmd.strip()[:100]}")
+    return found
+
+
+def wait_for_quiet(seconds: float) -> list[str]:
+    """Wait (polling every 20 s) until no other benchmark or test runs, at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    busy = other_work()
+    while busy and time.monotonic() < deadline:
+        log.info("waiting: other benchmarks/tests running: %s", "; ".join(busy))
+        time.sleep(20)
+        busy = other_work()
+    return busy
+
+
+def git_commit() -> str:
+    """HEAD's short hash, '+dirty' when minipacs' packages differ from it."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--", *CODE_PACKAGES],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head + ("+dirty" if dirty else "")
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    """Nearest-rank percentile (p50 = the median for odd counts)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]

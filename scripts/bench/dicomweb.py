@@ -22,7 +22,6 @@ import http.client
 import io
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import CODE_PACKAGES
 from _common import HOST
 from _common import ORTHANC_BIN
 from _common import ORTHANC_ISSUE
@@ -59,9 +59,12 @@ from _common import Server
 from _common import base_env
 from _common import ensure_orthanc
 from _common import fmt
+from _common import git_commit
 from _common import log_issues
 from _common import orthanc_processes
 from _common import orthanc_version
+from _common import other_work
+from _common import percentile
 from _common import proc_tree
 from _common import setup_logging
 from _common import sigterm_unwinds
@@ -77,9 +80,7 @@ DICOM_JSON = "application/dicom+json"
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 MB = 1_000_000
 GB = 1_000_000_000
-CODE_PACKAGES = ("pacs", "storage", "viewer")
 ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-OTHER_WORK = re.compile(r"scripts/bench/(query|ingest|render)\.py|pytest|scripts/test\b")
 
 # Targets of the DICOMweb issue: series metadata of the 500-instance series.
 METADATA_TARGET_MS = 100.0
@@ -271,41 +272,6 @@ def minipacs_env(opts: argparse.Namespace) -> dict[str, str]:
             [str(opts.code)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
     return env
-
-
-def git_commit() -> str:
-    """HEAD's short hash, '+dirty' when minipacs' packages differ from it."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", *CODE_PACKAGES],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    return head + ("+dirty" if dirty else "")
-
-
-def other_work() -> list[str]:
-    """Other benchmarks or test runs on this machine (they would distort the figures)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if OTHER_WORK.search(cmd):
-                found.append(f"{entry.name} {cmd.strip()[:80]}")
-    return found
 
 
 # --------------------------------------------------------------------------- memory
@@ -531,14 +497,6 @@ def stow_counts(answer: Answer) -> tuple[int | None, int | None, str]:
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def percentile(values: list[float], fraction: float) -> float | None:
-    """Nearest-rank percentile (p50 = the median for odd counts)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 @dataclass

@@ -45,6 +45,7 @@ from typing import IO
 from typing import Any
 
 from _common import CALLING_AET
+from _common import CODE_PACKAGES
 from _common import HOST
 from _common import ORTHANC_BIN
 from _common import PROCS
@@ -60,9 +61,11 @@ from _common import base_env
 from _common import count_files
 from _common import ensure_orthanc
 from _common import fmt
+from _common import git_commit
 from _common import log_issues
 from _common import orthanc_processes
 from _common import orthanc_version
+from _common import percentile
 from _common import ratio
 from _common import send
 from _common import setup_logging
@@ -603,15 +606,6 @@ def compare_answers(
             f"e.g. {name_a} {value!r} vs {name_b} {other!r}"
         )
     return out
-
-
-def percentile(values: list[float], fraction: float) -> float | None:
-    """Nearest-rank percentile (p50 = the median for odd counts)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), -(-len(ordered) * fraction // 1)))
-    return ordered[int(rank) - 1]
 
 
 @dataclass
@@ -1396,9 +1390,6 @@ def grow(opts: argparse.Namespace, root: Path, data: Path) -> dict[str, Any]:
     }
 
 
-CODE_PACKAGES = ("pacs", "storage", "viewer")
-
-
 def snapshot_code(root: Path, opts: argparse.Namespace) -> str:
     """Copy the project's packages into `root/code` and run every minipacs process of this
     run from there (PYTHONPATH ahead of the editable install), so that edits to the working
@@ -1436,28 +1427,6 @@ def minipacs_env(opts: argparse.Namespace) -> dict[str, str]:
             [str(code)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
         )
     return env
-
-
-def git_commit() -> str:
-    """HEAD's short hash, '+dirty' when the project's packages differ from it."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", *CODE_PACKAGES],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    return head + ("+dirty" if dirty else "")
 
 
 def start_timed(server: Server) -> float:

@@ -60,9 +60,11 @@ from _common import fmt
 from _common import log_issues
 from _common import orthanc_processes
 from _common import orthanc_version
+from _common import other_work
 from _common import ratio
 from _common import setup_logging
 from _common import sigterm_unwinds
+from _common import wait_for_quiet
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -89,7 +91,6 @@ J2K_SYNTAXES = [
     "1.2.840.10008.1.2.4.92",
     "1.2.840.10008.1.2.4.93",
 ]
-OTHER_WORK = re.compile(r"scripts/bench/(query|ingest)\.py|pytest|scripts/test\b")
 
 # Targets of the rendering issue.
 TARGET_THUMB_MS = 5.0
@@ -906,30 +907,6 @@ def report(
 
 
 # --------------------------------------------------------------------------- main
-
-
-def other_work() -> list[str]:
-    """Other benchmarks or test runs on this machine (they would distort the figures)."""
-    found = []
-    me = os.getpid()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        with contextlib.suppress(OSError):
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if OTHER_WORK.search(cmd):
-                found.append(f"{entry.name} {cmd.strip()[:100]}")
-    return found
-
-
-def wait_for_quiet(seconds: float) -> list[str]:
-    deadline = time.monotonic() + seconds
-    busy = other_work()
-    while busy and time.monotonic() < deadline:
-        log.info("waiting: other benchmarks/tests running: %s", "; ".join(busy))
-        time.sleep(20)
-        busy = other_work()
-    return busy
 
 
 def git_state() -> str:

@@ -31,9 +31,7 @@ import http.client
 import importlib.metadata
 import json
 import logging
-import math
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -59,18 +57,21 @@ from _common import Interrupted
 from _common import Minipacs
 from _common import base_env
 from _common import fmt
+from _common import git_commit
 from _common import http_get
 from _common import log_issues
+from _common import other_work
+from _common import percentile
 from _common import proc_tree
 from _common import setup_logging
 from _common import sigterm_unwinds
+from _common import wait_for_quiet
 from pydicom import dcmread
 
 log = logging.getLogger("bench.viewer")
 
 CHROMIUM = Path("/usr/bin/chromium")
 VIEWPORT = {"width": 1280, "height": 800}
-OTHER_WORK = re.compile(r"scripts/bench/\w+\.py|pytest|scripts/test\b")
 
 # Targets of the viewer issue.
 TARGET_FIRST_MS = 300.0
@@ -416,14 +417,6 @@ def alone(port: int, study: Study) -> tuple[float, float]:
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def percentile(values: list[float], fraction: float) -> float | None:
-    """Nearest-rank percentile."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 @dataclass
@@ -938,52 +931,6 @@ def verdict(value: float | None, ok: Any) -> str:
 
 
 # --------------------------------------------------------------------------- misc
-
-
-def other_work() -> list[str]:
-    """Other benchmarks or test runs on this machine (they would distort the figures)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if OTHER_WORK.search(cmd):
-                found.append(f"{entry.name} {cmd.strip()[:80]}")
-    return found
-
-
-def wait_for_quiet(seconds: float) -> list[str]:
-    """Wait (polling every 20 s) until no other benchmark or test runs, at most `seconds`."""
-    deadline = time.monotonic() + seconds
-    busy = other_work()
-    while busy and time.monotonic() < deadline:
-        log.info("waiting: other benchmarks/tests running: %s", "; ".join(busy))
-        time.sleep(20)
-        busy = other_work()
-    return busy
-
-
-def git_commit() -> str:
-    """HEAD's short hash, '+dirty' when the viewer or the server differ from it."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "viewer", "pacs", "storage"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-    return head + ("+dirty" if dirty else "")
 
 
 async def measure(
