@@ -101,7 +101,7 @@ class FindAnswers:
             (0x00000800, struct.pack("<H", DATASET)),
             (0x00000900, struct.pack("<H", PENDING)),
         )
-        self._socket = assoc.dul.socket
+        self._socket = assoc.dul.socket.socket  # the raw socket: sendall, no re-slicing
         self._context_id = context_id
         self._max_pdu = _peer_max_pdu(assoc)
         self._command = _pdata(context_id, command, True, self._max_pdu)  # the same each time
@@ -119,7 +119,7 @@ class FindAnswers:
     def flush(self) -> None:
         """Out with what is buffered: before any response pynetdicom sends after these."""
         if self._buffer:
-            self._socket.send(bytes(self._buffer))
+            self._socket.sendall(self._buffer)
             self._buffer.clear()
 
 

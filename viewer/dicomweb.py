@@ -18,6 +18,7 @@ from flask import Response
 from flask import current_app
 from flask import request
 from flask import stream_with_context
+from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 
 from storage import Archive
@@ -354,14 +355,13 @@ def frames(study: str, series: str, sop: str, frames: str) -> Response:
 def bulkdata(study: str, series: str, sop: str, tags: str) -> Response:
     row = _instances(_scope(study, series, sop))[0]
     path = tags.strip("/").split("/")
-    if len(path) % 2 != 1 or not all(re.fullmatch(r"[0-9A-Fa-f]{8}", p) for p in path[::2]):
+    tags_ok = all(re.fullmatch(r"[0-9A-Fa-f]{8}", p) for p in path[::2])
+    if len(path) % 2 != 1 or not tags_ok or not all(p.isdigit() for p in path[1::2]):
         raise WebError(400, "bulk data is addressed as TAG[/ITEM/TAG...]")
-    if not all(p.isdigit() for p in path[1::2]):
-        raise WebError(400, "bulk data is addressed as TAG[/ITEM/TAG...]")
+    ds = dcmread(row["instance_path"])
     if path == ["7FE00010"]:
-        ds = transcode.read_pixels(row["instance_path"])
         return _frames_response(row, list(range(1, render.number_of_frames(ds) + 1)), ds)
-    value = transcode.bulk_bytes(transcode.read_pixels(row["instance_path"]), path)
+    value = transcode.bulk_bytes(ds, path)
     _octets_accepted()
     headers = {"Content-Type": OCTETS, "Content-Length": str(len(value))}
     return _multipart([(headers, [value])], new_boundary(), OCTETS)
@@ -388,7 +388,7 @@ def _octets_accepted() -> None:
 def _frames_response(row: dict, numbers: list[int], ds=None) -> Response:
     stored = row["instance_transfer_syntax"]
     as_stored, part_type = _frame_choice(_accept(), stored)
-    ds = ds or transcode.read_pixels(row["instance_path"])
+    ds = ds or dcmread(row["instance_path"])
     frame_count = render.number_of_frames(ds)
     bad = [n for n in numbers if n > frame_count]
     if bad:
@@ -396,11 +396,10 @@ def _frames_response(row: dict, numbers: list[int], ds=None) -> Response:
     native = not transcode.UID(stored).is_encapsulated  # native frames go out little endian
     syntax = stored if as_stored and not native else str(ExplicitVRLittleEndian)
     media = part_type if as_stored else OCTETS
-    path = row["instance_path"]
 
     def parts():
         for number in numbers:
-            data = transcode.frame_bytes(ds, path, number, as_stored)
+            data = transcode.frame_bytes(ds, number, as_stored)
             headers = {
                 "Content-Type": f"{media}; transfer-syntax={syntax}",
                 "Content-Length": str(len(data)),

@@ -154,13 +154,13 @@ def _frame(path: Path, frame: int, cache: FrameCache) -> tuple[Dataset, np.ndarr
     return item
 
 
-def decode_frame(path: Path, frame: int) -> np.ndarray:
-    """One frame, read from the file without loading the others; a deflated dataset has to
-    be inflated whole first."""
+def decode_frame(source: Path | Dataset, frame: int) -> np.ndarray:
+    """One frame, read from the file without loading the others (or from a dataset already
+    read); a deflated dataset has to be inflated whole first."""
     try:
-        return pixel_array(path, index=frame - 1, raw=False)
+        return pixel_array(source, index=frame - 1, raw=False)
     except AttributeError:  # pydicom cannot seek in a deflated stream
-        return pixel_array(dcmread(path), index=frame - 1, raw=False)
+        return pixel_array(dcmread(source), index=frame - 1, raw=False)
 
 
 def _modality(arr: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:

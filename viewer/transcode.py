@@ -84,12 +84,7 @@ def frame_media_type(stored: str) -> str:
     return FRAME_TYPES.get(stored, OCTETS)
 
 
-def read_pixels(path: Path) -> Dataset:
-    """The dataset with its pixel data (frames are cut from it)."""
-    return dcmread(path)
-
-
-def frame_bytes(ds: Dataset, path: Path, number: int, as_stored: bool) -> bytes:
+def frame_bytes(ds: Dataset, number: int, as_stored: bool) -> bytes:
     """Frame `number` (from 1): as stored (compressed frames as their codestream), or
     uncompressed little endian."""
     frames = render.number_of_frames(ds)
@@ -106,7 +101,7 @@ def frame_bytes(ds: Dataset, path: Path, number: int, as_stored: bool) -> bytes:
             raise TranscodeError(f"frame {number} is truncated in the stored file", 422)
         return data
     try:
-        arr = render.decode_frame(path, number)
+        arr = render.decode_frame(ds, number)  # the dataset is read already
     except Exception as exc:
         raise TranscodeError(f"cannot decode frame {number}: {exc}", 422) from exc
     if bits == 1:
