@@ -48,8 +48,9 @@ def build_config(config_file: Path | None, **flags) -> Config:
 
 
 def config_options(func):
-    """--config, --data and --log-level, shared by every archive verb."""
+    """--config, --data, --index and --log-level, shared by every archive verb."""
     func = click.option("--log-level", help=_help("log_level"))(func)
+    func = click.option("--index", help=_help("index"))(func)
     func = click.option("--data", type=click.Path(path_type=Path), help=_help("data"))(func)
     func = click.option(
         "--config", "config_file", type=click.Path(path_type=Path), help="TOML settings file."
@@ -163,7 +164,9 @@ def stats(config_file: Path | None, as_json: bool, **flags) -> None:
 def _open(config_file: Path | None, **flags) -> Archive:
     config = build_config(config_file, **flags)
     setup_logging(config.log_level)
-    archive = Archive(config.data, fsync=config.fsync, duplicates=config.duplicates)
+    archive = Archive(
+        config.data, fsync=config.fsync, duplicates=config.duplicates, index_url=config.index
+    )
     try:
         return archive.open()
     except StorageError as exc:

@@ -33,6 +33,14 @@ class Config:
     data: Path = field(
         default=Path("pacs-data"), metadata={"help": "Archive folder (files and index)."}
     )
+    index: str = field(
+        default="",
+        metadata={
+            "help": "Index database: empty for SQLite in the data folder, or "
+            "postgresql://user:password@host:port/db (several servers may share one, with one "
+            "shared data folder)."
+        },
+    )
     aet: str = field(default="MINIPACS", metadata={"help": "Our AE title."})
     host: str = field(
         default="127.0.0.1",
@@ -191,6 +199,11 @@ def _convert(name: str, value: Any) -> Any:
     if name == "cors_origins":
         items = value.split(",") if isinstance(value, str) else value
         return tuple(str(o).strip().rstrip("/") for o in items if str(o).strip())
+    if name == "index":
+        text = str(value).strip()
+        if text and not text.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(f"index must be empty (SQLite) or postgresql://…, not {text!r}")
+        return text
     if name == "public_url":
         return str(value).rstrip("/")
     if name == "log_level":

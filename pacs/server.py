@@ -19,6 +19,7 @@ import waitress
 from pacs.config import Config
 from pacs.scp import start_scp
 from storage import Archive
+from storage.engine import describe
 from viewer import create_app
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ def serve(config: Config) -> None:
             ) from exc
         threading.Thread(target=http.run, name="http", daemon=True).start()
         log.info(
-            "minipacs %s: DICOM on %s:%s (%d process(es)), HTTP on http://%s:%s/, data in %s",
+            "minipacs %s: DICOM on %s:%s (%d process(es)), HTTP on http://%s:%s/, data in %s, "
+            "index %s",
             config.aet,
             config.host,
             port,
@@ -70,6 +72,7 @@ def serve(config: Config) -> None:
             config.host,
             http.effective_port,
             archive.root,
+            describe(config.index),
         )
         while not stop.wait(0.5):
             workers = [_respawn_if_dead(config, n, w) for n, w in enumerate(workers)]
@@ -165,6 +168,7 @@ def _open_archive(config: Config, repair: bool) -> Archive:
         duplicates=config.duplicates,
         # DICOM worker processes (repair=False) are parallel already.
         parse_processes=config.parse_processes if repair else 0,
+        index_url=config.index,
     )
     try:
         archive.open()

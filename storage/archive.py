@@ -1,4 +1,5 @@
-"""The archive: files under one root, indexed in SQLite, written by one ingest path.
+"""The archive: files under one root, indexed in SQLite or PostgreSQL, written by one ingest
+path.
 
 Order of a write (DESIGN.md "Storage"): the bytes land in `.incoming/`, are fsynced,
 hard-linked into `<study>/<series>/<sop>.dcm` (which never clobbers: the filesystem
@@ -27,13 +28,16 @@ from dataclasses import field
 from pathlib import Path
 
 from peewee import OperationalError
-from peewee import SqliteDatabase
 from peewee import fn
 
 from storage import index
 from storage import query
+from storage import schema
 from storage.dataset import ParsedInstance
 from storage.dataset import read_instance
+from storage.engine import describe
+from storage.engine import is_sqlite
+from storage.engine import open_database
 from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
 from storage.errors import OutOfResources
@@ -107,15 +111,18 @@ class Archive:
         fsync: bool = True,
         duplicates: str = "keep",
         parse_processes: int = 0,
+        index_url: str = "",
     ) -> None:
         """`parse_processes` > 0: parse incoming files in that many child processes (started
-        on first use), so concurrent ingests are not bound to one core by the GIL."""
+        on first use), so concurrent ingests are not bound to one core by the GIL.
+        `index_url`: empty for SQLite in the root, else a PostgreSQL URL (storage.engine)."""
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
         self.root = Path(root).absolute()
         self.incoming = self.root / ".incoming"
         self.fsync = fsync
         self.duplicates = duplicates
+        self.index_url = index_url
         self._writer: index.IndexWriter | None = None
         self._lock_fd: int | None = None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
@@ -134,21 +141,16 @@ class Archive:
             probe.unlink()
         except OSError as exc:
             raise StorageError(f"data folder {self.root} is not writable: {exc.strerror}") from exc
-        database = SqliteDatabase(
-            self.root / "index.sqlite",
-            timeout=60,
-            pragmas={
-                "journal_mode": "wal",
-                # FULL: a commit is on disk when it returns (Success follows it).
-                "synchronous": "full" if self.fsync else "normal",
-                "foreign_keys": 1,
-                "cache_size": -16000,
-            },
-        )
-        db.initialize(database)
-        with db.connection_context():
-            db.create_tables(MODELS)
-        self._writer = index.IndexWriter(db, immediate=True)
+        try:
+            database = open_database(self.index_url, self.root, self.fsync)
+            db.initialize(database)
+            with db.connection_context():
+                found, now = schema.upgrade(db)
+        except (ValueError, RuntimeError, OperationalError) as exc:
+            raise StorageError(f"index ({describe(self.index_url)}): {exc}") from exc
+        if found and found != now:
+            log.info("index migrated from schema version %d to %d", found, now)
+        self._writer = index.IndexWriter(db, immediate=is_sqlite(database))
         self._sql = index.Statements(db)
         return self
 
@@ -359,7 +361,7 @@ class Archive:
         """Rebuild the index from the files alone; `progress()` after each file."""
         with db.connection_context():
             db.drop_tables(MODELS)
-            db.create_tables(MODELS)
+            schema.upgrade(db)
         report = ReconcileReport()
         for path in self._files():
             self._adopt(path, report)

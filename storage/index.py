@@ -3,6 +3,11 @@
 Concurrent associations each wait for their own row, but share one transaction and
 one WAL fsync; SQLite never sees two writers from this process, so no "database is
 locked". Each row is applied inside its own savepoint, so one bad row fails alone.
+
+On PostgreSQL several processes (on several machines) write at once: every insert of
+a new patient, study, series or instance tolerates the same row arriving from another
+writer (ON CONFLICT DO NOTHING, then read it), the study's lists are read under a row
+lock, and a row that loses a deadlock is retried.
 """
 
 import logging
@@ -18,6 +23,7 @@ from typing import Any
 from peewee import Database
 
 from storage.dataset import ParsedInstance
+from storage.engine import is_sqlite
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import Series
@@ -25,6 +31,8 @@ from storage.models import Study
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 128
+RETRIES = 5
+RETRYABLE = {"40P01", "40001"}  # PostgreSQL deadlock_detected, serialization_failure
 
 
 @dataclass
@@ -93,18 +101,36 @@ class IndexWriter:
         try:
             with self._db.atomic(*lock):
                 for job in jobs:
-                    try:
-                        with self._db.atomic():
-                            job.result = job.fn()
-                    except Exception as exc:  # this job fails alone; the others still commit
-                        job.error = _cause(exc)
-                        log.error("index write failed: %s", job.error)
+                    self._apply(job)
         except Exception as exc:  # the commit itself failed: nothing in the batch is durable
             log.error("index commit of %d writes failed: %s", len(jobs), _cause(exc))
             for job in jobs:
                 job.error = job.error or _cause(exc)
         for job in jobs:
             job.done.set()
+
+    def _apply(self, job: _Job) -> None:
+        for attempt in range(RETRIES):
+            try:
+                with self._db.atomic():
+                    job.result = job.fn()
+                return
+            except Exception as exc:  # this job fails alone; the others still commit
+                job.error = _cause(exc)
+                if _sqlstate(exc) not in RETRYABLE or attempt == RETRIES - 1:
+                    log.error("index write failed: %s", job.error)
+                    return
+                log.info("index write lost a deadlock with another writer; retrying")
+                job.error = None
+
+
+def _sqlstate(exc: BaseException | None) -> str | None:
+    while exc is not None:
+        state = getattr(exc, "sqlstate", None)
+        if state:
+            return state
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -124,9 +150,13 @@ class Statements:
 
     def __init__(self, database: Database) -> None:
         p = database.param
+        # SQLite has one writer at a time; PostgreSQL must lock the row it rewrites.
+        for_update = "" if is_sqlite(database) else " FOR UPDATE"
         self.find_instance = f"SELECT id FROM instance WHERE sop_uid = {p}"
         self.find_series = f"SELECT id, study_id FROM series WHERE series_uid = {p}"
-        self.study_lists = f"SELECT patient_id, modalities, sop_classes FROM study WHERE id = {p}"
+        self.study_lists = (
+            f"SELECT patient_id, modalities, sop_classes FROM study WHERE id = {p}{for_update}"
+        )
         self.count_series = f"UPDATE series SET num_instances = num_instances + 1 WHERE id = {p}"
         self.count_study = (
             f"UPDATE study SET num_instances = num_instances + 1, num_series = num_series + {p}, "
@@ -136,11 +166,15 @@ class Statements:
             f"UPDATE patient SET num_instances = num_instances + 1, "
             f"num_series = num_series + {p}, num_studies = num_studies + {p} WHERE id = {p}"
         )
-        self.add_modality = f"INSERT INTO studymodality (study_id, modality) VALUES ({p}, {p})"
+        self.add_modality = (
+            f"INSERT INTO studymodality (study_id, modality) VALUES ({p}, {p}) "
+            "ON CONFLICT DO NOTHING"
+        )
         columns = ["sop_uid", "series_id", *INSTANCE_COLUMNS]
         marks = ", ".join([p] * len(columns))
         self.insert_instance = (
-            f"INSERT INTO instance ({', '.join(columns)}, state) VALUES ({marks}, 0)"
+            f"INSERT INTO instance ({', '.join(columns)}, state) VALUES ({marks}, 0) "
+            "ON CONFLICT (sop_uid) DO NOTHING"
         )
         sets = ", ".join(f"{c} = {p}" for c in INSTANCE_COLUMNS)
         self.replace_instance = f"UPDATE instance SET {sets}, state = 0 WHERE id = {p}"
@@ -181,13 +215,15 @@ def apply_row(row: Row, sql: Statements, database: Database) -> None:
     series = database.execute_sql(sql.find_series, (parsed.series_uid,)).fetchone()
     if series is None:
         study_id, new_study = _study(parsed, _patient(parsed)[0])
-        series_id = Series.insert(
-            series_uid=parsed.series_uid, study=study_id, **parsed.series
-        ).execute()
-        new_series = True
+        series_id, new_series = _insert_or_find(
+            Series, Series.series_uid == parsed.series_uid,
+            series_uid=parsed.series_uid, study=study_id, **parsed.series,
+        )  # fmt: skip
     else:
         (series_id, study_id), new_study, new_series = series, False, False
-    database.execute_sql(sql.insert_instance, (parsed.sop_uid, series_id, *values))
+    inserted = database.execute_sql(sql.insert_instance, (parsed.sop_uid, series_id, *values))
+    if inserted.rowcount == 0:  # another writer indexed the same instance meanwhile
+        return
     database.execute_sql(sql.count_series, (series_id,))
     patient_id, modalities, sop_classes = database.execute_sql(
         sql.study_lists, (study_id,)
@@ -213,40 +249,30 @@ def mark_replacing(sop_uid: str) -> None:
     Instance.update(state=1).where(Instance.sop_uid == sop_uid).execute()
 
 
-def _instance_fields(row: Row) -> dict:
-    return {
-        "sop_class_uid": row.parsed.sop_class_uid,
-        "instance_number": row.parsed.instance_number,
-        "transfer_syntax": row.parsed.transfer_syntax,
-        "path": row.path,
-        "size": row.size,
-        "sha256": row.sha256,
-        "received_at": _now(),
-        "calling_aet": row.calling_aet,
-        "json": row.parsed.json,
-    }
-
-
 def _patient(parsed: ParsedInstance) -> tuple[int, bool]:
     keys = parsed.patient
-    found = (
-        Patient.select(Patient.id)
-        .where((Patient.patient_id == keys["patient_id"]) & (Patient.issuer == keys["issuer"]))
-        .scalar()
-    )
-    if found is not None:
-        return found, False
-    return Patient.insert(**keys).execute(), True
+    match = (Patient.patient_id == keys["patient_id"]) & (Patient.issuer == keys["issuer"])
+    return _insert_or_find(Patient, match, **keys)
 
 
 def _study(parsed: ParsedInstance, patient_id: int) -> tuple[int, bool]:
-    found = Study.select(Study.id).where(Study.study_uid == parsed.study_uid).scalar()
+    return _insert_or_find(
+        Study, Study.study_uid == parsed.study_uid,
+        study_uid=parsed.study_uid, patient=patient_id, updated_at=_now(), **parsed.study,
+    )  # fmt: skip
+
+
+def _insert_or_find(model, match, **values) -> tuple[int, bool]:
+    """(id, created): the row `match` selects, inserted from `values` when missing. A row
+    another writer inserts meanwhile is found, not duplicated (its unique key conflicts)."""
+    found = model.select(model.id).where(match).scalar()
     if found is not None:
         return found, False
-    study_id = Study.insert(
-        study_uid=parsed.study_uid, patient=patient_id, updated_at=_now(), **parsed.study
-    ).execute()
-    return study_id, True
+    inserted = model.insert(**values).on_conflict_ignore().returning(model.id).execute()
+    row = next(iter(inserted), None)
+    if row is not None:
+        return row.id, True
+    return model.select(model.id).where(match).scalar(), False
 
 
 def _now() -> str:

@@ -7,6 +7,7 @@ data left out) so return keys and metadata never need the file.
 """
 
 from peewee import BigIntegerField
+from peewee import BooleanField
 from peewee import DatabaseProxy
 from peewee import DateTimeField
 from peewee import ForeignKeyField
@@ -53,7 +54,8 @@ class Study(BaseModel):
     sop_classes = TextField(default="")  # SOPClassesInStudy, backslash-separated, sorted
     num_series = IntegerField(default=0)
     num_instances = IntegerField(default=0)
-    updated_at = DateTimeField()
+    updated_at = DateTimeField(index=True)  # last instance received: retention order
+    protected = BooleanField(default=False)  # never removed by retention
 
 
 # One row per modality per study: ModalitiesInStudy matching through an index.
@@ -90,4 +92,9 @@ class Instance(BaseModel):
     state = IntegerField(default=0)
 
 
-MODELS = (Patient, Study, StudyModality, Series, Instance)
+# One row: the schema version this index is at (storage.schema migrates older ones).
+class SchemaVersion(BaseModel):
+    version = IntegerField()
+
+
+MODELS = (Patient, Study, StudyModality, Series, Instance, SchemaVersion)

@@ -18,6 +18,12 @@ TEST_FILES = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
 CHARSET_FILES = TEST_FILES.parent / "charset_files"
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import pgtemp  # noqa: E402  (from scripts/)
+
+from storage.engine import open_database  # noqa: E402
+
+ENGINES = ("sqlite", "postgresql")
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -28,9 +34,12 @@ def free_port() -> int:
 class Server:
     """A `python -m pacs serve` subprocess; its stderr goes to `log_path`."""
 
-    def __init__(self, data: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data: Path, *args: str, env: dict[str, str] | None = None, index: str = ""
+    ) -> None:
         self.data = data
-        self.args = args
+        self.index = index
+        self.args = (*args, "--index", index) if index else args
         self.env = env
         self.port = free_port()
         self.http_port = free_port()
@@ -57,6 +66,9 @@ class Server:
         self.kill()
         raise RuntimeError(f"server did not answer within {timeout}s:\n{self.log()}")
 
+    def rows(self, sql: str, *args) -> list[tuple]:
+        return index_rows(self.data, sql, *args, index=self.index)
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
@@ -76,13 +88,40 @@ class Server:
             self.proc.wait(10)
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pgtemp.Cluster]:
+    """A PostgreSQL cluster for the whole run; each test that asks gets its own database."""
+    cluster = pgtemp.Cluster()
+    yield cluster
+    cluster.stop()
+
+
+def _index_url(request) -> str:
+    return request.getfixturevalue("postgres").database() if request.param == "postgresql" else ""
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request) -> str:
+    """The index URL of each engine in turn ('' = SQLite): a test or module that uses this
+    fixture (`pytestmark = pytest.mark.usefixtures("engine")`) runs on both."""
+    return _index_url(request)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def module_engine(request) -> str:
+    """`engine` for module-scoped fixtures (one database per module and engine)."""
+    return _index_url(request)
+
+
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator:
-    """Factory: start_server(*flags, data=...) → a running Server, stopped at teardown."""
+def start_server(tmp_path: Path, request) -> Iterator:
+    """Factory: start_server(*flags, data=...) → a running Server, stopped at teardown; on
+    the test's `engine` when it has one."""
     servers: list[Server] = []
+    index = request.getfixturevalue("engine") if "engine" in request.fixturenames else ""
 
     def start(*args: str, data: Path | None = None, env: dict[str, str] | None = None) -> Server:
-        server = Server(data or tmp_path / "data", *args, env=env)
+        server = Server(data or tmp_path / "data", *args, env=env, index=index)
         servers.append(server)
         return server.start()
 
@@ -94,6 +133,23 @@ def start_server(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def server(start_server) -> Server:
     return start_server()
+
+
+def index_rows(data: Path, sql: str, *args, index: str = "") -> list[tuple]:
+    """Rows of a query on an archive's index, on either engine (`?` placeholders)."""
+    database = open_database(index, data, fsync=False)
+    try:
+        with database.connection_context():
+            cursor = database.execute_sql(sql.replace("?", database.param), args)
+            return [tuple(row) for row in cursor.fetchall()]
+    finally:
+        if hasattr(database, "close_all"):
+            database.close_all()
+
+
+def index_args(index: str) -> list[str]:
+    """`--index URL` for a minipacs command on a PostgreSQL index; nothing for SQLite."""
+    return ["--index", index] if index else []
 
 
 def run(

@@ -1,0 +1,65 @@
+"""The index database: embedded SQLite in the data folder, or a shared PostgreSQL.
+
+Only this module knows which engine is in use; SQL elsewhere is portable, or asks
+`is_sqlite()` where the engines truly differ (locks, plans).
+"""
+
+from pathlib import Path
+from urllib.parse import parse_qsl
+from urllib.parse import unquote
+from urllib.parse import urlsplit
+
+from peewee import Database
+from peewee import SqliteDatabase
+from playhouse.pool import PooledPostgresqlDatabase
+
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+
+
+def open_database(url: str, root: Path, fsync: bool) -> Database:
+    """`url` empty: SQLite at `<root>/index.sqlite`; else postgresql://user:pw@host:port/db
+    (query parameters go to libpq as they are, e.g. ?host=/run/postgresql&sslmode=require)."""
+    if not url:
+        return SqliteDatabase(
+            root / "index.sqlite",
+            timeout=60,
+            pragmas={
+                "journal_mode": "wal",
+                # FULL: a commit is on disk when it returns (Success follows it).
+                "synchronous": "full" if fsync else "normal",
+                "foreign_keys": 1,
+                "cache_size": -16000,
+            },
+        )
+    parts = urlsplit(url)
+    if parts.scheme not in POSTGRES_SCHEMES:
+        raise ValueError(f"index must be empty (SQLite) or postgresql://…, not {parts.scheme}://")
+    params: dict = dict(parse_qsl(parts.query))
+    if parts.hostname:
+        params["host"] = parts.hostname
+    if parts.port:
+        params["port"] = parts.port
+    if parts.username:
+        params["user"] = unquote(parts.username)
+    if parts.password:
+        params["password"] = unquote(parts.password)
+    return PooledPostgresqlDatabase(
+        unquote(parts.path.lstrip("/")),
+        max_connections=64,
+        stale_timeout=300,
+        timeout=30,  # wait this long for a free pooled connection
+        **params,
+    )
+
+
+def describe(url: str) -> str:
+    """The index for log lines: never the password."""
+    if not url:
+        return "SQLite"
+    parts = urlsplit(url)
+    host = parts.hostname or dict(parse_qsl(parts.query)).get("host", "local socket")
+    return f"PostgreSQL {parts.path.lstrip('/')} on {host}"
+
+
+def is_sqlite(database: Database) -> bool:
+    return isinstance(getattr(database, "obj", database), SqliteDatabase)

@@ -1,0 +1,78 @@
+"""Schema versions and the migrations between them, run at start-up on either engine.
+
+An index made before versioning (no `schemaversion` table but an `instance` table) is
+version 1. Each step moves one version up inside the same transaction as the version
+bump, under a lock, so several processes starting at once migrate exactly once.
+"""
+
+import logging
+from collections.abc import Callable
+
+from peewee import Database
+
+from storage.engine import is_sqlite
+from storage.models import MODELS
+from storage.models import SchemaVersion
+from storage.models import Study
+
+log = logging.getLogger(__name__)
+
+
+# Plain DDL both engines run as written (no table rebuilds: SQLite would have to copy
+# tables that others reference); names match what peewee gives the models' own.
+def _v2(database: Database) -> None:
+    """Retention: a per-study `protected` flag, and studies ordered by last activity."""
+    database.execute_sql("ALTER TABLE study ADD COLUMN protected BOOLEAN NOT NULL DEFAULT FALSE")
+    database.execute_sql("CREATE INDEX study_updated_at ON study (updated_at)")
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v2]  # MIGRATIONS[n] takes n+1 → n+2
+SCHEMA_VERSION = len(MIGRATIONS) + 1
+
+
+def upgrade(database: Database) -> tuple[int, int]:
+    """Create or migrate the index to SCHEMA_VERSION; return (version found, version now).
+    Raise RuntimeError for an index newer than this code."""
+    with _locked(database):
+        found = _version(database)
+        if found == 0:
+            database.create_tables(MODELS)
+            SchemaVersion.create(version=SCHEMA_VERSION)
+            return 0, SCHEMA_VERSION
+        if found > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"the index is at schema version {found}; this minipacs knows up to "
+                f"{SCHEMA_VERSION}: upgrade minipacs"
+            )
+        for version in range(found, SCHEMA_VERSION):
+            log.info("migrating the index from schema version %d to %d", version, version + 1)
+            MIGRATIONS[version - 1](database)
+        if found == 1:
+            database.create_tables([SchemaVersion])
+            SchemaVersion.create(version=SCHEMA_VERSION)
+        elif found < SCHEMA_VERSION:
+            SchemaVersion.update(version=SCHEMA_VERSION).execute()
+        return found, SCHEMA_VERSION
+
+
+def _version(database: Database) -> int:
+    if database.table_exists(SchemaVersion._meta.table_name):
+        return SchemaVersion.select(SchemaVersion.version).scalar() or 0
+    return 1 if database.table_exists(Study._meta.table_name) else 0
+
+
+class _locked:
+    """One transaction holding the engine's schema lock (SQLite's write lock, a PostgreSQL
+    advisory lock), so concurrent start-ups wait for the first one's migration."""
+
+    def __init__(self, database: Database) -> None:
+        self._db = database
+        self._tx = database.atomic("IMMEDIATE") if is_sqlite(database) else database.atomic()
+
+    def __enter__(self) -> None:
+        self._tx.__enter__()
+        if not is_sqlite(self._db):
+            self._db.execute_sql("SELECT pg_advisory_xact_lock(7420110)")
+
+    def __exit__(self, *exc) -> None:
+        self._tx.__exit__(*exc)
