@@ -9,6 +9,7 @@ either nothing, a temporary file (removed at start-up) or a file without a row
 (indexed at start-up).
 """
 
+import contextlib
 import enum
 import fcntl
 import hashlib
@@ -16,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -58,6 +60,7 @@ from storage.models import db
 
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep", "replace", "reject")
+SHARED_TEMPORARY_AGE = 3600  # s: younger temporaries may be another node's, in flight
 
 
 class Outcome(enum.Enum):
@@ -183,6 +186,8 @@ class Archive:
             self._writer.close()
             self._writer = None
         db.close()
+        if hasattr(db.obj, "close_all"):  # a connection pool (PostgreSQL)
+            db.obj.close_all()
 
     def __enter__(self) -> "Archive":
         return self.open()
@@ -339,9 +344,14 @@ class Archive:
         """Start-up repair: drop temporaries, index unindexed files, rehash rows being
         replaced, report rows whose file is gone."""
         report = ReconcileReport()
+        # On a shared index other nodes may be receiving into the same folder right now.
+        keep_after = time.time() - SHARED_TEMPORARY_AGE if not is_sqlite(db.obj) else None
         for leftover in self.incoming.iterdir():
-            leftover.unlink(missing_ok=True)
-            report.removed_temporary += 1
+            with contextlib.suppress(FileNotFoundError):
+                if keep_after is not None and leftover.stat().st_mtime > keep_after:
+                    continue
+                leftover.unlink()
+                report.removed_temporary += 1
         with db.connection_context():
             flagged = list(Instance.select().where(Instance.state == 1))
             for row in flagged:

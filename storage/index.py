@@ -7,12 +7,14 @@ locked". Each row is applied inside its own savepoint, so one bad row fails alon
 On PostgreSQL several processes (on several machines) write at once: every insert of
 a new patient, study, series or instance tolerates the same row arriving from another
 writer (ON CONFLICT DO NOTHING, then read it), the study's lists are read under a row
-lock, and a row that loses a deadlock is retried.
+lock, and a batch that loses a deadlock is rolled back and run again.
 """
 
 import logging
 import queue
+import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
@@ -98,38 +100,48 @@ class IndexWriter:
     def _commit(self, jobs: list[_Job]) -> None:
         # IMMEDIATE takes SQLite's write lock up front: other processes wait, not fail.
         lock = ("IMMEDIATE",) if self._immediate else ()
-        try:
-            with self._db.atomic(*lock):
-                for job in jobs:
-                    self._apply(job)
-        except Exception as exc:  # the commit itself failed: nothing in the batch is durable
-            log.error("index commit of %d writes failed: %s", len(jobs), _cause(exc))
+        for attempt in range(1, RETRIES + 1):
             for job in jobs:
-                job.error = job.error or _cause(exc)
+                job.result = job.error = None
+            try:
+                with self._db.atomic(*lock):
+                    for job in jobs:
+                        self._apply(job)
+                break
+            except Exception as exc:  # the commit itself failed: nothing in the batch is durable
+                if _sqlstate(exc) in RETRYABLE and attempt < RETRIES:
+                    # Lost a deadlock to another writer: the whole batch let go of its
+                    # locks; the winner goes on, and this batch runs again after it.
+                    log.info("index batch lost a deadlock (attempt %d); retrying", attempt)
+                    time.sleep(random.uniform(0, 0.05 * attempt))
+                    continue
+                log.error("index commit of %d writes failed: %s", len(jobs), _cause(exc))
+                for job in jobs:
+                    job.error = job.error or _cause(exc)
+                break
         for job in jobs:
             job.done.set()
 
     def _apply(self, job: _Job) -> None:
-        for attempt in range(RETRIES):
-            try:
-                with self._db.atomic():
-                    job.result = job.fn()
-                return
-            except Exception as exc:  # this job fails alone; the others still commit
-                job.error = _cause(exc)
-                if _sqlstate(exc) not in RETRYABLE or attempt == RETRIES - 1:
-                    log.error("index write failed: %s", job.error)
-                    return
-                log.info("index write lost a deadlock with another writer; retrying")
-                job.error = None
+        try:
+            with self._db.atomic():
+                job.result = job.fn()
+        except Exception as exc:  # this job fails alone; the others still commit
+            if _sqlstate(exc) in RETRYABLE:
+                raise  # the whole batch must roll back to release its locks
+            job.error = _cause(exc)
+            log.error("index write failed: %s", job.error)
 
 
 def _sqlstate(exc: BaseException | None) -> str | None:
+    """The SQLSTATE of a driver error, also through peewee's wrapper (which holds the
+    driver's exception as its first argument)."""
     while exc is not None:
         state = getattr(exc, "sqlstate", None)
         if state:
             return state
-        exc = exc.__cause__ or exc.__context__
+        wrapped = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+        exc = wrapped or exc.__cause__ or exc.__context__
     return None
 
 

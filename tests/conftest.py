@@ -120,7 +120,12 @@ def start_server(tmp_path: Path, request) -> Iterator:
     servers: list[Server] = []
     index = request.getfixturevalue("engine") if "engine" in request.fixturenames else ""
 
-    def start(*args: str, data: Path | None = None, env: dict[str, str] | None = None) -> Server:
+    def start(
+        *args: str,
+        data: Path | None = None,
+        env: dict[str, str] | None = None,
+        index: str = index,
+    ) -> Server:
         server = Server(data or tmp_path / "data", *args, env=env, index=index)
         servers.append(server)
         return server.start()
@@ -141,7 +146,7 @@ def index_rows(data: Path, sql: str, *args, index: str = "") -> list[tuple]:
     try:
         with database.connection_context():
             cursor = database.execute_sql(sql.replace("?", database.param), args)
-            return [tuple(row) for row in cursor.fetchall()]
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
     finally:
         if hasattr(database, "close_all"):
             database.close_all()

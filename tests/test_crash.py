@@ -4,13 +4,13 @@ partial remains."""
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
 
 import pydicom
 import pytest
+from conftest import index_args
 from conftest import minipacs
 from make_study import make_study
 
@@ -32,7 +32,7 @@ def acknowledged(storescu_output: str) -> list[str]:
     [(signal.SIGKILL, 1), (signal.SIGKILL, 2), (signal.SIGKILL, 3), (signal.SIGTERM, 4)],
     ids=["kill-9-a", "kill-9-b", "kill-9-c", "sigterm"],
 )
-def test_stop_mid_ingest_loses_no_acknowledged_instance(start_server, tmp_path, sig, seed):
+def test_stop_mid_ingest_loses_no_acknowledged_instance(start_server, tmp_path, sig, seed, engine):
     rng = random.Random(seed)
     paths = make_study(tmp_path / "study", 300, size=256)
     server = start_server()
@@ -65,12 +65,13 @@ def test_stop_mid_ingest_loses_no_acknowledged_instance(start_server, tmp_path, 
         assert kill_after <= len(acked)
 
     server.start()  # same data folder: start-up reconciles
-    with sqlite3.connect(f"file:{server.data / 'index.sqlite'}?mode=ro", uri=True) as db:
-        indexed = {row[0] for row in db.execute("SELECT sop_uid FROM instance")}
+    indexed = {row[0] for row in server.rows("SELECT sop_uid FROM instance")}
     for path in acked:
         assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID in indexed
     assert list((server.data / ".incoming").iterdir()) == []
     server.stop()
-    result = minipacs("verify", "--data", str(server.data), "--json", check=False)
+    result = minipacs(
+        "verify", "--data", str(server.data), *index_args(server.index), "--json", check=False
+    )
     assert result.returncode == 0, result.stdout
     assert '"problems": 0' in result.stdout

@@ -1,20 +1,25 @@
 """import, reindex, verify and stats: the archive repairs and checks itself from its files."""
 
 import json
-import sqlite3
+import os
 
 from conftest import TEST_FILES
+from conftest import index_args
+from conftest import index_rows
 from conftest import minipacs
+from conftest import minipacs as run_minipacs
 from make_study import make_study
 
 
-def rows(data, sql):
-    with sqlite3.connect(data / "index.sqlite") as db:
-        return db.execute(sql).fetchall()
-
-
-def test_import_reindex_verify_round_trip(tmp_path):
+def test_import_reindex_verify_round_trip(tmp_path, engine):
     data = tmp_path / "data"
+
+    def minipacs(verb, *args, **kwargs):
+        return run_minipacs(verb, *index_args(engine), *args, **kwargs)
+
+    def rows(data, sql):
+        return index_rows(data, sql, index=engine)
+
     study = make_study(tmp_path / "study", 10, size=64)
     (tmp_path / "study" / "notes.txt").write_text("not DICOM")
     result = minipacs("import", "--data", str(data), "--json", str(tmp_path / "study"))
@@ -33,9 +38,10 @@ def test_import_reindex_verify_round_trip(tmp_path):
 
     # Lose the index: reindex rebuilds it from the files alone.
     before = rows(data, "SELECT sop_uid, path, size, sha256 FROM instance ORDER BY sop_uid")
-    (data / "index.sqlite").unlink()
-    for suffix in ("-wal", "-shm"):
-        (data / f"index.sqlite{suffix}").unlink(missing_ok=True)
+    if not engine:  # SQLite: the index file itself is lost
+        (data / "index.sqlite").unlink()
+        for suffix in ("-wal", "-shm"):
+            (data / f"index.sqlite{suffix}").unlink(missing_ok=True)
     result = minipacs("reindex", "--data", str(data))
     assert "indexed: 10" in result.stdout
     after = rows(data, "SELECT sop_uid, path, size, sha256 FROM instance ORDER BY sop_uid")
@@ -70,22 +76,24 @@ def test_import_rejects_with_reasons_and_exits_1(tmp_path):
     assert "stored: 1" in result.stdout
 
 
-def test_start_up_indexes_unindexed_files_and_reports_missing(start_server, tmp_path):
+def test_start_up_indexes_unindexed_files_and_reports_missing(start_server, tmp_path, engine):
     data = tmp_path / "data"
     study = make_study(tmp_path / "study", 3, size=64)
-    minipacs("import", "--data", str(data), *map(str, study))
+    minipacs("import", "--data", str(data), *index_args(engine), *map(str, study))
     stray = data / ".incoming" / "leftover.part"
     stray.write_bytes(b"half a dataset")
+    os.utime(stray, (0, 0))  # old: a shared index keeps recent ones (another node's)
     first, second, _ = sorted(data.glob("*/*/*.dcm"))
-    with sqlite3.connect(data / "index.sqlite") as db:
-        db.execute("DELETE FROM instance WHERE path = ?", (str(first.relative_to(data)),))
+    index_rows(
+        data, "DELETE FROM instance WHERE path = ?", str(first.relative_to(data)), index=engine
+    )
     second.unlink()
     server = start_server(data=data)
     log = server.log()
     assert "1 temporary file(s) removed, 1 file(s) indexed, 1 problem(s)" in log
     assert f"{second.relative_to(data)}: indexed but the file is missing" in log
     assert not stray.exists()
-    assert rows(data, "SELECT count(*) FROM instance") == [(3,)]
+    assert server.rows("SELECT count(*) FROM instance") == [(3,)]
 
 
 def test_reindex_refuses_while_a_server_runs(server):

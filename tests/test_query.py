@@ -3,6 +3,7 @@
 import pydicom
 import pytest
 from conftest import Server
+from conftest import index_args
 from conftest import minipacs
 from conftest import run
 from corpus import build
@@ -16,11 +17,14 @@ from pacs import scu
 
 
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+def archive(tmp_path_factory, module_engine):
+    """The corpus on a server, once per index engine."""
     root = tmp_path_factory.mktemp("query")
     made = build(root / "corpus")
-    minipacs("import", "--data", str(root / "data"), str(root / "corpus"))
-    server = Server(root / "data").start()
+    minipacs(
+        "import", "--data", str(root / "data"), *index_args(module_engine), str(root / "corpus")
+    )
+    server = Server(root / "data", index=module_engine).start()
     yield server, made
     server.kill()
 
@@ -289,9 +293,10 @@ def test_cancel_ends_with_fe00(start_server, tmp_path):
 
 def test_max_results_ends_with_a700(tmp_path, archive):
     server, _ = archive
-    capped = Server(server.data.parent / "capped-data")
-    capped.data = server.data  # same archive, second server process
-    capped.args = ("--config", str(_config(tmp_path, "max_results = 2\n")))
+    capped = Server(
+        server.data, "--config", str(_config(tmp_path, "max_results = 2\n")), index=server.index
+    )  # same archive, second server process
+    capped.log_path = tmp_path / "capped.log"
     capped.start()
     try:
         with pytest.raises(scu.ScuError) as error:
@@ -305,9 +310,13 @@ def test_max_results_ends_with_a700(tmp_path, archive):
 
 def test_case_sensitive_names_when_configured(tmp_path, archive):
     server, made = archive
-    strict = Server(server.data)
+    strict = Server(
+        server.data,
+        "--config",
+        str(_config(tmp_path, "pn_case_insensitive = false\n")),
+        index=server.index,
+    )
     strict.log_path = tmp_path / "strict.log"
-    strict.args = ("--config", str(_config(tmp_path, "pn_case_insensitive = false\n")))
     strict.start()
     try:
         answers = ask(strict, "STUDY", PatientName="DOE*", StudyInstanceUID="")
@@ -367,7 +376,7 @@ def test_paging_with_limit_and_offset(archive, tmp_path):
     from storage import Archive
 
     server, _ = archive
-    with Archive(server.data, fsync=False) as store:
+    with Archive(server.data, fsync=False, index_url=server.index) as store:
         keys = query_keys({"StudyInstanceUID": ""})
         every = [a["0020000D"]["Value"][0] for a in store.find("STUDY", keys)]
         page = [a["0020000D"]["Value"][0] for a in store.find("STUDY", keys, limit=2, offset=1)]

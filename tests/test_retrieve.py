@@ -10,6 +10,7 @@ import pydicom
 import pytest
 from conftest import TEST_FILES
 from conftest import free_port
+from conftest import index_args
 from conftest import minipacs
 from conftest import run
 from corpus import build
@@ -49,12 +50,14 @@ class StoreSCP:
 
 
 @pytest.fixture
-def corpus_server(start_server, tmp_path):
-    """The query corpus, plus compressed instances, on a server that knows STORESCP."""
+def corpus_server(start_server, tmp_path, engine):
+    """The query corpus, plus compressed instances, on a server that knows STORESCP; once
+    per index engine."""
     made = build(tmp_path / "corpus")
     for name in ("JPEG2000.dcm", "MR_small_RLE.dcm"):
         (tmp_path / "corpus" / name).write_bytes((TEST_FILES / name).read_bytes())
-    minipacs("import", "--data", str(tmp_path / "data"), str(tmp_path / "corpus"), "--no-fsync")
+    corpus = str(tmp_path / "corpus")
+    minipacs("import", "--data", str(tmp_path / "data"), *index_args(engine), corpus, "--no-fsync")
     destination_port = free_port()
     server = start_server(
         "--peer",

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import sqlite3
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def wait_for(condition, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def test_workers_share_port_and_archive(start_server, tmp_path):
+def test_workers_share_port_and_archive(start_server, tmp_path, engine):
     server = start_server("--workers", "2")
     wait_for(lambda: len(workers(server.proc.pid)) == 2)
     wait_for(lambda: "DICOM on" in server.log())
@@ -43,12 +42,8 @@ def test_workers_share_port_and_archive(start_server, tmp_path):
     halves = [half for paths in studies for half in (paths[:10], paths[10:])]
     errors = storescu_concurrently(server.port, halves)
     assert errors == []
-    with sqlite3.connect(server.data / "index.sqlite") as db:
-        assert db.execute("SELECT count(*), count(DISTINCT sop_uid) FROM instance").fetchone() == (
-            120,
-            120,
-        )
-        assert db.execute("SELECT sum(num_instances) FROM study").fetchone() == (120,)
+    assert server.rows("SELECT count(*), count(DISTINCT sop_uid) FROM instance") == [(120, 120)]
+    assert server.rows("SELECT sum(num_instances) FROM study") == [(120,)]
     # 12 associations: the kernel's hash puts all on one worker with p = 2**-11.
     assert "worker0" in server.log() and "worker1" in server.log()
 
