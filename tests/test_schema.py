@@ -1,0 +1,67 @@
+"""Schema versions: an index made by the previous release is migrated at start-up.
+
+tests/data/index-v1.*.sql are dumps of a real version-1 index (the release before schema
+versioning) holding CT_small, MR_small and JPEG2000 from pydicom, one per engine.
+"""
+
+import shutil
+from pathlib import Path
+
+import psycopg
+import pydicom
+import pytest
+from conftest import TEST_FILES
+from conftest import index_rows
+
+from pacs import scu
+
+V1_FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm")
+DATA = Path(__file__).parent / "data"
+
+
+def make_v1_archive(data: Path, index: str) -> None:
+    for name in V1_FILES:
+        ds = pydicom.dcmread(TEST_FILES / name, stop_before_pixels=True)
+        folder = data / ds.StudyInstanceUID / ds.SeriesInstanceUID
+        folder.mkdir(parents=True)
+        shutil.copyfile(TEST_FILES / name, folder / f"{ds.SOPInstanceUID}.dcm")
+    if index:
+        dump = (DATA / "index-v1.postgresql.sql").read_text()
+        with psycopg.connect(index, autocommit=True) as conn:
+            conn.execute(dump)
+    else:
+        import sqlite3
+
+        with sqlite3.connect(data / "index.sqlite") as conn:
+            conn.executescript((DATA / "index-v1.sqlite.sql").read_text())
+
+
+def test_version_1_index_is_migrated_once_and_keeps_its_data(start_server, tmp_path, engine):
+    data = tmp_path / "data"
+    make_v1_archive(data, engine)
+    server = start_server(data=data)
+    assert "index migrated from schema version 1 to 2" in server.log()
+    assert server.rows("SELECT version FROM schemaversion") == [(2,)]
+    assert server.rows("SELECT count(*) FROM study WHERE protected") == [(0,)]
+    answers = list(
+        scu.find(scu.Remote(port=server.port), scu.identifier("STUDY", {"StudyInstanceUID": ""}))
+    )
+    assert len(answers) == 3
+    uid = pydicom.dcmread(TEST_FILES / "CT_small.dcm", stop_before_pixels=True).StudyInstanceUID
+    outcome = scu.get(scu.Remote(port=server.port), "STUDY", [uid], tmp_path / "got")
+    assert outcome.ok and outcome.completed == 1
+
+    server.stop()
+    server.start()  # already current: nothing to migrate
+    assert server.log().count("index migrated") == 1
+
+
+def test_index_newer_than_the_code_refuses_to_start(start_server, tmp_path, engine):
+    data = tmp_path / "data"
+    server = start_server(data=data)
+    server.stop()
+    index_rows(data, "UPDATE schemaversion SET version = 99", index=engine)
+    with pytest.raises(RuntimeError) as failed:
+        server.start()
+    assert "schema version 99" in str(failed.value)
+    assert "upgrade minipacs" in str(failed.value)
