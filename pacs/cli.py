@@ -161,6 +161,27 @@ def stats(config_file: Path | None, as_json: bool, **flags) -> None:
     _report(figures, [], as_json)
 
 
+@main.command("migrate-index")
+@config_options
+@click.option("--to", "target", required=True, help="The new index: postgresql://user@host/db.")
+def migrate_index(config_file: Path | None, target: str, **flags) -> None:
+    """Copy the index (SQLite by default) into an empty PostgreSQL database (stop the server
+    first); then set `index` to the new URL."""
+    archive = _open(config_file, **flags)
+    if not archive.lock(exclusive=True):
+        raise UsageFailure(f"a minipacs server is running on {archive.root}: stop it first")
+    total = sum(archive.stats()[k] for k in ("patients", "studies", "series", "instances"))
+    try:
+        with click.progressbar(length=total, label="copying the index", file=sys.stderr) as bar:
+            copied = archive.copy_index_to(build_config(None, index=target).index, bar.update)
+    except StorageError as exc:
+        raise UsageFailure(str(exc)) from None
+    finally:
+        archive.close()
+    _report(copied, [], False)
+    click.echo(f"done: set index = {target!r} (or --index) to use it", err=True)
+
+
 def _open(config_file: Path | None, **flags) -> Archive:
     config = build_config(config_file, **flags)
     setup_logging(config.log_level)

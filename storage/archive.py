@@ -447,6 +447,17 @@ class Archive:
                 "bytes": int(Instance.select(fn.SUM(Instance.size)).scalar() or 0),
             }
 
+    def copy_index_to(self, url: str, progress: Callable[[int], None]) -> dict:
+        """Copy this archive's index into the empty index at `url` (storage.schema)."""
+        target = open_database(url, self.root, self.fsync)
+        try:
+            return schema.copy_index(db.obj, target, progress)
+        except (ValueError, RuntimeError, OperationalError) as exc:
+            raise StorageError(f"index ({describe(url)}): {exc}") from exc
+        finally:
+            if hasattr(target, "close_all"):
+                target.close_all()
+
     def count_files(self) -> int:
         return sum(1 for _ in self._files())
 

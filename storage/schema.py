@@ -12,8 +12,12 @@ from peewee import Database
 
 from storage.engine import is_sqlite
 from storage.models import MODELS
+from storage.models import Instance
+from storage.models import Patient
 from storage.models import SchemaVersion
+from storage.models import Series
 from storage.models import Study
+from storage.models import StudyModality
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +80,49 @@ class _locked:
 
     def __exit__(self, *exc) -> None:
         self._tx.__exit__(*exc)
+
+
+COPY_ORDER = (Patient, Study, StudyModality, Series, Instance)  # parents before children
+COPY_CHUNK = 2000
+
+
+def copy_index(source: Database, target: Database, progress: Callable[[int], None]) -> dict:
+    """Copy every row of `source` (at SCHEMA_VERSION) into the empty index `target`, keeping
+    ids; `progress(n)` after each chunk of n rows. Returns rows copied per table."""
+    with target.connection_context(), target.bind_ctx(MODELS):
+        upgrade(target)
+        if Instance.select().exists():
+            raise RuntimeError("the target index is not empty")
+    copied = {}
+    for model in COPY_ORDER:
+        table, fields = model._meta.table_name, list(model._meta.sorted_fields)
+        columns = ", ".join(f.column_name for f in fields)
+        marks = ", ".join([target.param] * len(fields))
+        insert = f"INSERT INTO {table} ({columns}) VALUES ({marks})"
+        last, copied[table] = 0, 0
+        while True:
+            with source.connection_context():
+                rows = source.execute_sql(
+                    f"SELECT {columns} FROM {table} WHERE id > {source.param} "
+                    f"ORDER BY id LIMIT {COPY_CHUNK}",
+                    (last,),
+                ).fetchall()
+            if not rows:
+                break
+            # Through each field's own conversions: SQLite's 0/1 and text timestamps become
+            # PostgreSQL's booleans and timestamps.
+            values = [
+                tuple(f.db_value(f.python_value(v)) for f, v in zip(fields, row, strict=True))
+                for row in rows
+            ]
+            with target.connection_context(), target.atomic():
+                target.cursor().executemany(insert, values)
+            last, copied[table] = rows[-1][0], copied[table] + len(rows)
+            progress(len(rows))
+        if not is_sqlite(target):  # new rows must not reuse the copied ids
+            with target.connection_context():
+                target.execute_sql(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                    f"(SELECT COALESCE(MAX(id), 1) FROM {table}))"
+                )
+    return copied

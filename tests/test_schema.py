@@ -4,6 +4,7 @@ tests/data/index-v1.*.sql are dumps of a real version-1 index (the release befor
 versioning) holding CT_small, MR_small and JPEG2000 from pydicom, one per engine.
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +13,10 @@ import pydicom
 import pytest
 from conftest import TEST_FILES
 from conftest import index_rows
+from conftest import minipacs
+from conftest import storescu
+from corpus import build
+from make_study import make_study
 
 from pacs import scu
 
@@ -65,3 +70,35 @@ def test_index_newer_than_the_code_refuses_to_start(start_server, tmp_path, engi
         server.start()
     assert "schema version 99" in str(failed.value)
     assert "upgrade minipacs" in str(failed.value)
+
+
+def test_migrate_index_copies_sqlite_to_postgresql(start_server, postgres, tmp_path):
+    data = tmp_path / "data"
+    build(tmp_path / "corpus")
+    minipacs("import", "--data", str(data), str(tmp_path / "corpus"))
+    keys = {"StudyInstanceUID": "", "PatientName": "", "ModalitiesInStudy": ""}
+    sqlite_server = start_server(data=data, index="")
+    before = sorted(str(a.to_json_dict()) for a in find_studies(sqlite_server, keys))
+    sqlite_server.stop()
+
+    url = postgres.database()
+    result = minipacs("migrate-index", "--data", str(data), "--to", url)
+    stats = json.loads(minipacs("stats", "--data", str(data), "--json").stdout)
+    count = stats["instances"]
+    assert f"patient: {stats['patients']}  study: {stats['studies']}" in result.stdout
+    assert f"series: {stats['series']}  instance: {count}" in result.stdout
+    assert "copying the index" in result.stderr
+
+    server = start_server(data=data, index=url)
+    after = sorted(str(a.to_json_dict()) for a in find_studies(server, keys))
+    assert after == before
+    storescu(server.port, *make_study(tmp_path / "new", 2, size=32))  # ids after the copied
+    assert server.rows("SELECT count(*) FROM instance") == [(count + 2,)]
+    server.stop()
+    again = minipacs("migrate-index", "--data", str(data), "--to", url, check=False)
+    assert again.returncode == 2
+    assert "not empty" in again.stderr
+
+
+def find_studies(server, keys):
+    return scu.find(scu.Remote(port=server.port), scu.identifier("STUDY", keys))
