@@ -161,6 +161,20 @@ def stats(config_file: Path | None, as_json: bool, **flags) -> None:
     _report(figures, [], as_json)
 
 
+@main.command()
+@config_options
+@click.option("--release", is_flag=True, help="Let retention remove the studies again.")
+@click.argument("study_uids", nargs=-1, required=True)
+def protect(config_file: Path | None, release: bool, study_uids: tuple[str, ...], **flags) -> None:
+    """Protect studies from retention (quota_mb / quota_instances); exit 1 if one is unknown."""
+    archive = _open(config_file, **flags)
+    unknown = [uid for uid in study_uids if not archive.set_protected(uid, not release)]
+    archive.close()
+    _report({"protected" if not release else "released": len(study_uids) - len(unknown)},
+            [(uid, "no such study") for uid in unknown], False)  # fmt: skip
+    sys.exit(1 if unknown else 0)
+
+
 @main.command("migrate-index")
 @config_options
 @click.option("--to", "target", required=True, help="The new index: postgresql://user@host/db.")

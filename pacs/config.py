@@ -132,6 +132,21 @@ class Config:
             "on 2 cores 1 measured best)."
         },
     )
+    quota_mb: int = field(
+        default=0,
+        metadata={
+            "help": "Archive size limit (MiB of stored files; 0 = none): the least recently "
+            "updated unprotected studies are removed to stay under it."
+        },
+    )
+    quota_instances: int = field(
+        default=0,
+        metadata={"help": "Archive instance limit (0 = none), enforced like quota_mb."},
+    )
+    retention_interval: int = field(
+        default=60,
+        metadata={"help": "Seconds between quota checks (the first runs at start-up)."},
+    )
     max_upload_mb: int = field(
         default=4096,
         metadata={"help": "Largest STOW-RS request body (MiB); bigger ones answer 413."},
@@ -189,8 +204,10 @@ def _convert(name: str, value: Any) -> Any:
         "max_upload_mb",
     ):
         return _int(value, name, 0 if name == "max_pdu" else 1)
-    if name == "parse_processes":
+    if name in ("parse_processes", "quota_mb", "quota_instances"):
         return _int(value, name, 0)
+    if name == "retention_interval":
+        return _int(value, name, 1)
     if name in ("fsync", "accept_unknown_sop_classes", "pn_case_insensitive", "trust_proxy"):
         return _bool(value, name)
     if name == "peer":

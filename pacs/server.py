@@ -62,6 +62,10 @@ def serve(config: Config) -> None:
                 f"cannot listen for HTTP on {config.host}:{config.http_port}: {exc.strerror}"
             ) from exc
         threading.Thread(target=http.run, name="http", daemon=True).start()
+        if config.quota_mb or config.quota_instances:
+            threading.Thread(
+                target=_retention, args=(config, archive, stop), name="retention", daemon=True
+            ).start()
         log.info(
             "minipacs %s: DICOM on %s:%s (%d process(es)), HTTP on http://%s:%s/, data in %s, "
             "index %s",
@@ -177,8 +181,10 @@ def _open_archive(config: Config, repair: bool) -> Archive:
     if repair and archive.lock(exclusive=True):
         report = archive.reconcile()
         log.info(
-            "start-up check: %d temporary file(s) removed, %d file(s) indexed, %d problem(s)",
+            "start-up check: %d temporary file(s) removed, %d deletion(s) finished, "
+            "%d file(s) indexed, %d problem(s)",
             report.removed_temporary,
+            report.deletions_finished,
             report.indexed,
             len(report.problems),
         )
@@ -186,6 +192,17 @@ def _open_archive(config: Config, repair: bool) -> Archive:
         log.info("another minipacs process uses %s: start-up check skipped", archive.root)
     archive.lock(exclusive=False)
     return archive
+
+
+def _retention(config: Config, archive: Archive, stop: threading.Event) -> None:
+    """Keep the archive within its quota: at start-up, then every retention_interval."""
+    while True:
+        try:
+            archive.enforce_quota(config.quota_mb << 20, config.quota_instances)
+        except Exception:  # never let one failed round end retention for good
+            log.exception("retention round failed")
+        if stop.wait(config.retention_interval):
+            return
 
 
 def _stop_on_signals() -> threading.Event:

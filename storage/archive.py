@@ -16,6 +16,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -60,6 +61,7 @@ from storage.models import db
 
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep", "replace", "reject")
+TRASH = ".trash"  # folders of studies being deleted: <StudyInstanceUID>.<random>
 SHARED_TEMPORARY_AGE = 3600  # s: younger temporaries may be another node's, in flight
 
 
@@ -91,6 +93,7 @@ class Problem:
 @dataclass
 class ReconcileReport:
     removed_temporary: int = 0
+    deletions_finished: int = 0
     indexed: int = 0
     rehashed: int = 0
     problems: list[Problem] = field(default_factory=list)
@@ -338,6 +341,70 @@ class Archive:
                 raise OutOfResources(f"no space left for the index ({exc})") from exc
             raise StorageError(f"index write failed: {exc}") from exc
 
+    # -- deletion and retention ------------------------------------------------------
+
+    def delete_study(self, study_uid: str) -> int:
+        """Remove a study's files and rows; returns the instances removed. Crash-safe: the
+        folder's rename into `.trash/` is the point of no return, and start-up finishes
+        (rows, then files) whatever a crash interrupted."""
+        folder = self.root / study_uid
+        trash = self.root / TRASH / f"{study_uid}.{uuid.uuid4().hex}"
+        try:
+            trash.parent.mkdir(exist_ok=True)
+            os.rename(folder, trash)
+            if self.fsync:
+                fsync_path(self.root)
+        except FileNotFoundError:
+            trash = None  # no files (or another node took them): the rows still go
+        removed = self._write(index.delete_study_rows, study_uid)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return removed
+
+    def set_protected(self, study_uid: str, protected: bool) -> bool:
+        """Protect a study from retention (or release it); False when there is no such study."""
+        changed = self._write(
+            lambda: Study.update(protected=protected).where(Study.study_uid == study_uid).execute()
+        )
+        return bool(changed)
+
+    def enforce_quota(self, max_bytes: int, max_instances: int) -> list[tuple[str, int, int]]:
+        """Remove the least recently updated unprotected studies until the archive is within
+        both limits (0 = no limit); returns (StudyInstanceUID, instances, bytes) removed."""
+        totals = self.stats()
+        removed: list[tuple[str, int, int]] = []
+        for study_uid, instances, size in self._retention_candidates():
+            if (not max_bytes or totals["bytes"] <= max_bytes) and (
+                not max_instances or totals["instances"] <= max_instances
+            ):
+                break
+            self.delete_study(study_uid)
+            totals["bytes"] -= size
+            totals["instances"] -= instances
+            removed.append((study_uid, instances, size))
+            log.warning(
+                "retention removed study %s (%d instances, %d bytes): over quota",
+                study_uid,
+                instances,
+                size,
+            )
+        return removed
+
+    def _retention_candidates(self) -> Iterator[tuple[str, int, int]]:
+        with db.connection_context():
+            rows = (
+                Study.select(Study.study_uid, Study.num_instances, fn.SUM(Instance.size))
+                .join(Series, on=(Series.study == Study.id))
+                .join(Instance, on=(Instance.series == Series.id))
+                .where(~Study.protected)
+                .group_by(Study.id, Study.study_uid, Study.num_instances, Study.updated_at)
+                .order_by(Study.updated_at, Study.id)
+                .tuples()
+            )
+            candidates = list(rows.iterator())  # release the connection before deleting
+        for study_uid, instances, size in candidates:
+            yield study_uid, instances, int(size or 0)
+
     # -- maintenance ---------------------------------------------------------------
 
     def reconcile(self) -> ReconcileReport:
@@ -346,6 +413,10 @@ class Archive:
         report = ReconcileReport()
         # On a shared index other nodes may be receiving into the same folder right now.
         keep_after = time.time() - SHARED_TEMPORARY_AGE if not is_sqlite(db.obj) else None
+        for folder in _subdirs(self.root / TRASH) if (self.root / TRASH).is_dir() else []:
+            self._write(index.delete_study_rows, folder.name.rpartition(".")[0])  # UID.hex
+            shutil.rmtree(folder, ignore_errors=True)
+            report.deletions_finished += 1
         for leftover in self.incoming.iterdir():
             with contextlib.suppress(FileNotFoundError):
                 if keep_after is not None and leftover.stat().st_mtime > keep_after:

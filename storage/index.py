@@ -30,6 +30,7 @@ from storage.models import Instance
 from storage.models import Patient
 from storage.models import Series
 from storage.models import Study
+from storage.models import StudyModality
 
 log = logging.getLogger(__name__)
 MAX_BATCH = 128
@@ -299,3 +300,23 @@ def _add(values: str, value: str) -> str:
     items = set(filter(None, values.split("\\")))
     items.add(value)
     return "\\".join(sorted(items))
+
+
+def delete_study_rows(study_uid: str) -> int:
+    """Remove a study's rows and take its counts off its patient (and the patient itself when
+    nothing is left); returns the number of instances removed."""
+    study = Study.get_or_none(Study.study_uid == study_uid)
+    if study is None:
+        return 0
+    series = Series.select(Series.id).where(Series.study == study.id)
+    removed = Instance.delete().where(Instance.series.in_(series)).execute()
+    Series.delete().where(Series.study == study.id).execute()
+    StudyModality.delete().where(StudyModality.study == study.id).execute()
+    Study.delete().where(Study.id == study.id).execute()
+    Patient.update(
+        num_studies=Patient.num_studies - 1,
+        num_series=Patient.num_series - study.num_series,
+        num_instances=Patient.num_instances - study.num_instances,
+    ).where(Patient.id == study.patient_id).execute()
+    Patient.delete().where((Patient.id == study.patient_id) & (Patient.num_studies <= 0)).execute()
+    return removed

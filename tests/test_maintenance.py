@@ -90,7 +90,10 @@ def test_start_up_indexes_unindexed_files_and_reports_missing(start_server, tmp_
     second.unlink()
     server = start_server(data=data)
     log = server.log()
-    assert "1 temporary file(s) removed, 1 file(s) indexed, 1 problem(s)" in log
+    assert (
+        "1 temporary file(s) removed, 0 deletion(s) finished, 1 file(s) indexed, 1 problem(s)"
+        in log
+    )
     assert f"{second.relative_to(data)}: indexed but the file is missing" in log
     assert not stray.exists()
     assert server.rows("SELECT count(*) FROM instance") == [(3,)]

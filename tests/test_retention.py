@@ -1,0 +1,68 @@
+"""Quota and retention: the least recently updated unprotected studies go first."""
+
+import os
+import time
+
+import pydicom
+import pytest
+from conftest import index_args
+from conftest import minipacs
+from conftest import storescu
+from make_study import make_study
+
+from pacs import scu
+
+pytestmark = pytest.mark.usefixtures("engine")
+
+
+def study_uids(server) -> set[str]:
+    keys = scu.identifier("STUDY", {"StudyInstanceUID": ""})
+    return {a.StudyInstanceUID for a in scu.find(scu.Remote(port=server.port), keys)}
+
+
+def test_quota_removes_oldest_unprotected_studies(start_server, tmp_path):
+    server = start_server("--config", str(config(tmp_path, "quota_instances = 25\n")))
+    studies = [make_study(tmp_path / name, 10, size=32) for name in "ABCD"]
+    uid = {
+        name: pydicom.dcmread(paths[0]).StudyInstanceUID
+        for name, paths in zip("ABCD", studies, strict=True)
+    }
+    storescu(server.port, *studies[0])
+    result = minipacs("protect", "--data", str(server.data), *index_args(server.index), uid["A"])
+    assert "protected: 1" in result.stdout
+    for paths in studies[1:]:  # B, C, D in this order: 40 instances, 25 allowed
+        time.sleep(0.05)
+        storescu(server.port, *paths)
+    deadline = time.monotonic() + 30
+    while study_uids(server) != {uid["A"], uid["D"]}:
+        assert time.monotonic() < deadline, study_uids(server)
+        time.sleep(0.2)
+    assert server.rows("SELECT num_studies, num_instances FROM patient") == [(2, 20)]
+    assert not (server.data / uid["B"]).exists() and not (server.data / uid["C"]).exists()
+    assert list((server.data / ".trash").iterdir()) == []
+    assert f"retention removed study {uid['B']} (10 instances" in server.log()
+    unknown = minipacs("protect", "--data", str(server.data), *index_args(server.index), "1.2.3",
+                       check=False)  # fmt: skip
+    assert unknown.returncode == 1 and "1.2.3: no such study" in unknown.stdout
+
+
+def test_deletion_interrupted_by_a_crash_is_finished_at_start_up(start_server, tmp_path):
+    server = start_server()
+    paths = make_study(tmp_path / "s", 3, size=32)
+    storescu(server.port, *paths)
+    server.kill()
+    study = pydicom.dcmread(paths[0]).StudyInstanceUID
+    (server.data / ".trash").mkdir()
+    os.rename(server.data / study, server.data / ".trash" / f"{study}.0123")  # then the crash
+    server.start()
+    assert "1 deletion(s) finished" in server.log()
+    assert server.rows("SELECT count(*) FROM instance") == [(0,)]
+    assert server.rows("SELECT count(*) FROM patient") == [(0,)]
+    assert list((server.data / ".trash").iterdir()) == []
+    assert study_uids(server) == set()
+
+
+def config(tmp_path, text: str):
+    path = tmp_path / "minipacs.toml"
+    path.write_text(text + "retention_interval = 1\n")
+    return path
