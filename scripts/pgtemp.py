@@ -28,7 +28,8 @@ def _bin(name: str) -> str:
 class Cluster:
     """One running cluster; `database()` makes a fresh database and returns its URL."""
 
-    def __init__(self) -> None:
+    def __init__(self, fsync: bool = False) -> None:
+        """fsync off by default: tests need no durability from it; benchmarks turn it on."""
         self.dir = Path(tempfile.mkdtemp(prefix="minipacs-pg-"))
         self._as: list[str] = []
         if os.geteuid() == 0:
@@ -38,7 +39,8 @@ class Cluster:
         self.data = self.dir / "data"
         self._run(_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                   "-E", "UTF8", "--locale=C")  # fmt: skip
-        options = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c max_connections=200"
+        options = f"-k {self.dir} -c listen_addresses='' -c max_connections=200"
+        options += "" if fsync else " -c fsync=off"
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-l",
                   str(self.dir / "log"), "start")  # fmt: skip
 

@@ -278,7 +278,12 @@ class Archive:
         with self._parsers_lock:
             if self._parsers is None:
                 context = multiprocessing.get_context("spawn")  # no fork of a threaded server
-                self._parsers = ProcessPoolExecutor(self.parse_processes, mp_context=context)
+                self._parsers = ProcessPoolExecutor(
+                    self.parse_processes,
+                    mp_context=context,
+                    initializer=_exit_with_parent,
+                    initargs=(os.getpid(),),
+                )
             parsers = self._parsers
         try:
             return parsers.submit(read_instance, tmp).result()
@@ -559,6 +564,18 @@ class Archive:
     def _paths(self) -> Iterator[str]:
         for (rel,) in Instance.select(Instance.path).tuples().iterator():
             yield rel
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a parser child: exit when the server is gone. A killed server (kill -9, OOM) never
+    shuts its pool down, and the idle child would otherwise live on, orphaned."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _subdirs(path: Path) -> Iterator[Path]:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -75,3 +76,28 @@ def test_stop_mid_ingest_loses_no_acknowledged_instance(start_server, tmp_path, 
     )
     assert result.returncode == 0, result.stdout
     assert '"problems": 0' in result.stdout
+
+
+def test_a_killed_server_leaves_no_parser_process_behind(start_server, tmp_path):
+    server = start_server()
+    minipacs_send = minipacs("send", "--port", str(server.port), str(make_study(tmp_path, 1)[0]))
+    assert minipacs_send.returncode == 0
+    children = [
+        int(pid)
+        for task in Path(f"/proc/{server.proc.pid}/task").iterdir()
+        for pid in (task / "children").read_text().split()
+    ]
+    parsers = [p for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert parsers, "the server parses in a child process by default"
+    server.kill()
+    deadline = time.monotonic() + 10
+    while any(running(pid) for pid in parsers):
+        assert time.monotonic() < deadline, "a parser outlived its server"
+        time.sleep(0.1)
+
+
+def running(pid: int) -> bool:
+    try:  # a zombie (state Z) has exited; only its parent's wait is missing
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
