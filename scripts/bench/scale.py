@@ -302,6 +302,7 @@ def run_minipacs(engine: str, workdir: Path, batches, grower: Grower, opts) -> l
     index = cluster.database("scale") if cluster else ""
     server = ScaleMinipacs(workdir, opts, index)
     results, total, synthetic = [], 0, 0
+    grower.patients = 0  # this engine's own synthetic patients
     try:
         for step, batch in zip(opts.steps, batches, strict=True):
             if step > total:
@@ -451,6 +452,20 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def keep_going(run, *args) -> list[dict]:
+    """One server's run; a failure is logged and the others still run."""
+    try:
+        return run(*args)
+    except Exception:
+        log.exception("%s failed", run.__name__)
+        return []
+
+
+def save(runs: dict, opts) -> None:
+    if opts.json:
+        opts.json.write_text(json.dumps(runs, indent=1))
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
@@ -493,18 +508,20 @@ def main(argv=None) -> int:
         for engine in opts.engines.split(","):
             workdir = root / engine
             workdir.mkdir()
-            runs[f"minipacs {engine}"] = run_minipacs(engine, workdir, batches, grower, opts)
+            runs[f"minipacs {engine}"] = keep_going(
+                run_minipacs, engine, workdir, batches, grower, opts
+            )
+            save(runs, opts)
         if opts.orthanc_budget > 0:
             workdir = root / "orthanc"
             workdir.mkdir()
-            runs["orthanc sqlite"] = run_orthanc(workdir, batches, opts)
+            runs["orthanc sqlite"] = keep_going(run_orthanc, workdir, batches, opts)
         PROCS.stop_all()
     text = report(runs)
     print(f"commit {git_commit()}; other work during the run: {busy or 'none'}")
     print("rows between steps are bulk-generated (no files); each step's 5,000 are real C-STORE")
     print(text)
-    if opts.json:
-        opts.json.write_text(json.dumps(runs, indent=1))
+    save(runs, opts)
     if opts.plot:
         plot(runs, opts.plot)
     return 0
