@@ -2,6 +2,7 @@
 
 import csv
 import enum
+import getpass
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from pacs.server import StartupError
 from pacs.server import serve as run_server
 from storage import Archive
 from storage import Outcome
+from storage import audit
 from storage.errors import NotDicom
 from storage.errors import StorageError
 
@@ -168,11 +170,42 @@ def stats(config_file: Path | None, as_json: bool, **flags) -> None:
 def protect(config_file: Path | None, release: bool, study_uids: tuple[str, ...], **flags) -> None:
     """Protect studies from retention (quota_mb / quota_instances); exit 1 if one is unknown."""
     archive = _open(config_file, **flags)
-    unknown = [uid for uid in study_uids if not archive.set_protected(uid, not release)]
+    who = f"{getpass.getuser()} (minipacs protect)"
+    unknown = [uid for uid in study_uids if not archive.set_protected(uid, not release, who)]
     archive.close()
     _report({"protected" if not release else "released": len(study_uids) - len(unknown)},
             [(uid, "no such study") for uid in unknown], False)  # fmt: skip
     sys.exit(1 if unknown else 0)
+
+
+@main.command("audit")
+@config_options
+@click.option("--patient", "patient_id", help="Only events about this Patient ID.")
+@click.option("--study", "study_uid", help="Only events about this Study Instance UID.")
+@click.option("--who", help="Only events by this user or calling AE title.")
+@click.option("--event", type=click.Choice(audit.EVENTS), help="Only this kind of event.")
+@click.option("--since", help="From this time on (ISO 8601, UTC, e.g. 2026-11-26T08).")
+@click.option("--until", help="Up to this time (ISO 8601 prefix, inclusive).")
+@click.option("--verify", is_flag=True, help="Check the hash chain; exit 1 if it is broken.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_trail(config_file, verify: bool, as_json: bool, **flags) -> None:
+    """The audit trail: who stored, queried, retrieved, viewed or deleted what, and when."""
+    filters = {
+        k: flags.pop(k) for k in ("patient_id", "study_uid", "who", "event", "since", "until")
+    }
+    archive = _open(config_file, **flags)
+    try:
+        if verify:
+            problems = archive.verify_audit()
+            _report({"problems": len(problems)}, [("audit trail", p) for p in problems], as_json)
+            sys.exit(1 if problems else 0)
+        for row in archive.audit_events(**filters):
+            if as_json:
+                click.echo(json.dumps({k: v for k, v in row.items() if "hash" not in k}))
+            else:
+                click.echo("  ".join(str(row[k]) for k in audit.FIELDS if row[k]))
+    finally:
+        archive.close()
 
 
 @main.command("migrate-index")

@@ -33,6 +33,7 @@ from pathlib import Path
 from peewee import OperationalError
 from peewee import fn
 
+from storage import audit
 from storage import index
 from storage import query
 from storage import schema
@@ -53,6 +54,7 @@ from storage.files import instance_path
 from storage.files import make_dirs
 from storage.files import reraise_full
 from storage.models import MODELS
+from storage.models import AuditEvent
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import Series
@@ -213,12 +215,15 @@ class Archive:
         sop_uid: str | None = None,
         study_uid: str | None = None,
         calling_aet: str = "",
+        who: str = "",
+        address: str = "",
     ) -> Stored:
         """Store the Part 10 file at `tmp` (consumed) and index it; return once durable.
 
         `sop_class_uid`/`sop_uid` are what the request announced (C-STORE), `study_uid` the
         study a STOW-RS request was addressed to; `digest` is
-        (size, SHA-256) when the caller hashed the bytes while receiving them.
+        (size, SHA-256) when the caller hashed the bytes while receiving them. `who` (user,
+        else the calling AE) and `address` go into the audit event, committed with the row.
         """
         # The file's fsync (disk time, GIL released) overlaps the parsing (CPU time).
         synced = self._pool.submit(fsync_path, tmp) if self.fsync else None
@@ -253,8 +258,16 @@ class Archive:
                     parsed.series_uid,
                 )
             row = index.Row(parsed, rel, size, sha, calling_aet, outcome is Outcome.REPLACED)
+            event = audit.Event(
+                "store",
+                who=who or calling_aet,
+                address=address,
+                patient_id=parsed.patient["patient_id"],
+                study_uid=parsed.study_uid,
+                detail={"series": parsed.series_uid, "sop": parsed.sop_uid, "as": outcome.value},
+            )
             try:
-                self._write(index.apply_row, row, self._sql, db)
+                self._write(self._index_row, row, event)
             except StorageError:
                 if outcome is Outcome.STORED:  # no row: take the file back out
                     (self.root / rel).unlink(missing_ok=True)
@@ -271,6 +284,35 @@ class Archive:
             if synced is not None:
                 synced.exception()  # never unlink under a running fsync
             tmp.unlink(missing_ok=True)
+
+    def _index_row(self, row: index.Row, event: audit.Event) -> None:
+        index.apply_row(row, self._sql, db)
+        audit.append(db, event)
+
+    def audit(self, event: audit.Event) -> None:
+        """Append an audit event; returns at once (the writer commits it with its next batch,
+        failures are logged): queries and retrievals do not wait for a disk flush."""
+        assert self._writer is not None, "archive is not open"
+        self._writer.submit(audit.append, db, event)
+
+    def audit_events(self, **filters: str) -> Iterator[dict]:
+        """The audit trail in order, filtered by exact event/who/patient_id/study_uid and
+        `since`/`until` (ISO 8601 prefixes of `at`)."""
+        with db.connection_context():
+            query = AuditEvent.select().order_by(AuditEvent.id)
+            for name in ("event", "who", "patient_id", "study_uid"):
+                if filters.get(name):
+                    query = query.where(getattr(AuditEvent, name) == filters[name])
+            if filters.get("since"):
+                query = query.where(AuditEvent.at >= filters["since"])
+            if filters.get("until"):
+                query = query.where(AuditEvent.at < filters["until"] + "~")  # prefix-inclusive
+            yield from query.dicts().iterator()
+
+    def verify_audit(self) -> list[str]:
+        """Breaks in the audit trail's hash chain (an edited, inserted or removed event)."""
+        with db.connection_context():
+            return audit.verify(AuditEvent.select().order_by(AuditEvent.id).iterator())
 
     def _parse(self, tmp: Path) -> ParsedInstance:
         if not self.parse_processes:
@@ -308,7 +350,9 @@ class Archive:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             reraise_full(exc)
-        return self.ingest(tmp, digest=(size, digest.hexdigest()), calling_aet=calling_aet)
+        return self.ingest(
+            tmp, digest=(size, digest.hexdigest()), calling_aet=calling_aet, who="import"
+        )
 
     def _place(self, tmp: Path, rel: str, sha: str) -> Outcome:
         """Put the file in place, or decide what a file already there means."""
@@ -348,10 +392,10 @@ class Archive:
 
     # -- deletion and retention ------------------------------------------------------
 
-    def delete_study(self, study_uid: str) -> int:
-        """Remove a study's files and rows; returns the instances removed. Crash-safe: the
-        folder's rename into `.trash/` is the point of no return, and start-up finishes
-        (rows, then files) whatever a crash interrupted."""
+    def delete_study(self, study_uid: str, who: str = "", reason: str = "") -> int:
+        """Remove a study's files and rows, audited; returns the instances removed.
+        Crash-safe: the folder's rename into `.trash/` is the point of no return, and
+        start-up finishes (rows, then files) whatever a crash interrupted."""
         folder = self.root / study_uid
         trash = self.root / TRASH / f"{study_uid}.{uuid.uuid4().hex}"
         try:
@@ -361,17 +405,36 @@ class Archive:
                 fsync_path(self.root)
         except FileNotFoundError:
             trash = None  # no files (or another node took them): the rows still go
-        removed = self._write(index.delete_study_rows, study_uid)
+        removed = self._write(self._delete_rows, study_uid, who, reason)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
         return removed
 
-    def set_protected(self, study_uid: str, protected: bool) -> bool:
-        """Protect a study from retention (or release it); False when there is no such study."""
-        changed = self._write(
-            lambda: Study.update(protected=protected).where(Study.study_uid == study_uid).execute()
+    def _delete_rows(self, study_uid: str, who: str, reason: str) -> int:
+        patient_id = (
+            Patient.select(Patient.patient_id)
+            .join(Study, on=(Study.patient == Patient.id))
+            .where(Study.study_uid == study_uid)
+            .scalar()
         )
-        return bool(changed)
+        removed = index.delete_study_rows(study_uid)
+        if patient_id is not None:
+            event = audit.Event("delete", who=who, patient_id=patient_id, study_uid=study_uid,
+                                detail={"instances": removed, "reason": reason})  # fmt: skip
+            audit.append(db, event)
+        return removed
+
+    def set_protected(self, study_uid: str, protected: bool, who: str = "") -> bool:
+        """Protect a study from retention (or release it), audited; False when there is no
+        such study."""
+        return self._write(self._protect, study_uid, protected, who)
+
+    def _protect(self, study_uid: str, protected: bool, who: str) -> bool:
+        if not Study.update(protected=protected).where(Study.study_uid == study_uid).execute():
+            return False
+        event = audit.Event("protect", who=who, study_uid=study_uid, detail={"on": protected})
+        audit.append(db, event)
+        return True
 
     def enforce_quota(self, max_bytes: int, max_instances: int) -> list[tuple[str, int, int]]:
         """Remove the least recently updated unprotected studies until the archive is within
@@ -383,7 +446,7 @@ class Archive:
                 not max_instances or totals["instances"] <= max_instances
             ):
                 break
-            self.delete_study(study_uid)
+            self.delete_study(study_uid, who="retention", reason="over quota")
             totals["bytes"] -= size
             totals["instances"] -= instances
             removed.append((study_uid, instances, size))
@@ -419,7 +482,8 @@ class Archive:
         # On a shared index other nodes may be receiving into the same folder right now.
         keep_after = time.time() - SHARED_TEMPORARY_AGE if not is_sqlite(db.obj) else None
         for folder in _subdirs(self.root / TRASH) if (self.root / TRASH).is_dir() else []:
-            self._write(index.delete_study_rows, folder.name.rpartition(".")[0])  # UID.hex
+            uid = folder.name.rpartition(".")[0]  # UID.random
+            self._write(self._delete_rows, uid, "start-up", "finishing an interrupted deletion")
             shutil.rmtree(folder, ignore_errors=True)
             report.deletions_finished += 1
         for leftover in self.incoming.iterdir():

@@ -79,6 +79,11 @@ class IndexWriter:
             raise job.error
         return job.result
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` in the next batch without waiting; a failure is only logged."""
+        if self._thread.is_alive():
+            self._queue.put(_Job(lambda: fn(*args)))
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()

@@ -12,6 +12,7 @@ from peewee import Database
 
 from storage.engine import is_sqlite
 from storage.models import MODELS
+from storage.models import AuditEvent
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import SchemaVersion
@@ -30,7 +31,12 @@ def _v2(database: Database) -> None:
     database.execute_sql("CREATE INDEX study_updated_at ON study (updated_at)")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v2]  # MIGRATIONS[n] takes n+1 → n+2
+def _v3(database: Database) -> None:
+    """The audit trail (storage.audit)."""
+    database.create_tables([AuditEvent])
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v2, _v3]  # MIGRATIONS[n] takes n+1 → n+2
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 
@@ -82,7 +88,7 @@ class _locked:
         self._tx.__exit__(*exc)
 
 
-COPY_ORDER = (Patient, Study, StudyModality, Series, Instance)  # parents before children
+COPY_ORDER = (Patient, Study, StudyModality, Series, Instance, AuditEvent)  # parents first
 COPY_CHUNK = 2000
 
 

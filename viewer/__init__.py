@@ -10,6 +10,7 @@ from flask import request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from storage import Archive
+from storage import audit
 
 CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, Cache-Control"
 EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Encoding, ETag, Warning"
@@ -35,6 +36,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
     if config.cors_origins:
         app.after_request(lambda response: _cors(response, config.cors_origins))
+    app.after_request(lambda response: _audit(response, archive))
 
     @app.get("/healthz")
     def healthz():
@@ -42,6 +44,45 @@ def create_app(config: Any, archive: Archive) -> Flask:
         return jsonify(status="ok", aet=config.aet, dicom_port=config.port)
 
     return app
+
+
+AUDITED = {  # endpoint → audit event; STOW-RS instances are audited as they are stored
+    "dicomweb.search_studies": "query",
+    "dicomweb.search_series": "query",
+    "dicomweb.search_instances": "query",
+    "dicomweb.metadata": "retrieve",
+    "dicomweb.retrieve": "retrieve",
+    "dicomweb.frames": "retrieve",
+    "dicomweb.bulkdata": "retrieve",
+    "dicomweb.rendered": "retrieve",
+    "dicomweb.thumbnail": "retrieve",
+    "wado_uri.wado": "retrieve",
+    "ui.page": "view",
+}
+
+
+def _audit(response: Response, archive: Archive) -> Response:
+    """One audit event per request for patient data: what was asked (path, query), by whom
+    (the client's address), and the HTTP status."""
+    kind = AUDITED.get(request.endpoint or "")
+    if kind is None or request.method == "OPTIONS":
+        return response
+    uids = request.view_args or {}
+    status = response.status_code
+    archive.audit(
+        audit.Event(
+            kind,
+            "success" if status < 400 else f"failure: HTTP {status}",
+            address=request.remote_addr or "",
+            study_uid=uids.get("study") or request.values.get("studyUID", ""),
+            detail={
+                "method": request.method,
+                "path": request.path,
+                "query": request.query_string.decode("latin-1"),
+            },
+        )
+    )
+    return response
 
 
 def _cors(response: Response, origins: tuple[str, ...]) -> Response:
