@@ -27,6 +27,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
+from pacs import policy
 from pacs import spool
 from pacs import transport
 from pacs.config import Config
@@ -50,6 +51,7 @@ OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: Out of Resources (disk full)
 DATASET_MISMATCH = 0xA900  # PS3.4 B.2.3 Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3 Error: Cannot understand (does not parse, bad UID)
 PROCESSING_FAILURE = 0x0110  # PS3.7 C.1: anything else the archive could not do
+NOT_AUTHORIZED = 0x0124  # PS3.7 C.1: Refused: Not authorized (policy)
 
 STATUS_FOR = {
     OutOfResources: OUT_OF_RESOURCES,
@@ -76,6 +78,10 @@ def handle_store(event: Event, archive: Archive) -> int | Dataset:
     request = event.request
     path = Path(event.dataset_path)
     received = spool.take(path)
+    if not policy.permitted(event, "store"):  # here only on contexts kept for C-GET
+        path.unlink(missing_ok=True)
+        _audit(archive, event, "rejected", "failure: store not permitted")
+        return _failure(NOT_AUTHORIZED, f"{event.assoc.requestor.ae_title} may not store")
     try:
         if received is not None and received.error is not None:
             raise OutOfResources(f"cannot receive the dataset: {received.error.strerror}")
@@ -128,6 +134,7 @@ def _failure(status: int, comment: str) -> Dataset:
 
 def build_handlers(archive: Archive, config: Config) -> list:
     return [
+        (evt.EVT_REQUESTED, policy.handle_requested, [config, archive]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [archive]),
         (evt.EVT_C_FIND, handle_find, [archive, config]),
