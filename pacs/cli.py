@@ -178,6 +178,28 @@ def protect(config_file: Path | None, release: bool, study_uids: tuple[str, ...]
     sys.exit(1 if unknown else 0)
 
 
+@main.command()
+@config_options
+@click.option("--patient", "level_uid", flag_value="PATIENT", help="UID is a Patient ID.")
+@click.option("--study", "level_uid", flag_value="STUDY", help="UID is a Study Instance UID.")
+@click.option("--series", "level_uid", flag_value="SERIES", help="UID is a Series Instance UID.")
+@click.option("--instance", "level_uid", flag_value="IMAGE", help="UID is a SOP Instance UID.")
+@click.argument("uids", nargs=-1, required=True)
+def delete(config_file: Path | None, level_uid: str | None, uids: tuple[str, ...], **flags):
+    """Delete patients, studies, series or instances: files and index rows, audited."""
+    if level_uid is None:
+        raise UsageFailure("say what the UIDs are: --patient, --study, --series or --instance")
+    archive = _open(config_file, **flags)
+    who = f"{getpass.getuser()} (minipacs delete)"
+    try:
+        removed = {uid: archive.delete(level_uid, uid, who) for uid in uids}
+    finally:
+        archive.close()
+    missing = [(uid, "nothing stored under it") for uid, count in removed.items() if not count]
+    _report({"instances deleted": sum(removed.values())}, missing, False)
+    sys.exit(1 if missing else 0)
+
+
 @main.command("audit")
 @config_options
 @click.option("--patient", "patient_id", help="Only events about this Patient ID.")

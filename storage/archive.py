@@ -63,7 +63,7 @@ from storage.models import db
 
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep", "replace", "reject")
-TRASH = ".trash"  # folders of studies being deleted: <StudyInstanceUID>.<random>
+TRASH = ".trash"  # what is being deleted: <LEVEL>.<UID>.<random>, a folder or a file
 SHARED_TEMPORARY_AGE = 3600  # s: younger temporaries may be another node's, in flight
 
 
@@ -392,36 +392,64 @@ class Archive:
 
     # -- deletion and retention ------------------------------------------------------
 
-    def delete_study(self, study_uid: str, who: str = "", reason: str = "") -> int:
-        """Remove a study's files and rows, audited; returns the instances removed.
-        Crash-safe: the folder's rename into `.trash/` is the point of no return, and
-        start-up finishes (rows, then files) whatever a crash interrupted."""
-        folder = self.root / study_uid
-        trash = self.root / TRASH / f"{study_uid}.{uuid.uuid4().hex}"
+    def delete(self, level: str, uid: str, who: str = "", reason: str = "") -> int:
+        """Remove a patient (by Patient ID), study, series or instance (IMAGE): files and
+        rows together, audited; returns the instances removed. Crash-safe: the rename of
+        the folder or file into `.trash/` is the point of no return, and start-up finishes
+        (rows, then files) whatever a crash interrupted."""
+        level = level.upper()
+        if level == "PATIENT":
+            with db.connection_context():
+                studies = [
+                    s.study_uid
+                    for s in Study.select(Study.study_uid)
+                    .join(Patient)
+                    .where(Patient.patient_id == uid)
+                ]
+            return sum(self.delete("STUDY", study, who, reason) for study in studies)
+        if level not in ("STUDY", "SERIES", "IMAGE"):
+            raise ValueError(f"cannot delete at level {level!r}")
+        target = self._path_of(level, uid)
+        trash = self.root / TRASH / f"{level}.{uid}.{uuid.uuid4().hex}"
         try:
+            if target is None:
+                raise FileNotFoundError(uid)
             trash.parent.mkdir(exist_ok=True)
-            os.rename(folder, trash)
+            os.rename(target, trash)
             if self.fsync:
-                fsync_path(self.root)
+                fsync_path(target.parent)
         except FileNotFoundError:
             trash = None  # no files (or another node took them): the rows still go
-        removed = self._write(self._delete_rows, study_uid, who, reason)
+        removed = self._write(self._delete_rows, level, uid, who, reason)
         if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
         return removed
 
-    def _delete_rows(self, study_uid: str, who: str, reason: str) -> int:
-        patient_id = (
-            Patient.select(Patient.patient_id)
-            .join(Study, on=(Study.patient == Patient.id))
-            .where(Study.study_uid == study_uid)
-            .scalar()
-        )
-        removed = index.delete_study_rows(study_uid)
-        if patient_id is not None:
-            event = audit.Event("delete", who=who, patient_id=patient_id, study_uid=study_uid,
-                                detail={"instances": removed, "reason": reason})  # fmt: skip
-            audit.append(db, event)
+    def _path_of(self, level: str, uid: str) -> Path | None:
+        if level == "STUDY":
+            return self.root / uid
+        with db.connection_context():
+            if level == "SERIES":
+                study = (
+                    Study.select(Study.study_uid)
+                    .join(Series)
+                    .where(Series.series_uid == uid)
+                    .scalar()
+                )
+                return self.root / study / uid if study else None
+            path = Instance.select(Instance.path).where(Instance.sop_uid == uid).scalar()
+            return self.root / path if path else None
+
+    def _delete_rows(self, level: str, uid: str, who: str, reason: str) -> int:
+        removed, patient_id, study_uid = index.delete_rows(level, uid)
+        if study_uid:
+            detail = {"level": level, "uid": uid, "instances": removed, "reason": reason}
+            audit.append(
+                db,
+                audit.Event(
+                    "delete", who=who, patient_id=patient_id, study_uid=study_uid, detail=detail
+                ),
+            )
         return removed
 
     def set_protected(self, study_uid: str, protected: bool, who: str = "") -> bool:
@@ -446,7 +474,7 @@ class Archive:
                 not max_instances or totals["instances"] <= max_instances
             ):
                 break
-            self.delete_study(study_uid, who="retention", reason="over quota")
+            self.delete("STUDY", study_uid, who="retention", reason="over quota")
             totals["bytes"] -= size
             totals["instances"] -= instances
             removed.append((study_uid, instances, size))
@@ -481,10 +509,11 @@ class Archive:
         report = ReconcileReport()
         # On a shared index other nodes may be receiving into the same folder right now.
         keep_after = time.time() - SHARED_TEMPORARY_AGE if not is_sqlite(db.obj) else None
-        for folder in _subdirs(self.root / TRASH) if (self.root / TRASH).is_dir() else []:
-            uid = folder.name.rpartition(".")[0]  # UID.random
-            self._write(self._delete_rows, uid, "start-up", "finishing an interrupted deletion")
-            shutil.rmtree(folder, ignore_errors=True)
+        for folder in (self.root / TRASH).iterdir() if (self.root / TRASH).is_dir() else []:
+            level, _, rest = folder.name.partition(".")  # LEVEL.UID.random
+            reason = "finishing an interrupted deletion"
+            self._write(self._delete_rows, level, rest.rpartition(".")[0], "start-up", reason)
+            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
             report.deletions_finished += 1
         for leftover in self.incoming.iterdir():
             with contextlib.suppress(FileNotFoundError):

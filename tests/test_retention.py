@@ -68,7 +68,7 @@ def test_deletion_interrupted_by_a_crash_is_finished_at_start_up(start_server, t
     server.kill()
     study = pydicom.dcmread(paths[0]).StudyInstanceUID
     (server.data / ".trash").mkdir()
-    os.rename(server.data / study, server.data / ".trash" / f"{study}.0123")  # then the crash
+    os.rename(server.data / study, server.data / ".trash" / f"STUDY.{study}.0123")  # crash
     server.start()
     assert "1 deletion(s) finished" in server.log()
     assert server.rows("SELECT count(*) FROM instance") == [(0,)]
