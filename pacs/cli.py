@@ -22,6 +22,7 @@ from pacs.server import serve as run_server
 from storage import Archive
 from storage import Outcome
 from storage import audit
+from storage import users
 from storage.errors import NotDicom
 from storage.errors import StorageError
 
@@ -198,6 +199,72 @@ def delete(config_file: Path | None, level_uid: str | None, uids: tuple[str, ...
     missing = [(uid, "nothing stored under it") for uid, count in removed.items() if not count]
     _report({"instances deleted": sum(removed.values())}, missing, False)
     sys.exit(1 if missing else 0)
+
+
+@main.group()
+def user() -> None:
+    """Web users: add, passwd, token, remove, list (roles: viewer, uploader, admin)."""
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
+
+
+def _accounts(config_file, flags, fn, *args, write: bool = True):
+    archive = _open(config_file, **flags)
+    try:
+        return archive.accounts(fn, *args, write=write)
+    except users.UserError as exc:
+        raise UsageFailure(str(exc)) from None
+    finally:
+        archive.close()
+
+
+@user.command("add")
+@config_options
+@click.argument("name")
+@click.option("--role", type=click.Choice(users.ROLES), default="viewer", show_default=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+def user_add(config_file, name: str, role: str, password_stdin: bool, **flags) -> None:
+    """Add a user (asks for the password)."""
+    _accounts(config_file, flags, users.add, name, role, _password(password_stdin))
+    click.echo(f"user {name} added ({role})", err=True)
+
+
+@user.command("passwd")
+@config_options
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+def user_passwd(config_file, name: str, password_stdin: bool, **flags) -> None:
+    """Set a user's password."""
+    _accounts(config_file, flags, users.set_password, name, _password(password_stdin))
+
+
+@user.command("token")
+@config_options
+@click.argument("name")
+@click.option("--days", type=int, default=0, help="Expire after this many days (0: never).")
+def user_token(config_file, name: str, days: int, **flags) -> None:
+    """Issue a bearer token for scripts; printed once, kept only as its hash."""
+    click.echo(_accounts(config_file, flags, users.issue_token, name, days))
+
+
+@user.command("remove")
+@config_options
+@click.argument("name")
+def user_remove(config_file, name: str, **flags) -> None:
+    """Remove a user and every token of theirs."""
+    _accounts(config_file, flags, users.remove, name)
+
+
+@user.command("list")
+@config_options
+def user_list(config_file, **flags) -> None:
+    """Users, roles and how many tokens each has."""
+    for name, role, tokens in _accounts(config_file, flags, users.listing, write=False):
+        click.echo(f"{name}  {role}  {tokens} token(s)")
 
 
 @main.command("audit")

@@ -289,6 +289,13 @@ class Archive:
         index.apply_row(row, self._sql, db)
         audit.append(db, event)
 
+    def accounts(self, fn: Callable, *args, write: bool = False):
+        """Run a storage.users function on the index (writes go through the index writer)."""
+        if write:
+            return self._write(fn, *args)
+        with db.connection_context():
+            return fn(*args)
+
     def audit(self, event: audit.Event) -> None:
         """Append an audit event; returns at once (the writer commits it with its next batch,
         failures are logged): queries and retrievals do not wait for a disk flush."""

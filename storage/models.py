@@ -108,9 +108,35 @@ class AuditEvent(BaseModel):
     hash = TextField()
 
 
+# Web users (storage.users): a role and a salted password hash (werkzeug's scrypt).
+class User(BaseModel):
+    name = TextField(unique=True)
+    role = TextField()  # viewer, uploader or admin
+    password_hash = TextField()
+    created_at = TextField()
+
+
+# Bearer tokens for scripts: only the SHA-256 of each (tokens are random, 256 bits).
+class ApiToken(BaseModel):
+    user = ForeignKeyField(User, backref="tokens", on_delete="CASCADE", lazy_load=False)
+    token_hash = TextField(unique=True)
+    expires_at = TextField(default="")  # UTC ISO 8601; empty: never
+    created_at = TextField()
+
+
 # One row: the schema version this index is at (storage.schema migrates older ones).
 class SchemaVersion(BaseModel):
     version = IntegerField()
 
 
-MODELS = (Patient, Study, StudyModality, Series, Instance, AuditEvent, SchemaVersion)
+MODELS = (
+    Patient,
+    Study,
+    StudyModality,
+    Series,
+    Instance,
+    AuditEvent,
+    User,
+    ApiToken,
+    SchemaVersion,
+)

@@ -5,6 +5,7 @@ from typing import Any
 
 from flask import Flask
 from flask import Response
+from flask import g
 from flask import jsonify
 from flask import request
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -18,6 +19,7 @@ EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Encod
 
 def create_app(config: Any, archive: Archive) -> Flask:
     """Build the app around one long-lived archive (kept in `app.extensions`)."""
+    from viewer import auth
     from viewer import dicomweb
     from viewer import render
     from viewer import ui
@@ -29,6 +31,15 @@ def create_app(config: Any, archive: Archive) -> Flask:
         "archive": archive,
         "frames": render.FrameCache(config.render_cache_mb << 20),
     }
+    app.secret_key = auth.session_key(archive.root)
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=config.public_url.startswith("https:"),
+        SESSION_COOKIE_NAME="minipacs_session",
+    )
+    app.before_request(auth.check)
+    app.register_blueprint(auth.bp)
     app.register_blueprint(wado_uri.bp)
     app.register_blueprint(dicomweb.bp)
     app.register_blueprint(ui.bp)
@@ -37,6 +48,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     if config.cors_origins:
         app.after_request(lambda response: _cors(response, config.cors_origins))
     app.after_request(lambda response: _audit(response, archive))
+    app.after_request(_security_headers)
 
     @app.get("/healthz")
     def healthz():
@@ -73,6 +85,7 @@ def _audit(response: Response, archive: Archive) -> Response:
         audit.Event(
             kind,
             "success" if status < 400 else f"failure: HTTP {status}",
+            who=g.get("user", ""),
             address=request.remote_addr or "",
             study_uid=uids.get("study") or request.values.get("studyUID", ""),
             detail={
@@ -81,6 +94,18 @@ def _audit(response: Response, archive: Archive) -> Response:
                 "query": request.query_string.decode("latin-1"),
             },
         )
+    )
+    return response
+
+
+def _security_headers(response: Response) -> Response:
+    """On every response: no MIME sniffing, no framing by other sites, no URL (which holds
+    UIDs) in Referer headers to other origins."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; style-src 'self'; frame-ancestors 'none'; form-action 'self'",
     )
     return response
 
