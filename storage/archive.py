@@ -594,6 +594,16 @@ class Archive:
         with db.connection_context():
             yield from query.instance_json(level, keys)
 
+    def contains(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> bool:
+        """Whether the study (and the series in it, and the instance in that) is stored."""
+        with db.connection_context():
+            query = Study.select(Study.id).where(Study.study_uid == study_uid)
+            if series_uid:
+                query = query.join(Series).where(Series.series_uid == series_uid)
+            if sop_uid:
+                query = query.join(Instance).where(Instance.sop_uid == sop_uid)
+            return query.exists()
+
     def instance_file(self, sop_uid: str, study_uid: str = "", series_uid: str = "") -> Path | None:
         """The stored file of an instance, or None; given study/series UIDs must match."""
         with db.connection_context():
