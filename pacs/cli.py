@@ -2,6 +2,7 @@
 
 import csv
 import enum
+import getpass
 import json
 import logging
 import os
@@ -20,6 +21,8 @@ from pacs.server import StartupError
 from pacs.server import serve as run_server
 from storage import Archive
 from storage import Outcome
+from storage import audit
+from storage import users
 from storage.errors import NotDicom
 from storage.errors import StorageError
 
@@ -168,11 +171,130 @@ def stats(config_file: Path | None, as_json: bool, **flags) -> None:
 def protect(config_file: Path | None, release: bool, study_uids: tuple[str, ...], **flags) -> None:
     """Protect studies from retention (quota_mb / quota_instances); exit 1 if one is unknown."""
     archive = _open(config_file, **flags)
-    unknown = [uid for uid in study_uids if not archive.set_protected(uid, not release)]
+    who = f"{getpass.getuser()} (minipacs protect)"
+    unknown = [uid for uid in study_uids if not archive.set_protected(uid, not release, who)]
     archive.close()
     _report({"protected" if not release else "released": len(study_uids) - len(unknown)},
             [(uid, "no such study") for uid in unknown], False)  # fmt: skip
     sys.exit(1 if unknown else 0)
+
+
+@main.command()
+@config_options
+@click.option("--patient", "level_uid", flag_value="PATIENT", help="UID is a Patient ID.")
+@click.option("--study", "level_uid", flag_value="STUDY", help="UID is a Study Instance UID.")
+@click.option("--series", "level_uid", flag_value="SERIES", help="UID is a Series Instance UID.")
+@click.option("--instance", "level_uid", flag_value="IMAGE", help="UID is a SOP Instance UID.")
+@click.argument("uids", nargs=-1, required=True)
+def delete(config_file: Path | None, level_uid: str | None, uids: tuple[str, ...], **flags):
+    """Delete patients, studies, series or instances: files and index rows, audited."""
+    if level_uid is None:
+        raise UsageFailure("say what the UIDs are: --patient, --study, --series or --instance")
+    archive = _open(config_file, **flags)
+    who = f"{getpass.getuser()} (minipacs delete)"
+    try:
+        removed = {uid: archive.delete(level_uid, uid, who) for uid in uids}
+    finally:
+        archive.close()
+    missing = [(uid, "nothing stored under it") for uid, count in removed.items() if not count]
+    _report({"instances deleted": sum(removed.values())}, missing, False)
+    sys.exit(1 if missing else 0)
+
+
+@main.group()
+def user() -> None:
+    """Web users: add, passwd, token, remove, list (roles: viewer, uploader, admin)."""
+
+
+def _password(from_stdin: bool) -> str:
+    if from_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True)
+
+
+def _accounts(config_file, flags, fn, *args, write: bool = True):
+    archive = _open(config_file, **flags)
+    try:
+        return archive.accounts(fn, *args, write=write)
+    except users.UserError as exc:
+        raise UsageFailure(str(exc)) from None
+    finally:
+        archive.close()
+
+
+@user.command("add")
+@config_options
+@click.argument("name")
+@click.option("--role", type=click.Choice(users.ROLES), default="viewer", show_default=True)
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+def user_add(config_file, name: str, role: str, password_stdin: bool, **flags) -> None:
+    """Add a user (asks for the password)."""
+    _accounts(config_file, flags, users.add, name, role, _password(password_stdin))
+    click.echo(f"user {name} added ({role})", err=True)
+
+
+@user.command("passwd")
+@config_options
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+def user_passwd(config_file, name: str, password_stdin: bool, **flags) -> None:
+    """Set a user's password."""
+    _accounts(config_file, flags, users.set_password, name, _password(password_stdin))
+
+
+@user.command("token")
+@config_options
+@click.argument("name")
+@click.option("--days", type=int, default=0, help="Expire after this many days (0: never).")
+def user_token(config_file, name: str, days: int, **flags) -> None:
+    """Issue a bearer token for scripts; printed once, kept only as its hash."""
+    click.echo(_accounts(config_file, flags, users.issue_token, name, days))
+
+
+@user.command("remove")
+@config_options
+@click.argument("name")
+def user_remove(config_file, name: str, **flags) -> None:
+    """Remove a user and every token of theirs."""
+    _accounts(config_file, flags, users.remove, name)
+
+
+@user.command("list")
+@config_options
+def user_list(config_file, **flags) -> None:
+    """Users, roles and how many tokens each has."""
+    for name, role, tokens in _accounts(config_file, flags, users.listing, write=False):
+        click.echo(f"{name}  {role}  {tokens} token(s)")
+
+
+@main.command("audit")
+@config_options
+@click.option("--patient", "patient_id", help="Only events about this Patient ID.")
+@click.option("--study", "study_uid", help="Only events about this Study Instance UID.")
+@click.option("--who", help="Only events by this user or calling AE title.")
+@click.option("--event", type=click.Choice(audit.EVENTS), help="Only this kind of event.")
+@click.option("--since", help="From this time on (ISO 8601, UTC, e.g. 2026-11-26T08).")
+@click.option("--until", help="Up to this time (ISO 8601 prefix, inclusive).")
+@click.option("--verify", is_flag=True, help="Check the hash chain; exit 1 if it is broken.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_trail(config_file, verify: bool, as_json: bool, **flags) -> None:
+    """The audit trail: who stored, queried, retrieved, viewed or deleted what, and when."""
+    filters = {
+        k: flags.pop(k) for k in ("patient_id", "study_uid", "who", "event", "since", "until")
+    }
+    archive = _open(config_file, **flags)
+    try:
+        if verify:
+            problems = archive.verify_audit()
+            _report({"problems": len(problems)}, [("audit trail", p) for p in problems], as_json)
+            sys.exit(1 if problems else 0)
+        for row in archive.audit_events(**filters):
+            if as_json:
+                click.echo(json.dumps({k: v for k, v in row.items() if "hash" not in k}))
+            else:
+                click.echo("  ".join(str(row[k]) for k in audit.FIELDS if row[k]))
+    finally:
+        archive.close()
 
 
 @main.command("migrate-index")

@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+SERVICES = ("echo", "store", "find", "move", "get")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, 16 chars
 
 
@@ -21,11 +23,13 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Peer:
-    """A known remote AE (C-MOVE destinations and, later, access rules)."""
+    """A known remote AE: a C-MOVE destination, and what it may do (pacs.policy)."""
 
     aet: str
     host: str
     port: int
+    allow: frozenset[str] = frozenset(SERVICES)
+    check_host: bool = False  # associations from this AE must come from `host`
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,18 @@ class Config:
     port: int = field(default=11112, metadata={"help": "DICOM port (0 picks a free one)."})
     http_port: int = field(default=8080, metadata={"help": "HTTP port (0 picks a free one)."})
     peer: tuple[Peer, ...] = field(
-        default=(), metadata={"help": "Known remote AEs, AET=HOST:PORT (repeatable)."}
+        default=(),
+        metadata={
+            "help": "Known remote AEs, AET=HOST:PORT[?allow=echo+store+find+move+get"
+            "&check_host=yes] (repeatable; all services unless `allow` narrows them)."
+        },
+    )
+    unknown_aet: str = field(
+        default="",
+        metadata={
+            "help": "Services for calling AEs not in `peer` (echo+store+find+move+get, or "
+            "none); empty: all on 127.0.0.1, echo+store when listening beyond it."
+        },
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR."})
     fsync: bool = field(
@@ -152,6 +167,14 @@ class Config:
         metadata={"help": "Largest STOW-RS request body (MiB); bigger ones answer 413."},
     )
 
+    def unknown_aet_services(self) -> frozenset[str]:
+        """What calling AEs we do not know may do."""
+        if self.unknown_aet:
+            return _services(self.unknown_aet, "unknown_aet")
+        if self.host in LOOPBACK:
+            return frozenset(SERVICES)
+        return frozenset({"echo", "store"})
+
 
 def settings() -> list[str]:
     """Names of every setting (TOML key; MINIPACS_<NAME> in the environment)."""
@@ -159,12 +182,35 @@ def settings() -> list[str]:
 
 
 def parse_peer(text: str) -> Peer:
-    """Parse `AET=HOST:PORT`."""
+    """Parse `AET=HOST:PORT[?allow=SERVICE+SERVICE&check_host=yes]`."""
+    text, _, options = text.partition("?")
     aet, sep, address = text.partition("=")
     host, colon, port = address.rpartition(":")
     if not sep or not colon or not host:
         raise ConfigError(f"peer {text!r} is not AET=HOST:PORT")
-    return Peer(_aet(aet.strip(), "peer AE title"), host.strip(), _port(port, f"peer {aet} port"))
+    peer = Peer(_aet(aet.strip(), "peer AE title"), host.strip(), _port(port, f"peer {aet} port"))
+    for option in filter(None, options.split("&")):
+        name, _, value = option.partition("=")
+        if name == "allow":
+            peer = replace(peer, allow=_services(value, f"peer {aet} allow"))
+        elif name == "check_host":
+            peer = replace(peer, check_host=_bool(value, f"peer {aet} check_host"))
+        else:
+            raise ConfigError(f"peer {aet}: unknown option {name!r} (allow, check_host)")
+    return peer
+
+
+def _services(text: str, name: str) -> frozenset[str]:
+    names = frozenset(filter(None, text.replace(" ", "+").split("+")))
+    if names == {"none"}:
+        return frozenset()
+    unknown = names - set(SERVICES)
+    if unknown:
+        raise ConfigError(
+            f"{name}: unknown service(s) {', '.join(sorted(unknown))}; "
+            f"use {'+'.join(SERVICES)} or none"
+        )
+    return names
 
 
 def load(config_file: Path | None, env: dict[str, str], flags: dict[str, Any]) -> Config:
@@ -216,6 +262,8 @@ def _convert(name: str, value: Any) -> Any:
     if name == "cors_origins":
         items = value.split(",") if isinstance(value, str) else value
         return tuple(str(o).strip().rstrip("/") for o in items if str(o).strip())
+    if name == "unknown_aet":
+        return "+".join(sorted(_services(str(value), name))) or "none" if str(value) else ""
     if name == "index":
         text = str(value).strip()
         if text and not text.startswith(("postgresql://", "postgres://")):

@@ -4,6 +4,7 @@ Statuses a handler can send, and why, are listed in its docstring (PS3.4 Annex B
 C-STORE, PS3.7 Annex C for the general ones).
 """
 
+import contextlib
 import itertools
 import logging
 import socket
@@ -26,10 +27,12 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
+from pacs import policy
 from pacs import spool
 from pacs import transport
 from pacs.config import Config
 from storage import Archive
+from storage import audit
 from storage import query
 from storage.dataset import dataset_bytes
 from storage.dicomjson import json_to_bytes
@@ -48,6 +51,7 @@ OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: Out of Resources (disk full)
 DATASET_MISMATCH = 0xA900  # PS3.4 B.2.3 Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3 Error: Cannot understand (does not parse, bad UID)
 PROCESSING_FAILURE = 0x0110  # PS3.7 C.1: anything else the archive could not do
+NOT_AUTHORIZED = 0x0124  # PS3.7 C.1: Refused: Not authorized (policy)
 
 STATUS_FOR = {
     OutOfResources: OUT_OF_RESOURCES,
@@ -74,6 +78,10 @@ def handle_store(event: Event, archive: Archive) -> int | Dataset:
     request = event.request
     path = Path(event.dataset_path)
     received = spool.take(path)
+    if not policy.permitted(event, "store"):  # here only on contexts kept for C-GET
+        path.unlink(missing_ok=True)
+        _audit(archive, event, "rejected", "failure: store not permitted")
+        return _failure(NOT_AUTHORIZED, f"{event.assoc.requestor.ae_title} may not store")
     try:
         if received is not None and received.error is not None:
             raise OutOfResources(f"cannot receive the dataset: {received.error.strerror}")
@@ -87,9 +95,11 @@ def handle_store(event: Event, archive: Archive) -> int | Dataset:
             sop_class_uid=request.AffectedSOPClassUID,
             sop_uid=request.AffectedSOPInstanceUID,
             calling_aet=event.assoc.requestor.ae_title,
+            address=event.assoc.requestor.address,
         )
     except StorageError as exc:
         status = STATUS_FOR.get(type(exc), PROCESSING_FAILURE)
+        _audit(archive, event, "store", f"failure: {exc}", sop=request.AffectedSOPInstanceUID)
         log.warning(
             "C-STORE %s from %s refused (0x%04X): %s",
             request.AffectedSOPInstanceUID,
@@ -124,6 +134,7 @@ def _failure(status: int, comment: str) -> Dataset:
 
 def build_handlers(archive: Archive, config: Config) -> list:
     return [
+        (evt.EVT_REQUESTED, policy.handle_requested, [config, archive]),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [archive]),
         (evt.EVT_C_FIND, handle_find, [archive, config]),
@@ -173,12 +184,14 @@ def handle_find(event: Event, archive: Archive, config: Config):
         first = next(answers, None)
     except query.QueryError as exc:
         log.warning("C-FIND from %s refused: %s", event.assoc.requestor.ae_title, exc)
+        _audit(archive, event, "query", f"failure: {exc}")
         yield _failure(IDENTIFIER_MISMATCH, str(exc)), None
         return
     except Exception as exc:  # a value pydicom cannot decode
         log.warning(
             "C-FIND from %s: identifier not understood: %s", event.assoc.requestor.ae_title, exc
         )
+        _audit(archive, event, "query", f"failure: identifier not understood: {exc}")
         yield _failure(UNABLE_TO_PROCESS, f"identifier not understood: {exc}"), None
         return
     implicit = event.context.transfer_syntax[0] == ImplicitVRLittleEndian  # else explicit LE
@@ -203,6 +216,7 @@ def handle_find(event: Event, archive: Archive, config: Config):
         pending.send(json_to_bytes(answer, implicit))
     pending.flush()
     log.info("C-FIND %s level from %s: %d answer(s)", level, event.assoc.requestor.ae_title, count)
+    _audit(archive, event, "query", answers=count)
 
 
 def handle_get(event: Event, archive: Archive, config: Config):
@@ -219,7 +233,10 @@ def handle_get(event: Event, archive: Archive, config: Config):
         yield _failure(IDENTIFIER_MISMATCH, "bad Query/Retrieve Level or identifier"), None
         return
     yield len(instances)
-    yield from _sub_operations(event, instances, lambda: event.assoc.accepted_contexts)
+    try:
+        yield from _sub_operations(event, instances, lambda: event.assoc.accepted_contexts)
+    finally:
+        _audit(archive, event, "retrieve", instances=len(instances), by="C-GET")
 
 
 def handle_move(event: Event, archive: Archive, config: Config):
@@ -257,9 +274,12 @@ def handle_move(event: Event, archive: Archive, config: Config):
     }
     yield peer.host, peer.port, kwargs
     yield len(instances)
-    yield from _sub_operations(
-        event, instances, lambda: established[0].accepted_contexts if established else []
-    )
+    try:
+        yield from _sub_operations(
+            event, instances, lambda: established[0].accepted_contexts if established else []
+        )
+    finally:
+        _audit(archive, event, "retrieve", instances=len(instances), to=peer.aet, by="C-MOVE")
 
 
 def handle_sop_extended(event: Event) -> dict[str, bytes]:
@@ -297,6 +317,35 @@ def _options(config: Config, event: Event | None = None) -> query.Options:
         retrieve_aet=config.aet,
         combined_datetime=info[1:2] == b"\x01",
     )
+
+
+def _audit(archive: Archive, event: Event, kind: str, outcome: str = "success", **detail) -> None:
+    """One audit event for a DIMSE request: the calling AE and address, and the identifier's
+    non-empty keys (an exact Patient ID and Study Instance UID also in their own columns)."""
+    keys: dict[str, str] = {}
+    with contextlib.suppress(Exception):  # an identifier that does not decode has no keys
+        keys = {
+            elem.keyword or str(elem.tag): str(elem.value)
+            for elem in event.identifier
+            if elem.VR != "SQ" and elem.value not in (None, "") and elem.tag != 0x00080005
+        }
+    requestor = event.assoc.requestor
+    archive.audit(
+        audit.Event(
+            kind,
+            outcome,
+            who=requestor.ae_title,
+            address=requestor.address,
+            patient_id=_exact(keys.get("PatientID", "")),
+            study_uid=_exact(keys.get("StudyInstanceUID", "")),
+            detail={**({"keys": keys} if keys else {}), **detail},
+        )
+    )
+
+
+def _exact(value: str) -> str:
+    """A single exact matching value, or '' for a wildcard, range or list."""
+    return "" if any(c in value for c in "*?\\") else value
 
 
 def _locate(event: Event, archive: Archive) -> list[dict] | None:

@@ -16,9 +16,11 @@ import time
 
 import waitress
 
+from pacs.config import LOOPBACK
 from pacs.config import Config
 from pacs.scp import start_scp
 from storage import Archive
+from storage import users
 from storage.engine import describe
 from viewer import create_app
 
@@ -34,6 +36,12 @@ def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM, then stop both servers cleanly."""
     stop = _stop_on_signals()
     archive = _open_archive(config, repair=True)
+    if config.host not in LOOPBACK and not archive.accounts(users.count):
+        archive.close()
+        raise StartupError(
+            f"refusing to listen on {config.host} with no user: anyone who can reach it would "
+            "see patient data. Add one first: minipacs user add NAME --role admin"
+        )
     scp = http = None
     workers: list[multiprocessing.Process] = []
     port_holder: socket.socket | None = None

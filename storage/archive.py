@@ -33,6 +33,7 @@ from pathlib import Path
 from peewee import OperationalError
 from peewee import fn
 
+from storage import audit
 from storage import index
 from storage import query
 from storage import schema
@@ -53,6 +54,7 @@ from storage.files import instance_path
 from storage.files import make_dirs
 from storage.files import reraise_full
 from storage.models import MODELS
+from storage.models import AuditEvent
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import Series
@@ -61,7 +63,7 @@ from storage.models import db
 
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep", "replace", "reject")
-TRASH = ".trash"  # folders of studies being deleted: <StudyInstanceUID>.<random>
+TRASH = ".trash"  # what is being deleted: <LEVEL>.<UID>.<random>, a folder or a file
 SHARED_TEMPORARY_AGE = 3600  # s: younger temporaries may be another node's, in flight
 
 
@@ -213,12 +215,15 @@ class Archive:
         sop_uid: str | None = None,
         study_uid: str | None = None,
         calling_aet: str = "",
+        who: str = "",
+        address: str = "",
     ) -> Stored:
         """Store the Part 10 file at `tmp` (consumed) and index it; return once durable.
 
         `sop_class_uid`/`sop_uid` are what the request announced (C-STORE), `study_uid` the
         study a STOW-RS request was addressed to; `digest` is
-        (size, SHA-256) when the caller hashed the bytes while receiving them.
+        (size, SHA-256) when the caller hashed the bytes while receiving them. `who` (user,
+        else the calling AE) and `address` go into the audit event, committed with the row.
         """
         # The file's fsync (disk time, GIL released) overlaps the parsing (CPU time).
         synced = self._pool.submit(fsync_path, tmp) if self.fsync else None
@@ -253,8 +258,16 @@ class Archive:
                     parsed.series_uid,
                 )
             row = index.Row(parsed, rel, size, sha, calling_aet, outcome is Outcome.REPLACED)
+            event = audit.Event(
+                "store",
+                who=who or calling_aet,
+                address=address,
+                patient_id=parsed.patient["patient_id"],
+                study_uid=parsed.study_uid,
+                detail={"series": parsed.series_uid, "sop": parsed.sop_uid, "as": outcome.value},
+            )
             try:
-                self._write(index.apply_row, row, self._sql, db)
+                self._write(self._index_row, row, event)
             except StorageError:
                 if outcome is Outcome.STORED:  # no row: take the file back out
                     (self.root / rel).unlink(missing_ok=True)
@@ -271,6 +284,42 @@ class Archive:
             if synced is not None:
                 synced.exception()  # never unlink under a running fsync
             tmp.unlink(missing_ok=True)
+
+    def _index_row(self, row: index.Row, event: audit.Event) -> None:
+        index.apply_row(row, self._sql, db)
+        audit.append(db, event)
+
+    def accounts(self, fn: Callable, *args, write: bool = False):
+        """Run a storage.users function on the index (writes go through the index writer)."""
+        if write:
+            return self._write(fn, *args)
+        with db.connection_context():
+            return fn(*args)
+
+    def audit(self, event: audit.Event) -> None:
+        """Append an audit event; returns at once (the writer commits it with its next batch,
+        failures are logged): queries and retrievals do not wait for a disk flush."""
+        assert self._writer is not None, "archive is not open"
+        self._writer.submit(audit.append, db, event)
+
+    def audit_events(self, **filters: str) -> Iterator[dict]:
+        """The audit trail in order, filtered by exact event/who/patient_id/study_uid and
+        `since`/`until` (ISO 8601 prefixes of `at`)."""
+        with db.connection_context():
+            query = AuditEvent.select().order_by(AuditEvent.id)
+            for name in ("event", "who", "patient_id", "study_uid"):
+                if filters.get(name):
+                    query = query.where(getattr(AuditEvent, name) == filters[name])
+            if filters.get("since"):
+                query = query.where(AuditEvent.at >= filters["since"])
+            if filters.get("until"):
+                query = query.where(AuditEvent.at < filters["until"] + "~")  # prefix-inclusive
+            yield from query.dicts().iterator()
+
+    def verify_audit(self) -> list[str]:
+        """Breaks in the audit trail's hash chain (an edited, inserted or removed event)."""
+        with db.connection_context():
+            return audit.verify(AuditEvent.select().order_by(AuditEvent.id).iterator())
 
     def _parse(self, tmp: Path) -> ParsedInstance:
         if not self.parse_processes:
@@ -308,7 +357,9 @@ class Archive:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             reraise_full(exc)
-        return self.ingest(tmp, digest=(size, digest.hexdigest()), calling_aet=calling_aet)
+        return self.ingest(
+            tmp, digest=(size, digest.hexdigest()), calling_aet=calling_aet, who="import"
+        )
 
     def _place(self, tmp: Path, rel: str, sha: str) -> Outcome:
         """Put the file in place, or decide what a file already there means."""
@@ -348,30 +399,77 @@ class Archive:
 
     # -- deletion and retention ------------------------------------------------------
 
-    def delete_study(self, study_uid: str) -> int:
-        """Remove a study's files and rows; returns the instances removed. Crash-safe: the
-        folder's rename into `.trash/` is the point of no return, and start-up finishes
+    def delete(self, level: str, uid: str, who: str = "", reason: str = "") -> int:
+        """Remove a patient (by Patient ID), study, series or instance (IMAGE): files and
+        rows together, audited; returns the instances removed. Crash-safe: the rename of
+        the folder or file into `.trash/` is the point of no return, and start-up finishes
         (rows, then files) whatever a crash interrupted."""
-        folder = self.root / study_uid
-        trash = self.root / TRASH / f"{study_uid}.{uuid.uuid4().hex}"
+        level = level.upper()
+        if level == "PATIENT":
+            with db.connection_context():
+                studies = [
+                    s.study_uid
+                    for s in Study.select(Study.study_uid)
+                    .join(Patient)
+                    .where(Patient.patient_id == uid)
+                ]
+            return sum(self.delete("STUDY", study, who, reason) for study in studies)
+        if level not in ("STUDY", "SERIES", "IMAGE"):
+            raise ValueError(f"cannot delete at level {level!r}")
+        target = self._path_of(level, uid)
+        trash = self.root / TRASH / f"{level}.{uid}.{uuid.uuid4().hex}"
         try:
+            if target is None:
+                raise FileNotFoundError(uid)
             trash.parent.mkdir(exist_ok=True)
-            os.rename(folder, trash)
+            os.rename(target, trash)
             if self.fsync:
-                fsync_path(self.root)
+                fsync_path(target.parent)
         except FileNotFoundError:
             trash = None  # no files (or another node took them): the rows still go
-        removed = self._write(index.delete_study_rows, study_uid)
+        removed = self._write(self._delete_rows, level, uid, who, reason)
         if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+            shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
         return removed
 
-    def set_protected(self, study_uid: str, protected: bool) -> bool:
-        """Protect a study from retention (or release it); False when there is no such study."""
-        changed = self._write(
-            lambda: Study.update(protected=protected).where(Study.study_uid == study_uid).execute()
-        )
-        return bool(changed)
+    def _path_of(self, level: str, uid: str) -> Path | None:
+        if level == "STUDY":
+            return self.root / uid
+        with db.connection_context():
+            if level == "SERIES":
+                study = (
+                    Study.select(Study.study_uid)
+                    .join(Series)
+                    .where(Series.series_uid == uid)
+                    .scalar()
+                )
+                return self.root / study / uid if study else None
+            path = Instance.select(Instance.path).where(Instance.sop_uid == uid).scalar()
+            return self.root / path if path else None
+
+    def _delete_rows(self, level: str, uid: str, who: str, reason: str) -> int:
+        removed, patient_id, study_uid = index.delete_rows(level, uid)
+        if study_uid:
+            detail = {"level": level, "uid": uid, "instances": removed, "reason": reason}
+            audit.append(
+                db,
+                audit.Event(
+                    "delete", who=who, patient_id=patient_id, study_uid=study_uid, detail=detail
+                ),
+            )
+        return removed
+
+    def set_protected(self, study_uid: str, protected: bool, who: str = "") -> bool:
+        """Protect a study from retention (or release it), audited; False when there is no
+        such study."""
+        return self._write(self._protect, study_uid, protected, who)
+
+    def _protect(self, study_uid: str, protected: bool, who: str) -> bool:
+        if not Study.update(protected=protected).where(Study.study_uid == study_uid).execute():
+            return False
+        event = audit.Event("protect", who=who, study_uid=study_uid, detail={"on": protected})
+        audit.append(db, event)
+        return True
 
     def enforce_quota(self, max_bytes: int, max_instances: int) -> list[tuple[str, int, int]]:
         """Remove the least recently updated unprotected studies until the archive is within
@@ -383,7 +481,7 @@ class Archive:
                 not max_instances or totals["instances"] <= max_instances
             ):
                 break
-            self.delete_study(study_uid)
+            self.delete("STUDY", study_uid, who="retention", reason="over quota")
             totals["bytes"] -= size
             totals["instances"] -= instances
             removed.append((study_uid, instances, size))
@@ -418,9 +516,11 @@ class Archive:
         report = ReconcileReport()
         # On a shared index other nodes may be receiving into the same folder right now.
         keep_after = time.time() - SHARED_TEMPORARY_AGE if not is_sqlite(db.obj) else None
-        for folder in _subdirs(self.root / TRASH) if (self.root / TRASH).is_dir() else []:
-            self._write(index.delete_study_rows, folder.name.rpartition(".")[0])  # UID.hex
-            shutil.rmtree(folder, ignore_errors=True)
+        for folder in (self.root / TRASH).iterdir() if (self.root / TRASH).is_dir() else []:
+            level, _, rest = folder.name.partition(".")  # LEVEL.UID.random
+            reason = "finishing an interrupted deletion"
+            self._write(self._delete_rows, level, rest.rpartition(".")[0], "start-up", reason)
+            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
             report.deletions_finished += 1
         for leftover in self.incoming.iterdir():
             with contextlib.suppress(FileNotFoundError):
@@ -493,6 +593,16 @@ class Archive:
         (storage.query.instance_json)."""
         with db.connection_context():
             yield from query.instance_json(level, keys)
+
+    def contains(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> bool:
+        """Whether the study (and the series in it, and the instance in that) is stored."""
+        with db.connection_context():
+            query = Study.select(Study.id).where(Study.study_uid == study_uid)
+            if series_uid:
+                query = query.join(Series).where(Series.series_uid == series_uid)
+            if sop_uid:
+                query = query.join(Instance).where(Instance.sop_uid == sop_uid)
+            return query.exists()
 
     def instance_file(self, sop_uid: str, study_uid: str = "", series_uid: str = "") -> Path | None:
         """The stored file of an instance, or None; given study/series UIDs must match."""

@@ -79,6 +79,11 @@ class IndexWriter:
             raise job.error
         return job.result
 
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run `fn(*args)` in the next batch without waiting; a failure is only logged."""
+        if self._thread.is_alive():
+            self._queue.put(_Job(lambda: fn(*args)))
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
@@ -302,21 +307,76 @@ def _add(values: str, value: str) -> str:
     return "\\".join(sorted(items))
 
 
-def delete_study_rows(study_uid: str) -> int:
-    """Remove a study's rows and take its counts off its patient (and the patient itself when
-    nothing is left); returns the number of instances removed."""
-    study = Study.get_or_none(Study.study_uid == study_uid)
+def delete_rows(level: str, uid: str) -> tuple[int, str, str]:
+    """Remove the rows of a study, series or instance (`level` STUDY, SERIES or IMAGE) and
+    recount what is above it; an emptied series, study or patient goes too. Returns
+    (instances removed, Patient ID, Study Instance UID); (0, '', '') when nothing matched."""
+    if level == "STUDY":
+        study = Study.get_or_none(Study.study_uid == uid)
+        series_ids = (
+            [s.id for s in Series.select(Series.id).where(Series.study == study)] if study else []
+        )
+    elif level == "SERIES":
+        series = Series.get_or_none(Series.series_uid == uid)
+        study, series_ids = (
+            (Study.get_by_id(series.study_id), [series.id]) if series else (None, [])
+        )
+    else:
+        instance = Instance.get_or_none(Instance.sop_uid == uid)
+        series = Series.get_by_id(instance.series_id) if instance else None
+        study, series_ids = (Study.get_by_id(series.study_id), []) if series else (None, [])
     if study is None:
-        return 0
-    series = Series.select(Series.id).where(Series.study == study.id)
-    removed = Instance.delete().where(Instance.series.in_(series)).execute()
-    Series.delete().where(Series.study == study.id).execute()
-    StudyModality.delete().where(StudyModality.study == study.id).execute()
-    Study.delete().where(Study.id == study.id).execute()
+        return 0, "", ""
+    if level == "IMAGE":
+        removed = Instance.delete().where(Instance.id == instance.id).execute()
+        series_ids = [series.id]
+    else:
+        removed = Instance.delete().where(Instance.series.in_(series_ids)).execute()
+    emptied = [
+        sid for sid in series_ids if not Instance.select().where(Instance.series == sid).exists()
+    ]
+    Series.delete().where(Series.id.in_(emptied)).execute()
+    patient = Patient.get_by_id(study.patient_id)
+    _recount_study(study)
+    _recount_patient(patient)
+    return removed, patient.patient_id, study.study_uid
+
+
+def _recount_study(study: Study) -> None:
+    """Counts and lists of a study from its remaining rows; the study goes when empty."""
+    series = list(Series.select().where(Series.study == study))
+    StudyModality.delete().where(StudyModality.study == study).execute()
+    if not series:
+        Study.delete().where(Study.id == study.id).execute()
+        return
+    for s in series:
+        s.num_instances = Instance.select().where(Instance.series == s).count()
+        s.save(only=[Series.num_instances])
+    modalities = sorted({s.modality for s in series if s.modality})
+    classes = (
+        Instance.select(Instance.sop_class_uid)
+        .distinct()
+        .where(Instance.series.in_([s.id for s in series]))
+    )
+    for modality in modalities:
+        StudyModality.insert(study=study, modality=modality).execute()
+    Study.update(
+        num_series=len(series),
+        num_instances=sum(s.num_instances for s in series),
+        modalities="\\".join(modalities),
+        sop_classes="\\".join(sorted(c.sop_class_uid for c in classes)),
+    ).where(Study.id == study.id).execute()
+
+
+def _recount_patient(patient: Patient) -> None:
+    studies = list(
+        Study.select(Study.num_series, Study.num_instances).where(Study.patient == patient)
+    )
+    if not studies:
+        Patient.delete().where(Patient.id == patient.id).execute()
+        return
     Patient.update(
-        num_studies=Patient.num_studies - 1,
-        num_series=Patient.num_series - study.num_series,
-        num_instances=Patient.num_instances - study.num_instances,
-    ).where(Patient.id == study.patient_id).execute()
-    Patient.delete().where((Patient.id == study.patient_id) & (Patient.num_studies <= 0)).execute()
-    return removed
+        num_studies=len(studies),
+        num_series=sum(s.num_series for s in studies),
+        num_instances=sum(s.num_instances for s in studies),
+    ).where(Patient.id == patient.id).execute()

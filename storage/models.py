@@ -92,9 +92,51 @@ class Instance(BaseModel):
     state = IntegerField(default=0)
 
 
+# Append-only, hash-chained: each row's `hash` covers its fields and the previous row's
+# hash (storage.audit). Who/what/when/outcome of PS3.15 A.5 audit messages; UIDs and
+# Patient ID, never names.
+class AuditEvent(BaseModel):
+    at = TextField(index=True)  # UTC, ISO 8601 with microseconds
+    event = TextField(index=True)  # store, query, retrieve, view, export, delete, login, …
+    outcome = TextField()  # "success" or what failed
+    who = TextField(default="", index=True)  # user, or calling AE title
+    address = TextField(default="")
+    patient_id = TextField(default="", index=True)
+    study_uid = TextField(default="", index=True)
+    detail = TextField(default="")  # JSON: series/instance UIDs, counts, query keys
+    prev_hash = TextField()
+    hash = TextField()
+
+
+# Web users (storage.users): a role and a salted password hash (werkzeug's scrypt).
+class User(BaseModel):
+    name = TextField(unique=True)
+    role = TextField()  # viewer, uploader or admin
+    password_hash = TextField()
+    created_at = TextField()
+
+
+# Bearer tokens for scripts: only the SHA-256 of each (tokens are random, 256 bits).
+class ApiToken(BaseModel):
+    user = ForeignKeyField(User, backref="tokens", on_delete="CASCADE", lazy_load=False)
+    token_hash = TextField(unique=True)
+    expires_at = TextField(default="")  # UTC ISO 8601; empty: never
+    created_at = TextField()
+
+
 # One row: the schema version this index is at (storage.schema migrates older ones).
 class SchemaVersion(BaseModel):
     version = IntegerField()
 
 
-MODELS = (Patient, Study, StudyModality, Series, Instance, SchemaVersion)
+MODELS = (
+    Patient,
+    Study,
+    StudyModality,
+    Series,
+    Instance,
+    AuditEvent,
+    User,
+    ApiToken,
+    SchemaVersion,
+)

@@ -12,12 +12,15 @@ from peewee import Database
 
 from storage.engine import is_sqlite
 from storage.models import MODELS
+from storage.models import ApiToken
+from storage.models import AuditEvent
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import SchemaVersion
 from storage.models import Series
 from storage.models import Study
 from storage.models import StudyModality
+from storage.models import User
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,17 @@ def _v2(database: Database) -> None:
     database.execute_sql("CREATE INDEX study_updated_at ON study (updated_at)")
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v2]  # MIGRATIONS[n] takes n+1 → n+2
+def _v3(database: Database) -> None:
+    """The audit trail (storage.audit)."""
+    database.create_tables([AuditEvent])
+
+
+def _v4(database: Database) -> None:
+    """Web users and their API tokens (storage.users)."""
+    database.create_tables([User, ApiToken])
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v2, _v3, _v4]  # MIGRATIONS[n] takes n+1 → n+2
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 
@@ -82,7 +95,7 @@ class _locked:
         self._tx.__exit__(*exc)
 
 
-COPY_ORDER = (Patient, Study, StudyModality, Series, Instance)  # parents before children
+COPY_ORDER = (Patient, Study, StudyModality, Series, Instance, AuditEvent, User, ApiToken)
 COPY_CHUNK = 2000
 
 

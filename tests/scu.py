@@ -8,11 +8,13 @@ from pynetdicom import _config
 from pynetdicom.sop_class import Verification
 
 
-def store_files(port: int, paths: list[Path], contexts: list[tuple[str, str]]) -> list[Dataset]:
+def store_files(
+    port: int, paths: list[Path], contexts: list[tuple[str, str]], calling_aet: str = "PYNETDICOM"
+) -> list[Dataset]:
     """C-STORE each path over one association (dataset bytes straight from the file);
     return the response of each (an empty Dataset when none came back)."""
     _config.STORE_SEND_CHUNKED_DATASET = True
-    ae = AE(ae_title="PYNETDICOM")
+    ae = AE(ae_title=calling_aet)
     for sop_class, syntax in contexts:
         ae.add_requested_context(sop_class, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")

@@ -1,5 +1,6 @@
 """Quota and retention: the least recently updated unprotected studies go first."""
 
+import json
 import os
 import time
 
@@ -41,8 +42,22 @@ def test_quota_removes_oldest_unprotected_studies(start_server, tmp_path):
     assert not (server.data / uid["B"]).exists() and not (server.data / uid["C"]).exists()
     assert list((server.data / ".trash").iterdir()) == []
     assert f"retention removed study {uid['B']} (10 instances" in server.log()
-    unknown = minipacs("protect", "--data", str(server.data), *index_args(server.index), "1.2.3",
-                       check=False)  # fmt: skip
+    audit = minipacs(
+        "audit",
+        "--data",
+        str(server.data),
+        *index_args(server.index),
+        "--event",
+        "delete",
+        "--json",
+    ).stdout
+    assert [(e["who"], e["study_uid"]) for e in map(json.loads, audit.splitlines())] == [
+        ("retention", uid["B"]),
+        ("retention", uid["C"]),
+    ]
+    unknown = minipacs(
+        "protect", "--data", str(server.data), *index_args(server.index), "1.2.3", check=False
+    )
     assert unknown.returncode == 1 and "1.2.3: no such study" in unknown.stdout
 
 
@@ -53,7 +68,7 @@ def test_deletion_interrupted_by_a_crash_is_finished_at_start_up(start_server, t
     server.kill()
     study = pydicom.dcmread(paths[0]).StudyInstanceUID
     (server.data / ".trash").mkdir()
-    os.rename(server.data / study, server.data / ".trash" / f"{study}.0123")  # then the crash
+    os.rename(server.data / study, server.data / ".trash" / f"STUDY.{study}.0123")  # crash
     server.start()
     assert "1 deletion(s) finished" in server.log()
     assert server.rows("SELECT count(*) FROM instance") == [(0,)]

@@ -5,11 +5,13 @@ from typing import Any
 
 from flask import Flask
 from flask import Response
+from flask import g
 from flask import jsonify
 from flask import request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from storage import Archive
+from storage import audit
 
 CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, Cache-Control"
 EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Encoding, ETag, Warning"
@@ -17,6 +19,7 @@ EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Encod
 
 def create_app(config: Any, archive: Archive) -> Flask:
     """Build the app around one long-lived archive (kept in `app.extensions`)."""
+    from viewer import auth
     from viewer import dicomweb
     from viewer import render
     from viewer import ui
@@ -28,6 +31,15 @@ def create_app(config: Any, archive: Archive) -> Flask:
         "archive": archive,
         "frames": render.FrameCache(config.render_cache_mb << 20),
     }
+    app.secret_key = auth.session_key(archive.root)
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=config.public_url.startswith("https:"),
+        SESSION_COOKIE_NAME="minipacs_session",
+    )
+    app.before_request(auth.check)
+    app.register_blueprint(auth.bp)
     app.register_blueprint(wado_uri.bp)
     app.register_blueprint(dicomweb.bp)
     app.register_blueprint(ui.bp)
@@ -35,6 +47,8 @@ def create_app(config: Any, archive: Archive) -> Flask:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
     if config.cors_origins:
         app.after_request(lambda response: _cors(response, config.cors_origins))
+    app.after_request(lambda response: _audit(response, archive))
+    app.after_request(_security_headers)
 
     @app.get("/healthz")
     def healthz():
@@ -42,6 +56,58 @@ def create_app(config: Any, archive: Archive) -> Flask:
         return jsonify(status="ok", aet=config.aet, dicom_port=config.port)
 
     return app
+
+
+AUDITED = {  # endpoint → audit event; STOW-RS instances are audited as they are stored
+    "dicomweb.search_studies": "query",
+    "dicomweb.search_series": "query",
+    "dicomweb.search_instances": "query",
+    "dicomweb.metadata": "retrieve",
+    "dicomweb.retrieve": "retrieve",
+    "dicomweb.frames": "retrieve",
+    "dicomweb.bulkdata": "retrieve",
+    "dicomweb.rendered": "retrieve",
+    "dicomweb.thumbnail": "retrieve",
+    "wado_uri.wado": "retrieve",
+    "ui.page": "view",
+}
+
+
+def _audit(response: Response, archive: Archive) -> Response:
+    """One audit event per request for patient data: what was asked (path, query), by whom
+    (the client's address), and the HTTP status."""
+    kind = AUDITED.get(request.endpoint or "")
+    if kind is None or request.method == "OPTIONS":
+        return response
+    uids = request.view_args or {}
+    status = response.status_code
+    archive.audit(
+        audit.Event(
+            kind,
+            "success" if status < 400 else f"failure: HTTP {status}",
+            who=g.get("user", ""),
+            address=request.remote_addr or "",
+            study_uid=uids.get("study") or request.values.get("studyUID", ""),
+            detail={
+                "method": request.method,
+                "path": request.path,
+                "query": request.query_string.decode("latin-1"),
+            },
+        )
+    )
+    return response
+
+
+def _security_headers(response: Response) -> Response:
+    """On every response: no MIME sniffing, no framing by other sites, no URL (which holds
+    UIDs) in Referer headers to other origins."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault(
+        "Content-Security-Policy",
+        "default-src 'self'; style-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    )
+    return response
 
 
 def _cors(response: Response, origins: tuple[str, ...]) -> Response:
@@ -55,7 +121,7 @@ def _cors(response: Response, origins: tuple[str, ...]) -> Response:
     response.headers.add("Vary", "Origin")
     response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
     if request.method == "OPTIONS":
-        response.headers["Access-Control-Allow-Methods"] = "GET, POST, OPTIONS"
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
         response.headers["Access-Control-Allow-Headers"] = CORS_HEADERS
         response.headers["Access-Control-Max-Age"] = "600"
     return response

@@ -16,6 +16,7 @@ from pathlib import Path
 from flask import Blueprint
 from flask import Response
 from flask import current_app
+from flask import g
 from flask import request
 from flask import stream_with_context
 from pydicom import dcmread
@@ -637,3 +638,22 @@ def store(study: str | None = None) -> Response:
     response = _json_response(body)
     response.status_code = status
     return response
+
+
+# -- DELETE (admins: viewer.auth) --------------------------------------------------------
+
+
+@bp.delete("/studies/<study>")
+@bp.delete("/studies/<study>/series/<series>")
+@bp.delete("/studies/<study>/series/<series>/instances/<sop>")
+def remove(study: str, series: str | None = None, sop: str | None = None) -> Response:
+    """Delete a study, series or instance: files and rows, audited; 204, or 404."""
+    for value, name in ((study, "study UID"), (series, "series UID"), (sop, "instance UID")):
+        if value is not None:
+            _uid(value, name)
+    archive = _archive()
+    if not archive.contains(study, series or "", sop or ""):
+        raise WebError(404, "no such study, series or instance")
+    level, uid = ("IMAGE", sop) if sop else ("SERIES", series) if series else ("STUDY", study)
+    archive.delete(level, uid, who=g.get("user", "") or request.remote_addr or "")
+    return Response(status=204)

@@ -20,6 +20,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from storage import Archive
+from storage import audit
 from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
@@ -114,10 +115,11 @@ def _ingest(
     archive: Archive, tmp: Path, size: int, sha: str, head: bytes, study_uid, calling: str
 ) -> Outcome:
     try:
-        stored = archive.ingest(tmp, digest=(size, sha), study_uid=study_uid)
+        stored = archive.ingest(tmp, digest=(size, sha), study_uid=study_uid, address=calling)
     except StorageError as exc:
         code = _failure_code(exc)
         sop_class, sop, study = _names(head)
+        archive.audit(audit.Event("store", f"failure: {exc}", address=calling, detail={"sop": sop}))
         log.warning("STOW-RS from %s: %s failed (0x%04X): %s", calling, sop or "?", code, exc)
         return Outcome(sop_class, sop, study, failure=code, reason=str(exc))
     log.info("STOW-RS from %s: %s %s", calling, stored.sop_uid, stored.outcome.value)

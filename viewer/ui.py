@@ -20,7 +20,8 @@ def page(rest: str = "") -> Response:
     response = bp.send_static_file("index.html")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["Content-Security-Policy"] = (
-        "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'"
+        "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+        "frame-ancestors 'none'; form-action 'self'"
     )
     return response
 

@@ -13,6 +13,11 @@ export class RequestError extends Error {
 
 async function check(response) {
   if (response.ok) return response;
+  if (response.status === 401) {
+    // the session ended (or never began): log in, then come back here
+    const here = `${location.pathname}${location.search}`;
+    location.assign(`/login?next=${encodeURIComponent(here)}`);
+  }
   let reason = response.statusText;
   try {
     reason = (await response.json()).error || reason;

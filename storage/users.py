@@ -1,0 +1,117 @@
+"""Web users, roles and API tokens. Passwords are kept as werkzeug's salted scrypt hashes,
+tokens as their SHA-256 (they are 256 random bits: no salt needed); neither is ever
+stored or logged in the clear."""
+
+import hashlib
+import secrets
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
+
+from werkzeug.security import check_password_hash
+from werkzeug.security import generate_password_hash
+
+from storage.models import ApiToken
+from storage.models import User
+
+ROLES = ("viewer", "uploader", "admin")  # each may do what the ones before it may
+MIN_PASSWORD = 10
+# Compared against when the user does not exist, so that both cases cost the same time.
+_DUMMY_HASH = generate_password_hash("not a password of anyone")
+
+
+class UserError(ValueError):
+    """A user operation that cannot be done; the message says why."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def add(name: str, role: str, password: str) -> None:
+    _check(role, password)
+    if User.select().where(User.name == name).exists():
+        raise UserError(f"user {name!r} exists")
+    User.create(
+        name=name, role=role, password_hash=generate_password_hash(password), created_at=_now()
+    )
+
+
+def set_password(name: str, password: str) -> None:
+    _check(ROLES[0], password)
+    if (
+        not User.update(password_hash=generate_password_hash(password))
+        .where(User.name == name)
+        .execute()
+    ):
+        raise UserError(f"no user {name!r}")
+
+
+def remove(name: str) -> None:
+    user = User.get_or_none(User.name == name)
+    if user is None:
+        raise UserError(f"no user {name!r}")
+    ApiToken.delete().where(ApiToken.user == user).execute()
+    user.delete_instance()
+
+
+def issue_token(name: str, days: int = 0) -> str:
+    """A new bearer token for `name` (shown once); `days` > 0: it expires then."""
+    user = User.get_or_none(User.name == name)
+    if user is None:
+        raise UserError(f"no user {name!r}")
+    token = secrets.token_urlsafe(32)
+    expires = ""
+    if days > 0:
+        expires = (datetime.now(UTC) + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ApiToken.create(user=user, token_hash=_digest(token), expires_at=expires, created_at=_now())
+    return token
+
+
+def listing() -> list[tuple[str, str, int]]:
+    """(name, role, tokens) of every user."""
+    return [
+        (u.name, u.role, ApiToken.select().where(ApiToken.user == u).count())
+        for u in User.select().order_by(User.name)
+    ]
+
+
+def count() -> int:
+    return User.select().count()
+
+
+def by_password(name: str, password: str) -> tuple[str, str] | None:
+    """(name, role) when the password is right."""
+    user = User.get_or_none(User.name == name)
+    if not check_password_hash(user.password_hash if user else _DUMMY_HASH, password):
+        return None
+    return (user.name, user.role) if user else None
+
+
+def by_token(token: str) -> tuple[str, str] | None:
+    """(name, role) of a valid, unexpired token's user."""
+    row = (
+        ApiToken.select(ApiToken.expires_at, User.name, User.role)
+        .join(User)
+        .where(ApiToken.token_hash == _digest(token))
+        .tuples()
+        .first()
+    )
+    if row is None or (row[0] and row[0] <= _now()):
+        return None
+    return row[1], row[2]
+
+
+def name_exists(name: str) -> bool:
+    return User.select().where(User.name == name).exists()
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _check(role: str, password: str) -> None:
+    if role not in ROLES:
+        raise UserError(f"role must be one of {', '.join(ROLES)}")
+    if len(password) < MIN_PASSWORD:
+        raise UserError(f"passwords need at least {MIN_PASSWORD} characters")

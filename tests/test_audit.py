@@ -1,0 +1,107 @@
+"""The audit trail: every store, query and retrieve (DICOM and web) leaves one event,
+hash-chained, readable and verifiable with `minipacs audit`."""
+
+import json
+import time
+import urllib.request
+
+import pydicom
+import pytest
+from conftest import index_args
+from conftest import minipacs
+from conftest import run
+from conftest import storescu
+from make_study import make_study
+
+from pacs import scu
+
+pytestmark = pytest.mark.usefixtures("engine")
+
+
+def audit(server, *args: str, check: bool = True):
+    return minipacs(
+        "audit", "--data", str(server.data), *index_args(server.index), *args, check=check
+    )
+
+
+def events(server, *args: str, count: int) -> list[dict]:
+    """The filtered events, once there are `count` (queries are audited just after)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = [json.loads(line) for line in audit(server, "--json", *args).stdout.splitlines()]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_store_query_retrieve_are_audited_and_chained(server, tmp_path):
+    paths = make_study(tmp_path / "s", 3, size=32)
+    ds = pydicom.dcmread(paths[0])
+    storescu(server.port, *paths)
+    stored = events(server, "--event", "store", count=3)
+    assert [(e["who"], e["patient_id"], e["study_uid"], e["outcome"]) for e in stored] == [
+        ("STORESCU", ds.PatientID, ds.StudyInstanceUID, "success")
+    ] * 3
+    assert {json.loads(e["detail"])["sop"] for e in stored} == {
+        pydicom.dcmread(p).SOPInstanceUID for p in paths
+    }
+    assert all(e["address"] == "127.0.0.1" for e in stored)
+    assert str(ds.PatientName) not in audit(server).stdout  # UIDs and IDs, never names
+
+    run(
+        "findscu",
+        "-S",
+        "-aet",
+        "FINDSCU",
+        "-aec",
+        "MINIPACS",
+        "-k",
+        "QueryRetrieveLevel=STUDY",
+        "-k",
+        f"PatientID={ds.PatientID}",
+        "-k",
+        "StudyInstanceUID",
+        "127.0.0.1",
+        str(server.port),
+    )
+    (query,) = events(server, "--event", "query", "--who", "FINDSCU", count=1)
+    assert query["patient_id"] == ds.PatientID
+    assert json.loads(query["detail"])["answers"] == 1
+    assert json.loads(query["detail"])["keys"]["PatientID"] == ds.PatientID
+
+    outcome = scu.get(scu.Remote(port=server.port), "STUDY", [ds.StudyInstanceUID], tmp_path / "g")
+    assert outcome.ok
+    (got,) = events(server, "--event", "retrieve", "--who", "MINIPACS-SCU", count=1)
+    assert got["study_uid"] == ds.StudyInstanceUID
+    assert json.loads(got["detail"])["instances"] == 3
+
+    base = f"{server.url}/dicom-web/studies/{ds.StudyInstanceUID}"
+    urllib.request.urlopen(f"{base}/series/{ds.SeriesInstanceUID}/metadata").read()
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"{server.url}/dicom-web/studies/1.2.3/metadata")
+    web = events(server, "--event", "retrieve", "--study", ds.StudyInstanceUID, count=2)
+    assert [json.loads(e["detail"]).get("by", "HTTP") for e in web] == ["C-GET", "HTTP"]
+    assert {e["address"] for e in web} == {"127.0.0.1"}
+    failed = events(server, "--study", "1.2.3", count=1)
+    assert failed[0]["outcome"] == "failure: HTTP 404"
+
+    by_patient = events(server, "--patient", ds.PatientID, count=5)
+    assert {e["event"] for e in by_patient} == {"store", "query", "retrieve"}
+    result = audit(server, "--verify")
+    assert "problems: 0" in result.stdout
+
+
+def test_a_changed_or_removed_event_breaks_the_chain(server, tmp_path):
+    storescu(server.port, *make_study(tmp_path / "s", 4, size=32))
+    events(server, count=4)
+    server.stop()
+    first, second, third = (
+        row[0] for row in server.rows("SELECT id FROM auditevent ORDER BY id")[:3]
+    )
+    server.rows("UPDATE auditevent SET outcome = 'failure: made up' WHERE id = ?", first)
+    server.rows("DELETE FROM auditevent WHERE id = ?", third)
+    result = audit(server, "--verify", check=False)
+    assert result.returncode == 1
+    assert f"event {first}: its content was changed" in result.stdout
+    assert f"event {third + 1}: does not follow the event before it" in result.stdout
+    assert f"event {second}:" not in result.stdout
