@@ -24,6 +24,8 @@ from peewee import Database
 
 from storage.engine import is_sqlite
 from storage.models import AuditEvent
+from storage.models import Patient
+from storage.models import Study
 
 GENESIS = "0" * 64
 EVENTS = (
@@ -70,6 +72,14 @@ def append(database: Database, event: Event) -> None:
         raise ValueError(f"unknown audit event {event.event!r}")
     if not is_sqlite(database):  # SQLite's write lock already serialises writers
         database.execute_sql("SELECT pg_advisory_xact_lock(7420111)")
+    if event.study_uid and not event.patient_id:  # a retrieve by study: whose study it is
+        event.patient_id = (
+            Patient.select(Patient.patient_id)
+            .join(Study, on=(Study.patient == Patient.id))
+            .where(Study.study_uid == event.study_uid)
+            .scalar()
+            or ""
+        )
     last = AuditEvent.select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1).scalar()
     values = event.row()
     prev = last or GENESIS

@@ -115,6 +115,9 @@ class User(BaseModel):
     password_hash = TextField()
     created_at = TextField()
 
+    class Meta:
+        table_name = "webuser"  # "user" is reserved in PostgreSQL
+
 
 # Bearer tokens for scripts: only the SHA-256 of each (tokens are random, 256 bits).
 class ApiToken(BaseModel):

@@ -45,8 +45,8 @@ def test_version_1_index_is_migrated_once_and_keeps_its_data(start_server, tmp_p
     data = tmp_path / "data"
     make_v1_archive(data, engine)
     server = start_server(data=data)
-    assert "index migrated from schema version 1 to 3" in server.log()
-    assert server.rows("SELECT version FROM schemaversion") == [(3,)]
+    assert "index migrated from schema version 1 to 4" in server.log()
+    assert server.rows("SELECT version FROM schemaversion") == [(4,)]
     assert server.rows("SELECT count(*) FROM study WHERE protected") == [(0,)]
     answers = list(
         scu.find(scu.Remote(port=server.port), scu.identifier("STUDY", {"StudyInstanceUID": ""}))
