@@ -69,7 +69,8 @@ def test_stop_mid_ingest_loses_no_acknowledged_instance(start_server, tmp_path, 
     indexed = {row[0] for row in server.rows("SELECT sop_uid FROM instance")}
     for path in acked:
         assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID in indexed
-    assert list((server.data / ".incoming").iterdir()) == []
+    if not server.index:  # a shared (PostgreSQL) index keeps young temporaries: another node's
+        assert list((server.data / ".incoming").iterdir()) == []
     server.stop()
     result = minipacs(
         "verify", "--data", str(server.data), *index_args(server.index), "--json", check=False

@@ -15,7 +15,7 @@ def test_two_servers_ingest_concurrently_and_each_serves_everything(
     index = postgres.database()
     data = tmp_path / "data"
     first = start_server(data=data, index=index)
-    second = start_server("--aet", "SECOND", data=data, index=index)
+    second = start_server(data=data, index=index)  # one PACS: the same AE title
     # Six studies of one patient: every instance updates the same patient row, so the two
     # servers' transactions contend for it (and may deadlock: a lost one must be retried).
     studies = [make_study(tmp_path / f"s{n}", 20, size=32) for n in range(6)]
@@ -34,15 +34,15 @@ def test_two_servers_ingest_concurrently_and_each_serves_everything(
     assert first.rows("SELECT DISTINCT num_instances FROM series") == [(20,)]
 
     study_uids = {pydicom.dcmread(p[0]).StudyInstanceUID for p in studies}
-    for server, aet in ((first, "MINIPACS"), (second, "SECOND")):
-        remote = scu.Remote(port=server.port, aet=aet)
+    for server in (first, second):
+        remote = scu.Remote(port=server.port)
         keys = {"StudyInstanceUID": "", "NumberOfStudyRelatedInstances": ""}
         answers = list(scu.find(remote, scu.identifier("STUDY", keys)))
         assert {a.StudyInstanceUID for a in answers} == study_uids
         assert {int(a.NumberOfStudyRelatedInstances) for a in answers} == {20}
     # Each retrieves what the other stored.
     outcome = scu.get(
-        scu.Remote(port=second.port, aet="SECOND"),
+        scu.Remote(port=second.port),
         "STUDY",
         [pydicom.dcmread(studies[1][0]).StudyInstanceUID],
         tmp_path / "got",
