@@ -374,7 +374,9 @@ def run_orthanc(workdir: Path, batches, opts) -> list[dict]:
                     log.info("orthanc: %d more instances would not fit the budget", missing)
                     break
                 fill = write_batch(workdir / f"fill{step}", f"F{step}", missing // 100, 100)
-                send(server, fill, opts.associations, timeout=opts.orthanc_budget * 2)
+                for start in range(0, len(fill), 5000):  # storescu's argument list is finite
+                    part = fill[start : start + 5000]
+                    send(server, part, opts.associations, timeout=opts.orthanc_budget * 2)
                 total = step
             figures = measure(server, f"http://{HOST}:{server.http_port}/dicom-web", batch, opts, 0)
             total += len(batch)
@@ -484,6 +486,9 @@ def parse_args(argv):
     parser.add_argument("--orthanc", type=Path, default=Path("/usr/sbin/Orthanc"))
     parser.add_argument("--minipacs", type=Path, default=REPO / ".venv/bin/minipacs")
     parser.add_argument("--startup-timeout", type=float, default=120)
+    parser.add_argument(
+        "--reuse", type=Path, help="start from the figures of an earlier --json (same code)"
+    )
     parser.add_argument("--plot", type=Path, help="write the figures as a PNG (matplotlib)")
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -504,8 +509,8 @@ def main(argv=None) -> int:
             for n in range(len(opts.steps))
         ]
         grower = Grower(batches[0][0])
-        runs = {}
-        for engine in opts.engines.split(","):
+        runs = json.loads(opts.reuse.read_text()) if opts.reuse else {}
+        for engine in filter(None, opts.engines.split(",")):
             workdir = root / engine
             workdir.mkdir()
             runs[f"minipacs {engine}"] = keep_going(
