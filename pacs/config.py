@@ -119,6 +119,34 @@ class Config:
     max_associations: int = field(
         default=32, metadata={"help": "Concurrent DICOM associations before new ones are refused."}
     )
+    acse_timeout: int = field(
+        default=30,
+        metadata={
+            "help": "Seconds a peer has to send its association request (or answer a "
+            "release) before the connection is closed."
+        },
+    )
+    dimse_timeout: int = field(
+        default=60,
+        metadata={"help": "Seconds to wait for a DIMSE message (a C-MOVE peer's reply…)."},
+    )
+    network_timeout: int = field(
+        default=60,
+        metadata={"help": "Seconds an association may stay silent before it is aborted."},
+    )
+    http_timeout: int = field(
+        default=30,
+        metadata={
+            "help": "Seconds an HTTP connection may stay idle, or dribble its request, before "
+            "it is closed (slow clients cannot hold threads)."
+        },
+    )
+    http_connections: int = field(
+        default=100, metadata={"help": "Open HTTP connections before new ones wait."}
+    )
+    http_header_kb: int = field(
+        default=64, metadata={"help": "Largest HTTP request head (KiB); larger ones answer 431."}
+    )
     public_url: str = field(
         default="",
         metadata={
@@ -243,6 +271,12 @@ def _convert(name: str, value: Any) -> Any:
         return _port(value, name)
     if name in (
         "max_pdu",
+        "acse_timeout",
+        "dimse_timeout",
+        "network_timeout",
+        "http_timeout",
+        "http_connections",
+        "http_header_kb",
         "max_associations",
         "workers",
         "max_results",

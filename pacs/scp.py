@@ -92,9 +92,9 @@ def start_scp(
     ae = AE(ae_title=config.aet)
     ae.maximum_pdu_size = config.max_pdu
     ae.maximum_associations = config.max_associations
-    ae.network_timeout = 60
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 60
+    ae.network_timeout = config.network_timeout
+    ae.acse_timeout = config.acse_timeout
+    ae.dimse_timeout = config.dimse_timeout
     server = ae.make_server(
         (config.host, config.port),
         evt_handlers=build_handlers(archive, config),

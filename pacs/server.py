@@ -61,6 +61,10 @@ def serve(config: Config) -> None:
                 host=config.host,
                 port=config.http_port,
                 threads=8,
+                channel_timeout=config.http_timeout,
+                cleanup_interval=max(1, config.http_timeout // 2),
+                connection_limit=config.http_connections,
+                max_request_header_size=config.http_header_kb << 10,
                 max_request_body_size=(config.max_upload_mb << 20) + (1 << 20),
                 # X-Forwarded-* reach the app (its ProxyFix) only when told to trust them.
                 clear_untrusted_proxy_headers=not config.trust_proxy,
