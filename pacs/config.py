@@ -30,6 +30,7 @@ class Peer:
     port: int
     allow: frozenset[str] = frozenset(SERVICES)
     check_host: bool = False  # associations from this AE must come from `host`
+    tls: bool = False  # we reach it (C-MOVE) over TLS
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,25 @@ class Config:
     )
     port: int = field(default=11112, metadata={"help": "DICOM port (0 picks a free one)."})
     http_port: int = field(default=8080, metadata={"help": "HTTP port (0 picks a free one)."})
+    tls_port: int = field(
+        default=2762, metadata={"help": "DICOM TLS port, used when tls_cert is set (PS3.15)."}
+    )
+    tls_cert: str = field(
+        default="", metadata={"help": "Our certificate (PEM) for DICOM TLS, as server and client."}
+    )
+    tls_key: str = field(default="", metadata={"help": "The private key (PEM) of tls_cert."})
+    tls_ca: str = field(
+        default="",
+        metadata={
+            "help": "CA certificates (PEM) that sign peers' certificates: clients of the TLS "
+            "port must present one (mutual TLS), TLS peers we call must have one."
+        },
+    )
     peer: tuple[Peer, ...] = field(
         default=(),
         metadata={
             "help": "Known remote AEs, AET=HOST:PORT[?allow=echo+store+find+move+get"
-            "&check_host=yes] (repeatable; all services unless `allow` narrows them)."
+            "&check_host=yes&tls=yes] (repeatable; all services unless `allow` narrows them)."
         },
     )
     unknown_aet: str = field(
@@ -223,8 +238,10 @@ def parse_peer(text: str) -> Peer:
             peer = replace(peer, allow=_services(value, f"peer {aet} allow"))
         elif name == "check_host":
             peer = replace(peer, check_host=_bool(value, f"peer {aet} check_host"))
+        elif name == "tls":
+            peer = replace(peer, tls=_bool(value, f"peer {aet} tls"))
         else:
-            raise ConfigError(f"peer {aet}: unknown option {name!r} (allow, check_host)")
+            raise ConfigError(f"peer {aet}: unknown option {name!r} (allow, check_host, tls)")
     return peer
 
 
@@ -267,7 +284,7 @@ def _convert(name: str, value: Any) -> Any:
         return Path(value)
     if name == "aet":
         return _aet(str(value), "aet")
-    if name in ("port", "http_port"):
+    if name in ("port", "http_port", "tls_port"):
         return _port(value, name)
     if name in (
         "max_pdu",
