@@ -2,10 +2,12 @@
 
 import csv
 import enum
+import functools
 import getpass
 import json
 import logging
 import os
+import ssl
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from pacs.config import Config
 from pacs.config import ConfigError
 from pacs.server import StartupError
 from pacs.server import serve as run_server
+from pacs.tls import client_context
 from storage import Archive
 from storage import Outcome
 from storage import audit
@@ -365,7 +368,27 @@ class ExitStatus(enum.IntEnum):
 
 
 def remote_options(func):
-    """--host, --port, --aet, --calling-aet of the PACS to talk to."""
+    """--host, --port, --aet, --calling-aet and --tls* of the PACS to talk to; the command
+    gets them as one `remote` (scu.Remote)."""
+
+    @functools.wraps(func)
+    def wrapper(host, port, aet, calling_aet, tls, tls_ca, tls_cert, tls_key, **kwargs):
+        context = None
+        if tls or tls_ca or tls_cert:
+            try:
+                context = client_context(tls_ca or "", tls_cert or "", tls_key or "")
+            except (OSError, ssl.SSLError) as exc:
+                raise UsageFailure(f"TLS: {exc}") from None
+        remote = scu.Remote(host=host, port=port, aet=aet, calling_aet=calling_aet, tls=context)
+        return func(remote=remote, **kwargs)
+
+    func = wrapper
+    func = click.option("--tls-key", help="Our private key (PEM) for --tls-cert.")(func)
+    func = click.option("--tls-cert", help="Our certificate (PEM), for mutual TLS.")(func)
+    func = click.option("--tls-ca", help="CA certificates (PEM) the peer's must chain to.")(func)
+    func = click.option("--tls", is_flag=True, help="DICOM over TLS (system CAs unless --tls-ca).")(
+        func
+    )
     func = click.option(
         "--calling-aet", default="MINIPACS-SCU", show_default=True, help="Our AE title."
     )(func)
@@ -400,10 +423,6 @@ def level_options(func):
     )(func)
 
 
-def _remote(host: str, port: int, aet: str, calling_aet: str) -> scu.Remote:
-    return scu.Remote(host=host, port=port, aet=aet, calling_aet=calling_aet)
-
-
 def _scu_call(func, *args, **kwargs):
     """Run an SCU call; connection trouble and failures become exit statuses."""
     try:
@@ -422,11 +441,11 @@ def _scu_call(func, *args, **kwargs):
 
 @main.command()
 @remote_options
-def echo(host, port, aet, calling_aet, log_level) -> None:
+def echo(remote, log_level) -> None:
     """C-ECHO a PACS; exit 0 when it answers Success."""
     setup_logging(log_level)
-    status = _scu_call(scu.echo, _remote(host, port, aet, calling_aet))
-    click.echo(f"C-ECHO {aet}@{host}:{port}: 0x{status:04X}")
+    status = _scu_call(scu.echo, remote)
+    click.echo(f"C-ECHO {remote.aet}@{remote.host}:{remote.port}: 0x{status:04X}")
     sys.exit(ExitStatus.SUCCESS if status == 0 else ExitStatus.FAILURE)
 
 
@@ -436,7 +455,7 @@ def echo(host, port, aet, calling_aet, log_level) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Answers as DICOM JSON.")
 @click.option("--csv", "as_csv", is_flag=True, help="Answers as CSV.")
 @click.argument("keys", nargs=-1, metavar="Keyword=value|Keyword...")
-def find(host, port, aet, calling_aet, log_level, level, model, as_json, as_csv, keys) -> None:
+def find(remote, log_level, level, model, as_json, as_csv, keys) -> None:
     """C-FIND: match keys as Keyword=value (wildcards, ranges, UID lists), return keys as
     Keyword. Prints a table, --json or --csv."""
     setup_logging(log_level)
@@ -444,7 +463,7 @@ def find(host, port, aet, calling_aet, log_level, level, model, as_json, as_csv,
     if not pairs:
         pairs = {scu.UNIQUE_KEY[level.upper()]: ""}
     query = _scu_call(scu.identifier, level, pairs)
-    answers = _scu_call(lambda: list(scu.find(_remote(host, port, aet, calling_aet), query, model)))
+    answers = _scu_call(lambda: list(scu.find(remote, query, model)))
     columns = list(pairs)
     if as_json:
         click.echo(json.dumps([a.to_json_dict() for a in answers], ensure_ascii=False))
@@ -472,14 +491,14 @@ def find(host, port, aet, calling_aet, log_level, level, model, as_json, as_csv,
     help="Associations used at once.",
 )
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-def send(host, port, aet, calling_aet, log_level, parallel, paths) -> None:
+def send(remote, log_level, parallel, paths) -> None:
     """C-STORE files and folders (recursively), bytes as they are on disk."""
     setup_logging(log_level)
     files = list(_walk(paths))
     with click.progressbar(length=len(files), label="sending", file=sys.stderr) as bar:
         outcome = _scu_call(
             scu.send,
-            _remote(host, port, aet, calling_aet),
+            remote,
             files,
             parallel,
             lambda path, status: bar.update(1),
@@ -492,12 +511,10 @@ def send(host, port, aet, calling_aet, log_level, parallel, paths) -> None:
 @level_options
 @click.option("--dest", required=True, help="AE title to move to (known to the peer).")
 @click.argument("uids", nargs=-1, required=True)
-def move(host, port, aet, calling_aet, log_level, level, model, dest, uids) -> None:
+def move(remote, log_level, level, model, dest, uids) -> None:
     """C-MOVE studies (or --level entities) by unique key to another AE."""
     setup_logging(log_level)
-    outcome = _scu_call(
-        scu.move, _remote(host, port, aet, calling_aet), level, list(uids), dest, model, _progress
-    )
+    outcome = _scu_call(scu.move, remote, level, list(uids), dest, model, _progress)
     _finish(outcome)
 
 
@@ -506,12 +523,10 @@ def move(host, port, aet, calling_aet, log_level, level, model, dest, uids) -> N
 @level_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for files.")
 @click.argument("uids", nargs=-1, required=True)
-def get(host, port, aet, calling_aet, log_level, level, model, out, uids) -> None:
+def get(remote, log_level, level, model, out, uids) -> None:
     """C-GET studies (or --level entities) by unique key into a folder."""
     setup_logging(log_level)
-    outcome = _scu_call(
-        scu.get, _remote(host, port, aet, calling_aet), level, list(uids), out, model, _progress
-    )
+    outcome = _scu_call(scu.get, remote, level, list(uids), out, model, _progress)
     _finish(outcome)
 
 

@@ -30,6 +30,7 @@ class Peer:
     port: int
     allow: frozenset[str] = frozenset(SERVICES)
     check_host: bool = False  # associations from this AE must come from `host`
+    tls: bool = False  # we reach it (C-MOVE) over TLS
 
 
 @dataclass(frozen=True)
@@ -55,11 +56,25 @@ class Config:
     )
     port: int = field(default=11112, metadata={"help": "DICOM port (0 picks a free one)."})
     http_port: int = field(default=8080, metadata={"help": "HTTP port (0 picks a free one)."})
+    tls_port: int = field(
+        default=2762, metadata={"help": "DICOM TLS port, used when tls_cert is set (PS3.15)."}
+    )
+    tls_cert: str = field(
+        default="", metadata={"help": "Our certificate (PEM) for DICOM TLS, as server and client."}
+    )
+    tls_key: str = field(default="", metadata={"help": "The private key (PEM) of tls_cert."})
+    tls_ca: str = field(
+        default="",
+        metadata={
+            "help": "CA certificates (PEM) that sign peers' certificates: clients of the TLS "
+            "port must present one (mutual TLS), TLS peers we call must have one."
+        },
+    )
     peer: tuple[Peer, ...] = field(
         default=(),
         metadata={
             "help": "Known remote AEs, AET=HOST:PORT[?allow=echo+store+find+move+get"
-            "&check_host=yes] (repeatable; all services unless `allow` narrows them)."
+            "&check_host=yes&tls=yes] (repeatable; all services unless `allow` narrows them)."
         },
     )
     unknown_aet: str = field(
@@ -118,6 +133,34 @@ class Config:
     )
     max_associations: int = field(
         default=32, metadata={"help": "Concurrent DICOM associations before new ones are refused."}
+    )
+    acse_timeout: int = field(
+        default=30,
+        metadata={
+            "help": "Seconds a peer has to send its association request (or answer a "
+            "release) before the connection is closed."
+        },
+    )
+    dimse_timeout: int = field(
+        default=60,
+        metadata={"help": "Seconds to wait for a DIMSE message (a C-MOVE peer's reply…)."},
+    )
+    network_timeout: int = field(
+        default=60,
+        metadata={"help": "Seconds an association may stay silent before it is aborted."},
+    )
+    http_timeout: int = field(
+        default=30,
+        metadata={
+            "help": "Seconds an HTTP connection may stay idle, or dribble its request, before "
+            "it is closed (slow clients cannot hold threads)."
+        },
+    )
+    http_connections: int = field(
+        default=100, metadata={"help": "Open HTTP connections before new ones wait."}
+    )
+    http_header_kb: int = field(
+        default=64, metadata={"help": "Largest HTTP request head (KiB); larger ones answer 431."}
     )
     public_url: str = field(
         default="",
@@ -195,8 +238,10 @@ def parse_peer(text: str) -> Peer:
             peer = replace(peer, allow=_services(value, f"peer {aet} allow"))
         elif name == "check_host":
             peer = replace(peer, check_host=_bool(value, f"peer {aet} check_host"))
+        elif name == "tls":
+            peer = replace(peer, tls=_bool(value, f"peer {aet} tls"))
         else:
-            raise ConfigError(f"peer {aet}: unknown option {name!r} (allow, check_host)")
+            raise ConfigError(f"peer {aet}: unknown option {name!r} (allow, check_host, tls)")
     return peer
 
 
@@ -239,10 +284,16 @@ def _convert(name: str, value: Any) -> Any:
         return Path(value)
     if name == "aet":
         return _aet(str(value), "aet")
-    if name in ("port", "http_port"):
+    if name in ("port", "http_port", "tls_port"):
         return _port(value, name)
     if name in (
         "max_pdu",
+        "acse_timeout",
+        "dimse_timeout",
+        "network_timeout",
+        "http_timeout",
+        "http_connections",
+        "http_header_kb",
         "max_associations",
         "workers",
         "max_results",

@@ -29,6 +29,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pacs import policy
 from pacs import spool
+from pacs import tls
 from pacs import transport
 from pacs.config import Config
 from storage import Archive
@@ -272,6 +273,9 @@ def handle_move(event: Event, archive: Archive, config: Config):
         "evt_handlers": [(evt.EVT_ESTABLISHED, _busy_sub_association, [established])],
         "max_pdu": 0,
     }
+    if peer.tls:
+        context = tls.client_context(config.tls_ca, config.tls_cert, config.tls_key)
+        kwargs["tls_args"] = (context, peer.host)
     yield peer.host, peer.port, kwargs
     yield len(instances)
     try:

@@ -24,6 +24,7 @@ from pacs import spool
 from pacs import transport
 from pacs.config import Config
 from pacs.handlers import build_handlers
+from pacs.tls import server_context
 from storage import Archive
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,10 @@ def _context(uid: str, syntaxes: list[str]) -> "SharedContext":
 
 
 def start_scp(
-    config: Config, archive: Archive, shared_port: bool = False
+    config: Config, archive: Archive, shared_port: bool = False, tls: bool = False
 ) -> ThreadedAssociationServer:
-    """Start listening; raises OSError when the address cannot be bound."""
+    """Start listening (`tls`: on tls_port, DICOM over TLS); raises OSError when the address
+    cannot be bound or the certificate files cannot be used."""
     spool.install(archive.incoming)
     transport.install()
     # pynetdicom formats every C-FIND answer for a log line we never show (~6 % of C-FIND).
@@ -92,14 +94,18 @@ def start_scp(
     ae = AE(ae_title=config.aet)
     ae.maximum_pdu_size = config.max_pdu
     ae.maximum_associations = config.max_associations
-    ae.network_timeout = 60
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 60
+    ae.network_timeout = config.network_timeout
+    ae.acse_timeout = config.acse_timeout
+    ae.dimse_timeout = config.dimse_timeout
+    context = None
+    if tls:
+        context = server_context(config.tls_cert, config.tls_key, config.tls_ca)
     server = ae.make_server(
-        (config.host, config.port),
+        (config.host, config.tls_port if tls else config.port),
         evt_handlers=build_handlers(archive, config),
         contexts=supported_contexts(),
         server_class=transport.SharedPortServer if shared_port else transport.Server,
+        ssl_context=context,
     )
     threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
     ae._servers.append(server)  # as AE.start_server does, so server.shutdown() finds it

@@ -6,6 +6,7 @@ pydicom Datasets and small dataclasses.
 """
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -77,6 +78,7 @@ class Remote:
     port: int = 11112
     aet: str = "MINIPACS"
     calling_aet: str = "MINIPACS-SCU"
+    tls: ssl.SSLContext | None = None  # DICOM over TLS (pacs.tls.client_context)
 
 
 @dataclass
@@ -216,6 +218,7 @@ class _association:
             ae_title=remote.aet,
             ext_neg=roles or [],
             evt_handlers=handlers or [],
+            tls_args=(remote.tls, remote.host) if remote.tls else None,
         )
         if not self.assoc.is_established:
             reason = "rejected" if self.assoc.is_rejected else "not reachable or aborted"

@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import signal
 import socket
+import ssl
 import threading
 import time
 
@@ -19,6 +20,7 @@ import waitress
 from pacs.config import LOOPBACK
 from pacs.config import Config
 from pacs.scp import start_scp
+from pacs.tls import check_files
 from storage import Archive
 from storage import users
 from storage.engine import describe
@@ -42,13 +44,17 @@ def serve(config: Config) -> None:
             f"refusing to listen on {config.host} with no user: anyone who can reach it would "
             "see patient data. Add one first: minipacs user add NAME --role admin"
         )
-    scp = http = None
+    http = None
+    scps: list = []
     workers: list[multiprocessing.Process] = []
     port_holder: socket.socket | None = None
     try:
+        if config.tls_cert:  # in this process also with workers: TLS is not the hot path
+            scps.append(_listen(config, archive, shared_port=False, tls=True))
+            log.info("DICOM TLS on %s:%s", config.host, scps[-1].server_address[1])
         if config.workers == 1:
-            scp = _listen(config, archive, shared_port=False)
-            port = scp.server_address[1]
+            scps.append(_listen(config, archive, shared_port=False))
+            port = scps[-1].server_address[1]
         else:
             port_holder = _reserve_port(config)
             port = port_holder.getsockname()[1]
@@ -61,6 +67,10 @@ def serve(config: Config) -> None:
                 host=config.host,
                 port=config.http_port,
                 threads=8,
+                channel_timeout=config.http_timeout,
+                cleanup_interval=max(1, config.http_timeout // 2),
+                connection_limit=config.http_connections,
+                max_request_header_size=config.http_header_kb << 10,
                 max_request_body_size=(config.max_upload_mb << 20) + (1 << 20),
                 # X-Forwarded-* reach the app (its ProxyFix) only when told to trust them.
                 clear_untrusted_proxy_headers=not config.trust_proxy,
@@ -96,7 +106,7 @@ def serve(config: Config) -> None:
             worker.join(DRAIN_SECONDS + 5)
             if worker.is_alive():
                 worker.kill()
-        _stop(scp, http, archive)
+        _stop(scps, http, archive)
         if port_holder is not None:
             port_holder.close()
 
@@ -110,13 +120,13 @@ def run_worker(config: Config, number: int, listening) -> None:
     logging.getLogger("pynetdicom").setLevel("DEBUG" if config.log_level == "DEBUG" else "WARNING")
     stop = _stop_on_signals()
     archive = _open_archive(config, repair=False)
-    scp = None
+    scps = []
     try:
-        scp = _listen(config, archive, shared_port=True)
+        scps.append(_listen(config, archive, shared_port=True))
         listening.set()
         stop.wait()
     finally:
-        _stop(scp, None, archive)
+        _stop(scps, None, archive)
 
 
 def _spawn(config: Config, number: int) -> multiprocessing.Process:
@@ -164,13 +174,16 @@ def _reserve_port(config: Config) -> socket.socket:
     return holder
 
 
-def _listen(config: Config, archive: Archive, shared_port: bool):
+def _listen(config: Config, archive: Archive, shared_port: bool, tls: bool = False):
+    port = config.tls_port if tls else config.port
+    missing = check_files(config.tls_cert, config.tls_key, config.tls_ca) if tls else []
+    if missing:
+        raise StartupError(f"DICOM TLS: no such file: {', '.join(missing)}")
     try:
-        return start_scp(config, archive, shared_port=shared_port)
-    except OSError as exc:
-        raise StartupError(
-            f"cannot listen for DICOM on {config.host}:{config.port}: {exc.strerror}"
-        ) from exc
+        return start_scp(config, archive, shared_port=shared_port, tls=tls)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror or str(exc)
+        raise StartupError(f"cannot listen for DICOM on {config.host}:{port}: {reason}") from exc
 
 
 def _open_archive(config: Config, repair: bool) -> Archive:
@@ -220,11 +233,11 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
-def _stop(scp, http, archive: Archive) -> None:
-    if scp is not None:
-        ae = scp.ae
+def _stop(scps: list, http, archive: Archive) -> None:
+    for scp in scps:
         scp.shutdown()  # stop accepting
-        deadline = time.monotonic() + DRAIN_SECONDS
+    deadline = time.monotonic() + DRAIN_SECONDS
+    for ae in (scp.ae for scp in scps):
         while ae.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
         for assoc in ae.active_associations:

@@ -1,0 +1,77 @@
+"""Limits that keep one client from starving the others: association count, silent DICOM
+peers, idle and dribbling HTTP clients, oversized request heads. Bounded in count and time."""
+
+import socket
+import time
+
+import requests
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+LIMITS = "max_associations = 2\nacse_timeout = 2\nhttp_timeout = 2\nhttp_header_kb = 8\n"
+
+
+def limited(start_server, tmp_path):
+    config = tmp_path / "limits.toml"
+    config.write_text(LIMITS)
+    return start_server("--config", str(config))
+
+
+def associate(port: int):
+    ae = AE(ae_title="FLOOD")
+    ae.add_requested_context(Verification)
+    return ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes the connection within `seconds` (we send nothing)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_association_flood_beyond_the_limit_is_rejected(start_server, tmp_path):
+    server = limited(start_server, tmp_path)
+    held = [associate(server.port) for _ in range(2)]
+    assert all(a.is_established for a in held)
+    extra = [associate(server.port) for _ in range(3)]
+    assert not any(a.is_established for a in extra)
+    assert all(a.is_rejected for a in extra)
+    for assoc in held:
+        assoc.release()
+    time.sleep(0.5)
+    again = associate(server.port)
+    assert again.is_established
+    again.release()
+
+
+def test_a_silent_dicom_client_is_dropped(start_server, tmp_path):
+    server = limited(start_server, tmp_path)
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        started = time.monotonic()
+        assert closed_within(sock, 10)
+        assert time.monotonic() - started < 8
+    assert associate(server.port).is_established
+
+
+def test_idle_and_dribbling_http_clients_hold_no_thread(start_server, tmp_path):
+    server = limited(start_server, tmp_path)
+    idle = socket.create_connection(("127.0.0.1", server.http_port))
+    dribblers = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(12)]
+    for sock in dribblers:  # more than the 8 worker threads, each half a request head
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    assert closed_within(idle, 10)  # http_timeout = 2, checked every second
+    for sock in [idle, *dribblers]:
+        sock.close()
+
+
+def test_an_oversized_request_head_is_refused(start_server, tmp_path):
+    server = limited(start_server, tmp_path)
+    response = requests.get(f"{server.url}/healthz", headers={"X-Big": "a" * 20000}, timeout=10)
+    assert response.status_code == 431
+    assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
