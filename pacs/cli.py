@@ -371,7 +371,9 @@ def remote_options(func):
     """--host, --port, --aet, --calling-aet and --tls* of the PACS to talk to; the command
     gets them as one `remote` (scu.Remote)."""
 
-    @functools.wraps(func)
+    command = func
+
+    @functools.wraps(command)
     def wrapper(host, port, aet, calling_aet, tls, tls_ca, tls_cert, tls_key, **kwargs):
         context = None
         if tls or tls_ca or tls_cert:
@@ -380,7 +382,7 @@ def remote_options(func):
             except (OSError, ssl.SSLError) as exc:
                 raise UsageFailure(f"TLS: {exc}") from None
         remote = scu.Remote(host=host, port=port, aet=aet, calling_aet=calling_aet, tls=context)
-        return func(remote=remote, **kwargs)
+        return command(remote=remote, **kwargs)
 
     func = wrapper
     func = click.option("--tls-key", help="Our private key (PEM) for --tls-cert.")(func)

@@ -104,11 +104,11 @@ def tls_server(start_server, pki, tmp_path):
     return server
 
 
-def dcmtk(tool: str, server, pki, *args: str, who: str = "client"):
+def dcmtk(tool: str, server, pki, *files: str, who: str = "client"):
+    """A dcmtk client over TLS with `who`'s certificate; files go after host and port."""
     tls = ["+tls", str(pki / f"{who}.key"), str(pki / f"{who}.crt"), "+cf", str(pki / "ca.crt")]
-    return run(
-        tool, *tls, "-aec", "MINIPACS", *args, "127.0.0.1", str(server.tls_port), check=False
-    )
+    address = ["127.0.0.1", str(server.tls_port)]
+    return run(tool, *tls, "-aec", "MINIPACS", *address, *files, check=False)
 
 
 def test_dcmtk_and_our_scu_over_mutual_tls(tls_server, pki):
