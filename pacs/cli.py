@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from pacs import auditlog
 from pacs import config as settings
 from pacs import scu
 from pacs.config import Config
@@ -324,6 +325,7 @@ def migrate_index(config_file: Path | None, target: str, **flags) -> None:
 def _open(config_file: Path | None, **flags) -> Archive:
     config = build_config(config_file, **flags)
     setup_logging(config.log_level)
+    auditlog.install(config.audit_syslog)
     archive = Archive(
         config.data, fsync=config.fsync, duplicates=config.duplicates, index_url=config.index
     )

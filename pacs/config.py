@@ -205,6 +205,13 @@ class Config:
         default=60,
         metadata={"help": "Seconds between quota checks (the first runs at start-up)."},
     )
+    audit_syslog: str = field(
+        default="",
+        metadata={
+            "help": "Also send audit events to this syslog collector as RFC 5424 messages "
+            "over UDP: udp://host:514."
+        },
+    )
     max_upload_mb: int = field(
         default=4096,
         metadata={"help": "Largest STOW-RS request body (MiB); bigger ones answer 413."},
@@ -315,6 +322,11 @@ def _convert(name: str, value: Any) -> Any:
         return tuple(str(o).strip().rstrip("/") for o in items if str(o).strip())
     if name == "unknown_aet":
         return "+".join(sorted(_services(str(value), name))) or "none" if str(value) else ""
+    if name == "audit_syslog":
+        text = str(value).strip()
+        if text and not text.startswith("udp://"):
+            raise ConfigError(f"audit_syslog must be udp://host:port, not {text!r}")
+        return text
     if name == "index":
         text = str(value).strip()
         if text and not text.startswith(("postgresql://", "postgres://")):

@@ -17,6 +17,7 @@ import time
 
 import waitress
 
+from pacs import auditlog
 from pacs.config import LOOPBACK
 from pacs.config import Config
 from pacs.scp import start_scp
@@ -37,6 +38,7 @@ class StartupError(Exception):
 def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM, then stop both servers cleanly."""
     stop = _stop_on_signals()
+    auditlog.install(config.audit_syslog)
     archive = _open_archive(config, repair=True)
     if config.host not in LOOPBACK and not archive.accounts(users.count):
         archive.close()
@@ -119,6 +121,7 @@ def run_worker(config: Config, number: int, listening) -> None:
     )
     logging.getLogger("pynetdicom").setLevel("DEBUG" if config.log_level == "DEBUG" else "WARNING")
     stop = _stop_on_signals()
+    auditlog.install(config.audit_syslog)
     archive = _open_archive(config, repair=False)
     scps = []
     try:

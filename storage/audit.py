@@ -13,6 +13,7 @@ write lock (SQLite) or an advisory lock (PostgreSQL).
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import asdict
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from storage.models import Patient
 from storage.models import Study
 
 GENESIS = "0" * 64
+LOGGER_NAME = "minipacs.audit"  # every appended event, for pacs.auditlog (syslog)
+_events = logging.getLogger(LOGGER_NAME)
+_events.propagate = False  # Patient IDs: never into the application log
 EVENTS = (
     "store",  # C-STORE, STOW-RS, import
     "query",  # C-FIND, QIDO-RS
@@ -84,6 +88,7 @@ def append(database: Database, event: Event) -> None:
     values = event.row()
     prev = last or GENESIS
     AuditEvent.insert(**values, prev_hash=prev, hash=chain_hash(prev, values)).execute()
+    _events.info(event.event, extra={"audit": values})
 
 
 def verify(rows: Iterator[AuditEvent]) -> list[str]:

@@ -2,6 +2,7 @@
 hash-chained, readable and verifiable with `minipacs audit`."""
 
 import json
+import socket
 import time
 import urllib.request
 
@@ -105,3 +106,22 @@ def test_a_changed_or_removed_event_breaks_the_chain(server, tmp_path):
     assert f"event {first}: its content was changed" in result.stdout
     assert f"event {third + 1}: does not follow the event before it" in result.stdout
     assert f"event {second}:" not in result.stdout
+
+
+def test_events_go_to_a_syslog_collector(start_server, tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as collector:
+        collector.bind(("127.0.0.1", 0))
+        collector.settimeout(10)
+        config = tmp_path / "syslog.toml"
+        config.write_text(f'audit_syslog = "udp://127.0.0.1:{collector.getsockname()[1]}"\n')
+        server = start_server("--config", str(config))
+        paths = make_study(tmp_path / "s", 1, size=32)
+        storescu(server.port, *paths)
+        message = collector.recv(65536).decode()
+    ds = pydicom.dcmread(paths[0])
+    head, _, body = message.partition(" - ")
+    assert head.startswith("<110>1 ")  # facility 13 (log audit), severity 6 (info), v1
+    assert head.split()[-1] == "store"  # MSGID
+    event = json.loads(body)
+    assert (event["who"], event["study_uid"]) == ("STORESCU", ds.StudyInstanceUID)
+    assert ds.PatientID not in server.log()  # the application log never gets the events
