@@ -11,6 +11,7 @@ import pytest
 from conftest import ROOT
 from conftest import STORESCU_PROPOSE
 from conftest import Server
+from conftest import minipacs
 from conftest import storescu
 from dicom_files import TEST_FILES
 from playwright.sync_api import Page
@@ -261,3 +262,38 @@ def test_the_page_talks_only_to_its_own_server(page, server):
 
 def test_chromium_is_debians():
     assert shutil.which("chromium") == CHROMIUM
+
+
+def test_login_page_then_the_study_list(browser, start_server):
+    """With a user configured, the viewer sends the browser to the login page (under the
+    page's real CSP) and, once logged in, lists the studies with the session cookie."""
+    fresh = start_server()
+    storescu(fresh.port, TEST_FILES / "CT_small.dcm")
+    data = ["--data", str(fresh.data)]
+    minipacs(
+        "user",
+        "add",
+        "rad",
+        "--role",
+        "viewer",
+        "--password-stdin",
+        *data,
+        input="a long enough password",
+    )
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.goto(fresh.url)
+    expect(page).to_have_url(re.compile(r"/login\?next=/$"))
+    page.get_by_label("User").fill("rad")
+    page.get_by_label("Password").fill("not the password")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator(".error")).to_have_text("Wrong user name or password.")
+    page.get_by_label("User").fill("rad")
+    page.get_by_label("Password").fill("a long enough password")
+    page.get_by_role("button", name="Log in").click()
+    expect(page.locator("tr.study")).to_have_count(1)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "after-login.png")
+    cookie = next(c for c in context.cookies() if c["name"] == "minipacs_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    context.close()

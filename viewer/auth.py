@@ -143,7 +143,9 @@ def _same_origin() -> bool:
 
 
 def _wants_html() -> bool:
-    return request.method == "GET" and request.accept_mimetypes.best == "text/html"
+    """A browser navigating (it names text/html); a script's */* gets a 401 instead."""
+    named = [kind for kind, quality in request.accept_mimetypes if quality > 0]
+    return request.method == "GET" and "text/html" in named
 
 
 def _denied(status: int, message: str) -> Response:
