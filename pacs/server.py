@@ -9,6 +9,7 @@ process (shared/notes/pynetdicom-ingest.md), so more cores need more processes.
 import dataclasses
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import ssl
@@ -113,14 +114,16 @@ def serve(config: Config) -> None:
             port_holder.close()
 
 
-def run_worker(config: Config, number: int, listening) -> None:
-    """A DICOM worker process: the SCP on the shared port until SIGTERM."""
+def run_worker(config: Config, number: int, listening, supervisor: int) -> None:
+    """A DICOM worker process: the SCP on the shared port until SIGTERM, or until its
+    supervisor is gone (killed: nobody would ever stop this worker otherwise)."""
     logging.basicConfig(
         level=config.log_level,
         format=f"%(asctime)s %(levelname)s worker{number} %(name)s: %(message)s",
     )
     logging.getLogger("pynetdicom").setLevel("DEBUG" if config.log_level == "DEBUG" else "WARNING")
     stop = _stop_on_signals()
+    threading.Thread(target=_watch_supervisor, args=(supervisor, stop), daemon=True).start()
     auditlog.install(config.audit_syslog)
     archive = _open_archive(config, repair=False)
     scps = []
@@ -132,12 +135,22 @@ def run_worker(config: Config, number: int, listening) -> None:
         _stop(scps, None, archive)
 
 
+def _watch_supervisor(supervisor: int, stop: threading.Event) -> None:
+    while os.getppid() == supervisor and not stop.wait(1):
+        pass
+    if not stop.is_set():
+        log.warning("the supervising process is gone: stopping")
+        stop.set()
+
+
 def _spawn(config: Config, number: int) -> multiprocessing.Process:
     # spawn, not fork: this process already runs threads (index writer, HTTP).
     context = multiprocessing.get_context("spawn")
     listening = context.Event()
     worker = context.Process(
-        target=run_worker, args=(config, number, listening), name=f"dicom-worker-{number}"
+        target=run_worker,
+        args=(config, number, listening, os.getpid()),
+        name=f"dicom-worker-{number}",
     )
     worker.listening = listening  # type: ignore[attr-defined]
     worker.start()

@@ -152,6 +152,14 @@ def index_rows(data: Path, sql: str, *args, index: str = "") -> list[tuple]:
             database.close_all()
 
 
+def running(pid: int) -> bool:
+    """Whether a process still runs (a zombie has exited; only its reaping is missing)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def index_args(index: str) -> list[str]:
     """`--index URL` for a minipacs command on a PostgreSQL index; nothing for SQLite."""
     return ["--index", index] if index else []

@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from conftest import index_args
 from conftest import minipacs
+from conftest import running
 from make_study import make_study
 
 
@@ -95,10 +96,3 @@ def test_a_killed_server_leaves_no_parser_process_behind(start_server, tmp_path)
     while any(running(pid) for pid in parsers):
         assert time.monotonic() < deadline, "a parser outlived its server"
         time.sleep(0.1)
-
-
-def running(pid: int) -> bool:
-    try:  # a zombie (state Z) has exited; only its parent's wait is missing
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False

@@ -5,6 +5,7 @@ import signal
 import time
 from pathlib import Path
 
+from conftest import running
 from conftest import storescu_concurrently
 from make_study import make_study
 from scu import echo
@@ -65,3 +66,11 @@ def test_a_dead_worker_is_replaced_and_stop_ends_all(start_server):
             not Path(f"/proc/{pid}").exists()
             or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
         )
+
+
+def test_workers_stop_when_their_supervisor_is_killed(start_server):
+    server = start_server("--workers", "2")
+    wait_for(lambda: len(workers(server.proc.pid)) == 2)
+    orphans = workers(server.proc.pid)
+    server.kill()  # SIGKILL: the supervisor cannot stop them
+    wait_for(lambda: not any(running(pid) for pid in orphans), timeout=20)
