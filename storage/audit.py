@@ -88,7 +88,8 @@ def append(database: Database, event: Event) -> None:
     values = event.row()
     prev = last or GENESIS
     AuditEvent.insert(**values, prev_hash=prev, hash=chain_hash(prev, values)).execute()
-    _events.info(event.event, extra={"audit": values})
+    if _events.handlers:  # a syslog collector is configured (pacs.auditlog)
+        _events.info(event.event, extra={"audit": values})
 
 
 def verify(rows: Iterator[AuditEvent]) -> list[str]:

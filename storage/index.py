@@ -311,31 +311,15 @@ def delete_rows(level: str, uid: str) -> tuple[int, str, str]:
     """Remove the rows of a study, series or instance (`level` STUDY, SERIES or IMAGE) and
     recount what is above it; an emptied series, study or patient goes too. Returns
     (instances removed, Patient ID, Study Instance UID); (0, '', '') when nothing matched."""
-    if level == "STUDY":
-        study = Study.get_or_none(Study.study_uid == uid)
-        series_ids = (
-            [s.id for s in Series.select(Series.id).where(Series.study == study)] if study else []
-        )
-    elif level == "SERIES":
-        series = Series.get_or_none(Series.series_uid == uid)
-        study, series_ids = (
-            (Study.get_by_id(series.study_id), [series.id]) if series else (None, [])
-        )
-    else:
-        instance = Instance.get_or_none(Instance.sop_uid == uid)
-        series = Series.get_by_id(instance.series_id) if instance else None
-        study, series_ids = (Study.get_by_id(series.study_id), []) if series else (None, [])
-    if study is None:
+    key = {"STUDY": Study.study_uid, "SERIES": Series.series_uid, "IMAGE": Instance.sop_uid}
+    scope = Instance.select(Instance.id).join(Series).join(Study).where(key[level] == uid)
+    rows = list(scope.select(Series.id, Study.id).distinct().tuples())  # (series, study)
+    if not rows:
         return 0, "", ""
-    if level == "IMAGE":
-        removed = Instance.delete().where(Instance.id == instance.id).execute()
-        series_ids = [series.id]
-    else:
-        removed = Instance.delete().where(Instance.series.in_(series_ids)).execute()
-    emptied = [
-        sid for sid in series_ids if not Instance.select().where(Instance.series == sid).exists()
-    ]
+    removed = Instance.delete().where(Instance.id.in_(scope)).execute()
+    emptied = [s for s, _ in rows if not Instance.select().where(Instance.series == s).exists()]
     Series.delete().where(Series.id.in_(emptied)).execute()
+    study = Study.get_by_id(rows[0][1])
     patient = Patient.get_by_id(study.patient_id)
     _recount_study(study)
     _recount_patient(patient)

@@ -102,10 +102,6 @@ def by_token(token: str) -> tuple[str, str] | None:
     return row[1], row[2]
 
 
-def name_exists(name: str) -> bool:
-    return User.select().where(User.name == name).exists()
-
-
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 

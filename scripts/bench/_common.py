@@ -620,6 +620,16 @@ def git_commit() -> str:
     return head + ("+dirty" if dirty else "")
 
 
+def write_json(payload: Any, dest: str) -> None:
+    """The figures as JSON: on stdout for `-`, else into the file `dest`."""
+    text = json.dumps(payload, indent=2, ensure_ascii=False)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text + "\n")
+        log.info("figures written to %s", dest)
+
+
 def percentile(values: list[float], fraction: float) -> float | None:
     """Nearest-rank percentile (p50 = the median for odd counts)."""
     if not values:

@@ -68,6 +68,7 @@ from _common import percentile
 from _common import proc_tree
 from _common import setup_logging
 from _common import sigterm_unwinds
+from _common import write_json
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
@@ -1570,12 +1571,7 @@ def main(argv: list[str] | None = None) -> int:
                     "problems": payload["problems"],
                     "targets": targets,
                 }
-                text = json.dumps(data, indent=2, ensure_ascii=False)
-                if opts.json == "-":
-                    print(text)
-                else:
-                    Path(opts.json).write_text(text + "\n")
-                    log.info("figures written to %s", opts.json)
+                write_json(data, opts.json)
             sys.stdout.flush()
             failed = bool(skipped) or run_failed(payload)
             if failed:

@@ -14,7 +14,6 @@ Progress goes to stderr (logging); the figures table goes to stdout.
 """
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -45,6 +44,7 @@ from _common import orthanc_version
 from _common import ratio
 from _common import send
 from _common import sigterm_unwinds
+from _common import write_json
 
 log = logging.getLogger("bench.ingest")
 
@@ -404,12 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                     "runs": [run.as_dict() for run in runs],
                     "targets": targets,
                 }
-                text = json.dumps(payload, indent=2, ensure_ascii=False)
-                if opts.json == "-":
-                    print(text)
-                else:
-                    Path(opts.json).write_text(text + "\n")
-                    log.info("figures written to %s", opts.json)
+                write_json(payload, opts.json)
             sys.stdout.flush()
             if not all(run.ok for run in runs):
                 return 1

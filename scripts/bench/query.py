@@ -71,6 +71,7 @@ from _common import send
 from _common import setup_logging
 from _common import sigterm_unwinds
 from _common import tail
+from _common import write_json
 
 log = logging.getLogger("bench.query")
 
@@ -1643,12 +1644,7 @@ def main(argv: list[str] | None = None) -> int:
             payload["targets"] = targets
             print(table)
             if opts.json:
-                text = json.dumps(payload, indent=2, ensure_ascii=False)
-                if opts.json == "-":
-                    print(text)
-                else:
-                    Path(opts.json).write_text(text + "\n")
-                    log.info("figures written to %s", opts.json)
+                write_json(payload, opts.json)
             sys.stdout.flush()
             failed = any(m.error for m in moves) or any(
                 lat.error

@@ -57,6 +57,7 @@ from _common import Orthanc
 from _common import base_env
 from _common import ensure_orthanc
 from _common import fmt
+from _common import git_commit
 from _common import log_issues
 from _common import orthanc_processes
 from _common import orthanc_version
@@ -65,6 +66,7 @@ from _common import ratio
 from _common import setup_logging
 from _common import sigterm_unwinds
 from _common import wait_for_quiet
+from _common import write_json
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -909,28 +911,6 @@ def report(
 # --------------------------------------------------------------------------- main
 
 
-def git_state() -> str:
-    """The commit measured, and whether the render code differs from it in the work tree."""
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "viewer", "pacs", "storage"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    return f"{head or '?'}{' + uncommitted changes in viewer/pacs/storage' if dirty else ''}"
-
-
 def keep_logs(opts: argparse.Namespace, workdir: Path, prefix: str) -> None:
     if opts.log_dir:
         opts.log_dir.mkdir(parents=True, exist_ok=True)
@@ -1061,7 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
                     k.key: {"label": k.label, "source": k.source, "frame": k.frame} for k in kinds
                 },
                 "cpus": os.cpu_count(),
-                "minipacs_commit": git_state(),
+                "minipacs_commit": git_commit(),
                 "loadavg_start": os.getloadavg(),
                 "other_work_start": busy,
                 "orthanc_plugins": [p.name for p in plugins],
@@ -1161,12 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
                     "memory": [m.as_dict() for m in memory],
                     "targets": targets,
                 }
-                text = json.dumps(payload, indent=2, ensure_ascii=False)
-                if opts.json == "-":
-                    print(text)
-                else:
-                    Path(opts.json).write_text(text + "\n")
-                    log.info("figures written to %s", opts.json)
+                write_json(payload, opts.json)
             sys.stdout.flush()
             failed |= any(
                 c.status in ("failed", "skipped") for c in cases if c.endpoint == "minipacs"

@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import http.client
 import importlib.metadata
-import json
 import logging
 import os
 import shutil
@@ -66,6 +65,7 @@ from _common import proc_tree
 from _common import setup_logging
 from _common import sigterm_unwinds
 from _common import wait_for_quiet
+from _common import write_json
 from pydicom import dcmread
 
 log = logging.getLogger("bench.viewer")
@@ -318,23 +318,20 @@ class Watch:
             self.http_errors.append(f"{response.status} {url_kind(response.url)} {response.url}")
 
 
+URL_KINDS = (  # (how the path ends, or starts for "/ui/", kind of request)
+    ("/rendered", "frame"),
+    ("/thumbnail", "thumbnail"),
+    ("/metadata", "metadata"),
+    ("/instances", "qido-instances"),
+    ("/series", "qido-series"),
+    ("/studies", "qido-studies"),
+)
+
+
 def url_kind(url: str) -> str:
     path = urllib.parse.urlsplit(url).path
-    if path.endswith("/rendered"):
-        return "frame"
-    if path.endswith("/thumbnail"):
-        return "thumbnail"
-    if path.endswith("/metadata"):
-        return "metadata"
-    if path.endswith("/instances"):
-        return "qido-instances"
-    if path.endswith("/series"):
-        return "qido-series"
-    if path.endswith("/studies"):
-        return "qido-studies"
-    if path.startswith("/ui/"):
-        return "static"
-    return "page"
+    kind = next((kind for end, kind in URL_KINDS if path.endswith(end)), None)
+    return kind or ("static" if path.startswith("/ui/") else "page")
 
 
 def frame_sop(url: str) -> str:
@@ -1103,12 +1100,7 @@ def main(argv: list[str] | None = None) -> int:
                     "scrolling": [s.as_dict() for s in scrolls],
                     "targets": targets,
                 }
-                text = json.dumps(payload, indent=2, ensure_ascii=False)
-                if opts.json == "-":
-                    print(text)
-                else:
-                    Path(opts.json).write_text(text + "\n")
-                    log.info("figures written to %s", opts.json)
+                write_json(payload, opts.json)
             if any(not r.ok for r in firsts) or any(not s.ok for s in scrolls):
                 return 1
             if opts.strict and any(t["verdict"] == "FAIL" for t in targets):
