@@ -70,6 +70,14 @@ class Config:
             "port must present one (mutual TLS), TLS peers we call must have one."
         },
     )
+    https_cert: str = field(
+        default="",
+        metadata={
+            "help": "A certificate (PEM, chain first) for the web side: with it, http_port "
+            "speaks HTTPS only."
+        },
+    )
+    https_key: str = field(default="", metadata={"help": "The private key (PEM) of https_cert."})
     peer: tuple[Peer, ...] = field(
         default=(),
         metadata={

@@ -22,7 +22,9 @@ from pacs import auditlog
 from pacs.config import LOOPBACK
 from pacs.config import Config
 from pacs.scp import start_scp
+from pacs.tls import TLSChannel
 from pacs.tls import check_files
+from pacs.tls import https_context
 from storage import Archive
 from storage import users
 from storage.engine import describe
@@ -64,36 +66,20 @@ def serve(config: Config) -> None:
             config = dataclasses.replace(config, port=port)
             workers = [_spawn(config, n) for n in range(config.workers)]
             _wait_until_listening(workers)
-        try:
-            http = waitress.create_server(
-                create_app(config, archive),
-                host=config.host,
-                port=config.http_port,
-                threads=8,
-                channel_timeout=config.http_timeout,
-                cleanup_interval=max(1, config.http_timeout // 2),
-                connection_limit=config.http_connections,
-                max_request_header_size=config.http_header_kb << 10,
-                max_request_body_size=(config.max_upload_mb << 20) + (1 << 20),
-                # X-Forwarded-* reach the app (its ProxyFix) only when told to trust them.
-                clear_untrusted_proxy_headers=not config.trust_proxy,
-            )
-        except OSError as exc:
-            raise StartupError(
-                f"cannot listen for HTTP on {config.host}:{config.http_port}: {exc.strerror}"
-            ) from exc
+        http = _web_server(config, archive)
         threading.Thread(target=http.run, name="http", daemon=True).start()
         if config.quota_mb or config.quota_instances:
             threading.Thread(
                 target=_retention, args=(config, archive, stop), name="retention", daemon=True
             ).start()
         log.info(
-            "minipacs %s: DICOM on %s:%s (%d process(es)), HTTP on http://%s:%s/, data in %s, "
+            "minipacs %s: DICOM on %s:%s (%d process(es)), web on %s://%s:%s/, data in %s, "
             "index %s",
             config.aet,
             config.host,
             port,
             config.workers,
+            http.adj.url_scheme,
             config.host,
             http.effective_port,
             archive.root,
@@ -188,6 +174,42 @@ def _reserve_port(config: Config) -> socket.socket:
             f"cannot listen for DICOM on {config.host}:{config.port}: {exc.strerror}"
         ) from exc
     return holder
+
+
+def _web_server(config: Config, archive: Archive):
+    """waitress on http_port: plain HTTP, or HTTPS only when given a certificate."""
+    missing = check_files(config.https_cert, config.https_key)
+    if config.https_key and not config.https_cert:
+        raise StartupError("HTTPS: https_key is set but https_cert is not")
+    if missing:
+        raise StartupError(f"HTTPS: no such file: {', '.join(missing)}")
+    try:
+        context = https_context(config.https_cert, config.https_key) if config.https_cert else None
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"HTTPS: cannot use {config.https_cert}: {exc}") from exc
+    try:
+        http = waitress.create_server(
+            create_app(config, archive),
+            host=config.host,
+            port=config.http_port,
+            url_scheme="https" if context else "http",
+            threads=8,
+            channel_timeout=config.http_timeout,
+            cleanup_interval=max(1, config.http_timeout // 2),
+            connection_limit=config.http_connections,
+            max_request_header_size=config.http_header_kb << 10,
+            max_request_body_size=(config.max_upload_mb << 20) + (1 << 20),
+            # X-Forwarded-* reach the app (its ProxyFix) only when told to trust them.
+            clear_untrusted_proxy_headers=not config.trust_proxy,
+        )
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen for HTTP on {config.host}:{config.http_port}: {exc.strerror}"
+        ) from exc
+    if context:
+        http.tls_context = context
+        http.channel_class = TLSChannel
+    return http
 
 
 def _listen(config: Config, archive: Archive, shared_port: bool, tls: bool = False):

@@ -3,6 +3,7 @@
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -35,9 +36,17 @@ class Server:
     """A `python -m pacs serve` subprocess; its stderr goes to `log_path`."""
 
     def __init__(
-        self, data: Path, *args: str, env: dict[str, str] | None = None, index: str = ""
+        self,
+        data: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        index: str = "",
+        ca: Path | None = None,
     ) -> None:
+        """`ca`: the web side speaks HTTPS with a certificate this CA signed."""
         self.data = data
+        self.ca = ca
+        self.ssl_context = ssl.create_default_context(cafile=ca) if ca else None
         self.index = index
         self.args = (*args, "--index", index) if index else args
         self.env = env
@@ -58,7 +67,9 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:
+                with urllib.request.urlopen(
+                    f"{self.url}/healthz", timeout=1, context=self.ssl_context
+                ) as response:
                     if response.status == 200:
                         return self
             except OSError:
@@ -71,7 +82,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.ca else 'http'}://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -125,8 +136,9 @@ def start_server(tmp_path: Path, request) -> Iterator:
         data: Path | None = None,
         env: dict[str, str] | None = None,
         index: str = index,
+        ca: Path | None = None,
     ) -> Server:
-        server = Server(data or tmp_path / "data", *args, env=env, index=index)
+        server = Server(data or tmp_path / "data", *args, env=env, index=index, ca=ca)
         servers.append(server)
         return server.start()
 
@@ -150,6 +162,17 @@ def index_rows(data: Path, sql: str, *args, index: str = "") -> list[tuple]:
     finally:
         if hasattr(database, "close_all"):
             database.close_all()
+
+
+def closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the server closes the connection within `seconds` (we send nothing)."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1024) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
 
 
 def running(pid: int) -> bool:

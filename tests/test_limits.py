@@ -5,6 +5,7 @@ import socket
 import time
 
 import requests
+from conftest import closed_within
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -21,17 +22,6 @@ def associate(port: int):
     ae = AE(ae_title="FLOOD")
     ae.add_requested_context(Verification)
     return ae.associate("127.0.0.1", port, ae_title="MINIPACS")
-
-
-def closed_within(sock: socket.socket, seconds: float) -> bool:
-    """Whether the server closes the connection within `seconds` (we send nothing)."""
-    sock.settimeout(seconds)
-    try:
-        return sock.recv(1024) == b""
-    except TimeoutError:
-        return False
-    except ConnectionResetError:
-        return True
 
 
 def test_association_flood_beyond_the_limit_is_rejected(start_server, tmp_path):

@@ -1,15 +1,27 @@
-"""DICOM over TLS with a throw-away CA made by `openssl`: dcmtk clients with +tls, our SCU
-commands, a C-MOVE to a TLS peer (dcmtk storescp +tls), and the clients that must fail."""
+"""TLS with a throw-away CA made by `openssl`. DICOM: dcmtk clients with +tls, our SCU
+commands, a C-MOVE to a TLS peer (dcmtk storescp +tls), and the clients that must fail.
+HTTPS: `requests`, `dicomweb-client` and Chromium, and the clients that must fail or stall."""
 
+import base64
+import hashlib
+import re
+import socket
+import ssl
 import subprocess
 import time
 
 import pydicom
 import pytest
+import requests
 from conftest import TEST_FILES
+from conftest import closed_within
 from conftest import free_port
 from conftest import minipacs
 from conftest import run
+from conftest import storescu
+from dicomweb_client.api import DICOMwebClient
+from playwright.sync_api import expect
+from playwright.sync_api import sync_playwright
 
 CT = TEST_FILES / "CT_small.dcm"
 LEAF = (
@@ -188,3 +200,107 @@ def test_move_to_a_tls_peer(start_server, pki, tmp_path):
     finally:
         storescp.terminate()
         storescp.wait(10)
+
+
+@pytest.fixture
+def https_server(start_server, pki, tmp_path):
+    config = tmp_path / "https.toml"
+    config.write_text(
+        f'https_cert = "{pki / "server.crt"}"\nhttps_key = "{pki / "server.key"}"\n'
+        "http_timeout = 2\n"
+    )
+    return start_server("--config", str(config), ca=pki / "ca.crt")
+
+
+def test_dicomweb_over_https(https_server, pki):
+    """STOW-RS up and WADO-RS back over HTTPS: a body larger than any TLS record or socket
+    buffer crosses intact both ways; the client checks the server against the CA."""
+    session = requests.Session()
+    session.verify = str(pki / "ca.crt")
+    session.trust_env = False  # else REQUESTS_CA_BUNDLE, when set, overrides verify
+    web = DICOMwebClient(f"{https_server.url}/dicom-web", session=session)
+    stored = pydicom.dcmread(CT)
+    stored.NumberOfFrames = 400  # 13 MB, more than loopback's socket buffers
+    stored.PixelData = stored.PixelData * 400
+    stored.SOPInstanceUID = pydicom.uid.generate_uid()
+    web.store_instances([stored])
+    back = web.retrieve_instance(
+        stored.StudyInstanceUID, stored.SeriesInstanceUID, stored.SOPInstanceUID
+    )
+    assert back.PixelData == stored.PixelData
+    found = web.search_for_studies(search_filters={"PatientID": stored.PatientID})
+    assert [s["0020000D"]["Value"][0] for s in found] == [stored.StudyInstanceUID]
+    response = session.get(f"{https_server.url}/healthz", timeout=5)
+    assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+
+
+def test_https_clients_that_must_fail(https_server, pki):
+    with pytest.raises(requests.exceptions.SSLError):  # the CA is not trusted
+        requests.get(f"{https_server.url}/healthz", timeout=5)
+    plain = f"http://127.0.0.1:{https_server.http_port}/healthz"
+    answer = requests.get(plain, timeout=5)  # no plain HTTP on that port, and it says so
+    assert answer.status_code == 400 and "HTTPS only" in answer.text
+    assert "TLS with 127.0.0.1 failed" in https_server.log()
+    ca = str(pki / "ca.crt")
+    assert requests.get(f"{https_server.url}/healthz", verify=ca, timeout=5).status_code == 200
+
+
+def test_silent_and_half_handshakes_hold_nothing(https_server, pki):
+    """Clients that connect and say nothing, or stop inside the handshake, neither delay
+    others nor stay connected beyond http_timeout."""
+    silent = [socket.create_connection(("127.0.0.1", https_server.http_port)) for _ in range(12)]
+    half = socket.create_connection(("127.0.0.1", https_server.http_port))
+    wire = ssl.MemoryBIO()
+    hello = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), wire, server_hostname="x")
+    with pytest.raises(ssl.SSLWantReadError):
+        hello.do_handshake()
+    half.sendall(wire.read()[:60])  # the start of a ClientHello
+    started = time.monotonic()
+    ca = str(pki / "ca.crt")
+    assert requests.get(f"{https_server.url}/healthz", verify=ca, timeout=5).status_code == 200
+    assert time.monotonic() - started < 2  # served at once, not after the stalled ones
+    assert closed_within(half, 10)
+    assert all(closed_within(sock, 10) for sock in silent)
+    for sock in [half, *silent]:
+        sock.close()
+
+
+def spki_hash(certificate) -> str:
+    """What Chromium's --ignore-certificate-errors-spki-list takes: trust this key only."""
+    key = subprocess.run(
+        ["openssl", "x509", "-in", str(certificate), "-pubkey", "-noout"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    der = subprocess.run(
+        ["openssl", "pkey", "-pubin", "-outform", "der"], input=key, check=True, capture_output=True
+    ).stdout
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def test_chromium_logs_in_over_https(https_server, pki):
+    """The browser over HTTPS: the login page, then the study list; the session cookie is
+    Secure (never sent over plain HTTP)."""
+    storescu(https_server.port, CT)
+    data = ["--data", str(https_server.data)]
+    password = "a long enough password"
+    minipacs("user", "add", "rad", "--role", "viewer", "--password-stdin", *data, input=password)
+    trust = f"--ignore-certificate-errors-spki-list={spki_hash(pki / 'server.crt')}"
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path="/usr/bin/chromium",
+            args=["--no-sandbox", "--disable-dev-shm-usage", trust],
+        )
+        try:
+            context = chromium.new_context()
+            page = context.new_page()
+            page.goto(https_server.url)
+            expect(page).to_have_url(re.compile(r"^https://.*/login\?next=/$"))
+            page.get_by_label("User").fill("rad")
+            page.get_by_label("Password").fill(password)
+            page.get_by_role("button", name="Log in").click()
+            expect(page.locator("tr.study")).to_have_count(1)
+            cookie = next(c for c in context.cookies() if c["name"] == "minipacs_session")
+            assert cookie["secure"] and cookie["httpOnly"]
+        finally:
+            chromium.close()

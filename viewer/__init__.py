@@ -35,7 +35,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     app.config.update(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
-        SESSION_COOKIE_SECURE=config.public_url.startswith("https:"),
+        SESSION_COOKIE_SECURE=bool(config.https_cert) or config.public_url.startswith("https:"),
         SESSION_COOKIE_NAME="minipacs_session",
     )
     app.before_request(auth.check)
@@ -100,13 +100,15 @@ def _audit(response: Response, archive: Archive) -> Response:
 
 def _security_headers(response: Response) -> Response:
     """On every response: no MIME sniffing, no framing by other sites, no URL (which holds
-    UIDs) in Referer headers to other origins."""
+    UIDs) in Referer headers to other origins; over HTTPS, HSTS."""
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "same-origin")
     response.headers.setdefault(
         "Content-Security-Policy",
         "default-src 'self'; style-src 'self'; frame-ancestors 'none'; form-action 'self'",
     )
+    if request.scheme == "https":  # browsers keep to HTTPS for this host name from now on
+        response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
     return response
 
 
