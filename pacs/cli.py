@@ -7,13 +7,16 @@ import getpass
 import json
 import logging
 import os
+import shutil
 import ssl
 import sys
+import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
+import pydicom
 
 from pacs import auditlog
 from pacs import config as settings
@@ -26,9 +29,12 @@ from pacs.tls import client_context
 from storage import Archive
 from storage import Outcome
 from storage import audit
+from storage import deidentify
+from storage import files
 from storage import users
 from storage.errors import NotDicom
 from storage.errors import StorageError
+from storage.query import Key
 
 
 class UsageFailure(click.ClickException):
@@ -183,17 +189,31 @@ def protect(config_file: Path | None, release: bool, study_uids: tuple[str, ...]
     sys.exit(1 if unknown else 0)
 
 
-@main.command()
-@config_options
-@click.option("--patient", "level_uid", flag_value="PATIENT", help="UID is a Patient ID.")
-@click.option("--study", "level_uid", flag_value="STUDY", help="UID is a Study Instance UID.")
-@click.option("--series", "level_uid", flag_value="SERIES", help="UID is a Series Instance UID.")
-@click.option("--instance", "level_uid", flag_value="IMAGE", help="UID is a SOP Instance UID.")
-@click.argument("uids", nargs=-1, required=True)
-def delete(config_file: Path | None, level_uid: str | None, uids: tuple[str, ...], **flags):
-    """Delete patients, studies, series or instances: files and index rows, audited."""
+def selection_options(func):
+    """What the UIDs are (--patient, --study, --series, --instance) and the UIDs."""
+    func = click.argument("uids", nargs=-1, required=True)(func)
+    for flag, level, meaning in (
+        ("--instance", "IMAGE", "a SOP Instance UID"),
+        ("--series", "SERIES", "a Series Instance UID"),
+        ("--study", "STUDY", "a Study Instance UID"),
+        ("--patient", "PATIENT", "a Patient ID"),
+    ):
+        func = click.option(flag, "level_uid", flag_value=level, help=f"UID is {meaning}.")(func)
+    return func
+
+
+def _level(level_uid: str | None) -> str:
     if level_uid is None:
         raise UsageFailure("say what the UIDs are: --patient, --study, --series or --instance")
+    return level_uid
+
+
+@main.command()
+@config_options
+@selection_options
+def delete(config_file: Path | None, level_uid: str | None, uids: tuple[str, ...], **flags):
+    """Delete patients, studies, series or instances: files and index rows, audited."""
+    _level(level_uid)
     archive = _open(config_file, **flags)
     who = f"{getpass.getuser()} (minipacs delete)"
     try:
@@ -203,6 +223,113 @@ def delete(config_file: Path | None, level_uid: str | None, uids: tuple[str, ...
     missing = [(uid, "nothing stored under it") for uid, count in removed.items() if not count]
     _report({"instances deleted": sum(removed.values())}, missing, False)
     sys.exit(1 if missing else 0)
+
+
+@main.command()
+@config_options
+@selection_options
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), help="Write the files here."
+)
+@click.option("--dest", help="Send them to this peer (an AE title of the `peer` setting).")
+@click.option("--peer", "peer", multiple=True, metavar="AET=HOST:PORT", help=_help("peer"))
+@click.option("--options", "deid_options", help=_help("deid_options"))
+@click.option(
+    "--key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The project key (made if missing): one key per project keeps its pseudonyms and "
+    "UIDs stable across exports. Default: the archive's own key.",
+)
+def anonymize(config_file, level_uid, uids, out, dest, key_file, **flags) -> None:
+    """De-identify patients, studies, series or instances (PS3.15 Annex E Basic Profile and
+    options) into a folder or to a peer; the archive keeps the originals. Audited."""
+    level = _level(level_uid)
+    if (out is None) == (dest is None):
+        raise UsageFailure("say where to: --out FOLDER or --dest AET")
+    config = build_config(config_file, **flags)
+    peer = next((p for p in config.peer if p.aet == dest), None)
+    if dest is not None and peer is None:
+        raise UsageFailure(f"{dest} is not a configured peer (the `peer` setting)")
+    archive = _open(config_file, **flags)
+    profile = deidentify.Profile(
+        files.secret(key_file or archive.root / ".deid-key"),
+        deidentify.parse_options(config.deid_options),
+    )
+    folder = out or Path(tempfile.mkdtemp(prefix="minipacs-anonymize-"))
+    try:
+        written, problems = _deidentify_into(archive, level, uids, profile, folder)
+        if peer is not None and written:
+            outcome = scu.send(_peer_remote(config, peer), written)
+            problems += [(Path(p).stem, "the peer did not store it") for p in outcome.failed_uids]
+            problems += [(dest, problem) for problem in outcome.problems]
+        _audit_export(archive, level, uids, dest or str(out), len(written), problems, profile)
+    finally:
+        archive.close()
+        if out is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    _report({"instances de-identified": len(written)}, problems, False)
+    sys.exit(1 if problems or not written else 0)
+
+
+SELECTION_KEYS = {  # level → the key its UIDs match
+    "PATIENT": (0x00100020, "LO"),
+    "STUDY": (0x0020000D, "UI"),
+    "SERIES": (0x0020000E, "UI"),
+    "IMAGE": (0x00080018, "UI"),
+}
+
+
+def _deidentify_into(archive, level, uids, profile, folder: Path):
+    """Each selected instance, de-identified, as <study>/<series>/<instance>.dcm (new UIDs)."""
+    model = "PATIENT" if level == "PATIENT" else "STUDY"
+    tag, vr = SELECTION_KEYS[level]
+    rows: list[dict] = []
+    problems: list[tuple[str, str]] = []
+    for uid in uids:
+        found = list(archive.locate(level, [Key(tag, vr, uid)], model))
+        rows += found
+        if not found:
+            problems.append((uid, "nothing stored under it"))
+    written: list[Path] = []
+    with click.progressbar(rows, label="de-identifying", file=sys.stderr) as bar:
+        for row in bar:
+            try:
+                ds = deidentify.deidentify(pydicom.dcmread(row["instance_path"]), profile)
+            except (deidentify.NotDeidentifiable, OSError, ValueError) as exc:
+                problems.append((row["instance_sop_uid"], str(exc)))
+                continue
+            target = folder / ds.StudyInstanceUID / ds.SeriesInstanceUID
+            target.mkdir(parents=True, exist_ok=True)
+            path = target / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            written.append(path)
+    return written, problems
+
+
+def _peer_remote(config: Config, peer) -> scu.Remote:
+    context = client_context(config.tls_ca, config.tls_cert, config.tls_key) if peer.tls else None
+    return scu.Remote(peer.host, peer.port, peer.aet, config.aet, context)
+
+
+def _audit_export(archive, level, uids, where, count, problems, profile) -> None:
+    who = f"{getpass.getuser()} (minipacs anonymize)"
+    for uid in uids:
+        archive.audit(
+            audit.Event(
+                "export",
+                "success" if not problems else f"failure: {len(problems)} problem(s)",
+                who=who,
+                patient_id=uid if level == "PATIENT" else "",
+                study_uid=uid if level == "STUDY" else "",
+                detail={
+                    "level": level,
+                    "uid": uid,
+                    "to": where,
+                    "instances": count,
+                    "deidentified": ",".join(["basic", *sorted(profile.options)]),
+                },
+            )
+        )
 
 
 @main.group()

@@ -12,6 +12,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from storage import deidentify
+
 SERVICES = ("echo", "store", "find", "move", "get")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, 16 chars
@@ -184,6 +186,14 @@ class Config:
             "Host/Prefix (only behind a reverse proxy that sets them)."
         },
     )
+    deid_options: str = field(
+        default="",
+        metadata={
+            "help": "PS3.15 Annex E options of de-identified web retrievals (anonymize=yes), "
+            "comma list: uids, devid, instid, patchars, fulldates|modifdates, desc, struct, "
+            "graph; empty: the Basic Profile alone."
+        },
+    )
     cors_origins: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -325,6 +335,11 @@ def _convert(name: str, value: Any) -> Any:
     if name == "peer":
         items = value.split(",") if isinstance(value, str) else value
         return tuple(parse_peer(p) if isinstance(p, str) else p for p in items if p)
+    if name == "deid_options":
+        try:
+            return ",".join(sorted(deidentify.parse_options(str(value))))
+        except ValueError as exc:
+            raise ConfigError(f"deid_options: {exc}") from None
     if name == "cors_origins":
         items = value.split(",") if isinstance(value, str) else value
         return tuple(str(o).strip().rstrip("/") for o in items if str(o).strip())

@@ -59,3 +59,23 @@ def reraise_full(exc: OSError) -> None:
     if exc.errno in FULL_ERRNOS:
         raise OutOfResources(f"no space left to store the instance ({exc.strerror})") from exc
     raise exc
+
+
+def secret(path: Path, size: int = 32) -> bytes:
+    """A random key kept in a file (0600), made on first use; every process that shares
+    the folder gets the same one, never a half-written one (made aside, then linked)."""
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_bytes()
+    aside = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fp:
+        fp.write(os.urandom(size))
+        fp.flush()
+        os.fsync(fp.fileno())
+    try:
+        os.link(aside, path)  # fails if another process linked its key first
+    except FileExistsError:
+        pass
+    finally:
+        aside.unlink()
+    return path.read_bytes()

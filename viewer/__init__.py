@@ -12,6 +12,8 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from storage import Archive
 from storage import audit
+from storage import deidentify
+from storage import files
 
 CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, Cache-Control"
 EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Encoding, ETag, Warning"
@@ -30,6 +32,10 @@ def create_app(config: Any, archive: Archive) -> Flask:
         "config": config,
         "archive": archive,
         "frames": render.FrameCache(config.render_cache_mb << 20),
+        "deid": deidentify.Profile(
+            files.secret(archive.root / ".deid-key"),
+            deidentify.parse_options(config.deid_options),
+        ),
     }
     app.secret_key = auth.session_key(archive.root)
     app.config.update(
@@ -79,6 +85,8 @@ def _audit(response: Response, archive: Archive) -> Response:
     kind = AUDITED.get(request.endpoint or "")
     if kind is None or request.method == "OPTIONS":
         return response
+    if kind == "retrieve" and request.values.get("anonymize") == "yes":
+        kind = "deidentify"
     uids = request.view_args or {}
     status = response.status_code
     archive.audit(

@@ -10,7 +10,6 @@ cookie must also come from our own origin (Origin/Referer), so no other site can
 logged-in browser store or delete.
 """
 
-import secrets
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
@@ -27,6 +26,7 @@ from flask import session
 
 from storage import Archive
 from storage import audit
+from storage import files
 from storage import users
 
 bp = Blueprint("auth", __name__)
@@ -38,18 +38,9 @@ AUDIT_FILTERS = ("event", "who", "patient_id", "study_uid", "since", "until")
 
 
 def session_key(data: Path) -> bytes:
-    """The key that signs session cookies: made once, kept in the data folder (0600), so
-    sessions survive restarts and every server sharing the folder accepts them."""
-    path = data / ".session-key"
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        key = secrets.token_bytes(32)
-        fd = path.open("xb")
-        with fd:
-            path.chmod(0o600)
-            fd.write(key)
-        return key
+    """The key that signs session cookies: kept in the data folder, so sessions survive
+    restarts and every server sharing the folder accepts them."""
+    return files.secret(data / ".session-key")
 
 
 def check() -> Response | None:

@@ -9,6 +9,7 @@ rendered images go through `viewer.render`. Errors are JSON: {"error": reason} w
 import gzip
 import json
 import re
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +21,11 @@ from flask import g
 from flask import request
 from flask import stream_with_context
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from storage import Archive
+from storage import deidentify
 from storage import query
 from storage.query import Key
 from viewer import qido
@@ -50,6 +53,7 @@ OCTETS = "application/octet-stream"
 RENDERED_TYPES = {"image/jpeg": "jpeg", "image/png": "png", "image/gif": "gif"}
 CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers only, never shared caches
 THUMBNAIL = 128
+BURNED_IN = re.compile(r'"00280301":\{"vr":"CS","Value":\["YES"\]')
 EAGER_FRAMES = 32  # frames cut before answering; longer lists stream
 GZIP_MIN = 1024
 TRUNCATED = (
@@ -77,6 +81,19 @@ def _error(error: Exception) -> Response:
     level("DICOMweb %s %s: %s %s", request.method, request.path, status, error)
     body = json.dumps({"error": str(error)})
     return Response(body, status=status, mimetype="application/json")
+
+
+@bp.before_request
+def _anonymize_only_where_offered() -> None:
+    """`anonymize=yes` (our extension) de-identifies WADO-RS instances; anywhere else it
+    would be silently ignored and identified data sent, so it is refused."""
+    value = request.args.get("anonymize")
+    if value is None:
+        return
+    if value != "yes":
+        raise WebError(400, "anonymize must be yes")
+    if request.endpoint != "dicomweb.retrieve":
+        raise WebError(400, "anonymize=yes applies to instance retrieval (WADO-RS) only")
 
 
 def _archive() -> Archive:
@@ -251,9 +268,12 @@ def _with_bulk_urls(text: str, instance_url: str) -> str:
 @bp.get("/studies/<study>/series/<series>")
 @bp.get("/studies/<study>/series/<series>/instances/<sop>")
 def retrieve(study: str, series: str | None = None, sop: str | None = None) -> Response:
+    """Instances as stored or transcoded; with `anonymize=yes`, de-identified
+    (storage.deidentify, the server's project key and `deid_options`)."""
     scope = _scope(study, series, sop)
     rows = _instances(scope)
     wanted, single = _dicom_syntaxes(_accept(), single_allowed=sop is not None)
+    change = _deidentifier(scope) if request.args.get("anonymize") == "yes" else None
     plan = []
     for row in rows:
         stored = row["instance_transfer_syntax"]
@@ -263,20 +283,17 @@ def retrieve(study: str, series: str | None = None, sop: str | None = None) -> R
         plan.append((row, stored if syntax == "*" else syntax))
     if single:
         row, syntax = plan[0]
-        body = transcode.instance_bytes(
-            row["instance_path"], row["instance_transfer_syntax"], syntax
-        )
+        body = _instance_bytes(row, syntax, change)
         response = Response(body, mimetype=DICOM)
         response.headers["Content-Type"] = f"{DICOM}; transfer-syntax={syntax}"
         return _private(response)
     boundary = new_boundary()
     heads = []
     for row, syntax in plan:
-        headers = {
-            "Content-Type": f"{DICOM}; transfer-syntax={syntax}",
-            "Content-Location": _row_url(row),
-        }
-        if syntax == row["instance_transfer_syntax"]:
+        headers = {"Content-Type": f"{DICOM}; transfer-syntax={syntax}"}
+        if change is None:  # a de-identified part has no original to point to
+            headers["Content-Location"] = _row_url(row)
+        if syntax == row["instance_transfer_syntax"] and change is None:
             headers["Content-Length"] = str(row["instance_path"].stat().st_size)
         heads.append(headers)
 
@@ -285,8 +302,7 @@ def retrieve(study: str, series: str | None = None, sop: str | None = None) -> R
             if "Content-Length" in headers:
                 yield headers, file_chunks(row["instance_path"])
             else:
-                stored = row["instance_transfer_syntax"]
-                yield headers, [transcode.instance_bytes(row["instance_path"], stored, syntax)]
+                yield headers, [_instance_bytes(row, syntax, change)]
 
     response = _multipart(parts(), boundary, DICOM)
     if all("Content-Length" in h for h in heads):  # all as stored: the length is known
@@ -295,9 +311,34 @@ def retrieve(study: str, series: str | None = None, sop: str | None = None) -> R
     return response
 
 
-def _instances(scope: dict[int, str]) -> list[dict]:
+def _deidentifier(scope: dict[int, str]) -> Callable[[Dataset], object]:
+    """The de-identifying change, once no instance in scope needs its pixels cleaned
+    (refused before the first part is sent, not halfway through a multipart body)."""
+    burned = [
+        uid for uid, text in _archive().instance_json(*_selection(scope)) if BURNED_IN.search(text)
+    ]
+    if burned:
+        raise WebError(409, f"cannot anonymize: burned-in annotation in {', '.join(burned[:5])}")
+    profile = current_app.extensions["minipacs"]["deid"]
+    return lambda ds: deidentify.deidentify(ds, profile)
+
+
+def _instance_bytes(row: dict, syntax: str, change) -> bytes:
+    try:
+        return transcode.instance_bytes(
+            row["instance_path"], row["instance_transfer_syntax"], syntax, change
+        )
+    except deidentify.NotDeidentifiable as exc:
+        raise WebError(409, f"cannot anonymize {row['instance_sop_uid']}: {exc}") from exc
+
+
+def _selection(scope: dict[int, str]) -> tuple[str, list[Key]]:
     level = "IMAGE" if SOP in scope else "SERIES" if SERIES in scope else "STUDY"
-    keys = [Key(tag, "UI", uid) for tag, uid in scope.items()]
+    return level, [Key(tag, "UI", uid) for tag, uid in scope.items()]
+
+
+def _instances(scope: dict[int, str]) -> list[dict]:
+    level, keys = _selection(scope)
     rows = list(_archive().locate(level, keys))
     if not rows:
         raise WebError(404, f"no {level.lower()} {list(scope.values())[-1]} in the archive")

@@ -7,6 +7,7 @@ has a plugin for); encoding into a compressed syntax is not offered (406).
 """
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -56,24 +57,33 @@ def can_send(stored: str, wanted: str) -> bool:
     return wanted in ("*", stored) or wanted in UNCOMPRESSED
 
 
-def instance_bytes(path: Path, stored: str, wanted: str) -> bytes:
-    """The Part 10 file in `wanted` (as stored when "*" or equal)."""
-    if wanted in ("*", stored):
+def instance_bytes(
+    path: Path, stored: str, wanted: str, change: Callable[[Dataset], object] | None = None
+) -> bytes:
+    """The Part 10 file in `wanted` (as stored when "*" or equal), after `change` (which
+    edits the dataset in place: de-identification) when given."""
+    if wanted in ("*", stored) and change is None:
         return path.read_bytes()
-    if wanted not in UNCOMPRESSED:
+    if wanted not in ("*", stored, *UNCOMPRESSED):
         raise TranscodeError(f"cannot transcode {UID(stored).name} to {wanted}")
     ds = dcmread(path)
-    if UID(stored).is_compressed:
-        try:
-            ds.decompress(generate_instance_uid=False)  # same instance, another syntax
-        except Exception as exc:
-            raise TranscodeError(f"cannot decompress {UID(stored).name}: {exc}", 422) from exc
+    if change is not None:
+        change(ds)
+    if wanted in ("*", stored):
+        syntax = UID(stored)
+    else:
+        syntax = UID(wanted)
+        if UID(stored).is_compressed:
+            try:
+                ds.decompress(generate_instance_uid=False)  # same instance, another syntax
+            except Exception as exc:
+                raise TranscodeError(f"cannot decompress {UID(stored).name}: {exc}", 422) from exc
     buffer = io.BytesIO()
-    ds.file_meta.TransferSyntaxUID = UID(wanted)
+    ds.file_meta.TransferSyntaxUID = syntax
     ds.save_as(
         buffer,
-        implicit_vr=UID(wanted).is_implicit_VR,
-        little_endian=True,
+        implicit_vr=syntax.is_implicit_VR,
+        little_endian=syntax.is_little_endian,
         enforce_file_format=True,
     )
     return buffer.getvalue()

@@ -16,6 +16,7 @@ from pydicom import dcmread
 from pydicom.uid import UID
 from pydicom.uid import ExplicitVRLittleEndian
 
+from storage import deidentify
 from viewer import render
 from viewer import transcode
 
@@ -72,10 +73,9 @@ def wado() -> Response:
     if params.get("requestType") != "WADO":
         raise WadoError(400, "requestType must be WADO")
     uids = [_uid(params, name) for name in ("studyUID", "seriesUID", "objectUID")]
-    if params.get("anonymize"):
-        if params["anonymize"] != "yes":
-            raise WadoError(400, "anonymize must be yes")
-        raise WadoError(400, "anonymize=yes is not supported yet (no de-identification)")
+    anonymize = params.get("anonymize")
+    if anonymize not in (None, "yes"):
+        raise WadoError(400, "anonymize must be yes")
     if params.get("presentationUID") or params.get("presentationSeriesUID"):
         raise WadoError(400, "presentation states are not supported")
     archive = current_app.extensions["minipacs"]["archive"]
@@ -86,8 +86,8 @@ def wado() -> Response:
     has_pixels = "Rows" in header and "Columns" in header
     content_type = _content_type(params.get("contentType", ""), has_pixels)
     if content_type == DICOM:
-        return _dicom(path, header, params.get("transferSyntax", ""))
-    for name in ("transferSyntax",):
+        return _dicom(path, header, params.get("transferSyntax", ""), anonymize == "yes")
+    for name in ("transferSyntax", "anonymize"):
         if params.get(name):
             raise WadoError(400, f"{name} applies only to application/dicom")
     return _image(path, header, content_type, params)
@@ -121,15 +121,20 @@ def _content_type(accepted: str, has_pixels: bool) -> str:
     raise WadoError(406, f"cannot produce any of: {accepted}")
 
 
-def _dicom(path, header, syntax: str) -> Response:
+def _dicom(path, header, syntax: str, anonymize: bool) -> Response:
+    """The object; de-identified (PS3.15 Basic Profile, storage.deidentify) on request."""
     stored = UID(header.file_meta.TransferSyntaxUID)
     wanted = syntax.strip() or ExplicitVRLittleEndian
     if wanted != "*" and not UID_RE.match(wanted):
         raise WadoError(400, "transferSyntax is not a valid UID")
+    profile = current_app.extensions["minipacs"]["deid"]
+    change = (lambda ds: deidentify.deidentify(ds, profile)) if anonymize else None
     try:
-        body = transcode.instance_bytes(path, stored, wanted)
+        body = transcode.instance_bytes(path, stored, wanted, change)
     except transcode.TranscodeError as exc:
         raise WadoError(406, str(exc)) from exc
+    except deidentify.NotDeidentifiable as exc:  # PS3.18 lets the server refuse
+        raise WadoError(409, f"cannot anonymize {header.SOPInstanceUID}: {exc}") from exc
     return _dicom_response(body, stored if wanted == "*" else UID(wanted))
 
 
