@@ -38,7 +38,7 @@ EVENTS = (
     "retrieve",  # C-MOVE, C-GET, WADO
     "view",  # the browser viewer
     "export",  # anonymize to a folder or peer
-    "deidentify",
+    "deidentify",  # WADO-URI or WADO-RS with anonymize=yes
     "delete",  # by an administrator, or by retention
     "login",
     "rejected",  # an association or request refused by policy
