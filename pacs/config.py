@@ -141,6 +141,13 @@ class Config:
         default=256,
         metadata={"help": "Memory for decoded frames kept for re-rendering (MiB)."},
     )
+    move_associations: int = field(
+        default=2,
+        metadata={
+            "help": "Associations a C-MOVE sends over at once (one sends while the peer "
+            "stores what came over another); a peer that refuses more gets one."
+        },
+    )
     max_associations: int = field(
         default=32, metadata={"help": "Concurrent DICOM associations before new ones are refused."}
     )
@@ -326,6 +333,11 @@ def _convert(name: str, value: Any) -> Any:
         "max_upload_mb",
     ):
         return _int(value, name, 0 if name == "max_pdu" else 1)
+    if name == "move_associations":
+        number = _int(value, name, 1)
+        if number > 8:
+            raise ConfigError("move_associations: at most 8")
+        return number
     if name in ("parse_processes", "quota_mb", "quota_instances"):
         return _int(value, name, 0)
     if name == "retention_interval":

@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import logging
 import socket
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -162,6 +163,7 @@ FIND_CLASSES = {
 }
 PENDING = 0xFF00
 CANCELLED = 0xFE00
+MAX_MOVE_ASSOCIATIONS = 8
 READ_AHEAD_MAX = 64 << 20  # bytes: larger instances are read when their turn comes
 IDENTIFIER_MISMATCH = 0xA900  # PS3.4 C.4.1.1.4: Identifier does not match SOP Class
 UNABLE_TO_PROCESS = 0xC000
@@ -278,12 +280,67 @@ def handle_move(event: Event, archive: Archive, config: Config):
         kwargs["tls_args"] = (context, peer.host)
     yield peer.host, peer.port, kwargs
     yield len(instances)
+    helpers = _Helpers(event, peer, instances, kwargs, config.move_associations - 1)
     try:
         yield from _sub_operations(
-            event, instances, lambda: established[0].accepted_contexts if established else []
+            event,
+            instances,
+            lambda: established[0].accepted_contexts if established else [],
+            helpers.ready,
         )
     finally:
+        helpers.close()
         _audit(archive, event, "retrieve", instances=len(instances), to=peer.aet, by="C-MOVE")
+
+
+class _Helpers:
+    """More sub-associations to a C-MOVE destination, so that one sends while the peer
+    stores what came over another (a C-STORE waits for its response before the next).
+
+    Opened in the background: a peer that answers one association at a time (storescp
+    without --fork) leaves the request waiting until the move is over, and everything
+    goes over pynetdicom's association meanwhile; one that refuses gets the same.
+    """
+
+    def __init__(self, event: Event, peer, instances: list[dict], kwargs: dict, count: int):
+        self._open: list = []
+        self._closed = False
+        self._lock = threading.Lock()
+        if count > 0 and len(instances) > 1:
+            args = (event.assoc.ae, peer, _contexts_for(instances), kwargs.get("tls_args"), count)
+            threading.Thread(target=self._associate, args=args, daemon=True).start()
+
+    def _associate(self, ae, peer, contexts, tls_args, count: int) -> None:
+        for _ in range(count):
+            assoc = ae.associate(
+                peer.host,
+                peer.port,
+                contexts=contexts,
+                ae_title=peer.aet,
+                max_pdu=0,
+                evt_handlers=[(evt.EVT_ESTABLISHED, _busy_sub_association, [[]])],
+                tls_args=tls_args,
+            )
+            with self._lock:
+                if assoc.is_established and not self._closed:
+                    self._open.append(assoc)
+                    continue
+            if assoc.is_established:  # too late: the move is over
+                assoc.release()
+            else:
+                log.info("C-MOVE destination %s: no second association", peer.aet)
+            return
+
+    def ready(self) -> list:
+        with self._lock:
+            return [assoc for assoc in self._open if assoc.is_established]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            helpers, self._open = self._open, []
+        for assoc in helpers:
+            assoc.release()
 
 
 def handle_sop_extended(event: Event) -> dict[str, bytes]:
@@ -377,22 +434,50 @@ def _contexts_for(instances: list[dict]) -> list[PresentationContext]:
     return [build_context(c, syntaxes) for c, syntaxes in pairs]
 
 
-def _sub_operations(event: Event, instances: list[dict], accepted):
-    """The instances to send; the next one's file is read while the peer stores the
-    current one (unless it is large: two in memory at once)."""
-    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
-        upcoming = None
-        for index, row in enumerate(instances):
+def _sub_operations(event: Event, instances: list[dict], accepted, helpers=list):
+    """The instances to send, in groups as wide as the sub-associations ready: the first
+    of a group is yielded for pynetdicom to send, the others go over the helper
+    associations (`helpers()`, C-MOVE) at the same time, in threads, and are yielded
+    already sent (their status attached, which our send_c_store hands back). The next
+    group's first file is read meanwhile (unless it is large: two in memory at once). A
+    cancel is honoured between groups, so the counts stay exact."""
+    with ThreadPoolExecutor(MAX_MOVE_ASSOCIATIONS, thread_name_prefix="sub-op") as pool:
+        upcoming, start = None, 0
+        while start < len(instances):
             if event.is_cancelled:
                 yield CANCELLED, None
                 return
             contexts = accepted()
-            dataset = upcoming.result() if upcoming else _dataset_to_send(row, contexts)
+            ready = helpers()
+            group = instances[start : start + 1 + len(ready)]
+            start += len(group)
+            first = upcoming.result() if upcoming else _dataset_to_send(group[0], contexts)
+            sent = [
+                pool.submit(_send_over, helper, row, event.request.MessageID)
+                for helper, row in zip(ready, group[1:], strict=False)
+            ]
+            following = instances[start] if start < len(instances) else None
             upcoming = None
-            following = instances[index + 1] if index + 1 < len(instances) else None
             if following is not None and (following.get("instance_size") or 0) < READ_AHEAD_MAX:
-                upcoming = reader.submit(_dataset_to_send, following, contexts)
-            yield PENDING, dataset
+                upcoming = pool.submit(_dataset_to_send, following, contexts)
+            yield PENDING, first
+            for future in sent:
+                yield PENDING, future.result()
+
+
+def _send_over(helper, row: dict, move_id: int) -> Dataset:
+    """One sub-operation over a helper association; the dataset comes back with its
+    status attached, or bare (for pynetdicom's association) if the helper is gone."""
+    dataset = _dataset_to_send(row, helper.accepted_contexts)
+    if not helper.is_established:
+        return dataset
+    helper.sent = getattr(helper, "sent", 0) + 1
+    status = helper.send_c_store(
+        dataset, msg_id=helper.sent, originator_aet=helper.ae.ae_title, originator_id=move_id
+    )
+    if "Status" not in status and not helper.is_established:
+        return dataset
+    return transport.already_sent(dataset, status)
 
 
 def _dataset_to_send(row: dict, accepted: list) -> Dataset:

@@ -16,6 +16,8 @@ from conftest import run
 from corpus import build
 from dicom_files import dataset_bytes
 from pynetdicom import AE
+from pynetdicom import evt
+from pynetdicom.sop_class import CTImageStorage
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pacs import scu
@@ -162,6 +164,39 @@ def test_cancel_mid_move(start_server, tmp_path):
         assert final.NumberOfRemainingSuboperations > 0
     finally:
         dest.stop()
+
+
+def test_move_sends_over_two_associations_when_the_peer_takes_them(start_server, tmp_path):
+    """A pynetdicom storage SCP as destination, counting what arrives over which
+    association: with move_associations = 2 both carry instances, each exactly once. (A
+    peer that takes one association at a time, storescp without --fork, gets everything
+    over one: the tests above.)"""
+    from make_study import make_study
+
+    paths = make_study(tmp_path / "study", 200, size=16)
+    minipacs("import", "--data", str(tmp_path / "data"), str(tmp_path / "study"), "--no-fsync")
+    received: dict[int, list[str]] = {}
+
+    def store(event):
+        received.setdefault(id(event.assoc), []).append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    peer = AE(ae_title="COUNTER")
+    peer.add_supported_context(CTImageStorage)
+    port = free_port()
+    scp = peer.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
+    )
+    try:
+        server = start_server("--peer", f"COUNTER=127.0.0.1:{port}", data=tmp_path / "data")
+        study = pydicom.dcmread(paths[0]).StudyInstanceUID
+        outcome = scu.move(scu.Remote(port=server.port), "STUDY", [study], "COUNTER")
+        assert outcome.ok and outcome.completed == 200 and outcome.failed == 0
+        everything = [uid for uids in received.values() for uid in uids]
+        assert sorted(everything) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in paths)
+        assert len(received) == 2
+    finally:
+        scp.shutdown()
 
 
 def test_getscu_gets_a_series_byte_identical(corpus_server, tmp_path):

@@ -164,7 +164,7 @@ def test_dicom_as_stored(server):
         ("CT_small.dcm", {"imageQuality": "101"}, 400, "imageQuality must be"),
         ("CT_small.dcm", {"region": "0.5,0.5,0.2,0.9"}, 400, "region must be"),
         ("CT_small.dcm", {"annotation": "secrets"}, 400, "annotation must be"),
-        ("CT_small.dcm", {"anonymize": "yes"}, 400, "not supported yet"),
+        ("CT_small.dcm", {"anonymize": "yes"}, 400, "applies only to application/dicom"),
         ("CT_small.dcm", {"presentationUID": "1.2.3"}, 400, "presentation states"),
         (
             "CT_small.dcm",

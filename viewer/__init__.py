@@ -1,6 +1,7 @@
 """The web side: a Flask app factory with the WADO-URI, DICOMweb and viewer (UI)
 blueprints."""
 
+import functools
 from typing import Any
 
 from flask import Flask
@@ -32,9 +33,12 @@ def create_app(config: Any, archive: Archive) -> Flask:
         "config": config,
         "archive": archive,
         "frames": render.FrameCache(config.render_cache_mb << 20),
-        "deid": deidentify.Profile(
-            files.secret(archive.root / ".deid-key"),
-            deidentify.parse_options(config.deid_options),
+        # The key file is made on first use, not by every start.
+        "deid": functools.cache(
+            lambda: deidentify.Profile(
+                files.secret(archive.root / ".deid-key"),
+                deidentify.parse_options(config.deid_options),
+            )
         ),
     }
     app.secret_key = auth.session_key(archive.root)

@@ -319,7 +319,7 @@ def _deidentifier(scope: dict[int, str]) -> Callable[[Dataset], object]:
     ]
     if burned:
         raise WebError(409, f"cannot anonymize: burned-in annotation in {', '.join(burned[:5])}")
-    profile = current_app.extensions["minipacs"]["deid"]
+    profile = current_app.extensions["minipacs"]["deid"]()
     return lambda ds: deidentify.deidentify(ds, profile)
 
 

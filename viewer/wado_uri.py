@@ -127,7 +127,7 @@ def _dicom(path, header, syntax: str, anonymize: bool) -> Response:
     wanted = syntax.strip() or ExplicitVRLittleEndian
     if wanted != "*" and not UID_RE.match(wanted):
         raise WadoError(400, "transferSyntax is not a valid UID")
-    profile = current_app.extensions["minipacs"]["deid"]
+    profile = current_app.extensions["minipacs"]["deid"]()
     change = (lambda ds: deidentify.deidentify(ds, profile)) if anonymize else None
     try:
         body = transcode.instance_bytes(path, stored, wanted, change)
