@@ -28,6 +28,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
+from pacs import commitment
 from pacs import policy
 from pacs import spool
 from pacs import tls
@@ -142,6 +143,7 @@ def build_handlers(archive: Archive, config: Config) -> list:
         (evt.EVT_C_FIND, handle_find, [archive, config]),
         (evt.EVT_C_GET, handle_get, [archive, config]),
         (evt.EVT_C_MOVE, handle_move, [archive, config]),
+        (evt.EVT_N_ACTION, commitment.handle_n_action, [archive, config]),
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         (evt.EVT_CONN_CLOSE, handle_conn_close),
     ]

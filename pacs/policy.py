@@ -81,7 +81,7 @@ SERVICE_OF = {
     StudyRootQueryRetrieveInformationModelMove: "move",
     PatientRootQueryRetrieveInformationModelGet: "get",
     StudyRootQueryRetrieveInformationModelGet: "get",
-}  # every other context we support is a storage one: "store"
+}  # every other context we support is storage or storage commitment: "store"
 
 
 def handle_requested(event: Event, config: Config, archive: Archive) -> None:

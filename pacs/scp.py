@@ -22,6 +22,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs import spool
 from pacs import transport
+from pacs.commitment import STORAGE_COMMITMENT
 from pacs.config import Config
 from pacs.handlers import build_handlers
 from pacs.tls import server_context
@@ -60,11 +61,12 @@ def transfer_syntaxes() -> list[str]:
 
 
 def supported_contexts() -> list[PresentationContext]:
-    """Verification and Query/Retrieve (uncompressed), every storage class in every syntax;
+    """Verification, Query/Retrieve and Storage Commitment (uncompressed), every storage
+    class in every syntax;
     storage contexts accept SCP/SCU role selection so C-GET can send back over them."""
     syntaxes = transfer_syntaxes()
     contexts = []
-    for uid in [Verification, *QUERY_RETRIEVE]:
+    for uid in [Verification, *QUERY_RETRIEVE, STORAGE_COMMITMENT]:
         contexts.append(_context(uid, syntaxes[:2]))
     for storage in AllStoragePresentationContexts:
         context = _context(storage.abstract_syntax, syntaxes)

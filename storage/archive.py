@@ -623,6 +623,29 @@ class Archive:
             return None
         return self.root / row[0]
 
+    def commitment_problem(self, sop_class_uid: str, sop_uid: str) -> str:
+        """Why the archive cannot take responsibility for an instance ('' when it can):
+        stored, under that SOP class, its file still the size and SHA-256 recorded."""
+        with db.connection_context():
+            row = (
+                Instance.select(
+                    Instance.sop_class_uid, Instance.path, Instance.size, Instance.sha256
+                )  # fmt: skip
+                .where(Instance.sop_uid == sop_uid)
+                .tuples()
+                .first()
+            )
+        if row is None:
+            return "not stored"
+        if row[0] != sop_class_uid:
+            return "stored under another SOP class"
+        try:
+            if hash_file(self.root / row[1]) != (row[2], row[3]):
+                return "file missing or changed"
+        except OSError:
+            return "file missing or changed"
+        return ""
+
     def stats(self) -> dict[str, int]:
         with db.connection_context():
             return {

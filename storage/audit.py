@@ -43,6 +43,7 @@ EVENTS = (
     "login",
     "rejected",  # an association or request refused by policy
     "protect",
+    "commit",  # storage commitment (PS3.4 Annex J)
 )
 FIELDS = ("at", "event", "outcome", "who", "address", "patient_id", "study_uid", "detail")
 
