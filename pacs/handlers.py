@@ -45,6 +45,7 @@ from storage.errors import InvalidUID
 from storage.errors import OutOfResources
 from storage.errors import StorageError
 from storage.errors import UIDMismatch
+from viewer import metrics
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ def handle_store(event: Event, archive: Archive) -> int | Dataset:
         return _failure(status, str(exc))
     finally:
         path.unlink(missing_ok=True)
+    metrics.stored(stored.size)
     log.info(
         "C-STORE %s from %s: %s",
         stored.sop_uid,
@@ -138,12 +140,16 @@ def _failure(status: int, comment: str) -> Dataset:
 def build_handlers(archive: Archive, config: Config) -> list:
     return [
         (evt.EVT_REQUESTED, policy.handle_requested, [config, archive]),
-        (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [archive]),
-        (evt.EVT_C_FIND, handle_find, [archive, config]),
-        (evt.EVT_C_GET, handle_get, [archive, config]),
-        (evt.EVT_C_MOVE, handle_move, [archive, config]),
-        (evt.EVT_N_ACTION, commitment.handle_n_action, [archive, config]),
+        (evt.EVT_C_ECHO, metrics.timed("C-ECHO", handle_echo)),
+        (evt.EVT_C_STORE, metrics.timed("C-STORE", handle_store), [archive]),
+        (evt.EVT_C_FIND, metrics.timed("C-FIND", handle_find), [archive, config]),
+        (evt.EVT_C_GET, metrics.timed("C-GET", handle_get), [archive, config]),
+        (evt.EVT_C_MOVE, metrics.timed("C-MOVE", handle_move), [archive, config]),
+        (
+            evt.EVT_N_ACTION,
+            metrics.timed("N-ACTION", commitment.handle_n_action),
+            [archive, config],
+        ),  # fmt: skip
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         (evt.EVT_CONN_CLOSE, handle_conn_close),
     ]

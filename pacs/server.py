@@ -29,8 +29,10 @@ from storage import Archive
 from storage import users
 from storage.engine import describe
 from viewer import create_app
+from viewer import metrics
 
 log = logging.getLogger(__name__)
+METRICS_FOLDER = ".metrics"  # the DICOM workers' metric snapshots (viewer.metrics)
 DRAIN_SECONDS = 10.0  # in-flight associations get this long to finish after a stop signal
 
 
@@ -43,6 +45,7 @@ def serve(config: Config) -> None:
     stop = _stop_on_signals()
     auditlog.install(config.audit_syslog)
     archive = _open_archive(config, repair=True)
+    metrics.forget_dead(config.data / METRICS_FOLDER)
     if config.host not in LOOPBACK and not archive.accounts(users.count):
         archive.close()
         raise StartupError(
@@ -112,6 +115,11 @@ def run_worker(config: Config, number: int, listening, supervisor: int) -> None:
     threading.Thread(target=_watch_supervisor, args=(supervisor, stop), daemon=True).start()
     auditlog.install(config.audit_syslog)
     archive = _open_archive(config, repair=False)
+    threading.Thread(
+        target=metrics.write_snapshots,
+        args=(config.data / METRICS_FOLDER, f"{supervisor}-worker-{number}", stop),
+        daemon=True,
+    ).start()
     scps = []
     try:
         scps.append(_listen(config, archive, shared_port=True))
@@ -218,7 +226,11 @@ def _listen(config: Config, archive: Archive, shared_port: bool, tls: bool = Fal
     if missing:
         raise StartupError(f"DICOM TLS: no such file: {', '.join(missing)}")
     try:
-        return start_scp(config, archive, shared_port=shared_port, tls=tls)
+        scp = start_scp(config, archive, shared_port=shared_port, tls=tls)
+        metrics.REGISTRY.gauge(
+            "minipacs_associations_active", lambda: len(scp.ae.active_associations)
+        )
+        return scp
     except (OSError, ssl.SSLError) as exc:
         reason = exc.strerror or str(exc)
         raise StartupError(f"cannot listen for DICOM on {config.host}:{port}: {reason}") from exc
@@ -250,6 +262,7 @@ def _open_archive(config: Config, repair: bool) -> Archive:
     elif repair:
         log.info("another minipacs process uses %s: start-up check skipped", archive.root)
     archive.lock(exclusive=False)
+    metrics.REGISTRY.gauge("minipacs_index_queue", archive.pending_writes)
     return archive
 
 

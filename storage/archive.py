@@ -82,6 +82,7 @@ class Stored:
     sop_class_uid: str = ""
     study_uid: str = ""
     series_uid: str = ""
+    size: int = 0  # bytes written to the archive (0: nothing new)
 
 
 @dataclass
@@ -174,10 +175,27 @@ class Archive:
             return False
         return True
 
-    def check(self) -> None:
-        """Raise if the index cannot be read (for /healthz)."""
-        with db.connection_context():
-            db.execute_sql("SELECT 1 FROM instance LIMIT 1")
+    def health(self) -> list[str]:
+        """What keeps the archive from working (for /healthz): the index does not answer,
+        or the data folder takes no file (read-only, full)."""
+        problems = []
+        try:
+            with db.connection_context():
+                db.execute_sql("SELECT 1 FROM instance LIMIT 1")
+        except Exception as exc:
+            problems.append(f"index: {exc}")
+        probe = self.incoming / f"health-{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(probe, "wb") as fp:
+                fp.write(b"\0" * 4096)
+                fp.flush()
+                os.fsync(fp.fileno())
+            probe.unlink()
+        except OSError as exc:
+            problems.append(f"data folder: {exc.strerror or exc}")
+            with contextlib.suppress(OSError):
+                probe.unlink()
+        return problems
 
     def close(self) -> None:
         self._pool.shutdown()
@@ -279,6 +297,7 @@ class Archive:
                 parsed.sop_class_uid,
                 parsed.study_uid,
                 parsed.series_uid,
+                size if outcome in (Outcome.STORED, Outcome.REPLACED) else 0,
             )
         finally:
             if synced is not None:
@@ -622,6 +641,10 @@ class Archive:
         ):
             return None
         return self.root / row[0]
+
+    def pending_writes(self) -> int:
+        """Index writes queued for the writer (a metric: a growing queue is a slow disk)."""
+        return self._writer.pending() if self._writer is not None else 0
 
     def commitment_problem(self, sop_class_uid: str, sop_uid: str) -> str:
         """Why the archive cannot take responsibility for an instance ('' when it can):

@@ -86,6 +86,9 @@ class IndexWriter:
         if self._thread.is_alive():
             self._queue.put(_Job(lambda: fn(*args), deferred=True))
 
+    def pending(self) -> int:
+        return self._queue.qsize()
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()

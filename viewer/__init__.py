@@ -2,6 +2,8 @@
 blueprints."""
 
 import functools
+import shutil
+import time
 from typing import Any
 
 from flask import Flask
@@ -15,6 +17,7 @@ from storage import Archive
 from storage import audit
 from storage import deidentify
 from storage import files
+from viewer import metrics
 
 CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, Cache-Control"
 EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Encoding, ETag, Warning"
@@ -33,6 +36,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
         "config": config,
         "archive": archive,
         "frames": render.FrameCache(config.render_cache_mb << 20),
+        "stats": {},  # the archive's counts for /metrics, refreshed once a minute
         # The key file is made on first use, not by every start.
         "deid": functools.cache(
             lambda: deidentify.Profile(
@@ -48,6 +52,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
         SESSION_COOKIE_SECURE=bool(config.https_cert) or config.public_url.startswith("https:"),
         SESSION_COOKIE_NAME="minipacs_session",
     )
+    app.before_request(_start_clock)
     app.before_request(auth.check)
     app.register_blueprint(auth.bp)
     app.register_blueprint(wado_uri.bp)
@@ -59,11 +64,23 @@ def create_app(config: Any, archive: Archive) -> Flask:
         app.after_request(lambda response: _cors(response, config.cors_origins))
     app.after_request(lambda response: _audit(response, archive))
     app.after_request(_security_headers)
+    app.after_request(_count)
 
     @app.get("/healthz")
     def healthz():
-        archive.check()
+        """200 when the index answers and the data folder takes a file; else 503 and why
+        (for a load balancer or a probe: no patient data, no login)."""
+        problems = archive.health()
+        if problems:
+            return jsonify(status="unhealthy", problems=problems), 503
         return jsonify(status="ok", aet=config.aet, dicom_port=config.port)
+
+    @app.get("/metrics")
+    def prometheus():
+        """Prometheus text: this server's counters, its DICOM workers', archive gauges."""
+        gauges = _archive_gauges(archive, app.extensions["minipacs"]["stats"])
+        body = metrics.exposition(archive.root / ".metrics", gauges)
+        return Response(body, mimetype="text/plain; version=0.0.4")
 
     return app
 
@@ -81,6 +98,36 @@ AUDITED = {  # endpoint → audit event; STOW-RS instances are audited as they a
     "wado_uri.wado": "retrieve",
     "ui.page": "view",
 }
+
+
+def _start_clock() -> None:
+    g.started = time.monotonic()
+
+
+def _count(response: Response) -> Response:
+    metrics.REGISTRY.add(
+        "minipacs_http_requests_total", method=request.method, code=str(response.status_code)
+    )
+    metrics.REGISTRY.observe(
+        "minipacs_http_request_seconds",
+        time.monotonic() - g.get("started", time.monotonic()),
+        endpoint=request.endpoint or "none",
+    )
+    return response
+
+
+def _archive_gauges(archive: Archive, cache: dict) -> dict[str, float]:
+    """Counts from the index (at most once a minute: a count over 1M rows is not free)
+    and the free space of the data folder."""
+    minute = int(time.time() // 60)
+    if cache.get("minute") != minute:
+        cache.update(minute=minute, figures=archive.stats())
+    figures = cache["figures"]
+    return {
+        "minipacs_archive_instances": figures["instances"],
+        "minipacs_archive_bytes": figures.get("bytes", 0),
+        "minipacs_disk_free_bytes": shutil.disk_usage(archive.root).free,
+    }
 
 
 def _audit(response: Response, archive: Archive) -> Response:

@@ -33,7 +33,7 @@ bp = Blueprint("auth", __name__)
 PUBLIC = {"auth.login", "auth.login_form", "healthz", "ui.static"}
 NEEDS = {"GET": "viewer", "HEAD": "viewer", "OPTIONS": "viewer", "POST": "uploader",
          "DELETE": "admin"}  # fmt: skip
-ADMIN_ENDPOINTS = {"auth.audit_trail"}
+ADMIN_ENDPOINTS = {"auth.audit_trail", "prometheus"}
 AUDIT_FILTERS = ("event", "who", "patient_id", "study_uid", "since", "until")
 
 

@@ -1,0 +1,98 @@
+"""/metrics (Prometheus text, read back with prometheus_client's own parser) and /healthz:
+figures move with real traffic (storescu, findscu, echoscu, HTTP), DICOM worker processes
+are added in, admins only once there are users; /healthz says 503 and why when the data
+folder takes no file."""
+
+import time
+
+import requests
+from conftest import TEST_FILES
+from conftest import minipacs
+from conftest import run
+from conftest import storescu
+from prometheus_client.parser import text_string_to_metric_families
+
+CT = TEST_FILES / "CT_small.dcm"
+
+
+def scrape(server, **kwargs) -> dict[tuple[str, tuple], float]:
+    response = requests.get(f"{server.url}/metrics", timeout=10, **kwargs)
+    assert response.status_code == 200, response.text
+    assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_figures_follow_the_traffic(server):
+    storescu(server.port, CT)
+    run("echoscu", "-aec", "MINIPACS", "127.0.0.1", str(server.port))
+    run("findscu", "-S", "-aec", "MINIPACS", "-k", "QueryRetrieveLevel=STUDY",
+        "-k", "PatientID=1CT1", "127.0.0.1", str(server.port))  # fmt: skip
+    requests.get(f"{server.url}/dicom-web/studies", timeout=10)
+    samples = scrape(server)
+    assert value(samples, "minipacs_dimse_requests_total", service="C-STORE") == 1
+    assert value(samples, "minipacs_dimse_requests_total", service="C-FIND") == 1
+    assert value(samples, "minipacs_dimse_requests_total", service="C-ECHO") == 1
+    assert value(samples, "minipacs_instances_stored_total") == 1
+    (stored,) = server.data.glob("*/*/*.dcm")
+    assert value(samples, "minipacs_bytes_stored_total") == stored.stat().st_size
+    finds = value(samples, "minipacs_dimse_request_seconds_count", service="C-FIND")
+    assert finds == 1
+    assert value(samples, "minipacs_dimse_request_seconds_bucket", service="C-FIND", le="+Inf") == 1
+    assert value(samples, "minipacs_http_requests_total", method="GET", code="200") >= 1
+    assert ("minipacs_associations_active", ()) in samples
+    assert value(samples, "minipacs_archive_instances") == 1
+    assert value(samples, "minipacs_disk_free_bytes") > 0
+    storescu(server.port, CT)  # the same instance again: nothing new stored
+    assert value(scrape(server), "minipacs_instances_stored_total") == 1
+
+
+def test_worker_processes_are_added_in(start_server):
+    server = start_server("--workers", "2")
+    for _ in range(3):
+        storescu(server.port, CT)
+    deadline = time.monotonic() + 15  # workers write their figures every 5 s
+    while True:
+        stores = value(scrape(server), "minipacs_dimse_requests_total", service="C-STORE")
+        if stores == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert stores == 3
+
+
+def test_metrics_are_for_admins_once_there_are_users(server):
+    data = ["--data", str(server.data)]
+    password = "a long enough password"
+    for name, role in (("rad", "viewer"), ("boss", "admin")):
+        minipacs("user", "add", name, "--role", role, "--password-stdin", *data, input=password)
+    tokens = {
+        name: minipacs("user", "token", name, *data).stdout.strip() for name in ("rad", "boss")
+    }
+    assert requests.get(f"{server.url}/metrics", timeout=10).status_code == 401
+    viewer = {"Authorization": f"Bearer {tokens['rad']}"}
+    assert requests.get(f"{server.url}/metrics", headers=viewer, timeout=10).status_code == 403
+    assert scrape(server, headers={"Authorization": f"Bearer {tokens['boss']}"})
+    assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200  # no login
+
+
+def test_healthz_fails_when_the_data_folder_takes_no_file(server):
+    incoming = server.data / ".incoming"
+    aside = server.data / ".incoming-aside"
+    incoming.rename(aside)
+    incoming.write_text("not a folder")
+    try:
+        response = requests.get(f"{server.url}/healthz", timeout=10)
+        assert response.status_code == 503
+        assert response.json()["status"] == "unhealthy"
+        assert any("data folder" in p for p in response.json()["problems"])
+    finally:
+        incoming.unlink()
+        aside.rename(incoming)
+    assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200
