@@ -332,6 +332,32 @@ def _audit_export(archive, level, uids, where, count, problems, profile) -> None
         )
 
 
+@main.command("queue")
+@config_options
+@click.option("--status", type=click.Choice(["pending", "sending", "failed"]), help="Only these.")
+@click.option("--retry", is_flag=True, help="Send failed items (or the IDs given) again now.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.argument("ids", nargs=-1, type=int)
+def route_queue(config_file, status, retry, as_json, ids, **flags) -> None:
+    """The auto-routing queue: what waits to be forwarded, what failed and why."""
+    archive = _open(config_file, **flags)
+    try:
+        if retry:
+            click.echo(f"{archive.routes_retry(list(ids) or None)} item(s) due again", err=True)
+        rows = [r for r in archive.route_items(status or "") if not ids or r["id"] in ids]
+    finally:
+        archive.close()
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row, default=str))
+        else:
+            what = row["sop_uid"] or f"study {row['study_uid']}"
+            tries = f"attempts {row['attempts']}  due {row['due_at']}"
+            click.echo(f"{row['id']}  {row['status']:8} {row['destination']}  {what}  {tries}  "
+                       f"{row['last_error']}")  # fmt: skip
+    click.echo(f"{len(rows)} item(s)", err=True)
+
+
 @main.group()
 def user() -> None:
     """Web users: add, passwd, token, remove, list (roles: viewer, uploader, admin)."""
@@ -454,7 +480,11 @@ def _open(config_file: Path | None, **flags) -> Archive:
     setup_logging(config.log_level)
     auditlog.install(config.audit_syslog)
     archive = Archive(
-        config.data, fsync=config.fsync, duplicates=config.duplicates, index_url=config.index
+        config.data,
+        fsync=config.fsync,
+        duplicates=config.duplicates,
+        index_url=config.index,
+        routes=config.route,
     )
     try:
         return archive.open()

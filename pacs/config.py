@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import deidentify
+from storage import routing
 
 SERVICES = ("echo", "store", "find", "move", "get")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -193,6 +194,17 @@ class Config:
             "Host/Prefix (only behind a reverse proxy that sets them)."
         },
     )
+    route: tuple[routing.Rule, ...] = field(
+        default=(),
+        metadata={
+            "help": "Auto-routing rules, e.g. 'AI_NODE modality=CT+MR stable=60' or "
+            "'https://host/dicom-web match=SeriesDescription:*HEAD*' (repeatable)."
+        },
+    )
+    route_retry: int = field(
+        default=30,
+        metadata={"help": "Seconds before a failed forward is tried again (doubling each time)."},
+    )
     deid_options: str = field(
         default="",
         metadata={
@@ -347,6 +359,16 @@ def _convert(name: str, value: Any) -> Any:
     if name == "peer":
         items = value.split(",") if isinstance(value, str) else value
         return tuple(parse_peer(p) if isinstance(p, str) else p for p in items if p)
+    if name == "route":
+        items = value.split(",") if isinstance(value, str) else value
+        try:
+            return tuple(
+                routing.parse_rule(r) if isinstance(r, str) else r for r in items if str(r).strip()
+            )
+        except routing.RuleError as exc:
+            raise ConfigError(str(exc)) from None
+    if name == "route_retry":
+        return _int(value, name, 1)
     if name == "deid_options":
         try:
             return ",".join(sorted(deidentify.parse_options(str(value))))

@@ -19,6 +19,7 @@ import time
 import waitress
 
 from pacs import auditlog
+from pacs import router
 from pacs.config import LOOPBACK
 from pacs.config import Config
 from pacs.scp import start_scp
@@ -71,6 +72,9 @@ def serve(config: Config) -> None:
             _wait_until_listening(workers)
         http = _web_server(config, archive)
         threading.Thread(target=http.run, name="http", daemon=True).start()
+        threading.Thread(
+            target=router.run, args=(archive, config, stop), name="router", daemon=True
+        ).start()
         if config.quota_mb or config.quota_instances:
             threading.Thread(
                 target=_retention, args=(config, archive, stop), name="retention", daemon=True
@@ -244,6 +248,7 @@ def _open_archive(config: Config, repair: bool) -> Archive:
         # DICOM worker processes (repair=False) are parallel already.
         parse_processes=config.parse_processes if repair else 0,
         index_url=config.index,
+        routes=config.route,
     )
     try:
         archive.open()

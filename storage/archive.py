@@ -36,6 +36,7 @@ from peewee import fn
 from storage import audit
 from storage import index
 from storage import query
+from storage import routing
 from storage import schema
 from storage.dataset import ParsedInstance
 from storage.dataset import read_instance
@@ -121,10 +122,12 @@ class Archive:
         duplicates: str = "keep",
         parse_processes: int = 0,
         index_url: str = "",
+        routes: tuple[routing.Rule, ...] = (),
     ) -> None:
         """`parse_processes` > 0: parse incoming files in that many child processes (started
         on first use), so concurrent ingests are not bound to one core by the GIL.
-        `index_url`: empty for SQLite in the root, else a PostgreSQL URL (storage.engine)."""
+        `index_url`: empty for SQLite in the root, else a PostgreSQL URL (storage.engine).
+        `routes`: auto-routing rules; what they select is queued with its index row."""
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
         self.root = Path(root).absolute()
@@ -132,6 +135,7 @@ class Archive:
         self.fsync = fsync
         self.duplicates = duplicates
         self.index_url = index_url
+        self.routes = routes
         self._writer: index.IndexWriter | None = None
         self._lock_fd: int | None = None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
@@ -285,7 +289,7 @@ class Archive:
                 detail={"series": parsed.series_uid, "sop": parsed.sop_uid, "as": outcome.value},
             )
             try:
-                self._write(self._index_row, row, event)
+                self._write(self._index_row, row, event, outcome is not Outcome.DUPLICATE)
             except StorageError:
                 if outcome is Outcome.STORED:  # no row: take the file back out
                     (self.root / rel).unlink(missing_ok=True)
@@ -304,9 +308,11 @@ class Archive:
                 synced.exception()  # never unlink under a running fsync
             tmp.unlink(missing_ok=True)
 
-    def _index_row(self, row: index.Row, event: audit.Event) -> None:
+    def _index_row(self, row: index.Row, event: audit.Event, new: bool) -> None:
         index.apply_row(row, self._sql, db)
         audit.append(db, event)
+        if new:
+            routing.enqueue(self.routes, row.parsed, row.calling_aet)
 
     def accounts(self, fn: Callable, *args, write: bool = False):
         """Run a storage.users function on the index (writes go through the index writer)."""
@@ -641,6 +647,31 @@ class Archive:
         ):
             return None
         return self.root / row[0]
+
+    # -- auto-routing queue (storage.routing; pacs.router sends) ------------------------
+
+    def routes_due(self) -> list[dict]:
+        with db.connection_context():
+            if not routing.any_due():
+                return []
+        return self._write(routing.claim)
+
+    def routes_sent(self, ids: list[int]) -> None:
+        self._write(routing.sent, ids)
+
+    def routes_not_sent(self, ids: list[int], error: str, base_delay: float) -> None:
+        self._write(routing.not_sent, ids, error, base_delay)
+
+    def routes_retry(self, ids: list[int] | None = None) -> int:
+        return self._write(routing.retry, ids)
+
+    def route_items(self, status: str = "") -> list[dict]:
+        with db.connection_context():
+            return routing.items(status)
+
+    def route_depth(self) -> dict[str, int]:
+        with db.connection_context():
+            return routing.depth()
 
     def pending_writes(self) -> int:
         """Index writes queued for the writer (a metric: a growing queue is a slow disk)."""

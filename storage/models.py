@@ -127,6 +127,19 @@ class ApiToken(BaseModel):
     created_at = TextField()
 
 
+# The auto-routing queue (storage.routing): an instance (sop_uid) or a whole study (sop_uid
+# NULL, study-stable rules) to forward to `destination`; deleted once sent.
+class RouteItem(BaseModel):
+    destination = TextField()  # a peer's AE title or a DICOMweb base URL
+    study_uid = TextField()
+    sop_uid = TextField(null=True)
+    status = TextField(default="pending", index=True)  # pending, sending, failed
+    attempts = IntegerField(default=0)
+    due_at = DateTimeField(index=True)  # the next attempt (sending: the end of its lease)
+    last_error = TextField(default="")
+    created_at = DateTimeField()
+
+
 # One row: the schema version this index is at (storage.schema migrates older ones).
 class SchemaVersion(BaseModel):
     version = IntegerField()
@@ -141,5 +154,6 @@ MODELS = (
     AuditEvent,
     User,
     ApiToken,
+    RouteItem,
     SchemaVersion,
 )

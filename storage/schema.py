@@ -16,6 +16,7 @@ from storage.models import ApiToken
 from storage.models import AuditEvent
 from storage.models import Instance
 from storage.models import Patient
+from storage.models import RouteItem
 from storage.models import SchemaVersion
 from storage.models import Series
 from storage.models import Study
@@ -43,7 +44,12 @@ def _v4(database: Database) -> None:
     database.create_tables([User, ApiToken])
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v2, _v3, _v4]  # MIGRATIONS[n] takes n+1 → n+2
+def _v5(database: Database) -> None:
+    """The auto-routing queue (storage.routing)."""
+    database.create_tables([RouteItem])
+
+
+MIGRATIONS: list[Callable[[Database], None]] = [_v2, _v3, _v4, _v5]  # MIGRATIONS[n] takes n+1 → n+2
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 

@@ -50,6 +50,7 @@ def test_figures_follow_the_traffic(server):
     assert ("minipacs_associations_active", ()) in samples
     assert value(samples, "minipacs_archive_instances") == 1
     assert value(samples, "minipacs_disk_free_bytes") > 0
+    assert ("minipacs_route_pending", ()) in samples
     storescu(server.port, CT)  # the same instance again: nothing new stored
     assert value(scrape(server), "minipacs_instances_stored_total") == 1
 

@@ -123,7 +123,10 @@ def _archive_gauges(archive: Archive, cache: dict) -> dict[str, float]:
     if cache.get("minute") != minute:
         cache.update(minute=minute, figures=archive.stats())
     figures = cache["figures"]
+    queue = archive.route_depth()
     return {
+        "minipacs_route_pending": queue["pending"] + queue["sending"],
+        "minipacs_route_failed": queue["failed"],
         "minipacs_archive_instances": figures["instances"],
         "minipacs_archive_bytes": figures.get("bytes", 0),
         "minipacs_disk_free_bytes": shutil.disk_usage(archive.root).free,

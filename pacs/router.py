@@ -1,0 +1,119 @@
+"""The auto-router: forwards what `storage.routing` queued — to a peer over C-STORE or to a
+DICOMweb server over STOW-RS — and backs off when the destination is down. It runs in
+the main process of `minipacs serve`; the queue lives in the index, so a restart resumes
+where the last run stopped (an item being sent when the server died goes again after its
+lease: delivery is at least once, and receivers take the same SOP Instance UID twice
+without harm).
+"""
+
+import logging
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+from pacs import scu
+from pacs import tls
+from pacs.config import Config
+from storage import Archive
+from storage import audit
+from storage.query import Key
+
+log = logging.getLogger(__name__)
+POLL = 1.0  # s between looks at the queue
+STOW_TIMEOUT = 300  # s for one STOW-RS request
+
+
+def run(archive: Archive, config: Config, stop: threading.Event) -> None:
+    while not stop.wait(POLL):
+        try:
+            forward_due(archive, config)
+        except Exception:  # never let one bad round end routing for good
+            log.exception("routing round failed")
+
+
+def forward_due(archive: Archive, config: Config) -> None:
+    by_destination: dict[str, list[dict]] = defaultdict(list)
+    for item in archive.routes_due():
+        by_destination[item["destination"]].append(item)
+    for destination, items in by_destination.items():
+        files = {item["id"]: _files(archive, item) for item in items}
+        failures = _forward(config, destination, files)
+        done = [i for i in files if i not in failures]
+        if done:
+            archive.routes_sent(done)
+        for item_id, error in failures.items():
+            archive.routes_not_sent([item_id], error, config.route_retry)
+        count = sum(len(files[i]) for i in done)
+        log.info("routed %d instance(s) to %s; %d item(s) to retry", count, destination,
+                 len(failures))  # fmt: skip
+        archive.audit(
+            audit.Event(
+                "export",
+                "success" if not failures else f"failure: {next(iter(failures.values()))}",
+                who="auto-routing",
+                detail={"to": destination, "instances": count, "retry": len(failures)},
+            )
+        )
+
+
+def _files(archive: Archive, item: dict) -> list[Path]:
+    """The item's stored files now: one instance, or the whole study (a deleted one: none)."""
+    if item["sop_uid"]:
+        keys, level = [Key(0x00080018, "UI", item["sop_uid"])], "IMAGE"
+    else:
+        keys, level = [Key(0x0020000D, "UI", item["study_uid"])], "STUDY"
+    return [row["instance_path"] for row in archive.locate(level, keys)]
+
+
+def _forward(config: Config, destination: str, files: dict[int, list[Path]]) -> dict[int, str]:
+    """Send every item's files; the items that failed, with why."""
+    if destination.startswith(("http://", "https://")):
+        return {i: e for i, paths in files.items() if paths and (e := _stow(destination, paths))}
+    peer = next((p for p in config.peer if p.aet == destination), None)
+    if peer is None:
+        return {i: f"{destination} is not a configured peer" for i in files}
+    context = (
+        tls.client_context(config.tls_ca, config.tls_cert, config.tls_key) if peer.tls else None
+    )
+    remote = scu.Remote(peer.host, peer.port, peer.aet, config.aet, context)
+    paths = [p for item_paths in files.values() for p in item_paths]
+    if not paths:
+        return {}
+    outcome = scu.send(remote, paths)
+    if outcome.problems:
+        return {i: "; ".join(outcome.problems)[:200] for i in files}
+    failed = set(outcome.failed_uids)
+    return {
+        i: f"{peer.aet} did not store {len(bad)} instance(s)"
+        for i, item_paths in files.items()
+        if (bad := [p for p in item_paths if str(p) in failed])
+    }
+
+
+def _stow(url: str, paths: list[Path]) -> str:
+    """STOW-RS of the files to `<url>/studies`; '' on success, else why not."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for path in paths:
+        parts += [f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(),
+                  path.read_bytes(), b"\r\n"]  # fmt: skip
+    parts.append(f"--{boundary}--\r\n".encode())
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/studies",
+        data=b"".join(parts),
+        method="POST",
+        headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=STOW_TIMEOUT) as response:
+            return "" if response.status == 200 else f"STOW-RS answered {response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"STOW-RS answered {exc.code}"
+    except OSError as exc:
+        return f"STOW-RS to {url} failed: {exc}"

@@ -1,0 +1,199 @@
+"""Auto-routing: rules that pick newly stored instances, and the durable queue of what is
+still to be forwarded (the sending is pacs.router's).
+
+A rule is one line: where to, then conditions, all of which must hold:
+    "AI_NODE modality=CT+MR calling_aet=CT01 sop_class=1.2.840.10008.5.1.4.1.1.2
+     match=SeriesDescription:*HEAD* stable=60"
+`to` is a peer's AE title (C-STORE) or an http(s):// DICOMweb base URL (STOW-RS).
+`match=Keyword:pattern` compares a top-level attribute with `*`/`?` wildcards. Without
+`stable`, each instance is queued as it arrives; with `stable=N`, the whole study is
+queued once no instance has arrived for it for N seconds.
+
+The queue is a table of the index, written in the same transaction as the instance's
+row: what was acknowledged to the modality is never lost for the route either.
+"""
+
+import datetime
+import json
+import re
+from dataclasses import dataclass
+from dataclasses import field
+
+from peewee import fn
+from pydicom.datadict import tag_for_keyword
+
+from storage.dataset import ParsedInstance
+from storage.models import RouteItem
+
+MAX_ATTEMPTS = 12  # then the item is `failed`, kept for `minipacs queue --retry`
+MAX_BACKOFF = 3600.0  # s
+LEASE = 600.0  # s a claimed item may stay `sending` before another round takes it again
+
+
+class RuleError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Rule:
+    to: str
+    modalities: frozenset[str] = frozenset()
+    calling_aets: frozenset[str] = frozenset()
+    sop_classes: frozenset[str] = frozenset()
+    matches: tuple[tuple[str, str], ...] = ()  # (tag as 8 hex digits, pattern)
+    stable: int = 0  # s without a new instance before the study goes; 0: each instance
+    text: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        return self.text or self.to
+
+    def selects(self, parsed: ParsedInstance, calling_aet: str, attributes: dict) -> bool:
+        if self.modalities and str(parsed.series.get("modality") or "") not in self.modalities:
+            return False
+        if self.calling_aets and calling_aet not in self.calling_aets:
+            return False
+        if self.sop_classes and parsed.sop_class_uid not in self.sop_classes:
+            return False
+        return all(_wildcard(pattern, _first_value(attributes.get(tag))) for tag, pattern in
+                   self.matches)  # fmt: skip
+
+
+def parse_rule(text: str) -> Rule:
+    to, *conditions = text.split()
+    if not to:
+        raise RuleError("a route needs a destination")
+    options: dict = {"to": to, "text": " ".join(text.split())}
+    for condition in conditions:
+        name, _, value = condition.partition("=")
+        if not value:
+            raise RuleError(f"route {to}: {condition!r} is not name=value")
+        if name in ("modality", "calling_aet", "sop_class"):
+            key = {"modality": "modalities", "calling_aet": "calling_aets",
+                   "sop_class": "sop_classes"}[name]  # fmt: skip
+            options[key] = frozenset(v for v in value.split("+") if v)
+        elif name == "match":
+            keyword, _, pattern = value.partition(":")
+            tag = tag_for_keyword(keyword)
+            if tag is None or not pattern:
+                raise RuleError(f"route {to}: match is Keyword:pattern, not {value!r}")
+            options["matches"] = (*options.get("matches", ()), (f"{tag:08X}", pattern))
+        elif name == "stable":
+            if not value.isdigit():
+                raise RuleError(f"route {to}: stable is a number of seconds")
+            options["stable"] = int(value)
+        else:
+            raise RuleError(f"route {to}: unknown condition {name!r}")
+    return Rule(**options)
+
+
+def enqueue(rules: tuple[Rule, ...], parsed: ParsedInstance, calling_aet: str) -> None:
+    """Queue what the rules select of a newly stored instance (inside its transaction)."""
+    if not rules:
+        return
+    attributes = json.loads(parsed.json) if any(r.matches for r in rules) else {}
+    now = _now()
+    for rule in rules:
+        if not rule.selects(parsed, calling_aet, attributes):
+            continue
+        if not rule.stable:
+            RouteItem.create(destination=rule.to, study_uid=parsed.study_uid,
+                             sop_uid=parsed.sop_uid, due_at=now, created_at=now)  # fmt: skip
+            continue
+        due = now + datetime.timedelta(seconds=rule.stable)
+        waiting = RouteItem.update(due_at=due).where(
+            (RouteItem.destination == rule.to)
+            & (RouteItem.study_uid == parsed.study_uid)
+            & (RouteItem.sop_uid.is_null())
+            & (RouteItem.status == "pending")
+        )
+        if not waiting.execute():
+            RouteItem.create(destination=rule.to, study_uid=parsed.study_uid, sop_uid=None,
+                             due_at=due, created_at=now)  # fmt: skip
+
+
+def any_due() -> bool:
+    """A read first, so that an idle queue costs no write (and no fsync) per look."""
+    ready = (RouteItem.status == "pending") | (RouteItem.status == "sending")
+    return RouteItem.select().where(ready & (RouteItem.due_at <= _now())).exists()
+
+
+def claim(limit: int = 64) -> list[dict]:
+    """Due items, marked `sending` for LEASE seconds (each claimed by one process only:
+    servers sharing an index do not send the same item twice in one round)."""
+    now = _now()
+    due = (
+        RouteItem.select()
+        .where(
+            (RouteItem.due_at <= now)
+            & ((RouteItem.status == "pending") | (RouteItem.status == "sending"))
+        )
+        .order_by(RouteItem.id)
+        .limit(limit)
+        .dicts()
+    )
+    claimed = []
+    lease = now + datetime.timedelta(seconds=LEASE)
+    for item in list(due):
+        taken = RouteItem.update(status="sending", due_at=lease).where(
+            (RouteItem.id == item["id"]) & (RouteItem.status == item["status"])
+            & (RouteItem.due_at == item["due_at"])
+        )  # fmt: skip
+        if taken.execute():
+            claimed.append(item)
+    return claimed
+
+
+def sent(ids: list[int]) -> None:
+    RouteItem.delete().where(RouteItem.id.in_(ids)).execute()
+
+
+def not_sent(ids: list[int], error: str, base_delay: float) -> None:
+    """Back off (base_delay × 2^attempts, at most an hour); `failed` after MAX_ATTEMPTS."""
+    now = _now()
+    for item in RouteItem.select().where(RouteItem.id.in_(ids)):
+        attempts = item.attempts + 1
+        delay = min(base_delay * 2 ** (attempts - 1), MAX_BACKOFF)
+        item.attempts = attempts
+        item.last_error = error[:500]
+        item.status = "failed" if attempts >= MAX_ATTEMPTS else "pending"
+        item.due_at = now + datetime.timedelta(seconds=delay)
+        item.save()
+
+
+def retry(ids: list[int] | None = None) -> int:
+    """Failed items (or the given ones) back to pending, due now; how many."""
+    chosen = RouteItem.id.in_(ids) if ids else RouteItem.status == "failed"
+    return RouteItem.update(status="pending", due_at=_now(), attempts=0).where(chosen).execute()
+
+
+def items(status: str = "") -> list[dict]:
+    query = RouteItem.select().order_by(RouteItem.id)
+    if status:
+        query = query.where(RouteItem.status == status)
+    return list(query.dicts())
+
+
+def depth() -> dict[str, int]:
+    counts = {"pending": 0, "sending": 0, "failed": 0}
+    rows = RouteItem.select(RouteItem.status, fn.COUNT(RouteItem.id)).group_by(RouteItem.status)
+    for status, count in rows.tuples():
+        counts[status] = count
+    return counts
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+
+
+def _first_value(element: dict | None) -> str:
+    if not element or not element.get("Value"):
+        return ""
+    value = element["Value"][0]
+    if isinstance(value, dict):  # PN
+        return str(value.get("Alphabetic", ""))
+    return str(value)
+
+
+def _wildcard(pattern: str, value: str) -> bool:
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, value, re.DOTALL) is not None
