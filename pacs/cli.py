@@ -35,6 +35,7 @@ from storage import users
 from storage.errors import NotDicom
 from storage.errors import StorageError
 from storage.query import Key
+from storage.worklist import WorklistError
 
 
 class UsageFailure(click.ClickException):
@@ -330,6 +331,78 @@ def _audit_export(archive, level, uids, where, count, problems, profile) -> None
                 },
             )
         )
+
+
+@main.group("worklist")
+def worklist_group() -> None:
+    """Modality Worklist items: add, import (CSV or JSON), list, remove."""
+
+
+@worklist_group.command("add")
+@config_options
+@click.option("--field", "-f", "pairs", multiple=True, metavar="Keyword=value",
+              help="An item field, e.g. -f PatientID=P1 -f Modality=CT (repeatable).")  # fmt: skip
+def worklist_add(config_file, pairs, **flags) -> None:
+    """Add one item; fields by DICOM keyword (storage.worklist.FIELDS)."""
+    fields = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+    archive = _open(config_file, **flags)
+    try:
+        click.echo(archive.worklist_add(fields))
+    except WorklistError as exc:
+        raise UsageFailure(str(exc)) from None
+    finally:
+        archive.close()
+
+
+@worklist_group.command("import")
+@config_options
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def worklist_import(config_file, source: Path, **flags) -> None:
+    """Add the items of a CSV file (a header row of keywords) or a JSON list of objects."""
+    text = source.read_text(encoding="utf-8-sig")
+    if source.suffix.lower() == ".json":
+        rows = json.loads(text)
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+    archive = _open(config_file, **flags)
+    added, problems = 0, []
+    try:
+        for number, row in enumerate(rows, start=1):
+            try:
+                archive.worklist_add({k: v for k, v in row.items() if v not in (None, "")})
+                added += 1
+            except WorklistError as exc:
+                problems.append((f"item {number}", str(exc)))
+    finally:
+        archive.close()
+    _report({"items added": added}, problems, False)
+    sys.exit(1 if problems else 0)
+
+
+@worklist_group.command("list")
+@config_options
+def worklist_list(config_file, **flags) -> None:
+    """Every item, one JSON object per line (its DICOM JSON under "item")."""
+    archive = _open(config_file, **flags)
+    try:
+        for row in archive.worklist_items():
+            click.echo(json.dumps(row))
+    finally:
+        archive.close()
+
+
+@worklist_group.command("remove")
+@config_options
+@click.argument("ids", nargs=-1, type=int, required=True)
+def worklist_remove(config_file, ids, **flags) -> None:
+    """Remove items by id; exit 1 if one is unknown."""
+    archive = _open(config_file, **flags)
+    try:
+        missing = [(str(i), "no such item") for i in ids if not archive.worklist_remove(i)]
+    finally:
+        archive.close()
+    _report({"items removed": len(ids) - len(missing)}, missing, False)
+    sys.exit(1 if missing else 0)
 
 
 @main.command("queue")

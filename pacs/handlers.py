@@ -33,6 +33,7 @@ from pacs import policy
 from pacs import spool
 from pacs import tls
 from pacs import transport
+from pacs import worklist
 from pacs.config import Config
 from storage import Archive
 from storage import audit
@@ -150,6 +151,8 @@ def build_handlers(archive: Archive, config: Config) -> list:
             metrics.timed("N-ACTION", commitment.handle_n_action),
             [archive, config],
         ),  # fmt: skip
+        (evt.EVT_N_CREATE, metrics.timed("N-CREATE", worklist.handle_n_create), [archive]),
+        (evt.EVT_N_SET, metrics.timed("N-SET", worklist.handle_n_set), [archive]),
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
         (evt.EVT_CONN_CLOSE, handle_conn_close),
     ]
@@ -185,6 +188,9 @@ def handle_find(event: Event, archive: Archive, config: Config):
     QueryRetrieveLevel; 0xA700 more than `max_results` answers (those sent stand, the
     query should be narrowed); 0xC000 the identifier cannot be decoded.
     """
+    if event.request.AffectedSOPClassUID == worklist.WORKLIST_FIND:
+        yield from worklist.handle_find(event, archive, config)
+        return
     model = FIND_MODELS[event.request.AffectedSOPClassUID]
     try:
         identifier = event.identifier

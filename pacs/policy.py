@@ -26,6 +26,7 @@ from pynetdicom.sop_class import Verification
 from pacs.config import LOOPBACK
 from pacs.config import SERVICES
 from pacs.config import Config
+from pacs.worklist import WORKLIST_FIND
 from storage import Archive
 from storage import audit
 
@@ -81,6 +82,7 @@ SERVICE_OF = {
     StudyRootQueryRetrieveInformationModelMove: "move",
     PatientRootQueryRetrieveInformationModelGet: "get",
     StudyRootQueryRetrieveInformationModelGet: "get",
+    WORKLIST_FIND: "find",
 }  # every other context we support is storage or storage commitment: "store"
 
 

@@ -26,6 +26,8 @@ from pacs.commitment import STORAGE_COMMITMENT
 from pacs.config import Config
 from pacs.handlers import build_handlers
 from pacs.tls import server_context
+from pacs.worklist import MPPS
+from pacs.worklist import WORKLIST_FIND
 from storage import Archive
 
 log = logging.getLogger(__name__)
@@ -61,12 +63,12 @@ def transfer_syntaxes() -> list[str]:
 
 
 def supported_contexts() -> list[PresentationContext]:
-    """Verification, Query/Retrieve and Storage Commitment (uncompressed), every storage
-    class in every syntax;
+    """Verification, Query/Retrieve, Storage Commitment, Modality Worklist and MPPS
+    (uncompressed), every storage class in every syntax;
     storage contexts accept SCP/SCU role selection so C-GET can send back over them."""
     syntaxes = transfer_syntaxes()
     contexts = []
-    for uid in [Verification, *QUERY_RETRIEVE, STORAGE_COMMITMENT]:
+    for uid in [Verification, *QUERY_RETRIEVE, STORAGE_COMMITMENT, WORKLIST_FIND, MPPS]:
         contexts.append(_context(uid, syntaxes[:2]))
     for storage in AllStoragePresentationContexts:
         context = _context(storage.abstract_syntax, syntaxes)

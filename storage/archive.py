@@ -38,6 +38,7 @@ from storage import index
 from storage import query
 from storage import routing
 from storage import schema
+from storage import worklist
 from storage.dataset import ParsedInstance
 from storage.dataset import read_instance
 from storage.engine import describe
@@ -647,6 +648,28 @@ class Archive:
         ):
             return None
         return self.root / row[0]
+
+    # -- modality worklist and performed procedure steps (storage.worklist) -----------
+
+    def worklist_add(self, fields: dict[str, str]) -> int:
+        return self._write(worklist.add, fields)
+
+    def worklist_remove(self, item_id: int) -> bool:
+        return self._write(worklist.remove, item_id)
+
+    def worklist_items(self) -> list[dict]:
+        with db.connection_context():
+            return worklist.listing()
+
+    def find_worklist(self, keys: list, options=None) -> Iterator[dict]:
+        with db.connection_context():
+            yield from query.find_worklist(keys, options or query.Options())
+
+    def create_step(self, sop_uid: str, attributes) -> None:
+        self._write(worklist.create_step, sop_uid, attributes)
+
+    def set_step(self, sop_uid: str, changes) -> str:
+        return self._write(worklist.set_step, sop_uid, changes)
 
     # -- auto-routing queue (storage.routing; pacs.router sends) ------------------------
 

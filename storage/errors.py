@@ -27,3 +27,8 @@ class DuplicateRejected(StorageError):
 
 class OutOfResources(StorageError):
     """The disk is full (or a quota/limit was hit): nothing was stored."""
+
+
+class Refused(Exception):
+    """A request the index turns down by its rules (a worklist item without a patient, an
+    MPPS update of a finished step): an answer, not a failure of the archive."""

@@ -26,6 +26,7 @@ from peewee import Database
 
 from storage.dataset import ParsedInstance
 from storage.engine import is_sqlite
+from storage.errors import Refused
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import Series
@@ -157,7 +158,8 @@ class IndexWriter:
             if _sqlstate(exc) in RETRYABLE:
                 raise  # the whole batch must roll back to release its locks
             job.error = _cause(exc)
-            log.error("index write failed: %s", job.error)
+            if not isinstance(job.error, Refused):
+                log.error("index write failed: %s", job.error)
 
 
 def _sqlstate(exc: BaseException | None) -> str | None:

@@ -140,6 +140,30 @@ class RouteItem(BaseModel):
     created_at = DateTimeField()
 
 
+# Modality Worklist items (storage.worklist): the matching keys as columns, the whole
+# item as DICOM JSON; `status` mirrors the Scheduled Procedure Step Status (MPPS moves it).
+class WorklistItem(BaseModel):
+    patient_id = TextField(index=True)
+    accession_number = TextField(default="", index=True)
+    modality = TextField(default="", index=True)
+    station_aet = TextField(default="", index=True)
+    start_date = TextField(default="", index=True)  # YYYYMMDD
+    status = TextField(default="SCHEDULED", index=True)
+    study_uid = TextField(default="")
+    step_id = TextField(default="", index=True)  # Scheduled Procedure Step ID
+    json = TextField()
+    created_at = TextField()
+
+
+# Modality Performed Procedure Steps (N-CREATE / N-SET), linked to their worklist item.
+class PerformedStep(BaseModel):
+    sop_uid = TextField(unique=True)
+    status = TextField()  # IN PROGRESS, COMPLETED, DISCONTINUED
+    worklist = ForeignKeyField(WorklistItem, null=True, on_delete="SET NULL", lazy_load=False)
+    json = TextField()
+    updated_at = TextField()
+
+
 # One row: the schema version this index is at (storage.schema migrates older ones).
 class SchemaVersion(BaseModel):
     version = IntegerField()
@@ -155,5 +179,7 @@ MODELS = (
     User,
     ApiToken,
     RouteItem,
+    WorklistItem,
+    PerformedStep,
     SchemaVersion,
 )

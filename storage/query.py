@@ -30,6 +30,7 @@ from storage.models import Patient
 from storage.models import Series
 from storage.models import Study
 from storage.models import StudyModality
+from storage.models import WorklistItem
 from storage.models import db
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -701,6 +702,78 @@ def instance_json(level: str, keys: list[Key], model: str = "STUDY") -> Iterator
     )
     for row in _rows(query):
         yield row["instance_sop_uid"], row["instance_json"]
+
+
+# -- Modality Worklist (PS3.4 K.6) ----------------------------------------------------
+
+SPS, SPS_STATUS = 0x00400100, 0x00400020  # Scheduled Procedure Step Sequence, its status
+WORKLIST_COLUMNS = {
+    0x00100020: WorklistItem.patient_id,
+    0x00080050: WorklistItem.accession_number,
+}
+STEP_COLUMNS = {
+    0x00080060: WorklistItem.modality,
+    0x00400001: WorklistItem.station_aet,
+    0x00400002: WorklistItem.start_date,
+    0x00400009: WorklistItem.step_id,
+}
+FINAL_STEP_STATUSES = ("COMPLETED", "DISCONTINUED")
+
+
+def find_worklist(keys: list[Key], options: Options) -> Iterator[dict[str, Any]]:
+    """Worklist items matching every key, by the rules of `find` (the Scheduled Procedure
+    Step Sequence by sequence matching); answers carry the requested keys, as DICOM JSON.
+    Indexed keys (patient, accession, modality, station, start date, step ID) narrow the
+    SQL. Steps COMPLETED or DISCONTINUED are left out unless a status is asked for."""
+    query = WorklistItem.select(WorklistItem.json).order_by(
+        WorklistItem.start_date, WorklistItem.id
+    )
+    status_asked = False
+    for key in keys:
+        if key.tag in WORKLIST_COLUMNS and key.vr != "SQ" and not _empty(key.value):
+            query = query.where(_column_condition(WORKLIST_COLUMNS[key.tag], key))
+        if key.tag != SPS or not isinstance(key.value, list):
+            continue
+        for item in key.value:
+            for tag_hex, element in (item or {}).items():
+                step_key = Key(int(tag_hex, 16), element.get("vr", ""), _query_value(element))
+                if _empty(step_key.value):
+                    continue
+                status_asked |= step_key.tag == SPS_STATUS
+                if step_key.tag in STEP_COLUMNS:
+                    query = query.where(_column_condition(STEP_COLUMNS[step_key.tag], step_key))
+    if not status_asked:
+        query = query.where(WorklistItem.status.not_in(FINAL_STEP_STATUSES))
+    for (text,) in query.tuples().iterator():
+        stored = json.loads(text)
+        if all(_empty(k.value) or _matches(stored.get(k.hex), k, options) for k in keys):
+            yield _worklist_answer(stored, keys)
+
+
+def _column_condition(field: Field, key: Key) -> Expression:
+    values = key.value if isinstance(key.value, list) else [key.value]
+    if key.vr in RANGE_VRS:
+        return _range(field, str(values[0]))
+    return _any_of(field, [str(v).strip() for v in values], key.vr)
+
+
+def _worklist_answer(stored: dict, keys: list[Key]) -> dict[str, Any]:
+    """The requested keys with the item's values; a sequence key's items keep the
+    attributes its query item names (all of them when it names none)."""
+    answer: dict[str, Any] = {"00080005": {"vr": "CS", "Value": ["ISO_IR 192"]}}
+    for key in keys:
+        if key.tag == CHARSET:
+            continue
+        element = stored.get(key.hex) or {"vr": key.vr}
+        if key.vr == "SQ" and isinstance(key.value, list) and any(key.value):
+            wanted = {tag for item in key.value if item for tag in item}
+            items = [
+                {tag: value for tag, value in item.items() if tag in wanted}
+                for item in element.get("Value", [])
+            ]
+            element = {"vr": "SQ", "Value": items}
+        answer[key.hex] = element
+    return answer
 
 
 def explain(level: str, keys: list[Key], model: str = "STUDY") -> list[str]:

@@ -16,12 +16,14 @@ from storage.models import ApiToken
 from storage.models import AuditEvent
 from storage.models import Instance
 from storage.models import Patient
+from storage.models import PerformedStep
 from storage.models import RouteItem
 from storage.models import SchemaVersion
 from storage.models import Series
 from storage.models import Study
 from storage.models import StudyModality
 from storage.models import User
+from storage.models import WorklistItem
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +51,13 @@ def _v5(database: Database) -> None:
     database.create_tables([RouteItem])
 
 
-MIGRATIONS: list[Callable[[Database], None]] = [_v2, _v3, _v4, _v5]  # MIGRATIONS[n] takes n+1 → n+2
+def _v6(database: Database) -> None:
+    """Modality Worklist items and performed procedure steps (storage.worklist)."""
+    database.create_tables([WorklistItem, PerformedStep])
+
+
+# MIGRATIONS[n] takes version n+1 to n+2
+MIGRATIONS: list[Callable[[Database], None]] = [_v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 

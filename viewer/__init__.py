@@ -30,6 +30,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     from viewer import render
     from viewer import ui
     from viewer import wado_uri
+    from viewer import worklist
 
     app = Flask(__name__)
     app.extensions["minipacs"] = {
@@ -58,6 +59,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     app.register_blueprint(wado_uri.bp)
     app.register_blueprint(dicomweb.bp)
     app.register_blueprint(ui.bp)
+    app.register_blueprint(worklist.bp)
     if config.trust_proxy:  # scheme, host and prefix as the client sees them
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
     if config.cors_origins:

@@ -1,0 +1,50 @@
+"""The worklist over HTTP, for a RIS or a script: GET lists the items, POST adds one (a JSON
+object of DICOM keywords, as `minipacs worklist add`) or several (a list), DELETE
+removes one. Roles as everywhere: viewer reads, uploader adds, admin deletes."""
+
+from flask import Blueprint
+from flask import Response
+from flask import current_app
+from flask import jsonify
+from flask import request
+
+from storage.worklist import WorklistError
+
+bp = Blueprint("worklist", __name__, url_prefix="/api/worklist")
+
+
+@bp.get("")
+def items() -> Response:
+    return jsonify(_archive().worklist_items())
+
+
+@bp.post("")
+def add() -> Response:
+    body = request.get_json(silent=True)
+    entries = body if isinstance(body, list) else [body]
+    if not entries or not all(isinstance(e, dict) for e in entries):
+        return _error(400, "the body is a JSON object of DICOM keywords, or a list of them")
+    added = []
+    for entry in entries:
+        try:
+            added.append(_archive().worklist_add({k: str(v) for k, v in entry.items()}))
+        except WorklistError as exc:
+            return _error(400, f"item {len(added) + 1}: {exc}", added=added)
+    return jsonify(ids=added), 201
+
+
+@bp.delete("/<int:item_id>")
+def remove(item_id: int) -> Response:
+    if not _archive().worklist_remove(item_id):
+        return _error(404, f"no worklist item {item_id}")
+    return Response(status=204)
+
+
+def _archive():
+    return current_app.extensions["minipacs"]["archive"]
+
+
+def _error(status: int, message: str, **more) -> Response:
+    response = jsonify(error=message, **more)
+    response.status_code = status
+    return response
