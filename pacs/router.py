@@ -27,14 +27,19 @@ STOW_TIMEOUT = 300  # s for one STOW-RS request
 
 
 def run(archive: Archive, config: Config, stop: threading.Event) -> None:
-    while not stop.wait(POLL):
+    """Rounds back to back while there is work, a look every POLL seconds when idle."""
+    busy = False
+    while not stop.wait(0 if busy else POLL):
         try:
-            forward_due(archive, config)
+            busy = forward_due(archive, config) > 0
         except Exception:  # never let one bad round end routing for good
             log.exception("routing round failed")
+            busy = False
 
 
-def forward_due(archive: Archive, config: Config) -> None:
+def forward_due(archive: Archive, config: Config) -> int:
+    """One round: every due item (up to the claim limit), grouped by destination; how
+    many items it took."""
     by_destination: dict[str, list[dict]] = defaultdict(list)
     for item in archive.routes_due():
         by_destination[item["destination"]].append(item)
@@ -57,6 +62,7 @@ def forward_due(archive: Archive, config: Config) -> None:
                 detail={"to": destination, "instances": count, "retry": len(failures)},
             )
         )
+    return sum(len(items) for items in by_destination.values())
 
 
 def _files(archive: Archive, item: dict) -> list[Path]:

@@ -117,7 +117,7 @@ def any_due() -> bool:
     return RouteItem.select().where(ready & (RouteItem.due_at <= _now())).exists()
 
 
-def claim(limit: int = 64) -> list[dict]:
+def claim(limit: int = 256) -> list[dict]:
     """Due items, marked `sending` for LEASE seconds (each claimed by one process only:
     servers sharing an index do not send the same item twice in one round)."""
     now = _now()

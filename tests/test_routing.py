@@ -47,14 +47,22 @@ def routed_server(start_server, tmp_path, port: int, *rules: str):
     return start_server("--config", str(config), "--peer", f"DEST=127.0.0.1:{port}")
 
 
-def test_a_peer_that_is_down_gets_everything_after_a_restart(start_server, tmp_path):
+def test_a_peer_stopped_and_restarted_gets_everything(start_server, tmp_path):
+    """storescp takes the first instance, is stopped; the next ones wait in the queue,
+    across a restart of minipacs too, and arrive once storescp is back."""
     port, received = free_port(), tmp_path / "received"
     server = routed_server(start_server, tmp_path, port, "DEST modality=CT")
     study = make_study(tmp_path / "study", 3, size=16)
-    storescu(server.port, *study, TEST_FILES / "MR_small.dcm")  # MR: not for this route
-    assert wait_until(lambda: len(queue(server)) == 3 and all(i["attempts"] for i in queue(server)))
+    receiver = storescp(port, received)
+    time.sleep(0.5)  # listening
+    storescu(server.port, study[0])
+    assert wait_until(lambda: len(list(received.iterdir())) == 1)
+    receiver.terminate()
+    receiver.wait(10)
+    storescu(server.port, *study[1:], TEST_FILES / "MR_small.dcm")  # MR: not for this route
+    assert wait_until(lambda: len(queue(server)) == 2 and all(i["attempts"] for i in queue(server)))
     waiting = queue(server)
-    assert {i["sop_uid"] for i in waiting} == {pydicom.dcmread(p).SOPInstanceUID for p in study}
+    assert {i["sop_uid"] for i in waiting} == {pydicom.dcmread(p).SOPInstanceUID for p in study[1:]}
     assert all(i["last_error"] and i["status"] == "pending" for i in waiting)
     server.stop()
     receiver = storescp(port, received)
