@@ -35,7 +35,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pynetdicom.sop_class import Verification
 
 from pacs import transport
+from storage.dataset import dataset_bytes
 
+STREAM_ABOVE = 256 << 20  # bytes: larger files are streamed from disk, not read whole
 log = logging.getLogger(__name__)
 UNIQUE_KEY = {
     "PATIENT": "PatientID",
@@ -240,8 +242,24 @@ def _status(response: Dataset) -> int:
     return int(response.Status)
 
 
+def _payload(path: Path, meta) -> transport.StoredDataset | Path:
+    """The file's dataset bytes, sent by our send_c_store with the reactor held paused
+    (pynetdicom's own path lets it run between sub-operations, and a fast peer's response
+    can be taken by it: the send then waits for the DIMSE timeout). Files too large to
+    hold go as a path, streamed by pynetdicom."""
+    if path.stat().st_size > STREAM_ABOVE:
+        return path
+    return transport.StoredDataset(
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+        meta.TransferSyntaxUID,
+        dataset_bytes(path),
+    )
+
+
 def _send_chunk(remote, chunk, outcome, lock, progress) -> None:
     metas = [(path, dcmread(path, stop_before_pixels=True, specific_tags=[])) for path in chunk]
+    meta_of = {path: ds.file_meta for path, ds in metas}
     contexts: dict[tuple[str, str], None] = {}
     for _, ds in metas:
         contexts[(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)] = None
@@ -258,7 +276,7 @@ def _send_chunk(remote, chunk, outcome, lock, progress) -> None:
         with _association(remote, [(c, [s]) for c, s in group]) as assoc:
             for path in todo:
                 try:
-                    status = _status(assoc.send_c_store(path))
+                    status = _status(assoc.send_c_store(_payload(path, meta_of[path])))
                 except (ValueError, AttributeError) as exc:  # no context, bad file meta
                     status = 0xC000
                     log.warning("%s: %s", path, exc)

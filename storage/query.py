@@ -732,6 +732,12 @@ def find_worklist(keys: list[Key], options: Options) -> Iterator[dict[str, Any]]
     for key in keys:
         if key.tag in WORKLIST_COLUMNS and key.vr != "SQ" and not _empty(key.value):
             query = query.where(_column_condition(WORKLIST_COLUMNS[key.tag], key))
+        if key.tag == PATIENT_NAME and not _empty(key.value):
+            # Names are not a column: the literal start of the pattern narrows the scan
+            # (LIKE/ILIKE on the stored JSON, case-insensitive: a superset, matched below).
+            start = re.split(r"[*?^=\\]", str(key.value), maxsplit=1)[0].strip()
+            if len(start) >= 2 and start.isascii():
+                query = query.where(WorklistItem.json.contains(start))
         if key.tag != SPS or not isinstance(key.value, list):
             continue
         for item in key.value:

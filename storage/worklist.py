@@ -72,7 +72,15 @@ def make_item(fields: dict[str, str]) -> Dataset:
     for name in STEP:
         setattr(step, name, str(fields.get(name, "")).strip())
     step.ScheduledProcedureStepStartDate = date
-    step.ScheduledProcedureStepID = step.ScheduledProcedureStepID or item.AccessionNumber
+    # Type 1 in the MWL return keys (PS3.4 K.6-1): given, else from what is there.
+    short_id = item.AccessionNumber or f"W{int(uid.rsplit('.', 1)[-1]) % 10**12:012d}"
+    step.ScheduledProcedureStepID = step.ScheduledProcedureStepID or short_id
+    item.RequestedProcedureID = item.RequestedProcedureID or step.ScheduledProcedureStepID
+    step.ScheduledProcedureStepStartTime = step.ScheduledProcedureStepStartTime or "000000"
+    step.ScheduledStationAETitle = step.ScheduledStationAETitle or "ANY"
+    described = item.RequestedProcedureDescription or step.ScheduledProcedureStepDescription
+    item.RequestedProcedureDescription = item.RequestedProcedureDescription or described
+    step.ScheduledProcedureStepDescription = step.ScheduledProcedureStepDescription or described
     step.ScheduledProcedureStepStatus = "SCHEDULED"
     item.ScheduledProcedureStepSequence = [step]
     return item
