@@ -88,7 +88,7 @@ def _forward(config: Config, destination: str, files: dict[int, list[Path]]) -> 
     paths = [p for item_paths in files.values() for p in item_paths]
     if not paths:
         return {}
-    outcome = scu.send(remote, paths)
+    outcome = scu.send(remote, paths, parallel=config.move_associations)
     if outcome.problems:
         return {i: "; ".join(outcome.problems)[:200] for i in files}
     failed = set(outcome.failed_uids)
