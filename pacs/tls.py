@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from waitress.channel import HTTPChannel
-from waitress.wasyncore import dispatcher
 
 log = logging.getLogger(__name__)
 WIRE_CHUNK = 1 << 18  # ciphertext handed to the socket per send()
@@ -66,8 +65,12 @@ class TLSChannel(HTTPChannel):
 
     The handshake is fed by the event loop like a request head: it holds no thread, and a
     client that stalls in it is closed after `channel_timeout` like any idle one. Task
-    threads write (encrypt) while the event loop reads (decrypts): one lock guards the TLS
-    state. The server object carries the context as `tls_context`.
+    threads write (encrypt) while the event loop reads (decrypts): `_tls_lock` guards the
+    TLS state and the ciphertext not yet sent, and nothing that takes waitress's
+    `outbuf_lock` (handle_close) runs while it is held — a task thread holds that one
+    when it comes to send(). A close waits until the ciphertext is out (or the channel
+    timeout has passed): waitress counts data as sent once we have encrypted it. The
+    server object carries the context as `tls_context`.
     """
 
     def __init__(self, server, sock, addr, adj, map=None) -> None:
@@ -75,9 +78,11 @@ class TLSChannel(HTTPChannel):
         self._tls_in = ssl.MemoryBIO()
         self._tls_out = ssl.MemoryBIO()
         self._tls = server.tls_context.wrap_bio(self._tls_in, self._tls_out, server_side=True)
-        self._tls_lock = threading.RLock()  # handle_close may run inside send()
+        self._tls_lock = threading.Lock()
         self._wire = bytearray()  # ciphertext the socket has not taken yet
         self._shaken = False
+        self._broken = False  # the socket failed: nothing more goes out
+        self._close_by: float | None = None  # a close waiting for the wire to drain
 
     def handle_read(self) -> None:
         try:
@@ -85,25 +90,27 @@ class TLSChannel(HTTPChannel):
         except BlockingIOError:
             return
         except OSError:
-            self.handle_close()
+            self._close_now()
             return
         if not raw:
-            self.handle_close()
+            self._close_now()
             return
+        failed = None
         with self._tls_lock:
             self._tls_in.write(raw)
             try:
                 data, closed = self._decrypt()
             except ssl.SSLError as exc:
-                log.info("TLS with %s failed: %s", self.addr[0], exc.reason or exc)
+                failed = exc
                 # The alert that says why; to a plain HTTP request, a plain HTTP answer.
                 self._wire += PLAIN_HTTP_ANSWER if exc.reason == "HTTP_REQUEST" else b""
-                self._wire += self._tls_out.read()
-                self._send_wire()
-                self.handle_close()
-                return
+                data, closed = b"", True
             self._wire += self._tls_out.read()
             self._send_wire()
+        if failed is not None:
+            log.info("TLS with %s failed: %s", self.addr[0], failed.reason or failed)
+            self._close_now()
+            return
         if data:
             self.last_activity = time.time()
             self.received(data)
@@ -134,17 +141,28 @@ class TLSChannel(HTTPChannel):
         """Encrypt what waitress flushes; 0 (try later) while earlier ciphertext waits for
         the socket or the handshake is not over."""
         with self._tls_lock:
-            if self._send_wire(do_close) or not self._shaken:
-                return 0
-            written = self._tls.write(data)
-            self._wire += self._tls_out.read()
-            self._send_wire(do_close)
-            return written
+            if self._broken or self._send_wire() or not self._shaken:
+                written = 0
+            else:
+                written = self._tls.write(data)
+                self._wire += self._tls_out.read()
+                self._send_wire()
+            broken = self._broken
+        if broken and do_close:
+            self._close_now()
+        return written
 
-    def _send_wire(self, do_close: bool = True) -> int:
-        """Hand pending ciphertext to the socket; what is left (a full socket buffer)."""
-        while self._wire and self.connected:
-            sent = dispatcher.send(self, bytes(self._wire[:WIRE_CHUNK]), do_close)
+    def _send_wire(self) -> int:
+        """Hand pending ciphertext to the socket (with `_tls_lock` held); what is left."""
+        while self._wire and not self._broken:
+            try:
+                sent = self.socket.send(bytes(self._wire[:WIRE_CHUNK]))
+            except BlockingIOError:
+                break
+            except OSError:  # reset, broken pipe: the caller closes, outside the lock
+                self._broken = True
+                self._wire.clear()
+                break
             if not sent:
                 break
             del self._wire[:sent]
@@ -155,15 +173,34 @@ class TLSChannel(HTTPChannel):
 
     def handle_write(self) -> None:
         with self._tls_lock:
-            if self._send_wire():
-                return
-        super().handle_write()
+            left = self._send_wire()
+            broken = self._broken
+        if broken:
+            self._close_now()
+        elif left:
+            if self._close_by is not None and time.time() > self._close_by:
+                self._close_now()  # the client stopped reading: give up on the rest
+        elif self._close_by is not None:
+            self._close_now()  # all out: the close that waited
+        else:
+            super().handle_write()
 
     def handle_close(self) -> None:
+        """Once the ciphertext waiting for the socket is out (within the channel timeout),
+        with our close_notify; at once when the connection is broken."""
         with self._tls_lock:
-            if self._shaken and self.connected:
+            if self._shaken and not self._broken and self.connected and self._close_by is None:
                 with contextlib.suppress(ssl.SSLError):  # the client's is not awaited
                     self._tls.unwrap()  # queues our close_notify
                 self._wire += self._tls_out.read()
-                self._send_wire(do_close=False)
+            waiting = self._send_wire() and not self._broken
+        if waiting:
+            if self._close_by is None:
+                self._close_by = time.time() + self.adj.channel_timeout
+            return
+        self._close_now()
+
+    def _close_now(self) -> None:
+        with self._tls_lock:
+            self._wire.clear()
         super().handle_close()

@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 
 import pydicom
 import pytest
@@ -232,6 +233,14 @@ def test_dicomweb_over_https(https_server, pki):
     assert [s["0020000D"]["Value"][0] for s in found] == [stored.StudyInstanceUID]
     response = session.get(f"{https_server.url}/healthz", timeout=5)
     assert response.headers["Strict-Transport-Security"].startswith("max-age=")
+    # urllib says Connection: close: the answer must not lose its tail at the close.
+    url = (f"{https_server.url}/dicom-web/studies/{stored.StudyInstanceUID}/series/"
+           f"{stored.SeriesInstanceUID}/instances/{stored.SOPInstanceUID}")  # fmt: skip
+    request = urllib.request.Request(url, headers={"Accept": "application/dicom"})
+    context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    with urllib.request.urlopen(request, context=context, timeout=30) as answer:
+        body = answer.read()
+    assert len(body) == int(answer.headers["Content-Length"]) > 13_000_000
 
 
 def test_https_clients_that_must_fail(https_server, pki):
