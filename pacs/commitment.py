@@ -48,6 +48,8 @@ def handle_n_action(event: Event, archive: Archive, config: Config):
         return NO_SUCH_ACTION, None
     if request.ActionTypeID != REQUEST_COMMITMENT:
         return NO_SUCH_ACTION, None
+    if request.RequestedSOPInstanceUID != WELL_KNOWN_INSTANCE:
+        return NO_SUCH_INSTANCE, None
     try:
         info = event.action_information
         transaction = str(info.TransactionUID)

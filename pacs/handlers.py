@@ -485,10 +485,15 @@ def _send_over(helper, row: dict, move_id: int) -> Dataset:
     dataset = _dataset_to_send(row, helper.accepted_contexts)
     if not helper.is_established:
         return dataset
-    helper.sent = getattr(helper, "sent", 0) + 1
-    status = helper.send_c_store(
-        dataset, msg_id=helper.sent, originator_aet=helper.ae.ae_title, originator_id=move_id
-    )
+    helper.sent = getattr(helper, "sent", 0) % 65535 + 1  # Message ID is a US
+    try:
+        status = helper.send_c_store(
+            dataset, msg_id=helper.sent, originator_aet=helper.ae.ae_title, originator_id=move_id
+        )
+    except Exception as exc:  # counted by pynetdicom when it sends it over its own
+        log.warning("C-MOVE helper association: %s; %s goes over the main one", exc,
+                    row["instance_sop_uid"])  # fmt: skip
+        return dataset
     if "Status" not in status and not helper.is_established:
         return dataset
     return transport.already_sent(dataset, status)

@@ -118,7 +118,9 @@ def _stow(url: str, paths: list[Path]) -> str:
     )
     try:
         with urllib.request.urlopen(request, timeout=STOW_TIMEOUT) as response:
-            return "" if response.status == 200 else f"STOW-RS answered {response.status}"
+            if response.status == 202:  # PS3.18: some stored, some not; not worth resending all
+                log.warning("STOW-RS to %s: 202, some instances were not stored", url)
+            return "" if response.status in (200, 202) else f"STOW-RS answered {response.status}"
     except urllib.error.HTTPError as exc:
         return f"STOW-RS answered {exc.code}"
     except OSError as exc:

@@ -148,10 +148,10 @@ def send(
     def run(chunk: list[Path]) -> None:
         try:
             _send_chunk(remote, chunk, outcome, lock, progress)
-        except AssociationError as exc:
+        except Exception as exc:  # AssociationError, an unreadable file…: never silent
             with lock:
                 outcome.failed += len(chunk)
-                outcome.problems.append(str(exc))
+                outcome.problems.append(str(exc) or type(exc).__name__)
 
     threads = [threading.Thread(target=run, args=(c,)) for c in chunks if c]
     for thread in threads:

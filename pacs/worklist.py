@@ -55,6 +55,8 @@ def handle_n_create(event: Event, archive: Archive):
                  event.assoc.requestor.ae_title, exc)  # fmt: skip
         return _status(exc.status, str(exc)), None
     log.info("MPPS %s IN PROGRESS (from %s)", sop_uid, event.assoc.requestor.ae_title)
+    if not request.AffectedSOPInstanceUID:  # pynetdicom answers with the UID we give it
+        attributes.AffectedSOPInstanceUID = sop_uid
     return 0x0000, attributes
 
 

@@ -59,6 +59,9 @@ DUMMY = {  # D: a value consistent with the VR that says nothing
 }
 NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "AT"}
 TEXT_VRS = {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "CS"}
+# Inside a sequence the table says D or C for (SR content…): what may carry who and when.
+# Codes (CS), numbers and UIDs keep the structure and the measurements.
+FREE_VRS = {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "DA", "DT", "TM"}
 PATIENT_NAME, PATIENT_ID = 0x00100010, 0x00100020
 MAX_SHIFT_DAYS = 3650
 
@@ -149,6 +152,10 @@ def deidentify(ds: Dataset, profile: Profile) -> Dataset:
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
         raise NotDeidentifiable("burned-in annotation: pixel data would need cleaning")
     patient_id, issuer = str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", ""))
+    if not patient_id:  # Type 2, empty: one pseudonym for every such patient would merge them
+        patient_id = "\0".join(
+            str(ds.get(k, "")) for k in ("PatientName", "PatientBirthDate", "StudyInstanceUID")
+        )
     work = _Work(
         profile,
         pseudonym=profile.pseudonym(patient_id, issuer),
@@ -170,23 +177,28 @@ class _Work:
     shift: datetime.timedelta
     identifiers: re.Pattern | None
 
-    def clean(self, ds: Dataset) -> None:
+    def clean(self, ds: Dataset, inside: str = "") -> None:
+        """Every element by the table; `inside` is the action of an enclosing sequence
+        (D or C: its free content is replaced or cleaned too, not only its table tags)."""
         for elem in list(ds):
             if elem.tag.is_private:
                 del ds[elem.tag]
                 continue
             rule = rule_for(elem.tag)
-            if rule is None:
-                self._recurse(elem)  # not in the table: kept, its items still cleaned
-                continue
-            self._apply(ds, elem, rule.action(self.profile.options))
+            if rule is not None:
+                self._apply(ds, elem, rule.action(self.profile.options), inside)
+            elif elem.VR == "SQ":
+                self._items(elem, inside)  # not in the table: kept, its items cleaned
+            elif elem.VR == "UI" and _instance_uid(elem) and "uids" not in self.profile.options:
+                elem.value = _map_values(elem.value, self.profile.uid)  # links to originals
+            elif inside and elem.VR in FREE_VRS:
+                self._apply(ds, elem, inside)
 
-    def _recurse(self, elem: DataElement) -> None:
-        if elem.VR == "SQ":
-            for item in elem.value:
-                self.clean(item)
+    def _items(self, elem: DataElement, inside: str) -> None:
+        for item in elem.value:
+            self.clean(item, inside)
 
-    def _apply(self, ds: Dataset, elem: DataElement, action: str) -> None:
+    def _apply(self, ds: Dataset, elem: DataElement, action: str, inside: str = "") -> None:
         if action == "X":
             del ds[elem.tag]
         elif elem.tag in (PATIENT_NAME, PATIENT_ID) and action in ("Z", "D"):
@@ -194,8 +206,8 @@ class _Work:
         elif elem.VR == "SQ":
             if action == "Z":
                 elem.value = Sequence()
-            else:  # K, D, U, C: kept, every item cleaned by the table
-                self._recurse(elem)
+            else:  # kept; with D or C its items' free text and dates go too
+                self._items(elem, action if action in ("D", "C") else inside)
         elif action == "Z":
             elem.value = None
         elif action == "D":
@@ -208,7 +220,11 @@ class _Work:
 
     def _cleaned(self, elem: DataElement):
         if elem.VR in ("DA", "DT"):
-            return _map_values(elem.value, self._shift_date)
+            if "modifdates" in self.profile.options:
+                return _map_values(elem.value, self._shift_date)
+            if "fulldates" in self.profile.options:
+                return elem.value
+            return None  # no option keeps dates: cleaning one is removing it
         if elem.VR in TEXT_VRS and self.identifiers is not None:
             return _map_values(elem.value, lambda v: self.identifiers.sub("*", str(v)))
         return elem.value  # times, numbers, graphics: nothing of the patient's in them
@@ -219,6 +235,16 @@ class _Work:
         except ValueError:
             return "" if value else value  # unparseable: cannot be shifted, so removed
         return (day - self.shift).strftime("%Y%m%d") + value[8:]
+
+
+def _instance_uid(elem: DataElement) -> bool:
+    """A UID naming an instance, series, study, frame of reference… (not a class, syntax
+    or coding scheme, and not one of the standard's own): it must not keep its value."""
+    keyword = elem.keyword or ""
+    if keyword.endswith(("ClassUID", "SyntaxUID", "SchemeUID", "CreatorUID")):
+        return False
+    values = elem.value if isinstance(elem.value, (MultiValue, list)) else [elem.value]
+    return any(v and not str(v).startswith("1.2.840.10008.") for v in values)
 
 
 def _map_values(value, fn):

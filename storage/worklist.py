@@ -32,7 +32,8 @@ STEP = (
     "ScheduledPerformingPhysicianName", "ScheduledProcedureStepLocation",
 )  # fmt: skip
 FIELDS = TOP_LEVEL + STEP
-REQUIRED = ("PatientID", "PatientName", "Modality", "ScheduledProcedureStepStartDate")
+REQUIRED = ("PatientID", "PatientName", "Modality", "ScheduledStationAETitle",
+            "ScheduledProcedureStepStartDate")  # fmt: skip
 FINAL = ("COMPLETED", "DISCONTINUED")
 
 
@@ -77,7 +78,6 @@ def make_item(fields: dict[str, str]) -> Dataset:
     step.ScheduledProcedureStepID = step.ScheduledProcedureStepID or short_id
     item.RequestedProcedureID = item.RequestedProcedureID or step.ScheduledProcedureStepID
     step.ScheduledProcedureStepStartTime = step.ScheduledProcedureStepStartTime or "000000"
-    step.ScheduledStationAETitle = step.ScheduledStationAETitle or "ANY"
     described = item.RequestedProcedureDescription or step.ScheduledProcedureStepDescription
     item.RequestedProcedureDescription = item.RequestedProcedureDescription or described
     step.ScheduledProcedureStepDescription = step.ScheduledProcedureStepDescription or described
@@ -127,7 +127,7 @@ def create_step(sop_uid: str, attributes: Dataset) -> None:
     PerformedStep.create(sop_uid=sop_uid, status=status, worklist=item,
                          json=json.dumps(attributes.to_json_dict()), updated_at=_now())  # fmt: skip
     if item is not None:
-        _set_item_status(item, status)
+        _set_item_status(item, "STARTED")
 
 
 def set_step(sop_uid: str, changes: Dataset) -> str:
@@ -173,6 +173,7 @@ def _scheduled_item(attributes: Dataset) -> WorklistItem | None:
 
 
 def _set_item_status(item: WorklistItem, status: str) -> None:
+    """The Scheduled Procedure Step Status: SCHEDULED, STARTED, COMPLETED, DISCONTINUED."""
     stored = json.loads(item.json)
     for step in stored.get("00400100", {}).get("Value", []):
         step["00400020"] = {"vr": "CS", "Value": [status]}

@@ -121,6 +121,29 @@ def test_options():
     assert full.LongitudinalTemporalInformationModified == "UNMODIFIED"
 
 
+def test_free_text_and_dates_inside_content_sequences():
+    """SR content (Content Sequence: D, C with Clean Structured Content): text and dates in
+    its items go, codes and numbers stay."""
+
+    def report() -> Dataset:
+        ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+        item = Dataset()
+        item.ValueType, item.TextValue = "TEXT", "Seen John Smith 1CT1 on 2020-01-01"
+        item.Date, item.NumericValue = "20200101", "42"
+        ds.ContentSequence = [item]
+        return ds
+
+    basic = report()
+    data = deidentified(basic)
+    (item,) = basic.ContentSequence
+    assert b"Smith" not in data and item.Date != "20200101"
+    assert item.ValueType == "TEXT" and item.NumericValue == 42
+    cleaned = report()
+    deidentified(cleaned, deidentify.Profile(b"k", frozenset({"struct"})))
+    assert "1CT1" not in cleaned.ContentSequence[0].TextValue
+    assert cleaned.ContentSequence[0].TextValue.startswith("Seen John Smith")  # not an ID
+
+
 def test_burned_in_annotation_is_refused():
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
     ds.BurnedInAnnotation = "YES"

@@ -117,7 +117,7 @@ def test_mpps_moves_the_item_through_its_states(worklist_server, tmp_path):
     assert status.Status == 0x0106  # must start IN PROGRESS
     statuses = {i["patient_id"]: i["status"] for i in requests.get(
         f"{worklist_server.url}/api/worklist", timeout=10).json()}  # fmt: skip
-    assert statuses["P1"] == "IN PROGRESS" and statuses["P2"] == "SCHEDULED"
+    assert statuses["P1"] == "STARTED" and statuses["P2"] == "SCHEDULED"
 
     done = Dataset()
     done.PerformedProcedureStepStatus = "COMPLETED"
