@@ -28,7 +28,7 @@ STOW_TIMEOUT = 300  # s for one STOW-RS request
 
 def run(archive: Archive, config: Config, stop: threading.Event) -> None:
     """Rounds back to back while there is work, a look every POLL seconds when idle."""
-    busy = False
+    busy = True  # a first look at once: a restart may find work waiting
     while not stop.wait(0 if busy else POLL):
         try:
             busy = forward_due(archive, config) > 0
@@ -44,7 +44,7 @@ def forward_due(archive: Archive, config: Config) -> int:
     for item in archive.routes_due():
         by_destination[item["destination"]].append(item)
     for destination, items in by_destination.items():
-        files = {item["id"]: _files(archive, item) for item in items}
+        files = _files(archive, items)
         failures = _forward(config, destination, files)
         done = [i for i in files if i not in failures]
         if done:
@@ -65,13 +65,19 @@ def forward_due(archive: Archive, config: Config) -> int:
     return sum(len(items) for items in by_destination.values())
 
 
-def _files(archive: Archive, item: dict) -> list[Path]:
-    """The item's stored files now: one instance, or the whole study (a deleted one: none)."""
-    if item["sop_uid"]:
-        keys, level = [Key(0x00080018, "UI", item["sop_uid"])], "IMAGE"
-    else:
-        keys, level = [Key(0x0020000D, "UI", item["study_uid"])], "STUDY"
-    return [row["instance_path"] for row in archive.locate(level, keys)]
+def _files(archive: Archive, items: list[dict]) -> dict[int, list[Path]]:
+    """Each item's stored files now: its instance (one query for all of them), or its
+    whole study (a deleted one: none)."""
+    by_sop = {item["sop_uid"]: item["id"] for item in items if item["sop_uid"]}
+    files: dict[int, list[Path]] = {item["id"]: [] for item in items}
+    if by_sop:
+        for row in archive.locate("IMAGE", [Key(0x00080018, "UI", list(by_sop))]):
+            files[by_sop[row["instance_sop_uid"]]].append(row["instance_path"])
+    for item in items:
+        if not item["sop_uid"]:
+            study = [Key(0x0020000D, "UI", item["study_uid"])]
+            files[item["id"]] = [row["instance_path"] for row in archive.locate("STUDY", study)]
+    return files
 
 
 def _forward(config: Config, destination: str, files: dict[int, list[Path]]) -> dict[int, str]:

@@ -15,6 +15,7 @@ row: what was acknowledged to the modality is never lost for the route either.
 
 import datetime
 import json
+import random
 import re
 from dataclasses import dataclass
 from dataclasses import field
@@ -131,16 +132,18 @@ def claim(limit: int = 256) -> list[dict]:
         .limit(limit)
         .dicts()
     )
-    claimed = []
-    lease = now + datetime.timedelta(seconds=LEASE)
-    for item in list(due):
-        taken = RouteItem.update(status="sending", due_at=lease).where(
-            (RouteItem.id == item["id"]) & (RouteItem.status == item["status"])
-            & (RouteItem.due_at == item["due_at"])
-        )  # fmt: skip
-        if taken.execute():
-            claimed.append(item)
-    return claimed
+    ids = [item["id"] for item in due]
+    if not ids:
+        return []
+    # One UPDATE for the lot; an item another server leased meanwhile is no longer due,
+    # and this lease's own timestamp tells ours apart.
+    lease = now + datetime.timedelta(seconds=LEASE, microseconds=random.randrange(1000))
+    RouteItem.update(status="sending", due_at=lease).where(
+        RouteItem.id.in_(ids) & (RouteItem.due_at <= now)
+        & ((RouteItem.status == "pending") | (RouteItem.status == "sending"))
+    ).execute()  # fmt: skip
+    taken = RouteItem.select().where(RouteItem.id.in_(ids) & (RouteItem.due_at == lease))
+    return list(taken.order_by(RouteItem.id).dicts())
 
 
 def sent(ids: list[int]) -> None:
