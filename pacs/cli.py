@@ -260,7 +260,7 @@ def anonymize(config_file, level_uid, uids, out, dest, key_file, **flags) -> Non
     try:
         written, problems = _deidentify_into(archive, level, uids, profile, folder)
         if peer is not None and written:
-            outcome = scu.send(_peer_remote(config, peer), written)
+            outcome = scu.send(scu.Remote.for_peer(config, peer), written)
             problems += [(Path(p).stem, "the peer did not store it") for p in outcome.failed_uids]
             problems += [(dest, problem) for problem in outcome.problems]
         _audit_export(archive, level, uids, dest or str(out), len(written), problems, profile)
@@ -305,11 +305,6 @@ def _deidentify_into(archive, level, uids, profile, folder: Path):
             ds.save_as(path, enforce_file_format=True)
             written.append(path)
     return written, problems
-
-
-def _peer_remote(config: Config, peer) -> scu.Remote:
-    context = client_context(config.tls_ca, config.tls_cert, config.tls_key) if peer.tls else None
-    return scu.Remote(peer.host, peer.port, peer.aet, config.aet, context)
 
 
 def _audit_export(archive, level, uids, where, count, problems, profile) -> None:

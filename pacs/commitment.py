@@ -145,9 +145,7 @@ def _report_to(peer: Peer, config: Config, report: Dataset, event_type: int, tra
     ae.acse_timeout, ae.dimse_timeout = config.acse_timeout, config.dimse_timeout
     context = build_context(STORAGE_COMMITMENT)
     context.scu_role, context.scp_role = False, True  # we send the N-EVENT-REPORT
-    tls_args = None
-    if peer.tls:
-        tls_args = (tls.client_context(config.tls_ca, config.tls_cert, config.tls_key), peer.host)
+    tls_args = tls.peer_tls_args(config, peer)
     assoc = ae.associate(peer.host, peer.port, [context], ae_title=peer.aet, tls_args=tls_args)
     if not assoc.is_established:
         log.warning("storage commitment %s: %s at %s:%d refused or unreachable", transaction,

@@ -288,10 +288,8 @@ def handle_move(event: Event, archive: Archive, config: Config):
         "contexts": _contexts_for(instances),
         "evt_handlers": [(evt.EVT_ESTABLISHED, _busy_sub_association, [established])],
         "max_pdu": 0,
+        "tls_args": tls.peer_tls_args(config, peer),
     }
-    if peer.tls:
-        context = tls.client_context(config.tls_ca, config.tls_cert, config.tls_key)
-        kwargs["tls_args"] = (context, peer.host)
     yield peer.host, peer.port, kwargs
     yield len(instances)
     helpers = _Helpers(event, peer, instances, kwargs, config.move_associations - 1)

@@ -15,7 +15,6 @@ from collections import defaultdict
 from pathlib import Path
 
 from pacs import scu
-from pacs import tls
 from pacs.config import Config
 from storage import Archive
 from storage import audit
@@ -87,10 +86,7 @@ def _forward(config: Config, destination: str, files: dict[int, list[Path]]) -> 
     peer = next((p for p in config.peer if p.aet == destination), None)
     if peer is None:
         return {i: f"{destination} is not a configured peer" for i in files}
-    context = (
-        tls.client_context(config.tls_ca, config.tls_cert, config.tls_key) if peer.tls else None
-    )
-    remote = scu.Remote(peer.host, peer.port, peer.aet, config.aet, context)
+    remote = scu.Remote.for_peer(config, peer)
     paths = [p for item_paths in files.values() for p in item_paths]
     if not paths:
         return {}

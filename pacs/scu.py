@@ -35,6 +35,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pynetdicom.sop_class import Verification
 
 from pacs import transport
+from pacs.tls import peer_tls_args
 from storage.dataset import dataset_bytes
 
 STREAM_ABOVE = 256 << 20  # bytes: larger files are streamed from disk, not read whole
@@ -81,6 +82,12 @@ class Remote:
     aet: str = "MINIPACS"
     calling_aet: str = "MINIPACS-SCU"
     tls: ssl.SSLContext | None = None  # DICOM over TLS (pacs.tls.client_context)
+
+    @classmethod
+    def for_peer(cls, config, peer) -> "Remote":
+        """A configured peer (`peer` setting), called as our AE, over TLS if marked so."""
+        tls_args = peer_tls_args(config, peer)
+        return cls(peer.host, peer.port, peer.aet, config.aet, tls_args and tls_args[0])
 
 
 @dataclass

@@ -46,6 +46,14 @@ def https_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+def peer_tls_args(config, peer) -> tuple[ssl.SSLContext, str] | None:
+    """pynetdicom's `tls_args` for an association we open to a configured peer: our client
+    context and the host name to check, or None for a peer without `tls=yes`."""
+    if not peer.tls:
+        return None
+    return client_context(config.tls_ca, config.tls_cert, config.tls_key), peer.host
+
+
 def client_context(ca: str = "", cert: str = "", key: str = "") -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca or None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
