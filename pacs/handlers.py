@@ -7,9 +7,9 @@ C-STORE, PS3.7 Annex C for the general ones).
 import contextlib
 import itertools
 import logging
+import queue
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pydicom import dcmread
@@ -174,8 +174,6 @@ FIND_CLASSES = {
 }
 PENDING = 0xFF00
 CANCELLED = 0xFE00
-MAX_MOVE_ASSOCIATIONS = 8
-READ_AHEAD_MAX = 64 << 20  # bytes: larger instances are read when their turn comes
 IDENTIFIER_MISMATCH = 0xA900  # PS3.4 C.4.1.1.4: Identifier does not match SOP Class
 UNABLE_TO_PROCESS = 0xC000
 
@@ -251,7 +249,11 @@ def handle_get(event: Event, archive: Archive, config: Config):
         return
     yield len(instances)
     try:
-        yield from _sub_operations(event, instances, lambda: event.assoc.accepted_contexts)
+        for row in instances:  # sent by pynetdicom on this association, in this thread
+            if event.is_cancelled:
+                yield CANCELLED, None
+                return
+            yield PENDING, _readable(row, event.assoc.accepted_contexts)
     finally:
         _audit(archive, event, "retrieve", instances=len(instances), by="C-GET")
 
@@ -286,73 +288,148 @@ def handle_move(event: Event, archive: Archive, config: Config):
     established: list = []
     kwargs = {
         "contexts": _contexts_for(instances),
-        "evt_handlers": [(evt.EVT_ESTABLISHED, _busy_sub_association, [established])],
+        "evt_handlers": [(evt.EVT_ESTABLISHED, _keep_sub_association, [established])],
         "max_pdu": 0,
         "tls_args": tls.peer_tls_args(config, peer),
     }
     yield peer.host, peer.port, kwargs
     yield len(instances)
-    helpers = _Helpers(event, peer, instances, kwargs, config.move_associations - 1)
+    senders = _Senders(event, instances)
     try:
-        yield from _sub_operations(
-            event,
-            instances,
-            lambda: established[0].accepted_contexts if established else [],
-            helpers.ready,
-        )
+        if established:  # pynetdicom opened it before asking for the count
+            senders.add(established[0])
+            senders.open_more(peer, kwargs, config.move_associations - 1)
+        yield from senders.results()
     finally:
-        helpers.close()
+        senders.close()
         _audit(archive, event, "retrieve", instances=len(instances), to=peer.aet, by="C-MOVE")
 
 
-class _Helpers:
-    """More sub-associations to a C-MOVE destination, so that one sends while the peer
-    stores what came over another (a C-STORE waits for its response before the next).
+class _Senders:
+    """C-MOVE sub-operations, sent by one thread per association to the destination: the
+    one pynetdicom opened and up to `move_associations - 1` more, opened in the background
+    (one sends while the peer stores what came over another). Each thread takes the next
+    instance as soon as its last one is answered and hands the dataset back with its
+    status attached (`transport.already_sent`); the handler yields them to pynetdicom,
+    which counts them and sends the pending responses.
 
-    Opened in the background: a peer that answers one association at a time (storescp
-    without --fork) leaves the request waiting until the move is over, and everything
-    goes over pynetdicom's association meanwhile; one that refuses gets the same.
+    A peer that answers one association at a time (storescp without --fork) leaves the
+    extra request waiting until the move is over; one that refuses it changes nothing.
+    An association that fails hands its instance back for the others; when none is left,
+    what remains is yielded as it is, and pynetdicom's failing send counts it as failed.
+    A cancel stops new sends; those under way are counted first.
     """
 
-    def __init__(self, event: Event, peer, instances: list[dict], kwargs: dict, count: int):
-        self._open: list = []
-        self._closed = False
+    POLL = 0.05  # s between looks at a cancel while waiting for a sender
+
+    def __init__(self, event: Event, instances: list[dict]) -> None:
+        self._event = event
+        self._rows = list(reversed(instances))  # pop() takes them in order
+        self._count = len(instances)
+        self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
-        if count > 0 and len(instances) > 1:
-            args = (event.assoc.ae, peer, _contexts_for(instances), kwargs.get("tls_args"), count)
+        self._senders = 0
+        self._stopped = False
+        self._extra: list = []
+        self._closed = False
+
+    def add(self, assoc) -> None:
+        with self._lock:
+            self._senders += 1
+        threading.Thread(target=self._send_all, args=(assoc,), name="sub-op", daemon=True).start()
+
+    def open_more(self, peer, kwargs: dict, count: int) -> None:
+        if count > 0 and self._count > 1:
+            args = (peer, kwargs["contexts"], kwargs["tls_args"], count)
             threading.Thread(target=self._associate, args=args, daemon=True).start()
 
-    def _associate(self, ae, peer, contexts, tls_args, count: int) -> None:
+    def results(self):
+        """(status, dataset) for pynetdicom: each instance once, sent or to be sent."""
+        for _ in range(self._count):
+            while True:
+                if self._event.is_cancelled:
+                    with self._lock:
+                        self._stopped = True
+                try:
+                    dataset = self._done.get(timeout=self.POLL)
+                    break
+                except queue.Empty:
+                    pass
+                with self._lock:
+                    idle = self._senders == 0 and self._done.empty()
+                    if not idle:
+                        continue
+                    if self._stopped:
+                        yield CANCELLED, None
+                        return
+                    dataset = _failed(self._rows.pop())  # no association left to send it
+                    break
+            yield PENDING, dataset
+
+    def close(self) -> None:
+        with self._lock:
+            self._stopped = self._closed = True
+            extra, self._extra = self._extra, []
+        for assoc in extra:
+            assoc.release()
+
+    def _take(self) -> dict | None:
+        with self._lock:
+            return None if self._stopped or not self._rows else self._rows.pop()
+
+    def _send_all(self, assoc) -> None:
+        msg_id = self._event.request.MessageID
+        try:
+            while (row := self._take()) is not None:
+                dataset = _readable(row, assoc.accepted_contexts)
+                if getattr(dataset, "_sent_status", None) is None:  # not failed already
+                    try:
+                        status = assoc.send_c_store(
+                            dataset,
+                            msg_id=_next_message_id(assoc),
+                            originator_aet=assoc.ae.ae_title,
+                            originator_id=msg_id,
+                        )
+                    except Exception as exc:
+                        log.warning("C-MOVE sub-association: %s", exc)
+                        status = Dataset()
+                    if "Status" not in status and not assoc.is_established:
+                        with self._lock:  # the association is gone: not this instance
+                            self._rows.append(row)
+                        return
+                    dataset = transport.already_sent(dataset, status)
+                self._done.put(dataset)
+        finally:
+            with self._lock:
+                self._senders -= 1
+
+    def _associate(self, peer, contexts, tls_args, count: int) -> None:
         for _ in range(count):
-            assoc = ae.associate(
+            assoc = self._event.assoc.ae.associate(
                 peer.host,
                 peer.port,
                 contexts=contexts,
                 ae_title=peer.aet,
                 max_pdu=0,
-                evt_handlers=[(evt.EVT_ESTABLISHED, _busy_sub_association, [[]])],
                 tls_args=tls_args,
             )
             with self._lock:
-                if assoc.is_established and not self._closed:
-                    self._open.append(assoc)
-                    continue
+                keep = assoc.is_established and not self._closed
+                if keep:
+                    self._extra.append(assoc)
+            if keep:
+                self.add(assoc)
+                continue
             if assoc.is_established:  # too late: the move is over
                 assoc.release()
             else:
-                log.info("C-MOVE destination %s: no second association", peer.aet)
+                log.info("C-MOVE destination %s: no further association", peer.aet)
             return
 
-    def ready(self) -> list:
-        with self._lock:
-            return [assoc for assoc in self._open if assoc.is_established]
 
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            helpers, self._open = self._open, []
-        for assoc in helpers:
-            assoc.release()
+def _next_message_id(assoc) -> int:
+    assoc.sent = getattr(assoc, "sent", 0) % 65535 + 1  # Message ID is a US
+    return assoc.sent
 
 
 def handle_sop_extended(event: Event) -> dict[str, bytes]:
@@ -366,10 +443,8 @@ def handle_sop_extended(event: Event) -> dict[str, bytes]:
     return accepted
 
 
-def _busy_sub_association(event: Event, established: list) -> None:
-    """Keep the C-MOVE sub-association and make its reactor poll every 0.1 ms instead of
-    1 ms: it is never idle while it lives, and each C-STORE waits on that poll."""
-    event.assoc.dul._run_loop_delay = 0.0001
+def _keep_sub_association(event: Event, established: list) -> None:
+    """Keep the C-MOVE sub-association (pynetdicom opens it from what the handler yields)."""
     established.append(event.assoc)
 
 
@@ -446,54 +521,20 @@ def _contexts_for(instances: list[dict]) -> list[PresentationContext]:
     return [build_context(c, syntaxes) for c, syntaxes in pairs]
 
 
-def _sub_operations(event: Event, instances: list[dict], accepted, helpers=list):
-    """The instances to send, in groups as wide as the sub-associations ready: the first
-    of a group is yielded for pynetdicom to send, the others go over the helper
-    associations (`helpers()`, C-MOVE) at the same time, in threads, and are yielded
-    already sent (their status attached, which our send_c_store hands back). The next
-    group's first file is read meanwhile (unless it is large: two in memory at once). A
-    cancel is honoured between groups, so the counts stay exact."""
-    with ThreadPoolExecutor(MAX_MOVE_ASSOCIATIONS, thread_name_prefix="sub-op") as pool:
-        upcoming, start = None, 0
-        while start < len(instances):
-            if event.is_cancelled:
-                yield CANCELLED, None
-                return
-            contexts = accepted()
-            ready = helpers()
-            group = instances[start : start + 1 + len(ready)]
-            start += len(group)
-            first = upcoming.result() if upcoming else _dataset_to_send(group[0], contexts)
-            sent = [
-                pool.submit(_send_over, helper, row, event.request.MessageID)
-                for helper, row in zip(ready, group[1:], strict=False)
-            ]
-            following = instances[start] if start < len(instances) else None
-            upcoming = None
-            if following is not None and (following.get("instance_size") or 0) < READ_AHEAD_MAX:
-                upcoming = pool.submit(_dataset_to_send, following, contexts)
-            yield PENDING, first
-            for future in sent:
-                yield PENDING, future.result()
-
-
-def _send_over(helper, row: dict, move_id: int) -> Dataset:
-    """One sub-operation over a helper association; the dataset comes back with its
-    status attached, or bare (for pynetdicom's association) if the helper is gone."""
-    dataset = _dataset_to_send(row, helper.accepted_contexts)
-    if not helper.is_established:
-        return dataset
-    helper.sent = getattr(helper, "sent", 0) % 65535 + 1  # Message ID is a US
+def _readable(row: dict, accepted: list) -> Dataset:
+    """The instance to send (`_dataset_to_send`), or, if its file cannot be read, a failed
+    sub-operation (PS3.4 C.4.2.1.4.2: counted, its UID in the Failed SOP Instance UID List)."""
     try:
-        status = helper.send_c_store(
-            dataset, msg_id=helper.sent, originator_aet=helper.ae.ae_title, originator_id=move_id
-        )
-    except Exception as exc:  # counted by pynetdicom when it sends it over its own
-        log.warning("C-MOVE helper association: %s; %s goes over the main one", exc,
-                    row["instance_sop_uid"])  # fmt: skip
-        return dataset
-    if "Status" not in status and not helper.is_established:
-        return dataset
+        return _dataset_to_send(row, accepted)
+    except Exception as exc:
+        log.warning("cannot read %s to send it: %s", row["instance_sop_uid"], exc)
+        return _failed(row)
+
+
+def _failed(row: dict) -> Dataset:
+    dataset, status = Dataset(), Dataset()
+    dataset.SOPInstanceUID = row["instance_sop_uid"]
+    status.Status = PROCESSING_FAILURE
     return transport.already_sent(dataset, status)
 
 

@@ -35,6 +35,7 @@ import contextlib
 import queue
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -55,8 +56,10 @@ _create_socket = AssociationSocket._create_socket
 _send_c_store = Association.send_c_store
 _send_msg = DIMSEServiceProvider.send_msg
 PENDING_INTERVAL = 0.1  # s between C-MOVE/C-GET pending responses
+HELD_POLL = 0.05  # s: a DUL thread's poll while a sender reads the socket (_hold_reads)
 _dul_init_original = dul.DULServiceProvider.__init__
 _dul_run_original = dul.DULServiceProvider.run_reactor
+_dul_transport_event_original = dul.DULServiceProvider._is_transport_event
 _encode = association.encode
 
 
@@ -196,21 +199,136 @@ def _stored_c_store(
                 )
             )
             parts.append(fragment)
-        self.dul.socket.socket.sendall(b"".join(parts))  # one copy, one call
-        _, response = self.dimse.get_msg(block=True)
+        sock = self.dul.socket.socket
+        direct = not isinstance(sock, ssl.SSLSocket)  # MSG_PEEK needs the plain socket
+        if direct:
+            _hold_reads(self.dul, True)
+        try:
+            sock.sendall(b"".join(parts))  # one copy, one call
+            found = _read_store_response(self, sock, context.context_id, msg_id) if direct else None
+        finally:
+            if direct:
+                _hold_reads(self.dul, False)
+        if found is None:  # not the plain answer expected: pynetdicom reads what came
+            _, response = self.dimse.get_msg(block=True)
+            found = (
+                {k: getattr(response, k, None) for k in ("Status", *_STATUS_DETAIL)}
+                if isinstance(response, C_STORE)
+                else {}
+            )
     finally:
         if self.is_acceptor:  # C-GET: the handler runs in the reactor's own thread
             self._reactor_checkpoint.set()
     status = Dataset()
-    if not isinstance(response, C_STORE) or response.Status is None:
+    if found.get("Status") is None:
         self.abort()  # no (or no valid) answer within the DIMSE timeout
         return status
-    status.Status = response.Status
-    for keyword in ("ErrorComment", "OffendingElement"):
-        value = getattr(response, keyword, None)
+    for keyword, value in found.items():
         if value is not None:
             setattr(status, keyword, value)
     return status
+
+
+_STATUS_DETAIL = ("ErrorComment", "OffendingElement")
+C_STORE_RSP = 0x8001
+P_DATA, A_ABORT = 0x04, 0x07  # PDU types (PS3.8 9.3.1)
+MAX_PEEK = 1 << 16
+
+
+def _hold_reads(provider: dul.DULServiceProvider, hold: bool) -> None:
+    """Keep the DUL thread off the socket (`hold`) while a sender reads its answer there,
+    or give the socket back to it."""
+    with provider._reading:
+        provider._held = hold
+    if not hold:
+        _wake_dul(provider)
+
+
+def _read_store_response(
+    assoc: Association, sock: socket.socket, context_id: int, msg_id: int
+) -> dict | None:
+    """The C-STORE-RSP to `msg_id`, read straight off the socket: its Status (and error
+    detail). pynetdicom's path (its DUL thread, state machine, pydicom-decoded command,
+    two queue hand-overs) cost more than the send itself. Anything else the peer sends
+    first (a C-CANCEL, a release, a reply spread over several PDUs) is left unread for
+    pynetdicom (None); a peer that aborts, closes or says nothing within the DIMSE
+    timeout gives no status ({}), its abort left for pynetdicom to read.
+    """
+    timeout = assoc.dimse_timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    head = _peek(sock, 6, deadline)
+    if head is None or head[0] == A_ABORT:
+        return {}  # closed, silent, or aborting: no status (the send failed)
+    (length,) = struct.unpack(">I", head[2:6])
+    if head[0] != P_DATA or length > MAX_PEEK:
+        return None
+    pdu = _peek(sock, 6 + length, deadline)
+    if pdu is None:
+        return {}
+    command = _single_command(pdu[6:], context_id)
+    if command is None:
+        return None
+    fields = _command_fields(command)
+    if (
+        fields.get(0x00000100) != struct.pack("<H", C_STORE_RSP)
+        or fields.get(0x00000120) != struct.pack("<H", msg_id)
+        or fields.get(0x00000800) != struct.pack("<H", NO_DATASET)
+        or len(fields.get(0x00000900, b"")) != 2
+    ):
+        return None
+    sock.recv(len(pdu))  # it was ours: take it off the socket
+    assoc.dul._idle_timer.restart()
+    found: dict = {"Status": struct.unpack("<H", fields[0x00000900])[0]}
+    if 0x00000902 in fields:
+        found["ErrorComment"] = fields[0x00000902].decode("ascii", "replace").strip(" \0")
+    if 0x00000901 in fields:
+        raw = fields[0x00000901]
+        found["OffendingElement"] = [
+            (g << 16) | e for g, e in struct.iter_unpack("<HH", raw[: len(raw) // 4 * 4])
+        ]
+    return found
+
+
+def _peek(sock: socket.socket, size: int, deadline: float | None) -> bytes | None:
+    """The next `size` bytes on the socket, left there; None if it closed or the time ran out."""
+    while True:
+        wait = None if deadline is None else max(deadline - time.monotonic(), 0)
+        try:
+            ready, _, _ = select.select([sock], [], [], wait)
+            data = sock.recv(size, socket.MSG_PEEK) if ready else None
+        except (OSError, ValueError):
+            return None
+        if not data:  # closed, or timed out
+            return None
+        if len(data) == size:
+            return data
+        if deadline is not None and time.monotonic() >= deadline:
+            return None
+        time.sleep(0.0001)  # the rest of a PDU is on its way
+
+
+def _single_command(items: bytes, context_id: int) -> bytes | None:
+    """The command of a P-DATA-TF whose PDVs carry one whole command and nothing else."""
+    command, offset = bytearray(), 0
+    while offset + 6 <= len(items):
+        size, pdv_context, header = struct.unpack(">IBB", items[offset : offset + 6])
+        if size < 2 or pdv_context != context_id or not header & 1:
+            return None  # a dataset fragment, or another context
+        command += items[offset + 6 : offset + 4 + size]
+        offset += 4 + size
+        if header & 2:
+            return bytes(command) if offset == len(items) else None
+    return None  # the command goes on in another PDU
+
+
+def _command_fields(command: bytes) -> dict[int, bytes]:
+    """Element values of a command set (implicit VR little endian), by tag."""
+    fields, offset = {}, 0
+    while offset + 8 <= len(command):
+        group, element, length = struct.unpack("<HHI", command[offset : offset + 8])
+        fields[(group << 16) | element] = command[offset + 8 : offset + 8 + length]
+        offset += 8 + length
+    return fields
 
 
 def _ae(title: str) -> bytes:
@@ -281,11 +399,19 @@ class _WakingQueue(queue.Queue):
 
 def _dul_init(self: dul.DULServiceProvider, assoc: Association) -> None:
     _dul_init_original(self, assoc)
+    self._reading = threading.Lock()
+    self._held = False
     self._wake_recv, self._wake_send = socket.socketpair()
     self._wake_recv.setblocking(False)
     self._wake_send.setblocking(False)
     self.to_provider_queue = _WakingQueue(lambda: _wake_dul(self))
     self.to_user_queue = _WakingQueue(lambda: _wake_reactor(assoc))
+
+
+def _dul_transport_event(self: dul.DULServiceProvider) -> bool:
+    """DULServiceProvider._is_transport_event, unless a sender holds the socket's reads."""
+    with self._reading:
+        return False if self._held else _dul_transport_event_original(self)
 
 
 def _dul_run(self: dul.DULServiceProvider) -> None:
@@ -321,8 +447,12 @@ class _WakingTime:
         if seconds <= 0.001 and isinstance(thread, dul.DULServiceProvider):
             sock = getattr(thread.socket, "socket", None)
             if sock is not None:
+                # While a sender reads its answer (_hold_reads) only a send or the end of
+                # the hold (both wake it) gives the thread something to do.
+                held = thread._held
+                watch = [thread._wake_recv] if held else [sock, thread._wake_recv]
                 try:
-                    select.select([sock, thread._wake_recv], [], [], seconds)
+                    select.select(watch, [], [], HELD_POLL if held else seconds)
                     while thread._wake_recv.recv(4096):
                         pass
                 except BlockingIOError:  # drained
@@ -390,4 +520,5 @@ def install() -> None:
     dul.time = association.time = _WakingTime()
     dul.DULServiceProvider.__init__ = _dul_init
     dul.DULServiceProvider.run_reactor = _dul_run
+    dul.DULServiceProvider._is_transport_event = _dul_transport_event
     association.encode = _encode_stored

@@ -199,6 +199,48 @@ def test_move_sends_over_two_associations_when_the_peer_takes_them(start_server,
         scp.shutdown()
 
 
+def test_move_to_a_peer_that_aborts_midway_counts_the_rest_as_failed(start_server, tmp_path):
+    """A destination that aborts an association after storing a few instances: the move
+    ends without waiting for the server's DIMSE timeout (600 s here: our SCU would give
+    up after its own 30 s and the counts would be missing), each instance counted exactly
+    once, those not stored as failed, and the server keeps serving."""
+    from make_study import make_study
+
+    paths = make_study(tmp_path / "study", 40, size=16)
+    minipacs("import", "--data", str(tmp_path / "data"), str(tmp_path / "study"), "--no-fsync")
+    stored: list[str] = []
+
+    def store(event):
+        if len(stored) >= 5:
+            event.assoc.abort()
+            return 0xA700
+        stored.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    peer = AE(ae_title="ABORTER")
+    peer.add_supported_context(CTImageStorage)
+    port = free_port()
+    scp = peer.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
+    )
+    try:
+        server = start_server(
+            "--peer",
+            f"ABORTER=127.0.0.1:{port}",
+            data=tmp_path / "data",
+            env={"MINIPACS_DIMSE_TIMEOUT": "600"},
+        )
+        study = pydicom.dcmread(paths[0]).StudyInstanceUID
+        outcome = scu.move(scu.Remote(port=server.port), "STUDY", [study], "ABORTER")
+        assert not outcome.ok
+        assert outcome.completed == len(stored) >= 5
+        assert outcome.completed + outcome.failed == 40
+        assert len(outcome.failed_uids) == outcome.failed
+        assert scu.echo(scu.Remote(port=server.port)) == 0
+    finally:
+        scp.shutdown()
+
+
 def test_getscu_gets_a_series_byte_identical(corpus_server, tmp_path):
     server, made, _ = corpus_server
     series_uid, sops = made["C"]["series"][0]
