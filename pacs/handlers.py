@@ -229,7 +229,7 @@ def handle_find(event: Event, archive: Archive, config: Config):
             return
         count += 1
         pending.send(json_to_bytes(answer, implicit))
-    pending.flush()
+    pending.finish()
     log.info("C-FIND %s level from %s: %d answer(s)", level, event.assoc.requestor.ae_title, count)
     _audit(archive, event, "query", answers=count)
 

@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from peewee import CommaNodeList
 from peewee import Expression
 from peewee import Field
+from peewee import Node
 from peewee import SqliteDatabase
 from pydicom.dataset import Dataset
 
@@ -34,6 +36,7 @@ from storage.models import WorklistItem
 from storage.models import db
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+LEVEL_MODELS = (Patient, Study, Series, Instance)
 MODELS = ("PATIENT", "STUDY")  # Patient Root, Study Root
 # VRs on which * and ? are wildcards (PS3.4 C.2.2.2.4); elsewhere they are plain text.
 WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
@@ -236,29 +239,67 @@ def _empty(value: Any) -> bool:
 
 def _base(level: str):
     """The SELECT for a level: its ids, its columns and those of the levels above."""
-    fields = [Patient.id.alias("patient_pk"), *_columns(Patient)]
+    columns = _Columns(level)
     if level == "PATIENT":
-        return Patient.select(*fields).order_by(Patient.id)
-    fields += [Study.id.alias("study_pk"), *_columns(Study)]
-    query = Study.select(*fields).join(Patient, on=(Study.patient == Patient.id))
+        return Patient.select(columns).order_by(Patient.id)
+    query = Study.select(columns).join(Patient, on=(Study.patient == Patient.id))
     if level == "STUDY":
         return query.order_by(Study.id)
-    fields += [Series.id.alias("series_pk"), *_columns(Series)]
     query = (
-        Series.select(*fields)
+        Series.select(columns)
         .join(Study, on=(Series.study == Study.id))
         .join(Patient, on=(Study.patient == Patient.id))
     )
     if level == "SERIES":
         return query.order_by(Series.id)
-    fields += [Instance.id.alias("instance_pk"), *_columns(Instance, skip={"json"})]
     return (
-        Instance.select(*fields)
+        Instance.select(columns)
         .join(Series, on=(Instance.series == Series.id))
         .join(Study, on=(Series.study == Study.id))
         .join(Patient, on=(Study.patient == Patient.id))
         .order_by(Instance.id)
     )
+
+
+def _fields(level: str) -> list:
+    """The selected columns of a level: ids and columns of it and the levels above."""
+    fields = [Patient.id.alias("patient_pk"), *_columns(Patient)]
+    if level != "PATIENT":
+        fields += [Study.id.alias("study_pk"), *_columns(Study)]
+    if level in ("SERIES", "IMAGE"):
+        fields += [Series.id.alias("series_pk"), *_columns(Series)]
+    if level == "IMAGE":
+        fields += [Instance.id.alias("instance_pk"), *_columns(Instance, skip={"json"})]
+    return fields
+
+
+class _Columns(Node):
+    """A level's select list, rendered once per database and reused: peewee rebuilt its
+    ~30 aliased columns on every query, most of the time a query's SQL took (~0.3 ms a
+    study-level query, ~0.6 at IMAGE level). Rendering it first assigns the table aliases
+    in the order the columns name the tables (t1 patient, t2 study, …), as peewee does, so
+    the joins and conditions after it read the same."""
+
+    _rendered: dict[tuple, str] = {}
+
+    def __init__(self, level: str) -> None:
+        self.level = level
+
+    def __sql__(self, ctx):
+        key = (self.level, id(db.obj))
+        text = self._rendered.get(key)
+        if text is None:
+            fresh = db.get_sql_context()
+            with fresh.scope_source(in_projection=True):
+                fresh.sql(CommaNodeList(_fields(self.level)))
+            text, params = fresh.query()
+            assert not params, "a select list has no parameters"
+            self._rendered[key] = text
+        models = LEVEL_MODELS[: LEVELS.index(self.level) + 1]
+        aliases = [ctx.alias_manager.add(model._meta.table) for model in models]
+        if aliases != [f"t{n}" for n in range(1, len(models) + 1)]:  # inside another query
+            return ctx.sql(CommaNodeList(_fields(self.level)))
+        return ctx.literal(text)
 
 
 def _columns(model, skip: set[str] = frozenset()) -> list:
