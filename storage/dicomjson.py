@@ -179,8 +179,36 @@ def json_to_bytes(body: dict[str, Any], implicit: bool) -> bytes:
     """
     out = bytearray()
     for tag_hex in sorted(body):
-        _encode_element(out, int(tag_hex, 16), body[tag_hex], implicit)
+        element = body[tag_hex]
+        vr = element.get("vr", "UN")
+        if vr == "SQ":
+            _encode_element(out, int(tag_hex, 16), element, implicit)
+            continue
+        value = _value_bytes(vr, element)
+        header = _HEADERS.get((tag_hex, vr, implicit))
+        if header is None:
+            header = _HEADERS[(tag_hex, vr, implicit)] = _header_parts(
+                int(tag_hex, 16), vr, implicit
+            )
+        prefix, length = header
+        out += prefix
+        out += length.pack(len(value))
+        out += value
     return bytes(out)
+
+
+_HEADERS: dict[tuple[str, str, bool], tuple[bytes, struct.Struct]] = {}
+_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
+
+
+def _header_parts(tag: int, vr: str, implicit: bool) -> tuple[bytes, struct.Struct]:
+    """An element header as its fixed bytes (tag, VR, reserved) and how its length is packed."""
+    prefix = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if implicit:
+        return prefix, _U32
+    if vr in LONG_LENGTH_VRS:
+        return prefix + vr.encode("ascii") + b"\0\0", _U32
+    return prefix + vr.encode("ascii"), _U16
 
 
 LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}
@@ -221,6 +249,9 @@ def _value_bytes(vr: str, element: dict) -> bytes:
     values = element.get("Value") or []
     if not values:
         return b""
+    if len(values) == 1 and type(values[0]) is str and vr not in NUMBERS and vr not in ("DS", "AT"):
+        data = values[0].encode("utf-8")  # most answer values: one string
+        return data + (b"\0" if vr == "UI" else b" ") if len(data) % 2 else data
     if vr in NUMBERS:
         return struct.pack(f"<{len(values)}{NUMBERS[vr]}", *values)
     if vr == "AT":

@@ -639,6 +639,26 @@ class Latency:
 Results = dict[str, dict[str, dict[str, Latency]]]
 
 
+def settle(idle: float = 0.9, window: float = 1.0, limit: float = 60.0) -> None:
+    """Flush what loading left dirty and wait until the CPUs are idle for a whole `window`
+    (or `limit` passes): the first runs of the first query measured the writeback of a few
+    hundred megabytes and the servers' post-load work (~45 ms instead of ~30 for both)."""
+    os.sync()
+    deadline = time.monotonic() + limit
+
+    def ticks() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        return sum(fields), fields[3]  # all ticks, idle ticks (cpu line of proc(5))
+
+    while time.monotonic() < deadline:
+        total0, idle0 = ticks()
+        time.sleep(window)
+        total1, idle1 = ticks()
+        if total1 > total0 and (idle1 - idle0) / (total1 - total0) >= idle:
+            return
+    log.warning("the machine did not settle within %.0f s; measuring anyway", limit)
+
+
 def measure_queries(
     servers: list[Server],
     specs: list[QuerySpec],
@@ -1531,6 +1551,7 @@ def main(argv: list[str] | None = None) -> int:
                 wait_orthanc_count(orthanc, corpus.instances, 120)
                 servers.append(orthanc)
             log.info("loaded: %s", {k: round(v, 1) for k, v in load_s.items()})
+            settle()
 
             specs = query_specs(corpus)
             log.info(
