@@ -491,8 +491,11 @@ class _WakingTime:
                     pass
         elif seconds == 0.001 and isinstance(thread, Association):
             waiting = thread.dimse.msg_queue
+            # A release or abort the DUL queued while a handler ran was notified before
+            # this wait began: look at its queue too, or it waits out the whole sleep.
+            acse = thread.dul.to_user_queue.queue
             with waiting.not_empty:  # holds the queue's lock: qsize() would deadlock
-                if not waiting.queue:
+                if not waiting.queue and not acse:
                     waiting.not_empty.wait(seconds)
             return
         time.sleep(seconds)
