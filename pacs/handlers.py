@@ -374,11 +374,15 @@ class _Senders:
             assoc.release()
 
     def _take(self) -> dict | None:
+        if not self._event.assoc.is_established:  # the requestor is gone: so is the move
+            with self._lock:
+                self._stopped = True
         with self._lock:
             return None if self._stopped or not self._rows else self._rows.pop()
 
     def _send_all(self, assoc) -> None:
         msg_id = self._event.request.MessageID
+        originator = self._event.assoc.requestor.ae_title
         try:
             while (row := self._take()) is not None:
                 dataset = _readable(row, assoc.accepted_contexts)
@@ -387,12 +391,15 @@ class _Senders:
                         status = assoc.send_c_store(
                             dataset,
                             msg_id=_next_message_id(assoc),
-                            originator_aet=assoc.ae.ae_title,
+                            originator_aet=originator,  # PS3.7 9.3.1.1: the C-MOVE SCU's
                             originator_id=msg_id,
                         )
                     except Exception as exc:
                         log.warning("C-MOVE sub-association: %s", exc)
                         status = Dataset()
+                        if isinstance(exc, OSError):  # the connection broke: so did the
+                            with contextlib.suppress(Exception):  # association
+                                assoc.abort()
                     if "Status" not in status and not assoc.is_established:
                         with self._lock:  # the association is gone: not this instance
                             self._rows.append(row)

@@ -64,6 +64,7 @@ HELD_POLL = 0.05  # s: a DUL thread's poll while a sender reads the socket (_hol
 _dul_init_original = dul.DULServiceProvider.__init__
 _dul_run_original = dul.DULServiceProvider.run_reactor
 _dul_transport_event_original = dul.DULServiceProvider._is_transport_event
+_dul_send_primitive_original = dul.DULServiceProvider._process_recv_primitive
 _encode = association.encode
 
 
@@ -116,7 +117,7 @@ class FindAnswers:
             (0x00000800, struct.pack("<H", DATASET)),
             (0x00000900, struct.pack("<H", PENDING)),
         )
-        self._socket = assoc.dul.socket.socket  # the raw socket: sendall, no re-slicing
+        self._assoc = assoc
         self._context_id = context_id
         self._max_pdu = _peer_max_pdu(assoc)
         self._command = _pdata(context_id, command, True, self._max_pdu)  # the same each time
@@ -128,7 +129,6 @@ class FindAnswers:
             (0x00000900, struct.pack("<H", 0x0000)),
         )
         self._final = _pdata(context_id, final, True, self._max_pdu)
-        self._dimse = assoc.dimse
         self._message_id = request.MessageID
         self._buffer = bytearray()
         self._answered = False
@@ -144,7 +144,7 @@ class FindAnswers:
     def flush(self) -> None:
         """Out with what is buffered: before any response pynetdicom sends after these."""
         if self._buffer:
-            self._socket.sendall(self._buffer)
+            _write(self._assoc, self._buffer)
             self._buffer.clear()
 
     def finish(self) -> None:
@@ -152,7 +152,7 @@ class FindAnswers:
         pydicom-encoded command and a hand-over to its DUL thread) is then skipped."""
         self._buffer += self._final
         self.flush()
-        self._dimse._final_sent = self._message_id
+        self._assoc.dimse._final_sent = self._message_id
 
 
 def _stored_c_store(
@@ -225,7 +225,7 @@ def _stored_c_store(
         if direct:
             _hold_reads(self.dul, True)
         try:
-            sock.sendall(b"".join(parts))  # one copy, one call
+            _write(self, b"".join(parts))  # one copy, one call
             found = _read_store_response(self, sock, context.context_id, msg_id) if direct else None
         finally:
             if direct:
@@ -254,6 +254,30 @@ _STATUS_DETAIL = ("ErrorComment", "OffendingElement")
 C_STORE_RSP = 0x8001
 P_DATA, A_ABORT = 0x04, 0x07  # PDU types (PS3.8 9.3.1)
 MAX_PEEK = 1 << 16
+
+
+def _write(assoc: Association, data: bytes | bytearray) -> None:
+    """Whole DIMSE messages written on the association's socket from this thread: only
+    when the DUL thread has nothing queued and is not sending (pynetdicom's C-GET pending
+    responses go through it; its PDUs and ours must not interleave), and on TLS not
+    while it reads (an SSL object is not for two threads at once)."""
+    provider = assoc.dul
+    sock = provider.socket.socket
+    if sock is None:
+        raise ConnectionError("the association's connection is closed")
+    while True:
+        with provider._sending:
+            if not provider.to_provider_queue.queue:
+                if isinstance(sock, ssl.SSLSocket):
+                    with provider._reading:
+                        sock.sendall(data)
+                else:
+                    sock.sendall(data)
+                return
+        if not provider.is_alive():
+            raise ConnectionError("the association's DUL thread has ended")
+        _wake_dul(provider)
+        time.sleep(0.0001)
 
 
 def _hold_reads(provider: dul.DULServiceProvider, hold: bool) -> None:
@@ -399,8 +423,9 @@ def _send_msg_sparingly(self: DIMSEServiceProvider, primitive, context_id: int) 
         isinstance(primitive, C_FIND)
         and primitive.MessageIDBeingRespondedTo is not None
         and primitive.MessageIDBeingRespondedTo == getattr(self, "_final_sent", None)
-        and primitive.Status == 0x0000
     ):
+        # Success went out already; so does nothing else for that request (a failure
+        # pynetdicom sends when the handler raised afterwards would be a second final).
         self._final_sent = None
         return
     if (
@@ -429,7 +454,8 @@ class _WakingQueue(queue.Queue):
 
 def _dul_init(self: dul.DULServiceProvider, assoc: Association) -> None:
     _dul_init_original(self, assoc)
-    self._reading = threading.Lock()
+    self._reading = threading.Lock()  # held by the DUL thread while it reads a PDU
+    self._sending = threading.Lock()  # held while it takes and sends a queued primitive
     self._held = False
     self._wake_recv, self._wake_send = socket.socketpair()
     self._wake_recv.setblocking(False)
@@ -442,6 +468,12 @@ def _dul_transport_event(self: dul.DULServiceProvider) -> bool:
     """DULServiceProvider._is_transport_event, unless a sender holds the socket's reads."""
     with self._reading:
         return False if self._held else _dul_transport_event_original(self)
+
+
+def _dul_send_primitive(self: dul.DULServiceProvider) -> bool:
+    """DULServiceProvider._process_recv_primitive, under the lock `_write` takes."""
+    with self._sending:
+        return _dul_send_primitive_original(self)
 
 
 def _dul_run(self: dul.DULServiceProvider) -> None:
@@ -562,4 +594,5 @@ def install() -> None:
     dul.DULServiceProvider.__init__ = _dul_init
     dul.DULServiceProvider.run_reactor = _dul_run
     dul.DULServiceProvider._is_transport_event = _dul_transport_event
+    dul.DULServiceProvider._process_recv_primitive = _dul_send_primitive
     association.encode = _encode_stored

@@ -176,9 +176,14 @@ def test_move_sends_over_two_associations_when_the_peer_takes_them(start_server,
     paths = make_study(tmp_path / "study", 200, size=16)
     minipacs("import", "--data", str(tmp_path / "data"), str(tmp_path / "study"), "--no-fsync")
     received: dict[int, list[str]] = {}
+    originators: set[tuple] = set()
 
     def store(event):
         received.setdefault(id(event.assoc), []).append(event.request.AffectedSOPInstanceUID)
+        request = event.request
+        originators.add(
+            (request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID)
+        )
         return 0x0000
 
     peer = AE(ae_title="COUNTER")
@@ -195,6 +200,8 @@ def test_move_sends_over_two_associations_when_the_peer_takes_them(start_server,
         everything = [uid for uids in received.values() for uid in uids]
         assert sorted(everything) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in paths)
         assert len(received) == 2
+        # PS3.7 9.3.1.1: the AE that asked for the move, and its C-MOVE's Message ID
+        assert originators == {(scu.Remote().calling_aet, 1)}
     finally:
         scp.shutdown()
 
