@@ -346,25 +346,27 @@ class _Senders:
     def results(self):
         """(status, dataset) for pynetdicom: each instance once, sent or to be sent."""
         for _ in range(self._count):
-            while True:
-                if self._event.is_cancelled:
-                    with self._lock:
-                        self._stopped = True
-                try:
-                    dataset = self._done.get(timeout=self.POLL)
-                    break
-                except queue.Empty:
-                    pass
-                with self._lock:
-                    idle = self._senders == 0 and self._done.empty()
-                    if not idle:
-                        continue
-                    if self._stopped:
-                        yield CANCELLED, None
-                        return
-                    dataset = _failed(self._rows.pop())  # no association left to send it
-                    break
+            dataset = self._next_done()
+            if dataset is None:
+                yield CANCELLED, None
+                return
             yield PENDING, dataset
+
+    def _next_done(self) -> Dataset | None:
+        """The next instance a sender is done with; one no sender is left to send, as
+        failed; None once a cancel has stopped them all."""
+        while True:
+            if self._event.is_cancelled:
+                with self._lock:
+                    self._stopped = True
+            try:
+                return self._done.get(timeout=self.POLL)
+            except queue.Empty:
+                pass
+            with self._lock:
+                if self._senders or not self._done.empty():
+                    continue
+                return None if self._stopped else _failed(self._rows.pop())
 
     def close(self) -> None:
         with self._lock:
@@ -374,41 +376,46 @@ class _Senders:
             assoc.release()
 
     def _take(self) -> dict | None:
-        if not self._event.assoc.is_established:  # the requestor is gone: so is the move
-            with self._lock:
-                self._stopped = True
         with self._lock:
+            if not self._event.assoc.is_established:  # the requestor is gone: so is the move
+                self._stopped = True
             return None if self._stopped or not self._rows else self._rows.pop()
 
     def _send_all(self, assoc) -> None:
-        msg_id = self._event.request.MessageID
-        originator = self._event.assoc.requestor.ae_title
         try:
             while (row := self._take()) is not None:
-                dataset = _readable(row, assoc.accepted_contexts)
-                if getattr(dataset, "_sent_status", None) is None:  # not failed already
-                    try:
-                        status = assoc.send_c_store(
-                            dataset,
-                            msg_id=_next_message_id(assoc),
-                            originator_aet=originator,  # PS3.7 9.3.1.1: the C-MOVE SCU's
-                            originator_id=msg_id,
-                        )
-                    except Exception as exc:
-                        log.warning("C-MOVE sub-association: %s", exc)
-                        status = Dataset()
-                        if isinstance(exc, OSError):  # the connection broke: so did the
-                            with contextlib.suppress(Exception):  # association
-                                assoc.abort()
-                    if "Status" not in status and not assoc.is_established:
-                        with self._lock:  # the association is gone: not this instance
-                            self._rows.append(row)
-                        return
-                    dataset = transport.already_sent(dataset, status)
+                dataset = self._send(assoc, row)
+                if dataset is None:  # the association is gone: not this instance
+                    with self._lock:
+                        self._rows.append(row)
+                    return
                 self._done.put(dataset)
         finally:
             with self._lock:
                 self._senders -= 1
+
+    def _send(self, assoc, row: dict) -> Dataset | None:
+        """One sub-operation: the dataset with its status attached; None if the
+        association is gone."""
+        dataset = _readable(row, assoc.accepted_contexts)
+        if getattr(dataset, "_sent_status", None) is not None:  # unreadable: failed
+            return dataset
+        try:
+            status = assoc.send_c_store(
+                dataset,
+                msg_id=_next_message_id(assoc),
+                originator_aet=self._event.assoc.requestor.ae_title,  # PS3.7 9.3.1.1
+                originator_id=self._event.request.MessageID,
+            )
+        except Exception as exc:
+            log.warning("C-MOVE sub-association: %s", exc)
+            status = Dataset()
+            if isinstance(exc, OSError):  # the connection broke: so did the association
+                with contextlib.suppress(Exception):
+                    assoc.abort()
+        if "Status" not in status and not assoc.is_established:
+            return None
+        return transport.already_sent(dataset, status)
 
     def _associate(self, peer, contexts, tls_args, count: int) -> None:
         for _ in range(count):

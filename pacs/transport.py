@@ -110,25 +110,22 @@ class FindAnswers:
     FLUSH = 32 << 10
 
     def __init__(self, assoc: association.Association, context_id: int, request) -> None:
-        command = _command(
-            (0x00000002, _ui(request.AffectedSOPClassUID)),
-            (0x00000100, struct.pack("<H", C_FIND_RSP)),
-            (0x00000120, struct.pack("<H", request.MessageID)),
-            (0x00000800, struct.pack("<H", DATASET)),
-            (0x00000900, struct.pack("<H", PENDING)),
-        )
         self._assoc = assoc
         self._context_id = context_id
         self._max_pdu = _peer_max_pdu(assoc)
-        self._command = _pdata(context_id, command, True, self._max_pdu)  # the same each time
-        final = _command(
-            (0x00000002, _ui(request.AffectedSOPClassUID)),
-            (0x00000100, struct.pack("<H", C_FIND_RSP)),
-            (0x00000120, struct.pack("<H", request.MessageID)),
-            (0x00000800, struct.pack("<H", NO_DATASET)),
-            (0x00000900, struct.pack("<H", 0x0000)),
-        )
-        self._final = _pdata(context_id, final, True, self._max_pdu)
+
+        def response(data_set_type: int, status: int) -> bytes:
+            command = _command(
+                (0x00000002, _ui(request.AffectedSOPClassUID)),
+                (0x00000100, struct.pack("<H", C_FIND_RSP)),
+                (0x00000120, struct.pack("<H", request.MessageID)),
+                (0x00000800, struct.pack("<H", data_set_type)),
+                (0x00000900, struct.pack("<H", status)),
+            )
+            return _pdata(context_id, command, True, self._max_pdu)
+
+        self._command = response(DATASET, PENDING)  # the same for each answer
+        self._final = response(NO_DATASET, 0x0000)
         self._message_id = request.MessageID
         self._buffer = bytearray()
         self._answered = False

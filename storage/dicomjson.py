@@ -179,36 +179,8 @@ def json_to_bytes(body: dict[str, Any], implicit: bool) -> bytes:
     """
     out = bytearray()
     for tag_hex in sorted(body):
-        element = body[tag_hex]
-        vr = element.get("vr", "UN")
-        if vr == "SQ":
-            _encode_element(out, int(tag_hex, 16), element, implicit)
-            continue
-        value = _value_bytes(vr, element)
-        header = _HEADERS.get((tag_hex, vr, implicit))
-        if header is None:
-            header = _HEADERS[(tag_hex, vr, implicit)] = _header_parts(
-                int(tag_hex, 16), vr, implicit
-            )
-        prefix, length = header
-        out += prefix
-        out += length.pack(len(value))
-        out += value
+        _encode_element(out, int(tag_hex, 16), body[tag_hex], implicit)
     return bytes(out)
-
-
-_HEADERS: dict[tuple[str, str, bool], tuple[bytes, struct.Struct]] = {}
-_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
-
-
-def _header_parts(tag: int, vr: str, implicit: bool) -> tuple[bytes, struct.Struct]:
-    """An element header as its fixed bytes (tag, VR, reserved) and how its length is packed."""
-    prefix = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
-    if implicit:
-        return prefix, _U32
-    if vr in LONG_LENGTH_VRS:
-        return prefix + vr.encode("ascii") + b"\0\0", _U32
-    return prefix + vr.encode("ascii"), _U16
 
 
 LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV", "UV"}
@@ -217,8 +189,11 @@ UNDEFINED = 0xFFFFFFFF
 
 def _encode_element(out: bytearray, tag: int, element: dict, implicit: bool) -> None:
     vr = element.get("vr", "UN")
+    header = _HEADERS.get((tag, vr, implicit)) or _header(tag, vr, implicit)
+    prefix, length = header
+    out += prefix
     if vr == "SQ":
-        _header(out, tag, vr, UNDEFINED, implicit)
+        out += length.pack(UNDEFINED)
         for item in element.get("Value") or []:
             out += struct.pack("<HHI", 0xFFFE, 0xE000, UNDEFINED)
             for inner in sorted(item or {}):
@@ -228,18 +203,28 @@ def _encode_element(out: bytearray, tag: int, element: dict, implicit: bool) -> 
         out += struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
         return
     value = _value_bytes(vr, element)
-    _header(out, tag, vr, len(value), implicit)
+    out += length.pack(len(value))
     out += value
 
 
-def _header(out: bytearray, tag: int, vr: str, length: int, implicit: bool) -> None:
-    out += struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+_U16, _U32 = struct.Struct("<H"), struct.Struct("<I")
+_HEADERS: dict[tuple[int, str, bool], tuple[bytes, struct.Struct]] = {}
+
+
+def _header(tag: int, vr: str, implicit: bool) -> tuple[bytes, struct.Struct]:
+    """An element header as its fixed bytes (tag, VR, reserved) and how its length is
+    packed; kept per tag and VR (C-FIND answers repeat the same few elements), up to a
+    bound, as private tags are unbounded."""
+    prefix = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
     if implicit:
-        out += struct.pack("<I", length)
+        header = prefix, _U32
     elif vr in LONG_LENGTH_VRS:
-        out += vr.encode("ascii") + struct.pack("<HI", 0, length)
+        header = prefix + vr.encode("ascii") + b"\0\0", _U32
     else:
-        out += vr.encode("ascii") + struct.pack("<H", length)
+        header = prefix + vr.encode("ascii"), _U16
+    if len(_HEADERS) < 4096:
+        _HEADERS[(tag, vr, implicit)] = header
+    return header
 
 
 def _value_bytes(vr: str, element: dict) -> bytes:

@@ -274,7 +274,7 @@ def _fields(level: str) -> list:
 
 
 class _Columns(Node):
-    """A level's select list, rendered once per database and reused: peewee rebuilt its
+    """A level's select list, rendered once per kind of database and reused: peewee rebuilt its
     ~30 aliased columns on every query, most of the time a query's SQL took (~0.3 ms a
     study-level query, ~0.6 at IMAGE level). Rendering it first assigns the table aliases
     in the order the columns name the tables (t1 patient, t2 study, …), as peewee does, so
@@ -286,7 +286,7 @@ class _Columns(Node):
         self.level = level
 
     def __sql__(self, ctx):
-        key = (self.level, id(db.obj))
+        key = (self.level, type(db.obj))  # the SQL dialect is the database class's
         text = self._rendered.get(key)
         if text is None:
             fresh = db.get_sql_context()

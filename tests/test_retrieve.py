@@ -71,6 +71,37 @@ def corpus_server(start_server, tmp_path, engine):
     return server, made, destination_port
 
 
+def imported_study(tmp_path: Path, count: int, size: int) -> list[Path]:
+    """A synthetic study (scripts/make_study.py) imported into tmp_path / "data"."""
+    from make_study import make_study
+
+    paths = make_study(tmp_path / "study", count, size=size)
+    minipacs("import", "--data", str(tmp_path / "data"), str(tmp_path / "study"), "--no-fsync")
+    return paths
+
+
+@pytest.fixture
+def storage_peer():
+    """Factory: storage_peer(aet, on_store) → the port of a pynetdicom CT storage SCP
+    calling `on_store(event)` for each C-STORE; shut down at teardown."""
+    servers = []
+
+    def start(aet: str, on_store) -> int:
+        peer = AE(ae_title=aet)
+        peer.add_supported_context(CTImageStorage)
+        port = free_port()
+        servers.append(
+            peer.start_server(
+                ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+            )
+        )
+        return port
+
+    yield start
+    for scp in servers:
+        scp.shutdown()
+
+
 def test_movescu_moves_a_study_byte_identical(corpus_server, tmp_path):
     server, made, port = corpus_server
     dest = StoreSCP(port, tmp_path / "moved")
@@ -136,10 +167,7 @@ def test_move_to_a_destination_that_is_down_fails_and_server_keeps_serving(corpu
 
 
 def test_cancel_mid_move(start_server, tmp_path):
-    from make_study import make_study
-
-    paths = make_study(tmp_path / "big", 300, size=64)
-    minipacs("import", "--data", str(tmp_path / "data"), str(tmp_path / "big"), "--no-fsync")
+    paths = imported_study(tmp_path, 300, size=64)
     port = free_port()
     server = start_server("--peer", f"STORESCP=127.0.0.1:{port}", data=tmp_path / "data")
     dest = StoreSCP(port, tmp_path / "moved")
@@ -166,15 +194,14 @@ def test_cancel_mid_move(start_server, tmp_path):
         dest.stop()
 
 
-def test_move_sends_over_two_associations_when_the_peer_takes_them(start_server, tmp_path):
+def test_move_sends_over_two_associations_when_the_peer_takes_them(
+    start_server, storage_peer, tmp_path
+):
     """A pynetdicom storage SCP as destination, counting what arrives over which
     association: with move_associations = 2 both carry instances, each exactly once. (A
     peer that takes one association at a time, storescp without --fork, gets everything
     over one: the tests above.)"""
-    from make_study import make_study
-
-    paths = make_study(tmp_path / "study", 200, size=16)
-    minipacs("import", "--data", str(tmp_path / "data"), str(tmp_path / "study"), "--no-fsync")
+    paths = imported_study(tmp_path, 200, size=16)
     received: dict[int, list[str]] = {}
     originators: set[tuple] = set()
 
@@ -186,35 +213,26 @@ def test_move_sends_over_two_associations_when_the_peer_takes_them(start_server,
         )
         return 0x0000
 
-    peer = AE(ae_title="COUNTER")
-    peer.add_supported_context(CTImageStorage)
-    port = free_port()
-    scp = peer.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
-    )
-    try:
-        server = start_server("--peer", f"COUNTER=127.0.0.1:{port}", data=tmp_path / "data")
-        study = pydicom.dcmread(paths[0]).StudyInstanceUID
-        outcome = scu.move(scu.Remote(port=server.port), "STUDY", [study], "COUNTER")
-        assert outcome.ok and outcome.completed == 200 and outcome.failed == 0
-        everything = [uid for uids in received.values() for uid in uids]
-        assert sorted(everything) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in paths)
-        assert len(received) == 2
-        # PS3.7 9.3.1.1: the AE that asked for the move, and its C-MOVE's Message ID
-        assert originators == {(scu.Remote().calling_aet, 1)}
-    finally:
-        scp.shutdown()
+    port = storage_peer("COUNTER", store)
+    server = start_server("--peer", f"COUNTER=127.0.0.1:{port}", data=tmp_path / "data")
+    study = pydicom.dcmread(paths[0]).StudyInstanceUID
+    outcome = scu.move(scu.Remote(port=server.port), "STUDY", [study], "COUNTER")
+    assert outcome.ok and outcome.completed == 200 and outcome.failed == 0
+    everything = [uid for uids in received.values() for uid in uids]
+    assert sorted(everything) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in paths)
+    assert len(received) == 2
+    # PS3.7 9.3.1.1: the AE that asked for the move, and its C-MOVE's Message ID
+    assert originators == {(scu.Remote().calling_aet, 1)}
 
 
-def test_move_to_a_peer_that_aborts_midway_counts_the_rest_as_failed(start_server, tmp_path):
+def test_move_to_a_peer_that_aborts_midway_counts_the_rest_as_failed(
+    start_server, storage_peer, tmp_path
+):
     """A destination that aborts an association after storing a few instances: the move
     ends without waiting for the server's DIMSE timeout (600 s here: our SCU would give
     up after its own 30 s and the counts would be missing), each instance counted exactly
     once, those not stored as failed, and the server keeps serving."""
-    from make_study import make_study
-
-    paths = make_study(tmp_path / "study", 40, size=16)
-    minipacs("import", "--data", str(tmp_path / "data"), str(tmp_path / "study"), "--no-fsync")
+    paths = imported_study(tmp_path, 40, size=16)
     stored: list[str] = []
 
     def store(event):
@@ -224,28 +242,20 @@ def test_move_to_a_peer_that_aborts_midway_counts_the_rest_as_failed(start_serve
         stored.append(event.request.AffectedSOPInstanceUID)
         return 0x0000
 
-    peer = AE(ae_title="ABORTER")
-    peer.add_supported_context(CTImageStorage)
-    port = free_port()
-    scp = peer.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)]
+    port = storage_peer("ABORTER", store)
+    server = start_server(
+        "--peer",
+        f"ABORTER=127.0.0.1:{port}",
+        data=tmp_path / "data",
+        env={"MINIPACS_DIMSE_TIMEOUT": "600"},
     )
-    try:
-        server = start_server(
-            "--peer",
-            f"ABORTER=127.0.0.1:{port}",
-            data=tmp_path / "data",
-            env={"MINIPACS_DIMSE_TIMEOUT": "600"},
-        )
-        study = pydicom.dcmread(paths[0]).StudyInstanceUID
-        outcome = scu.move(scu.Remote(port=server.port), "STUDY", [study], "ABORTER")
-        assert not outcome.ok
-        assert outcome.completed == len(stored) >= 5
-        assert outcome.completed + outcome.failed == 40
-        assert len(outcome.failed_uids) == outcome.failed
-        assert scu.echo(scu.Remote(port=server.port)) == 0
-    finally:
-        scp.shutdown()
+    study = pydicom.dcmread(paths[0]).StudyInstanceUID
+    outcome = scu.move(scu.Remote(port=server.port), "STUDY", [study], "ABORTER")
+    assert not outcome.ok
+    assert outcome.completed == len(stored) >= 5
+    assert outcome.completed + outcome.failed == 40
+    assert len(outcome.failed_uids) == outcome.failed
+    assert scu.echo(scu.Remote(port=server.port)) == 0
 
 
 def test_getscu_gets_a_series_byte_identical(corpus_server, tmp_path):
