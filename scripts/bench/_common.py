@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmarks in this folder (ingest.py, query.py).
+"""Helpers shared by the benchmarks in this folder (ingest.py, query.py, ...).
 
 Child processes in their own process groups, ended on exit; free loopback ports; the
 three servers (minipacs, dcmtk storescp, Orthanc) started fresh in a folder of their
@@ -150,6 +150,42 @@ def proc_tree(pid: int) -> list[int]:
         tree.append(current)
         todo.extend(children.get(current, []))
     return tree
+
+
+def task_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants, from /proc/PID/task/TID/children (cheap enough to
+    call every few ms); proc_tree() when the kernel lacks that file."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{current}/task")
+        except OSError:
+            continue  # gone
+        tree.append(current)
+        for task in tasks:
+            try:
+                with open(f"/proc/{current}/task/{task}/children") as file:
+                    todo.extend(int(child) for child in file.read().split())
+            except FileNotFoundError:
+                if not os.path.exists(f"/proc/{current}/task/{task}"):
+                    continue  # the thread ended
+                return proc_tree(pid)  # no CONFIG_PROC_CHILDREN
+            except OSError:
+                continue
+    return tree
+
+
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def rss_kib(pid: int) -> int | None:
+    """The resident set (VmRSS) of `pid` now, from /proc/PID/statm."""
+    try:
+        with open(f"/proc/{pid}/statm") as file:
+            return int(file.read().split()[1]) * PAGE_KIB
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def vm_hwm_kib(pid: int) -> int | None:
@@ -516,6 +552,41 @@ def ensure_orthanc(binary: Path) -> bool:
         log.info("stopping the orthanc system service the package started")
         subprocess.run(["service", "orthanc", "stop"], capture_output=True, timeout=60)
     return binary.exists()
+
+
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def ensure_orthanc_plugin(path: Path, package: str) -> bool:
+    """Debian's Orthanc plugin `path` is there, or `package` is installed now when we are
+    root (apt-get install; the package lists are expected to be fresh: ensure_orthanc)."""
+    if path.exists():
+        return True
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        log.warning("%s missing and not root (or no apt-get)", path)
+        return False
+    log.info("installing %s (apt-get install)", package)
+    result = subprocess.run(
+        ["apt-get", "install", "-y", "-q", package],
+        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    if result.returncode != 0:
+        log.warning("apt-get install %s failed: %s", package, result.stderr[-500:])
+    return path.exists()
+
+
+def dpkg_version(package: str) -> str:
+    result = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", package],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.stdout.strip() or "?"
 
 
 def orthanc_version(binary: Path) -> str:
