@@ -30,9 +30,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pacs import commitment
 from pacs import policy
+from pacs import seam
 from pacs import spool
 from pacs import tls
-from pacs import transport
 from pacs import worklist
 from pacs.config import Config
 from storage import Archive
@@ -181,7 +181,7 @@ UNABLE_TO_PROCESS = 0xC000
 def handle_find(event: Event, archive: Archive, config: Config):
     """C-FIND: one pending answer per matching entity, then Success.
 
-    0xFF00 pending (each answer, written by `transport.FindAnswers`); 0x0000 done;
+    0xFF00 pending (each answer, written by `seam.FindAnswers`); 0x0000 done;
     0xFE00 cancelled (C-CANCEL, checked between answers); 0xA900 no or a bad
     QueryRetrieveLevel; 0xA700 more than `max_results` answers (those sent stand, the
     query should be narrowed); 0xC000 the identifier cannot be decoded.
@@ -210,7 +210,7 @@ def handle_find(event: Event, archive: Archive, config: Config):
         yield _failure(UNABLE_TO_PROCESS, f"identifier not understood: {exc}"), None
         return
     implicit = event.context.transfer_syntax[0] == ImplicitVRLittleEndian  # else explicit LE
-    pending = transport.FindAnswers(event.assoc, event.context.context_id, event.request)
+    pending = seam.FindAnswers(event.assoc, event.context.context_id, event.request)
     count = 0
     for answer in itertools.chain([first] if first else [], answers):
         if event.is_cancelled:
@@ -310,7 +310,7 @@ class _Senders:
     one pynetdicom opened and up to `move_associations - 1` more, opened in the background
     (one sends while the peer stores what came over another). Each thread takes the next
     instance as soon as its last one is answered and hands the dataset back with its
-    status attached (`transport.already_sent`); the handler yields them to pynetdicom,
+    status attached (`seam.already_sent`); the handler yields them to pynetdicom,
     which counts them and sends the pending responses.
 
     A peer that answers one association at a time (storescp without --fork) leaves the
@@ -415,7 +415,7 @@ class _Senders:
                     assoc.abort()
         if "Status" not in status and not assoc.is_established:
             return None
-        return transport.already_sent(dataset, status)
+        return seam.already_sent(dataset, status)
 
     def _associate(self, peer, contexts, tls_args, count: int) -> None:
         for _ in range(count):
@@ -549,7 +549,7 @@ def _failed(row: dict) -> Dataset:
     dataset, status = Dataset(), Dataset()
     dataset.SOPInstanceUID = row["instance_sop_uid"]
     status.Status = PROCESSING_FAILURE
-    return transport.already_sent(dataset, status)
+    return seam.already_sent(dataset, status)
 
 
 def _dataset_to_send(row: dict, accepted: list) -> Dataset:
@@ -563,7 +563,7 @@ def _dataset_to_send(row: dict, accepted: list) -> Dataset:
         if cx.abstract_syntax == row["instance_sop_class_uid"]
     ]
     if syntax in offered:
-        return transport.StoredDataset(
+        return seam.StoredDataset(
             row["instance_sop_class_uid"], row["instance_sop_uid"], syntax, dataset_bytes(path)
         )
     ds = dcmread(path)

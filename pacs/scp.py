@@ -20,8 +20,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs import seam
 from pacs import spool
-from pacs import transport
 from pacs.commitment import STORAGE_COMMITMENT
 from pacs.config import Config
 from pacs.handlers import build_handlers
@@ -98,7 +98,7 @@ def start_scp(
     """Start listening (`tls`: on tls_port, DICOM over TLS); raises OSError when the address
     cannot be bound or the certificate files cannot be used."""
     spool.install(archive.incoming)
-    transport.install()
+    seam.install()
     # pynetdicom decodes and formats every C-FIND/C-MOVE/C-GET identifier and C-FIND answer
     # for debug lines (~0.3 ms a request, ~6 % of C-FIND): patient data we keep out of logs.
     _config.LOG_REQUEST_IDENTIFIERS = False
@@ -117,7 +117,7 @@ def start_scp(
         (config.host, config.tls_port if tls else config.port),
         evt_handlers=build_handlers(archive, config),
         contexts=supported_contexts(),
-        server_class=transport.SharedPortServer if shared_port else transport.Server,
+        server_class=seam.SharedPortServer if shared_port else seam.Server,
         ssl_context=context,
     )
     threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()

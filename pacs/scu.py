@@ -34,7 +34,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pynetdicom.sop_class import Verification
 
-from pacs import transport
+from pacs import seam
 from pacs.tls import peer_tls_args
 from storage.dataset import dataset_bytes
 
@@ -216,7 +216,7 @@ class _association:
     """Context manager: an established association, released (or aborted) on exit."""
 
     def __init__(self, remote: Remote, contexts, roles=None, handlers=None) -> None:
-        transport.install()
+        seam.install()
         ae = AE(ae_title=remote.calling_aet)
         ae.maximum_pdu_size = 1 << 20
         for sop_class, syntaxes in contexts[:128]:
@@ -249,14 +249,14 @@ def _status(response: Dataset) -> int:
     return int(response.Status)
 
 
-def _payload(path: Path, meta) -> transport.StoredDataset | Path:
+def _payload(path: Path, meta) -> seam.StoredDataset | Path:
     """The file's dataset bytes, sent by our send_c_store with the reactor held paused
     (pynetdicom's own path lets it run between sub-operations, and a fast peer's response
     can be taken by it: the send then waits for the DIMSE timeout). Files too large to
     hold go as a path, streamed by pynetdicom."""
     if path.stat().st_size > STREAM_ABOVE:
         return path
-    return transport.StoredDataset(
+    return seam.StoredDataset(
         meta.MediaStorageSOPClassUID,
         meta.MediaStorageSOPInstanceUID,
         meta.TransferSyntaxUID,

@@ -244,7 +244,7 @@ def test_combined_datetime_range_when_negotiated(archive):
 
 @pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
 def test_answers_are_the_same_in_both_transfer_syntaxes(archive, syntax):
-    """Answers are written by minipacs (transport.FindAnswers), not by pynetdicom."""
+    """Answers are written by minipacs (seam.FindAnswers), not by pynetdicom."""
     server, made = archive
     ae = AE(ae_title="PYNETDICOM")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, [syntax])

@@ -1,4 +1,5 @@
-"""Socket behaviour pynetdicom leaves out, installed for both our SCP and our SCU.
+"""Socket behaviour pynetdicom leaves out, installed for both our SCP and our SCU: the one
+module that replaces pynetdicom internals (was pacs/transport.py).
 
 - TCP_NODELAY on every association socket: a DIMSE message is a small command PDU
   followed by the dataset; with Nagle's algorithm the second write waits for the peer's
