@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from pacs import scu
+from pacs import seam
 from pacs.config import Config
 from storage import Archive
 from storage import audit
@@ -90,7 +91,8 @@ def _forward(config: Config, destination: str, files: dict[int, list[Path]]) -> 
     paths = [p for item_paths in files.values() for p in item_paths]
     if not paths:
         return {}
-    outcome = scu.send(remote, paths, parallel=config.move_associations)
+    # As the server's AE: its sends take the seam's fast path (stored bytes, direct write).
+    outcome = scu.send(remote, paths, parallel=config.move_associations, make_ae=seam.ServerAE)
     if outcome.problems:
         return {i: "; ".join(outcome.problems)[:200] for i in files}
     failed = set(outcome.failed_uids)

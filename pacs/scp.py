@@ -7,7 +7,6 @@ from typing import Any
 from pydicom.uid import AllTransferSyntaxes
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import ImplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom import _config
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
@@ -104,7 +103,7 @@ def start_scp(
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     _config.UNRESTRICTED_STORAGE_SERVICE = config.accept_unknown_sop_classes
-    ae = AE(ae_title=config.aet)
+    ae = seam.ServerAE(ae_title=config.aet)
     ae.maximum_pdu_size = config.max_pdu
     ae.maximum_associations = config.max_associations
     ae.network_timeout = config.network_timeout

@@ -2,7 +2,8 @@
 
 Each function opens its own association(s) and raises `ScuError` (a DIMSE failure, with
 its status) or `AssociationError` (refused, aborted, unreachable); results are plain
-pydicom Datasets and small dataclasses.
+pydicom Datasets and small dataclasses. It runs stock pynetdicom: the seam (pacs.seam)
+is the server's, and reaches `send` only when the server passes its own AE (the router).
 """
 
 import logging
@@ -34,11 +35,8 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pynetdicom.sop_class import Verification
 
-from pacs import seam
 from pacs.tls import peer_tls_args
-from storage.dataset import dataset_bytes
 
-STREAM_ABOVE = 256 << 20  # bytes: larger files are streamed from disk, not read whole
 log = logging.getLogger(__name__)
 UNIQUE_KEY = {
     "PATIENT": "PatientID",
@@ -144,9 +142,11 @@ def send(
     paths: Iterable[Path],
     parallel: int = 1,
     progress: Callable[[Path, int], None] | None = None,
+    make_ae: Callable[..., AE] = AE,
 ) -> Outcome:
     """C-STORE files exactly as they are (dataset bytes from the file), over `parallel`
-    associations; `progress(path, status)` is called after each."""
+    associations; `progress(path, status)` is called after each. `make_ae(ae_title=…)`
+    makes our AE for each association (the server's router passes seam.ServerAE)."""
     files = [Path(p) for p in paths]
     outcome = Outcome()
     lock = threading.Lock()
@@ -154,7 +154,7 @@ def send(
 
     def run(chunk: list[Path]) -> None:
         try:
-            _send_chunk(remote, chunk, outcome, lock, progress)
+            _send_chunk(remote, chunk, outcome, lock, progress, make_ae)
         except Exception as exc:  # AssociationError, an unreadable file…: never silent
             with lock:
                 outcome.failed += len(chunk)
@@ -215,9 +215,8 @@ def get(
 class _association:
     """Context manager: an established association, released (or aborted) on exit."""
 
-    def __init__(self, remote: Remote, contexts, roles=None, handlers=None) -> None:
-        seam.install()
-        ae = AE(ae_title=remote.calling_aet)
+    def __init__(self, remote: Remote, contexts, roles=None, handlers=None, make_ae=AE) -> None:
+        ae = make_ae(ae_title=remote.calling_aet)
         ae.maximum_pdu_size = 1 << 20
         for sop_class, syntaxes in contexts[:128]:
             ae.add_requested_context(sop_class, syntaxes)
@@ -249,24 +248,8 @@ def _status(response: Dataset) -> int:
     return int(response.Status)
 
 
-def _payload(path: Path, meta) -> seam.StoredDataset | Path:
-    """The file's dataset bytes, sent by our send_c_store with the reactor held paused
-    (pynetdicom's own path lets it run between sub-operations, and a fast peer's response
-    can be taken by it: the send then waits for the DIMSE timeout). Files too large to
-    hold go as a path, streamed by pynetdicom."""
-    if path.stat().st_size > STREAM_ABOVE:
-        return path
-    return seam.StoredDataset(
-        meta.MediaStorageSOPClassUID,
-        meta.MediaStorageSOPInstanceUID,
-        meta.TransferSyntaxUID,
-        dataset_bytes(path),
-    )
-
-
-def _send_chunk(remote, chunk, outcome, lock, progress) -> None:
+def _send_chunk(remote, chunk, outcome, lock, progress, make_ae) -> None:
     metas = [(path, dcmread(path, stop_before_pixels=True, specific_tags=[])) for path in chunk]
-    meta_of = {path: ds.file_meta for path, ds in metas}
     contexts: dict[tuple[str, str], None] = {}
     for _, ds in metas:
         contexts[(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)] = None
@@ -279,11 +262,12 @@ def _send_chunk(remote, chunk, outcome, lock, progress) -> None:
             for p, ds in metas
             if (ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID) in group
         ]
+        # A path is sent by pynetdicom as the file's dataset bytes, streamed (never decoded).
         _config.STORE_SEND_CHUNKED_DATASET = True
-        with _association(remote, [(c, [s]) for c, s in group]) as assoc:
+        with _association(remote, [(c, [s]) for c, s in group], make_ae=make_ae) as assoc:
             for path in todo:
                 try:
-                    status = _status(assoc.send_c_store(_payload(path, meta_of[path])))
+                    status = _status(assoc.send_c_store(path))
                 except (ValueError, AttributeError) as exc:  # no context, bad file meta
                     status = 0xC000
                     log.warning("%s: %s", path, exc)

@@ -1,38 +1,43 @@
-"""Socket behaviour pynetdicom leaves out, installed for both our SCP and our SCU: the one
-module that replaces pynetdicom internals (was pacs/transport.py).
+"""The seam: every replacement of pynetdicom internals in minipacs, for our server only.
 
-- TCP_NODELAY on every association socket: a DIMSE message is a small command PDU
+`install()` is called by the server side (`pacs.scp.start_scp`, `minipacs serve`), never by
+`pacs.scu`. Each replacement acts only for associations of a `ServerAE` (the SCP's AE,
+which also opens the C-MOVE sub-associations, and the one the router sends with); for any
+other association in the process it calls pynetdicom's original unchanged, so a script or
+test that uses pynetdicom next to our server gets stock pynetdicom.
+
+What it replaces, and why (docs/decisions.md, 2026-11-25, 2026-11-26, 2026-12-04):
+- TCP_NODELAY on every association socket (`AssociationSocket._create_socket`, and
+  `Server.get_request` for accepted ones): a DIMSE message is a small command PDU
   followed by the dataset; with Nagle's algorithm the second write waits for the peer's
   delayed ACK (~40 ms a message).
-- PDUs read up to 1 MiB per recv call instead of 4 KiB, and a PDU longer than the maximum
-  we announced (PS3.8 9.3.1) is treated as a broken connection, not buffered.
-- A dataset carrying its stored bytes (`StoredDataset`) is sent as those bytes when the
-  negotiated transfer syntax is the stored one: C-MOVE/C-GET send exactly what was
-  received, where pydicom's re-encoding would drop group lengths or re-deflate.
-- `FindAnswers`: C-FIND pending responses, and the final Success, written straight to
-  the socket as P-DATA-TF PDUs (batched), the identifier encoded from the index's DICOM
-  JSON. pynetdicom's path (pydicom Dataset, DIMSE primitives, a queue, its polling DUL
-  thread) cost ~0.9 ms an answer; this costs a few tens of µs. Only while a handler
-  runs, when pynetdicom has nothing of its own to send on that association.
-- `send_c_store` for a `StoredDataset` (C-MOVE and C-GET sub-operations, `minipacs
-  send`, the router): the request is written straight to the socket and the response
-  read straight off it while the DUL thread is held off the socket, skipping pydicom's
-  command encoding and decoding, the DUL queues and state machine and two thread
-  hand-overs (C-MOVE of 512² CT images went from ~620 to ~990 instances/s). A response
-  that is not the plain C-STORE-RSP expected is left for pynetdicom to read.
-- A dataset marked `already_sent` (a C-MOVE helper association sent it) is not sent
-  again: send_c_store returns the status that send got.
-- C-MOVE/C-GET pending responses go out at most every 100 ms (PS3.4 C.4.2.3.1 lets the
-  SCP send them or not): pynetdicom encoded one with pydicom for every sub-operation,
-  ~0.3 ms each. The first and the final response always go.
-- pynetdicom's two reactor threads per association poll: the DUL thread sleeps 1 ms
-  between checks of its socket and its send queue, the association thread 1 ms between
-  checks of its DIMSE queue and the DUL's ACSE queue. Their `time` is replaced by
-  `_WakingTime`, whose sleep waits (at most the same 1 ms) for what is polled for: the
-  DUL on its socket plus a wake-up socketpair that its send queue writes to, the
-  association on its DIMSE queue, notified also by the ACSE queue. No PDU in or out, no
-  request and no release waits up to a millisecond per hop.
-See docs/decisions.md (2026-11-25).
+- `AssociationSocket.recv`: PDUs read up to 1 MiB per recv call instead of 4 KiB, and a
+  PDU longer than the maximum we announced (PS3.8 9.3.1) is treated as a broken
+  connection, not buffered.
+- `Association.send_c_store`, for a `StoredDataset` or a file path (C-MOVE and C-GET
+  sub-operations, the router): the request is written straight to the socket and the
+  response read straight off it while the DUL thread is held off the socket, skipping
+  pydicom's encoding, the DUL queues and state machine and two thread hand-overs (C-MOVE
+  of 512² CT images went from ~620 to ~990 instances/s), and the bytes are exactly those
+  stored. A response that is not the plain C-STORE-RSP expected is left for pynetdicom
+  to read. A dataset marked `already_sent` (a C-MOVE helper association sent it) is not
+  sent again: send_c_store returns the status that send got.
+- `FindAnswers` (no replacement, a user of `_write`): C-FIND pending responses, and the
+  final Success, written straight to the socket as P-DATA-TF PDUs (batched), the
+  identifier encoded from the index's DICOM JSON (~0.9 ms an answer through pynetdicom,
+  a few tens of µs this way).
+- `DIMSEServiceProvider.send_msg`: C-MOVE/C-GET pending responses at most every 100 ms
+  (PS3.4 C.4.2.3.1 lets the SCP send them or not; pynetdicom encoded one per
+  sub-operation, ~0.3 ms each), and no second final C-FIND response after FindAnswers'.
+- `DULServiceProvider._process_recv_primitive`: under the lock `_write` takes.
+- `DULServiceProvider.__init__`, `run_reactor`, `_is_transport_event` and the `time` of
+  pynetdicom.dul and pynetdicom.association: pynetdicom's two reactor threads per
+  association poll (1 ms sleeps); `_WakingTime`'s sleep waits, at most as long, for what
+  is polled for (the DUL's socket and a wake-up socketpair its send queue writes to, the
+  association's DIMSE queue, notified also by the ACSE queue), and a sender reading its
+  answer off the socket holds the DUL thread's reads (`_hold_reads`).
+- `Server` (a subclass of pynetdicom's ThreadedAssociationServer): the Association made in
+  the listener thread, no gc.collect() every 60 accepts.
 """
 
 import contextlib
@@ -43,9 +48,15 @@ import ssl
 import struct
 import threading
 import time
+import zlib
+from io import BytesIO
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.dataset import FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE
 from pynetdicom import association
 from pynetdicom import dul
 from pynetdicom.association import Association
@@ -54,19 +65,52 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dimse_primitives import C_GET
 from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
 
-_create_socket = AssociationSocket._create_socket
-_send_c_store = Association.send_c_store
-_send_msg = DIMSEServiceProvider.send_msg
+from storage.dataset import dataset_bytes
+
 PENDING_INTERVAL = 0.1  # s between C-MOVE/C-GET pending responses
 HELD_POLL = 0.05  # s: a DUL thread's poll while a sender reads the socket (_hold_reads)
-_dul_init_original = dul.DULServiceProvider.__init__
-_dul_run_original = dul.DULServiceProvider.run_reactor
-_dul_transport_event_original = dul.DULServiceProvider._is_transport_event
-_dul_send_primitive_original = dul.DULServiceProvider._process_recv_primitive
-_encode = association.encode
+STREAM_ABOVE = 256 << 20  # bytes: larger files are left to pynetdicom, which streams them
+
+_create_socket = AssociationSocket._create_socket
+_socket_recv = AssociationSocket.recv
+_send_c_store = Association.send_c_store
+_send_msg = DIMSEServiceProvider.send_msg
+_dul_init_original = DULServiceProvider.__init__
+_dul_run_original = DULServiceProvider.run_reactor
+_dul_transport_event_original = DULServiceProvider._is_transport_event
+_dul_send_primitive_original = DULServiceProvider._process_recv_primitive
+_installed = False
+
+
+class ServerAE(AE):
+    """Our server's AE: the seam acts on its associations (the SCP's, the C-MOVE
+    sub-associations it opens, the router's) and on no other AE's."""
+
+
+def _ours(assoc: Association) -> bool:
+    return isinstance(assoc.ae, ServerAE)
+
+
+def install() -> None:
+    """Put the replacements in place (once, for the process); they act only for
+    ServerAE associations."""
+    global _installed
+    if _installed:
+        return
+    AssociationSocket._create_socket = _nodelay_socket
+    AssociationSocket.recv = _recv
+    Association.send_c_store = _stored_c_store
+    DIMSEServiceProvider.send_msg = _send_msg_sparingly
+    DULServiceProvider.__init__ = _dul_init
+    DULServiceProvider.run_reactor = _dul_run
+    DULServiceProvider._is_transport_event = _dul_transport_event
+    DULServiceProvider._process_recv_primitive = _dul_send_primitive
+    dul.time = association.time = _WakingTime()  # type: ignore[assignment]
+    _installed = True
 
 
 class StoredDataset(Dataset):
@@ -80,6 +124,17 @@ class StoredDataset(Dataset):
         self.file_meta.TransferSyntaxUID = syntax
         self._stored_bytes = raw
 
+    def decoded(self) -> Dataset:
+        """The dataset itself, for pynetdicom's own send path (which encodes it anew,
+        converting between uncompressed syntaxes)."""
+        syntax = self.file_meta.TransferSyntaxUID
+        raw = self._stored_bytes
+        if syntax.is_deflated:
+            raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+        ds = read_dataset(BytesIO(raw), syntax.is_implicit_VR, syntax.is_little_endian)
+        ds.file_meta = self.file_meta
+        return ds
+
 
 def already_sent(dataset: Dataset, status: Dataset) -> Dataset:
     """Mark a dataset a helper association sent (C-MOVE): send_c_store returns `status`."""
@@ -87,17 +142,22 @@ def already_sent(dataset: Dataset, status: Dataset) -> Dataset:
     return dataset
 
 
-def _encode_stored(ds: Dataset, is_implicit: bool, is_little: bool, deflated: bool = False):
-    raw = getattr(ds, "_stored_bytes", None)
-    if raw is not None:
-        syntax = ds.file_meta.TransferSyntaxUID
-        if (syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated) == (
-            is_implicit,
-            is_little,
-            deflated,
-        ):
-            return raw
-    return _encode(ds, is_implicit, is_little, deflated)
+def stored_file(path: Path) -> StoredDataset | Path:
+    """A file as a StoredDataset (its dataset bytes as on disk); the path itself, for
+    pynetdicom to stream or to refuse, when larger than STREAM_ABOVE or without the
+    file meta a C-STORE needs."""
+    try:
+        if path.stat().st_size > STREAM_ABOVE:
+            return path
+        meta = read_file_meta_info(path)
+        return StoredDataset(
+            meta.MediaStorageSOPClassUID,
+            meta.MediaStorageSOPInstanceUID,
+            meta.TransferSyntaxUID,
+            dataset_bytes(path),
+        )
+    except Exception:  # unreadable, not DICOM, no meta: pynetdicom says why
+        return path
 
 
 C_STORE_RQ, C_FIND_RSP = 0x0001, 0x8020
@@ -110,7 +170,7 @@ class FindAnswers:
 
     FLUSH = 32 << 10
 
-    def __init__(self, assoc: association.Association, context_id: int, request) -> None:
+    def __init__(self, assoc: Association, context_id: int, request) -> None:
         self._assoc = assoc
         self._context_id = context_id
         self._max_pdu = _peer_max_pdu(assoc)
@@ -161,11 +221,16 @@ def _stored_c_store(
     originator_aet: str | None = None,
     originator_id: int | None = None,
 ) -> Dataset:
-    """Association.send_c_store, fast for a StoredDataset sent in its stored syntax; for
-    a dataset another association sent already, that send's status."""
+    """Association.send_c_store; for ours, fast for a StoredDataset (or a file path) sent
+    in its stored syntax, and for a dataset another association sent already, that
+    send's status."""
+    if not _ours(self):
+        return _send_c_store(self, dataset, msg_id, priority, originator_aet, originator_id)
     sent = getattr(dataset, "_sent_status", None)
     if sent is not None:
         return sent
+    if isinstance(dataset, str | Path):
+        dataset = stored_file(Path(dataset))
     raw = getattr(dataset, "_stored_bytes", None)
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
     context = next(
@@ -174,11 +239,13 @@ def _stored_c_store(
             for cx in self.accepted_contexts
             if cx.abstract_syntax == getattr(dataset, "SOPClassUID", None)
             and cx.transfer_syntax[0] == syntax
-            and (cx.as_scu if self.is_requestor else cx.as_scp)
+            and cx.as_scu  # we send as SCU: pynetdicom's own test (a C-GET's roles)
         ),
         None,
     )
     if raw is None or context is None or not self.is_established:
+        if raw is not None and self.is_established:  # another syntax: pynetdicom converts
+            dataset = dataset.decoded()
         return _send_c_store(self, dataset, msg_id, priority, originator_aet, originator_id)
     elements = [
         (0x00000002, _ui(dataset.SOPClassUID)),
@@ -278,7 +345,7 @@ def _write(assoc: Association, data: bytes | bytearray) -> None:
         time.sleep(0.0001)
 
 
-def _hold_reads(provider: dul.DULServiceProvider, hold: bool) -> None:
+def _hold_reads(provider: DULServiceProvider, hold: bool) -> None:
     """Keep the DUL thread off the socket (`hold`) while a sender reads its answer there,
     or give the socket back to it."""
     with provider._reading:
@@ -390,7 +457,7 @@ def _command(*elements: tuple[int, bytes]) -> bytes:
     return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
-def _peer_max_pdu(assoc: association.Association) -> int:
+def _peer_max_pdu(assoc: Association) -> int:
     peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
     return peer.maximum_length or 0
 
@@ -414,9 +481,11 @@ def _pdv(context_id: int, fragment: bytes, command: bool, last: bool) -> bytes:
 
 
 def _send_msg_sparingly(self: DIMSEServiceProvider, primitive, context_id: int) -> None:
-    """DIMSEServiceProvider.send_msg, skipping C-MOVE/C-GET pending responses that follow
-    the previous one within PENDING_INTERVAL, and the final C-FIND response that
-    `FindAnswers.finish` sent already."""
+    """DIMSEServiceProvider.send_msg; for ours, skipping C-MOVE/C-GET pending responses
+    that follow the previous one within PENDING_INTERVAL, and the final C-FIND response
+    that `FindAnswers.finish` sent already."""
+    if not _ours(self.assoc):
+        return _send_msg(self, primitive, context_id)
     if (
         isinstance(primitive, C_FIND)
         and primitive.MessageIDBeingRespondedTo is not None
@@ -450,8 +519,12 @@ class _WakingQueue(queue.Queue):
         self._wake()
 
 
-def _dul_init(self: dul.DULServiceProvider, assoc: Association) -> None:
+def _dul_init(self: DULServiceProvider, assoc: Association) -> None:
+    """DULServiceProvider.__init__; ours also get the locks direct writes and reads take,
+    and waking queues."""
     _dul_init_original(self, assoc)
+    if not _ours(assoc):
+        return
     self._reading = threading.Lock()  # held by the DUL thread while it reads a PDU
     self._sending = threading.Lock()  # held while it takes and sends a queued primitive
     self._held = False
@@ -462,19 +535,27 @@ def _dul_init(self: dul.DULServiceProvider, assoc: Association) -> None:
     self.to_user_queue = _WakingQueue(lambda: _wake_reactor(assoc))
 
 
-def _dul_transport_event(self: dul.DULServiceProvider) -> bool:
-    """DULServiceProvider._is_transport_event, unless a sender holds the socket's reads."""
-    with self._reading:
-        return False if self._held else _dul_transport_event_original(self)
-
-
-def _dul_send_primitive(self: dul.DULServiceProvider) -> bool:
-    """DULServiceProvider._process_recv_primitive, under the lock `_write` takes."""
+def _dul_send_primitive(self: DULServiceProvider) -> bool:
+    """DULServiceProvider._process_recv_primitive; for ours, under the lock `_write` takes."""
+    if not _ours(self.assoc):
+        return _dul_send_primitive_original(self)
     with self._sending:
         return _dul_send_primitive_original(self)
 
 
-def _dul_run(self: dul.DULServiceProvider) -> None:
+def _dul_transport_event(self: DULServiceProvider) -> bool:
+    """DULServiceProvider._is_transport_event; for ours, not while a sender holds the
+    socket's reads."""
+    if not _ours(self.assoc):
+        return _dul_transport_event_original(self)
+    with self._reading:
+        return False if self._held else _dul_transport_event_original(self)
+
+
+def _dul_run(self: DULServiceProvider) -> None:
+    """DULServiceProvider.run_reactor; for ours, the wake-up sockets closed at the end."""
+    if not _ours(self.assoc):
+        return _dul_run_original(self)
     try:
         _dul_run_original(self)
     finally:
@@ -482,7 +563,7 @@ def _dul_run(self: dul.DULServiceProvider) -> None:
         self._wake_send.close()
 
 
-def _wake_dul(provider: dul.DULServiceProvider) -> None:
+def _wake_dul(provider: DULServiceProvider) -> None:
     with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
         provider._wake_send.send(b"\0")
 
@@ -495,8 +576,9 @@ def _wake_reactor(assoc: Association) -> None:
 
 
 class _WakingTime:
-    """`time` for pynetdicom.dul and pynetdicom.association: their reactors' idle sleeps end
-    as soon as there is something to do."""
+    """`time` for pynetdicom.dul and pynetdicom.association: the idle sleeps of our
+    associations' reactors end as soon as there is something to do; any other thread
+    sleeps as asked."""
 
     def __getattr__(self, name: str):
         return getattr(time, name)
@@ -504,7 +586,7 @@ class _WakingTime:
     @staticmethod
     def sleep(seconds: float) -> None:
         thread = threading.current_thread()
-        if seconds <= 0.001 and isinstance(thread, dul.DULServiceProvider):
+        if seconds <= 0.001 and isinstance(thread, DULServiceProvider) and _ours(thread.assoc):
             sock = getattr(thread.socket, "socket", None)
             if sock is not None:
                 # While a sender reads its answer (_hold_reads) only a send or the end of
@@ -519,7 +601,7 @@ class _WakingTime:
                     return
                 except (OSError, ValueError):  # closed meanwhile: sleep as asked
                     pass
-        elif seconds == 0.001 and isinstance(thread, Association):
+        elif seconds == 0.001 and isinstance(thread, Association) and _ours(thread):
             waiting = thread.dimse.msg_queue
             # A release or abort the DUL queued while a handler ran was notified before
             # this wait began: look at its queue too, or it waits out the whole sleep.
@@ -532,11 +614,11 @@ class _WakingTime:
 
 
 class Server(ThreadedAssociationServer):
-    """The SCP listener: accepted connections get TCP_NODELAY, and no full garbage
-    collection every 60 turns of the accept loop (pynetdicom's `service_actions`): with
-    pydicom's dictionaries and the index in memory one took milliseconds with the GIL
-    held, in the middle of other associations' answers; Python's own collector runs
-    as it always does.
+    """The SCP listener (make it with a ServerAE): accepted connections get TCP_NODELAY,
+    and no full garbage collection every 60 turns of the accept loop (pynetdicom's
+    `service_actions`): with pydicom's dictionaries and the index in memory one took
+    milliseconds with the GIL held, in the middle of other associations' answers;
+    Python's own collector runs as it always does.
 
     A connection's Association is made in the listener thread itself: socketserver
     started a thread per connection whose only work was to start the Association's
@@ -565,12 +647,17 @@ class SharedPortServer(Server):
 
 
 def _nodelay_socket(self: AssociationSocket, address) -> socket.socket:
+    """AssociationSocket._create_socket; ours (C-MOVE, the router) get TCP_NODELAY."""
     sock = _create_socket(self, address)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if _ours(self.assoc):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
 def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+    """AssociationSocket.recv; for ours, up to 1 MiB a call, and no PDU beyond our maximum."""
+    if not _ours(self.assoc):
+        return _socket_recv(self, nr_bytes)
     limit = self.assoc.acceptor.maximum_length if self.assoc.is_acceptor else 0
     if limit and nr_bytes > max(limit, 1 << 16):
         raise OSError(f"peer sent a {nr_bytes}-byte PDU; our maximum is {limit}")
@@ -581,16 +668,3 @@ def _recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
             break
         stream += chunk
     return stream
-
-
-def install() -> None:
-    AssociationSocket.recv = _recv
-    AssociationSocket._create_socket = _nodelay_socket
-    Association.send_c_store = _stored_c_store
-    DIMSEServiceProvider.send_msg = _send_msg_sparingly
-    dul.time = association.time = _WakingTime()
-    dul.DULServiceProvider.__init__ = _dul_init
-    dul.DULServiceProvider.run_reactor = _dul_run
-    dul.DULServiceProvider._is_transport_event = _dul_transport_event
-    dul.DULServiceProvider._process_recv_primitive = _dul_send_primitive
-    association.encode = _encode_stored

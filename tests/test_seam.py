@@ -1,0 +1,135 @@
+"""pacs.seam: its replacements act for our server's AE only, and pacs.scu never installs it."""
+
+import queue
+import sys
+import threading
+
+import pydicom
+import pytest
+from conftest import ROOT
+from conftest import TEST_FILES
+from conftest import run
+from dicom_files import dataset_bytes
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom import evt
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import Verification
+
+from pacs import seam
+
+CT = TEST_FILES / "CT_small.dcm"  # Explicit VR Little Endian
+SEAM_ATTRIBUTES = ("_sending", "_reading", "_held", "_wake_recv", "_wake_send")
+
+
+def test_using_pacs_scu_leaves_pynetdicom_stock(server):
+    """A script that uses our SCU API gets pynetdicom as it is (a fresh process)."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from pynetdicom import association, dul\n"
+        "from pynetdicom.association import Association\n"
+        "from pynetdicom.transport import AssociationSocket\n"
+        "from pacs import scu\n"
+        "remote = scu.Remote(port=int(sys.argv[1]))\n"
+        "assert scu.echo(remote) == 0\n"
+        "outcome = scu.send(remote, [Path(sys.argv[2])])\n"
+        "assert outcome.ok and outcome.completed == 1, outcome\n"
+        "print(Association.send_c_store.__module__, AssociationSocket.recv.__module__,\n"
+        "      dul.time.__name__, association.time.__name__)\n"
+    )
+    result = run(sys.executable, "-c", code, str(server.port), str(CT), cwd=ROOT)
+    stock = ["pynetdicom.association", "pynetdicom.transport", "time", "time"]
+    assert result.stdout.split() == stock
+    stored = next(server.data.glob("*/*/*.dcm"))
+    assert dataset_bytes(stored) == dataset_bytes(CT)  # sent as the file's bytes
+
+
+@pytest.fixture
+def servers():
+    """Factory: servers(ae, **make_server kwargs) → a listening server, shut down after."""
+    started = []
+
+    def start(ae: AE, **kwargs):
+        server = ae.make_server(("127.0.0.1", 0), **kwargs)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        ae._servers.append(server)  # as AE.start_server does, for shutdown()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.shutdown()
+
+
+def _requestor(ae: AE, port: int, sent: list):
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    handlers = [(evt.EVT_DIMSE_SENT, lambda event: sent.append(type(event.message).__name__))]
+    assoc = ae.associate("127.0.0.1", port, evt_handlers=handlers)
+    assert assoc.is_established
+    return assoc
+
+
+def _stock(provider: DULServiceProvider) -> bool:
+    return (
+        not any(hasattr(provider, name) for name in SEAM_ATTRIBUTES)
+        and type(provider.to_provider_queue) is queue.Queue
+        and "do_action" not in vars(provider.state_machine)
+    )
+
+
+def _seamed(provider: DULServiceProvider) -> bool:
+    return (
+        all(hasattr(provider, name) for name in SEAM_ATTRIBUTES)
+        and type(provider.to_provider_queue) is not queue.Queue
+    )
+
+
+def test_installed_seam_acts_for_our_server_ae_only(servers):
+    """With the seam installed in this process, a plain pynetdicom AE's associations (as
+    requestor and as acceptor) are stock: none of our attributes on their DUL, and
+    send_c_store goes pynetdicom's way (an encoded C-STORE-RQ through its DIMSE layer).
+    A ServerAE's associations, here in this same process, have the seam: its C-STORE of
+    a file is written directly, the file's dataset bytes as they are."""
+    seam.install()
+    received: dict[str, bytes] = {}
+
+    def store(event):
+        received[event.assoc.requestor.ae_title] = event.encoded_dataset(include_meta=False)
+        return 0x0000
+
+    plain_scp = AE(ae_title="PLAINSCP")
+    plain_scp.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    plain_scp.add_supported_context(Verification)
+    plain_server = servers(plain_scp, evt_handlers=[(evt.EVT_C_STORE, store)])
+    our_scp = seam.ServerAE(ae_title="OURSCP")
+    our_scp.add_supported_context(Verification)
+    our_server = servers(our_scp, server_class=seam.Server)
+
+    plain_sent: list[str] = []
+    plain = _requestor(AE(ae_title="PLAIN"), plain_server.server_address[1], plain_sent)
+    ours_sent: list[str] = []
+    ours = _requestor(seam.ServerAE(ae_title="OURS"), plain_server.server_address[1], ours_sent)
+    try:
+        assert plain.send_c_store(pydicom.dcmread(CT)).Status == 0x0000
+        assert ours.send_c_store(CT).Status == 0x0000
+        assert plain_sent == ["C_STORE_RQ"]  # pynetdicom's own path
+        assert ours_sent == []  # written straight to the socket
+        assert received["OURS"] == dataset_bytes(CT)
+        assert "PLAIN" in received
+        assert _stock(plain.dul)
+        assert all(_stock(a.dul) for a in plain_server.active_associations)
+        assert _seamed(ours.dul)
+        # Our server's acceptor side, with a plain requestor.
+        visitor = _requestor(AE(ae_title="VISITOR"), our_server.server_address[1], [])
+        assert visitor.send_c_echo().Status == 0x0000
+        (accepted,) = our_server.active_associations
+        assert _seamed(accepted.dul)
+        assert _stock(visitor.dul)
+        visitor.release()
+    finally:
+        plain.release()
+        ours.release()
+    assert plain.is_released and ours.is_released
