@@ -97,7 +97,7 @@ def start_scp(
     """Start listening (`tls`: on tls_port, DICOM over TLS); raises OSError when the address
     cannot be bound or the certificate files cannot be used."""
     spool.install(archive.incoming)
-    seam.install()
+    seam.install()  # raises seam.SeamMismatch on a pynetdicom it does not know
     # pynetdicom decodes and formats every C-FIND/C-MOVE/C-GET identifier and C-FIND answer
     # for debug lines (~0.3 ms a request, ~6 % of C-FIND): patient data we keep out of logs.
     _config.LOG_REQUEST_IDENTIFIERS = False

@@ -4,7 +4,10 @@
 `pacs.scu`. Each replacement acts only for associations of a `ServerAE` (the SCP's AE,
 which also opens the C-MOVE sub-associations, and the one the router sends with); for any
 other association in the process it calls pynetdicom's original unchanged, so a script or
-test that uses pynetdicom next to our server gets stock pynetdicom.
+test that uses pynetdicom next to our server gets stock pynetdicom. `check()` compares the
+signature of everything replaced with the one recorded for the pynetdicom this was written
+against (`EXPECTED`, 3.0.4; pyproject pins ~=3.0.4), and `minipacs serve` refuses to start
+when they differ.
 
 What it replaces, and why (docs/decisions.md, 2026-11-25, 2026-11-26, 2026-12-04):
 - TCP_NODELAY on every association socket (`AssociationSocket._create_socket`, and
@@ -41,6 +44,7 @@ What it replaces, and why (docs/decisions.md, 2026-11-25, 2026-11-26, 2026-12-04
 """
 
 import contextlib
+import inspect
 import queue
 import select
 import socket
@@ -52,6 +56,7 @@ import zlib
 from io import BytesIO
 from pathlib import Path
 
+import pynetdicom
 from pydicom.dataset import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_dataset
@@ -75,15 +80,40 @@ PENDING_INTERVAL = 0.1  # s between C-MOVE/C-GET pending responses
 HELD_POLL = 0.05  # s: a DUL thread's poll while a sender reads the socket (_hold_reads)
 STREAM_ABOVE = 256 << 20  # bytes: larger files are left to pynetdicom, which streams them
 
-_create_socket = AssociationSocket._create_socket
-_socket_recv = AssociationSocket.recv
-_send_c_store = Association.send_c_store
-_send_msg = DIMSEServiceProvider.send_msg
-_dul_init_original = DULServiceProvider.__init__
-_dul_run_original = DULServiceProvider.run_reactor
-_dul_transport_event_original = DULServiceProvider._is_transport_event
-_dul_send_primitive_original = DULServiceProvider._process_recv_primitive
+# Everything the seam replaces, wraps or overrides, with its signature (annotations left
+# out) in pynetdicom 3.0.4. check() holds the installed pynetdicom to it.
+EXPECTED: dict[tuple[object, str], str] = {
+    (AssociationSocket, "_create_socket"): "(self, address)",
+    (AssociationSocket, "recv"): "(self, nr_bytes)",
+    (Association, "send_c_store"): (
+        "(self, dataset, msg_id=1, priority=2, originator_aet=None, originator_id=None)"
+    ),
+    (DIMSEServiceProvider, "send_msg"): "(self, primitive, context_id)",
+    (DULServiceProvider, "__init__"): "(self, assoc)",
+    (DULServiceProvider, "run_reactor"): "(self)",
+    (DULServiceProvider, "_is_transport_event"): "(self)",
+    (DULServiceProvider, "_process_recv_primitive"): "(self)",
+    (dul, "time"): "module time",
+    (association, "time"): "module time",
+    (ThreadedAssociationServer, "get_request"): "(self)",
+    (ThreadedAssociationServer, "process_request"): "(self, request, client_address)",
+    (ThreadedAssociationServer, "process_request_thread"): "(self, request, client_address)",
+    (ThreadedAssociationServer, "service_actions"): "(self)",
+}
+_ORIGINAL = {key: getattr(*key, None) for key in EXPECTED}  # before install() replaces them
+_create_socket = _ORIGINAL[AssociationSocket, "_create_socket"]
+_socket_recv = _ORIGINAL[AssociationSocket, "recv"]
+_send_c_store = _ORIGINAL[Association, "send_c_store"]
+_send_msg = _ORIGINAL[DIMSEServiceProvider, "send_msg"]
+_dul_init_original = _ORIGINAL[DULServiceProvider, "__init__"]
+_dul_run_original = _ORIGINAL[DULServiceProvider, "run_reactor"]
+_dul_transport_event_original = _ORIGINAL[DULServiceProvider, "_is_transport_event"]
+_dul_send_primitive_original = _ORIGINAL[DULServiceProvider, "_process_recv_primitive"]
 _installed = False
+
+
+class SeamMismatch(RuntimeError):
+    """The installed pynetdicom lacks, or has changed, something the seam replaces."""
 
 
 class ServerAE(AE):
@@ -95,10 +125,41 @@ def _ours(assoc: Association) -> bool:
     return isinstance(assoc.ae, ServerAE)
 
 
+def check(expected: dict[tuple[object, str], str] = EXPECTED) -> None:
+    """Raise SeamMismatch, one line naming what differs, unless every attribute in
+    `expected` is there with the recorded signature: the replacements call the
+    originals and rely on what they do."""
+    problems = []
+    for (owner, name), recorded in expected.items():
+        where = f"{getattr(owner, '__name__', owner)}.{name}"
+        found = _ORIGINAL.get((owner, name), getattr(owner, name, None))
+        if found is None:
+            problems.append(f"{where} is missing")
+        elif (shape := _shape(found)) != recorded:
+            problems.append(f"{where} is {shape}, expected {recorded}")
+    if problems:
+        raise SeamMismatch(
+            f"pynetdicom {pynetdicom.__version__} differs from the one minipacs was written "
+            f"against (pynetdicom~=3.0.4): {'; '.join(problems)}"
+        )
+
+
+def _shape(value: object) -> str:
+    if inspect.ismodule(value):
+        return f"module {value.__name__}"
+    try:
+        signature = inspect.signature(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "not a function"
+    bare = [p.replace(annotation=p.empty) for p in signature.parameters.values()]
+    return str(signature.replace(parameters=bare, return_annotation=signature.empty))
+
+
 def install() -> None:
-    """Put the replacements in place (once, for the process); they act only for
-    ServerAE associations."""
+    """Check pynetdicom, then put the replacements in place (once, for the process);
+    they act only for ServerAE associations."""
     global _installed
+    check()
     if _installed:
         return
     AssociationSocket._create_socket = _nodelay_socket

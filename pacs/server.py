@@ -20,6 +20,7 @@ import waitress
 
 from pacs import auditlog
 from pacs import router
+from pacs import seam
 from pacs.config import LOOPBACK
 from pacs.config import Config
 from pacs.scp import start_scp
@@ -43,6 +44,7 @@ class StartupError(Exception):
 
 def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM, then stop both servers cleanly."""
+    _install_seam()  # here too: with workers, only the router uses it in this process
     stop = _stop_on_signals()
     auditlog.install(config.audit_syslog)
     archive = _open_archive(config, repair=True)
@@ -229,6 +231,7 @@ def _listen(config: Config, archive: Archive, shared_port: bool, tls: bool = Fal
     missing = check_files(config.tls_cert, config.tls_key, config.tls_ca) if tls else []
     if missing:
         raise StartupError(f"DICOM TLS: no such file: {', '.join(missing)}")
+    _install_seam()
     try:
         scp = start_scp(config, archive, shared_port=shared_port, tls=tls)
         metrics.REGISTRY.gauge(
@@ -238,6 +241,15 @@ def _listen(config: Config, archive: Archive, shared_port: bool, tls: bool = Fal
     except (OSError, ssl.SSLError) as exc:
         reason = exc.strerror or str(exc)
         raise StartupError(f"cannot listen for DICOM on {config.host}:{port}: {reason}") from exc
+
+
+def _install_seam() -> None:
+    """pacs.seam in this process, or one line saying why not: it replaces pynetdicom
+    internals, and refuses a pynetdicom whose internals differ from those it knows."""
+    try:
+        seam.install()
+    except seam.SeamMismatch as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _open_archive(config: Config, repair: bool) -> Archive:

@@ -1,4 +1,5 @@
-"""pacs.seam: its replacements act for our server's AE only, and pacs.scu never installs it."""
+"""pacs.seam: its replacements act for our server's AE only, it is checked against the
+pynetdicom it was written for, and pacs.scu never installs it."""
 
 import queue
 import sys
@@ -16,11 +17,52 @@ from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import CTImageStorage
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AssociationSocket
 
 from pacs import seam
 
 CT = TEST_FILES / "CT_small.dcm"  # Explicit VR Little Endian
 SEAM_ATTRIBUTES = ("_sending", "_reading", "_held", "_wake_recv", "_wake_send")
+
+
+def test_check_passes_on_the_pynetdicom_installed():
+    seam.check()
+
+
+def test_check_names_what_is_missing_or_changed_in_one_line():
+    expected = {
+        **seam.EXPECTED,
+        (DULServiceProvider, "_gone_in_a_later_version"): "(self)",
+        (AssociationSocket, "recv"): "(self, nr_bytes, flags)",
+    }
+    with pytest.raises(seam.SeamMismatch) as raised:
+        seam.check(expected)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "DULServiceProvider._gone_in_a_later_version is missing" in message
+    assert "AssociationSocket.recv is (self, nr_bytes), expected (self, nr_bytes, flags)" in message
+    assert "~=3.0.4" in message
+
+
+def test_serve_refuses_to_start_on_a_pynetdicom_the_seam_does_not_know(tmp_path):
+    """The same check as `minipacs serve` runs it, against a table that expects one more
+    attribute (pynetdicom itself is left as it is)."""
+    code = (
+        "import sys\n"
+        "from pynetdicom.dul import DULServiceProvider\n"
+        "from pacs import seam\n"
+        "seam.EXPECTED[DULServiceProvider, '_gone_in_a_later_version'] = '(self)'\n"
+        "from pacs.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    data = tmp_path / "data"
+    args = ["serve", "--data", str(data), "--port", "0", "--http-port", "0"]
+    result = run(sys.executable, "-c", code, *args, cwd=ROOT, check=False, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "DULServiceProvider._gone_in_a_later_version is missing" in lines[0]
+    assert not data.exists()  # nothing was opened
 
 
 def test_using_pacs_scu_leaves_pynetdicom_stock(server):
