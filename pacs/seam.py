@@ -32,7 +32,9 @@ What it replaces, and why (docs/decisions.md, 2026-11-25, 2026-11-26, 2026-12-04
 - `DIMSEServiceProvider.send_msg`: C-MOVE/C-GET pending responses at most every 100 ms
   (PS3.4 C.4.2.3.1 lets the SCP send them or not; pynetdicom encoded one per
   sub-operation, ~0.3 ms each), and no second final C-FIND response after FindAnswers'.
-- `DULServiceProvider._process_recv_primitive`: under the lock `_write` takes.
+- `AssociationSocket.send` and the DUL state machine's `do_action` (wrapped per DUL):
+  under the lock `_write` takes, so that a PDU pynetdicom takes off its queue is sent
+  before any direct write starts, and no direct write lands inside one of its PDUs.
 - `DULServiceProvider.__init__`, `run_reactor`, `_is_transport_event` and the `time` of
   pynetdicom.dul and pynetdicom.association: pynetdicom's two reactor threads per
   association poll (1 ms sleeps); `_WakingTime`'s sleep waits, at most as long, for what
@@ -71,6 +73,7 @@ from pynetdicom.dimse_primitives import C_GET
 from pynetdicom.dimse_primitives import C_MOVE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import StateMachine
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -85,6 +88,7 @@ STREAM_ABOVE = 256 << 20  # bytes: larger files are left to pynetdicom, which st
 EXPECTED: dict[tuple[object, str], str] = {
     (AssociationSocket, "_create_socket"): "(self, address)",
     (AssociationSocket, "recv"): "(self, nr_bytes)",
+    (AssociationSocket, "send"): "(self, bytestream)",
     (Association, "send_c_store"): (
         "(self, dataset, msg_id=1, priority=2, originator_aet=None, originator_id=None)"
     ),
@@ -92,7 +96,7 @@ EXPECTED: dict[tuple[object, str], str] = {
     (DULServiceProvider, "__init__"): "(self, assoc)",
     (DULServiceProvider, "run_reactor"): "(self)",
     (DULServiceProvider, "_is_transport_event"): "(self)",
-    (DULServiceProvider, "_process_recv_primitive"): "(self)",
+    (StateMachine, "do_action"): "(self, event)",
     (dul, "time"): "module time",
     (association, "time"): "module time",
     (ThreadedAssociationServer, "get_request"): "(self)",
@@ -103,12 +107,12 @@ EXPECTED: dict[tuple[object, str], str] = {
 _ORIGINAL = {key: getattr(*key, None) for key in EXPECTED}  # before install() replaces them
 _create_socket = _ORIGINAL[AssociationSocket, "_create_socket"]
 _socket_recv = _ORIGINAL[AssociationSocket, "recv"]
+_socket_send = _ORIGINAL[AssociationSocket, "send"]
 _send_c_store = _ORIGINAL[Association, "send_c_store"]
 _send_msg = _ORIGINAL[DIMSEServiceProvider, "send_msg"]
 _dul_init_original = _ORIGINAL[DULServiceProvider, "__init__"]
 _dul_run_original = _ORIGINAL[DULServiceProvider, "run_reactor"]
 _dul_transport_event_original = _ORIGINAL[DULServiceProvider, "_is_transport_event"]
-_dul_send_primitive_original = _ORIGINAL[DULServiceProvider, "_process_recv_primitive"]
 _installed = False
 
 
@@ -164,12 +168,12 @@ def install() -> None:
         return
     AssociationSocket._create_socket = _nodelay_socket
     AssociationSocket.recv = _recv
+    AssociationSocket.send = _locked_send
     Association.send_c_store = _stored_c_store
     DIMSEServiceProvider.send_msg = _send_msg_sparingly
     DULServiceProvider.__init__ = _dul_init
     DULServiceProvider.run_reactor = _dul_run
     DULServiceProvider._is_transport_event = _dul_transport_event
-    DULServiceProvider._process_recv_primitive = _dul_send_primitive
     dul.time = association.time = _WakingTime()  # type: ignore[assignment]
     _installed = True
 
@@ -383,10 +387,13 @@ MAX_PEEK = 1 << 16
 
 
 def _write(assoc: Association, data: bytes | bytearray) -> None:
-    """Whole DIMSE messages written on the association's socket from this thread: only
-    when the DUL thread has nothing queued and is not sending (pynetdicom's C-GET pending
-    responses go through it; its PDUs and ours must not interleave), and on TLS not
-    while it reads (an SSL object is not for two threads at once)."""
+    """Whole DIMSE messages written on the association's socket from this thread, under
+    `_sending`, once nothing is queued for the DUL thread: pynetdicom's PDUs (C-GET
+    pending responses, a release) go through its queue, and its actions hold the same
+    lock from taking a PDU off the queue until it is sent, so the two never interleave.
+    (Our writers are the threads that also queue pynetdicom's messages on that
+    association, so none is queued half-way meanwhile.) On TLS not while the DUL thread
+    reads either: an SSL object is not for two threads at once."""
     provider = assoc.dul
     sock = provider.socket.socket
     if sock is None:
@@ -582,26 +589,36 @@ class _WakingQueue(queue.Queue):
 
 def _dul_init(self: DULServiceProvider, assoc: Association) -> None:
     """DULServiceProvider.__init__; ours also get the locks direct writes and reads take,
-    and waking queues."""
+    waking queues, and their state machine's actions under the send lock."""
     _dul_init_original(self, assoc)
     if not _ours(assoc):
         return
     self._reading = threading.Lock()  # held by the DUL thread while it reads a PDU
-    self._sending = threading.Lock()  # held while it takes and sends a queued primitive
+    # Held while a PDU goes out: ours (`_write`), and pynetdicom's from the moment an
+    # action takes a primitive off to_provider_queue until its PDU is sent (in 3.0.x
+    # the reactor only peeks at the queue; the action, DT-1 and the like, takes and sends).
+    self._sending = threading.RLock()
     self._held = False
     self._wake_recv, self._wake_send = socket.socketpair()
     self._wake_recv.setblocking(False)
     self._wake_send.setblocking(False)
     self.to_provider_queue = _WakingQueue(lambda: _wake_dul(self))
     self.to_user_queue = _WakingQueue(lambda: _wake_reactor(assoc))
+    act = self.state_machine.do_action
+
+    def do_action(event: str) -> None:
+        with self._sending:
+            act(event)
+
+    self.state_machine.do_action = do_action  # type: ignore[method-assign]
 
 
-def _dul_send_primitive(self: DULServiceProvider) -> bool:
-    """DULServiceProvider._process_recv_primitive; for ours, under the lock `_write` takes."""
+def _locked_send(self: AssociationSocket, bytestream: bytes) -> None:
+    """AssociationSocket.send; for ours, under the lock `_write` takes."""
     if not _ours(self.assoc):
-        return _dul_send_primitive_original(self)
-    with self._sending:
-        return _dul_send_primitive_original(self)
+        return _socket_send(self, bytestream)
+    with self.assoc.dul._sending:
+        return _socket_send(self, bytestream)
 
 
 def _dul_transport_event(self: DULServiceProvider) -> bool:

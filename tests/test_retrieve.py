@@ -15,9 +15,12 @@ from conftest import minipacs
 from conftest import run
 from corpus import build
 from dicom_files import dataset_bytes
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom import build_role
 from pynetdicom import evt
 from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pacs import scu
@@ -82,19 +85,24 @@ def imported_study(tmp_path: Path, count: int, size: int) -> list[Path]:
 
 @pytest.fixture
 def storage_peer():
-    """Factory: storage_peer(aet, on_store) → the port of a pynetdicom CT storage SCP
-    calling `on_store(event)` for each C-STORE; shut down at teardown."""
+    """Factory: storage_peer(aet, on_store, ends=None) → the port of a pynetdicom CT
+    storage SCP calling `on_store(event)` for each C-STORE, and appending to `ends`
+    "established", "released" or "aborted" as its associations go; shut down at teardown."""
     servers = []
 
-    def start(aet: str, on_store) -> int:
+    def start(aet: str, on_store, ends: list | None = None) -> int:
         peer = AE(ae_title=aet)
         peer.add_supported_context(CTImageStorage)
         port = free_port()
-        servers.append(
-            peer.start_server(
-                ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
-            )
-        )
+        handlers = [(evt.EVT_C_STORE, on_store)]
+        if ends is not None:
+            for event, name in [
+                (evt.EVT_ESTABLISHED, "established"),
+                (evt.EVT_RELEASED, "released"),
+                (evt.EVT_ABORTED, "aborted"),
+            ]:
+                handlers.append((event, lambda _, name=name: ends.append(name)))
+        servers.append(peer.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers))
         return port
 
     yield start
@@ -417,3 +425,124 @@ def test_every_stored_pydicom_file_comes_back_byte_identical(start_server, tmp_p
     assert outcome.completed == len(stored)
     for uid, path in stored.items():
         assert dataset_bytes(tmp_path / "got" / f"{uid}.dcm") == dataset_bytes(path), path.name
+
+
+STRESS_ROUNDS, STRESS_SECONDS = 4, 60  # at most so many rounds; none begun after so long
+
+
+def test_get_of_a_large_study_interleaves_no_pdus(start_server, tmp_path):
+    """C-GET of a large study, repeated: the server writes each C-STORE (many PDUs) straight
+    to the socket from the handler's thread while pynetdicom's DUL thread sends pending
+    responses (every 100 ms) on the same socket. A PDU of one inside the other's breaks
+    the stream: every instance must arrive whole and the association end in a release.
+    pynetdicom and dcmtk's getscu take turns as the client."""
+    paths = imported_study(tmp_path, 160, size=256)
+    server = start_server(data=tmp_path / "data")
+    study = pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID
+    stored = {p.stem: dataset_bytes(p) for p in (tmp_path / "data").glob("*/*/*.dcm")}
+    deadline = time.monotonic() + STRESS_SECONDS
+    for round_ in range(STRESS_ROUNDS):
+        if round_ and time.monotonic() > deadline:
+            break
+        if round_ % 2:
+            received = _get_with_getscu(server.port, study, tmp_path / f"got-{round_}")
+        else:
+            received, pending = _get_with_pynetdicom(server.port, study)
+            assert pending > 0  # the pending responses did go out in between
+        assert sorted(received) == sorted(stored)
+        assert [uid for uid in stored if received[uid] != stored[uid]] == []
+    assert scu.echo(scu.Remote(port=server.port)) == 0
+
+
+def _get_with_pynetdicom(port: int, study: str) -> tuple[dict[str, bytes], int]:
+    """The study's instances (dataset bytes by SOP Instance UID), and how many pending
+    responses came."""
+    received: dict[str, bytes] = {}
+
+    def store(event):
+        received[event.request.AffectedSOPInstanceUID] = event.encoded_dataset(False)
+        return 0x0000
+
+    ae = AE(ae_title="STRESS")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)  # as stored
+    assoc = ae.associate(
+        "127.0.0.1",
+        port,
+        ae_title="MINIPACS",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, store)],
+    )
+    assert assoc.is_established
+    query = scu.identifier("STUDY", {"StudyInstanceUID": study})
+    statuses = [
+        int(status.Status)
+        for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)
+    ]
+    assoc.release()
+    assert assoc.is_released and not assoc.is_aborted
+    assert statuses[-1] == 0x0000
+    return received, statuses.count(0xFF00)
+
+
+def _get_with_getscu(port: int, study: str, out: Path) -> dict[str, bytes]:
+    out.mkdir()
+    result = run(
+        "getscu", "-v", "+B", "-aec", "MINIPACS", "-od", str(out),
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+        "127.0.0.1", str(port),
+    )  # fmt: skip
+    assert "Received C-GET Response (Success)" in result.stderr
+    assert "Releasing Association" in result.stderr and "Abort" not in result.stderr
+    return {
+        pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID: dataset_bytes(path)
+        for path in out.iterdir()
+    }
+
+
+def test_move_cancelled_midway_ends_cleanly_every_time(start_server, storage_peer, tmp_path):
+    """C-MOVE with a C-CANCEL after the first pending response, repeated: the senders'
+    direct writes on two sub-associations, the cancel and the releases meet differently
+    each time. What the destination got is whole and is what was counted completed, and
+    every association (the requestor's, the sub-associations) ends in a release."""
+    paths = imported_study(tmp_path, 300, size=64)
+    received: dict[str, bytes] = {}
+    ends: list[str] = []
+
+    def store(event):
+        received[event.request.AffectedSOPInstanceUID] = event.encoded_dataset(False)
+        return 0x0000
+
+    port = storage_peer("COUNTER", store, ends)
+    server = start_server("--peer", f"COUNTER=127.0.0.1:{port}", data=tmp_path / "data")
+    stored = {p.stem: dataset_bytes(p) for p in (tmp_path / "data").glob("*/*/*.dcm")}
+    query = scu.identifier(
+        "STUDY", {"StudyInstanceUID": pydicom.dcmread(paths[0]).StudyInstanceUID}
+    )
+    model = StudyRootQueryRetrieveInformationModelMove
+    deadline = time.monotonic() + STRESS_SECONDS
+    for round_ in range(STRESS_ROUNDS):
+        if round_ and time.monotonic() > deadline:
+            break
+        received.clear()
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(model)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+        statuses = []
+        for status, _ in assoc.send_c_move(query, "COUNTER", model, msg_id=9):
+            statuses.append(status)
+            if len(statuses) == 1:
+                assoc.send_c_cancel(9, query_model=model)
+        assoc.release()
+        assert assoc.is_released and not assoc.is_aborted
+        final = statuses[-1]
+        assert final.Status == 0xFE00
+        assert final.get("NumberOfFailedSuboperations", 0) == 0
+        assert 0 < final.NumberOfCompletedSuboperations == len(received) < 300
+        assert [uid for uid in received if received[uid] != stored[uid]] == []
+        until = time.monotonic() + 30  # the sub-associations are released after the answer
+        while ends.count("established") > ends.count("released") + ends.count("aborted"):
+            assert time.monotonic() < until, ends
+            time.sleep(0.05)
+        assert "aborted" not in ends
+    assert scu.echo(scu.Remote(port=server.port)) == 0

@@ -4,6 +4,7 @@ pynetdicom it was written for, and pacs.scu never installs it."""
 import queue
 import sys
 import threading
+import time
 
 import pydicom
 import pytest
@@ -126,6 +127,7 @@ def _seamed(provider: DULServiceProvider) -> bool:
     return (
         all(hasattr(provider, name) for name in SEAM_ATTRIBUTES)
         and type(provider.to_provider_queue) is not queue.Queue
+        and "do_action" in vars(provider.state_machine)
     )
 
 
@@ -175,3 +177,45 @@ def test_installed_seam_acts_for_our_server_ae_only(servers):
         plain.release()
         ours.release()
     assert plain.is_released and ours.is_released
+
+
+def test_a_direct_write_waits_for_the_send_pynetdicom_has_begun(servers):
+    """In pynetdicom 3.0.x a queued PDU is taken off the queue and sent inside a state
+    machine action (DT-1), after the reactor has peeked at it. A direct write
+    (`seam._write`) must wait for that action to end, or the two go out interleaved. The
+    action is made slow here by a handler of its own transition event."""
+    seam.install()
+    scp = AE(ae_title="PLAINSCP")
+    scp.add_supported_context(Verification)
+    server = servers(scp)
+    in_action, armed = threading.Event(), threading.Event()
+    ended: list[float] = []
+
+    def slow(event):
+        if armed.is_set() and event.action == "DT-1":
+            armed.clear()
+            in_action.set()
+            time.sleep(0.3)
+            ended.append(time.monotonic())
+
+    ae = seam.ServerAE(ae_title="OURS")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(*server.server_address, evt_handlers=[(evt.EVT_FSM_TRANSITION, slow)])
+    context_id = assoc.accepted_contexts[0].context_id
+    # A C-CANCEL-RQ (PS3.7 9.3.2.3): the peer does not answer it.
+    cancel = seam._command(
+        (0x00000100, (0x0FFF).to_bytes(2, "little")),
+        (0x00000120, (77).to_bytes(2, "little")),
+        (0x00000800, (0x0101).to_bytes(2, "little")),
+    )
+    armed.set()
+    echo = threading.Thread(target=assoc.send_c_echo)
+    echo.start()
+    assert in_action.wait(10)
+    seam._write(assoc, seam._pdata(context_id, cancel, True, 0))
+    written = time.monotonic()
+    echo.join(10)
+    assert ended and written >= ended[0]
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
+    assert assoc.is_released
