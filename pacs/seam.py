@@ -42,11 +42,13 @@ What it replaces, and why (docs/decisions.md, 2026-11-25, 2026-11-26, 2026-12-04
   association's DIMSE queue, notified also by the ACSE queue), and a sender reading its
   answer off the socket holds the DUL thread's reads (`_hold_reads`).
 - `Server` (a subclass of pynetdicom's ThreadedAssociationServer): the Association made in
-  the listener thread, no gc.collect() every 60 accepts.
+  the listener thread, no gc.collect() every 60 accepts, the TLS handshake in a thread of
+  its own, and `divert` for plain connections.
 """
 
 import contextlib
 import inspect
+import logging
 import queue
 import select
 import socket
@@ -55,6 +57,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
@@ -79,6 +82,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from storage.dataset import dataset_bytes
 
+log = logging.getLogger(__name__)
 PENDING_INTERVAL = 0.1  # s between C-MOVE/C-GET pending responses
 HELD_POLL = 0.05  # s: a DUL thread's poll while a sender reads the socket (_hold_reads)
 STREAM_ABOVE = 256 << 20  # bytes: larger files are left to pynetdicom, which streams them
@@ -692,27 +696,54 @@ class _WakingTime:
 
 
 class Server(ThreadedAssociationServer):
-    """The SCP listener (make it with a ServerAE): accepted connections get TCP_NODELAY,
-    and no full garbage collection every 60 turns of the accept loop (pynetdicom's
-    `service_actions`): with pydicom's dictionaries and the index in memory one took
-    milliseconds with the GIL held, in the middle of other associations' answers;
-    Python's own collector runs as it always does.
+    """The SCP listener (make it with a ServerAE).
 
-    A connection's Association is made in the listener thread itself: socketserver
-    started a thread per connection whose only work was to start the Association's
-    thread (a thread start and a GIL hand-over, ~0.3 ms, before the association
-    request is even read)."""
+    - Accepted connections get TCP_NODELAY, and there is no full garbage collection every
+      60 turns of the accept loop (pynetdicom's `service_actions`): with pydicom's
+      dictionaries and the index in memory one took milliseconds with the GIL held, in
+      the middle of other associations' answers.
+    - A plain connection's Association is made in the listener thread itself:
+      socketserver started a thread per connection whose only work was to start the
+      Association's thread (~0.3 ms before the association request is even read).
+    - On TLS, the handshake runs in a thread per connection, within the ACSE timeout:
+      pynetdicom does it in the accept thread, where one client that connects and says
+      nothing holds up every other.
+    - `divert(connection, address)`, when set, sees each plain connection first; when it
+      returns True it has taken the connection and no Association is made. It runs in
+      the listener thread: it must return quickly.
+    """
+
+    divert: Callable[[socket.socket, tuple], bool] | None = None
 
     def service_actions(self) -> None:
         pass
 
-    def process_request(self, request, client_address) -> None:
-        self.process_request_thread(request, client_address)  # starts the Association
-
     def get_request(self) -> tuple[socket.socket, tuple]:
-        connection, address = super().get_request()
+        """Accept only: the TLS handshake, if any, is the connection's thread's work."""
+        connection, address = self.socket.accept()
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return connection, address
+
+    def process_request(self, request, client_address) -> None:
+        if self.ssl_context is not None:
+            threading.Thread(
+                target=self._handshake, args=(request, client_address), daemon=True
+            ).start()
+            return
+        if self.divert is not None and self.divert(request, client_address):
+            return
+        self.process_request_thread(request, client_address)  # starts the Association
+
+    def _handshake(self, connection: socket.socket, address: tuple) -> None:
+        try:
+            connection.settimeout(self.ae.acse_timeout)
+            wrapped = self.ssl_context.wrap_socket(connection, server_side=True)
+            wrapped.settimeout(None)
+        except (OSError, ValueError) as exc:  # refused, silent, gone
+            log.info("TLS handshake with %s failed: %s", address[0], exc)
+            self.shutdown_request(connection)
+            return
+        self.process_request_thread(wrapped, address)
 
 
 class SharedPortServer(Server):

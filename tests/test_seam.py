@@ -2,6 +2,7 @@
 pynetdicom it was written for, and pacs.scu never installs it."""
 
 import queue
+import socket
 import sys
 import threading
 import time
@@ -177,6 +178,32 @@ def test_installed_seam_acts_for_our_server_ae_only(servers):
         plain.release()
         ours.release()
     assert plain.is_released and ours.is_released
+
+
+def test_divert_sees_plain_connections_first(servers):
+    """`Server.divert` takes a connection before pynetdicom makes an Association of it;
+    when it declines, the association goes on as usual."""
+    seam.install()
+    ae = seam.ServerAE(ae_title="OURSCP")
+    ae.add_supported_context(Verification)
+    server = servers(ae, server_class=seam.Server)
+    taken: list[socket.socket] = []
+    server.divert = lambda connection, address: taken.append(connection) or True
+    with socket.create_connection(server.server_address) as client:
+        deadline = time.monotonic() + 10
+        while not taken and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(taken) == 1 and server.active_associations == []
+        taken[0].sendall(b"diverted")  # the connection is the diverter's now
+        client.settimeout(10)
+        assert client.recv(8) == b"diverted"
+        taken[0].close()
+    server.divert = lambda connection, address: False
+    requestor = AE(ae_title="VISITOR")
+    requestor.add_requested_context(Verification)
+    assoc = requestor.associate(*server.server_address)
+    assert assoc.send_c_echo().Status == 0x0000
+    assoc.release()
 
 
 def test_a_direct_write_waits_for_the_send_pynetdicom_has_begun(servers):

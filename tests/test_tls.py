@@ -117,11 +117,11 @@ def tls_server(start_server, pki, tmp_path):
     return server
 
 
-def dcmtk(tool: str, server, pki, *files: str, who: str = "client"):
+def dcmtk(tool: str, server, pki, *files: str, who: str = "client", timeout: float = 120):
     """A dcmtk client over TLS with `who`'s certificate; files go after host and port."""
     tls = ["+tls", str(pki / f"{who}.key"), str(pki / f"{who}.crt"), "+cf", str(pki / "ca.crt")]
     address = ["127.0.0.1", str(server.tls_port)]
-    return run(tool, *tls, "-aec", "MINIPACS", *address, *files, check=False)
+    return run(tool, *tls, "-aec", "MINIPACS", *address, *files, check=False, timeout=timeout)
 
 
 def test_dcmtk_and_our_scu_over_mutual_tls(tls_server, pki):
@@ -161,6 +161,28 @@ def test_clients_without_a_trusted_certificate_are_refused(tls_server, pki):
     unchecked = minipacs("echo", "--port", str(tls_server.tls_port), "--tls", check=False)
     assert unchecked.returncode != 0
     assert run("echoscu", "-aec", "MINIPACS", "127.0.0.1", str(tls_server.port)).returncode == 0
+
+
+def test_a_silent_client_holds_up_no_other_tls_client(start_server, pki, tmp_path):
+    """Connections that open TCP to the TLS port and say nothing: pynetdicom does the
+    handshake in its accept thread, so each would hold up every TLS client after it. Ours
+    run in a thread per connection, and end after acse_timeout."""
+    port = free_port()
+    config = tmp_path / "tls.toml"
+    config.write_text(
+        f'tls_port = {port}\ntls_cert = "{pki / "server.crt"}"\n'
+        f'tls_key = "{pki / "server.key"}"\ntls_ca = "{pki / "ca.crt"}"\nacse_timeout = 3\n'
+    )
+    server = start_server("--config", str(config))
+    server.tls_port = port
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+    try:
+        assert dcmtk("echoscu", server, pki, timeout=20).returncode == 0
+        assert all(closed_within(sock, 15) for sock in silent)
+    finally:
+        for sock in silent:
+            sock.close()
+    assert dcmtk("echoscu", server, pki, timeout=20).returncode == 0
 
 
 def test_move_to_a_tls_peer(start_server, pki, tmp_path):
