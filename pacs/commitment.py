@@ -34,6 +34,7 @@ ALL_COMMITTED, SOME_FAILED = 1, 2  # Event Type ID
 NO_SUCH_INSTANCE, PROCESSING_FAILURE, CLASS_INSTANCE_CONFLICT = 0x0112, 0x0110, 0x0119
 INVALID_ARGUMENT, NO_SUCH_ACTION, MISSING_ATTRIBUTE = 0x0115, 0x0123, 0x0120
 GRACE = 0.5  # s a modality has to release before we report over its association
+SETTLE_SECONDS = 30.0  # the longest a report waits for what was received before it
 FAILURE_REASONS = {  # storage.Archive.commitment_problem → Failure Reason (PS3.4 J.3.2.1.1)
     "not stored": NO_SUCH_INSTANCE,
     "stored under another SOP class": CLASS_INSTANCE_CONFLICT,
@@ -74,6 +75,8 @@ def handle_n_action(event: Event, archive: Archive, config: Config):
 
 def _commit_and_report(assoc, archive: Archive, config: Config, transaction: str, references):
     calling, address = assoc.requestor.ae_title, assoc.requestor.address
+    if not archive.settle(SETTLE_SECONDS):  # a C-STORE acknowledged just before is indexed
+        log.warning("storage commitment %s: indexing is behind", transaction)
     committed, failed = [], []
     for sop_class, sop_uid in references:
         problem = archive.commitment_problem(sop_class, sop_uid)

@@ -123,8 +123,17 @@ class Config:
     workers: int = field(
         default=1,
         metadata={
-            "help": "DICOM worker processes sharing the port (SO_REUSEPORT); more than 1 lets "
-            "ingest use more than one core (pynetdicom is GIL-bound)."
+            "help": "DICOM processes sharing the port (SO_REUSEPORT), beside the web server's "
+            "process and the indexer's; 1 keeps ingest fast and apart from web load on 2 "
+            "cores, more use more cores."
+        },
+    )
+    index_wait: float = field(
+        default=0.0,
+        metadata={
+            "help": "Seconds a storage association's release may wait until what it stored "
+            "is queryable (0: release at once; each instance is durable at its Success "
+            "either way, and queryable within a second)."
         },
     )
     pn_case_insensitive: bool = field(
@@ -220,11 +229,10 @@ class Config:
         },
     )
     parse_processes: int = field(
-        default=1,
+        default=0,
         metadata={
-            "help": "Child processes that parse incoming instances for the server, so that "
-            "concurrent C-STORE and STOW-RS ingests use more than one core (0: in-process; "
-            "on 2 cores 1 measured best)."
+            "help": "Child processes that parse STOW-RS uploads for the web server (0: in its "
+            "request threads; C-STORE is parsed by the indexer process)."
         },
     )
     quota_mb: int = field(
@@ -354,6 +362,14 @@ def _convert(name: str, value: Any) -> Any:
         return _int(value, name, 0)
     if name == "retention_interval":
         return _int(value, name, 1)
+    if name == "index_wait":
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"index_wait must be a number of seconds, not {value!r}") from None
+        if not 0 <= seconds <= 600:
+            raise ConfigError(f"index_wait must be 0-600 seconds, not {value!r}")
+        return seconds
     if name in ("fsync", "accept_unknown_sop_classes", "pn_case_insensitive", "trust_proxy"):
         return _bool(value, name)
     if name == "peer":

@@ -10,7 +10,6 @@ import logging
 import queue
 import socket
 import threading
-from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -31,12 +30,12 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pacs import commitment
 from pacs import policy
 from pacs import seam
-from pacs import spool
 from pacs import tls
 from pacs import worklist
 from pacs.config import Config
 from storage import Archive
 from storage import audit
+from storage import metrics
 from storage import query
 from storage.dataset import dataset_bytes
 from storage.dicomjson import json_to_bytes
@@ -46,7 +45,6 @@ from storage.errors import InvalidUID
 from storage.errors import OutOfResources
 from storage.errors import StorageError
 from storage.errors import UIDMismatch
-from viewer import metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +54,7 @@ OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: Out of Resources (disk full)
 DATASET_MISMATCH = 0xA900  # PS3.4 B.2.3 Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3 Error: Cannot understand (does not parse, bad UID)
 PROCESSING_FAILURE = 0x0110  # PS3.7 C.1: anything else the archive could not do
+QUERYABLE_WAIT = 10.0  # s a C-STORE on pynetdicom's path waits for the indexer
 NOT_AUTHORIZED = 0x0124  # PS3.7 C.1: Refused: Not authorized (policy)
 
 STATUS_FOR = {
@@ -72,63 +71,38 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
-def handle_store(event: Event, archive: Archive) -> int | Dataset:
-    """C-STORE: store the dataset bytes as received, Success only once durable.
+def handle_store(event: Event, archive: Archive, config: Config) -> int | Dataset:
+    """C-STORE on an association pynetdicom serves (one that also proposed other
+    services, or TLS; storage-only associations are pacs.store_scp's): the same receipt
+    and check, and Success once durable and, within QUERYABLE_WAIT seconds, queryable:
+    a client that stores and then queries over one association finds what it stored.
 
-    0x0000 stored, or already stored (identical bytes, or `keep` policy); 0xA700 disk
-    full; 0xA900 dataset UIDs differ from the request; 0xC000 does not parse or has an
-    invalid UID; 0x0111 different bytes under a stored UID with policy `reject`;
-    0x0110 any other storage failure. Failures carry an ErrorComment.
+    0x0000 stored; 0xA700 disk full; 0xA900 dataset UIDs differ from the request; 0xC000
+    does not parse or has an invalid UID; 0x0111 different bytes under a stored UID with
+    policy `reject`; 0x0124 the association may not store; 0x0110 any other failure.
+    Failures carry an ErrorComment.
     """
     request = event.request
-    path = Path(event.dataset_path)
-    received = spool.take(path)
+    calling, address = event.assoc.requestor.ae_title, event.assoc.requestor.address
     if not policy.permitted(event, "store"):  # here only on contexts kept for C-GET
-        path.unlink(missing_ok=True)
         _audit(archive, event, "rejected", "failure: store not permitted")
-        return _failure(NOT_AUTHORIZED, f"{event.assoc.requestor.ae_title} may not store")
+        return _failure(NOT_AUTHORIZED, f"{calling} may not store")
+    sop_class, sop_uid = request.AffectedSOPClassUID, request.AffectedSOPInstanceUID
     try:
-        if received is not None and received.error is not None:
-            raise OutOfResources(f"cannot receive the dataset: {received.error.strerror}")
-        tmp = path
-        if received is None:  # not spooled by us: bring it onto the archive's filesystem
-            tmp = archive.incoming_path()
-            tmp.write_bytes(path.read_bytes())
-        stored = archive.ingest(
-            tmp,
-            digest=received.digest() if received is not None else None,
-            sop_class_uid=request.AffectedSOPClassUID,
-            sop_uid=request.AffectedSOPInstanceUID,
-            calling_aet=event.assoc.requestor.ae_title,
-            address=event.assoc.requestor.address,
+        receipt = archive.receive(
+            sop_class, sop_uid, event.context.transfer_syntax[0], calling, address
         )
-    except StorageError as exc:
+        receipt.write(request.DataSet.getbuffer())
+        entry = archive.accept(receipt, sop_class, sop_uid)
+    except (StorageError, OSError) as exc:
         status = STATUS_FOR.get(type(exc), PROCESSING_FAILURE)
-        _audit(archive, event, "store", f"failure: {exc}", sop=request.AffectedSOPInstanceUID)
-        log.warning(
-            "C-STORE %s from %s refused (0x%04X): %s",
-            request.AffectedSOPInstanceUID,
-            event.assoc.requestor.ae_title,
-            status,
-            exc,
-        )
+        _audit(archive, event, "store", f"failure: {exc}", sop=sop_uid)
+        log.warning("C-STORE %s from %s refused (0x%04X): %s", sop_uid, calling, status, exc)
         return _failure(status, str(exc))
-    finally:
-        path.unlink(missing_ok=True)
-    metrics.stored(stored.size)
-    log.info(
-        "C-STORE %s from %s: %s",
-        stored.sop_uid,
-        event.assoc.requestor.ae_title,
-        stored.outcome.value,
-    )
+    if not archive.wait_indexed([entry.path], max(config.index_wait, QUERYABLE_WAIT)):
+        log.warning("C-STORE %s: acknowledged before the indexer took it", sop_uid)
+    log.info("C-STORE %s from %s: received", sop_uid, calling)
     return SUCCESS
-
-
-def handle_conn_close(event: Event) -> None:
-    """Remove what a dead association left half-received (and any older strays)."""
-    spool.discard(getattr(event.assoc, "dul", None))
-    spool.sweep(idle_seconds=600)
 
 
 def _failure(status: int, comment: str) -> Dataset:
@@ -142,7 +116,7 @@ def build_handlers(archive: Archive, config: Config) -> list:
     return [
         (evt.EVT_REQUESTED, policy.handle_requested, [config, archive]),
         (evt.EVT_C_ECHO, metrics.timed("C-ECHO", handle_echo)),
-        (evt.EVT_C_STORE, metrics.timed("C-STORE", handle_store), [archive]),
+        (evt.EVT_C_STORE, metrics.timed("C-STORE", handle_store), [archive, config]),
         (evt.EVT_C_FIND, metrics.timed("C-FIND", handle_find), [archive, config]),
         (evt.EVT_C_GET, metrics.timed("C-GET", handle_get), [archive, config]),
         (evt.EVT_C_MOVE, metrics.timed("C-MOVE", handle_move), [archive, config]),
@@ -154,7 +128,6 @@ def build_handlers(archive: Archive, config: Config) -> list:
         (evt.EVT_N_CREATE, metrics.timed("N-CREATE", worklist.handle_n_create), [archive]),
         (evt.EVT_N_SET, metrics.timed("N-SET", worklist.handle_n_set), [archive]),
         (evt.EVT_SOP_EXTENDED, handle_sop_extended),
-        (evt.EVT_CONN_CLOSE, handle_conn_close),
     ]
 
 

@@ -94,16 +94,7 @@ def handle_requested(event: Event, config: Config, archive: Archive) -> None:
     address = assoc.requestor.address
     decision = decide(config, calling, request.called_ae_title, address)
     if decision.reject is not None:
-        log.warning("association from %s at %s rejected: %s", calling, address, decision.reason)
-        archive.audit(
-            audit.Event(
-                "rejected",
-                f"failure: {decision.reason}",
-                who=calling,
-                address=address,
-                detail={"called": request.called_ae_title},
-            )
-        )
+        record_rejection(archive, calling, address, request.called_ae_title, decision.reason)
         assoc.acse.send_reject(*decision.reject)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
@@ -117,6 +108,20 @@ def handle_requested(event: Event, config: Config, archive: Archive) -> None:
             for cx in assoc.acceptor.supported_contexts
             if SERVICE_OF.get(cx.abstract_syntax, "store") in keep
         ]
+
+
+def record_rejection(archive: Archive, calling: str, address: str, called: str, reason: str):
+    """Log and audit a rejected association."""
+    log.warning("association from %s at %s rejected: %s", calling, address, reason)
+    archive.audit(
+        audit.Event(
+            "rejected",
+            f"failure: {reason}",
+            who=calling,
+            address=address,
+            detail={"called": called},
+        )  # fmt: skip
+    )
 
 
 def permitted(event: Event, service: str) -> bool:

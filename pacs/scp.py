@@ -20,10 +20,10 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs import seam
-from pacs import spool
 from pacs.commitment import STORAGE_COMMITMENT
 from pacs.config import Config
 from pacs.handlers import build_handlers
+from pacs.store_scp import StoreSCP
 from pacs.tls import server_context
 from pacs.worklist import MPPS
 from pacs.worklist import WORKLIST_FIND
@@ -84,6 +84,16 @@ def supported_contexts() -> SharedContexts:
     return SharedContexts(contexts)
 
 
+def _storage_classes(contexts: list[PresentationContext], any_class: bool):
+    """Whether a SOP class UID is one we store: a storage context's, or with
+    accept_unknown_sop_classes any UID that is not one of our other services'."""
+    services = {Verification, *QUERY_RETRIEVE, STORAGE_COMMITMENT, WORKLIST_FIND, MPPS}
+    storage = {cx.abstract_syntax for cx in contexts} - services
+    if any_class:
+        return lambda uid: uid not in services
+    return storage.__contains__
+
+
 def _context(uid: str, syntaxes: list[str]) -> "SharedContext":
     context = SharedContext()
     context.abstract_syntax = uid
@@ -96,7 +106,6 @@ def start_scp(
 ) -> ThreadedAssociationServer:
     """Start listening (`tls`: on tls_port, DICOM over TLS); raises OSError when the address
     cannot be bound or the certificate files cannot be used."""
-    spool.install(archive.incoming)
     seam.install()  # raises seam.SeamMismatch on a pynetdicom it does not know
     # pynetdicom decodes and formats every C-FIND/C-MOVE/C-GET identifier and C-FIND answer
     # for debug lines (~0.3 ms a request, ~6 % of C-FIND): patient data we keep out of logs.
@@ -112,13 +121,25 @@ def start_scp(
     context = None
     if tls:
         context = server_context(config.tls_cert, config.tls_key, config.tls_ca)
+    contexts = supported_contexts()
     server = ae.make_server(
         (config.host, config.tls_port if tls else config.port),
         evt_handlers=build_handlers(archive, config),
-        contexts=supported_contexts(),
+        contexts=contexts,
         server_class=seam.SharedPortServer if shared_port else seam.Server,
         ssl_context=context,
     )
+    if not tls:  # storage-only associations: our own upper layer (pacs.store_scp)
+        store = StoreSCP(
+            config,
+            archive,
+            _storage_classes(contexts, config.accept_unknown_sop_classes),
+            transfer_syntaxes(),
+            others=lambda: len(ae.active_associations),
+        )
+        store.fallback = server.process_request_thread
+        server.divert = store.divert
+        server.store_scp = store  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, name="dicom-listener", daemon=True).start()
     ae._servers.append(server)  # as AE.start_server does, so server.shutdown() finds it
     return server

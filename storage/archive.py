@@ -35,12 +35,21 @@ from peewee import fn
 
 from storage import audit
 from storage import index
+from storage import journal
+from storage import metrics
 from storage import query
 from storage import routing
 from storage import schema
 from storage import worklist
+from storage.dataset import SERIES_INSTANCE_UID
+from storage.dataset import SOP_CLASS_UID
+from storage.dataset import SOP_INSTANCE_UID
+from storage.dataset import STUDY_INSTANCE_UID
 from storage.dataset import ParsedInstance
+from storage.dataset import read_header
 from storage.dataset import read_instance
+from storage.dataset import same_dataset
+from storage.dataset import validate_uid
 from storage.engine import describe
 from storage.engine import is_sqlite
 from storage.engine import open_database
@@ -66,6 +75,13 @@ from storage.models import db
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep", "replace", "reject")
 TRASH = ".trash"  # what is being deleted: <LEVEL>.<UID>.<random>, a folder or a file
+UNINDEXED = ".unindexed"  # journal entries the indexer could not read (never deleted)
+UID_NAMES = {
+    SOP_CLASS_UID: "SOP Class UID",
+    SOP_INSTANCE_UID: "SOP Instance UID",
+    STUDY_INSTANCE_UID: "Study Instance UID",
+    SERIES_INSTANCE_UID: "Series Instance UID",
+}
 SHARED_TEMPORARY_AGE = 3600  # s: younger temporaries may be another node's, in flight
 
 
@@ -85,6 +101,15 @@ class Stored:
     study_uid: str = ""
     series_uid: str = ""
     size: int = 0  # bytes written to the archive (0: nothing new)
+
+
+@dataclass(frozen=True)
+class _RowWrite:
+    """What indexing one instance writes: its row, its audit event, whether it is new."""
+
+    row: index.Row
+    event: audit.Event
+    new: bool
 
 
 @dataclass
@@ -133,6 +158,7 @@ class Archive:
             raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
         self.root = Path(root).absolute()
         self.incoming = self.root / ".incoming"
+        self.journal = journal.Journal(self.root, fsync)
         self.fsync = fsync
         self.duplicates = duplicates
         self.index_url = index_url
@@ -150,6 +176,7 @@ class Archive:
         """Create the folders and the index; raise StorageError when the root is unusable."""
         try:
             self.incoming.mkdir(parents=True, exist_ok=True)
+            self.journal.open()
             probe = self.incoming / f"probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -268,52 +295,204 @@ class Archive:
                     f"not {study_uid}"
                 )
             size, sha = digest or hash_file(tmp)
-            rel = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
-            outcome = self._place(tmp, rel, sha)
-            if outcome is Outcome.KEPT:
-                log.warning("kept stored %s: different bytes arrived under its UID", parsed.sop_uid)
-                return Stored(
-                    outcome,
-                    parsed.sop_uid,
-                    rel,
-                    parsed.sop_class_uid,
-                    parsed.study_uid,
-                    parsed.series_uid,
-                )
-            row = index.Row(parsed, rel, size, sha, calling_aet, outcome is Outcome.REPLACED)
-            event = audit.Event(
-                "store",
-                who=who or calling_aet,
-                address=address,
-                patient_id=parsed.patient["patient_id"],
-                study_uid=parsed.study_uid,
-                detail={"series": parsed.series_uid, "sop": parsed.sop_uid, "as": outcome.value},
-            )
-            try:
-                self._write(self._index_row, row, event, outcome is not Outcome.DUPLICATE)
-            except StorageError:
-                if outcome is Outcome.STORED:  # no row: take the file back out
-                    (self.root / rel).unlink(missing_ok=True)
-                raise
-            return Stored(
-                outcome,
-                parsed.sop_uid,
-                rel,
-                parsed.sop_class_uid,
-                parsed.study_uid,
-                parsed.series_uid,
-                size if outcome in (Outcome.STORED, Outcome.REPLACED) else 0,
-            )
+            stored, write = self._settle(tmp, parsed, size, sha, calling_aet, who, address)
+            if write is not None:
+                try:
+                    self._write(self._index_rows, [write])
+                except StorageError:
+                    if stored.outcome is Outcome.STORED:  # no row: take the file back out
+                        (self.root / stored.path).unlink(missing_ok=True)
+                    raise
+            metrics.stored(stored.size)
+            return stored
         finally:
             if synced is not None:
                 synced.exception()  # never unlink under a running fsync
             tmp.unlink(missing_ok=True)
 
-    def _index_row(self, row: index.Row, event: audit.Event, new: bool) -> None:
-        index.apply_row(row, self._sql, db)
-        audit.append(db, event)
-        if new:
-            routing.enqueue(self.routes, row.parsed, row.calling_aet)
+    def _settle(
+        self,
+        tmp: Path,
+        parsed: ParsedInstance,
+        size: int,
+        sha: str,
+        calling_aet: str,
+        who: str,
+        address: str,
+        sync_dir: bool = True,
+    ) -> tuple[Stored, "_RowWrite | None"]:
+        """Put a parsed file in place; the index write it needs (None: nothing to index)."""
+        rel = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
+        outcome = self._place(tmp, rel, sha, sync_dir)
+        stored = Stored(
+            outcome,
+            parsed.sop_uid,
+            rel,
+            parsed.sop_class_uid,
+            parsed.study_uid,
+            parsed.series_uid,
+            size if outcome in (Outcome.STORED, Outcome.REPLACED) else 0,
+        )
+        if outcome is Outcome.KEPT:
+            log.warning("kept stored %s: different bytes arrived under its UID", parsed.sop_uid)
+            return stored, None
+        row = index.Row(parsed, rel, size, sha, calling_aet, outcome is Outcome.REPLACED)
+        event = audit.Event(
+            "store",
+            who=who or calling_aet,
+            address=address,
+            patient_id=parsed.patient["patient_id"],
+            study_uid=parsed.study_uid,
+            detail={"series": parsed.series_uid, "sop": parsed.sop_uid, "as": outcome.value},
+        )
+        return stored, _RowWrite(row, event, outcome is not Outcome.DUPLICATE)
+
+    def _index_rows(self, writes: list["_RowWrite"]) -> list[bool]:
+        """Index rows, audit events and route items, in the writer's transaction; each in
+        a savepoint of its own, so one that fails does not take the others with it."""
+        done = []
+        for write in writes:
+            try:
+                with db.atomic():
+                    index.apply_row(write.row, self._sql, db)
+                    audit.append(db, write.event)
+                    if write.new:
+                        routing.enqueue(self.routes, write.row.parsed, write.row.calling_aet)
+                done.append(True)
+            except OperationalError:
+                raise  # the transaction itself is broken (disk full, lost lock): all fail
+            except Exception as exc:
+                if len(writes) == 1:
+                    raise
+                log.error("cannot index %s: %s", write.row.parsed.sop_uid, exc)
+                done.append(False)
+        return done
+
+    # -- the journal: C-STORE acknowledged before indexing (storage.journal) ------------
+
+    def receive(
+        self, sop_class_uid: str, sop_uid: str, syntax: str, calling_aet: str, address: str
+    ) -> journal.Receipt:
+        """A receipt for a dataset about to arrive (its file meta written from the
+        request): write the dataset's bytes to it, then `accept` it (or `discard` it)."""
+        meta = journal.file_meta(sop_class_uid, sop_uid, syntax, calling_aet)
+        return journal.Receipt(self.journal, meta, calling_aet, address)
+
+    def accept(self, receipt: journal.Receipt, sop_class_uid: str, sop_uid: str) -> journal.Entry:
+        """Check a whole receipt and make it durable: once this returns, the instance
+        survives any crash and becomes queryable when the indexer has taken it.
+
+        Raises (and discards the receipt) when the bytes are no dataset or a truncated
+        one (InvalidDataset), a UID is invalid (InvalidUID) or differs from the request
+        (UIDMismatch), different bytes are stored under the UID and the policy is
+        `reject` (DuplicateRejected), or the disk is full (OutOfResources)."""
+        try:
+            receipt.finish()
+            if receipt.error is not None:
+                if receipt.full():
+                    raise OutOfResources(f"no space left to receive the dataset ({receipt.error})")
+                raise StorageError(f"cannot receive the dataset: {receipt.error}")
+            header = read_header(receipt.path)
+            uids = {tag: validate_uid(header.uid(tag), name) for tag, name in UID_NAMES.items()}
+            if uids[SOP_INSTANCE_UID] != sop_uid.rstrip("\0 "):
+                raise UIDMismatch(
+                    f"dataset SOP Instance UID differs from request: {uids[SOP_INSTANCE_UID]}"
+                )
+            if uids[SOP_CLASS_UID] != sop_class_uid.rstrip("\0 "):
+                raise UIDMismatch(
+                    f"dataset SOP Class UID differs from request: {uids[SOP_CLASS_UID]}"
+                )
+            if self.duplicates == "reject":
+                self._refuse_different(uids[SOP_INSTANCE_UID], receipt)
+            return self.journal.commit(receipt)
+        except OSError as exc:
+            receipt.discard()
+            reraise_full(exc)
+            raise
+        except BaseException:
+            receipt.discard()
+            raise
+
+    def _refuse_different(self, sop_uid: str, receipt: journal.Receipt) -> None:
+        with db.connection_context():
+            row = (
+                Instance.select(Instance.sha256, Instance.path)
+                .where(Instance.sop_uid == sop_uid)
+                .tuples()
+                .first()
+            )
+        if row is None or row[0] == receipt.sha256:
+            return
+        stored = self.root / row[1]
+        if stored.is_file() and not same_dataset(stored, receipt.path):
+            raise DuplicateRejected(f"{sop_uid} is stored with different content")
+
+    def index_entries(self, paths: list[Path]) -> int:
+        """Index journal entries (storage.indexer): parse each, put it in place, and
+        commit all their rows at once; an entry is unlinked once its row is durable.
+        Entries another indexer holds are left to it. Returns how many were taken."""
+        with contextlib.ExitStack() as held:
+            taken: list[tuple[journal.Entry, Stored, _RowWrite | None]] = []
+            folders: set[Path] = set()
+            for path in paths:
+                if held.enter_context(journal.claimed(path)) is None:
+                    continue
+                entry = journal.Entry.parse(path)
+                try:
+                    parsed = read_instance(path)
+                    stored, write = self._settle(
+                        path,
+                        parsed,
+                        entry.size,
+                        entry.sha256,
+                        entry.calling_aet,
+                        "",
+                        entry.address,
+                        sync_dir=False,
+                    )
+                except (StorageError, OSError) as exc:
+                    self._set_aside(entry, exc)
+                    continue
+                if stored.outcome in (Outcome.STORED, Outcome.REPLACED):
+                    folders.add((self.root / stored.path).parent)
+                taken.append((entry, stored, write))
+            if self.fsync:
+                for folder in folders:  # the links, durable before the rows that name them
+                    fsync_path(folder)
+            writes = [write for _, _, write in taken if write is not None]
+            done = iter(self._write(self._index_rows, writes) if writes else [])
+            for entry, stored, write in taken:
+                if write is None or next(done):
+                    metrics.stored(stored.size)
+                    entry.path.unlink(missing_ok=True)
+                else:  # its row failed alone (logged): not for a retry every round
+                    self._set_aside(entry, StorageError("its index row failed"))
+        return len(taken)
+
+    def settle(self, timeout: float) -> bool:
+        """Wait until every instance acknowledged so far is indexed (at most `timeout` s)."""
+        return self.wait_indexed(self.journal.entries(), timeout)
+
+    def _set_aside(self, entry: journal.Entry, exc: BaseException) -> None:
+        """An acknowledged entry the indexer cannot read: kept for a person, never lost."""
+        log.error("cannot index %s (set aside in %s): %s", entry.path.name, UNINDEXED, exc)
+        aside = self.root / UNINDEXED
+        aside.mkdir(exist_ok=True)
+        os.rename(entry.path, aside / entry.path.name)
+
+    def wait_indexed(self, entries: list[Path], timeout: float) -> bool:
+        """Wait until the indexer has taken these journal entries (at most `timeout` s)."""
+        deadline = time.monotonic() + timeout
+        waiting = list(entries)
+        self.journal.wake(urgent=True)
+        while waiting:
+            waiting = [path for path in waiting if path.exists()]
+            if not waiting:
+                break
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def accounts(self, fn: Callable, *args, write: bool = False):
         """Run a storage.users function on the index (writes go through the index writer)."""
@@ -387,7 +566,7 @@ class Archive:
             tmp, digest=(size, digest.hexdigest()), calling_aet=calling_aet, who="import"
         )
 
-    def _place(self, tmp: Path, rel: str, sha: str) -> Outcome:
+    def _place(self, tmp: Path, rel: str, sha: str, sync_dir: bool = True) -> Outcome:
         """Put the file in place, or decide what a file already there means."""
         final = self.root / rel
         try:
@@ -397,21 +576,23 @@ class Archive:
                 outcome = Outcome.STORED
             except FileExistsError:
                 outcome = self._duplicate(tmp, final, sha)
-            if self.fsync and outcome in (Outcome.STORED, Outcome.REPLACED):
+            if self.fsync and sync_dir and outcome in (Outcome.STORED, Outcome.REPLACED):
                 fsync_path(final.parent)
         except OSError as exc:
             reraise_full(exc)
         return outcome
 
     def _duplicate(self, tmp: Path, final: Path, sha: str) -> Outcome:
-        if hash_file(final)[1] == sha:
+        if hash_file(final)[1] == sha or same_dataset(final, tmp):
             return Outcome.DUPLICATE
         if self.duplicates == "keep":
             return Outcome.KEPT
         if self.duplicates == "reject":
             raise DuplicateRejected(f"{final.stem} is stored with different content")
         self._write(index.mark_replacing, final.stem)
-        os.replace(tmp, final)
+        aside = self.incoming_path()  # a link of its own: `tmp` stays until its row commits
+        os.link(tmp, aside)
+        os.replace(aside, final)
         return Outcome.REPLACED
 
     def _write(self, fn, *args):
@@ -548,12 +729,17 @@ class Archive:
             self._write(self._delete_rows, level, rest.rpartition(".")[0], "start-up", reason)
             shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
             report.deletions_finished += 1
-        for leftover in self.incoming.iterdir():
+        for leftover in [*self.incoming.iterdir(), *self.journal.partial()]:
             with contextlib.suppress(FileNotFoundError):
                 if keep_after is not None and leftover.stat().st_mtime > keep_after:
                     continue
                 leftover.unlink()
                 report.removed_temporary += 1
+        while entries := self.journal.entries()[:256]:  # acknowledged, not yet indexed
+            taken = self.index_entries(entries)
+            report.indexed += taken
+            if not taken:  # another node's indexer holds them
+                break
         with db.connection_context():
             flagged = list(Instance.select().where(Instance.state == 1))
             for row in flagged:

@@ -4,9 +4,14 @@ Nothing here re-encodes the dataset: the archive stores the bytes as received an
 only reads them to index them.
 """
 
+import dataclasses
+import hashlib
 import json
+import mmap
 import re
 import struct
+import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -16,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.uid import ExplicitVRBigEndian
+from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import ImplicitVRLittleEndian
 
 from storage.dicomjson import dataset_to_json
@@ -46,6 +52,28 @@ LONG_VRS = {
 }
 IMPLICIT_PIXEL_VR = {0x0008: "OF", 0x0009: "OD", 0x0010: "OW"}
 BULK_THRESHOLD = 1024  # bytes; longer binary values become BulkDataURI in the stored JSON
+MAX_DEPTH = 64  # nested sequences; a deeper dataset is refused, not recursed into
+MAX_INFLATED = 1 << 30  # bytes a deflated dataset may inflate to
+CHUNK = 1 << 20
+SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
+STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
+SAMPLES, NUMBER_OF_FRAMES, ROWS, COLUMNS = 0x00280002, 0x00280008, 0x00280010, 0x00280011
+BITS_ALLOCATED = 0x00280100
+# The top-level elements the receive check reads (storage.journal): the UIDs compared
+# with the request and used as path components, and what the pixel budget counts.
+HEADER_TAGS = frozenset(
+    {
+        SOP_CLASS_UID,
+        SOP_INSTANCE_UID,
+        STUDY_INSTANCE_UID,
+        SERIES_INSTANCE_UID,
+        SAMPLES,
+        NUMBER_OF_FRAMES,
+        ROWS,
+        COLUMNS,
+        BITS_ALLOCATED,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -76,26 +104,174 @@ def validate_uid(value: object, name: str) -> str:
 
 def read_instance(path: Path) -> ParsedInstance:
     """Check that `path` is a whole Part 10 file and extract its index keys."""
-    with open(path, "rb") as fp:
-        size = fp.seek(0, 2)
-        fp.seek(0)
-        start, syntax = _read_meta(fp)
-        pixel_vrs: dict[int, str] = {}
-        deflated = syntax == DeflatedExplicitVRLittleEndian
-        if not deflated:  # a deflated stream is checked by inflating it in dcmread below
-            implicit = syntax == ImplicitVRLittleEndian
-            little = syntax != ExplicitVRBigEndian
-            fp.seek(start)
-            if not implicit and not fp.read(6)[4:6].isalpha():
-                raise InvalidDataset(f"dataset is Implicit VR but the Transfer Syntax is {syntax}")
-            fp.seek(start)
-            _walk_dataset(fp, size, implicit, little, until_delimiter=False, pixel_vrs=pixel_vrs)
-        try:
-            fp.seek(0)
+    header = read_header(path)
+    deflated = header.syntax == DeflatedExplicitVRLittleEndian
+    try:
+        with open(path, "rb") as fp:
             ds = dcmread(fp, stop_before_pixels=not deflated)
-        except Exception as exc:  # pydicom raises many types on malformed input
-            raise InvalidDataset(f"dataset does not parse: {exc}") from exc
-    return _parse(ds, syntax, pixel_vrs)
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise InvalidDataset(f"dataset does not parse: {exc}") from exc
+    return _parse(ds, header.syntax, header.pixel_vrs)
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the receive check needs of a dataset, read without pydicom."""
+
+    syntax: str
+    values: dict[int, bytes]  # raw values of the top-level HEADER_TAGS found
+    pixel_vrs: dict[int, str]  # top-level pixel data elements (group 7FE0) and their VR
+
+    def uid(self, tag: int) -> str:
+        return self.values.get(tag, b"").decode("ascii", "replace").rstrip("\0 ")
+
+    def number(self, tag: int) -> int | None:
+        """A US value, or an IS (Number of Frames)."""
+        raw = self.values.get(tag)
+        if not raw:
+            return None
+        if tag == NUMBER_OF_FRAMES:
+            try:
+                return int(raw.decode("ascii").strip(" \0"))
+            except ValueError:
+                return None
+        big = self.syntax == ExplicitVRBigEndian
+        return int.from_bytes(raw[:2], "big" if big else "little")
+
+    def pixel_bytes(self) -> int:
+        """Rows × Columns × frames × samples × bytes per sample the pixel data decodes to."""
+        if not self.pixel_vrs:
+            return 0
+        dims = [self.number(tag) or 1 for tag in (ROWS, COLUMNS, NUMBER_OF_FRAMES, SAMPLES)]
+        bits = self.number(BITS_ALLOCATED) or 8
+        return dims[0] * dims[1] * dims[2] * dims[3] * max(1, (bits + 7) // 8)
+
+
+def read_header(path: Path) -> Header:
+    """Walk every element header of a Part 10 file (truncation or a stray delimiter
+    anywhere raises InvalidDataset) and read the top-level HEADER_TAGS; values are not
+    decoded. A deflated dataset is inflated into a temporary file next to `path`, at
+    most MAX_INFLATED bytes: a stream of a few KB can claim gigabytes of zeros."""
+    with open(path, "rb") as fp:
+        start, syntax = _read_meta(fp)
+        if syntax != DeflatedExplicitVRLittleEndian:
+            return _header(fp, start, syntax)
+        with tempfile.TemporaryFile(dir=path.parent) as inflated:
+            fp.seek(start)
+            _inflate(fp, inflated)
+            header = _header(inflated, 0, ExplicitVRLittleEndian)
+    return dataclasses.replace(header, syntax=syntax)
+
+
+def _header(fp: BinaryIO, start: int, syntax: str) -> Header:
+    end = fp.seek(0, 2)
+    if end <= start:
+        raise InvalidDataset("the dataset is empty")
+    with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        implicit = syntax == ImplicitVRLittleEndian
+        if not implicit and not buf[start + 4 : start + 6].isalpha():
+            raise InvalidDataset(f"dataset is Implicit VR but the Transfer Syntax is {syntax}")
+        walk = _Walk(buf, end, little=syntax != ExplicitVRBigEndian)
+        walk.dataset(start, implicit, 0, delimited=False)
+    return Header(syntax, walk.values, walk.pixel_vrs)
+
+
+def _inflate(source: BinaryIO, target: BinaryIO) -> None:
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    size = 0
+    while chunk := source.read(CHUNK):
+        while chunk:
+            data = inflater.decompress(chunk, CHUNK)
+            size += len(data)
+            if size > MAX_INFLATED:
+                raise InvalidDataset(f"the deflated dataset inflates beyond {MAX_INFLATED} bytes")
+            target.write(data)
+            chunk = inflater.unconsumed_tail
+    target.write(inflater.flush())
+    target.flush()
+
+
+class _Walk:
+    """Element headers of a dataset in a buffer (an mmap), values skipped, iterating over
+    items and nested datasets; the top-level HEADER_TAGS and pixel data VRs are kept."""
+
+    def __init__(self, buf, end: int, little: bool) -> None:
+        self.buf = buf
+        self.end = end
+        self.order = "<" if little else ">"
+        self.values: dict[int, bytes] = {}
+        self.pixel_vrs: dict[int, str] = {}
+
+    def dataset(self, pos: int, implicit: bool, depth: int, delimited: bool) -> int:
+        """Walk from `pos` to the end of the buffer, or (`delimited`) past an Item
+        Delimitation Item; return where it stopped."""
+        buf, end, order = self.buf, self.end, self.order
+        while True:
+            if pos == end and not delimited:
+                return pos
+            if pos + 8 > end:
+                raise InvalidDataset(f"dataset truncated in an element header at byte {pos}")
+            group, elem = struct.unpack_from(order + "HH", buf, pos)
+            if group == 0xFFFE:
+                if elem == 0xE00D and delimited:
+                    return pos + 8
+                raise InvalidDataset(f"unexpected delimiter ({group:04X},{elem:04X}) at byte {pos}")
+            vr = b""
+            if implicit:
+                (length,) = struct.unpack_from(order + "L", buf, pos + 4)
+                value = pos + 8
+            else:
+                vr = buf[pos + 4 : pos + 6]
+                if vr in LONG_VRS:
+                    if pos + 12 > end:
+                        raise InvalidDataset(
+                            f"dataset truncated in an element header at byte {pos}"
+                        )
+                    (length,) = struct.unpack_from(order + "L", buf, pos + 8)
+                    value = pos + 12
+                else:
+                    (length,) = struct.unpack_from(order + "H", buf, pos + 6)
+                    value = pos + 8
+            if depth == 0 and group == 0x7FE0:
+                self.pixel_vrs[(group << 16) | elem] = vr.decode(
+                    "ascii", "replace"
+                ) or IMPLICIT_PIXEL_VR.get(elem, "OW")
+            if length == UNDEFINED:
+                # PS3.5 6.2.2: UN of undefined length is encoded Implicit VR inside.
+                pos = self.items(value, implicit or vr == b"UN", depth + 1)
+                continue
+            if value + length > end:
+                raise InvalidDataset(
+                    f"dataset truncated: ({group:04X},{elem:04X}) needs {length} bytes "
+                    f"at byte {pos}"
+                )
+            if depth == 0 and (group << 16) | elem in HEADER_TAGS:
+                self.values[(group << 16) | elem] = buf[value : value + length]
+            pos = value + length
+
+    def items(self, pos: int, implicit: bool, depth: int) -> int:
+        """Items of a sequence (or fragments of encapsulated pixel data) up to the
+        Sequence Delimitation Item; return the position after it."""
+        if depth > MAX_DEPTH:
+            raise InvalidDataset(f"sequences nested deeper than {MAX_DEPTH} levels")
+        buf, end = self.buf, self.end
+        while True:
+            if pos + 8 > end:
+                raise InvalidDataset(f"dataset truncated inside a sequence at byte {pos}")
+            group, elem, length = struct.unpack_from(self.order + "HHL", buf, pos)
+            if (group, elem) == (0xFFFE, 0xE0DD):
+                return pos + 8
+            if (group, elem) != (0xFFFE, 0xE000):
+                raise InvalidDataset(
+                    f"expected an item at byte {pos}, found ({group:04X},{elem:04X})"
+                )
+            pos += 8
+            if length == UNDEFINED:
+                pos = self.dataset(pos, implicit, depth, delimited=True)
+            elif pos + length > end:
+                raise InvalidDataset(f"dataset truncated inside an item at byte {pos - 8}")
+            else:
+                pos += length
 
 
 def dataset_bytes(path: Path) -> bytes:
@@ -104,6 +280,22 @@ def dataset_bytes(path: Path) -> bytes:
         start, _ = _read_meta(fp)
         fp.seek(start)
         return fp.read()
+
+
+def same_dataset(a: Path, b: Path) -> bool:
+    """Whether two Part 10 files hold the same dataset bytes and transfer syntax, File
+    Meta aside (who wrote the file, and when, is no difference in the instance)."""
+    digests = []
+    for path in (a, b):
+        digest = hashlib.sha256()
+        with open(path, "rb") as fp:
+            start, syntax = _read_meta(fp)
+            digest.update(syntax.encode())
+            fp.seek(start)
+            while chunk := fp.read(CHUNK):
+                digest.update(chunk)
+        digests.append(digest.digest())
+    return digests[0] == digests[1]
 
 
 def _read_meta(fp: BinaryIO) -> tuple[int, str]:
@@ -133,82 +325,6 @@ def _read_meta(fp: BinaryIO) -> tuple[int, str]:
     if not syntax:
         raise InvalidDataset("File Meta Information has no Transfer Syntax UID")
     return pos, syntax
-
-
-def _walk_dataset(
-    fp: BinaryIO,
-    size: int,
-    implicit: bool,
-    little: bool,
-    until_delimiter: bool,
-    pixel_vrs: dict[int, str] | None = None,
-) -> None:
-    """Walk element headers to the end without reading values: finds truncation anywhere.
-
-    Top-level pixel data tags (group 7FE0, which dcmread stops before) go into `pixel_vrs`.
-    """
-    order = "<" if little else ">"
-    while True:
-        pos = fp.tell()
-        head = fp.read(8)
-        if not head and not until_delimiter:
-            return
-        if len(head) < 8:
-            raise InvalidDataset(f"dataset truncated in an element header at byte {pos}")
-        group, elem = struct.unpack(order + "HH", head[:4])
-        if group == 0xFFFE:
-            if elem == 0xE00D and until_delimiter:
-                return
-            raise InvalidDataset(f"unexpected delimiter ({group:04X},{elem:04X}) at byte {pos}")
-        vr = b""
-        if implicit:
-            (length,) = struct.unpack(order + "L", head[4:8])
-        else:
-            vr = head[4:6]
-            if vr in LONG_VRS:
-                more = fp.read(4)
-                if len(more) < 4:
-                    raise InvalidDataset(f"dataset truncated in an element header at byte {pos}")
-                (length,) = struct.unpack(order + "L", more)
-            else:
-                (length,) = struct.unpack(order + "H", head[6:8])
-        if pixel_vrs is not None and group == 0x7FE0:
-            pixel_vrs[(group << 16) | elem] = vr.decode(
-                "ascii", "replace"
-            ) or IMPLICIT_PIXEL_VR.get(elem, "OW")
-        if length == UNDEFINED:
-            # PS3.5 6.2.2: UN of undefined length is encoded Implicit VR Little Endian inside.
-            if vr == b"UN":
-                _walk_items(fp, size, True, True)
-            else:
-                _walk_items(fp, size, implicit, little)
-            continue
-        end = fp.tell() + length
-        if end > size:
-            raise InvalidDataset(
-                f"dataset truncated: ({group:04X},{elem:04X}) needs {length} bytes at byte {pos}"
-            )
-        fp.seek(end)
-
-
-def _walk_items(fp: BinaryIO, size: int, implicit: bool, little: bool) -> None:
-    order = "<" if little else ">"
-    while True:
-        pos = fp.tell()
-        head = fp.read(8)
-        if len(head) < 8:
-            raise InvalidDataset(f"dataset truncated inside a sequence at byte {pos}")
-        group, elem, length = struct.unpack(order + "HHL", head)
-        if (group, elem) == (0xFFFE, 0xE0DD):
-            return
-        if (group, elem) != (0xFFFE, 0xE000):
-            raise InvalidDataset(f"expected an item at byte {pos}, found ({group:04X},{elem:04X})")
-        if length == UNDEFINED:
-            _walk_dataset(fp, size, implicit, little, until_delimiter=True)
-        elif fp.tell() + length > size:
-            raise InvalidDataset(f"dataset truncated inside an item at byte {pos}")
-        else:
-            fp.seek(fp.tell() + length)
 
 
 def name_key(name: str) -> str:

@@ -58,10 +58,10 @@ class Server:
     def start(self, timeout: float = 30.0) -> "Server":
         command = [sys.executable, "-m", "pacs", "serve", "--data", str(self.data)]
         command += ["--port", str(self.port), "--http-port", str(self.http_port), *self.args]
+        # Tests check the index right after a send: releases wait for the indexer here.
+        env = {**os.environ, "MINIPACS_INDEX_WAIT": "30", **(self.env or {})}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                command, stderr=log, stdout=log, cwd=ROOT, env={**os.environ, **(self.env or {})}
-            )
+            self.proc = subprocess.Popen(command, stderr=log, stdout=log, cwd=ROOT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

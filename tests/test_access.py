@@ -7,7 +7,9 @@ import pytest
 from conftest import TEST_FILES
 from conftest import minipacs
 from conftest import run
-from scu import store_files
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacs import scu
 from pacs.config import Config
@@ -15,6 +17,7 @@ from pacs.config import ConfigError
 from pacs.config import parse_peer
 
 CT = TEST_FILES / "CT_small.dcm"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
 def echo(server, calling: str = "ECHOSCU", called: str = "MINIPACS"):
@@ -98,13 +101,20 @@ def test_get_without_store_can_retrieve_but_not_store(start_server, tmp_path):
     viewer = scu.Remote(port=server.port, calling_aet="VIEWER")
     outcome = scu.get(viewer, "STUDY", [ds_uid], tmp_path / "got")
     assert outcome.ok and outcome.completed == 1
-    (status,) = store_files(
-        server.port,
-        [CT],
-        [("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")],
-        calling_aet="VIEWER",
-    )
-    assert status.Status == 0x0124
+    # A storage association: every storage context is refused, none is left to store on.
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(CT_IMAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+    assert not assoc.is_established
+    # With C-FIND asked for too, storage contexts stay for C-GET's sub-operations (SCP
+    # role): a C-STORE the viewer sends on one is refused with 0x0124.
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(CT).Status == 0x0124
+    finally:
+        assoc.release()
 
 
 def test_unknown_aes_get_echo_and_store_beyond_loopback():

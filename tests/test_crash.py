@@ -72,6 +72,7 @@ def test_stop_mid_ingest_loses_no_acknowledged_instance(start_server, tmp_path, 
         assert pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID in indexed
     if not server.index:  # a shared (PostgreSQL) index keeps young temporaries: another node's
         assert list((server.data / ".incoming").iterdir()) == []
+        assert list((server.data / ".queue").iterdir()) == []  # indexed, or never acknowledged
     server.stop()
     result = minipacs(
         "verify", "--data", str(server.data), *index_args(server.index), "--json", check=False
@@ -80,7 +81,7 @@ def test_stop_mid_ingest_loses_no_acknowledged_instance(start_server, tmp_path, 
     assert '"problems": 0' in result.stdout
 
 
-def test_a_killed_server_leaves_no_parser_process_behind(start_server, tmp_path):
+def test_a_killed_server_leaves_no_child_process_behind(start_server, tmp_path):
     server = start_server()
     minipacs_send = minipacs("send", "--port", str(server.port), str(make_study(tmp_path, 1)[0]))
     assert minipacs_send.returncode == 0
@@ -89,10 +90,10 @@ def test_a_killed_server_leaves_no_parser_process_behind(start_server, tmp_path)
         for task in Path(f"/proc/{server.proc.pid}/task").iterdir()
         for pid in (task / "children").read_text().split()
     ]
-    parsers = [p for p in children if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert parsers, "the server parses in a child process by default"
+    commands = [Path(f"/proc/{p}/cmdline").read_bytes() for p in children]
+    assert [c for c in commands if b"pacs.worker" in c], "a DICOM worker by default"
     server.kill()
     deadline = time.monotonic() + 10
-    while any(running(pid) for pid in parsers):
-        assert time.monotonic() < deadline, "a parser outlived its server"
+    while any(running(pid) for pid in children):
+        assert time.monotonic() < deadline, "a child outlived its server"
         time.sleep(0.1)

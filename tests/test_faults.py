@@ -25,10 +25,17 @@ CT_IMAGE = b"1.2.840.10008.5.1.4.1.1.2"
 def assert_still_serving_and_clean(server) -> None:
     assert server.proc.poll() is None, server.log()
     assert echo(server.port) == 0
-    deadline = time.monotonic() + 5  # the connection-close handler runs asynchronously
-    while list((server.data / ".incoming").iterdir()) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 5  # the association's thread cleans up as it ends
+    while leftovers(server.data) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert list((server.data / ".incoming").iterdir()) == []
+    assert leftovers(server.data) == []
+
+
+def leftovers(data: Path) -> list[str]:
+    """Temporary files: a half-received dataset in .incoming or the journal (.queue)."""
+    return [p.name for p in (data / ".incoming").iterdir()] + [
+        p.name for p in (data / ".queue").iterdir() if p.suffix == ".part"
+    ]
 
 
 # -- full disk -----------------------------------------------------------------

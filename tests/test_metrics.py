@@ -36,7 +36,9 @@ def test_figures_follow_the_traffic(server):
     run("findscu", "-S", "-aec", "MINIPACS", "-k", "QueryRetrieveLevel=STUDY",
         "-k", "PatientID=1CT1", "127.0.0.1", str(server.port))  # fmt: skip
     requests.get(f"{server.url}/dicom-web/studies", timeout=10)
-    samples = scrape(server)
+    # The DICOM worker and the indexer add their figures in within a second or so.
+    samples = scrape_until(server, "minipacs_dimse_requests_total", 1, service="C-FIND")
+    samples = scrape_until(server, "minipacs_instances_stored_total", 1)
     assert value(samples, "minipacs_dimse_requests_total", service="C-STORE") == 1
     assert value(samples, "minipacs_dimse_requests_total", service="C-FIND") == 1
     assert value(samples, "minipacs_dimse_requests_total", service="C-ECHO") == 1
@@ -52,7 +54,20 @@ def test_figures_follow_the_traffic(server):
     assert value(samples, "minipacs_disk_free_bytes") > 0
     assert ("minipacs_route_pending", ()) in samples
     storescu(server.port, CT)  # the same instance again: nothing new stored
+    scrape_until(server, "minipacs_dimse_requests_total", 2, service="C-STORE")
+    time.sleep(1.5)  # the indexer's next snapshot
     assert value(scrape(server), "minipacs_instances_stored_total") == 1
+
+
+def scrape_until(server, name: str, expected: float, **labels: str) -> dict:
+    """Scrape until the sample reaches `expected` (at most 15 s): the DICOM processes
+    write their figures every second."""
+    deadline = time.monotonic() + 15
+    while True:
+        samples = scrape(server)
+        if value(samples, name, **labels) >= expected or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.2)
 
 
 def test_worker_processes_are_added_in(start_server):

@@ -205,7 +205,7 @@ def test_bad_uids_never_become_paths(server, uid, reason):
     assert response.Status == 0xC000
     assert reason in response.ErrorComment
     index_files = [] if server.index else ["index.sqlite", "index.sqlite-shm", "index.sqlite-wal"]
-    expected = [".incoming", ".lock", ".session-key", *index_files]
+    expected = [".incoming", ".lock", ".metrics", ".queue", ".session-key", *index_files]
     assert sorted(p.name for p in server.data.iterdir()) == expected
     assert not (server.data.parent / "x").exists()
 

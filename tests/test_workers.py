@@ -19,12 +19,11 @@ def children(pid: int) -> set[int]:
 
 
 def workers(pid: int) -> set[int]:
-    """Child processes running the SCP (not multiprocessing's resource tracker)."""
+    """Child processes running the SCP (not the indexer)."""
     return {
         child
         for child in children(pid)
-        if b"multiprocessing.spawn" in Path(f"/proc/{child}/cmdline").read_bytes()
-        and b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"pacs.worker" in Path(f"/proc/{child}/cmdline").read_bytes()
     }
 
 

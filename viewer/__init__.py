@@ -17,7 +17,7 @@ from storage import Archive
 from storage import audit
 from storage import deidentify
 from storage import files
-from viewer import metrics
+from storage import metrics
 
 CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, Cache-Control"
 EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Encoding, ETag, Warning"

@@ -27,7 +27,6 @@ from storage.errors import InvalidUID
 from storage.errors import OutOfResources
 from storage.errors import StorageError
 from storage.errors import UIDMismatch
-from viewer import metrics
 from viewer.media import MediaError
 from viewer.media import parse_media_type
 
@@ -123,7 +122,6 @@ def _ingest(
         archive.audit(audit.Event("store", f"failure: {exc}", address=calling, detail={"sop": sop}))
         log.warning("STOW-RS from %s: %s failed (0x%04X): %s", calling, sop or "?", code, exc)
         return Outcome(sop_class, sop, study, failure=code, reason=str(exc))
-    metrics.stored(stored.size)
     log.info("STOW-RS from %s: %s %s", calling, stored.sop_uid, stored.outcome.value)
     return Outcome(stored.sop_class_uid, stored.sop_uid, stored.study_uid, stored.series_uid)
 

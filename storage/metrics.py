@@ -1,7 +1,8 @@
 """Counters and latency histograms of this process, in Prometheus text format (0.0.4).
 
-The DICOM handlers (pacs) and the web app record into one registry per process. DICOM
-worker processes (`--workers N`) write theirs to `<data>/.metrics/worker-N.json` every few
+The DICOM side (pacs) and the web app (viewer) record into one registry per process;
+it lives in storage, which both use, so DICOM processes never import the web side.
+DICOM worker processes write theirs to `<data>/.metrics/<pid>-worker-N.json` every few
 seconds; `/metrics` in the main process adds them to its own, so one scrape sees the
 whole server (a respawned worker starts from zero: a counter reset, as Prometheus
 expects of a restart).
@@ -32,7 +33,7 @@ HELP = {
     "minipacs_archive_bytes": ("gauge", "Bytes of the stored files"),
     "minipacs_disk_free_bytes": ("gauge", "Free space on the data folder's filesystem"),
 }
-WRITE_EVERY = 5.0  # s between a worker's snapshots
+WRITE_EVERY = 1.0  # s between a worker's snapshots
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -95,16 +96,21 @@ def stored(size: int) -> None:
         REGISTRY.add("minipacs_bytes_stored_total", size)
 
 
+def dimse(service: str, started: float, failed: bool) -> None:
+    """One DIMSE request served, from `started` (time.monotonic()) until now."""
+    REGISTRY.add("minipacs_dimse_requests_total", service=service)
+    if failed:
+        REGISTRY.add("minipacs_dimse_failures_total", service=service)
+    REGISTRY.observe("minipacs_dimse_request_seconds", time.monotonic() - started,
+                     service=service)  # fmt: skip
+
+
 def timed(service: str, handler: Callable) -> Callable:
     """A pynetdicom handler that counts and times its requests (generators included:
     until their last answer)."""
 
     def record(started: float, failed: bool) -> None:
-        REGISTRY.add("minipacs_dimse_requests_total", service=service)
-        if failed:
-            REGISTRY.add("minipacs_dimse_failures_total", service=service)
-        REGISTRY.observe("minipacs_dimse_request_seconds", time.monotonic() - started,
-                         service=service)  # fmt: skip
+        dimse(service, started, failed)
 
     def wrapper(*args, **kwargs):
         started = time.monotonic()

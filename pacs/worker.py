@@ -1,0 +1,237 @@
+"""The DICOM worker processes `minipacs serve` runs beside its own.
+
+The web side and the DICOM side cannot share one GIL fairly: a radiologist's reading
+load starved C-STORE. So the main process serves HTTP, indexes what the workers
+received (storage.indexer) and supervises `workers` DICOM processes on the shared port
+(SO_REUSEPORT), each running the SCP and taking C-STOREs into the journal
+(storage.journal). A third process for the indexer would give it a core of its own
+only when the web side is busy too, for ~70 MB more (Python, pydicom and numpy in it).
+
+Each worker is `python -m pacs.worker N SUPERVISOR_PID` with the configuration pickled
+on its stdin: it imports only what it runs (not the web side), says "ready" on its
+stdout, and dies with its supervisor (PR_SET_PDEATHSIG), which a killed supervisor
+(kill -9) could otherwise not arrange.
+"""
+
+import ctypes
+import logging
+import os
+import pickle
+import select
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+from pacs import auditlog
+from pacs import seam
+from pacs.config import Config
+from pacs.scp import start_scp
+from pacs.tls import check_files
+from storage import Archive
+from storage import metrics
+
+log = logging.getLogger(__name__)
+METRICS_FOLDER = ".metrics"  # the DICOM workers' metric snapshots (storage.metrics)
+DRAIN_SECONDS = 10.0  # in-flight associations get this long to finish after a stop signal
+READY = b"ready\n"
+PR_SET_PDEATHSIG = 1
+
+
+class StartupError(Exception):
+    """The server cannot start (port taken, data folder unusable); the message says why."""
+
+
+class Child:
+    """A supervised DICOM worker process."""
+
+    def __init__(self, config: Config, number: int) -> None:
+        self.config = config
+        self.number = number
+        self.name = f"DICOM worker {number}"
+        self.proc = self._start()
+
+    def _start(self) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pacs.worker", str(self.number), str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert proc.stdin is not None
+        proc.stdin.write(pickle.dumps(self.config))
+        proc.stdin.close()
+        return proc
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Return once the child is ready; raise StartupError if it exits or is too slow."""
+        assert self.proc.stdout is not None
+        if select.select([self.proc.stdout], [], [], timeout)[0]:
+            line = self.proc.stdout.readline()
+            if line == READY:
+                return
+        self.proc.kill()
+        code = self.proc.wait()
+        raise StartupError(f"{self.name} did not start (exit status {code}): see the log above")
+
+    def respawn_if_dead(self) -> None:
+        if self.proc.poll() is None:
+            return
+        log.error("%s exited with %s: starting a new one", self.name, self.proc.returncode)
+        self.proc = self._start()
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+    def join(self, timeout: float) -> None:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0f s: killed", self.name, timeout)
+            self.proc.kill()
+            self.proc.wait()
+
+
+def stop_children(children: list[Child]) -> None:
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(DRAIN_SECONDS + 5)
+
+
+def main() -> None:
+    """A worker's entry point: `python -m pacs.worker NUMBER SUPERVISOR_PID`."""
+    number, supervisor = int(sys.argv[1]), int(sys.argv[2])
+    _die_with(supervisor)
+    config: Config = pickle.load(sys.stdin.buffer)
+    logging.basicConfig(
+        level=config.log_level,
+        format=f"%(asctime)s %(levelname)s worker{number} %(name)s: %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel("DEBUG" if config.log_level == "DEBUG" else "WARNING")
+    stop = stop_on_signals()
+    auditlog.install(config.audit_syslog)
+    try:
+        archive = open_archive(config, repair=False)
+        _run(config, archive, f"{supervisor}-worker-{number}", stop)
+    except StartupError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+def _run(config: Config, archive: Archive, name: str, stop: threading.Event) -> None:
+    threading.Thread(  # this process's metrics, for the main process's /metrics
+        target=metrics.write_snapshots,
+        args=(config.data / METRICS_FOLDER, name, stop),
+        daemon=True,
+    ).start()
+    scps = [listen(config, archive, shared_port=True)]
+    try:
+        _ready()
+        stop.wait()
+    finally:
+        stop_scps(scps)
+        archive.close()
+
+
+def _ready() -> None:
+    sys.stdout.buffer.write(READY)
+    sys.stdout.buffer.flush()
+
+
+def _die_with(supervisor: int) -> None:
+    """SIGKILL this process when the supervisor dies (Linux), whatever killed it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != supervisor:  # it died before the request took effect
+        os._exit(1)
+
+
+def listen(config: Config, archive: Archive, shared_port: bool, tls: bool = False):
+    """Start the SCP (plain or TLS) in this process."""
+    port = config.tls_port if tls else config.port
+    missing = check_files(config.tls_cert, config.tls_key, config.tls_ca) if tls else []
+    if missing:
+        raise StartupError(f"DICOM TLS: no such file: {', '.join(missing)}")
+    install_seam()
+    try:
+        scp = start_scp(config, archive, shared_port=shared_port, tls=tls)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror or str(exc)
+        raise StartupError(f"cannot listen for DICOM on {config.host}:{port}: {reason}") from exc
+    store = getattr(scp, "store_scp", None)
+    metrics.REGISTRY.gauge(
+        "minipacs_associations_active",
+        lambda: len(scp.ae.active_associations) + (store.active if store else 0),
+    )
+    return scp
+
+
+def install_seam() -> None:
+    """pacs.seam in this process, or one line saying why not: it replaces pynetdicom
+    internals, and refuses a pynetdicom whose internals differ from those it knows."""
+    try:
+        seam.install()
+    except seam.SeamMismatch as exc:
+        raise StartupError(str(exc)) from None
+
+
+def open_archive(config: Config, repair: bool) -> Archive:
+    """The archive, opened; `repair`: the supervisor's start-up check first (temporaries
+    removed, interrupted deletions finished, acknowledged instances indexed)."""
+    archive = Archive(
+        config.data,
+        fsync=config.fsync,
+        duplicates=config.duplicates,
+        parse_processes=config.parse_processes if repair else 0,
+        index_url=config.index,
+        routes=config.route,
+    )
+    try:
+        archive.open()
+    except Exception as exc:
+        raise StartupError(str(exc)) from exc
+    if repair and archive.lock(exclusive=True):
+        report = archive.reconcile()
+        log.info(
+            "start-up check: %d temporary file(s) removed, %d deletion(s) finished, "
+            "%d file(s) indexed, %d problem(s)",
+            report.removed_temporary,
+            report.deletions_finished,
+            report.indexed,
+            len(report.problems),
+        )
+    elif repair:
+        log.info("another minipacs process uses %s: start-up check skipped", archive.root)
+    archive.lock(exclusive=False)
+    metrics.REGISTRY.gauge("minipacs_index_queue", archive.pending_writes)
+    return archive
+
+
+def stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
+
+
+def stop_scps(scps: list) -> None:
+    """Stop accepting, let associations finish for DRAIN_SECONDS, abort the rest."""
+    for scp in scps:
+        scp.shutdown()
+    deadline = time.monotonic() + DRAIN_SECONDS
+    for scp in scps:
+        store = getattr(scp, "store_scp", None)
+        if store is not None:
+            store.stop(max(0.0, deadline - time.monotonic()))
+        while scp.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in scp.ae.active_associations:
+            log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
+
+
+if __name__ == "__main__":
+    main()

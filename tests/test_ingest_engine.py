@@ -1,0 +1,130 @@
+"""The C-STORE engine (pacs.store_scp, storage.journal, storage.indexer): storage-only
+associations on our own upper layer, acknowledged once durable, indexed right after."""
+
+import socket
+import struct
+import time
+
+import pydicom
+from conftest import TEST_FILES
+from conftest import run
+from conftest import storescu
+from make_study import make_study
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+from pynetdicom.sop_class import Verification
+from scu import echo
+
+CT = TEST_FILES / "CT_small.dcm"
+
+
+def queryable(server, count: int, timeout: float = 30) -> list[tuple]:
+    """Index rows, once `count` instances are there (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = server.rows("SELECT sop_uid FROM instance")
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def test_released_at_once_and_queryable_right_after(start_server, tmp_path):
+    server = start_server(env={"MINIPACS_INDEX_WAIT": "0"})  # the default
+    paths = make_study(tmp_path / "study", 40, size=64)
+    storescu(server.port, *paths)
+    sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
+    assert {uid for (uid,) in queryable(server, len(paths))} == sent
+    assert not [p for p in (server.data / ".queue").iterdir() if p.suffix == ".dcm"]
+    assert "pacs.store_scp" in server.log()  # served by our own engine, not pynetdicom
+
+
+def test_a_release_waits_until_what_it_stored_is_queryable(start_server, tmp_path):
+    server = start_server(env={"MINIPACS_INDEX_WAIT": "30"})
+    paths = make_study(tmp_path / "study", 30, size=64)
+    storescu(server.port, *paths)
+    assert len(server.rows("SELECT sop_uid FROM instance")) == 30  # no waiting here
+
+
+def test_store_then_find_on_one_association_goes_through_pynetdicom(server):
+    """An association that also asks for C-FIND is pynetdicom's: a C-STORE's Success
+    there means queryable, so the C-FIND right after finds it."""
+    ae = AE(ae_title="WORKSTATION")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_store(CT).Status == 0x0000
+        query = pydicom.Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        query.PatientID = pydicom.dcmread(CT, stop_before_pixels=True).PatientID
+        answers = [
+            answer
+            for status, answer in assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind
+            )
+            if status.Status == 0xFF00
+        ]
+    finally:
+        assoc.release()
+    assert len(answers) == 1
+    assert "pacs.store_scp" not in server.log()
+
+
+def test_a_silent_connection_does_not_hold_up_others(server):
+    silent = socket.create_connection(("127.0.0.1", server.port))
+    half = socket.create_connection(("127.0.0.1", server.port))
+    half.sendall(b"\x01\x00\x00\x00\x10\x00")  # an A-ASSOCIATE-RQ header, then nothing
+    try:
+        assert echo(server.port) == 0
+        run("echoscu", "-aec", "MINIPACS", "127.0.0.1", str(server.port))
+        storescu(server.port, CT)
+    finally:
+        silent.close()
+        half.close()
+    assert queryable(server, 1)
+
+
+def test_rejections_follow_the_standard(server):
+    """Called AE not ours: A-ASSOCIATE-RJ, permanent, service user, reason 7 (PS3.8
+    9.3.4); a context for a class we do not store is refused, the others accepted."""
+    wrong = run("echoscu", "-aec", "SOMEONE", "127.0.0.1", str(server.port), check=False)
+    assert wrong.returncode != 0
+    assert "Called AE Title Not Recognized" in wrong.stderr
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    ae.add_requested_context("1.2.3.4.5.6")  # no storage class
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        rejected = {cx.abstract_syntax for cx in assoc.rejected_contexts}
+        assert accepted == {Verification, CTImageStorage}
+        assert "1.2.3.4.5.6" in rejected
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_a_dataset_fragment_without_a_request_aborts(server):
+    """P-DATA out of order (a dataset before any C-STORE-RQ): A-ABORT, and the server
+    keeps serving with nothing left behind."""
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+    assert assoc.is_established
+    context_id = assoc.accepted_contexts[0].context_id
+    sock = assoc.dul.socket.socket
+    fragment = b"\x08\x00\x18\x00UI\x02\x001\x00"
+    pdu = struct.pack(">BBIIBB", 4, 0, len(fragment) + 6, len(fragment) + 2, context_id, 2)
+    sock.sendall(pdu + fragment)
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted
+    assert echo(server.port) == 0
+    assert not [p for p in (server.data / ".queue").iterdir() if p.suffix == ".part"]
