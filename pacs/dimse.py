@@ -62,7 +62,7 @@ def fields(data: bytes | bytearray) -> dict[int, bytes]:
 def pdata(context_id: int, data: bytes, is_command: bool, max_pdu: int) -> bytes:
     """P-DATA-TF PDUs carrying `data` as one message part: one PDV each, fragments no
     longer than the peer's maximum (0: no maximum)."""
-    size = max_pdu - 6 if max_pdu else max(len(data), 1)
+    size = max(max_pdu - 6, 1) if max_pdu else max(len(data), 1)
     out = bytearray()
     for start in range(0, max(len(data), 1), size):
         fragment = data[start : start + size]

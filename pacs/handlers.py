@@ -92,8 +92,12 @@ def handle_store(event: Event, archive: Archive, config: Config) -> int | Datase
         receipt = archive.receive(
             sop_class, sop_uid, event.context.transfer_syntax[0], calling, address
         )
-        receipt.write(request.DataSet.getbuffer())
-        entry = archive.accept(receipt, sop_class, sop_uid)
+        try:
+            receipt.write(request.DataSet.getbuffer())
+        except BaseException:
+            receipt.discard()
+            raise
+        entry = archive.accept(receipt, sop_class, sop_uid)  # discards it when refused
     except (StorageError, OSError) as exc:
         status = STATUS_FOR.get(type(exc), PROCESSING_FAILURE)
         _audit(archive, event, "store", f"failure: {exc}", sop=sop_uid)

@@ -44,6 +44,7 @@ def serve(config: Config) -> None:
     archive = open_archive(config, repair=True)
     metrics.forget_dead(config.data / METRICS_FOLDER)
     metrics.REGISTRY.gauge("minipacs_index_backlog", archive.journal.pending)
+    metrics.REGISTRY.gauge("minipacs_index_set_aside", archive.set_aside)
     if config.host not in LOOPBACK and not archive.accounts(users.count):
         archive.close()
         raise StartupError(
@@ -89,7 +90,7 @@ def serve(config: Config) -> None:
         )
         while not stop.wait(0.5):
             for child in children:
-                child.respawn_if_dead()
+                child.respawn_if_dead(archive)
         log.info("stopping")
     finally:
         try:

@@ -55,6 +55,7 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 MAX_REQUEST = 1 << 16  # bytes of an A-ASSOCIATE-RQ we read ourselves (larger: pynetdicom)
 MIN_PDU = 1 << 16  # a peer may send PDUs this long whatever maximum we announce
 READ_SIZE = 1 << 20  # bytes a recv may bring in at once
+MAX_COMMAND = 1 << 16  # bytes of one command set (a C-STORE-RQ's is ~200)
 # C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
 SUCCESS = 0x0000
 DUPLICATE_SOP_INSTANCE = 0x0111
@@ -75,6 +76,7 @@ ACCEPTED, USER_REJECTED, ABSTRACT_NOT_SUPPORTED, SYNTAX_NOT_SUPPORTED = 0, 1, 3,
 APPLICATION_CONTEXT_NOT_SUPPORTED = (0x01, 0x01, 0x02)
 PROTOCOL_VERSION_NOT_SUPPORTED = (0x01, 0x02, 0x02)
 LOCAL_LIMIT_EXCEEDED = (0x02, 0x03, 0x02)
+UNRECOGNIZED_PDU = (0x02, 0x01)
 UNEXPECTED_PDU = (0x02, 0x02)
 INVALID_PDU_PARAMETER = (0x02, 0x06)
 NOT_SPECIFIED = (0x00, 0x00)
@@ -251,6 +253,7 @@ def _peek_request(sock: socket.socket, timeout: float | None) -> bytes | None:
     up to `timeout` s, None if it did not come whole (or the peer closed). A PDU larger
     than MAX_REQUEST is returned as its first bytes (not ours: pynetdicom reads it)."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    pause = 0.0005
     while True:
         try:
             data = sock.recv(MAX_REQUEST, socket.MSG_PEEK | socket.MSG_DONTWAIT)
@@ -269,8 +272,9 @@ def _peek_request(sock: socket.socket, timeout: float | None) -> bytes | None:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        if data:
-            time.sleep(0.001)  # the rest of the PDU is on its way
+        if data:  # the rest of the PDU is on its way: look again, less and less often
+            pause = min(pause * 2, 0.05)
+            time.sleep(min(pause, left))
         else:
             try:
                 select.select([sock], [], [], left)
@@ -319,8 +323,9 @@ class _Association:
             log.exception("association from %s failed", self.request.calling)
             self.abort(NOT_SPECIFIED)
         finally:
-            if self._store is not None:
-                self._store.receipt.discard()
+            with contextlib.suppress(OSError):
+                if self._store is not None:
+                    self._store.receipt.discard()
             with contextlib.suppress(OSError):
                 self.sock.close()
 
@@ -397,14 +402,18 @@ class _Association:
                     )
                 self._pdata(self._read(length))
             elif kind == dimse.RELEASE_RQ:
+                if length != 4:
+                    raise ProtocolError(f"an A-RELEASE-RQ of {length} bytes", INVALID_PDU_PARAMETER)
                 self._read(length)
                 self._release()
                 return
             elif kind == dimse.ABORT:
                 log.info("association from %s aborted by the peer", self.request.calling)
                 return
-            else:
+            elif kind in (dimse.ASSOCIATE_RQ, dimse.ASSOCIATE_AC, dimse.ASSOCIATE_RJ):
                 raise ProtocolError(f"unexpected PDU type 0x{kind:02X}")
+            else:
+                raise ProtocolError(f"unrecognized PDU type 0x{kind:02X}", UNRECOGNIZED_PDU)
 
     def _release(self) -> None:
         """A-RELEASE-RP, once what this association stored is queryable (at most
@@ -465,6 +474,8 @@ class _Association:
             raise ProtocolError("a command's fragments on two presentation contexts")
         self._command_context = context_id
         self._command += fragment
+        if len(self._command) > MAX_COMMAND:
+            raise ProtocolError(f"a command set longer than {MAX_COMMAND} bytes")
         if last:
             fields = dimse.fields(self._command)
             self._command.clear()
@@ -509,7 +520,9 @@ class _Association:
         sop_uid = _uid(store.fields.get(dimse.AFFECTED_SOP_INSTANCE_UID, b""))
         status, comment = SUCCESS, ""
         try:
-            self.entries.append(self.archive.accept(store.receipt, sop_class, sop_uid).path)
+            entry = self.archive.accept(store.receipt, sop_class, sop_uid)
+            if self.config.index_wait:  # for the release to wait on
+                self.entries.append(entry.path)
         except StorageError as exc:
             status, comment = STATUS_FOR.get(type(exc), PROCESSING_FAILURE), str(exc)
         except OSError as exc:

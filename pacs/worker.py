@@ -75,11 +75,16 @@ class Child:
         code = self.proc.wait()
         raise StartupError(f"{self.name} did not start (exit status {code}): see the log above")
 
-    def respawn_if_dead(self) -> None:
+    def respawn_if_dead(self, archive: Archive) -> None:
+        """A new worker for a dead one (whose half-received datasets are removed)."""
         if self.proc.poll() is None:
             return
         log.error("%s exited with %s: starting a new one", self.name, self.proc.returncode)
-        self.proc = self._start()
+        archive.journal.discard_partial(self.proc.pid)
+        try:
+            self.proc = self._start()
+        except OSError as exc:  # out of memory or processes: again at the next look
+            log.error("cannot start %s: %s", self.name, exc)
 
     def terminate(self) -> None:
         if self.proc.poll() is None:

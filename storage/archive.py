@@ -55,6 +55,7 @@ from storage.engine import is_sqlite
 from storage.engine import open_database
 from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
+from storage.errors import InvalidUID
 from storage.errors import OutOfResources
 from storage.errors import StorageError
 from storage.errors import UIDMismatch
@@ -169,6 +170,7 @@ class Archive:
         self.parse_processes = parse_processes
         self._parsers: ProcessPoolExecutor | None = None
         self._parsers_lock = threading.Lock()
+        self._placing = threading.Lock()  # the indexer's batches and deletions, one at a time
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -431,15 +433,20 @@ class Archive:
         """Index journal entries (storage.indexer): parse each, put it in place, and
         commit all their rows at once; an entry is unlinked once its row is durable.
         Entries another indexer holds are left to it. Returns how many were taken."""
-        with contextlib.ExitStack() as held:
+        with contextlib.ExitStack() as held, self._placing:
             taken: list[tuple[journal.Entry, Stored, _RowWrite | None]] = []
             folders: set[Path] = set()
             for path in paths:
                 if held.enter_context(journal.claimed(path)) is None:
                     continue
-                entry = journal.Entry.parse(path)
                 try:
+                    entry = journal.Entry.parse(path)
                     parsed = read_instance(path)
+                except (InvalidDataset, InvalidUID, ValueError) as exc:
+                    # Not readable after all: kept for a person (the walk let it pass).
+                    self._set_aside(path, exc)
+                    continue
+                try:
                     stored, write = self._settle(
                         path,
                         parsed,
@@ -450,8 +457,8 @@ class Archive:
                         entry.address,
                         sync_dir=False,
                     )
-                except (StorageError, OSError) as exc:
-                    self._set_aside(entry, exc)
+                except DuplicateRejected as exc:  # a twin acknowledged meanwhile (reject)
+                    self._set_aside(path, exc)
                     continue
                 if stored.outcome in (Outcome.STORED, Outcome.REPLACED):
                     folders.add((self.root / stored.path).parent)
@@ -466,32 +473,41 @@ class Archive:
                     metrics.stored(stored.size)
                     entry.path.unlink(missing_ok=True)
                 else:  # its row failed alone (logged): not for a retry every round
-                    self._set_aside(entry, StorageError("its index row failed"))
+                    self._set_aside(entry.path, StorageError("its index row failed"))
         return len(taken)
 
     def settle(self, timeout: float) -> bool:
         """Wait until every instance acknowledged so far is indexed (at most `timeout` s)."""
         return self.wait_indexed(self.journal.entries(), timeout)
 
-    def _set_aside(self, entry: journal.Entry, exc: BaseException) -> None:
-        """An acknowledged entry the indexer cannot read: kept for a person, never lost."""
-        log.error("cannot index %s (set aside in %s): %s", entry.path.name, UNINDEXED, exc)
+    def _set_aside(self, path: Path, exc: BaseException) -> None:
+        """An acknowledged entry the indexer cannot take: kept for a person, never lost
+        (`minipacs_index_set_aside` counts them; `minipacs import` can take them back)."""
+        log.error("cannot index %s (set aside in %s): %s", path.name, UNINDEXED, exc)
         aside = self.root / UNINDEXED
         aside.mkdir(exist_ok=True)
-        os.rename(entry.path, aside / entry.path.name)
+        with contextlib.suppress(FileNotFoundError):  # another indexer took it meanwhile
+            os.rename(path, aside / path.name)
+
+    def set_aside(self) -> int:
+        """Journal entries set aside as unreadable (a metric: each needs a person)."""
+        aside = self.root / UNINDEXED
+        return sum(1 for _ in aside.iterdir()) if aside.is_dir() else 0
 
     def wait_indexed(self, entries: list[Path], timeout: float) -> bool:
         """Wait until the indexer has taken these journal entries (at most `timeout` s)."""
         deadline = time.monotonic() + timeout
-        waiting = list(entries)
+        waiting = sorted(entries)
         self.journal.wake(urgent=True)
+        pause = 0.0005
         while waiting:
+            if waiting[-1].exists():  # the newest first: they are indexed in order
+                if time.monotonic() > deadline:
+                    return False
+                pause = min(pause * 2, 0.02)
+                time.sleep(pause)
+                continue
             waiting = [path for path in waiting if path.exists()]
-            if not waiting:
-                break
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.001)
         return True
 
     def accounts(self, fn: Callable, *args, write: bool = False):
@@ -621,6 +637,10 @@ class Archive:
                     .where(Patient.patient_id == uid)
                 ]
             return sum(self.delete("STUDY", study, who, reason) for study in studies)
+        with self._placing:  # not while the indexer links an instance into what goes
+            return self._delete(level, uid, who, reason)
+
+    def _delete(self, level: str, uid: str, who: str, reason: str) -> int:
         if level not in ("STUDY", "SERIES", "IMAGE"):
             raise ValueError(f"cannot delete at level {level!r}")
         target = self._path_of(level, uid)
@@ -736,7 +756,11 @@ class Archive:
                 leftover.unlink()
                 report.removed_temporary += 1
         while entries := self.journal.entries()[:256]:  # acknowledged, not yet indexed
-            taken = self.index_entries(entries)
+            try:
+                taken = self.index_entries(entries)
+            except Exception as exc:  # the indexer takes them up when it can
+                report.problems.append(Problem(".queue", f"journal not indexed yet: {exc}"))
+                break
             report.indexed += taken
             if not taken:  # another node's indexer holds them
                 break

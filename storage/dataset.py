@@ -53,7 +53,7 @@ LONG_VRS = {
 IMPLICIT_PIXEL_VR = {0x0008: "OF", 0x0009: "OD", 0x0010: "OW"}
 BULK_THRESHOLD = 1024  # bytes; longer binary values become BulkDataURI in the stored JSON
 MAX_DEPTH = 64  # nested sequences; a deeper dataset is refused, not recursed into
-MAX_INFLATED = 1 << 30  # bytes a deflated dataset may inflate to
+MAX_INFLATED = 1 << 28  # bytes a deflated dataset may inflate to (256 MiB)
 CHUNK = 1 << 20
 SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
 STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
@@ -105,10 +105,18 @@ def validate_uid(value: object, name: str) -> str:
 def read_instance(path: Path) -> ParsedInstance:
     """Check that `path` is a whole Part 10 file and extract its index keys."""
     header = read_header(path)
-    deflated = header.syntax == DeflatedExplicitVRLittleEndian
     try:
-        with open(path, "rb") as fp:
-            ds = dcmread(fp, stop_before_pixels=not deflated)
+        if header.syntax != DeflatedExplicitVRLittleEndian:
+            with open(path, "rb") as fp:
+                ds = dcmread(fp, stop_before_pixels=True)
+        else:  # pydicom would inflate it all in memory, pixel data included
+            with open(path, "rb") as fp, tempfile.TemporaryFile(dir=path.parent) as inflated:
+                fp.seek(_read_meta(fp)[0])
+                _inflate(fp, inflated)
+                inflated.seek(0)
+                ds = dcmread(inflated, force=True, stop_before_pixels=True)
+    except InvalidDataset:
+        raise
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InvalidDataset(f"dataset does not parse: {exc}") from exc
     return _parse(ds, header.syntax, header.pixel_vrs)
@@ -171,8 +179,9 @@ def _header(fp: BinaryIO, start: int, syntax: str) -> Header:
         implicit = syntax == ImplicitVRLittleEndian
         if not implicit and not buf[start + 4 : start + 6].isalpha():
             raise InvalidDataset(f"dataset is Implicit VR but the Transfer Syntax is {syntax}")
-        walk = _Walk(buf, end, little=syntax != ExplicitVRBigEndian)
-        walk.dataset(start, implicit, 0, delimited=False)
+        walk = _Walk(buf, end)
+        order = ">" if syntax == ExplicitVRBigEndian else "<"
+        walk.dataset(start, implicit, order, 0, delimited=False)
     return Header(syntax, walk.values, walk.pixel_vrs)
 
 
@@ -195,17 +204,16 @@ class _Walk:
     """Element headers of a dataset in a buffer (an mmap), values skipped, iterating over
     items and nested datasets; the top-level HEADER_TAGS and pixel data VRs are kept."""
 
-    def __init__(self, buf, end: int, little: bool) -> None:
+    def __init__(self, buf, end: int) -> None:
         self.buf = buf
         self.end = end
-        self.order = "<" if little else ">"
         self.values: dict[int, bytes] = {}
         self.pixel_vrs: dict[int, str] = {}
 
-    def dataset(self, pos: int, implicit: bool, depth: int, delimited: bool) -> int:
+    def dataset(self, pos: int, implicit: bool, order: str, depth: int, delimited: bool) -> int:
         """Walk from `pos` to the end of the buffer, or (`delimited`) past an Item
         Delimitation Item; return where it stopped."""
-        buf, end, order = self.buf, self.end, self.order
+        buf, end = self.buf, self.end
         while True:
             if pos == end and not delimited:
                 return pos
@@ -237,19 +245,20 @@ class _Walk:
                     "ascii", "replace"
                 ) or IMPLICIT_PIXEL_VR.get(elem, "OW")
             if length == UNDEFINED:
-                # PS3.5 6.2.2: UN of undefined length is encoded Implicit VR inside.
-                pos = self.items(value, implicit or vr == b"UN", depth + 1)
+                # PS3.5 6.2.2: UN of undefined length is Implicit VR Little Endian inside.
+                inner = (True, "<") if vr == b"UN" else (implicit, order)
+                pos = self.items(value, *inner, depth + 1)
                 continue
             if value + length > end:
                 raise InvalidDataset(
                     f"dataset truncated: ({group:04X},{elem:04X}) needs {length} bytes "
                     f"at byte {pos}"
                 )
-            if depth == 0 and (group << 16) | elem in HEADER_TAGS:
-                self.values[(group << 16) | elem] = buf[value : value + length]
+            if depth == 0 and (group << 16) | elem in HEADER_TAGS:  # short values (UI, US, IS)
+                self.values[(group << 16) | elem] = buf[value : value + min(length, 80)]
             pos = value + length
 
-    def items(self, pos: int, implicit: bool, depth: int) -> int:
+    def items(self, pos: int, implicit: bool, order: str, depth: int) -> int:
         """Items of a sequence (or fragments of encapsulated pixel data) up to the
         Sequence Delimitation Item; return the position after it."""
         if depth > MAX_DEPTH:
@@ -258,7 +267,7 @@ class _Walk:
         while True:
             if pos + 8 > end:
                 raise InvalidDataset(f"dataset truncated inside a sequence at byte {pos}")
-            group, elem, length = struct.unpack_from(self.order + "HHL", buf, pos)
+            group, elem, length = struct.unpack_from(order + "HHL", buf, pos)
             if (group, elem) == (0xFFFE, 0xE0DD):
                 return pos + 8
             if (group, elem) != (0xFFFE, 0xE000):
@@ -267,7 +276,7 @@ class _Walk:
                 )
             pos += 8
             if length == UNDEFINED:
-                pos = self.dataset(pos, implicit, depth, delimited=True)
+                pos = self.dataset(pos, implicit, order, depth, delimited=True)
             elif pos + length > end:
                 raise InvalidDataset(f"dataset truncated inside an item at byte {pos - 8}")
             else:

@@ -1,15 +1,18 @@
 """The indexer: takes the journal's entries (storage.journal) into the index.
 
-It runs in a process of its own (`minipacs serve` starts it), so parsing and index
-writes use a core the receivers do not. Entries are taken in arrival order, a batch at
-a time: one commit and one fsync per folder for up to BATCH instances. Receivers wake it
-with a datagram; it gathers entries for up to GATHER seconds (each commit's fsyncs
-compete with the receivers' own for the disk), unless someone waits for them (a
-storage association's release) or a batch is full. It also looks every POLL seconds
-in case a wake-up was lost.
+It runs as a thread of the main process (`minipacs serve`), at a lower CPU priority
+than the DICOM workers that receive: a C-STORE never waits for it, and while senders are
+faster it falls behind and catches up after. Entries are taken in arrival order, a batch
+at a time: one commit and one fsync per folder for up to BATCH instances. Receivers wake
+it with a datagram; it gathers entries for up to GATHER seconds (each commit's fsyncs
+compete with the receivers' own), unless someone waits for them (a storage
+association's release under index_wait, a storage commitment) or a batch is full. It
+also looks every POLL seconds in case a wake-up was lost.
 """
 
+import contextlib
 import logging
+import os
 import select
 import socket
 import threading
@@ -22,10 +25,13 @@ BATCH = 128
 GATHER = 0.05  # s the oldest entry may wait for company
 POLL = 1.0  # s between looks when nobody wakes it
 RETRY = 5.0  # s after a failed round
+NICE = 10  # the receivers come first
 
 
 def run(archive: Archive, stop: threading.Event) -> None:
     """Index entries until `stop` is set."""
+    with contextlib.suppress(OSError):  # this thread only (Linux: nice is per thread)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
     journal = archive.journal
     wake = journal.listen()
     if wake is None:
@@ -44,7 +50,7 @@ def run(archive: Archive, stop: threading.Event) -> None:
                         if archive.index_entries(entries[:BATCH]):
                             continue
                     else:
-                        timeout = early
+                        timeout = min(early, GATHER)  # a clock stepped back: no longer
             except Exception:  # the index is down or the disk full: try again later
                 log.exception("indexing round failed")
                 stop.wait(RETRY)

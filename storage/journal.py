@@ -5,7 +5,7 @@ on the way. Once whole it is checked (storage.dataset.read_header: the structure
 the UIDs, without pydicom), fdatasynced and renamed to `<id>~<size>~<sha256>~<who>.dcm`;
 the directory fsync that makes the rename durable is shared by every receiver that
 renamed meanwhile (group commit). Only then is Success sent. The indexer
-(storage.indexer, a process of its own) parses each entry, places the file, commits its
+(storage.indexer, a thread of the main process) parses each entry, places the file, commits its
 row and unlinks the entry; whatever is left after a crash is indexed at start-up.
 
 Receivers wake the indexer with a datagram on an abstract Unix socket named after the
@@ -160,7 +160,10 @@ class Receipt:
         self.path.unlink(missing_ok=True)
 
     def entry_name(self) -> str:
-        who = json.dumps({"aet": self.calling_aet, "address": self.address}).encode()
+        """At most ~190 bytes (a file name has 255): the AE title is cut to 16 printable
+        ASCII characters, the address to 64."""
+        aet = "".join(c if " " <= c <= "~" else "?" for c in self.calling_aet[:16])
+        who = json.dumps({"aet": aet, "address": self.address[:64]}).encode()
         encoded = base64.urlsafe_b64encode(who).decode().rstrip("=")
         return f"{self.path.stem}~{self.size}~{self.sha256}~{encoded}.dcm"
 
@@ -228,17 +231,25 @@ class Journal:
             names = [e.name for e in found if e.name.endswith(".dcm")]
         return [self.folder / name for name in sorted(names)]
 
-    def partial(self) -> Iterator[Path]:
-        """Datasets whose receipt never completed (a crash, or a connection lost)."""
+    def partial(self, pid: int | None = None) -> Iterator[Path]:
+        """Datasets whose receipt never completed (a crash, or a connection lost); of
+        the process `pid` only, if given."""
         with os.scandir(self.folder) as found:
             for item in found:
-                if item.name.endswith(".part"):
+                if item.name.endswith(".part") and (
+                    pid is None or item.name.split("-")[1] == str(pid)
+                ):
                     yield Path(item.path)
 
     @staticmethod
     def age(entry: Path) -> float:
         """Seconds since the entry's dataset began to arrive (its name says when)."""
         return time.time() - int(entry.name.split("-", 1)[0]) / 1e9
+
+    def discard_partial(self, pid: int) -> None:
+        """Remove what a dead receiving process left half-received."""
+        for path in self.partial(pid):
+            path.unlink(missing_ok=True)
 
     def pending(self) -> int:
         with os.scandir(self.folder) as found:
@@ -261,7 +272,11 @@ def claimed(path: Path) -> Iterator[int | None]:
         except BlockingIOError:
             yield None
             return
-        yield fd if os.fstat(fd).st_nlink else None  # unlinked meanwhile: indexed already
+        try:  # unlinked meanwhile (the file lives on, linked into the archive): indexed
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        yield fd if same else None
     finally:
         os.close(fd)
 

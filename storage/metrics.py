@@ -27,6 +27,8 @@ HELP = {
     "minipacs_http_requests_total": ("counter", "HTTP requests, by method and status"),
     "minipacs_http_request_seconds": ("histogram", "Time to answer an HTTP request"),
     "minipacs_index_queue": ("gauge", "Index writes waiting for the writer"),
+    "minipacs_index_backlog": ("gauge", "Instances acknowledged and not yet indexed"),
+    "minipacs_index_set_aside": ("gauge", "Acknowledged instances the indexer could not read"),
     "minipacs_route_pending": ("gauge", "Auto-routing items waiting or being sent"),
     "minipacs_route_failed": ("gauge", "Auto-routing items that gave up (minipacs queue)"),
     "minipacs_archive_instances": ("gauge", "Instances in the archive"),

@@ -4,6 +4,7 @@ associations on our own upper layer, acknowledged once durable, indexed right af
 import socket
 import struct
 import time
+import zlib
 
 import pydicom
 from conftest import TEST_FILES
@@ -12,12 +13,16 @@ from conftest import storescu
 from make_study import make_study
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom import _config
 from pynetdicom.sop_class import CTImageStorage
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pynetdicom.sop_class import Verification
 from scu import echo
 
+from storage.journal import file_meta
+
 CT = TEST_FILES / "CT_small.dcm"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def queryable(server, count: int, timeout: float = 30) -> list[tuple]:
@@ -122,9 +127,78 @@ def test_a_dataset_fragment_without_a_request_aborts(server):
     fragment = b"\x08\x00\x18\x00UI\x02\x001\x00"
     pdu = struct.pack(">BBIIBB", 4, 0, len(fragment) + 6, len(fragment) + 2, context_id, 2)
     sock.sendall(pdu + fragment)
+    assert _aborted(assoc, sock)
+    assert echo(server.port) == 0
+    assert not [p for p in (server.data / ".queue").iterdir() if p.suffix == ".part"]
+
+
+def _established(server):
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+    assert assoc.is_established
+    return assoc
+
+
+def _aborted(assoc, sock: socket.socket) -> bool:
+    """Whether the server aborted it (our raw writes on `sock` went around pynetdicom's
+    state machine, which may then leave the socket to the garbage collector)."""
     deadline = time.monotonic() + 10
     while assoc.is_established and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert assoc.is_aborted
+    sock.close()
+    return assoc.is_aborted
+
+
+def test_absurd_release_and_endless_commands_abort(server):
+    """An A-RELEASE-RQ claiming 1 GB, and a command set that never ends, are aborted
+    without the server holding what they announce."""
+    assoc = _established(server)
+    sock = assoc.dul.socket.socket
+    sock.sendall(struct.pack(">BBI", 5, 0, 1 << 30))
+    assert _aborted(assoc, sock)
+    assoc = _established(server)
+    sock = assoc.dul.socket.socket
+    context_id = assoc.accepted_contexts[0].context_id
+    chunk = b"\0" * 16000
+    pdu = struct.pack(">BBIIBB", 4, 0, len(chunk) + 6, len(chunk) + 2, context_id, 1) + chunk
+    try:
+        for _ in range(8):  # a command fragment, never the last, 128 KB in all
+            sock.sendall(pdu)
+    except OSError:
+        pass  # aborted already
+    assert _aborted(assoc, sock)
     assert echo(server.port) == 0
-    assert not [p for p in (server.data / ".queue").iterdir() if p.suffix == ".part"]
+
+
+def test_a_deflate_bomb_is_refused(server, tmp_path):
+    """A deflated dataset of ~300 KB that inflates to 300 MiB of zeros: 0xC000 before
+    anything is acknowledged; the inflating stops at its ceiling (256 MiB)."""
+    ds = pydicom.dcmread(CT)
+    del ds.PixelData
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    plain = tmp_path / "plain.dcm"
+    ds.save_as(plain, enforce_file_format=True)
+    raw = plain.read_bytes()
+    body = raw[144 + struct.unpack_from("<I", raw, 140)[0] :]  # after the File Meta
+    pixels = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, 300 << 20)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    stream = packer.compress(body + pixels)
+    zeros = b"\0" * (1 << 20)
+    stream += b"".join(packer.compress(zeros) for _ in range(300)) + packer.flush()
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(file_meta(ds.SOPClassUID, ds.SOPInstanceUID, DEFLATED, "") + stream)
+    assert bomb.stat().st_size < 1 << 20
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, DEFLATED)
+    assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+    assert assoc.is_established
+    try:
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        response = assoc.send_c_store(bomb)
+    finally:
+        assoc.release()
+    assert response.Status == 0xC000
+    assert "inflates beyond" in response.ErrorComment
+    assert server.rows("SELECT count(*) FROM instance") == [(0,)]
+    assert not list((server.data / ".queue").iterdir())
