@@ -20,6 +20,7 @@ from pacs.worker import METRICS_FOLDER
 from pacs.worker import Child
 from pacs.worker import StartupError
 from pacs.worker import install_seam
+from pacs.worker import limit_malloc_arenas
 from pacs.worker import listen
 from pacs.worker import open_archive
 from pacs.worker import stop_children
@@ -38,6 +39,7 @@ __all__ = ["StartupError", "serve"]
 
 def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM, then stop everything cleanly."""
+    limit_malloc_arenas()
     install_seam()  # the router and the TLS SCP use it in this process
     stop = stop_on_signals()
     auditlog.install(config.audit_syslog)

@@ -13,6 +13,7 @@ stdout, and dies with its supervisor (PR_SET_PDEATHSIG), which a killed supervis
 (kill -9) could otherwise not arrange.
 """
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -38,6 +39,7 @@ METRICS_FOLDER = ".metrics"  # the DICOM workers' metric snapshots (storage.metr
 DRAIN_SECONDS = 10.0  # in-flight associations get this long to finish after a stop signal
 READY = b"ready\n"
 PR_SET_PDEATHSIG = 1
+M_ARENA_MAX = -8  # mallopt parameter (glibc malloc.h)
 
 
 class StartupError(Exception):
@@ -110,6 +112,7 @@ def main() -> None:
     """A worker's entry point: `python -m pacs.worker NUMBER SUPERVISOR_PID`."""
     number, supervisor = int(sys.argv[1]), int(sys.argv[2])
     _die_with(supervisor)
+    limit_malloc_arenas()
     config: Config = pickle.load(sys.stdin.buffer)
     logging.basicConfig(
         level=config.log_level,
@@ -144,6 +147,14 @@ def _run(config: Config, archive: Archive, name: str, stop: threading.Event) -> 
 def _ready() -> None:
     sys.stdout.buffer.write(READY)
     sys.stdout.buffer.flush()
+
+
+def limit_malloc_arenas() -> None:
+    """Two glibc malloc arenas for the process instead of eight a core: with many
+    threads (waitress's, an association's) the arenas each kept freed memory, ~25 MB of
+    RSS under a reading load. Called before the threads start; a no-op off glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, 2)
 
 
 def _die_with(supervisor: int) -> None:
