@@ -36,15 +36,13 @@ from pynetdicom.sop_class import Verification
 from pacs import dimse
 from pacs import policy
 from pacs.config import Config
+from pacs.handlers import PROCESSING_FAILURE
+from pacs.handlers import STATUS_FOR
+from pacs.handlers import SUCCESS
 from storage import Archive
 from storage import audit
 from storage import metrics
-from storage.errors import DuplicateRejected
-from storage.errors import InvalidDataset
-from storage.errors import InvalidUID
-from storage.errors import OutOfResources
 from storage.errors import StorageError
-from storage.errors import UIDMismatch
 from storage.journal import IMPLEMENTATION_UID
 from storage.journal import IMPLEMENTATION_VERSION
 from storage.journal import Receipt
@@ -56,20 +54,6 @@ MAX_REQUEST = 1 << 16  # bytes of an A-ASSOCIATE-RQ we read ourselves (larger: p
 MIN_PDU = 1 << 16  # a peer may send PDUs this long whatever maximum we announce
 READ_SIZE = 1 << 20  # bytes a recv may bring in at once
 MAX_COMMAND = 1 << 16  # bytes of one command set (a C-STORE-RQ's is ~200)
-# C-STORE statuses (PS3.4 B.2.3, PS3.7 C)
-SUCCESS = 0x0000
-DUPLICATE_SOP_INSTANCE = 0x0111
-PROCESSING_FAILURE = 0x0110
-OUT_OF_RESOURCES = 0xA700
-DATASET_MISMATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-STATUS_FOR = {
-    OutOfResources: OUT_OF_RESOURCES,
-    UIDMismatch: DATASET_MISMATCH,
-    InvalidDataset: CANNOT_UNDERSTAND,
-    InvalidUID: CANNOT_UNDERSTAND,
-    DuplicateRejected: DUPLICATE_SOP_INSTANCE,
-}
 # Presentation context results (PS3.8 9.3.3.2)
 ACCEPTED, USER_REJECTED, ABSTRACT_NOT_SUPPORTED, SYNTAX_NOT_SUPPORTED = 0, 1, 3, 4
 # A-ASSOCIATE-RJ (result, source, reason) and A-ABORT (source, reason), PS3.8 9.3.4, 9.3.8

@@ -56,18 +56,21 @@ def make_study(
     template.StudyDescription = "minipacs synthetic study"
     template.AccessionNumber = template.StudyInstanceUID[-12:]
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for number in range(1, count + 1):
-        sop_uid = generate_uid()
-        template.SOPInstanceUID = sop_uid
-        template.file_meta.MediaStorageSOPInstanceUID = sop_uid
-        template.InstanceNumber = number
-        template.ImagePositionPatient = [0, 0, number]
-        template.SliceLocation = number
-        path = out / f"{number:05d}.dcm"
-        template.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    return [
+        _instance(template, number, out / f"{number:05d}.dcm") for number in range(1, count + 1)
+    ]
+
+
+def _instance(template, number: int, path: Path) -> Path:
+    """The template as instance `number` of its series, with a new SOP Instance UID."""
+    sop_uid = generate_uid()
+    template.SOPInstanceUID = sop_uid
+    template.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    template.InstanceNumber = number
+    template.ImagePositionPatient = [0, 0, number]
+    template.SliceLocation = number
+    template.save_as(path, enforce_file_format=True)
+    return path
 
 
 def make_studies(
@@ -94,15 +97,7 @@ def make_studies(
         template.SeriesInstanceUID = generate_uid()
         template.AccessionNumber = template.StudyInstanceUID[-12:]
         for number in range(1, rng.choices(counts, weights)[0] + 1):
-            sop_uid = generate_uid()
-            template.SOPInstanceUID = sop_uid
-            template.file_meta.MediaStorageSOPInstanceUID = sop_uid
-            template.InstanceNumber = number
-            template.ImagePositionPatient = [0, 0, number]
-            template.SliceLocation = number
-            path = out / f"{study:06d}-{number}.dcm"
-            template.save_as(path, enforce_file_format=True)
-            paths.append(path)
+            paths.append(_instance(template, number, out / f"{study:06d}-{number}.dcm"))
     return paths
 
 
