@@ -97,3 +97,51 @@ def test_a_killed_server_leaves_no_child_process_behind(start_server, tmp_path):
     while any(running(pid) for pid in children):
         assert time.monotonic() < deadline, "a child outlived its server"
         time.sleep(0.1)
+
+
+def test_a_dicom_worker_killed_mid_ingest_loses_nothing_acknowledged(start_server, tmp_path):
+    """kill -9 of the DICOM worker alone: the supervisor starts another, the indexer
+    (in the main process) takes every acknowledged instance from the journal, and what
+    the dead worker had half received is removed."""
+    paths = make_study(tmp_path / "study", 200, size=256)
+    server = start_server(env={"MINIPACS_INDEX_WAIT": "0"})
+    (worker,) = [
+        int(pid)
+        for task in Path(f"/proc/{server.proc.pid}/task").iterdir()
+        for pid in (task / "children").read_text().split()
+        if b"pacs.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    client = subprocess.Popen(
+        ["storescu", "-v", "-aec", "MINIPACS", "127.0.0.1", str(server.port), *map(str, paths)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    lines: list[str] = []
+    for line in client.stderr:
+        lines.append(line)
+        if len(acknowledged("".join(lines))) >= 50:
+            time.sleep(0.003)  # into the middle of a later dataset
+            os.kill(worker, signal.SIGKILL)
+            break
+    lines += client.stderr.read().splitlines(keepends=True)
+    client.wait(60)
+    client.stderr.close()
+    acked = {
+        pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID
+        for p in acknowledged("".join(lines))
+    }
+    assert 50 <= len(acked) < len(paths)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        indexed = {uid for (uid,) in server.rows("SELECT sop_uid FROM instance")}
+        partial = [p for p in (server.data / ".queue").iterdir() if p.suffix == ".part"]
+        respawned = "exited with -9: starting a new one" in server.log()
+        if acked <= indexed and not partial and respawned:
+            break
+        time.sleep(0.1)
+    assert acked <= indexed
+    assert partial == []
+    assert respawned
+    assert server.proc.poll() is None
