@@ -46,6 +46,7 @@ EVENTS = (
     "commit",  # storage commitment (PS3.4 Annex J)
 )
 FIELDS = ("at", "event", "outcome", "who", "address", "patient_id", "study_uid", "detail")
+LAST_HASH = "SELECT hash FROM auditevent ORDER BY id DESC LIMIT 1"
 
 
 @dataclass
@@ -85,10 +86,16 @@ def append(database: Database, event: Event) -> None:
             .scalar()
             or ""
         )
-    last = AuditEvent.select(AuditEvent.hash).order_by(AuditEvent.id.desc()).limit(1).scalar()
+    # Plain SQL: peewee built these two statements in ~0.2 ms, once for every instance.
+    last = database.execute_sql(LAST_HASH).fetchone()
     values = event.row()
-    prev = last or GENESIS
-    AuditEvent.insert(**values, prev_hash=prev, hash=chain_hash(prev, values)).execute()
+    prev = last[0] if last else GENESIS
+    p = database.param
+    database.execute_sql(
+        f"INSERT INTO auditevent ({', '.join(FIELDS)}, prev_hash, hash) "
+        f"VALUES ({', '.join([p] * (len(FIELDS) + 2))})",
+        (*(values[name] for name in FIELDS), prev, chain_hash(prev, values)),
+    )
     if _events.handlers:  # a syslog collector is configured (pacs.auditlog)
         _events.info(event.event, extra={"audit": values})
 
