@@ -283,14 +283,8 @@ class Archive:
             parsed = self._parse(tmp)
             if synced is not None:
                 _wait(synced)
-            if sop_uid is not None and sop_uid.rstrip("\0 ") != parsed.sop_uid:
-                raise UIDMismatch(
-                    f"dataset SOP Instance UID differs from request: {parsed.sop_uid}"
-                )
-            if sop_class_uid is not None and sop_class_uid.rstrip("\0 ") != parsed.sop_class_uid:
-                raise UIDMismatch(
-                    f"dataset SOP Class UID differs from request: {parsed.sop_class_uid}"
-                )
+            if sop_uid is not None and sop_class_uid is not None:
+                _as_requested(parsed.sop_class_uid, parsed.sop_uid, sop_class_uid, sop_uid)
             if study_uid is not None and study_uid != parsed.study_uid:
                 raise UIDMismatch(
                     f"instance {parsed.sop_uid} belongs to study {parsed.study_uid}, "
@@ -325,7 +319,7 @@ class Archive:
     ) -> tuple[Stored, "_RowWrite | None"]:
         """Put a parsed file in place; the index write it needs (None: nothing to index)."""
         rel = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
-        outcome = self._place(tmp, rel, sha, sync_dir)
+        outcome = self._place(tmp, rel, sync_dir)
         stored = Stored(
             outcome,
             parsed.sop_uid,
@@ -396,14 +390,7 @@ class Archive:
                 raise StorageError(f"cannot receive the dataset: {receipt.error}")
             header = read_header(receipt.path)
             uids = {tag: validate_uid(header.uid(tag), name) for tag, name in UID_NAMES.items()}
-            if uids[SOP_INSTANCE_UID] != sop_uid.rstrip("\0 "):
-                raise UIDMismatch(
-                    f"dataset SOP Instance UID differs from request: {uids[SOP_INSTANCE_UID]}"
-                )
-            if uids[SOP_CLASS_UID] != sop_class_uid.rstrip("\0 "):
-                raise UIDMismatch(
-                    f"dataset SOP Class UID differs from request: {uids[SOP_CLASS_UID]}"
-                )
+            _as_requested(uids[SOP_CLASS_UID], uids[SOP_INSTANCE_UID], sop_class_uid, sop_uid)
             if self.duplicates == "reject":
                 self._refuse_different(uids[SOP_INSTANCE_UID], receipt)
             return self.journal.commit(receipt)
@@ -582,7 +569,7 @@ class Archive:
             tmp, digest=(size, digest.hexdigest()), calling_aet=calling_aet, who="import"
         )
 
-    def _place(self, tmp: Path, rel: str, sha: str, sync_dir: bool = True) -> Outcome:
+    def _place(self, tmp: Path, rel: str, sync_dir: bool = True) -> Outcome:
         """Put the file in place, or decide what a file already there means."""
         final = self.root / rel
         try:
@@ -591,15 +578,15 @@ class Archive:
                 os.link(tmp, final)
                 outcome = Outcome.STORED
             except FileExistsError:
-                outcome = self._duplicate(tmp, final, sha)
+                outcome = self._duplicate(tmp, final)
             if self.fsync and sync_dir and outcome in (Outcome.STORED, Outcome.REPLACED):
                 fsync_path(final.parent)
         except OSError as exc:
             reraise_full(exc)
         return outcome
 
-    def _duplicate(self, tmp: Path, final: Path, sha: str) -> Outcome:
-        if hash_file(final)[1] == sha or same_dataset(final, tmp):
+    def _duplicate(self, tmp: Path, final: Path) -> Outcome:
+        if same_dataset(final, tmp):  # File Meta aside: who wrote the file is no difference
             return Outcome.DUPLICATE
         if self.duplicates == "keep":
             return Outcome.KEPT
@@ -984,6 +971,14 @@ class Archive:
     def _paths(self) -> Iterator[str]:
         for (rel,) in Instance.select(Instance.path).tuples().iterator():
             yield rel
+
+
+def _as_requested(found_class: str, found_uid: str, sop_class_uid: str, sop_uid: str) -> None:
+    """UIDMismatch unless the dataset's SOP Class/Instance UIDs are the request's."""
+    if found_uid != sop_uid.rstrip("\0 "):
+        raise UIDMismatch(f"dataset SOP Instance UID differs from request: {found_uid}")
+    if found_class != sop_class_uid.rstrip("\0 "):
+        raise UIDMismatch(f"dataset SOP Class UID differs from request: {found_class}")
 
 
 def _exit_with_parent(parent: int) -> None:

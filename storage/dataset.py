@@ -4,7 +4,7 @@ Nothing here re-encodes the dataset: the archive stores the bytes as received an
 only reads them to index them.
 """
 
-import dataclasses
+import contextlib
 import hashlib
 import json
 import mmap
@@ -12,6 +12,7 @@ import re
 import struct
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -28,6 +29,7 @@ from storage.dicomjson import dataset_to_json
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
 from storage.errors import NotDicom
+from storage.files import CHUNK
 
 # Stored as received: value validation is the sender's business, not a reason to warn per file.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -54,26 +56,11 @@ IMPLICIT_PIXEL_VR = {0x0008: "OF", 0x0009: "OD", 0x0010: "OW"}
 BULK_THRESHOLD = 1024  # bytes; longer binary values become BulkDataURI in the stored JSON
 MAX_DEPTH = 64  # nested sequences; a deeper dataset is refused, not recursed into
 MAX_INFLATED = 1 << 28  # bytes a deflated dataset may inflate to (256 MiB)
-CHUNK = 1 << 20
 SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
 STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
-SAMPLES, NUMBER_OF_FRAMES, ROWS, COLUMNS = 0x00280002, 0x00280008, 0x00280010, 0x00280011
-BITS_ALLOCATED = 0x00280100
-# The top-level elements the receive check reads (storage.journal): the UIDs compared
-# with the request and used as path components, and what the pixel budget counts.
-HEADER_TAGS = frozenset(
-    {
-        SOP_CLASS_UID,
-        SOP_INSTANCE_UID,
-        STUDY_INSTANCE_UID,
-        SERIES_INSTANCE_UID,
-        SAMPLES,
-        NUMBER_OF_FRAMES,
-        ROWS,
-        COLUMNS,
-        BITS_ALLOCATED,
-    }
-)
+# The top-level elements the receive check reads (Archive.accept): the UIDs compared
+# with the request and used as path components.
+HEADER_TAGS = frozenset({SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID})
 
 
 @dataclass(frozen=True)
@@ -104,21 +91,14 @@ def validate_uid(value: object, name: str) -> str:
 
 def read_instance(path: Path) -> ParsedInstance:
     """Check that `path` is a whole Part 10 file and extract its index keys."""
-    header = read_header(path)
-    try:
-        if header.syntax != DeflatedExplicitVRLittleEndian:
-            with open(path, "rb") as fp:
-                ds = dcmread(fp, stop_before_pixels=True)
-        else:  # pydicom would inflate it all in memory, pixel data included
-            with open(path, "rb") as fp, tempfile.TemporaryFile(dir=path.parent) as inflated:
-                fp.seek(_read_meta(fp)[0])
-                _inflate(fp, inflated)
-                inflated.seek(0)
-                ds = dcmread(inflated, force=True, stop_before_pixels=True)
-    except InvalidDataset:
-        raise
-    except Exception as exc:  # pydicom raises many types on malformed input
-        raise InvalidDataset(f"dataset does not parse: {exc}") from exc
+    with _dataset(path) as (fp, start, syntax, encoded):
+        header = _header(fp, start, syntax, encoded)
+        try:
+            fp.seek(0)
+            # An inflated stream has no File Meta (force); pixel data is never read.
+            ds = dcmread(fp, force=encoded != syntax, stop_before_pixels=True)
+        except Exception as exc:  # pydicom raises many types on malformed input
+            raise InvalidDataset(f"dataset does not parse: {exc}") from exc
     return _parse(ds, header.syntax, header.pixel_vrs)
 
 
@@ -133,54 +113,42 @@ class Header:
     def uid(self, tag: int) -> str:
         return self.values.get(tag, b"").decode("ascii", "replace").rstrip("\0 ")
 
-    def number(self, tag: int) -> int | None:
-        """A US value, or an IS (Number of Frames)."""
-        raw = self.values.get(tag)
-        if not raw:
-            return None
-        if tag == NUMBER_OF_FRAMES:
-            try:
-                return int(raw.decode("ascii").strip(" \0"))
-            except ValueError:
-                return None
-        big = self.syntax == ExplicitVRBigEndian
-        return int.from_bytes(raw[:2], "big" if big else "little")
-
-    def pixel_bytes(self) -> int:
-        """Rows × Columns × frames × samples × bytes per sample the pixel data decodes to."""
-        if not self.pixel_vrs:
-            return 0
-        dims = [self.number(tag) or 1 for tag in (ROWS, COLUMNS, NUMBER_OF_FRAMES, SAMPLES)]
-        bits = self.number(BITS_ALLOCATED) or 8
-        return dims[0] * dims[1] * dims[2] * dims[3] * max(1, (bits + 7) // 8)
-
 
 def read_header(path: Path) -> Header:
     """Walk every element header of a Part 10 file (truncation or a stray delimiter
     anywhere raises InvalidDataset) and read the top-level HEADER_TAGS; values are not
-    decoded. A deflated dataset is inflated into a temporary file next to `path`, at
-    most MAX_INFLATED bytes: a stream of a few KB can claim gigabytes of zeros."""
+    decoded."""
+    with _dataset(path) as (fp, start, syntax, encoded):
+        return _header(fp, start, syntax, encoded)
+
+
+@contextlib.contextmanager
+def _dataset(path: Path) -> Iterator[tuple[BinaryIO, int, str, str]]:
+    """(file, dataset offset, transfer syntax, syntax the bytes there are in): the file
+    itself, or for a deflated dataset a temporary file next to it holding it inflated,
+    at most MAX_INFLATED bytes (a stream of a few KB can claim gigabytes of zeros)."""
     with open(path, "rb") as fp:
         start, syntax = _read_meta(fp)
         if syntax != DeflatedExplicitVRLittleEndian:
-            return _header(fp, start, syntax)
+            yield fp, start, syntax, syntax
+            return
         with tempfile.TemporaryFile(dir=path.parent) as inflated:
             fp.seek(start)
             _inflate(fp, inflated)
-            header = _header(inflated, 0, ExplicitVRLittleEndian)
-    return dataclasses.replace(header, syntax=syntax)
+            yield inflated, 0, syntax, ExplicitVRLittleEndian
 
 
-def _header(fp: BinaryIO, start: int, syntax: str) -> Header:
+def _header(fp: BinaryIO, start: int, syntax: str, encoded: str) -> Header:
+    """The walk of the dataset from `start`, its bytes in the `encoded` syntax."""
     end = fp.seek(0, 2)
     if end <= start:
         raise InvalidDataset("the dataset is empty")
     with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        implicit = syntax == ImplicitVRLittleEndian
+        implicit = encoded == ImplicitVRLittleEndian
         if not implicit and not buf[start + 4 : start + 6].isalpha():
             raise InvalidDataset(f"dataset is Implicit VR but the Transfer Syntax is {syntax}")
         walk = _Walk(buf, end)
-        order = ">" if syntax == ExplicitVRBigEndian else "<"
+        order = ">" if encoded == ExplicitVRBigEndian else "<"
         walk.dataset(start, implicit, order, 0, delimited=False)
     return Header(syntax, walk.values, walk.pixel_vrs)
 
@@ -254,7 +222,7 @@ class _Walk:
                     f"dataset truncated: ({group:04X},{elem:04X}) needs {length} bytes "
                     f"at byte {pos}"
                 )
-            if depth == 0 and (group << 16) | elem in HEADER_TAGS:  # short values (UI, US, IS)
+            if depth == 0 and (group << 16) | elem in HEADER_TAGS:  # UIDs: 64 bytes at most
                 self.values[(group << 16) | elem] = buf[value : value + min(length, 80)]
             pos = value + length
 

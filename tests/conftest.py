@@ -183,6 +183,14 @@ def running(pid: int) -> bool:
         return False
 
 
+def children(pid: int) -> set[int]:
+    """The child processes of a process (of any of its threads)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(p) for p in (task / "children").read_text().split()}
+    return found
+
+
 def index_args(index: str) -> list[str]:
     """`--index URL` for a minipacs command on a PostgreSQL index; nothing for SQLite."""
     return ["--index", index] if index else []

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import children
 from conftest import index_args
 from conftest import minipacs
 from conftest import running
@@ -29,6 +30,17 @@ def acknowledged(storescu_output: str) -> list[str]:
     return done
 
 
+def sending(port: int, paths: list[Path]) -> subprocess.Popen:
+    """storescu -v in the background, its stderr (one line per step) to read as it comes."""
+    return subprocess.Popen(
+        ["storescu", "-v", "-aec", "MINIPACS", "127.0.0.1", str(port), *map(str, paths)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+
+
 @pytest.mark.parametrize(
     ("sig", "seed"),
     [(signal.SIGKILL, 1), (signal.SIGKILL, 2), (signal.SIGKILL, 3), (signal.SIGTERM, 4)],
@@ -38,13 +50,7 @@ def test_stop_mid_ingest_loses_no_acknowledged_instance(start_server, tmp_path, 
     rng = random.Random(seed)
     paths = make_study(tmp_path / "study", 300, size=256)
     server = start_server()
-    client = subprocess.Popen(
-        ["storescu", "-v", "-aec", "MINIPACS", "127.0.0.1", str(server.port), *map(str, paths)],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
+    client = sending(server.port, paths)
     kill_after = rng.randint(20, 250)
     lines: list[str] = []
     killed = threading.Event()
@@ -85,16 +91,12 @@ def test_a_killed_server_leaves_no_child_process_behind(start_server, tmp_path):
     server = start_server()
     minipacs_send = minipacs("send", "--port", str(server.port), str(make_study(tmp_path, 1)[0]))
     assert minipacs_send.returncode == 0
-    children = [
-        int(pid)
-        for task in Path(f"/proc/{server.proc.pid}/task").iterdir()
-        for pid in (task / "children").read_text().split()
-    ]
-    commands = [Path(f"/proc/{p}/cmdline").read_bytes() for p in children]
+    spawned = children(server.proc.pid)
+    commands = [Path(f"/proc/{p}/cmdline").read_bytes() for p in spawned]
     assert [c for c in commands if b"pacs.worker" in c], "a DICOM worker by default"
     server.kill()
     deadline = time.monotonic() + 10
-    while any(running(pid) for pid in children):
+    while any(running(pid) for pid in spawned):
         assert time.monotonic() < deadline, "a child outlived its server"
         time.sleep(0.1)
 
@@ -106,18 +108,11 @@ def test_a_dicom_worker_killed_mid_ingest_loses_nothing_acknowledged(start_serve
     paths = make_study(tmp_path / "study", 200, size=256)
     server = start_server(env={"MINIPACS_INDEX_WAIT": "0"})
     (worker,) = [
-        int(pid)
-        for task in Path(f"/proc/{server.proc.pid}/task").iterdir()
-        for pid in (task / "children").read_text().split()
+        pid
+        for pid in children(server.proc.pid)
         if b"pacs.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]
-    client = subprocess.Popen(
-        ["storescu", "-v", "-aec", "MINIPACS", "127.0.0.1", str(server.port), *map(str, paths)],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
+    client = sending(server.port, paths)
     lines: list[str] = []
     for line in client.stderr:
         lines.append(line)

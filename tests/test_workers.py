@@ -5,17 +5,11 @@ import signal
 import time
 from pathlib import Path
 
+from conftest import children
 from conftest import running
 from conftest import storescu_concurrently
 from make_study import make_study
 from scu import echo
-
-
-def children(pid: int) -> set[int]:
-    found: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found |= {int(p) for p in (task / "children").read_text().split()}
-    return found
 
 
 def workers(pid: int) -> set[int]:
