@@ -17,7 +17,7 @@ from storage import routing
 
 SERVICES = ("echo", "store", "find", "move", "get")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, 16 chars
+AET_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # PS3.5 AE VR: no backslash, 16 chars
 
 
 class ConfigError(ValueError):
@@ -420,7 +420,7 @@ def _convert(name: str, value: Any) -> Any:
 
 
 def _aet(value: str, name: str) -> str:
-    if not AET_RE.match(value) or not value.strip():
+    if not AET_RE.fullmatch(value) or not value.strip():
         raise ConfigError(f"{name} {value!r} is not a valid AE title (1-16 characters, no '\\')")
     return value
 

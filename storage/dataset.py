@@ -34,7 +34,7 @@ from storage.files import CHUNK
 # Stored as received: value validation is the sender's business, not a reason to warn per file.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")  # whole values only: see is_uid
 UNDEFINED = 0xFFFFFFFF
 # Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
 LONG_VRS = {
@@ -79,12 +79,18 @@ class ParsedInstance:
     json: str
 
 
+def is_uid(value: str) -> bool:
+    """Digits and dots, at most 64 characters (PS3.5 9.1). fullmatch: a pattern ending in
+    `$` would also take a trailing newline, which would then reach paths, URLs and logs."""
+    return len(value) <= 64 and UID_RE.fullmatch(value) is not None
+
+
 def validate_uid(value: object, name: str) -> str:
     """Return `value` as a UID safe to use as a path component, or raise InvalidUID."""
     uid = str(value or "").rstrip("\0 ")
     if not uid:
         raise InvalidUID(f"{name} is missing")
-    if len(uid) > 64 or not UID_RE.match(uid):
+    if not is_uid(uid):
         raise InvalidUID(f"{name} is not a valid UID: {uid[:80]!r}")
     return uid
 

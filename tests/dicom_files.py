@@ -1,16 +1,16 @@
 """The DICOM files that ship inside pydicom, sorted into what an archive must store and
 what it must refuse."""
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
 from pynetdicom.sop_class import _STORAGE_CLASSES
 
+from storage.dataset import is_uid
+
 TEST_FILES = Path(pydicom.data.get_testdata_file("CT_small.dcm")).parent
 CHARSET_FILES = TEST_FILES.parent / "charset_files"
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 STORAGE_CLASSES = set(_STORAGE_CLASSES.values())
 
 # Part 10 files with the UIDs of an instance that are nevertheless broken inside.
@@ -45,7 +45,7 @@ def sample_files() -> list[SampleFile]:
             continue
         uids = [str(ds.get(k, "")) for k in ("SOPClassUID", "SOPInstanceUID")]
         uids += [str(ds.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID")]
-        if uids[0] in STORAGE_CLASSES and all(UID_RE.match(u) and len(u) <= 64 for u in uids):
+        if uids[0] in STORAGE_CLASSES and all(map(is_uid, uids)):
             meta_uid = str(ds.file_meta.get("MediaStorageSOPInstanceUID", ""))
             found.append(SampleFile(path, syntax, *uids, meta_uid))
     return found

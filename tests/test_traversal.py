@@ -7,6 +7,7 @@ from urllib.parse import quote
 import pytest
 from conftest import TEST_FILES
 from conftest import storescu
+from test_dicomweb_http import stow_body
 
 HOSTILE = [
     "../../../../etc/passwd",
@@ -63,3 +64,25 @@ def test_hostile_values_are_refused(served, route):
             assert status in (400, 404), f"{route} {form!r}: {status}"
             assert b"root:" not in body and b"SQLite format" not in body
     assert "Traceback" not in served.log()
+
+
+# A UID pattern ending in `$` also matches before a trailing newline (issue 17).
+UID_ROUTES = [r for r in ROUTES if "frames/{x}" not in r and "bulkdata" not in r and "ui/" not in r]
+
+
+@pytest.mark.parametrize("route", UID_ROUTES)
+def test_a_trailing_newline_is_not_a_uid(served, route):
+    status, body = raw_get(served, route.format(x="1.2.3%0A"))
+    assert status == 400, f"{route}: {status} {body[:200]!r}"
+
+
+def test_stow_to_a_study_uid_with_a_trailing_newline_is_refused(served):
+    connection = http.client.HTTPConnection("127.0.0.1", served.http_port, timeout=30)
+    body = stow_body([(TEST_FILES / "CT_small.dcm").read_bytes()])
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b0undary'}
+    connection.request("POST", "/dicom-web/studies/1.2.3%0A", body, headers)
+    response = connection.getresponse()
+    answer = response.read()
+    connection.close()
+    assert response.status == 400, answer[:300]
+    assert b"RetrieveURL" not in answer and b"1.2.3\n" not in answer

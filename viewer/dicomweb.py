@@ -27,6 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from storage import Archive
 from storage import deidentify
 from storage import query
+from storage.dataset import is_uid
 from storage.query import Key
 from viewer import qido
 from viewer import render
@@ -45,7 +46,6 @@ from viewer.media import parse_media_type
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicom-web")
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 STUDY, SERIES, SOP = 0x0020000D, 0x0020000E, 0x00080018
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
@@ -105,7 +105,7 @@ def _config():
 
 
 def _uid(value: str, name: str) -> str:
-    if len(value) > 64 or not UID_RE.match(value):
+    if not is_uid(value):
         raise WebError(400, f"{name} {value[:80]!r} is not a valid UID")
     return value
 

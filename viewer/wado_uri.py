@@ -6,8 +6,6 @@ be produced. Rendered images go through `viewer.render`; they carry an ETag and
 Cache-Control and answer 304 to a matching If-None-Match.
 """
 
-import re
-
 from flask import Blueprint
 from flask import Response
 from flask import current_app
@@ -17,12 +15,12 @@ from pydicom.uid import UID
 from pydicom.uid import ExplicitVRLittleEndian
 
 from storage import deidentify
+from storage.dataset import is_uid
 from viewer import render
 from viewer import transcode
 
 bp = Blueprint("wado_uri", __name__)
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 IMAGE_TYPES = {"image/jpeg": "jpeg", "image/png": "png", "image/gif": "gif"}
 DICOM = "application/dicom"
 KNOWN = {
@@ -97,7 +95,7 @@ def _uid(params, name: str) -> str:
     value = params.get(name, "")
     if not value:
         raise WadoError(400, f"{name} is required")
-    if len(value) > 64 or not UID_RE.match(value):
+    if not is_uid(value):
         raise WadoError(400, f"{name} is not a valid UID")
     return value
 
@@ -125,7 +123,7 @@ def _dicom(path, header, syntax: str, anonymize: bool) -> Response:
     """The object; de-identified (PS3.15 Basic Profile, storage.deidentify) on request."""
     stored = UID(header.file_meta.TransferSyntaxUID)
     wanted = syntax.strip() or ExplicitVRLittleEndian
-    if wanted != "*" and not UID_RE.match(wanted):
+    if wanted != "*" and not is_uid(wanted):
         raise WadoError(400, "transferSyntax is not a valid UID")
     profile = current_app.extensions["minipacs"]["deid"]()
     change = (lambda ds: deidentify.deidentify(ds, profile)) if anonymize else None
