@@ -177,7 +177,10 @@ class Archive:
     def open(self) -> "Archive":
         """Create the folders and the index; raise StorageError when the root is unusable."""
         try:
-            self.incoming.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Patient data: the owner's alone, whatever the umask (an older folder too).
+            os.chmod(self.root, self.root.stat().st_mode & 0o700)
+            self.incoming.mkdir(exist_ok=True)
             self.journal.open()
             probe = self.incoming / f"probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"")
@@ -189,7 +192,7 @@ class Archive:
             db.initialize(database)
             with db.connection_context():
                 found, now = schema.upgrade(db)
-        except (ValueError, RuntimeError, OperationalError) as exc:
+        except (ValueError, RuntimeError, OSError, OperationalError) as exc:
             raise StorageError(f"index ({describe(self.index_url)}): {exc}") from exc
         if found and found != now:
             log.info("index migrated from schema version %d to %d", found, now)

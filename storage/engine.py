@@ -4,6 +4,8 @@ Only this module knows which engine is in use; SQL elsewhere is portable, or ask
 `is_sqlite()` where the engines truly differ (locks, plans).
 """
 
+import contextlib
+import os
 from pathlib import Path
 from urllib.parse import parse_qsl
 from urllib.parse import unquote
@@ -21,6 +23,7 @@ def open_database(url: str, root: Path, fsync: bool) -> Database:
     """`url` empty: SQLite at `<root>/index.sqlite`; else postgresql://user:pw@host:port/db
     (query parameters go to libpq as they are, e.g. ?host=/run/postgresql&sslmode=require)."""
     if not url:
+        private_sqlite(root / "index.sqlite")
         # Pooled: every request and association thread opened its own connection and set
         # its pragmas, ~0.5 ms a C-FIND; a pooled one is taken and given back.
         return PooledSqliteDatabase(
@@ -57,6 +60,20 @@ def open_database(url: str, root: Path, fsync: bool) -> Database:
         timeout=30,  # wait this long for a free pooled connection
         **params,
     )
+
+
+def private_sqlite(path: Path) -> None:
+    """Make the index file 0600 before SQLite opens it, whatever the umask: it holds every
+    patient's data, password and token hashes and the audit trail. SQLite gives its -wal
+    and -shm files the database file's mode; those left by an older version are fixed too."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", 0o600)
 
 
 def describe(url: str) -> str:

@@ -1,14 +1,17 @@
 """`minipacs serve`: settings, start-up errors, /healthz, C-ECHO, clean stops."""
 
 import json
+import os
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import TEST_FILES
 from conftest import free_port
 from conftest import minipacs
 from conftest import run
@@ -203,3 +206,23 @@ def test_port_zero_picks_a_free_port_and_logs_it(tmp_path):
         proc.stderr.close()
     with sqlite3.connect(tmp_path / "d" / "index.sqlite") as db:
         assert db.execute("SELECT count(*) FROM instance").fetchone() == (0,)
+
+
+def test_data_folder_and_index_are_private_whatever_the_umask(start_server, tmp_path):
+    """0700 folder, 0600 index (-wal and -shm too) under umask 022; an archive made
+    world-readable by an older version is fixed at start-up."""
+    old_umask = os.umask(0o022)
+    try:
+        data = tmp_path / "data"
+        data.mkdir(mode=0o755)
+        (data / "index.sqlite").touch(mode=0o644)
+        server = start_server(data=data)
+        minipacs("send", "--port", str(server.port), str(TEST_FILES / "CT_small.dcm"))
+        index = data / "index.sqlite"
+        files = [index, Path(f"{index}-wal"), Path(f"{index}-shm")]
+        assert stat.S_IMODE(data.stat().st_mode) == 0o700
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {
+            p.name: 0o600 for p in files
+        }
+    finally:
+        os.umask(old_umask)
