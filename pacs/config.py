@@ -32,8 +32,9 @@ class Peer:
     host: str
     port: int
     allow: frozenset[str] = frozenset(SERVICES)
-    check_host: bool = False  # associations from this AE must come from `host`
+    check_host: bool = True  # associations from this AE must come from `host`
     tls: bool = False  # we reach it (C-MOVE) over TLS
+    cert: str = ""  # its associations must come over mutual TLS with this certificate CN
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ class Config:
         default=(),
         metadata={
             "help": "Known remote AEs, AET=HOST:PORT[?allow=echo+store+find+move+get"
-            "&check_host=yes&tls=yes] (repeatable; all services unless `allow` narrows them)."
+            "&check_host=no&tls=yes&cert=CN] (repeatable; all services unless `allow` "
+            "narrows them; only from HOST unless check_host=no; cert: only over mutual TLS "
+            "with a client certificate of that subject common name)."
         },
     )
     unknown_aet: str = field(
@@ -277,7 +280,7 @@ def settings() -> list[str]:
 
 
 def parse_peer(text: str) -> Peer:
-    """Parse `AET=HOST:PORT[?allow=SERVICE+SERVICE&check_host=yes]`."""
+    """Parse `AET=HOST:PORT[?allow=SERVICE+SERVICE&check_host=no&tls=yes&cert=CN]`."""
     text, _, options = text.partition("?")
     aet, sep, address = text.partition("=")
     host, colon, port = address.rpartition(":")
@@ -292,8 +295,12 @@ def parse_peer(text: str) -> Peer:
             peer = replace(peer, check_host=_bool(value, f"peer {aet} check_host"))
         elif name == "tls":
             peer = replace(peer, tls=_bool(value, f"peer {aet} tls"))
+        elif name == "cert" and value.strip():
+            peer = replace(peer, cert=value.strip())
         else:
-            raise ConfigError(f"peer {aet}: unknown option {name!r} (allow, check_host, tls)")
+            raise ConfigError(
+                f"peer {aet}: unknown option {name!r} (allow, check_host, tls, cert=CN)"
+            )
     return peer
 
 

@@ -1,8 +1,10 @@
 """Who may do what over DICOM: the one association policy (DESIGN.md "Security").
 
 Every A-ASSOCIATE-RQ passes `decide`: the called AE title must be ours, a known calling
-AE (`peer`) must come from its host when it asks for the check, and the services it may
-use come from its entry (or `unknown_aet` for AEs we do not know). An association is
+AE (`peer`) must come from its host (unless its entry says check_host=no) and, when its
+entry names a certificate (`cert=CN`), over mutual TLS with that certificate; a
+certificate named by peers may call only as one of them. The services it may use come
+from its entry (or `unknown_aet` for AEs we do not know). An association is
 rejected with the A-ASSOCIATE-RJ reason PS3.8 9.3.4 defines; an accepted one is offered
 only the presentation contexts of its permitted services, so a forbidden C-FIND has no
 context to travel on.
@@ -11,6 +13,7 @@ context to travel on.
 import ipaddress
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 
 from pynetdicom import evt
@@ -44,11 +47,18 @@ class Decision:
     reason: str = ""
 
 
-def decide(config: Config, calling: str, called: str, address: str) -> Decision:
-    """What an association from `calling` (at `address`) to `called` may do."""
+def decide(
+    config: Config, calling: str, called: str, address: str, cert: str | None = None
+) -> Decision:
+    """What an association from `calling` (at `address`) to `called` may do; `cert` is the
+    common name of the client certificate of a mutual TLS connection (None: no TLS)."""
     if called.strip() != config.aet:
         return Decision(frozenset(), CALLED_AET_NOT_RECOGNISED, f"called AE {called!r} is not us")
     peer = next((p for p in config.peer if p.aet == calling.strip()), None)
+    bound = {p.aet for p in config.peer if cert and p.cert == cert}
+    if bound and (peer is None or peer.aet not in bound):
+        reason = f"certificate {cert!r} may call only as {', '.join(sorted(bound))}"
+        return Decision(frozenset(), CALLING_AET_NOT_RECOGNISED, reason)
     if peer is None:
         allowed = config.unknown_aet_services()
         if not allowed:
@@ -56,6 +66,10 @@ def decide(config: Config, calling: str, called: str, address: str) -> Decision:
         return Decision(allowed)
     if peer.check_host and not _same_host(address, peer.host):
         reason = f"calling AE {peer.aet} is expected from {peer.host}, not {address}"
+        return Decision(frozenset(), CALLING_AET_NOT_RECOGNISED, reason)
+    if peer.cert and cert != peer.cert:
+        shown = f"certificate {cert!r}" if cert else "no TLS client certificate"
+        reason = f"calling AE {peer.aet} must present certificate {peer.cert!r}, not {shown}"
         return Decision(frozenset(), CALLING_AET_NOT_RECOGNISED, reason)
     if not peer.allow:
         return Decision(peer.allow, CALLING_AET_NOT_RECOGNISED, f"{peer.aet} may do nothing")
@@ -72,6 +86,16 @@ def _same_host(address: str, host: str) -> bool:
         except OSError:
             return False
     return address in addresses or (address in LOOPBACK and host in LOOPBACK)
+
+
+def certificate_name(sock: object) -> str | None:
+    """The subject common name of a TLS connection's client certificate ('' when it sent
+    none); None for a plain connection."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    subject = (sock.getpeercert() or {}).get("subject", ())
+    names = [value for rdn in subject for key, value in rdn if key == "commonName"]
+    return names[0] if names else ""
 
 
 SERVICE_OF = {
@@ -92,7 +116,8 @@ def handle_requested(event: Event, config: Config, archive: Archive) -> None:
     request = assoc.requestor.primitive
     calling = request.calling_ae_title
     address = assoc.requestor.address
-    decision = decide(config, calling, request.called_ae_title, address)
+    cert = certificate_name(assoc.dul.socket.socket)
+    decision = decide(config, calling, request.called_ae_title, address, cert)
     if decision.reject is not None:
         record_rejection(archive, calling, address, request.called_ae_title, decision.reason)
         assoc.acse.send_reject(*decision.reject)

@@ -87,11 +87,18 @@ def test_unknown_ae_rejected_and_audited_when_nothing_is_allowed(start_server, t
     assert event["outcome"] == "failure: unknown calling AE"
 
 
-def test_host_check_rejects_a_known_ae_from_elsewhere(start_server):
-    server = start_server("--peer", "CT1=192.0.2.7:104?check_host=yes")
-    result = echo(server, "CT1")
+def test_host_check_rejects_a_known_ae_from_elsewhere_by_default(start_server):
+    """A peer's AE title is not a password: only its host may use it (check_host=no opts
+    out). Before, `findscu -aet WS1` from any address listed every patient."""
+    server = start_server(
+        "--peer", "WS1=192.0.2.7:104", "--peer", "LAPTOP=192.0.2.8:104?check_host=no"
+    )
+    result = find(server, "WS1")
     assert "Calling AE Title Not Recognized" in result.stderr
-    assert "CT1 is expected from 192.0.2.7, not 127.0.0.1" in server.log()
+    assert "WS1 is expected from 192.0.2.7, not 127.0.0.1" in server.log()
+    assert find(server, "LAPTOP").returncode == 0
+    assert [e["who"] for e in audit(server)] == ["WS1"]
+    assert parse_peer("A=h:1").check_host and not parse_peer("A=h:1?check_host=no").check_host
 
 
 def test_get_without_store_can_retrieve_but_not_store(start_server, tmp_path):

@@ -111,15 +111,20 @@ def tls_server(start_server, pki, tmp_path):
     config.write_text(
         f'tls_port = {port}\ntls_cert = "{pki / "server.crt"}"\n'
         f'tls_key = "{pki / "server.key"}"\ntls_ca = "{pki / "ca.crt"}"\n'
+        'peer = ["WS1=127.0.0.1:1?cert=server"]\n'  # WS1: only with the "server" certificate
     )
     server = start_server("--config", str(config))
     server.tls_port = port
     return server
 
 
-def dcmtk(tool: str, server, pki, *files: str, who: str = "client", timeout: float = 120):
-    """A dcmtk client over TLS with `who`'s certificate; files go after host and port."""
+def dcmtk(
+    tool: str, server, pki, *files: str, who: str = "client", timeout: float = 120, aet: str = ""
+):
+    """A dcmtk client over TLS with `who`'s certificate (calling as `aet`, when given);
+    files go after host and port."""
     tls = ["+tls", str(pki / f"{who}.key"), str(pki / f"{who}.crt"), "+cf", str(pki / "ca.crt")]
+    tls += ["-aet", aet] if aet else []
     address = ["127.0.0.1", str(server.tls_port)]
     return run(tool, *tls, "-aec", "MINIPACS", *address, *files, check=False, timeout=timeout)
 
@@ -161,6 +166,23 @@ def test_clients_without_a_trusted_certificate_are_refused(tls_server, pki):
     unchecked = minipacs("echo", "--port", str(tls_server.tls_port), "--tls", check=False)
     assert unchecked.returncode != 0
     assert run("echoscu", "-aec", "MINIPACS", "127.0.0.1", str(tls_server.port)).returncode == 0
+
+
+def test_a_peer_tied_to_a_certificate(tls_server, pki):
+    """`cert=CN`: WS1 only over mutual TLS with that certificate, which calls only as WS1."""
+    assert dcmtk("echoscu", tls_server, pki, who="server", aet="WS1").returncode == 0
+    other_cert = dcmtk("echoscu", tls_server, pki, aet="WS1")  # CN=client
+    assert "Calling AE Title Not Recognized" in other_cert.stderr
+    plain = run(
+        "echoscu", "-aet", "WS1", "-aec", "MINIPACS", "127.0.0.1", str(tls_server.port), check=False
+    )
+    assert plain.returncode != 0
+    as_another = dcmtk("echoscu", tls_server, pki, who="server", aet="SOMEONE")
+    assert "Calling AE Title Not Recognized" in as_another.stderr
+    log = tls_server.log()
+    assert "WS1 must present certificate 'server', not certificate 'client'" in log
+    assert "WS1 must present certificate 'server', not no TLS client certificate" in log
+    assert "certificate 'server' may call only as WS1" in log
 
 
 def test_a_silent_client_holds_up_no_other_tls_client(start_server, pki, tmp_path):
