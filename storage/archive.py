@@ -150,20 +150,25 @@ class Archive:
         parse_processes: int = 0,
         index_url: str = "",
         routes: tuple[routing.Rule, ...] = (),
+        pixel_budget: int | None = None,
     ) -> None:
         """`parse_processes` > 0: parse incoming files in that many child processes (started
         on first use), so concurrent ingests are not bound to one core by the GIL.
         `index_url`: empty for SQLite in the root, else a PostgreSQL URL (storage.engine).
-        `routes`: auto-routing rules; what they select is queued with its index row."""
+        `routes`: auto-routing rules; what they select is queued with its index row.
+        `pixel_budget`: bytes of decoded pixel data an incoming dataset may declare (None:
+        any); more is refused (OverPixelBudget) before it is stored."""
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
         self.root = Path(root).absolute()
         self.incoming = self.root / ".incoming"
         self.journal = journal.Journal(self.root, fsync)
+        self.chain = audit.Chain(self.root / audit.KEY_FILE)  # the key: outside the index
         self.fsync = fsync
         self.duplicates = duplicates
         self.index_url = index_url
         self.routes = routes
+        self.pixel_budget = pixel_budget
         self._writer: index.IndexWriter | None = None
         self._lock_fd: int | None = None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
@@ -354,7 +359,7 @@ class Archive:
             try:
                 with db.atomic():
                     index.apply_row(write.row, self._sql, db)
-                    audit.append(db, write.event)
+                    self.chain.append(db, write.event)
                     if write.new:
                         routing.enqueue(self.routes, write.row.parsed, write.row.calling_aet)
                 done.append(True)
@@ -384,14 +389,15 @@ class Archive:
         Raises (and discards the receipt) when the bytes are no dataset or a truncated
         one (InvalidDataset), a UID is invalid (InvalidUID) or differs from the request
         (UIDMismatch), different bytes are stored under the UID and the policy is
-        `reject` (DuplicateRejected), or the disk is full (OutOfResources)."""
+        `reject` (DuplicateRejected), it declares more pixel data than the pixel budget
+        (OverPixelBudget), or the disk is full (OutOfResources)."""
         try:
             receipt.finish()
             if receipt.error is not None:
                 if receipt.full():
                     raise OutOfResources(f"no space left to receive the dataset ({receipt.error})")
                 raise StorageError(f"cannot receive the dataset: {receipt.error}")
-            header = read_header(receipt.path)
+            header = read_header(receipt.path, self.pixel_budget)
             uids = {tag: validate_uid(header.uid(tag), name) for tag, name in UID_NAMES.items()}
             _as_requested(uids[SOP_CLASS_UID], uids[SOP_INSTANCE_UID], sop_class_uid, sop_uid)
             if self.duplicates == "reject":
@@ -511,7 +517,7 @@ class Archive:
         """Append an audit event; returns at once (the writer commits it with its next batch,
         failures are logged): queries and retrievals do not wait for a disk flush."""
         assert self._writer is not None, "archive is not open"
-        self._writer.submit(audit.append, db, event)
+        self._writer.submit(self.chain.append, db, event)
 
     def audit_events(self, **filters: str) -> Iterator[dict]:
         """The audit trail in order, filtered by exact event/who/patient_id/study_uid and
@@ -530,11 +536,11 @@ class Archive:
     def verify_audit(self) -> list[str]:
         """Breaks in the audit trail's hash chain (an edited, inserted or removed event)."""
         with db.connection_context():
-            return audit.verify(AuditEvent.select().order_by(AuditEvent.id).iterator())
+            return self.chain.verify(AuditEvent.select().order_by(AuditEvent.id).iterator())
 
     def _parse(self, tmp: Path) -> ParsedInstance:
         if not self.parse_processes:
-            return read_instance(tmp)
+            return read_instance(tmp, self.pixel_budget)
         with self._parsers_lock:
             if self._parsers is None:
                 context = multiprocessing.get_context("spawn")  # no fork of a threaded server
@@ -546,13 +552,13 @@ class Archive:
                 )
             parsers = self._parsers
         try:
-            return parsers.submit(read_instance, tmp).result()
+            return parsers.submit(read_instance, tmp, self.pixel_budget).result()
         except BrokenProcessPool:  # a parser died (killed, out of memory): start afresh
             log.warning("a parser process died; parsing %s in-process", tmp.name)
             with self._parsers_lock:
                 if self._parsers is parsers:
                     self._parsers = None
-            return read_instance(tmp)
+            return read_instance(tmp, self.pixel_budget)
 
     def import_file(self, source: Path, calling_aet: str = "") -> Stored:
         """Copy a file from elsewhere into `.incoming/` and ingest it."""
@@ -668,7 +674,7 @@ class Archive:
         removed, patient_id, study_uid = index.delete_rows(level, uid)
         if study_uid:
             detail = {"level": level, "uid": uid, "instances": removed, "reason": reason}
-            audit.append(
+            self.chain.append(
                 db,
                 audit.Event(
                     "delete", who=who, patient_id=patient_id, study_uid=study_uid, detail=detail
@@ -685,7 +691,7 @@ class Archive:
         if not Study.update(protected=protected).where(Study.study_uid == study_uid).execute():
             return False
         event = audit.Event("protect", who=who, study_uid=study_uid, detail={"on": protected})
-        audit.append(db, event)
+        self.chain.append(db, event)
         return True
 
     def enforce_quota(self, max_bytes: int, max_instances: int) -> list[tuple[str, int, int]]:

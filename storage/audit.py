@@ -1,7 +1,11 @@
 """The audit trail: who did what to which patient's data, when, with what outcome.
 
-One table, append-only, each row chained to the previous one by SHA-256 so that an
-edited, deleted or inserted row breaks the chain (`verify`). Modelled on the DICOM audit
+One table, append-only, each row chained to the previous one by HMAC-SHA256 under a key
+kept outside the index (`<data>/.audit-key`, 0600, made on first use), so that an edited,
+deleted or inserted row breaks the chain (`Chain.verify`) and whoever can write the index
+but not read the key cannot forge a new one. Events from before the key (plain SHA-256,
+the chain of earlier versions) stay as they are: the key file records the last of them,
+and the first keyed event covers its hash. Modelled on the DICOM audit
 messages (PS3.15 A.5, IHE ATNA): an event, its outcome, the active participant (user or
 calling AE, and address) and the participant objects (Patient ID, Study/Series/SOP
 Instance UIDs). Names and other PHI beyond the Patient ID never go in.
@@ -12,17 +16,21 @@ write lock (SQLite) or an advisory lock (PostgreSQL).
 """
 
 import hashlib
+import hmac
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
 from datetime import UTC
 from datetime import datetime
+from pathlib import Path
 
 from peewee import Database
 
+from storage import files
 from storage.engine import is_sqlite
 from storage.models import AuditEvent
 from storage.models import Patient
@@ -46,7 +54,8 @@ EVENTS = (
     "commit",  # storage commitment (PS3.4 Annex J)
 )
 FIELDS = ("at", "event", "outcome", "who", "address", "patient_id", "study_uid", "detail")
-LAST_HASH = "SELECT hash FROM auditevent ORDER BY id DESC LIMIT 1"
+LAST = "SELECT id, hash FROM auditevent ORDER BY id DESC LIMIT 1"
+KEY_FILE = ".audit-key"
 
 
 @dataclass
@@ -67,47 +76,96 @@ class Event:
         return values
 
 
+def _canonical(prev_hash: str, values: dict[str, str]) -> bytes:
+    return json.dumps([prev_hash, *(values[name] for name in FIELDS)], ensure_ascii=False).encode()
+
+
 def chain_hash(prev_hash: str, values: dict[str, str]) -> str:
-    canonical = json.dumps([prev_hash, *(values[name] for name in FIELDS)], ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """The unkeyed link of events from before the key (anyone can recompute it)."""
+    return hashlib.sha256(_canonical(prev_hash, values)).hexdigest()
 
 
-def append(database: Database, event: Event) -> None:
-    """Add one event at the end of the chain (inside the caller's transaction)."""
-    if event.event not in EVENTS:
-        raise ValueError(f"unknown audit event {event.event!r}")
-    if not is_sqlite(database):  # SQLite's write lock already serialises writers
-        database.execute_sql("SELECT pg_advisory_xact_lock(7420111)")
-    if event.study_uid and not event.patient_id:  # a retrieve by study: whose study it is
-        event.patient_id = (
-            Patient.select(Patient.patient_id)
-            .join(Study, on=(Study.patient == Patient.id))
-            .where(Study.study_uid == event.study_uid)
-            .scalar()
-            or ""
+@dataclass(frozen=True)
+class Key:
+    secret: bytes
+    since: int  # the last event before the key: it and those before are unkeyed
+
+    def seal(self, prev_hash: str, values: dict[str, str]) -> str:
+        """A new event's link: one HMAC-SHA256 over it and the hash before it."""
+        return hmac.new(self.secret, _canonical(prev_hash, values), hashlib.sha256).hexdigest()
+
+    def link(self, event_id: int, prev_hash: str, values: dict[str, str]) -> str:
+        """What a stored event's hash must be."""
+        if event_id <= self.since:
+            return chain_hash(prev_hash, values)
+        return self.seal(prev_hash, values)
+
+
+class Chain:
+    """The audit trail of one archive, keyed by the file at `key_path`."""
+
+    def __init__(self, key_path: Path) -> None:
+        self.key_path = key_path
+        self._key: Key | None = None
+
+    def append(self, database: Database, event: Event) -> None:
+        """Add one event at the end of the chain (inside the caller's transaction)."""
+        if event.event not in EVENTS:
+            raise ValueError(f"unknown audit event {event.event!r}")
+        if not is_sqlite(database):  # SQLite's write lock already serialises writers
+            database.execute_sql("SELECT pg_advisory_xact_lock(7420111)")
+        if event.study_uid and not event.patient_id:  # a retrieve by study: whose study it is
+            event.patient_id = (
+                Patient.select(Patient.patient_id)
+                .join(Study, on=(Study.patient == Patient.id))
+                .where(Study.study_uid == event.study_uid)
+                .scalar()
+                or ""
+            )
+        # Plain SQL: peewee built these two statements in ~0.2 ms, once for every instance.
+        last_id, prev = database.execute_sql(LAST).fetchone() or (0, GENESIS)
+        key = self._key or self._load(create_since=last_id)
+        values = event.row()
+        p = database.param
+        database.execute_sql(
+            f"INSERT INTO auditevent ({', '.join(FIELDS)}, prev_hash, hash) "
+            f"VALUES ({', '.join([p] * (len(FIELDS) + 2))})",
+            (*(values[name] for name in FIELDS), prev, key.seal(prev, values)),
         )
-    # Plain SQL: peewee built these two statements in ~0.2 ms, once for every instance.
-    last = database.execute_sql(LAST_HASH).fetchone()
-    values = event.row()
-    prev = last[0] if last else GENESIS
-    p = database.param
-    database.execute_sql(
-        f"INSERT INTO auditevent ({', '.join(FIELDS)}, prev_hash, hash) "
-        f"VALUES ({', '.join([p] * (len(FIELDS) + 2))})",
-        (*(values[name] for name in FIELDS), prev, chain_hash(prev, values)),
-    )
+        _events_log(event.event, values)
+
+    def verify(self, rows: Iterator[AuditEvent]) -> list[str]:
+        """Walk the chain in id order; every break is reported by the id where it shows."""
+        problems, prev = [], GENESIS
+        key = self._key or (self._load(create_since=None) if self.key_path.exists() else None)
+        for row in rows:
+            if key is None:  # no key file: nothing keyed to check against
+                key = Key(b"", since=1 << 63)
+                problems.append(
+                    f"no audit key ({self.key_path}): the chain is unkeyed, anyone could "
+                    "have recomputed it"
+                )
+            values = {name: getattr(row, name) for name in FIELDS}
+            if row.prev_hash != prev:
+                problems.append(f"event {row.id}: does not follow the event before it")
+            if not hmac.compare_digest(row.hash, key.link(row.id, row.prev_hash, values)):
+                problems.append(f"event {row.id}: its content was changed")
+            prev = row.hash
+        return problems
+
+    def _load(self, create_since: int | None) -> Key:
+        """The key, made now (0600, recording `create_since`) when there is none yet and
+        `create_since` is given; every process sharing the folder gets the same one."""
+
+        def make() -> bytes:
+            return json.dumps({"key": os.urandom(32).hex(), "since": create_since}).encode()
+
+        content = files.secret(self.key_path, make=make) if create_since is not None else None
+        stored = json.loads(content or self.key_path.read_bytes())
+        self._key = Key(bytes.fromhex(stored["key"]), int(stored["since"]))
+        return self._key
+
+
+def _events_log(name: str, values: dict[str, str]) -> None:
     if _events.handlers:  # a syslog collector is configured (pacs.auditlog)
-        _events.info(event.event, extra={"audit": values})
-
-
-def verify(rows: Iterator[AuditEvent]) -> list[str]:
-    """Walk the chain in id order; every break is reported by the id where it shows."""
-    problems, prev = [], GENESIS
-    for row in rows:
-        values = {name: getattr(row, name) for name in FIELDS}
-        if row.prev_hash != prev:
-            problems.append(f"event {row.id}: does not follow the event before it")
-        if row.hash != chain_hash(row.prev_hash, values):
-            problems.append(f"event {row.id}: its content was changed")
-        prev = row.hash
-    return problems
+        _events.info(name, extra={"audit": values})

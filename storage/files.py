@@ -4,6 +4,7 @@ import contextlib
 import errno
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from storage.errors import OutOfResources
@@ -61,15 +62,16 @@ def reraise_full(exc: OSError) -> None:
     raise exc
 
 
-def secret(path: Path, size: int = 32) -> bytes:
-    """A random key kept in a file (0600), made on first use; every process that shares
-    the folder gets the same one, never a half-written one (made aside, then linked)."""
+def secret(path: Path, size: int = 32, make: Callable[[], bytes] | None = None) -> bytes:
+    """A random key kept in a file (0600), made on first use (`make()`, else `size` random
+    bytes); every process that shares the folder gets the same one, never a half-written
+    one (made aside, then linked)."""
     with contextlib.suppress(FileNotFoundError):
         return path.read_bytes()
     aside = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fp:
-        fp.write(os.urandom(size))
+        fp.write(make() if make is not None else os.urandom(size))
         fp.flush()
         os.fsync(fp.fileno())
     try:

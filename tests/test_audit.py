@@ -3,6 +3,7 @@ hash-chained, readable and verifiable with `minipacs audit`."""
 
 import json
 import socket
+import stat
 import time
 import urllib.request
 
@@ -15,6 +16,7 @@ from conftest import storescu
 from make_study import make_study
 
 from pacs import scu
+from storage import audit as audit_chain
 
 pytestmark = pytest.mark.usefixtures("engine")
 
@@ -106,6 +108,69 @@ def test_a_changed_or_removed_event_breaks_the_chain(server, tmp_path):
     assert f"event {first}: its content was changed" in result.stdout
     assert f"event {third + 1}: does not follow the event before it" in result.stdout
     assert f"event {second}:" not in result.stdout
+
+
+def recompute_chain(server) -> None:
+    """What someone who can write the index (not read the key) does after editing it: the
+    whole chain made again with the plain SHA-256 links."""
+    prev = audit_chain.GENESIS
+    for row in server.rows(
+        f"SELECT id, {', '.join(audit_chain.FIELDS)} FROM auditevent ORDER BY id"
+    ):
+        values = dict(zip(audit_chain.FIELDS, row[1:], strict=True))
+        digest = audit_chain.chain_hash(prev, values)
+        server.rows(
+            "UPDATE auditevent SET prev_hash = ?, hash = ? WHERE id = ?", prev, digest, row[0]
+        )
+        prev = digest
+
+
+def test_a_rewritten_and_recomputed_chain_is_detected(server, tmp_path):
+    """Issue 17: an edited row and a removed query event, the chain recomputed, passed
+    `--verify` with the plain SHA-256 chain. The links are keyed now."""
+    storescu(server.port, *make_study(tmp_path / "s", 3, size=32))
+    minipacs("find", "--port", str(server.port), "--json", "StudyInstanceUID")
+    (query,) = events(server, "--event", "query", count=1)
+    server.stop()
+    key = server.data / ".audit-key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    first = server.rows("SELECT min(id) FROM auditevent")[0][0]
+    server.rows("UPDATE auditevent SET who = 'SOMEONE_ELSE' WHERE id = ?", first)
+    server.rows("DELETE FROM auditevent WHERE id = ?", query["id"])
+    recompute_chain(server)
+    result = audit(server, "--verify", check=False)
+    assert result.returncode == 1
+    assert f"event {first}: its content was changed" in result.stdout
+
+
+def test_a_chain_from_before_the_key_stays_verifiable(start_server, tmp_path):
+    """Events of earlier versions (plain SHA-256, no key file) verify as they are; the
+    first keyed event covers them, so rewriting them is still noticed."""
+    server = start_server()
+    server.stop()
+    prev = audit_chain.GENESIS
+    for number in range(3):
+        values = audit_chain.Event("login", who=f"old{number}").row()
+        digest = audit_chain.chain_hash(prev, values)
+        server.rows(
+            f"INSERT INTO auditevent ({', '.join(audit_chain.FIELDS)}, prev_hash, hash) "
+            f"VALUES ({', '.join('?' * (len(audit_chain.FIELDS) + 2))})",
+            *(values[name] for name in audit_chain.FIELDS),
+            prev,
+            digest,
+        )
+        prev = digest
+    assert "no audit key" in audit(server, "--verify", check=False).stdout
+    server.start()
+    storescu(server.port, *make_study(tmp_path / "s", 1, size=32))
+    events(server, "--event", "store", count=1)
+    server.stop()
+    assert "problems: 0" in audit(server, "--verify").stdout
+    server.rows("UPDATE auditevent SET who = 'rewritten' WHERE who = 'old1'")
+    recompute_chain(server)
+    result = audit(server, "--verify", check=False)
+    assert result.returncode == 1
+    assert "its content was changed" in result.stdout
 
 
 def test_events_go_to_a_syslog_collector(start_server, tmp_path):
