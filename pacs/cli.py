@@ -470,10 +470,31 @@ def user_passwd(config_file, name: str, password_stdin: bool, **flags) -> None:
 @user.command("token")
 @config_options
 @click.argument("name")
-@click.option("--days", type=int, default=0, help="Expire after this many days (0: never).")
-def user_token(config_file, name: str, days: int, **flags) -> None:
-    """Issue a bearer token for scripts; printed once, kept only as its hash."""
-    click.echo(_accounts(config_file, flags, users.issue_token, name, days))
+@click.option(
+    "--days", type=int, help="Expire after this many days (0: never) [default: token_days]."
+)
+@click.option("--list", "listing", is_flag=True, help="List NAME's tokens: id, created, expires.")
+@click.option("--revoke", metavar="ID|TOKEN", help="Remove this one token of NAME's.")
+def user_token(
+    config_file, name: str, days: int | None, listing: bool, revoke: str | None, **flags
+) -> None:
+    """Issue a bearer token for scripts (printed once, kept only as its hash), list a
+    user's tokens, or revoke one."""
+    if revoke:
+        number = _accounts(config_file, flags, users.revoke_token, name, revoke)
+        click.echo(f"token {number} of {name} revoked", err=True)
+        return
+    if listing:
+        for number, created, expires in _accounts(
+            config_file, flags, users.tokens, name, write=False
+        ):
+            click.echo(f"{number}  created {created}  expires {expires or 'never'}")
+        return
+    if days is None:
+        days = build_config(config_file, **flags).token_days
+    token, number, expires = _accounts(config_file, flags, users.issue_token, name, days)
+    click.echo(token)
+    click.echo(f"token {number} of {name}, expires {expires or 'never'}", err=True)
 
 
 @user.command("remove")

@@ -264,12 +264,42 @@ class Config:
         default=4096,
         metadata={"help": "Largest STOW-RS request body (MiB); bigger ones answer 413."},
     )
+    session_idle_minutes: int = field(
+        default=30,
+        metadata={"help": "Minutes without a request after which a login session ends."},
+    )
+    session_hours: int = field(
+        default=12,
+        metadata={"help": "Hours after logging in at which a session ends, however active."},
+    )
+    login_failures: int = field(
+        default=10,
+        metadata={
+            "help": "Failed logins for one user name, or from one address, within "
+            "login_lockout_minutes before further logins are refused (429) until it passes."
+        },
+    )
+    login_lockout_minutes: int = field(
+        default=15, metadata={"help": "The window of login_failures, in minutes."}
+    )
+    token_days: int = field(
+        default=90,
+        metadata={
+            "help": "Days a new bearer token is valid, unless `minipacs user token --days` "
+            "says otherwise (0: never expires)."
+        },
+    )
+
+    @property
+    def beyond_loopback(self) -> bool:
+        """Whether other hosts can reach us: then nothing is open without a user or peer."""
+        return self.host not in LOOPBACK
 
     def unknown_aet_services(self) -> frozenset[str]:
         """What calling AEs we do not know may do."""
         if self.unknown_aet:
             return _services(self.unknown_aet, "unknown_aet")
-        if self.host in LOOPBACK:
+        if not self.beyond_loopback:
             return frozenset(SERVICES)
         return frozenset({"echo", "store"})
 
@@ -358,6 +388,10 @@ def _convert(name: str, value: Any) -> Any:
         "max_results",
         "render_cache_mb",
         "max_upload_mb",
+        "session_idle_minutes",
+        "session_hours",
+        "login_failures",
+        "login_lockout_minutes",
     ):
         return _int(value, name, 0 if name == "max_pdu" else 1)
     if name == "move_associations":
@@ -365,7 +399,7 @@ def _convert(name: str, value: Any) -> Any:
         if number > 8:
             raise ConfigError("move_associations: at most 8")
         return number
-    if name in ("parse_processes", "quota_mb", "quota_instances"):
+    if name in ("parse_processes", "quota_mb", "quota_instances", "token_days"):
         return _int(value, name, 0)
     if name == "retention_interval":
         return _int(value, name, 1)

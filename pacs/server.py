@@ -6,12 +6,17 @@ import logging
 import socket
 import ssl
 import threading
+from http import HTTPStatus
 
 import waitress
+from flask import Flask
+from flask import Response
+from waitress.channel import HTTPChannel
+from waitress.parser import HTTPRequestParser
+from waitress.utilities import Error
 
 from pacs import auditlog
 from pacs import router
-from pacs.config import LOOPBACK
 from pacs.config import Config
 from pacs.tls import TLSChannel
 from pacs.tls import check_files
@@ -32,6 +37,8 @@ from storage import metrics
 from storage import users
 from storage.engine import describe
 from viewer import create_app
+from viewer.auth import HEAD_BODY
+from viewer.auth import check_head
 
 log = logging.getLogger(__name__)
 __all__ = ["StartupError", "serve"]
@@ -47,7 +54,7 @@ def serve(config: Config) -> None:
     metrics.forget_dead(config.data / METRICS_FOLDER)
     metrics.REGISTRY.gauge("minipacs_index_backlog", archive.journal.pending)
     metrics.REGISTRY.gauge("minipacs_index_set_aside", archive.set_aside)
-    if config.host not in LOOPBACK and not archive.accounts(users.count):
+    if config.beyond_loopback and not archive.accounts(users.count):
         archive.close()
         raise StartupError(
             f"refusing to listen on {config.host} with no user: anyone who can reach it would "
@@ -135,9 +142,10 @@ def _web_server(config: Config, archive: Archive):
         context = https_context(config.https_cert, config.https_key) if config.https_cert else None
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"HTTPS: cannot use {config.https_cert}: {exc}") from exc
+    app = create_app(config, archive)
     try:
         http = waitress.create_server(
-            create_app(config, archive),
+            app,
             host=config.host,
             port=config.http_port,
             url_scheme="https" if context else "http",
@@ -156,8 +164,52 @@ def _web_server(config: Config, archive: Archive):
         ) from exc
     if context:
         http.tls_context = context
-        http.channel_class = TLSChannel
+    http.channel_class = _checking_heads(TLSChannel if context else HTTPChannel, app)
     return http
+
+
+class _Refused(Error):
+    """A refusal of viewer.auth.check_head, answered by waitress (which then closes the
+    connection) instead of reading the request's body."""
+
+    def __init__(self, response: Response) -> None:
+        self.code = response.status_code
+        self.reason = HTTPStatus(self.code).phrase
+        self.body = response.get_data()
+        self.headers = [(k, v) for k, v in response.headers.items() if k != "Content-Length"]
+
+    def to_response(self, ident=None) -> tuple[str, list[tuple[str, str]], bytes]:
+        return f"{self.code} {self.reason}", self.headers, self.body
+
+
+class _HeadChecked(HTTPRequestParser):
+    """waitress reads a whole request body (up to max_upload_mb) before the app sees the
+    request: a body over viewer.auth.HEAD_BODY (or chunked) is read only once the head's
+    credentials and role would let the request on."""
+
+    def __init__(self, adj, app: Flask, address: str) -> None:
+        super().__init__(adj)
+        self._app, self._address = app, address
+
+    def parse_header(self, header_plus: bytes) -> None:
+        super().parse_header(header_plus)
+        if not self.chunked and self.content_length <= HEAD_BODY:
+            return
+        refusal = check_head(self._app, self.command, self.path, self.headers, self._address)
+        if refusal is not None:
+            self.error = _Refused(refusal)
+            self.completed = True  # the body is never read
+            self.expect_continue = False  # no "100 Continue" before the refusal
+
+
+def _checking_heads(channel: type[HTTPChannel], app: Flask) -> type[HTTPChannel]:
+    """`channel` whose requests are parsed by _HeadChecked."""
+
+    class Checking(channel):  # type: ignore[valid-type, misc]
+        def parser_class(self, adj) -> _HeadChecked:  # waitress calls self.parser_class(adj)
+            return _HeadChecked(adj, app, str(self.addr[0]) if self.addr else "")
+
+    return Checking
 
 
 def _retention(config: Config, archive: Archive, stop: threading.Event) -> None:

@@ -2,7 +2,10 @@
 tokens as their SHA-256 (they are 256 random bits: no salt needed); neither is ever
 stored or logged in the clear."""
 
+import functools
 import hashlib
+import hmac
+import operator
 import secrets
 from datetime import UTC
 from datetime import datetime
@@ -55,8 +58,9 @@ def remove(name: str) -> None:
     user.delete_instance()
 
 
-def issue_token(name: str, days: int = 0) -> str:
-    """A new bearer token for `name` (shown once); `days` > 0: it expires then."""
+def issue_token(name: str, days: int) -> tuple[str, int, str]:
+    """A new bearer token for `name`: (token, shown once; its id; expiry, '' = never when
+    `days` is 0)."""
     user = User.get_or_none(User.name == name)
     if user is None:
         raise UserError(f"no user {name!r}")
@@ -64,8 +68,39 @@ def issue_token(name: str, days: int = 0) -> str:
     expires = ""
     if days > 0:
         expires = (datetime.now(UTC) + timedelta(days=days)).strftime("%Y-%m-%dT%H:%M:%SZ")
-    ApiToken.create(user=user, token_hash=_digest(token), expires_at=expires, created_at=_now())
-    return token
+    row = ApiToken.create(
+        user=user, token_hash=_digest(token), expires_at=expires, created_at=_now()
+    )
+    return token, row.id, expires
+
+
+def tokens(name: str) -> list[tuple[int, str, str]]:
+    """(id, created, expires) of each token of `name`."""
+    return list(
+        ApiToken.select(ApiToken.id, ApiToken.created_at, ApiToken.expires_at)
+        .join(User)
+        .where(User.name == name)
+        .order_by(ApiToken.id)
+        .tuples()
+    )
+
+
+def revoke_token(name: str, which: str) -> int:
+    """Remove one token of `name`, given by its id (from `tokens`) or by the token itself;
+    return its id. The user's other tokens stay."""
+    wanted = [ApiToken.token_hash == _digest(which)]
+    if which.isdigit():
+        wanted.append(ApiToken.id == int(which))
+    found = (
+        ApiToken.select(ApiToken.id)
+        .join(User)
+        .where((User.name == name) & functools.reduce(operator.or_, wanted))
+        .scalar()
+    )
+    if found is None:
+        raise UserError(f"{name!r} has no such token")
+    ApiToken.delete().where(ApiToken.id == found).execute()
+    return found
 
 
 def listing() -> list[tuple[str, str, int]]:
@@ -80,12 +115,21 @@ def count() -> int:
     return User.select().count()
 
 
-def by_password(name: str, password: str) -> tuple[str, str] | None:
-    """(name, role) when the password is right."""
+def by_password(name: str, password: str) -> tuple[str, str, str] | None:
+    """(name, role, session stamp) when the password is right."""
     user = User.get_or_none(User.name == name)
     if not check_password_hash(user.password_hash if user else _DUMMY_HASH, password):
         return None
-    return (user.name, user.role) if user else None
+    return (user.name, user.role, _stamp(user.password_hash)) if user else None
+
+
+def by_session(name: str, stamp: str) -> tuple[str, str] | None:
+    """(name, role) of a login session's user, while the user exists with the password the
+    session was opened with: removing a user, or setting a new password, ends sessions."""
+    user = User.get_or_none(User.name == name)
+    if user is None or not hmac.compare_digest(_stamp(user.password_hash), stamp):
+        return None
+    return user.name, user.role
 
 
 def by_token(token: str) -> tuple[str, str] | None:
@@ -100,6 +144,11 @@ def by_token(token: str) -> tuple[str, str] | None:
     if row is None or (row[0] and row[0] <= _now()):
         return None
     return row[1], row[2]
+
+
+def _stamp(password_hash: str) -> str:
+    """What a session keeps of its user's password hash: enough to notice a change."""
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:32]
 
 
 def _digest(token: str) -> str:

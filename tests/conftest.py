@@ -42,13 +42,18 @@ class Server:
         env: dict[str, str] | None = None,
         index: str = "",
         ca: Path | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
-        """`ca`: the web side speaks HTTPS with a certificate this CA signed."""
+        """`ca`: the web side speaks HTTPS with a certificate this CA signed. `host`: another
+        loopback address (127.0.0.2) is "beyond loopback" to minipacs."""
         self.data = data
+        self.host = host
         self.ca = ca
         self.ssl_context = ssl.create_default_context(cafile=ca) if ca else None
         self.index = index
         self.args = (*args, "--index", index) if index else args
+        if host != "127.0.0.1":
+            self.args = (*self.args, "--host", host)
         self.env = env
         self.port = free_port()
         self.http_port = free_port()
@@ -82,7 +87,7 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.ca else 'http'}://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.ca else 'http'}://{self.host}:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -137,8 +142,9 @@ def start_server(tmp_path: Path, request) -> Iterator:
         env: dict[str, str] | None = None,
         index: str = index,
         ca: Path | None = None,
+        host: str = "127.0.0.1",
     ) -> Server:
-        server = Server(data or tmp_path / "data", *args, env=env, index=index, ca=ca)
+        server = Server(data or tmp_path / "data", *args, env=env, index=index, ca=ca, host=host)
         servers.append(server)
         return server.start()
 

@@ -296,4 +296,8 @@ def test_login_page_then_the_study_list(browser, start_server):
     page.screenshot(path=ARTIFACTS / "after-login.png")
     cookie = next(c for c in context.cookies() if c["name"] == "minipacs_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    page.get_by_role("button", name="Log out").click()  # a viewer may log out (issue 17)
+    expect(page).to_have_url(re.compile(r"/login$"))
+    page.goto(fresh.url)
+    expect(page).to_have_url(re.compile(r"/login\?next=/$"))
     context.close()

@@ -38,6 +38,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
         "archive": archive,
         "frames": render.FrameCache(config.render_cache_mb << 20),
         "stats": {},  # the archive's counts for /metrics, refreshed once a minute
+        "logins": auth.Throttle(config.login_failures, config.login_lockout_minutes * 60),
         # The key file is made on first use, not by every start.
         "deid": functools.cache(
             lambda: deidentify.Profile(
@@ -52,6 +53,8 @@ def create_app(config: Any, archive: Archive) -> Flask:
         SESSION_COOKIE_SAMESITE="Strict",
         SESSION_COOKIE_SECURE=bool(config.https_cert) or config.public_url.startswith("https:"),
         SESSION_COOKIE_NAME="minipacs_session",
+        # The cookie's signature ages out with the session (auth also checks idle time).
+        PERMANENT_SESSION_LIFETIME=config.session_hours * 3600,
     )
     app.before_request(_start_clock)
     app.before_request(auth.check)

@@ -1,21 +1,31 @@
 """Who may do what over HTTP: the one `before_request` check (DESIGN.md "Security").
 
-With no user in the index, every request is allowed (a loopback-only server, as before;
-`minipacs serve` refuses to listen beyond loopback without users). Once there is one,
-each request needs a bearer token (`Authorization: Bearer …`, for scripts) or the session
+With no user in the index, a loopback-only server lets every request through (as before
+users existed); beyond loopback, no user means no access, on every request. Otherwise each
+request needs a bearer token (`Authorization: Bearer …`, for scripts) or the session
 cookie of the login page (browsers), and a role: `viewer` reads, `uploader` also stores
-(STOW-RS), `admin` also deletes and reads the audit trail. The session cookie is
-HttpOnly, SameSite=Strict and Secure over HTTPS; a state-changing request carried by the
-cookie must also come from our own origin (Origin/Referer), so no other site can make a
-logged-in browser store or delete.
+(STOW-RS), `admin` also deletes and reads the audit trail. A session is checked against
+the index on every request (a removed user, or a new password, ends it; the role is the
+index's) and ends after `session_idle_minutes` without a request or `session_hours` after
+login. The session cookie is HttpOnly, SameSite=Strict and Secure over HTTPS; a
+state-changing request carried by the cookie must also come from our own origin
+(Origin/Referer), so no other site can make a logged-in browser store or delete. Failed
+logins are throttled per user name and per address; a body over HEAD_BODY needs
+credentials before waitress reads it (`check_head`, called by pacs.server).
 """
 
+import io
+import threading
+import time
+from collections import deque
 from html import escape
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import quote
 from urllib.parse import urlsplit
 
 from flask import Blueprint
+from flask import Flask
 from flask import Response
 from flask import current_app
 from flask import g
@@ -30,11 +40,24 @@ from storage import files
 from storage import users
 
 bp = Blueprint("auth", __name__)
-PUBLIC = {"auth.login", "auth.login_form", "healthz", "ui.static"}
+PUBLIC = {"auth.login", "auth.login_form", "auth.logout", "healthz", "ui.static"}
 NEEDS = {"GET": "viewer", "HEAD": "viewer", "OPTIONS": "viewer", "POST": "uploader",
          "DELETE": "admin"}  # fmt: skip
 ADMIN_ENDPOINTS = {"auth.audit_trail", "prometheus"}
 AUDIT_FILTERS = ("event", "who", "patient_id", "study_uid", "since", "until")
+HEAD_BODY = 16 << 10  # larger bodies need credentials before waitress reads them
+SEEN_EVERY = 60  # seconds between rewrites of a session's last-seen time (its cookie)
+MAX_THROTTLED = 10000  # user names and addresses whose failed logins are remembered
+
+
+class Caller(NamedTuple):
+    name: str
+    role: str
+    cookie: bool = False  # by the session cookie: state changes must come from our origin
+
+
+# No user in the index, loopback only: open, as minipacs was before it had users.
+ANYONE = Caller("", "admin")
 
 
 def session_key(data: Path) -> bytes:
@@ -45,36 +68,97 @@ def session_key(data: Path) -> bytes:
 
 def check() -> Response | None:
     """before_request: authenticate, then authorise by role; None lets the request on."""
-    archive = _archive()
     g.user = ""
-    if request.endpoint in PUBLIC or not archive.accounts(users.count):
+    if request.endpoint in PUBLIC:
         return None
-    header = request.headers.get("Authorization", "")
-    found = None
-    if header.startswith("Bearer "):
-        found = archive.accounts(users.by_token, header[7:].strip())
-        if found is None:
-            return _denied(401, "the bearer token is unknown, removed or expired")
-    elif "user" in session:
-        found = (session["user"], session["role"])
-        if request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin():
-            return _denied(403, "cross-site request refused (Origin is not this server)")
-    if found is None:
+    caller = _caller()
+    if isinstance(caller, Response):
+        return caller
+    if caller is None:
         if _wants_html():
             return redirect(f"/login?next={quote(request.full_path.rstrip('?'), safe='/')}")
         return _denied(401, "log in or send Authorization: Bearer <token>")
-    g.user, role = found
-    needed = "admin" if request.endpoint in ADMIN_ENDPOINTS else NEEDS.get(request.method, "admin")
-    if users.ROLES.index(role) < users.ROLES.index(needed):
-        return _denied(403, f"{g.user} ({role}) may not do this; it needs {needed}")
-    return None
+    g.user = caller.name
+    if caller.cookie and request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin():
+        return _denied(403, "cross-site request refused (Origin is not this server)")
+    return _role_refusal(caller)
+
+
+def check_head(
+    app: Flask, method: str, path: str, headers: dict[str, str], address: str
+) -> Response | None:
+    """The credentials and role of a request whose body has not been read (pacs.server
+    asks before waitress reads a body over HEAD_BODY bytes, which it would otherwise take
+    whole, from anyone, before the app runs): the refusal, or None. `headers` as waitress
+    parses them (CONTENT_TYPE, AUTHORIZATION, COOKIE…)."""
+    environ = {
+        "REQUEST_METHOD": method,
+        "PATH_INFO": path,
+        "QUERY_STRING": "",
+        "SERVER_NAME": "minipacs",
+        "SERVER_PORT": "0",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": address,
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(),
+        **{f"HTTP_{name}": value for name, value in headers.items()},
+    }
+    with app.request_context(environ):
+        g.user = ""
+        caller = _caller()
+        if caller is None:
+            limit = HEAD_BODY >> 10
+            return _denied(401, f"a body over {limit} KiB needs a login or a bearer token")
+        if isinstance(caller, Response):
+            return caller
+        g.user = caller.name
+        return _role_refusal(caller)
+
+
+class Throttle:
+    """Failed logins per user name and per client address over a sliding window, in this
+    process (several servers on one index count apart): enough failures refuse every
+    login of that name or from that address, right password or not, until they age out."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window = limit, window
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def wait(self, *keys: str) -> float:
+        """Seconds until a login for these keys may be tried again (0: now)."""
+        now = time.monotonic()
+        with self._lock:
+            waits = [self._prune(key, now) for key in keys]
+        return max(waits, default=0.0)
+
+    def failed(self, *keys: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for key in keys:
+                self._failures.setdefault(key, deque(maxlen=self.limit)).append(now)
+                self._failures[key] = self._failures.pop(key)  # newest last
+            while len(self._failures) > MAX_THROTTLED:
+                del self._failures[next(iter(self._failures))]
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._failures.pop(key, None)
+
+    def _prune(self, key: str, now: float) -> float:
+        times = self._failures.get(key)
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times or len(times) < self.limit:
+            return 0.0
+        return times[0] + self.window - now
 
 
 @bp.get("/login")
-def login_form(error: str = "") -> Response:
+def login_form(error: str = "", status: int = 200) -> Response:
     target = request.values.get("next", "/")
     body = LOGIN_PAGE.format(next=escape(target), error=escape(error))
-    response = Response(body, status=401 if error else 200, mimetype="text/html")
+    response = Response(body, status=status, mimetype="text/html")
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -82,27 +166,45 @@ def login_form(error: str = "") -> Response:
 @bp.post("/login")
 def login() -> Response:
     name = request.form.get("user", "")
+    address = request.remote_addr or ""
+    keys = (f"user {name}", f"address {address}")
+    throttle: Throttle = current_app.extensions["minipacs"]["logins"]
+    wait = throttle.wait(*keys)
+    if wait:
+        _login_event(name, "failure: too many failed logins")
+        minutes = int(wait // 60) + 1
+        response = login_form(f"Too many failed logins: try again in {minutes} minute(s).", 429)
+        response.headers["Retry-After"] = str(int(wait) + 1)
+        return response
     found = _archive().accounts(users.by_password, name, request.form.get("password", ""))
-    _archive().audit(
-        audit.Event(
-            "login",
-            "success" if found else "failure: wrong user or password",
-            who=name[:64],
-            address=request.remote_addr or "",
-        )  # fmt: skip
-    )
-    if found is None or not _same_origin():
-        return login_form("Wrong user name or password.")
+    _login_event(name, "success" if found else "failure: wrong user or password")
+    if found is None:
+        throttle.failed(*keys)
+        return login_form("Wrong user name or password.", 401)
+    if not _same_origin():
+        return login_form("Wrong user name or password.", 401)
+    throttle.forget(keys[0])
     session.clear()
-    session["user"], session["role"] = found
-    target = request.form.get("next", "/")
-    if not target.startswith("/") or target.startswith("//"):  # never off-site
-        target = "/"
-    return redirect(target, code=303)
+    now = int(time.time())
+    session.update(user=found[0], stamp=found[2], since=now, seen=now)
+    return redirect(local_target(request.form.get("next", "/")), code=303)
+
+
+def local_target(target: str) -> str:
+    """`target` if it is a path on this server, else "/": never a redirect off-site.
+    Normalised first as browsers read a Location (tabs and newlines dropped, "\\" taken
+    as "/"), so "/\\t/evil.com" cannot become "//evil.com" after the check."""
+    cleaned = target.translate(URL_IGNORED).replace("\\", "/")
+    if not cleaned.startswith("/") or cleaned.startswith("//"):
+        return "/"
+    if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in cleaned):  # Location would mangle them
+        return "/"
+    return cleaned
 
 
 @bp.post("/logout")
 def logout() -> Response:
+    """End the session (any role, or none: the page is public)."""
     session.clear()
     return redirect("/login", code=303)
 
@@ -124,6 +226,58 @@ def audit_trail() -> Response:
         if number >= offset:
             events.append({k: v for k, v in row.items() if k != "prev_hash"})
     return jsonify(events)
+
+
+def _caller() -> Caller | Response | None:
+    """Who sends this request: a bearer token's user, or the session cookie's while it is
+    fresh and its user unchanged; ANYONE when no user exists on a loopback-only server
+    (beyond loopback, no user means no access); None: nobody; a Response: a bad token."""
+    archive = _archive()
+    if not _config().beyond_loopback and not archive.accounts(users.count):
+        return ANYONE
+    header = request.headers.get("Authorization", "")
+    if header.startswith("Bearer "):
+        found = archive.accounts(users.by_token, header[7:].strip())
+        if found is None:
+            return _denied(401, "the bearer token is unknown, removed or expired")
+        return Caller(*found)
+    if "user" in session:
+        found = _session_user(archive)
+        if found is not None:
+            return Caller(*found, cookie=True)
+    return None
+
+
+def _session_user(archive: Archive) -> tuple[str, str] | None:
+    """(name, role now) of the session, checked against the index on every request; an
+    idle, too old or orphaned session is cleared (its cookie deleted)."""
+    config, now = _config(), int(time.time())
+    fresh = (
+        now - session.get("since", 0) < config.session_hours * 3600
+        and now - session.get("seen", 0) < config.session_idle_minutes * 60
+    )
+    found = None
+    if fresh:
+        found = archive.accounts(users.by_session, session["user"], session.get("stamp", ""))
+    if found is None:
+        session.clear()
+        return None
+    if now - session["seen"] >= SEEN_EVERY:
+        session["seen"] = now
+    return found
+
+
+def _role_refusal(caller: Caller) -> Response | None:
+    needed = "admin" if request.endpoint in ADMIN_ENDPOINTS else NEEDS.get(request.method, "admin")
+    if users.ROLES.index(caller.role) < users.ROLES.index(needed):
+        return _denied(403, f"{caller.name} ({caller.role}) may not do this; it needs {needed}")
+    return None
+
+
+def _login_event(name: str, outcome: str) -> None:
+    _archive().audit(
+        audit.Event("login", outcome, who=name[:64], address=request.remote_addr or "")
+    )
 
 
 def _same_origin() -> bool:
@@ -160,6 +314,12 @@ def _archive() -> Archive:
     return current_app.extensions["minipacs"]["archive"]
 
 
+def _config():
+    return current_app.extensions["minipacs"]["config"]
+
+
+# What a browser drops from a URL before reading it (WHATWG URL: tab, LF, CR).
+URL_IGNORED = str.maketrans("", "", "\t\n\r")
 LOGIN_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>minipacs: log in</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
