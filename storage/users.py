@@ -19,8 +19,14 @@ from storage.models import User
 
 ROLES = ("viewer", "uploader", "admin")  # each may do what the ones before it may
 MIN_PASSWORD = 10
-# Compared against when the user does not exist, so that both cases cost the same time.
-_DUMMY_HASH = generate_password_hash("not a password of anyone")
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Compared against when the user does not exist, so that both cases cost the same
+    time. Made on first use: scrypt takes 32 MiB for a moment, which at import time was
+    the web process's peak memory even when nobody logs in."""
+    return generate_password_hash("not a password of anyone")
 
 
 class UserError(ValueError):
@@ -118,7 +124,7 @@ def count() -> int:
 def by_password(name: str, password: str) -> tuple[str, str, str] | None:
     """(name, role, session stamp) when the password is right."""
     user = User.get_or_none(User.name == name)
-    if not check_password_hash(user.password_hash if user else _DUMMY_HASH, password):
+    if not check_password_hash(user.password_hash if user else _dummy_hash(), password):
         return None
     return (user.name, user.role, _stamp(user.password_hash)) if user else None
 

@@ -169,16 +169,29 @@ def _modality(arr: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
     group = _functional_group(ds, frame, "PixelValueTransformationSequence")
     source = group if group is not None and "RescaleSlope" in group else ds
     if "ModalityLUTSequence" in ds and source is ds:
-        out = apply_modality_lut(arr, ds)
-        return out.astype(np.int32) if out.dtype.kind in "iu" else out.astype(np.float64)
+        return _narrow(apply_modality_lut(arr, ds))
     slope = float(source.get("RescaleSlope", 1) or 1)
     intercept = float(source.get("RescaleIntercept", 0) or 0)
     if arr.dtype.kind in "iu" and slope.is_integer() and intercept.is_integer():
-        # Exact integers stay integers: half the memory in the cache, and windowing by LUT.
-        return arr.astype(np.int64 if arr.dtype.itemsize >= 4 else np.int32) * int(slope) + int(
-            intercept
-        )
-    return arr.astype(np.float64) * slope + intercept
+        # Exact integers stay integers, and are windowed by look-up.
+        wide = arr.astype(np.int64 if arr.dtype.itemsize >= 4 else np.int32)
+        return _narrow(wide * int(slope) + int(intercept))
+    return _narrow(arr.astype(np.float64) * slope + intercept)
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """The smallest type that holds the modality values exactly (a CT frame in int16, not
+    int32) or closely enough for an 8-bit display (float32): cached frames are the
+    reading load's largest memory, and this halves them."""
+    if values.dtype.kind == "f":
+        return values.astype(np.float32)
+    if values.dtype.kind not in "iu" or not values.size:
+        return values
+    low, high = int(values.min()), int(values.max())
+    for kind in (np.uint8, np.int16, np.uint16, np.int32):
+        if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
+            return values.astype(kind, copy=False)
+    return values.astype(np.int64, copy=False)
 
 
 def _functional_group(ds: Dataset, frame: int, name: str) -> Dataset | None:
@@ -208,7 +221,8 @@ def _to_8bit(ds: Dataset, values: np.ndarray, window, frame: int, function: str)
         low, high = int(values.min()), int(values.max())
         if high - low < 1 << 20:  # window every possible value once, then look up
             domain = np.arange(low, high + 1, dtype=np.int64)
-            return _grey(ds, domain, window, frame, function, photometric)[values - low]
+            index = np.subtract(values, low, dtype=np.int32)  # int16 - low may overflow
+            return _grey(ds, domain, window, frame, function, photometric)[index]
     return _grey(ds, values, window, frame, function, photometric)
 
 
