@@ -49,6 +49,8 @@ EVENTS = (
     "deidentify",  # WADO-URI or WADO-RS with anonymize=yes
     "delete",  # by an administrator, or by retention
     "login",
+    "audit",  # the audit trail read (PS3.15 A.5.3.2, Audit Log Used)
+    "worklist",  # a worklist item added or removed over HTTP
     "rejected",  # an association or request refused by policy
     "protect",
     "commit",  # storage commitment (PS3.4 Annex J)

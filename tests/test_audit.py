@@ -9,11 +9,15 @@ import urllib.request
 
 import pydicom
 import pytest
+import requests
 from conftest import index_args
 from conftest import minipacs
 from conftest import run
 from conftest import storescu
 from make_study import make_study
+from test_auth import CT
+from test_auth import PASSWORD
+from test_auth import stow
 
 from pacs import scu
 from storage import audit as audit_chain
@@ -108,6 +112,71 @@ def test_a_changed_or_removed_event_breaks_the_chain(server, tmp_path):
     assert f"event {first}: its content was changed" in result.stdout
     assert f"event {third + 1}: does not follow the event before it" in result.stdout
     assert f"event {second}:" not in result.stdout
+
+
+def add_user(server, name: str, role: str) -> str:
+    """Add a user to the server's index (either engine); a bearer token of theirs."""
+    where = ["--data", str(server.data), *index_args(server.index)]
+    minipacs("user", "add", name, "--role", role, "--password-stdin", *where, input=PASSWORD)
+    return minipacs("user", "token", name, *where).stdout.strip()
+
+
+def test_web_events_say_who_and_which_patients(server):
+    """Issue 17: STOW-RS store events carried no user; the worklist (GET, POST, DELETE)
+    and reads of /audit were not audited; /study/<uid> page events carried no study or
+    patient; QIDO events did not say whose data the answer showed."""
+    token = add_user(server, "ana", "admin")
+    headers = {"Authorization": f"Bearer {token}"}
+    ct = pydicom.dcmread(CT, stop_before_pixels=True)
+    assert stow(server, headers).status_code == 200
+    (stored,) = events(server, "--event", "store", count=1)
+    assert (stored["who"], stored["patient_id"]) == ("ana", ct.PatientID)
+
+    found = requests.get(f"{server.url}/dicom-web/studies", headers=headers, timeout=10)
+    assert found.status_code == 200
+    (query,) = events(server, "--event", "query", count=1)
+    assert (query["who"], query["patient_id"]) == ("ana", ct.PatientID)
+    assert json.loads(query["detail"])["patients"] == [ct.PatientID]
+
+    page = requests.get(f"{server.url}/study/{ct.StudyInstanceUID}", headers=headers, timeout=10)
+    assert page.status_code == 200
+    (view,) = events(server, "--event", "view", count=1)
+    assert (view["study_uid"], view["patient_id"]) == (ct.StudyInstanceUID, ct.PatientID)
+
+    worklist = f"{server.url}/api/worklist"
+    item = {
+        "PatientID": "WL1",
+        "PatientName": "Doe^Jane",
+        "Modality": "CT",
+        "ScheduledStationAETitle": "CT1",
+        "ScheduledProcedureStepStartDate": "20261204",
+    }
+    added = requests.post(worklist, json=item, headers=headers, timeout=10)
+    (item_id,) = added.json()["ids"]
+    assert requests.get(worklist, headers=headers, timeout=10).status_code == 200
+    removed = requests.delete(f"{worklist}/{item_id}", headers=headers, timeout=10)
+    assert removed.status_code == 204
+    changes = events(server, "--event", "worklist", count=2)
+    assert [(e["who"], json.loads(e["detail"])["method"]) for e in changes] == [
+        ("ana", "POST"),
+        ("ana", "DELETE"),
+    ]
+    assert json.loads(changes[0]["detail"])["patients"] == ["WL1"]
+    listed = events(server, "--event", "query", "--who", "ana", count=2)[-1]
+    assert json.loads(listed["detail"])["patients"] == ["WL1"]
+
+    trail = requests.get(
+        f"{server.url}/audit?patient_id={ct.PatientID}", headers=headers, timeout=10
+    )
+    assert trail.status_code == 200
+    (read,) = events(server, "--event", "audit", count=1)
+    assert read["who"] == "ana" and ct.PatientID in json.loads(read["detail"])["query"]
+
+    login = {"user": "ana", "password": PASSWORD}  # the right password, but no Origin
+    refused = requests.post(f"{server.url}/login", data=login, allow_redirects=False, timeout=10)
+    assert refused.status_code == 401
+    (event,) = events(server, "--event", "login", count=1)
+    assert event["outcome"] == "failure: Origin is not this server"
 
 
 def recompute_chain(server) -> None:

@@ -102,6 +102,10 @@ AUDITED = {  # endpoint → audit event; STOW-RS instances are audited as they a
     "dicomweb.thumbnail": "retrieve",
     "wado_uri.wado": "retrieve",
     "ui.page": "view",
+    "worklist.items": "query",
+    "worklist.add": "worklist",
+    "worklist.remove": "worklist",
+    "auth.audit_trail": "audit",
 }
 
 
@@ -140,7 +144,8 @@ def _archive_gauges(archive: Archive, cache: dict) -> dict[str, float]:
 
 def _audit(response: Response, archive: Archive) -> Response:
     """One audit event per request for patient data: what was asked (path, query), by whom
-    (the client's address), and the HTTP status."""
+    (the user and the client's address), and the HTTP status; a view adds what only it
+    knows in `g.audit` (the patients its answer showed, the study a page shows)."""
     kind = AUDITED.get(request.endpoint or "")
     if kind is None or request.method == "OPTIONS":
         return response
@@ -148,17 +153,22 @@ def _audit(response: Response, archive: Archive) -> Response:
         kind = "deidentify"
     uids = request.view_args or {}
     status = response.status_code
+    found = dict(g.get("audit", {}))
     archive.audit(
         audit.Event(
             kind,
             "success" if status < 400 else f"failure: HTTP {status}",
             who=g.get("user", ""),
             address=request.remote_addr or "",
-            study_uid=uids.get("study") or request.values.get("studyUID", ""),
+            patient_id=found.pop("patient_id", ""),
+            study_uid=found.pop("study_uid", "")
+            or uids.get("study")
+            or request.values.get("studyUID", ""),
             detail={
                 "method": request.method,
                 "path": request.path,
                 "query": request.query_string.decode("latin-1"),
+                **found,
             },
         )
     )

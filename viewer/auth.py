@@ -177,12 +177,14 @@ def login() -> Response:
         response.headers["Retry-After"] = str(int(wait) + 1)
         return response
     found = _archive().accounts(users.by_password, name, request.form.get("password", ""))
-    _login_event(name, "success" if found else "failure: wrong user or password")
     if found is None:
+        _login_event(name, "failure: wrong user or password")
         throttle.failed(*keys)
         return login_form("Wrong user name or password.", 401)
-    if not _same_origin():
+    if not _same_origin():  # a right password from another site, or with no Origin: refused
+        _login_event(name, "failure: Origin is not this server")
         return login_form("Wrong user name or password.", 401)
+    _login_event(name, "success")
     throttle.forget(keys[0])
     session.clear()
     now = int(time.time())

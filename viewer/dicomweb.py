@@ -187,11 +187,28 @@ def _search(level: str, scope: dict[int, str]) -> Response:
     for answer in answers[:limit]:
         answer.pop("00080052", None)  # QueryRetrieveLevel is C-FIND's
         answer["00081190"] = {"vr": "UR", "Value": [_retrieve_url(base, level, answer)]}
+    g.audit = shown_patients(answers[:limit])
     response = _json_response(answers[:limit])
     if truncated and (search.limit is None or search.limit > cap):
         response.headers["Warning"] = TRUNCATED.format(host=request.host)
         current_app.logger.warning("QIDO-RS %s stopped at max_results=%d", request.path, cap)
     return response
+
+
+def shown_patients(answers: list[dict]) -> dict:
+    """For the audit event of a query: how many answers, and whose (their Patient IDs; the
+    one patient also as the event's). A search scoped to a study has its patient looked up."""
+    patients = sorted(
+        {
+            str(value)
+            for answer in answers
+            for value in (answer.get("00100020") or {}).get("Value", [])
+        }
+    )
+    found: dict = {"answers": len(answers), "patients": patients}
+    if len(patients) == 1:
+        found["patient_id"] = patients[0]
+    return found
 
 
 def _retrieve_url(base: str, level: str, answer: dict) -> str:
@@ -661,7 +678,9 @@ def store(study: str | None = None) -> Response:
     outcomes: list[stow.Outcome] = []
     caller = request.remote_addr or "?"
     try:
-        stow.store_parts(_archive(), reader.parts(), part_type, study, caller, outcomes)
+        stow.store_parts(
+            _archive(), reader.parts(), part_type, study, caller, outcomes, g.get("user", "")
+        )
     except MediaError as exc:
         stored = sum(1 for o in outcomes if o.failure is None)
         current_app.logger.warning(

@@ -60,8 +60,10 @@ def store_parts(
     study_uid: str | None,
     calling: str,
     outcomes: list[Outcome],
+    who: str = "",
 ) -> None:
-    """Receive each part to disk and ingest it, appending one Outcome per part, in order.
+    """Receive each part to disk and ingest it, appending one Outcome per part, in order;
+    `calling` (the client's address) and `who` (the user) go into each store event.
 
     Ingests run on a few threads while the next part is received, so fsyncs overlap and
     the index writer commits them in groups. When the body breaks off (MediaError), the
@@ -83,7 +85,7 @@ def store_parts(
                     pending.append(Outcome("", "", failure=SOP_CLASS_NOT_SUPPORTED, reason=reason))
                     continue
                 received = _receive(archive, chunks)
-                pending.append(pool.submit(_ingest, archive, *received, study_uid, calling))
+                pending.append(pool.submit(_ingest, archive, *received, study_uid, calling, who))
                 running = [p for p in pending if isinstance(p, Future) and not p.done()]
                 if len(running) > 2 * INGEST_THREADS:
                     wait(running[:INGEST_THREADS])
@@ -112,14 +114,27 @@ def _receive(archive: Archive, chunks: Iterator[bytes]) -> tuple[Path, int, str,
 
 
 def _ingest(
-    archive: Archive, tmp: Path, size: int, sha: str, head: bytes, study_uid, calling: str
+    archive: Archive,
+    tmp: Path,
+    size: int,
+    sha: str,
+    head: bytes,
+    study_uid,
+    calling: str,
+    who: str,
 ) -> Outcome:
     try:
-        stored = archive.ingest(tmp, digest=(size, sha), study_uid=study_uid, address=calling)
+        stored = archive.ingest(
+            tmp, digest=(size, sha), study_uid=study_uid, who=who, address=calling
+        )
     except StorageError as exc:
         code = _failure_code(exc)
         sop_class, sop, study = _names(head)
-        archive.audit(audit.Event("store", f"failure: {exc}", address=calling, detail={"sop": sop}))
+        archive.audit(
+            audit.Event(
+                "store", f"failure: {exc}", who=who, address=calling, detail={"sop": sop}
+            )  # fmt: skip
+        )
         log.warning("STOW-RS from %s: %s failed (0x%04X): %s", calling, sop or "?", code, exc)
         return Outcome(sop_class, sop, study, failure=code, reason=str(exc))
     log.info("STOW-RS from %s: %s %s", calling, stored.sop_uid, stored.outcome.value)

@@ -9,7 +9,10 @@ from functools import cache
 
 from flask import Blueprint
 from flask import Response
+from flask import g
 from pydicom.datadict import DicomDictionary
+
+from storage.dataset import is_uid
 
 bp = Blueprint("ui", __name__, static_folder="static", static_url_path="/ui/static")
 
@@ -17,6 +20,7 @@ bp = Blueprint("ui", __name__, static_folder="static", static_url_path="/ui/stat
 @bp.get("/")
 @bp.get("/study/<path:rest>")
 def page(rest: str = "") -> Response:
+    g.audit = {"study_uid": _shown_study(rest)}  # its audit event looks up the patient
     response = bp.send_static_file("index.html")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["Content-Security-Policy"] = (
@@ -24,6 +28,12 @@ def page(rest: str = "") -> Response:
         "frame-ancestors 'none'; form-action 'self'"
     )
     return response
+
+
+def _shown_study(rest: str) -> str:
+    """The study a /study/<uid>/... page shows ('' for none, or for a path that is no UID)."""
+    study = rest.partition("/")[0]
+    return study if is_uid(study) else ""
 
 
 @bp.get("/ui/keywords.json")

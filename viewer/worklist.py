@@ -5,6 +5,7 @@ removes one. Roles as everywhere: viewer reads, uploader adds, admin deletes."""
 from flask import Blueprint
 from flask import Response
 from flask import current_app
+from flask import g
 from flask import jsonify
 from flask import request
 
@@ -15,7 +16,9 @@ bp = Blueprint("worklist", __name__, url_prefix="/api/worklist")
 
 @bp.get("")
 def items() -> Response:
-    return jsonify(_archive().worklist_items())
+    found = _archive().worklist_items()
+    g.audit = {"patients": sorted({item["patient_id"] for item in found})}  # names, birth dates
+    return jsonify(found)
 
 
 @bp.post("")
@@ -24,7 +27,8 @@ def add() -> Response:
     entries = body if isinstance(body, list) else [body]
     if not entries or not all(isinstance(e, dict) for e in entries):
         return _error(400, "the body is a JSON object of DICOM keywords, or a list of them")
-    added = []
+    added: list[int] = []
+    g.audit = {"ids": added, "patients": [str(e.get("PatientID", "")) for e in entries]}
     for entry in entries:
         try:
             added.append(_archive().worklist_add({k: str(v) for k, v in entry.items()}))
