@@ -574,6 +574,7 @@ def _open(config_file: Path | None, **flags) -> Archive:
         duplicates=config.duplicates,
         index_url=config.index,
         routes=config.route,
+        pixel_budget=config.pixel_budget_mb << 20,
     )
     try:
         return archive.open()

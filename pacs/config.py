@@ -154,6 +154,22 @@ class Config:
         default=256,
         metadata={"help": "Memory for decoded frames kept for re-rendering (MiB)."},
     )
+    render_max_size: int = field(
+        default=4096,
+        metadata={
+            "help": "Largest width or height (pixels) of a rendered image: WADO-URI rows and "
+            "columns, DICOMweb viewport; larger requests answer 400."
+        },
+    )
+    pixel_budget_mb: int = field(
+        default=1024,
+        metadata={
+            "help": "Most memory (MiB) one instance's pixels may need decoded: Rows × Columns "
+            "× frames × samples × bytes. Larger instances are refused at ingest; any "
+            "stored earlier, and frames whose rendering needs more (16 bytes a sample), "
+            "answer 422 instead of being decoded."
+        },
+    )
     move_associations: int = field(
         default=2,
         metadata={
@@ -387,6 +403,8 @@ def _convert(name: str, value: Any) -> Any:
         "workers",
         "max_results",
         "render_cache_mb",
+        "render_max_size",
+        "pixel_budget_mb",
         "max_upload_mb",
         "session_idle_minutes",
         "session_hours",

@@ -11,7 +11,6 @@ import queue
 import socket
 import threading
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pydicom.uid import ExplicitVRLittleEndian
@@ -38,13 +37,16 @@ from storage import audit
 from storage import metrics
 from storage import query
 from storage.dataset import dataset_bytes
+from storage.dataset import read_dataset
 from storage.dicomjson import json_to_bytes
 from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
 from storage.errors import OutOfResources
+from storage.errors import OverPixelBudget
 from storage.errors import StorageError
 from storage.errors import UIDMismatch
+from storage.recode import to_little_endian
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ STATUS_FOR = {
     UIDMismatch: DATASET_MISMATCH,
     InvalidDataset: CANNOT_UNDERSTAND,
     InvalidUID: CANNOT_UNDERSTAND,
+    OverPixelBudget: CANNOT_UNDERSTAND,  # declares more pixel data than pixel_budget_mb
     DuplicateRejected: DUPLICATE_SOP_INSTANCE,
 }
 
@@ -78,8 +81,9 @@ def handle_store(event: Event, archive: Archive, config: Config) -> int | Datase
     a client that stores and then queries over one association finds what it stored.
 
     0x0000 stored; 0xA700 disk full; 0xA900 dataset UIDs differ from the request; 0xC000
-    does not parse or has an invalid UID; 0x0111 different bytes under a stored UID with
-    policy `reject`; 0x0124 the association may not store; 0x0110 any other failure.
+    does not parse, has an invalid UID or declares more pixel data than the budget; 0x0111
+    different bytes under a stored UID with policy `reject`; 0x0124 the association may
+    not store; 0x0110 any other failure.
     Failures carry an ErrorComment.
     """
     request = event.request
@@ -225,12 +229,13 @@ def handle_get(event: Event, archive: Archive, config: Config):
         yield _failure(IDENTIFIER_MISMATCH, "bad Query/Retrieve Level or identifier"), None
         return
     yield len(instances)
+    budget = config.pixel_budget_mb << 20
     try:
         for row in instances:  # sent by pynetdicom on this association, in this thread
             if event.is_cancelled:
                 yield CANCELLED, None
                 return
-            yield PENDING, _readable(row, event.assoc.accepted_contexts)
+            yield PENDING, _readable(row, event.assoc.accepted_contexts, budget)
     finally:
         _audit(archive, event, "retrieve", instances=len(instances), by="C-GET")
 
@@ -271,7 +276,7 @@ def handle_move(event: Event, archive: Archive, config: Config):
     }
     yield peer.host, peer.port, kwargs
     yield len(instances)
-    senders = _Senders(event, instances)
+    senders = _Senders(event, instances, config.pixel_budget_mb << 20)
     try:
         if established:  # pynetdicom opened it before asking for the count
             senders.add(established[0])
@@ -299,8 +304,9 @@ class _Senders:
 
     POLL = 0.05  # s between looks at a cancel while waiting for a sender
 
-    def __init__(self, event: Event, instances: list[dict]) -> None:
+    def __init__(self, event: Event, instances: list[dict], pixel_budget: int) -> None:
         self._event = event
+        self._pixel_budget = pixel_budget
         self._rows = list(reversed(instances))  # pop() takes them in order
         self._count = len(instances)
         self._done: queue.SimpleQueue = queue.SimpleQueue()
@@ -374,7 +380,7 @@ class _Senders:
     def _send(self, assoc, row: dict) -> Dataset | None:
         """One sub-operation: the dataset with its status attached; None if the
         association is gone."""
-        dataset = _readable(row, assoc.accepted_contexts)
+        dataset = _readable(row, assoc.accepted_contexts, self._pixel_budget)
         if getattr(dataset, "_sent_status", None) is not None:  # unreadable: failed
             return dataset
         try:
@@ -512,13 +518,14 @@ def _contexts_for(instances: list[dict]) -> list[PresentationContext]:
     return [build_context(c, syntaxes) for c, syntaxes in pairs]
 
 
-def _readable(row: dict, accepted: list) -> Dataset:
-    """The instance to send (`_dataset_to_send`), or, if its file cannot be read, a failed
-    sub-operation (PS3.4 C.4.2.1.4.2: counted, its UID in the Failed SOP Instance UID List)."""
+def _readable(row: dict, accepted: list, pixel_budget: int) -> Dataset:
+    """The instance to send (`_dataset_to_send`), or, if its file cannot be read or
+    converted, a failed sub-operation (PS3.4 C.4.2.1.4.2: counted, its UID in the Failed
+    SOP Instance UID List)."""
     try:
-        return _dataset_to_send(row, accepted)
+        return _dataset_to_send(row, accepted, pixel_budget)
     except Exception as exc:
-        log.warning("cannot read %s to send it: %s", row["instance_sop_uid"], exc)
+        log.warning("cannot send %s: %s", row["instance_sop_uid"], exc)
         return _failed(row)
 
 
@@ -529,9 +536,10 @@ def _failed(row: dict) -> Dataset:
     return seam.already_sent(dataset, status)
 
 
-def _dataset_to_send(row: dict, accepted: list) -> Dataset:
+def _dataset_to_send(row: dict, accepted: list, pixel_budget: int) -> Dataset:
     """The stored instance: its bytes as stored when the peer took that syntax, else the
-    dataset (pynetdicom converts between uncompressed syntaxes), decompressed if needed."""
+    dataset made little endian by storage.recode (decompressed within `pixel_budget`
+    bytes, or byte-swapped), which pynetdicom encodes in the accepted syntax."""
     path = row["instance_path"]
     syntax = UID(row["instance_transfer_syntax"])
     offered = [
@@ -543,10 +551,7 @@ def _dataset_to_send(row: dict, accepted: list) -> Dataset:
         return seam.StoredDataset(
             row["instance_sop_class_uid"], row["instance_sop_uid"], syntax, dataset_bytes(path)
         )
-    ds = dcmread(path)
-    if syntax.is_compressed and any(not UID(s).is_compressed for s in offered):
-        try:
-            ds.decompress(generate_instance_uid=False)  # same instance, another syntax
-        except Exception as exc:  # no decoder: the sub-operation fails and is counted
-            log.warning("cannot decompress %s for the peer: %s", row["instance_sop_uid"], exc)
+    ds = read_dataset(path)  # a deflated one inflated within MAX_INFLATED
+    if any(s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) for s in offered):
+        to_little_endian(ds, pixel_budget)  # raises: the sub-operation fails, counted
     return ds

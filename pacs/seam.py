@@ -56,7 +56,6 @@ import ssl
 import struct
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -81,6 +80,8 @@ from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
 
 from storage.dataset import dataset_bytes
+from storage.dataset import inflate
+from storage.recode import to_little_endian
 
 log = logging.getLogger(__name__)
 PENDING_INTERVAL = 0.1  # s between C-MOVE/C-GET pending responses
@@ -195,13 +196,16 @@ class StoredDataset(Dataset):
 
     def decoded(self) -> Dataset:
         """The dataset itself, for pynetdicom's own send path (which encodes it anew,
-        converting between uncompressed syntaxes)."""
+        converting between uncompressed syntaxes, but not their byte order): inflated
+        within MAX_INFLATED, and an uncompressed one made little endian (storage.recode)."""
         syntax = self.file_meta.TransferSyntaxUID
         raw = self._stored_bytes
         if syntax.is_deflated:
-            raw = zlib.decompress(raw, -zlib.MAX_WBITS)
+            raw = inflate(raw)
         ds = read_dataset(BytesIO(raw), syntax.is_implicit_VR, syntax.is_little_endian)
-        ds.file_meta = self.file_meta
+        ds.file_meta = FileMetaDataset(self.file_meta)
+        if not syntax.is_encapsulated:
+            to_little_endian(ds, None)  # no decoding: byte order at most
         return ds
 
 

@@ -204,6 +204,7 @@ def open_archive(config: Config, repair: bool) -> Archive:
         parse_processes=config.parse_processes if repair else 0,
         index_url=config.index,
         routes=config.route,
+        pixel_budget=config.pixel_budget_mb << 20,
     )
     try:
         archive.open()

@@ -6,6 +6,7 @@ only reads them to index them.
 
 import contextlib
 import hashlib
+import io
 import json
 import mmap
 import re
@@ -20,6 +21,7 @@ from typing import BinaryIO
 import pydicom.config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.uid import ExplicitVRBigEndian
 from pydicom.uid import ExplicitVRLittleEndian
@@ -29,6 +31,7 @@ from storage.dicomjson import dataset_to_json
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
 from storage.errors import NotDicom
+from storage.errors import OverPixelBudget
 from storage.files import CHUNK
 
 # Stored as received: value validation is the sender's business, not a reason to warn per file.
@@ -58,9 +61,23 @@ MAX_DEPTH = 64  # nested sequences; a deeper dataset is refused, not recursed in
 MAX_INFLATED = 1 << 28  # bytes a deflated dataset may inflate to (256 MiB)
 SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
 STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
+SAMPLES_PER_PIXEL, NUMBER_OF_FRAMES = 0x00280002, 0x00280008
+ROWS, COLUMNS, BITS_ALLOCATED = 0x00280010, 0x00280011, 0x00280100
 # The top-level elements the receive check reads (Archive.accept): the UIDs compared
-# with the request and used as path components.
-HEADER_TAGS = frozenset({SOP_CLASS_UID, SOP_INSTANCE_UID, STUDY_INSTANCE_UID, SERIES_INSTANCE_UID})
+# with the request and used as path components, and what the pixel budget needs.
+HEADER_TAGS = frozenset(
+    {
+        SOP_CLASS_UID,
+        SOP_INSTANCE_UID,
+        STUDY_INSTANCE_UID,
+        SERIES_INSTANCE_UID,
+        SAMPLES_PER_PIXEL,
+        NUMBER_OF_FRAMES,
+        ROWS,
+        COLUMNS,
+        BITS_ALLOCATED,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -95,10 +112,12 @@ def validate_uid(value: object, name: str) -> str:
     return uid
 
 
-def read_instance(path: Path) -> ParsedInstance:
-    """Check that `path` is a whole Part 10 file and extract its index keys."""
+def read_instance(path: Path, pixel_budget: int | None = None) -> ParsedInstance:
+    """Check that `path` is a whole Part 10 file (within `pixel_budget` bytes of decoded
+    pixel data, when given) and extract its index keys."""
     with _dataset(path) as (fp, start, syntax, encoded):
         header = _header(fp, start, syntax, encoded)
+        check_pixel_budget(header.pixel_bytes(), pixel_budget)
         try:
             fp.seek(0)
             # An inflated stream has no File Meta (force); pixel data is never read.
@@ -119,13 +138,87 @@ class Header:
     def uid(self, tag: int) -> str:
         return self.values.get(tag, b"").decode("ascii", "replace").rstrip("\0 ")
 
+    def pixel_bytes(self) -> int:
+        """Bytes the pixel data takes decoded, by what the header declares."""
+        order = ">" if self.syntax == ExplicitVRBigEndian else "<"
 
-def read_header(path: Path) -> Header:
+        def us(tag: int) -> int | None:
+            raw = self.values.get(tag, b"")
+            return struct.unpack(order + "H", raw[:2])[0] if len(raw) >= 2 else None
+
+        frames = self.values.get(NUMBER_OF_FRAMES, b"").decode("ascii", "replace")
+        return pixel_data_bytes(
+            us(ROWS), us(COLUMNS), frames, us(SAMPLES_PER_PIXEL), us(BITS_ALLOCATED)
+        )
+
+
+def pixel_data_bytes(rows, columns, frames, samples, bits_allocated) -> int:
+    """Rows × Columns × Number of Frames × Samples per Pixel × bytes a sample takes once
+    decoded (1-bit samples take a byte): what decoding every frame costs. Missing or
+    unreadable values count as 1 (0 without Rows or Columns: no pixels)."""
+
+    def number(value: object) -> int:
+        try:
+            return max(1, int(str(value).strip("\0 ") or 1))
+        except (TypeError, ValueError):
+            return 1
+
+    if not rows or not columns:
+        return 0
+    sample = max(1, -(-number(bits_allocated) // 8))
+    return int(rows) * int(columns) * number(frames) * number(samples) * sample
+
+
+def dataset_pixel_bytes(ds: Dataset) -> int:
+    """`pixel_data_bytes` of a parsed dataset."""
+    return pixel_data_bytes(
+        ds.get("Rows"),
+        ds.get("Columns"),
+        ds.get("NumberOfFrames"),
+        ds.get("SamplesPerPixel"),
+        ds.get("BitsAllocated"),
+    )
+
+
+def check_pixel_budget(size: int, budget: int | None, what: str = "") -> None:
+    """Raise OverPixelBudget when `size` bytes (decoded pixel data, or what decoding takes)
+    exceed `budget` (None: no budget): checked before anything is decoded."""
+    if budget is not None and size > budget:
+        what = what or "the pixel data (Rows × Columns × frames × samples × bytes)"
+        raise OverPixelBudget(
+            f"{what} needs {size / (1 << 20):.1f} MiB, more than the pixel budget of "
+            f"{budget / (1 << 20):.0f} MiB"
+        )
+
+
+def read_header(path: Path, pixel_budget: int | None = None) -> Header:
     """Walk every element header of a Part 10 file (truncation or a stray delimiter
     anywhere raises InvalidDataset) and read the top-level HEADER_TAGS; values are not
-    decoded."""
+    decoded. With `pixel_budget`, a dataset declaring more pixel data is refused."""
     with _dataset(path) as (fp, start, syntax, encoded):
-        return _header(fp, start, syntax, encoded)
+        header = _header(fp, start, syntax, encoded)
+    check_pixel_budget(header.pixel_bytes(), pixel_budget)
+    return header
+
+
+def read_dataset(path: Path, stop_before_pixels: bool = False) -> Dataset:
+    """A stored file as a pydicom Dataset, for decoding or re-encoding it. A deflated one
+    is inflated by the bounded `_dataset` (pydicom would inflate it whole in memory,
+    however large) and keeps its File Meta: its Transfer Syntax still says deflated."""
+    with _dataset(path) as (fp, _, syntax, encoded):
+        if encoded == syntax:
+            return dcmread(path, stop_before_pixels=stop_before_pixels)
+        fp.seek(0)
+        ds = dcmread(fp, force=True, stop_before_pixels=stop_before_pixels)
+    ds.file_meta = read_file_meta_info(path)
+    return ds
+
+
+def inflate(raw: bytes) -> bytes:
+    """A deflated dataset's bytes inflated, at most MAX_INFLATED (InvalidDataset beyond)."""
+    target = io.BytesIO()
+    _inflate(io.BytesIO(raw), target)
+    return target.getvalue()
 
 
 @contextlib.contextmanager

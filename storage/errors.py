@@ -17,6 +17,11 @@ class NotDicom(InvalidDataset):
     """Not a DICOM Part 10 file at all (import skips these)."""
 
 
+class OverPixelBudget(InvalidDataset):
+    """The dataset declares more pixel data than the configured budget (`pixel_budget_mb`):
+    decoding it could take the process's memory."""
+
+
 class UIDMismatch(StorageError):
     """The dataset's SOP Class/Instance UID differ from what the request announced."""
 

@@ -20,14 +20,17 @@ from flask import current_app
 from flask import g
 from flask import request
 from flask import stream_with_context
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from storage import Archive
 from storage import deidentify
 from storage import query
+from storage.dataset import check_pixel_budget
+from storage.dataset import dataset_pixel_bytes
 from storage.dataset import is_uid
+from storage.dataset import read_dataset
+from storage.errors import OverPixelBudget
 from storage.query import Key
 from viewer import qido
 from viewer import render
@@ -102,6 +105,10 @@ def _archive() -> Archive:
 
 def _config():
     return current_app.extensions["minipacs"]["config"]
+
+
+def _pixel_budget() -> int:
+    return _config().pixel_budget_mb << 20
 
 
 def _uid(value: str, name: str) -> str:
@@ -343,7 +350,7 @@ def _deidentifier(scope: dict[int, str]) -> Callable[[Dataset], object]:
 def _instance_bytes(row: dict, syntax: str, change) -> bytes:
     try:
         return transcode.instance_bytes(
-            row["instance_path"], row["instance_transfer_syntax"], syntax, change
+            row["instance_path"], row["instance_transfer_syntax"], syntax, change, _pixel_budget()
         )
     except deidentify.NotDeidentifiable as exc:
         raise WebError(409, f"cannot anonymize {row['instance_sop_uid']}: {exc}") from exc
@@ -417,7 +424,7 @@ def bulkdata(study: str, series: str, sop: str, tags: str) -> Response:
     tags_ok = all(re.fullmatch(r"[0-9A-Fa-f]{8}", p) for p in path[::2])
     if len(path) % 2 != 1 or not tags_ok or not all(p.isdigit() for p in path[1::2]):
         raise WebError(400, "bulk data is addressed as TAG[/ITEM/TAG...]")
-    ds = dcmread(row["instance_path"])
+    ds = read_dataset(row["instance_path"])
     if path == ["7FE00010"]:
         return _frames_response(row, list(range(1, render.number_of_frames(ds) + 1)), ds)
     value = transcode.bulk_bytes(ds, path)
@@ -433,6 +440,8 @@ def _frame_numbers(text: str) -> list[int]:
         raise WebError(400, f"frame list {text[:80]!r} is not comma-separated numbers") from None
     if not numbers or min(numbers) < 1:
         raise WebError(400, "frame numbers start at 1")
+    if len(set(numbers)) != len(numbers):  # each would be sent again: a response multiplier
+        raise WebError(400, "a frame list names each frame once")
     return numbers
 
 
@@ -447,11 +456,16 @@ def _octets_accepted() -> None:
 def _frames_response(row: dict, numbers: list[int], ds=None) -> Response:
     stored = row["instance_transfer_syntax"]
     as_stored, part_type = _frame_choice(_accept(), stored)
-    ds = ds or dcmread(row["instance_path"])
+    ds = ds or read_dataset(row["instance_path"])
     frame_count = render.number_of_frames(ds)
     bad = [n for n in numbers if n > frame_count]
     if bad:
         raise WebError(404, f"frame {bad[0]} is outside 1-{frame_count}")
+    if not as_stored:  # decoded: within the budget, like any decode
+        try:
+            check_pixel_budget(dataset_pixel_bytes(ds), _pixel_budget())
+        except OverPixelBudget as exc:
+            raise WebError(422, f"{exc} (pixel_budget_mb)") from exc
     native = not transcode.UID(stored).is_encapsulated  # native frames go out little endian
     syntax = stored if as_stored and not native else str(ExplicitVRLittleEndian)
     media = part_type if as_stored else OCTETS
@@ -586,7 +600,8 @@ def _render_request(fmt: str, frame: int, thumbnail: bool = False) -> render.Req
     """PS3.18 8.3.5.1: quality, window=center,width[,function], viewport=vw,vh[,sx,sy,sw,sh]
     (sw/sh negative: flipped), annotation=patient,technique."""
     args = request.args
-    fields: dict = {"frame": frame, "format": fmt}
+    fields: dict = {"frame": frame, "format": fmt, "pixel_budget": _pixel_budget()}
+    fields["max_size"] = _config().render_max_size
     if thumbnail:
         fields |= {"rows": THUMBNAIL, "columns": THUMBNAIL}
     if "quality" in args:
@@ -620,7 +635,7 @@ def _viewport(text: str) -> dict:
     parts = text.split(",")
     if len(parts) not in (2, 6):
         raise WebError(400, "viewport is vw,vh or vw,vh,sx,sy,sw,sh")
-    vw, vh = (_int_param("viewport", p, 1, 16384) for p in parts[:2])
+    vw, vh = (_int_param("viewport", p, 1, _config().render_max_size) for p in parts[:2])
     fields: dict = {"columns": vw, "rows": vh}
     if len(parts) == 6:
         sx, sy, sw, sh = (_float_param("viewport", p or "0") for p in parts[2:])

@@ -17,11 +17,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array
+
+from storage.dataset import check_pixel_budget
+from storage.dataset import dataset_pixel_bytes
+from storage.dataset import pixel_data_bytes
+from storage.dataset import read_dataset
+from storage.errors import OverPixelBudget
+
+RENDER_BYTES = 16  # bytes a sample takes at most while a frame is rendered (check_cost)
 
 
 class RenderError(Exception):
@@ -51,6 +58,10 @@ class Request:
     format: str = "png"  # png, jpeg or gif
     quality: int = 90
     annotation: tuple[str, ...] = ()  # "patient", "technique"
+    # Limits from the configuration: the largest output side (a missing rows or columns is
+    # bounded by it too), and the pixel budget (bytes; None: none), checked before decoding.
+    max_size: int = 4096
+    pixel_budget: int | None = None
 
 
 class FrameCache:
@@ -97,7 +108,7 @@ def _cost(item: tuple[Dataset, np.ndarray]) -> int:
 
 def render(path: Path, request: Request, cache: FrameCache) -> bytes:
     """The encoded image of one frame of the stored instance at `path`."""
-    ds, values = _frame(path, request.frame, cache)
+    ds, values = _frame(path, request.frame, cache, request.pixel_budget)
     window = request.window
     if window is None and request.minmax:
         low, high = float(values.min()), float(values.max())
@@ -132,17 +143,20 @@ def number_of_frames(ds: Dataset) -> int:
 # -- decode + Modality LUT ----------------------------------------------------------
 
 
-def _frame(path: Path, frame: int, cache: FrameCache) -> tuple[Dataset, np.ndarray]:
+def _frame(
+    path: Path, frame: int, cache: FrameCache, pixel_budget: int | None
+) -> tuple[Dataset, np.ndarray]:
     key = (str(path), path.stat().st_mtime_ns, frame)
     cached = cache.get(key)
     if cached is not None:
         return cached
-    ds = dcmread(path, stop_before_pixels=True)
+    ds = read_dataset(path, stop_before_pixels=True)
     if not any(t in ds for t in (0x7FE00010,)) and "Rows" not in ds:
         raise RenderError("the instance has no pixel data", 400)
     frames = number_of_frames(ds)
     if not 1 <= frame <= frames:
         raise RenderError(f"frameNumber {frame} is outside 1-{frames}", 400)
+    check_cost(ds, pixel_budget)
     try:
         arr = decode_frame(path, frame)
     except Exception as exc:  # no decoder, corrupt stream: say so
@@ -154,13 +168,27 @@ def _frame(path: Path, frame: int, cache: FrameCache) -> tuple[Dataset, np.ndarr
     return item
 
 
+def check_cost(ds: Dataset, pixel_budget: int | None) -> None:
+    """Refuse (422), before anything is decoded, an instance over the pixel budget (one
+    stored before the budget was lowered), or a frame whose rendering would take more:
+    decoding, the Modality LUT and windowing take up to RENDER_BYTES a sample."""
+    try:
+        check_pixel_budget(dataset_pixel_bytes(ds), pixel_budget)
+        samples = pixel_data_bytes(
+            ds.get("Rows"), ds.get("Columns"), 1, ds.get("SamplesPerPixel"), 8
+        )
+        check_pixel_budget(samples * RENDER_BYTES, pixel_budget, "rendering one frame")
+    except OverPixelBudget as exc:
+        raise RenderError(f"{exc} (pixel_budget_mb)", 422) from exc
+
+
 def decode_frame(source: Path | Dataset, frame: int) -> np.ndarray:
     """One frame, read from the file without loading the others (or from a dataset already
-    read); a deflated dataset has to be inflated whole first."""
+    read); a deflated dataset has to be inflated whole first (bounded: read_dataset)."""
     try:
         return pixel_array(source, index=frame - 1, raw=False)
     except AttributeError:  # pydicom cannot seek in a deflated stream
-        return pixel_array(dcmread(source), index=frame - 1, raw=False)
+        return pixel_array(read_dataset(source), index=frame - 1, raw=False)
 
 
 def _modality(arr: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
@@ -342,7 +370,7 @@ def _resize(picture: Image.Image, request: Request) -> Image.Image:
     if request.exact_size and rows and columns:
         size = (columns, rows)
     else:
-        scale = min((columns or width * 10**6) / width, (rows or height * 10**6) / height)
+        scale = min((columns or request.max_size) / width, (rows or request.max_size) / height)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))
     if size == picture.size:
         return picture

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from pydicom import dcmread
+from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
 from pydicom.tag import Tag
@@ -19,6 +19,10 @@ from pydicom.uid import UID
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import ImplicitVRLittleEndian
 
+from storage.dataset import read_dataset
+from storage.errors import OverPixelBudget
+from storage.recode import RecodeError
+from storage.recode import to_little_endian
 from viewer import render
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -58,30 +62,33 @@ def can_send(stored: str, wanted: str) -> bool:
 
 
 def instance_bytes(
-    path: Path, stored: str, wanted: str, change: Callable[[Dataset], object] | None = None
+    path: Path,
+    stored: str,
+    wanted: str,
+    change: Callable[[Dataset], object] | None = None,
+    pixel_budget: int | None = None,
 ) -> bytes:
     """The Part 10 file in `wanted` (as stored when "*" or equal), after `change` (which
-    edits the dataset in place: de-identification) when given."""
+    edits the dataset in place: de-identification) when given; another syntax through
+    storage.recode (decompressed within `pixel_budget` bytes, or byte-swapped)."""
     if wanted in ("*", stored) and change is None:
         return path.read_bytes()
     if wanted not in ("*", stored, *UNCOMPRESSED):
         raise TranscodeError(f"cannot transcode {UID(stored).name} to {wanted}")
-    ds = dcmread(path)
+    ds = read_dataset(path)
     if change is not None:
         change(ds)
-    if wanted in ("*", stored):
-        syntax = UID(stored)
-    else:
-        syntax = UID(wanted)
-        if UID(stored).is_compressed:
-            try:
-                ds.decompress(generate_instance_uid=False)  # same instance, another syntax
-            except Exception as exc:
-                raise TranscodeError(f"cannot decompress {UID(stored).name}: {exc}", 422) from exc
+    syntax = UID(stored if wanted == "*" else wanted)
+    if syntax != stored:
+        try:
+            to_little_endian(ds, pixel_budget)
+        except (RecodeError, OverPixelBudget) as exc:
+            raise TranscodeError(f"{exc}", 422) from exc
     buffer = io.BytesIO()
     ds.file_meta.TransferSyntaxUID = syntax
-    ds.save_as(
+    dcmwrite(
         buffer,
+        ds,
         implicit_vr=syntax.is_implicit_VR,
         little_endian=syntax.is_little_endian,
         enforce_file_format=True,

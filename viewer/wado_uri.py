@@ -10,12 +10,12 @@ from flask import Blueprint
 from flask import Response
 from flask import current_app
 from flask import request
-from pydicom import dcmread
 from pydicom.uid import UID
 from pydicom.uid import ExplicitVRLittleEndian
 
 from storage import deidentify
 from storage.dataset import is_uid
+from storage.dataset import read_dataset
 from viewer import render
 from viewer import transcode
 
@@ -80,7 +80,7 @@ def wado() -> Response:
     path = archive.instance_file(uids[2], uids[0], uids[1])
     if path is None:
         raise WadoError(404, f"no object {uids[2]} in series {uids[1]} of study {uids[0]}")
-    header = dcmread(path, stop_before_pixels=True)
+    header = read_dataset(path, stop_before_pixels=True)
     has_pixels = "Rows" in header and "Columns" in header
     content_type = _content_type(params.get("contentType", ""), has_pixels)
     if content_type == DICOM:
@@ -127,10 +127,11 @@ def _dicom(path, header, syntax: str, anonymize: bool) -> Response:
         raise WadoError(400, "transferSyntax is not a valid UID")
     profile = current_app.extensions["minipacs"]["deid"]()
     change = (lambda ds: deidentify.deidentify(ds, profile)) if anonymize else None
+    budget = current_app.extensions["minipacs"]["config"].pixel_budget_mb << 20
     try:
-        body = transcode.instance_bytes(path, stored, wanted, change)
+        body = transcode.instance_bytes(path, stored, wanted, change, budget)
     except transcode.TranscodeError as exc:
-        raise WadoError(406, str(exc)) from exc
+        raise WadoError(exc.status, str(exc)) from exc
     except deidentify.NotDeidentifiable as exc:  # PS3.18 lets the server refuse
         raise WadoError(409, f"cannot anonymize {header.SOPInstanceUID}: {exc}") from exc
     return _dicom_response(body, stored if wanted == "*" else UID(wanted))
@@ -145,15 +146,19 @@ def _dicom_response(body: bytes, syntax: UID) -> Response:
 
 
 def _image(path, header, content_type: str, params) -> Response:
+    config = current_app.extensions["minipacs"]["config"]
+    size = config.render_max_size  # bounds the output before any work (PS3.18 leaves it open)
     wanted = render.Request(
         frame=_int(params, "frameNumber", 1, minimum=1),
         window=_window(params),
-        rows=_int(params, "rows", None, minimum=1),
-        columns=_int(params, "columns", None, minimum=1),
+        rows=_int(params, "rows", None, minimum=1, maximum=size),
+        columns=_int(params, "columns", None, minimum=1, maximum=size),
         region=_region(params.get("region")),
         format=IMAGE_TYPES[content_type],
         quality=_int(params, "imageQuality", 90, minimum=1, maximum=100),
         annotation=_annotation(params.get("annotation", "")),
+        max_size=size,
+        pixel_budget=config.pixel_budget_mb << 20,
     )
     tag = render.etag(path, wanted)
     if request.if_none_match.contains(tag):
