@@ -19,6 +19,7 @@ import pytest
 from conftest import Server
 from conftest import minipacs
 from dicom_files import TEST_FILES
+from PIL import Image
 from pydicom.encaps import get_frame
 from pydicom.uid import generate_uid
 
@@ -465,3 +466,22 @@ def test_stow_over_the_configured_maximum_is_413(start_server):
     assert post(small, stow_body(payloads))[0] == 413
     code, answer = post(small, iter([stow_body(payloads)]))  # chunked: no length up front
     assert code == 413 and answer["error"]
+
+
+def test_a_frame_list_names_each_frame_once(server):
+    """/frames/1,1,1,… multiplied the answer by the length of the list (issue 17)."""
+    url = f"{instance_url(server, 'jpeg')}/frames/{','.join(['1'] * 3000)}"
+    status, _, body = get(url, Accept='multipart/related; type="application/octet-stream"')
+    assert status == 400
+    assert "each frame once" in json.loads(body)["error"]
+
+
+def test_viewport_above_render_max_size_is_refused_before_rendering(server):
+    """viewport was capped at 16384: 16384² RGB is ~800 MB a request (issue 17)."""
+    url = f"{instance_url(server, 'ct')}/rendered"
+    status, _, body = get(f"{url}?viewport=4097,16")
+    assert status == 400
+    assert "viewport must be between 1 and 4096" in json.loads(body)["error"]
+    status, headers, body = get(f"{url}?viewport=4096,64&accept=image/png")
+    assert status == 200
+    assert Image.open(io.BytesIO(body)).size == (64, 64)  # fits inside, aspect kept

@@ -241,3 +241,15 @@ def test_concurrent_renders_are_correct(server):
             TEST_FILES / "CT_small.dcm", Request(window=(float(center), float(width))), cache
         )
         assert np.array_equal(image, picture(expected))
+
+
+def test_image_size_is_bounded_before_any_work(server):
+    """rows=200000 asked for 4×10¹⁰ pixels, enough for the kernel to kill the whole server
+    (issue 17): above render_max_size (4096) rows and columns answer 400."""
+    for params in ({"rows": "200000"}, {"columns": "4097"}, {"rows": "12000", "columns": "64"}):
+        status, _, body = get(server, "CT_small.dcm", **params)
+        assert status == 400, params
+        assert b"must be between 1 and 4096" in body
+    status, _, body = get(server, "CT_small.dcm", rows="4096", contentType="image/png")
+    assert status == 200
+    assert picture(body).shape == (4096, 4096)  # one side given: the other follows, bounded
