@@ -203,9 +203,14 @@ def selection_options(func):
     return func
 
 
-def _level(level_uid: str | None) -> str:
+def _level(level_uid: str | None, uids: tuple[str, ...]) -> str:
+    """The level of the selection; each UID or Patient ID must name one thing: an empty
+    one, or a wildcard, would match every patient."""
     if level_uid is None:
         raise UsageFailure("say what the UIDs are: --patient, --study, --series or --instance")
+    for uid in uids:
+        if not uid.strip() or "*" in uid or "?" in uid:
+            raise UsageFailure(f"{uid!r} would match more than one: name each one exactly")
     return level_uid
 
 
@@ -214,7 +219,7 @@ def _level(level_uid: str | None) -> str:
 @selection_options
 def delete(config_file: Path | None, level_uid: str | None, uids: tuple[str, ...], **flags):
     """Delete patients, studies, series or instances: files and index rows, audited."""
-    _level(level_uid)
+    _level(level_uid, uids)
     archive = _open(config_file, **flags)
     who = f"{getpass.getuser()} (minipacs delete)"
     try:
@@ -244,7 +249,7 @@ def delete(config_file: Path | None, level_uid: str | None, uids: tuple[str, ...
 def anonymize(config_file, level_uid, uids, out, dest, key_file, **flags) -> None:
     """De-identify patients, studies, series or instances (PS3.15 Annex E Basic Profile and
     options) into a folder or to a peer; the archive keeps the originals. Audited."""
-    level = _level(level_uid)
+    level = _level(level_uid, uids)
     if (out is None) == (dest is None):
         raise UsageFailure("say where to: --out FOLDER or --dest AET")
     config = build_config(config_file, **flags)

@@ -15,6 +15,14 @@ Choices the table leaves to the implementation (docs/decisions.md, 2026-11-26):
   structured content cleans it the same way, item by item; C on graphics keeps them.
 - Private attributes are removed (Retain Safe Private needs Table E.3.10-1: not offered).
 - Pixel data is not cleaned: an instance that says BurnedInAnnotation YES is refused.
+- Attributes the table does not list, at any depth (docs/decisions.md, 2026-12-04), are
+  treated by their VR (`UNLISTED`): person names emptied; dates and times replaced like
+  the table's (kept or shifted by the date options); free text (LT, ST, UT) emptied, or
+  cleaned with Clean Descriptors; short strings (LO, SH, UC: code meanings, device and
+  protocol names) cleaned of the patient's identifiers; AE titles and URIs emptied.
+  Codes (CS), numbers and binary data are kept.
+- The file meta is rewritten as ours: it names the file's writer, and the sender's AE
+  title or implementation version says where the data came from.
 """
 
 import datetime
@@ -32,6 +40,8 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 
 from storage.deid_table import TABLE
+from storage.journal import IMPLEMENTATION_UID
+from storage.journal import IMPLEMENTATION_VERSION
 
 # Option name → (CID 7050 code, meaning); the Basic Profile itself is 113100.
 OPTIONS = {
@@ -64,6 +74,14 @@ TEXT_VRS = {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "CS"}
 FREE_VRS = {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "DA", "DT", "TM"}
 PATIENT_NAME, PATIENT_ID = 0x00100010, 0x00100020
 MAX_SHIFT_DAYS = 3650
+# The file meta elements a de-identified file keeps (the others name the sender).
+META_KEPT = {
+    "FileMetaInformationGroupLength",
+    "FileMetaInformationVersion",
+    "MediaStorageSOPClassUID",
+    "MediaStorageSOPInstanceUID",
+    "TransferSyntaxUID",
+}
 
 
 class NotDeidentifiable(Exception):
@@ -103,6 +121,21 @@ def _parse(table: str) -> tuple[dict[int, Rule], list[tuple[re.Pattern, Rule]]]:
 
 
 RULES, PATTERNS = _parse(TABLE)
+_DATES = {"fulldates": "K", "modifdates": "C"}
+UNLISTED = {  # VR → the rule of an attribute Table E.1-1 does not list
+    "PN": Rule("Z", {}),
+    "DA": Rule("D", _DATES),
+    "DT": Rule("D", _DATES),
+    "TM": Rule("D", _DATES),
+    "LT": Rule("Z", {"desc": "C"}),
+    "ST": Rule("Z", {"desc": "C"}),
+    "UT": Rule("Z", {"desc": "C"}),
+    "LO": Rule("C", {}),
+    "SH": Rule("C", {}),
+    "UC": Rule("C", {}),
+    "AE": Rule("Z", {"devid": "K"}),
+    "UR": Rule("Z", {}),
+}
 
 
 def rule_for(tag: int) -> Rule | None:
@@ -164,10 +197,23 @@ def deidentify(ds: Dataset, profile: Profile) -> Dataset:
     )
     work.clean(ds)
     _declare(ds, profile)
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    _own_meta(ds)
     return ds
+
+
+def _own_meta(ds: Dataset) -> None:
+    """The file meta of the file we write: ours, with the new instance UID; the sender's AE
+    titles, address, implementation and private information go."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        return
+    for elem in list(meta):
+        if elem.keyword not in META_KEPT:
+            del meta[elem.tag]
+    meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    if "SOPInstanceUID" in ds:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
 
 
 @dataclass
@@ -189,10 +235,13 @@ class _Work:
                 self._apply(ds, elem, rule.action(self.profile.options), inside)
             elif elem.VR == "SQ":
                 self._items(elem, inside)  # not in the table: kept, its items cleaned
-            elif elem.VR == "UI" and _instance_uid(elem) and "uids" not in self.profile.options:
-                elem.value = _map_values(elem.value, self.profile.uid)  # links to originals
+            elif elem.VR == "UI":
+                if _instance_uid(elem) and "uids" not in self.profile.options:
+                    elem.value = _map_values(elem.value, self.profile.uid)  # links to originals
             elif inside and elem.VR in FREE_VRS:
                 self._apply(ds, elem, inside)
+            elif elem.VR in UNLISTED:
+                self._apply(ds, elem, UNLISTED[elem.VR].action(self.profile.options))
 
     def _items(self, elem: DataElement, inside: str) -> None:
         for item in elem.value:

@@ -19,10 +19,15 @@ from conftest import storescu
 from make_study import make_study
 from pydicom.charset import convert_encodings
 from pydicom.charset import encode_string
+from pydicom.datadict import DicomDictionary
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
 
 from storage import deidentify
 from storage.deid_table import TABLE
+from storage.journal import IMPLEMENTATION_UID
 
 CHARSET_FILES = TEST_FILES.parent / "charset_files"
 KEY = deidentify.Profile(b"project key")
@@ -142,6 +147,132 @@ def test_free_text_and_dates_inside_content_sequences():
     deidentified(cleaned, deidentify.Profile(b"k", frozenset({"struct"})))
     assert "1CT1" not in cleaned.ContentSequence[0].TextValue
     assert cleaned.ContentSequence[0].TextValue.startswith("Seen John Smith")  # not an ID
+
+
+# A value of each VR that must not survive de-identification; MARKERS show it did.
+PHI = {
+    "PN": "Secret^Person",
+    "LT": "SECRET note",
+    "ST": "SECRET note",
+    "UT": "SECRET note",
+    "LO": "Doe PID42",  # short strings: the patient's name and ID cleaned out
+    "SH": "Doe PID42",
+    "UC": "Doe PID42",
+    "DA": "19800102",
+    "DT": "19800102030405",
+    "TM": "030405",
+    "AE": "SECRETAE",
+    "UR": "http://secret.example/PID42",
+}
+MARKERS = [b"Secret", b"SECRET", b"secret", b"PID42", b"Doe", b"19800102", b"030405"]
+SAMPLES = ["CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "rtdose.dcm", "test-SR.dcm"]
+
+
+def unlisted_tag(vr: str) -> int:
+    """The first standard attribute of this VR that Table E.1-1 does not list."""
+    return next(
+        tag
+        for tag, (entry_vr, vm, _, retired, _) in sorted(DicomDictionary.items())
+        if entry_vr == vr and vm == "1" and not retired and tag >> 16 not in (0, 2)
+        and deidentify.rule_for(tag) is None
+    )  # fmt: skip
+
+
+def fill(ds: Dataset, depth: int) -> None:
+    """PHI in an attribute of every VR the table leaves out, in codes, and (below the top)
+    one more level down, to depth 3."""
+    for vr, value in PHI.items():
+        ds.add(DataElement(unlisted_tag(vr), vr, value))
+    ds.EvaluatorName = PHI["PN"]  # the review's: unlisted, kept before
+    ds.InstanceCreationDate, ds.ObservationDateTime = PHI["DA"], PHI["DT"]
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = "T-A0100", "SRT", "Doe PID42"
+    ds.AnatomicRegionSequence = [code]
+    if depth < 3:
+        item = Dataset()
+        fill(item, depth + 1)
+        code.AnatomicRegionModifierSequence = [item]
+
+
+def probe() -> Dataset:
+    ds = Dataset()
+    ds.PatientName, ds.PatientID, ds.Modality = "Doe^John", "PID42", "CT"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.3.4", "1.2.3.4.1"
+    fill(ds, 1)
+    frame = Dataset()
+    frame.FrameAcquisitionDateTime = frame.FrameReferenceDateTime = PHI["DT"]
+    shared, per_frame = Dataset(), Dataset()
+    shared.FrameContentSequence, per_frame.FrameContentSequence = [frame], [copy.deepcopy(frame)]
+    ds.SharedFunctionalGroupsSequence, ds.PerFrameFunctionalGroupsSequence = [shared], [per_frame]
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+        ds.SOPClassUID,
+        ds.SOPInstanceUID,
+    )
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.SourceApplicationEntityTitle = "SECRETAE"
+    ds.file_meta.SendingApplicationEntityTitle = "SECRETAE"
+    ds.file_meta.ImplementationVersionName = "SECRET_IMPL"
+    return ds
+
+
+def test_a_probe_with_phi_in_every_vr_and_depth():
+    """Issue 17: attributes the table does not list kept their values, at every depth
+    and in the file meta."""
+    ds = probe()
+    raw = io.BytesIO()
+    ds.save_as(raw, enforce_file_format=True)
+    assert all(marker in raw.getvalue() for marker in MARKERS)
+    data = deidentified(ds)
+    for marker in MARKERS:
+        assert marker not in data, marker
+    back = pydicom.dcmread(io.BytesIO(data))
+    code = back.AnatomicRegionSequence[0]
+    assert (code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning) == (
+        "T-A0100",
+        "SRT",
+        "* *",
+    )
+    assert back.Modality == "CT"  # codes stay
+    frame = back.SharedFunctionalGroupsSequence[0].FrameContentSequence[0]
+    assert frame.FrameAcquisitionDateTime == "19000101000000"  # Type 1C: a dummy, not gone
+    assert "SourceApplicationEntityTitle" not in back.file_meta
+    assert back.file_meta.ImplementationVersionName == "MINIPACS_01"
+
+
+@pytest.mark.parametrize("name", SAMPLES)
+def test_no_date_time_or_name_survives_in_the_review_samples(name):
+    """CT_small kept InstanceCreationDate (the exam day), test-SR ObservationDateTime,
+    every file its file meta, while saying LongitudinalTemporalInformationModified
+    REMOVED."""
+    original = pydicom.dcmread(TEST_FILES / name)
+    back = pydicom.dcmread(io.BytesIO(deidentified(copy.deepcopy(original))))
+    assert back.LongitudinalTemporalInformationModified == "REMOVED"
+    dummies = {"DA": "19000101", "DT": "19000101000000", "TM": "000000"}
+    for elem in [*back.iterall(), *back.file_meta]:
+        if elem.VR in dummies and elem.value:
+            assert str(elem.value) == dummies[elem.VR], elem
+        if elem.VR == "PN" and elem.value:
+            assert str(elem.value) in (back.PatientID, "ANONYMIZED"), elem  # pseudonym, dummy
+    meta = back.file_meta
+    assert "SourceApplicationEntityTitle" not in meta
+    assert (meta.ImplementationClassUID, meta.ImplementationVersionName) == (
+        IMPLEMENTATION_UID,
+        "MINIPACS_01",
+    )
+
+
+def test_an_empty_or_wildcard_selection_is_refused(tmp_path):
+    """`--patient ''` matched every patient (an empty key is universal matching)."""
+    for value in ("", " ", "PID*"):
+        result = minipacs(
+            "anonymize", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--patient", value, check=False,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert "would match more than one" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_burned_in_annotation_is_refused():
