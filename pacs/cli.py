@@ -5,7 +5,6 @@ import enum
 import functools
 import getpass
 import json
-import logging
 import os
 import shutil
 import ssl
@@ -19,12 +18,12 @@ import click
 import pydicom
 
 from pacs import auditlog
+from pacs import boot
 from pacs import config as settings
 from pacs import scu
+from pacs.boot import setup_logging
 from pacs.config import Config
 from pacs.config import ConfigError
-from pacs.server import StartupError
-from pacs.server import serve as run_server
 from pacs.tls import client_context
 from storage import Archive
 from storage import Outcome
@@ -42,16 +41,6 @@ class UsageFailure(click.ClickException):
     """A user error: one line on stderr, exit status 2, no traceback."""
 
     exit_code = 2
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pynetdicom's INFO is per-PDU chatter and its DEBUG dumps datasets (PHI): DEBUG only.
-    logging.getLogger("pynetdicom").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
 
 
 def build_config(config_file: Path | None, **flags) -> Config:
@@ -96,12 +85,7 @@ def main() -> None:
 @click.option("--workers", type=int, help=_help("workers"))
 def serve(config_file: Path | None, **flags) -> None:
     """Run the DICOM SCP and the web server until SIGINT/SIGTERM."""
-    config = build_config(config_file, **flags)
-    setup_logging(config.log_level)
-    try:
-        run_server(config)
-    except StartupError as exc:
-        raise UsageFailure(str(exc)) from None
+    boot.exec_server(build_config(config_file, **flags))
 
 
 @main.command("import")

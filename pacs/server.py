@@ -3,8 +3,11 @@ in processes it supervises (pacs.worker), on one archive; stopped by a signal.""
 
 import dataclasses
 import logging
+import os
+import pickle
 import socket
 import ssl
+import sys
 import threading
 from http import HTTPStatus
 
@@ -17,6 +20,7 @@ from waitress.utilities import Error
 
 from pacs import auditlog
 from pacs import router
+from pacs.boot import setup_logging
 from pacs.config import Config
 from pacs.tls import TLSChannel
 from pacs.tls import check_files
@@ -41,7 +45,20 @@ from viewer.auth import HEAD_BODY
 from viewer.auth import check_head
 
 log = logging.getLogger(__name__)
-__all__ = ["StartupError", "serve"]
+__all__ = ["StartupError", "main", "serve"]
+
+
+def main(args: list[str]) -> None:
+    """The server process's entry point (pacs.boot; `minipacs serve` becomes it): the
+    configuration pickled on stdin. A start-up failure is one line and exit status 2."""
+    config: Config = pickle.load(sys.stdin.buffer)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    setup_logging(config.log_level)
+    try:
+        serve(config)
+    except StartupError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def serve(config: Config) -> None:

@@ -7,8 +7,9 @@ received (storage.indexer) and supervises `workers` DICOM processes on the share
 (storage.journal). A third process for the indexer would give it a core of its own
 only when the web side is busy too, for ~70 MB more (Python, pydicom and numpy in it).
 
-Each worker is `python -m pacs.worker N SUPERVISOR_PID` with the configuration pickled
-on its stdin: it imports only what it runs (not the web side), says "ready" on its
+Each worker is `python -m pacs.boot pacs.worker sqlite|postgresql N SUPERVISOR_PID` with
+the configuration pickled on its stdin: it imports only what it runs (not the web side,
+nor drivers its index does not use: pacs.boot), says "ready" on its
 stdout, and dies with its supervisor (PR_SET_PDEATHSIG), which a killed supervisor
 (kill -9) could otherwise not arrange.
 """
@@ -27,6 +28,7 @@ import threading
 import time
 
 from pacs import auditlog
+from pacs import boot
 from pacs import seam
 from pacs.config import Config
 from pacs.scp import start_scp
@@ -57,7 +59,7 @@ class Child:
 
     def _start(self) -> subprocess.Popen:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pacs.worker", str(self.number), str(os.getpid())],
+            boot.command("pacs.worker", self.config.index, str(self.number), str(os.getpid())),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -108,17 +110,14 @@ def stop_children(children: list[Child]) -> None:
         child.join(DRAIN_SECONDS + 5)
 
 
-def main() -> None:
-    """A worker's entry point: `python -m pacs.worker NUMBER SUPERVISOR_PID`."""
-    number, supervisor = int(sys.argv[1]), int(sys.argv[2])
+def main(args: list[str]) -> None:
+    """A worker's entry point (pacs.boot): NUMBER SUPERVISOR_PID, the configuration
+    pickled on stdin."""
+    number, supervisor = int(args[0]), int(args[1])
     _die_with(supervisor)
     limit_malloc_arenas()
     config: Config = pickle.load(sys.stdin.buffer)
-    logging.basicConfig(
-        level=config.log_level,
-        format=f"%(asctime)s %(levelname)s worker{number} %(name)s: %(message)s",
-    )
-    logging.getLogger("pynetdicom").setLevel("DEBUG" if config.log_level == "DEBUG" else "WARNING")
+    boot.setup_logging(config.log_level, prefix=f"worker{number} ")
     stop = stop_on_signals()
     auditlog.install(config.audit_syslog)
     try:
@@ -248,7 +247,3 @@ def stop_scps(scps: list) -> None:
         for assoc in scp.ae.active_associations:
             log.warning("aborting association with %s at shutdown", assoc.requestor.ae_title)
             assoc.abort()
-
-
-if __name__ == "__main__":
-    main()

@@ -42,6 +42,18 @@ def test_workers_share_port_and_archive(start_server, tmp_path, engine):
     assert "worker0" in server.log() and "worker1" in server.log()
 
 
+def test_server_processes_load_only_their_index_driver(start_server, engine):
+    """pacs.boot: on SQLite no PostgreSQL driver is loaded (~12 MiB a process)."""
+    server = start_server()
+    wait_for(lambda: "DICOM on" in server.log())
+    processes = [server.proc.pid, *workers(server.proc.pid)]
+    assert len(processes) == 2
+    assert echo(server.port) == 0
+    for pid in processes:
+        loaded = "psycopg" in Path(f"/proc/{pid}/maps").read_text()
+        assert loaded == bool(engine), (pid, engine)
+
+
 def test_a_dead_worker_is_replaced_and_stop_ends_all(start_server):
     server = start_server("--workers", "2")
     wait_for(lambda: len(workers(server.proc.pid)) == 2)

@@ -1,0 +1,73 @@
+"""Where the server's processes start: importing only what their configuration uses.
+
+peewee imports every PostgreSQL driver installed when it is imported (psycopg: ~12 MiB of
+RSS), and pydicom imports requests for its test-data downloads (~5 MiB). A server on
+SQLite calls neither, in each of its processes. The import system's documented marker
+for "absent" (None in sys.modules) keeps them out, but only when it is set before peewee
+and pydicom are first imported: so `minipacs serve`, once it has read its settings,
+replaces itself (exec, same PID) with `python -m pacs.boot pacs.server sqlite`, and the
+server starts each DICOM worker as `python -m pacs.boot pacs.worker sqlite N PID`; both
+read the configuration pickled on their stdin. Library users importing `pacs` or
+`storage` never pass through here.
+"""
+
+import importlib
+import logging
+import os
+import pickle
+import sys
+import tempfile
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pacs.config imports storage, hence peewee: not before main() chose
+    from pacs.config import Config
+
+ENTRIES = ("pacs.server", "pacs.worker")
+UNUSED = ("requests",)
+POSTGRES_DRIVERS = ("psycopg", "psycopg2", "psycopg2cffi")
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def command(entry: str, index: str, *args: str) -> list[str]:
+    """The command line that runs `entry`'s main(args) for a server whose index is `index`."""
+    kind = "postgresql" if index.startswith(POSTGRES_SCHEMES) else "sqlite"
+    return [sys.executable, "-m", "pacs.boot", entry, kind, *args]
+
+
+def exec_server(config: "Config") -> None:
+    """Become the server process (never returns): the configuration pickled on its
+    stdin, this process's PID, signals and output kept."""
+    with tempfile.TemporaryFile() as spool:  # any size, unlike a pipe nobody reads yet
+        spool.write(pickle.dumps(config))
+        spool.seek(0)
+        os.dup2(spool.fileno(), 0)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = command("pacs.server", config.index)
+    os.execv(argv[0], argv)
+
+
+def setup_logging(level: str, prefix: str = "") -> None:
+    """One log format for the command and every server process (stderr)."""
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
+    )
+    # pynetdicom's INFO is per-PDU chatter and its DEBUG dumps datasets (PHI): DEBUG only.
+    logging.getLogger("pynetdicom").setLevel("DEBUG" if level == "DEBUG" else "WARNING")
+
+
+def main() -> None:
+    """`python -m pacs.boot ENTRY sqlite|postgresql ARGS...`"""
+    entry, kind, *args = sys.argv[1:]
+    if entry not in ENTRIES or kind not in ("sqlite", "postgresql"):
+        sys.exit(f"usage: python -m pacs.boot {'|'.join(ENTRIES)} sqlite|postgresql ARGS...")
+    for name in UNUSED + (POSTGRES_DRIVERS if kind == "sqlite" else ()):
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
+    importlib.import_module(entry).main(args)
+
+
+if __name__ == "__main__":
+    main()
