@@ -381,7 +381,13 @@ def load(config_file: Path | None, env: dict[str, str], flags: dict[str, Any]) -
     unknown = set(values) - set(settings())
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    return replace(Config(), **{k: _convert(k, v) for k, v in values.items()})
+    config = replace(Config(), **{k: _convert(k, v) for k, v in values.items()})
+    tied = [p.aet for p in config.peer if p.cert]
+    if tied and not config.tls_ca:
+        raise ConfigError(
+            f"peer {tied[0]}: cert= needs tls_ca (client certificates come with mutual TLS)"
+        )
+    return config
 
 
 def _convert(name: str, value: Any) -> Any:

@@ -14,6 +14,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pacs import scu
 from pacs.config import Config
 from pacs.config import ConfigError
+from pacs.config import load
 from pacs.config import parse_peer
 
 CT = TEST_FILES / "CT_small.dcm"
@@ -130,6 +131,8 @@ def test_unknown_aes_get_echo_and_store_beyond_loopback():
     assert parse_peer("A=h:1?allow=find").allow == {"find"}
     with pytest.raises(ConfigError, match="unknown service"):
         parse_peer("A=h:1?allow=delete")
+    with pytest.raises(ConfigError, match="cert= needs tls_ca"):
+        load(None, {}, {"peer": ("WS1=h:1?cert=ws1",)})
 
 
 def config(tmp_path, text: str):
