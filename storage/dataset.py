@@ -180,14 +180,14 @@ def dataset_pixel_bytes(ds: Dataset) -> int:
     )
 
 
-def check_pixel_budget(size: int, budget: int | None, what: str = "") -> None:
+def check_pixel_budget(size: int, budget: int | None, what: str = "the pixel data") -> None:
     """Raise OverPixelBudget when `size` bytes (decoded pixel data, or what decoding takes)
-    exceed `budget` (None: no budget): checked before anything is decoded."""
+    exceed `budget` (None: no budget): checked before anything is decoded. The message
+    leads with the reason: a C-STORE ErrorComment keeps 64 characters."""
     if budget is not None and size > budget:
-        what = what or "the pixel data (Rows × Columns × frames × samples × bytes)"
         raise OverPixelBudget(
-            f"{what} needs {size / (1 << 20):.1f} MiB, more than the pixel budget of "
-            f"{budget / (1 << 20):.0f} MiB"
+            f"over the pixel budget ({budget / (1 << 20):.0f} MiB): {what} needs "
+            f"{size / (1 << 20):.1f} MiB"
         )
 
 

@@ -177,7 +177,7 @@ def check_cost(ds: Dataset, pixel_budget: int | None) -> None:
         samples = pixel_data_bytes(
             ds.get("Rows"), ds.get("Columns"), 1, ds.get("SamplesPerPixel"), 8
         )
-        check_pixel_budget(samples * RENDER_BYTES, pixel_budget, "rendering one frame")
+        check_pixel_budget(samples * RENDER_BYTES, pixel_budget, "rendering a frame")
     except OverPixelBudget as exc:
         raise RenderError(f"{exc} (pixel_budget_mb)", 422) from exc
 

@@ -82,8 +82,10 @@ def instance_bytes(
     if syntax != stored:
         try:
             to_little_endian(ds, pixel_budget)
-        except (RecodeError, OverPixelBudget) as exc:
-            raise TranscodeError(f"{exc}", 422) from exc
+        except RecodeError as exc:
+            raise TranscodeError(str(exc), 422) from exc
+        except OverPixelBudget as exc:
+            raise TranscodeError(f"{exc} (pixel_budget_mb)", 422) from exc
     buffer = io.BytesIO()
     ds.file_meta.TransferSyntaxUID = syntax
     dcmwrite(
