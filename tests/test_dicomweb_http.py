@@ -18,6 +18,7 @@ import pydicom
 import pytest
 from conftest import Server
 from conftest import minipacs
+from conftest import storescu
 from dicom_files import TEST_FILES
 from PIL import Image
 from pydicom.encaps import get_frame
@@ -143,6 +144,27 @@ def test_gzip_when_accepted(server):
     _, headers, body = get(f"{server.url}/dicom-web/studies", **{"Accept-Encoding": "gzip"})
     assert headers["Content-Encoding"] == "gzip"
     assert json.loads(gzip.decompress(body)) == json.loads(plain)
+
+
+def test_metadata_is_streamed_plain_and_gzipped(server, tmp_path):
+    """A series' metadata is sent as the index yields it (chunked, never whole in
+    memory: tens of MB for a large study), the same JSON with or without gzip."""
+    from make_study import make_study
+
+    files = make_study(tmp_path / "many", 30, size=16)
+    storescu(server.port, *files)
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    url = f"{server.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+    status, headers, plain = get(f"{url}/metadata")
+    assert status == 200 and len(plain) > 64 << 10  # more than one chunk
+    assert headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
+    answer = json.loads(plain)
+    assert sorted(item["00080018"]["Value"][0] for item in answer) == sorted(
+        pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files
+    )
+    _, headers, body = get(f"{url}/metadata", **{"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip"
+    assert json.loads(gzip.decompress(body)) == answer
 
 
 def test_retrieve_default_syntax_and_as_stored(server):

@@ -7,8 +7,10 @@ rendered images go through `viewer.render`. Errors are JSON: {"error": reason} w
 """
 
 import gzip
+import itertools
 import json
 import re
+import zlib
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -59,6 +61,7 @@ THUMBNAIL = 128
 BURNED_IN = re.compile(r'"00280301":\{"vr":"CS","Value":\["YES"\]')
 EAGER_FRAMES = 32  # frames cut before answering; longer lists stream
 GZIP_MIN = 1024
+STREAM_CHUNK = 64 << 10  # bytes of a streamed JSON array sent at once
 TRUNCATED = (
     '299 {host} "The number of results exceeded the maximum supported by the server. '
     'Additional results can be requested."'
@@ -260,12 +263,44 @@ def metadata(study: str, series: str | None = None, sop: str | None = None) -> R
     level = "IMAGE" if sop else "SERIES" if series else "STUDY"
     keys = [Key(tag, "UI", uid) for tag, uid in scope.items()]
     base = base_url()
-    parts = []
-    for sop_uid, text in _archive().instance_json(level, keys):
-        parts.append(_with_bulk_urls(text, _instance_url(base, scope, sop_uid, text)))
-    if not parts:
+    rows = _archive().instance_json(level, keys)
+    first = next(rows, None)
+    if first is None:
         raise WebError(404, f"no {level.lower()} {list(scope.values())[-1]} in the archive")
-    return _json_response(None, "[" + ",".join(parts) + "]")
+    texts = (
+        _with_bulk_urls(text, _instance_url(base, scope, sop_uid, text))
+        for sop_uid, text in itertools.chain([first], rows)
+    )
+    return _json_array_stream(texts)
+
+
+def _json_array_stream(texts: Iterator[str]) -> Response:
+    """A JSON array of already-encoded items, sent as the index yields them (gzipped on
+    the fly when accepted): a study's metadata is ~11 KB an instance, tens of MB for a
+    large study, four copies of it when built whole; this holds ~64 KiB."""
+    gzipped = "gzip" in request.accept_encodings
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31) if gzipped else None  # 31: gzip
+
+    def chunks() -> Iterator[bytes]:
+        pending, size = ["["], 1
+        for n, text in enumerate(texts):
+            pending.append("," + text if n else text)
+            size += len(text)
+            if size >= STREAM_CHUNK:
+                yield _packed("".join(pending).encode(), packer)
+                pending, size = [], 0
+        pending.append("]")
+        yield _packed("".join(pending).encode(), packer) + (packer.flush() if packer else b"")
+
+    response = Response(stream_with_context(chunks()), mimetype=_json_type())
+    if gzipped:
+        response.headers["Content-Encoding"] = "gzip"
+    response.headers["Vary"] = "Accept, Accept-Encoding"
+    return response
+
+
+def _packed(data: bytes, packer) -> bytes:
+    return packer.compress(data) if packer else data
 
 
 def _instance_url(base: str, scope: dict[int, str], sop_uid: str, text: str) -> str:
