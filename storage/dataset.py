@@ -134,6 +134,8 @@ class Header:
     syntax: str
     values: dict[int, bytes]  # raw values of the top-level HEADER_TAGS found
     pixel_vrs: dict[int, str]  # top-level pixel data elements (group 7FE0) and their VR
+    # Where the value of the top-level Pixel Data is in the file (None: none, or inflated).
+    pixel_offset: int | None = None
 
     def uid(self, tag: int) -> str:
         return self.values.get(tag, b"").decode("ascii", "replace").rstrip("\0 ")
@@ -249,7 +251,8 @@ def _header(fp: BinaryIO, start: int, syntax: str, encoded: str) -> Header:
         walk = _Walk(buf, end)
         order = ">" if encoded == ExplicitVRBigEndian else "<"
         walk.dataset(start, implicit, order, 0, delimited=False)
-    return Header(syntax, walk.values, walk.pixel_vrs)
+    offset = walk.pixel_offset if encoded == syntax else None
+    return Header(syntax, walk.values, walk.pixel_vrs, offset)
 
 
 def _inflate(source: BinaryIO, target: BinaryIO) -> None:
@@ -276,6 +279,7 @@ class _Walk:
         self.end = end
         self.values: dict[int, bytes] = {}
         self.pixel_vrs: dict[int, str] = {}
+        self.pixel_offset: int | None = None
 
     def dataset(self, pos: int, implicit: bool, order: str, depth: int, delimited: bool) -> int:
         """Walk from `pos` to the end of the buffer, or (`delimited`) past an Item
@@ -311,6 +315,8 @@ class _Walk:
                 self.pixel_vrs[(group << 16) | elem] = vr.decode(
                     "ascii", "replace"
                 ) or IMPLICIT_PIXEL_VR.get(elem, "OW")
+                if elem == 0x0010:
+                    self.pixel_offset = value
             if length == UNDEFINED:
                 # PS3.5 6.2.2: UN of undefined length is Implicit VR Little Endian inside.
                 inner = (True, "<") if vr == b"UN" else (implicit, order)

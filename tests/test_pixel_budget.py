@@ -2,7 +2,8 @@
 (488 MiB decoded), made from pydicom's MR_small_RLE.dcm. Over `pixel_budget_mb` it is
 refused at ingest (C-STORE and STOW-RS 0xC000); one stored before the budget was lowered
 answers 422 on every route that would decode it, and the server's peak memory stays far
-below the bomb's size."""
+below the bomb's size. And a JPEG 2000 file whose header is within the budget but whose
+codestream says 20000×20000 (JPEG2000.dcm, its SIZ marker edited) is never decoded."""
 
 import http.client
 import json
@@ -29,6 +30,7 @@ SIDE = 16000  # 16000² samples of 2 bytes: 488 MiB to decode
 BOMB_MIB = SIDE * SIDE * 2 >> 20
 BUDGET_MB = 256  # the server's; the stored bomb was imported under a larger one
 STORED = generate_uid()
+LIAR = generate_uid()
 
 
 def bomb(path: Path, sop_uid: str) -> Path:
@@ -42,13 +44,25 @@ def bomb(path: Path, sop_uid: str) -> Path:
     return path
 
 
+def liar(path: Path, sop_uid: str) -> Path:
+    """JPEG2000.dcm (1024×256) with its codestream's SIZ saying 20000×20000: Rows and
+    Columns are within any budget, the decoder would allocate for 4×10⁸ pixels."""
+    ds = pydicom.dcmread(TEST_FILES / "JPEG2000.dcm")
+    data = bytearray(ds.PixelData)
+    siz = data.find(b"\xff\x4f\xff\x51")
+    data[siz + 8 : siz + 16] = (20000).to_bytes(4, "big") * 2  # Xsiz, Ysiz
+    ds.PixelData = bytes(data)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.save_as(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
-    path = bomb(root / "stored-bomb.dcm", STORED)
-    minipacs(
-        "import", "--data", str(root / "data"), str(path), env={"MINIPACS_PIXEL_BUDGET_MB": "1024"}
-    )
+    paths = [bomb(root / "stored-bomb.dcm", STORED), liar(root / "liar.dcm", LIAR)]
+    budget = {"MINIPACS_PIXEL_BUDGET_MB": "1024"}
+    minipacs("import", "--data", str(root / "data"), *map(str, paths), env=budget)
     running = Server(root / "data", env={"MINIPACS_PIXEL_BUDGET_MB": str(BUDGET_MB)}).start()
     yield running
     running.kill()
@@ -153,3 +167,28 @@ def test_c_get_of_a_stored_bomb_fails_its_sub_operation(server):
     assert identifier.FailedSOPInstanceUIDList == STORED
     grown = max(peak_mib(pid) - before[pid] for pid in workers if Path(f"/proc/{pid}").exists())
     assert grown < BOMB_MIB // 8
+
+
+def test_a_codestream_larger_than_its_header_is_not_decoded(server):
+    ds = pydicom.dcmread(next(server.data.glob(f"*/*/{LIAR}.dcm")), stop_before_pixels=True)
+    instance = (
+        f"{server.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/"
+        f"{ds.SeriesInstanceUID}/instances/{LIAR}"
+    )
+    requests = [
+        (f"{instance}/rendered", "image/png"),
+        (f"{instance}/frames/1", 'multipart/related; type="application/octet-stream"'),
+        (instance, "application/dicom"),
+    ]
+    before = peak_mib(server.proc.pid)
+    answers = []
+    for url, accept in requests:
+        request = urllib.request.Request(url, headers={"Accept": accept})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        answers.append((url, refused.value.code, refused.value.read()))
+    grown = peak_mib(server.proc.pid) - before
+    assert grown < 50, f"peak memory grew {grown} MiB"
+    for url, code, body in answers:
+        assert code == 422, url
+        assert b"declares 20000" in body, (url, body)

@@ -27,6 +27,7 @@ from storage.dataset import dataset_pixel_bytes
 from storage.dataset import pixel_data_bytes
 from storage.dataset import read_dataset
 from storage.errors import OverPixelBudget
+from storage.recode import check_stored_frame
 
 RENDER_BYTES = 16  # bytes a sample takes at most while a frame is rendered (check_cost)
 
@@ -158,6 +159,7 @@ def _frame(
         raise RenderError(f"frameNumber {frame} is outside 1-{frames}", 400)
     check_cost(ds, pixel_budget)
     try:
+        check_stored_frame(path, ds, frame)  # its codestream's own size, before a decoder
         arr = decode_frame(path, frame)
     except Exception as exc:  # no decoder, corrupt stream: say so
         raise RenderError(f"cannot decode the pixel data: {exc}", 422) from exc

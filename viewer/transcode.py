@@ -22,6 +22,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 from storage.dataset import read_dataset
 from storage.errors import OverPixelBudget
 from storage.recode import RecodeError
+from storage.recode import check_frame_size
 from storage.recode import to_little_endian
 from viewer import render
 
@@ -120,6 +121,8 @@ def frame_bytes(ds: Dataset, number: int, as_stored: bool) -> bytes:
             raise TranscodeError(f"frame {number} is truncated in the stored file", 422)
         return data
     try:
+        if syntax.is_encapsulated:  # its codestream's own size, before a decoder
+            check_frame_size(get_frame(ds.PixelData, number - 1, number_of_frames=frames), ds)
         arr = render.decode_frame(ds, number)  # the dataset is read already
     except Exception as exc:
         raise TranscodeError(f"cannot decode frame {number}: {exc}", 422) from exc
