@@ -38,7 +38,7 @@ def open_database(url: str, root: Path, fsync: bool) -> Database:
                 # FULL: a commit is on disk when it returns (Success follows it).
                 "synchronous": "full" if fsync else "normal",
                 "foreign_keys": 1,
-                "cache_size": -16000,
+                "cache_size": -4000,  # KiB a connection: up to ~10 of them in the web process
             },
         )
     parts = urlsplit(url)

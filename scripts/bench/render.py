@@ -1035,7 +1035,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "repeat": opts.repeat,
                 "cold": opts.cold,
-                "cache_mb": 256,
+                "cache_mb": 32,  # the default render_cache_mb
                 "instances_per_kind": count,
                 "kinds": {
                     k.key: {"label": k.label, "source": k.source, "frame": k.frame} for k in kinds
