@@ -27,7 +27,8 @@ PIXEL_DATA = 0x7FE00010
 # length (2), precision (1), lines (2), samples per line (2).
 SOF_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}
 J2K_SIZ = b"\xff\x4f\xff\x51"  # SOC then SIZ (ISO 15444-1 A.5.1): Xsiz, Ysiz, XOsiz, YOsiz
-HEADER_SEARCH = 1 << 16  # bytes of a frame searched for its dimensions (JP2 boxes first)
+JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"  # a JP2 file (ISO 15444-1 I.5.1)
+HEADER_SEARCH = 1 << 16  # bytes of a JP2 frame searched for its codestream (boxes first)
 # Bytes per value of the binary VRs whose values are numbers in the dataset's byte order
 # (PS3.5 6.2); OB and UN are bytes (UN's inner encoding is unknown: left as it is).
 WORD_SIZE = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
@@ -112,7 +113,9 @@ def codestream_size(frame: bytes) -> tuple[int, int] | None:
     """(lines, columns) from a JPEG, JPEG-LS or JPEG 2000 frame's header; None when the
     frame is of another kind (RLE) or no header is found."""
     head = bytes(frame[:HEADER_SEARCH])
-    at = head.find(J2K_SIZ)
+    at = 0 if head.startswith(J2K_SIZ) else -1
+    if head.startswith(JP2_SIGNATURE):
+        at = head.find(J2K_SIZ)
     if at >= 0 and len(head) >= at + 24:
         width, height, left, top = struct.unpack_from(">4L", head, at + 8)
         return max(0, height - top), max(0, width - left)
