@@ -51,13 +51,13 @@ from storage.recode import to_little_endian
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
-DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.5.? general failure: the UID is taken (policy reject)
+DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.5.8 Failure: Duplicate SOP Instance (policy reject)
 OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: Out of Resources (disk full)
 DATASET_MISMATCH = 0xA900  # PS3.4 B.2.3 Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3 Error: Cannot understand (does not parse, bad UID)
-PROCESSING_FAILURE = 0x0110  # PS3.7 C.1: anything else the archive could not do
+PROCESSING_FAILURE = 0x0110  # PS3.7 C.5.21 Failure: Processing failure (anything else)
 QUERYABLE_WAIT = 10.0  # s a C-STORE on pynetdicom's path waits for the indexer
-NOT_AUTHORIZED = 0x0124  # PS3.7 C.1: Refused: Not authorized (policy)
+NOT_AUTHORIZED = 0x0124  # PS3.7 C.5.25 Refused: Not Authorized (policy)
 
 STATUS_FOR = {
     OutOfResources: OUT_OF_RESOURCES,
@@ -116,7 +116,7 @@ def handle_store(event: Event, archive: Archive, config: Config) -> int | Datase
 def _failure(status: int, comment: str) -> Dataset:
     response = Dataset()
     response.Status = status
-    response.ErrorComment = comment[:64]  # LO, PS3.7 C.4.? (0000,0902)
+    response.ErrorComment = comment[:64]  # Error Comment (0000,0902), PS3.7 C.5; LO: 64 characters
     return response
 
 
