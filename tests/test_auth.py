@@ -350,3 +350,50 @@ def test_large_bodies_need_credentials_before_they_are_read(beyond, length):
         f"{beyond.url}/dicom-web/studies", data=bigger, headers={**headers, "Origin": beyond.url}
     )
     assert stored.status_code == 200, stored.text
+
+
+# -- One error shape (issue 18): every blueprint's refusals, and werkzeug's own ------------
+
+CT_UIDS = pydicom.dcmread(CT, stop_before_pixels=True)
+CT_WADO = (
+    f"/wado?requestType=WADO&studyUID={CT_UIDS.StudyInstanceUID}"
+    f"&seriesUID={CT_UIDS.SeriesInstanceUID}&objectUID={CT_UIDS.SOPInstanceUID}"
+)
+TS_JPEG2000 = "1.2.840.10008.1.2.4.90"
+
+
+@pytest.mark.parametrize(
+    ("who", "method", "path", "status", "reason"),
+    [
+        ("", "GET", "/dicom-web/studies", 401, "log in"),  # auth
+        ("alice", "POST", "/api/worklist", 403, "it needs uploader"),  # auth, role
+        ("root", "GET", "/audit?limit=many", 400, "whole numbers"),  # auth blueprint
+        ("root", "GET", "/wado?requestType=WADO", 400, "studyUID is required"),  # wado_uri
+        ("root", "GET", f"{CT_WADO}&windowCenter=1&windowWidth=0", 400, "at least 1"),  # render
+        ("root", "GET", f"{CT_WADO}&contentType=application/dicom&transferSyntax={TS_JPEG2000}",
+         406, "cannot transcode"),  # transcode
+        ("root", "GET", "/dicom-web/studies?NoSuchKeyword=1", 400, "neither a DICOM keyword"),
+        ("root", "GET", "/dicom-web/studies/1.2.3/metadata", 404, "no study 1.2.3"),  # dicomweb
+        ("root", "GET", "/dicom-web/studies/1.2.3", 404, "no study 1.2.3"),
+        ("root", "POST", "/dicom-web/studies", 415, "STOW-RS takes multipart/related"),  # stow
+        ("root", "DELETE", "/api/worklist/999999", 404, "no worklist item"),  # worklist
+        ("root", "GET", "/ui/static/nothing.js", 404, "not found"),  # ui (werkzeug's 404)
+        ("root", "GET", "/nowhere", 404, "not found"),  # no route at all
+        ("root", "PUT", "/dicom-web/studies", 405, "not allowed"),
+    ],
+)  # fmt: skip
+def test_every_error_has_one_json_shape(beyond, who, method, path, status, reason):
+    """Each blueprint's errors, werkzeug's 404/405 and the render, transcode and media
+    errors answer {"error": reason} as application/json with the status (WADO-URI answered
+    text/plain, unknown paths werkzeug's HTML)."""
+    if not hasattr(beyond, "stored_ct"):  # the instance the render/transcode cases ask for
+        assert stow(beyond, bearer(beyond.tokens["bob"])).status_code == 200
+        beyond.stored_ct = True
+    headers = bearer(beyond.tokens[who]) if who else {}
+    answer = requests.request(method, f"{beyond.url}{path}", headers=headers)
+    assert answer.status_code == status
+    assert answer.headers["Content-Type"] == "application/json"
+    body = answer.json()
+    assert list(body) == ["error"] and reason.lower() in body["error"].lower()
+    if status == 405:
+        assert "GET" in answer.headers["Allow"]  # werkzeug's headers kept

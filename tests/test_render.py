@@ -103,7 +103,7 @@ def test_matches_dcmj2pnm(path, mode, tmp_path):
     if path.name in UNDECODABLE:
         with pytest.raises(RenderError) as error:
             ours(path, REQUESTS[mode])
-        assert error.value.status == 422
+        assert error.value.code == 422
         return
     mine = ours(path, REQUESTS[mode])
     reference = dcmj2pnm(path, tmp_path, *OPTIONS[mode])
@@ -205,7 +205,7 @@ def test_frame_number_selects_the_frame(tmp_path):
     assert not np.array_equal(fifth, ours(path, Request(frame=1)))
     with pytest.raises(RenderError) as error:
         ours(path, Request(frame=31))
-    assert error.value.status == 400
+    assert error.value.code == 400
 
 
 def test_rows_columns_region_and_flips():

@@ -1,6 +1,7 @@
 """WADO-URI (PS3.18 chapter 9) over real HTTP to the real server (waitress)."""
 
 import io
+import json
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -185,8 +186,8 @@ def test_errors_are_exact(server, name, params, status, reason):
     query = dict(params)
     got_status, headers, body = get(server, name, **query)
     assert got_status == status
-    assert headers["Content-Type"].startswith("text/plain")
-    assert reason in body.decode()
+    assert headers["Content-Type"] == "application/json"  # the one error shape (viewer.errors)
+    assert reason in json.loads(body)["error"]
 
 
 def test_etag_and_304(server):

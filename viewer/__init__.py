@@ -2,15 +2,18 @@
 blueprints."""
 
 import functools
+import logging
 import shutil
 import time
 from typing import Any
 
 from flask import Flask
 from flask import Response
+from flask import current_app
 from flask import g
 from flask import jsonify
 from flask import request
+from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from storage import Archive
@@ -18,6 +21,7 @@ from storage import audit
 from storage import deidentify
 from storage import files
 from storage import metrics
+from viewer.errors import WebError
 
 CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, Cache-Control"
 EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Encoding, ETag, Warning"
@@ -56,6 +60,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
         # The cookie's signature ages out with the session (auth also checks idle time).
         PERMANENT_SESSION_LIFETIME=config.session_hours * 3600,
     )
+    app.register_error_handler(HTTPException, _error)
     app.before_request(_start_clock)
     app.before_request(auth.check)
     app.register_blueprint(auth.bp)
@@ -107,6 +112,14 @@ AUDITED = {  # endpoint → audit event; STOW-RS instances are audited as they a
     "worklist.remove": "worklist",
     "auth.audit_trail": "audit",
 }
+
+
+def _error(error: HTTPException):
+    """Every error response, of any blueprint or of werkzeug's routing: one JSON shape."""
+    answer = WebError.of(error)
+    level = logging.WARNING if answer.code >= 422 else logging.INFO
+    current_app.logger.log(level, "%s %s: %s %s", request.method, request.path, answer.code, answer)
+    return answer.get_response()
 
 
 def _start_clock() -> None:

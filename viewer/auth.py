@@ -38,6 +38,7 @@ from storage import Archive
 from storage import audit
 from storage import files
 from storage import users
+from viewer.errors import WebError
 
 bp = Blueprint("auth", __name__)
 PUBLIC = {"auth.login", "auth.login_form", "auth.logout", "healthz", "ui.static"}
@@ -72,16 +73,15 @@ def check() -> Response | None:
     if request.endpoint in PUBLIC:
         return None
     caller = _caller()
-    if isinstance(caller, Response):
-        return caller
     if caller is None:
         if _wants_html():
             return redirect(f"/login?next={quote(request.full_path.rstrip('?'), safe='/')}")
-        return _denied(401, "log in or send Authorization: Bearer <token>")
+        raise _denied(401, "log in or send Authorization: Bearer <token>")
     g.user = caller.name
     if caller.cookie and request.method not in ("GET", "HEAD", "OPTIONS") and not _same_origin():
-        return _denied(403, "cross-site request refused (Origin is not this server)")
-    return _role_refusal(caller)
+        raise _denied(403, "cross-site request refused (Origin is not this server)")
+    _check_role(caller)
+    return None
 
 
 def check_head(
@@ -105,14 +105,16 @@ def check_head(
     }
     with app.request_context(environ):
         g.user = ""
-        caller = _caller()
-        if caller is None:
-            limit = HEAD_BODY >> 10
-            return _denied(401, f"a body over {limit} KiB needs a login or a bearer token")
-        if isinstance(caller, Response):
-            return caller
-        g.user = caller.name
-        return _role_refusal(caller)
+        try:
+            caller = _caller()
+            if caller is None:
+                limit = HEAD_BODY >> 10
+                raise _denied(401, f"a body over {limit} KiB needs a login or a bearer token")
+            g.user = caller.name
+            _check_role(caller)
+        except WebError as refusal:
+            return refusal.get_response()
+        return None
 
 
 class Throttle:
@@ -220,7 +222,7 @@ def audit_trail() -> Response:
         limit = min(int(request.args.get("limit", 1000)), 10000)
         offset = int(request.args.get("offset", 0))
     except ValueError:
-        return _denied(400, "limit and offset are whole numbers")
+        raise WebError(400, "limit and offset are whole numbers") from None
     events = []
     for number, row in enumerate(_archive().audit_events(**filters)):
         if number >= offset + limit:
@@ -230,10 +232,10 @@ def audit_trail() -> Response:
     return jsonify(events)
 
 
-def _caller() -> Caller | Response | None:
+def _caller() -> Caller | None:
     """Who sends this request: a bearer token's user, or the session cookie's while it is
     fresh and its user unchanged; ANYONE when no user exists on a loopback-only server
-    (beyond loopback, no user means no access); None: nobody; a Response: a bad token."""
+    (beyond loopback, no user means no access); None: nobody. A bad token raises 401."""
     archive = _archive()
     if not _config().beyond_loopback and not archive.accounts(users.count):
         return ANYONE
@@ -241,7 +243,7 @@ def _caller() -> Caller | Response | None:
     if header.startswith("Bearer "):
         found = archive.accounts(users.by_token, header[7:].strip())
         if found is None:
-            return _denied(401, "the bearer token is unknown, removed or expired")
+            raise _denied(401, "the bearer token is unknown, removed or expired")
         return Caller(*found)
     if "user" in session:
         found = _session_user(archive)
@@ -269,11 +271,10 @@ def _session_user(archive: Archive) -> tuple[str, str] | None:
     return found
 
 
-def _role_refusal(caller: Caller) -> Response | None:
+def _check_role(caller: Caller) -> None:
     needed = "admin" if request.endpoint in ADMIN_ENDPOINTS else NEEDS.get(request.method, "admin")
     if users.ROLES.index(caller.role) < users.ROLES.index(needed):
-        return _denied(403, f"{caller.name} ({caller.role}) may not do this; it needs {needed}")
-    return None
+        raise _denied(403, f"{caller.name} ({caller.role}) may not do this; it needs {needed}")
 
 
 def _login_event(name: str, outcome: str) -> None:
@@ -295,7 +296,8 @@ def _wants_html() -> bool:
     return request.method == "GET" and "text/html" in named
 
 
-def _denied(status: int, message: str) -> Response:
+def _denied(status: int, message: str) -> WebError:
+    """The refusal to raise, audited as a `rejected` event."""
     _archive().audit(
         audit.Event(
             "rejected",
@@ -305,11 +307,8 @@ def _denied(status: int, message: str) -> Response:
             detail={"method": request.method, "path": request.path},
         )  # fmt: skip
     )
-    response = jsonify(error=message)
-    response.status_code = status
-    if status == 401:
-        response.headers["WWW-Authenticate"] = 'Bearer realm="minipacs"'
-    return response
+    challenge = [("WWW-Authenticate", 'Bearer realm="minipacs"')] if status == 401 else []
+    return WebError(status, message, challenge)
 
 
 def _archive() -> Archive:

@@ -2,8 +2,9 @@
 
 Searches go through `storage.query` (the C-FIND engine), metadata is the DICOM JSON the
 index keeps (no file is opened), instances and frames stream from the stored files, and
-rendered images go through `viewer.render`. Errors are JSON: {"error": reason} with 400
-(bad parameter or UID), 404 (unknown), 406 (nothing acceptable), 413, 415 or 422.
+rendered images go through `viewer.render`. Errors are `viewer.errors.WebError`, answered
+as JSON {"error": reason} with 400 (bad parameter or UID), 404 (unknown), 406 (nothing
+acceptable), 409, 413, 415 or 422.
 """
 
 import gzip
@@ -38,6 +39,7 @@ from viewer import qido
 from viewer import render
 from viewer import stow
 from viewer import transcode
+from viewer.errors import WebError
 from viewer.media import MediaError
 from viewer.media import MediaRange
 from viewer.media import MultipartReader
@@ -66,27 +68,6 @@ TRUNCATED = (
     '299 {host} "The number of results exceeded the maximum supported by the server. '
     'Additional results can be requested."'
 )
-
-
-class WebError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@bp.errorhandler(WebError)
-@bp.errorhandler(qido.QidoError)
-@bp.errorhandler(MediaError)
-@bp.errorhandler(render.RenderError)
-@bp.errorhandler(transcode.TranscodeError)
-def _error(error: Exception) -> Response:
-    status = getattr(error, "status", 400)
-    if isinstance(error, TooLarge):
-        status = 413
-    level = current_app.logger.warning if status >= 422 else current_app.logger.info
-    level("DICOMweb %s %s: %s %s", request.method, request.path, status, error)
-    body = json.dumps({"error": str(error)})
-    return Response(body, status=status, mimetype="application/json")
 
 
 @bp.before_request
@@ -740,8 +721,7 @@ def store(study: str | None = None) -> Response:
             stored,
             exc,
         )
-        message = f"{exc}; {stored} instance(s) before it were stored"
-        raise WebError(413 if isinstance(exc, TooLarge) else 400, message) from exc
+        raise WebError(exc.code, f"{exc}; {stored} instance(s) before it were stored") from exc
     if not outcomes:
         raise WebError(400, "the body has no parts")
     status, body = stow.response(outcomes, base_url(), study)

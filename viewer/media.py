@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import BinaryIO
 
+from viewer.errors import WebError
+
 CRLF = b"\r\n"
 CHUNK = 1 << 20
 MAX_PART_HEADERS = 16 << 10
@@ -22,8 +24,11 @@ _PARAM = re.compile(rf'\s*;\s*({_TOKEN})\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)')
 _RANGE = re.compile(rf"\s*({_TOKEN})/({_TOKEN})")
 
 
-class MediaError(ValueError):
-    """A header or body that cannot be parsed (400) or is incomplete (400)."""
+class MediaError(WebError):
+    """A header or body that cannot be parsed or is incomplete: 400."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(400, reason)
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,9 @@ class MultipartReader:
 
 
 class TooLarge(MediaError):
+    """A body over max_upload_mb: 413."""
+
     def __init__(self, limit: int) -> None:
         super().__init__(f"the body is larger than the configured maximum of {limit} bytes")
+        self.code = 413
         self.limit = limit

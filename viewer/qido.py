@@ -16,6 +16,7 @@ from pydicom.datadict import tag_for_keyword
 from werkzeug.datastructures import MultiDict
 
 from storage.query import Key
+from viewer.errors import WebError
 
 RESERVED = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset"}
 MODALITIES_IN_STUDY = 0x00080061
@@ -36,10 +37,6 @@ INSTANCE_DEFAULTS = (
 )  # fmt: skip
 LEVEL_DEFAULTS = {"STUDY": STUDY_DEFAULTS, "SERIES": SERIES_DEFAULTS, "IMAGE": INSTANCE_DEFAULTS}
 LEVELS = ("STUDY", "SERIES", "IMAGE")
-
-
-class QidoError(ValueError):
-    """A parameter that cannot be a query: answered 400 with this message."""
 
 
 @dataclass(frozen=True)
@@ -98,13 +95,13 @@ def _match_key(name: str, values: list[str]) -> Key:
     vr = _vr(tags[-1])
     if len(tags) > 1:
         if any(_vr(t) != "SQ" for t in tags[:-1]):
-            raise QidoError(f"{name}: only a sequence can have a nested key")
+            raise WebError(400, f"{name}: only a sequence can have a nested key")
         item: dict = {f"{tags[-1]:08X}": _json_value(vr, _one(name, values))}
         for tag in reversed(tags[1:-1]):
             item = {f"{tag:08X}": {"vr": "SQ", "Value": [item]}}
         return Key(tags[0], "SQ", [item])
     if vr == "SQ":
-        raise QidoError(f"{name}: a sequence is matched through one of its attributes")
+        raise WebError(400, f"{name}: a sequence is matched through one of its attributes")
     if vr == "UI" or tags[0] == MODALITIES_IN_STUDY:
         items = [u.strip() for v in values for u in re.split(r"[,\\]", v) if u.strip()]
         return Key(tags[0], vr, items[0] if len(items) == 1 else items)
@@ -113,7 +110,7 @@ def _match_key(name: str, values: list[str]) -> Key:
 
 def _one(name: str, values: list[str]) -> str:
     if len(set(values)) > 1:
-        raise QidoError(f"{name} is given more than once with different values")
+        raise WebError(400, f"{name} is given more than once with different values")
     return values[0]
 
 
@@ -131,7 +128,7 @@ def _tag(name: str) -> int:
     else:
         tag = tag_for_keyword(name)
         if tag is None:
-            raise QidoError(f"{name!r} is neither a DICOM keyword nor a tag (ggggeeee)")
+            raise WebError(400, f"{name!r} is neither a DICOM keyword nor a tag (ggggeeee)")
     _vr(tag)
     return tag
 
@@ -140,8 +137,8 @@ def _vr(tag: int) -> str:
     try:
         vr = dictionary_VR(tag)
     except KeyError:
-        raise QidoError(
-            f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not in the DICOM dictionary"
+        raise WebError(
+            400, f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not in the DICOM dictionary"
         ) from None
     return vr.split(" or ")[0]
 
@@ -153,14 +150,14 @@ def _number(args: MultiDict, name: str, minimum: int) -> int | None:
     try:
         number = int(value)
     except ValueError:
-        raise QidoError(f"{name} must be a whole number, not {value!r}") from None
+        raise WebError(400, f"{name} must be a whole number, not {value!r}") from None
     if number < minimum:
-        raise QidoError(f"{name} must be at least {minimum}")
+        raise WebError(400, f"{name} must be at least {minimum}")
     return number
 
 
 def _flag(args: MultiDict, name: str) -> bool:
     value = args.get(name, "false").strip().lower()
     if value not in ("true", "false"):
-        raise QidoError(f"{name} must be true or false")
+        raise WebError(400, f"{name} must be true or false")
     return value == "true"

@@ -28,17 +28,13 @@ from storage.dataset import pixel_data_bytes
 from storage.dataset import read_dataset
 from storage.errors import OverPixelBudget
 from storage.recode import check_stored_frame
+from viewer.errors import WebError
 
 RENDER_BYTES = 16  # bytes a sample takes at most while a frame is rendered (check_cost)
 
 
-class RenderError(Exception):
-    """The instance cannot be rendered (no pixels, no decoder, bad frame); `status` is the
-    HTTP code that fits."""
-
-    def __init__(self, message: str, status: int = 422) -> None:
-        super().__init__(message)
-        self.status = status
+class RenderError(WebError):
+    """The instance cannot be rendered (no pixels, no decoder, bad frame): 400 or 422."""
 
 
 @dataclass(frozen=True)
@@ -153,16 +149,16 @@ def _frame(
         return cached
     ds = read_dataset(path, stop_before_pixels=True)
     if not any(t in ds for t in (0x7FE00010,)) and "Rows" not in ds:
-        raise RenderError("the instance has no pixel data", 400)
+        raise RenderError(400, "the instance has no pixel data")
     frames = number_of_frames(ds)
     if not 1 <= frame <= frames:
-        raise RenderError(f"frameNumber {frame} is outside 1-{frames}", 400)
+        raise RenderError(400, f"frameNumber {frame} is outside 1-{frames}")
     check_cost(ds, pixel_budget)
     try:
         check_stored_frame(path, ds, frame)  # its codestream's own size, before a decoder
         arr = decode_frame(path, frame)
     except Exception as exc:  # no decoder, corrupt stream: say so
-        raise RenderError(f"cannot decode the pixel data: {exc}", 422) from exc
+        raise RenderError(422, f"cannot decode the pixel data: {exc}") from exc
     if arr.ndim == 2 or ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2"):
         arr = _modality(arr, ds, frame)
     item = (ds, arr)
@@ -181,7 +177,7 @@ def check_cost(ds: Dataset, pixel_budget: int | None) -> None:
         )
         check_pixel_budget(samples * RENDER_BYTES, pixel_budget, "rendering a frame")
     except OverPixelBudget as exc:
-        raise RenderError(f"{exc} (pixel_budget_mb)", 422) from exc
+        raise RenderError(422, f"{exc} (pixel_budget_mb)") from exc
 
 
 def decode_frame(source: Path | Dataset, frame: int) -> np.ndarray:
@@ -318,14 +314,14 @@ def window_to_grey(values: np.ndarray, center: float, width: float, function: st
     x = values.astype(np.float64)
     if function == "SIGMOID":
         if width <= 0:
-            raise RenderError("Window Width must be greater than 0 for SIGMOID", 400)
+            raise RenderError(400, "Window Width must be greater than 0 for SIGMOID")
         return 255.0 / (1.0 + np.exp(-4.0 * (x - center) / width))
     if function == "LINEAR_EXACT":
         if width <= 0:
-            raise RenderError("Window Width must be greater than 0 for LINEAR_EXACT", 400)
+            raise RenderError(400, "Window Width must be greater than 0 for LINEAR_EXACT")
         return np.clip(((x - center) / width + 0.5) * 255.0, 0.0, 255.0)
     if width < 1:
-        raise RenderError("Window Width must be at least 1 for LINEAR", 400)
+        raise RenderError(400, "Window Width must be at least 1 for LINEAR")
     if width == 1:
         return np.where(x <= center - 0.5, 0.0, 255.0)
     return np.clip(((x - (center - 0.5)) / (width - 1) + 0.5) * 255.0, 0.0, 255.0)
@@ -360,7 +356,7 @@ def _region(image: np.ndarray, region) -> np.ndarray:
         min(max(v, 0), limit) for v, limit in zip(box, (width, height, width, height), strict=True)
     ]
     if box[2] <= box[0] or box[3] <= box[1]:
-        raise RenderError("region is empty", 400)
+        raise RenderError(400, "region is empty")
     return image[box[1] : box[3], box[0] : box[2]]
 
 

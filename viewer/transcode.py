@@ -25,6 +25,7 @@ from storage.recode import RecodeError
 from storage.recode import check_frame_size
 from storage.recode import to_little_endian
 from viewer import render
+from viewer.errors import WebError
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 PIXEL_DATA = 0x7FE00010
@@ -48,13 +49,9 @@ FRAME_TYPES = {
 OCTETS = "application/octet-stream"
 
 
-class TranscodeError(Exception):
+class TranscodeError(WebError):
     """The object cannot be delivered as asked (406 when the syntax is not offered, 422
-    when the stored pixel data does not decode)."""
-
-    def __init__(self, message: str, status: int = 406) -> None:
-        super().__init__(message)
-        self.status = status
+    when the stored pixel data does not decode, 404 for a frame or bulk data not there)."""
 
 
 def can_send(stored: str, wanted: str) -> bool:
@@ -75,7 +72,7 @@ def instance_bytes(
     if wanted in ("*", stored) and change is None:
         return path.read_bytes()
     if wanted not in ("*", stored, *UNCOMPRESSED):
-        raise TranscodeError(f"cannot transcode {UID(stored).name} to {wanted}")
+        raise TranscodeError(406, f"cannot transcode {UID(stored).name} to {wanted}")
     ds = read_dataset(path)
     if change is not None:
         change(ds)
@@ -84,9 +81,9 @@ def instance_bytes(
         try:
             to_little_endian(ds, pixel_budget)
         except RecodeError as exc:
-            raise TranscodeError(str(exc), 422) from exc
+            raise TranscodeError(422, str(exc)) from exc
         except OverPixelBudget as exc:
-            raise TranscodeError(f"{exc} (pixel_budget_mb)", 422) from exc
+            raise TranscodeError(422, f"{exc} (pixel_budget_mb)") from exc
     buffer = io.BytesIO()
     ds.file_meta.TransferSyntaxUID = syntax
     dcmwrite(
@@ -109,7 +106,7 @@ def frame_bytes(ds: Dataset, number: int, as_stored: bool) -> bytes:
     uncompressed little endian."""
     frames = render.number_of_frames(ds)
     if not 1 <= number <= frames:
-        raise TranscodeError(f"frame {number} is outside 1-{frames}", 404)
+        raise TranscodeError(404, f"frame {number} is outside 1-{frames}")
     syntax = UID(ds.file_meta.TransferSyntaxUID)
     if syntax.is_encapsulated and as_stored:
         return get_frame(ds.PixelData, number - 1, number_of_frames=frames)
@@ -118,14 +115,14 @@ def frame_bytes(ds: Dataset, number: int, as_stored: bool) -> bytes:
         size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
         data = ds.PixelData[(number - 1) * size : number * size]
         if len(data) != size:
-            raise TranscodeError(f"frame {number} is truncated in the stored file", 422)
+            raise TranscodeError(422, f"frame {number} is truncated in the stored file")
         return data
     try:
         if syntax.is_encapsulated:  # its codestream's own size, before a decoder
             check_frame_size(get_frame(ds.PixelData, number - 1, number_of_frames=frames), ds)
         arr = render.decode_frame(ds, number)  # the dataset is read already
     except Exception as exc:
-        raise TranscodeError(f"cannot decode frame {number}: {exc}", 422) from exc
+        raise TranscodeError(422, f"cannot decode frame {number}: {exc}") from exc
     if bits == 1:
         return np.packbits(arr.astype(np.uint8).ravel(), bitorder="little").tobytes()
     return arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -138,9 +135,9 @@ def bulk_bytes(ds: Dataset, path: list[str]) -> bytes:
         seq = current.get(Tag(int(path[position], 16)))
         index = int(path[position + 1])
         if seq is None or seq.VR != "SQ" or not 0 <= index < len(seq.value):
-            raise TranscodeError("no such bulk data", 404)
+            raise TranscodeError(404, "no such bulk data")
         current = seq.value[index]
     element = current.get(Tag(int(path[-1], 16)))
     if element is None or not isinstance(element.value, bytes | bytearray):
-        raise TranscodeError("no such bulk data", 404)
+        raise TranscodeError(404, "no such bulk data")
     return bytes(element.value)

@@ -1,9 +1,10 @@
 """WADO-URI (PS3.18 chapter 9): one object by its UIDs, as DICOM or as a rendered image.
 
-Every answer is exact: 400 with a plain-text reason for a missing or invalid parameter,
-404 for an unknown object, 406 when no acceptable content type or transfer syntax can
-be produced. Rendered images go through `viewer.render`; they carry an ETag and
-Cache-Control and answer 304 to a matching If-None-Match.
+Every answer is exact: 400 for a missing or invalid parameter, 404 for an unknown object,
+406 when no acceptable content type or transfer syntax can be produced, each with its
+reason as JSON {"error": reason} (viewer.errors). Rendered images go through
+`viewer.render`; they carry an ETag and Cache-Control and answer 304 to a matching
+If-None-Match.
 """
 
 from flask import Blueprint
@@ -18,6 +19,7 @@ from storage.dataset import is_uid
 from storage.dataset import read_dataset
 from viewer import render
 from viewer import transcode
+from viewer.errors import WebError
 
 bp = Blueprint("wado_uri", __name__)
 
@@ -46,40 +48,22 @@ KNOWN = {
 CACHE_CONTROL = "private, max-age=86400"  # patient data: browsers only, never shared caches
 
 
-class WadoError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@bp.errorhandler(WadoError)
-def _wado_error(error: WadoError) -> Response:
-    current_app.logger.info("WADO-URI %s: %s", error.status, error)
-    return Response(f"{error}\n", status=error.status, mimetype="text/plain")
-
-
-@bp.errorhandler(render.RenderError)
-def _render_error(error: render.RenderError) -> Response:
-    current_app.logger.warning("WADO-URI render failed: %s", error)
-    return Response(f"{error}\n", status=error.status, mimetype="text/plain")
-
-
 @bp.route("/wado", methods=["GET", "POST"])
 def wado() -> Response:
     """GET with a query string or POST with a form: the same parameters."""
     params = request.values
     if params.get("requestType") != "WADO":
-        raise WadoError(400, "requestType must be WADO")
+        raise WebError(400, "requestType must be WADO")
     uids = [_uid(params, name) for name in ("studyUID", "seriesUID", "objectUID")]
     anonymize = params.get("anonymize")
     if anonymize not in (None, "yes"):
-        raise WadoError(400, "anonymize must be yes")
+        raise WebError(400, "anonymize must be yes")
     if params.get("presentationUID") or params.get("presentationSeriesUID"):
-        raise WadoError(400, "presentation states are not supported")
+        raise WebError(400, "presentation states are not supported")
     archive = current_app.extensions["minipacs"]["archive"]
     path = archive.instance_file(uids[2], uids[0], uids[1])
     if path is None:
-        raise WadoError(404, f"no object {uids[2]} in series {uids[1]} of study {uids[0]}")
+        raise WebError(404, f"no object {uids[2]} in series {uids[1]} of study {uids[0]}")
     header = read_dataset(path, stop_before_pixels=True)
     has_pixels = "Rows" in header and "Columns" in header
     content_type = _content_type(params.get("contentType", ""), has_pixels)
@@ -87,16 +71,16 @@ def wado() -> Response:
         return _dicom(path, header, params.get("transferSyntax", ""), anonymize == "yes")
     for name in ("transferSyntax", "anonymize"):
         if params.get(name):
-            raise WadoError(400, f"{name} applies only to application/dicom")
+            raise WebError(400, f"{name} applies only to application/dicom")
     return _image(path, header, content_type, params)
 
 
 def _uid(params, name: str) -> str:
     value = params.get(name, "")
     if not value:
-        raise WadoError(400, f"{name} is required")
+        raise WebError(400, f"{name} is required")
     if not is_uid(value):
-        raise WadoError(400, f"{name} is not a valid UID")
+        raise WebError(400, f"{name} is not a valid UID")
     return value
 
 
@@ -116,7 +100,7 @@ def _content_type(accepted: str, has_pixels: bool) -> str:
             if not has_pixels:
                 continue
             return "image/jpeg" if media == "image/*" else media
-    raise WadoError(406, f"cannot produce any of: {accepted}")
+    raise WebError(406, f"cannot produce any of: {accepted}")
 
 
 def _dicom(path, header, syntax: str, anonymize: bool) -> Response:
@@ -124,16 +108,14 @@ def _dicom(path, header, syntax: str, anonymize: bool) -> Response:
     stored = UID(header.file_meta.TransferSyntaxUID)
     wanted = syntax.strip() or ExplicitVRLittleEndian
     if wanted != "*" and not is_uid(wanted):
-        raise WadoError(400, "transferSyntax is not a valid UID")
+        raise WebError(400, "transferSyntax is not a valid UID")
     profile = current_app.extensions["minipacs"]["deid"]()
     change = (lambda ds: deidentify.deidentify(ds, profile)) if anonymize else None
     budget = current_app.extensions["minipacs"]["config"].pixel_budget_mb << 20
     try:
         body = transcode.instance_bytes(path, stored, wanted, change, budget)
-    except transcode.TranscodeError as exc:
-        raise WadoError(exc.status, str(exc)) from exc
     except deidentify.NotDeidentifiable as exc:  # PS3.18 lets the server refuse
-        raise WadoError(409, f"cannot anonymize {header.SOPInstanceUID}: {exc}") from exc
+        raise WebError(409, f"cannot anonymize {header.SOPInstanceUID}: {exc}") from exc
     return _dicom_response(body, stored if wanted == "*" else UID(wanted))
 
 
@@ -178,9 +160,9 @@ def _int(params, name: str, default, minimum: int | None = None, maximum: int | 
     try:
         number = int(value)
     except ValueError:
-        raise WadoError(400, f"{name} must be a whole number") from None
+        raise WebError(400, f"{name} must be a whole number") from None
     if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-        raise WadoError(400, f"{name} must be between {minimum} and {maximum or 'any'}")
+        raise WebError(400, f"{name} must be between {minimum} and {maximum or 'any'}")
     return number
 
 
@@ -189,11 +171,11 @@ def _window(params) -> tuple[float, float] | None:
     if center is None and width is None:
         return None
     if center is None or width is None:
-        raise WadoError(400, "windowCenter and windowWidth go together")
+        raise WebError(400, "windowCenter and windowWidth go together")
     try:
         return float(center), float(width)
     except ValueError:
-        raise WadoError(400, "windowCenter and windowWidth must be numbers") from None
+        raise WebError(400, "windowCenter and windowWidth must be numbers") from None
 
 
 def _region(value: str | None):
@@ -202,9 +184,9 @@ def _region(value: str | None):
     try:
         parts = tuple(float(v) for v in value.split(","))
     except ValueError:
-        raise WadoError(400, "region must be four numbers: left,top,right,bottom") from None
+        raise WebError(400, "region must be four numbers: left,top,right,bottom") from None
     if len(parts) != 4 or min(parts) < 0 or parts[2] <= parts[0] or parts[3] <= parts[1]:
-        raise WadoError(400, "region must be left,top,right,bottom with left<right, top<bottom")
+        raise WebError(400, "region must be left,top,right,bottom with left<right, top<bottom")
     return parts
 
 
@@ -212,5 +194,5 @@ def _annotation(value: str) -> tuple[str, ...]:
     kinds = tuple(v.strip() for v in value.split(",") if v.strip())
     unknown = set(kinds) - {"patient", "technique"}
     if unknown:
-        raise WadoError(400, f"annotation must be patient and/or technique, not {sorted(unknown)}")
+        raise WebError(400, f"annotation must be patient and/or technique, not {sorted(unknown)}")
     return kinds

@@ -10,6 +10,7 @@ from flask import jsonify
 from flask import request
 
 from storage.worklist import WorklistError
+from viewer.errors import WebError
 
 bp = Blueprint("worklist", __name__, url_prefix="/api/worklist")
 
@@ -26,29 +27,23 @@ def add() -> Response:
     body = request.get_json(silent=True)
     entries = body if isinstance(body, list) else [body]
     if not entries or not all(isinstance(e, dict) for e in entries):
-        return _error(400, "the body is a JSON object of DICOM keywords, or a list of them")
+        raise WebError(400, "the body is a JSON object of DICOM keywords, or a list of them")
     added: list[int] = []
     g.audit = {"ids": added, "patients": [str(e.get("PatientID", "")) for e in entries]}
     for entry in entries:
         try:
             added.append(_archive().worklist_add({k: str(v) for k, v in entry.items()}))
         except WorklistError as exc:
-            return _error(400, f"item {len(added) + 1}: {exc}", added=added)
+            raise WebError(400, f"item {len(added) + 1}: {exc}", added=added) from exc
     return jsonify(ids=added), 201
 
 
 @bp.delete("/<int:item_id>")
 def remove(item_id: int) -> Response:
     if not _archive().worklist_remove(item_id):
-        return _error(404, f"no worklist item {item_id}")
+        raise WebError(404, f"no worklist item {item_id}")
     return Response(status=204)
 
 
 def _archive():
     return current_app.extensions["minipacs"]["archive"]
-
-
-def _error(status: int, message: str, **more) -> Response:
-    response = jsonify(error=message, **more)
-    response.status_code = status
-    return response
