@@ -1,0 +1,164 @@
+"""Serving and keeping the archive: serve, import, reindex, verify, stats, protect,
+delete, migrate-index."""
+
+import getpass
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from pacs import boot
+from pacs.cli.common import UsageFailure
+from pacs.cli.common import build_config
+from pacs.cli.common import config_options
+from pacs.cli.common import help_for
+from pacs.cli.common import open_archive
+from pacs.cli.common import print_report
+from pacs.cli.common import selection_level
+from pacs.cli.common import selection_options
+from pacs.cli.common import walk
+from storage import Outcome
+from storage.errors import NotDicom
+from storage.errors import StorageError
+
+
+@click.command()
+@config_options
+@click.option("--aet", help=help_for("aet"))
+@click.option("--host", help=help_for("host"))
+@click.option("--port", type=int, help=help_for("port"))
+@click.option("--http-port", type=int, help=help_for("http_port"))
+@click.option("--peer", "peer", multiple=True, metavar="AET=HOST:PORT", help=help_for("peer"))
+@click.option(
+    "--duplicates", type=click.Choice(["keep", "replace", "reject"]), help=help_for("duplicates")
+)
+@click.option("--fsync/--no-fsync", default=None, help=help_for("fsync"))
+@click.option("--workers", type=int, help=help_for("workers"))
+def serve(config_file: Path | None, **flags) -> None:
+    """Run the DICOM SCP and the web server until SIGINT/SIGTERM."""
+    boot.exec_server(build_config(config_file, **flags))
+
+
+@click.command("import")
+@config_options
+@click.option("--fsync/--no-fsync", default=None, help=help_for("fsync"))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def import_(config_file: Path | None, paths: tuple[Path, ...], as_json: bool, **flags) -> None:
+    """Import DICOM files and folders (recursively) through the same ingest as C-STORE."""
+    archive = open_archive(config_file, **flags)
+    files = list(walk(paths))
+    counts: Counter[str] = Counter()
+    problems: list[tuple[str, str]] = []
+    with click.progressbar(files, label="importing", file=sys.stderr) as bar:
+        for path in bar:
+            try:
+                counts[archive.import_file(path).outcome.value] += 1
+            except NotDicom as exc:
+                counts["skipped"] += 1
+                problems.append((str(path), f"skipped: {exc}"))
+            except StorageError as exc:
+                counts["rejected"] += 1
+                problems.append((str(path), f"rejected: {exc}"))
+    archive.close()
+    summary = {key: counts[key] for key in [o.value for o in Outcome] + ["skipped", "rejected"]}
+    print_report(summary, problems, as_json)
+    sys.exit(1 if counts["rejected"] else 0)
+
+
+@click.command()
+@config_options
+def reindex(config_file: Path | None, **flags) -> None:
+    """Rebuild the index from the files alone (stop the server first)."""
+    archive = open_archive(config_file, **flags)
+    if not archive.lock(exclusive=True):
+        raise UsageFailure(f"a minipacs server is running on {archive.root}: stop it first")
+    with click.progressbar(
+        length=archive.count_files(), label="reindexing", file=sys.stderr
+    ) as bar:
+        report = archive.reindex(progress=lambda: bar.update(1))
+    archive.close()
+    problems = [(p.path, p.reason) for p in report.problems]
+    print_report({"indexed": report.indexed, "problems": len(problems)}, problems, False)
+    sys.exit(1 if problems else 0)
+
+
+@click.command()
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify(config_file: Path | None, as_json: bool, **flags) -> None:
+    """Check every file against its recorded size and SHA-256; exit 1 if any differ."""
+    archive = open_archive(config_file, **flags)
+    total = archive.stats()["instances"]
+    problems = []
+    with click.progressbar(length=total, label="verifying", file=sys.stderr) as bar:
+        for problem in archive.verify(progress=lambda: bar.update(1)):
+            problems.append((problem.path, problem.reason))
+    archive.close()
+    print_report({"instances": total, "problems": len(problems)}, problems, as_json)
+    sys.exit(1 if problems else 0)
+
+
+@click.command()
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def stats(config_file: Path | None, as_json: bool, **flags) -> None:
+    """Counts of patients, studies, series, instances and stored bytes."""
+    archive = open_archive(config_file, **flags)
+    figures = archive.stats()
+    archive.close()
+    print_report(figures, [], as_json)
+
+
+@click.command()
+@config_options
+@click.option("--release", is_flag=True, help="Let retention remove the studies again.")
+@click.argument("study_uids", nargs=-1, required=True)
+def protect(config_file: Path | None, release: bool, study_uids: tuple[str, ...], **flags) -> None:
+    """Protect studies from retention (quota_mb / quota_instances); exit 1 if one is unknown."""
+    archive = open_archive(config_file, **flags)
+    who = f"{getpass.getuser()} (minipacs protect)"
+    unknown = [uid for uid in study_uids if not archive.set_protected(uid, not release, who)]
+    archive.close()
+    print_report({"protected" if not release else "released": len(study_uids) - len(unknown)},
+            [(uid, "no such study") for uid in unknown], False)  # fmt: skip
+    sys.exit(1 if unknown else 0)
+
+
+@click.command()
+@config_options
+@selection_options
+def delete(config_file: Path | None, level_uid: str | None, uids: tuple[str, ...], **flags):
+    """Delete patients, studies, series or instances: files and index rows, audited."""
+    selection_level(level_uid, uids)
+    archive = open_archive(config_file, **flags)
+    who = f"{getpass.getuser()} (minipacs delete)"
+    try:
+        removed = {uid: archive.delete(level_uid, uid, who) for uid in uids}
+    finally:
+        archive.close()
+    missing = [(uid, "nothing stored under it") for uid, count in removed.items() if not count]
+    print_report({"instances deleted": sum(removed.values())}, missing, False)
+    sys.exit(1 if missing else 0)
+
+
+@click.command("migrate-index")
+@config_options
+@click.option("--to", "target", required=True, help="The new index: postgresql://user@host/db.")
+def migrate_index(config_file: Path | None, target: str, **flags) -> None:
+    """Copy the index (SQLite by default) into an empty PostgreSQL database (stop the server
+    first); then set `index` to the new URL."""
+    archive = open_archive(config_file, **flags)
+    if not archive.lock(exclusive=True):
+        raise UsageFailure(f"a minipacs server is running on {archive.root}: stop it first")
+    total = sum(archive.stats()[k] for k in ("patients", "studies", "series", "instances"))
+    try:
+        with click.progressbar(length=total, label="copying the index", file=sys.stderr) as bar:
+            copied = archive.copy_index_to(build_config(None, index=target).index, bar.update)
+    except StorageError as exc:
+        raise UsageFailure(str(exc)) from None
+    finally:
+        archive.close()
+    print_report(copied, [], False)
+    click.echo(f"done: set index = {target!r} (or --index) to use it", err=True)

@@ -1,0 +1,112 @@
+"""The department's workflow: Modality Worklist items and the auto-routing queue."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from pacs.cli.common import UsageFailure
+from pacs.cli.common import config_options
+from pacs.cli.common import open_archive
+from pacs.cli.common import print_report
+from storage.worklist import WorklistError
+
+
+@click.group("worklist")
+def worklist_group() -> None:
+    """Modality Worklist items: add, import (CSV or JSON), list, remove."""
+
+
+@worklist_group.command("add")
+@config_options
+@click.option("--field", "-f", "pairs", multiple=True, metavar="Keyword=value",
+              help="An item field, e.g. -f PatientID=P1 -f Modality=CT (repeatable).")  # fmt: skip
+def worklist_add(config_file, pairs, **flags) -> None:
+    """Add one item; fields by DICOM keyword (storage.worklist.FIELDS)."""
+    fields = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+    archive = open_archive(config_file, **flags)
+    try:
+        click.echo(archive.worklist_add(fields))
+    except WorklistError as exc:
+        raise UsageFailure(str(exc)) from None
+    finally:
+        archive.close()
+
+
+@worklist_group.command("import")
+@config_options
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def worklist_import(config_file, source: Path, **flags) -> None:
+    """Add the items of a CSV file (a header row of keywords) or a JSON list of objects."""
+    text = source.read_text(encoding="utf-8-sig")
+    if source.suffix.lower() == ".json":
+        rows = json.loads(text)
+    else:
+        rows = list(csv.DictReader(text.splitlines()))
+    archive = open_archive(config_file, **flags)
+    added, problems = 0, []
+    try:
+        for number, row in enumerate(rows, start=1):
+            try:
+                archive.worklist_add({k: v for k, v in row.items() if v not in (None, "")})
+                added += 1
+            except WorklistError as exc:
+                problems.append((f"item {number}", str(exc)))
+    finally:
+        archive.close()
+    print_report({"items added": added}, problems, False)
+    sys.exit(1 if problems else 0)
+
+
+@worklist_group.command("list")
+@config_options
+def worklist_list(config_file, **flags) -> None:
+    """Every item, one JSON object per line (its DICOM JSON under "item")."""
+    archive = open_archive(config_file, **flags)
+    try:
+        for row in archive.worklist_items():
+            click.echo(json.dumps(row))
+    finally:
+        archive.close()
+
+
+@worklist_group.command("remove")
+@config_options
+@click.argument("ids", nargs=-1, type=int, required=True)
+def worklist_remove(config_file, ids, **flags) -> None:
+    """Remove items by id; exit 1 if one is unknown."""
+    archive = open_archive(config_file, **flags)
+    try:
+        missing = [(str(i), "no such item") for i in ids if not archive.worklist_remove(i)]
+    finally:
+        archive.close()
+    print_report({"items removed": len(ids) - len(missing)}, missing, False)
+    sys.exit(1 if missing else 0)
+
+
+@click.command("queue")
+@config_options
+@click.option("--status", type=click.Choice(["pending", "sending", "failed"]), help="Only these.")
+@click.option("--retry", is_flag=True, help="Send failed items (or the IDs given) again now.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@click.argument("ids", nargs=-1, type=int)
+def route_queue(config_file, status, retry, as_json, ids, **flags) -> None:
+    """The auto-routing queue: what waits to be forwarded, what failed and why."""
+    archive = open_archive(config_file, **flags)
+    try:
+        if retry:
+            click.echo(f"{archive.routes_retry(list(ids) or None)} item(s) due again", err=True)
+        rows = [r for r in archive.route_items(status or "") if not ids or r["id"] in ids]
+    finally:
+        archive.close()
+    for row in rows:
+        if as_json:
+            click.echo(json.dumps(row, default=str))
+        else:
+            what = row["sop_uid"] or f"study {row['study_uid']}"
+            tries = f"attempts {row['attempts']}  due {row['due_at']}"
+            click.echo(f"{row['id']}  {row['status']:8} {row['destination']}  {what}  {tries}  "
+                       f"{row['last_error']}")  # fmt: skip
+    click.echo(f"{len(rows)} item(s)", err=True)
