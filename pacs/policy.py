@@ -1,4 +1,4 @@
-"""Who may do what over DICOM: the one association policy (DESIGN.md "Security").
+"""Who may do what over DICOM: the one association policy (docs/architecture.md, "Who may do what").
 
 Every A-ASSOCIATE-RQ passes `decide`: the called AE title must be ours, a known calling
 AE (`peer`) must come from its host (unless its entry says check_host=no) and, when its

@@ -47,7 +47,7 @@ class SharedContext(PresentationContext):
 
     pynetdicom deep-copies the supported contexts for each new association; with every
     storage class × every transfer syntax that costs ~70 ms per association
-    (shared/notes/pynetdicom-ingest.md). Negotiation never mutates them, so one copy
+    (docs/ingest-performance.md). Negotiation never mutates them, so one copy
     serves all.
     """
 

@@ -3,7 +3,7 @@
 A modality's association proposes storage classes (and perhaps Verification) and
 nothing else. pynetdicom serves it with two reactor threads that poll, queues between
 them, a state machine and pydicom-encoded commands: more CPU per instance than the
-archive's own work (shared/notes/ingest-cpu-2026-12-04.md). The listener (pacs.seam's
+archive's own work (docs/ingest-performance.md). The listener (pacs.seam's
 Server) offers every new plain connection to `StoreSCP.divert`, which peeks at the
 A-ASSOCIATE-RQ without taking it off the socket. A storage-only association is served
 here, by one thread with blocking reads: PDVs are written straight into the archive's

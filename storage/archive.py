@@ -1,7 +1,7 @@
 """The archive: files under one root, indexed in SQLite or PostgreSQL, written by one ingest
 path.
 
-Order of a write (DESIGN.md "Storage"): the bytes land in `.incoming/`, are fsynced,
+Order of a write (docs/architecture.md): the bytes land in `.incoming/`, are fsynced,
 hard-linked into `<study>/<series>/<sop>.dcm` (which never clobbers: the filesystem
 decides duplicates, even across processes), the directory is fsynced, then the index
 row commits. Only then does the caller hear success. A crash at any point leaves

@@ -1,7 +1,7 @@
 """De-identification: PS3.15 Annex E, the Basic Application Level Confidentiality Profile
 and its options, driven by Table E.1-1 (`storage.deid_table`).
 
-One module for every way out (DESIGN): `minipacs anonymize`, WADO-URI `anonymize=yes`
+One module for every way out (docs/architecture.md): `minipacs anonymize`, WADO-URI `anonymize=yes`
 and the DICOMweb retrieve option. Replacement values come from a project key (HMAC-SHA256):
 the same key maps the same UID, patient or date the same way every time, so exports made
 months apart still link up, and nobody without the key can map them back.

@@ -205,7 +205,8 @@ def index_args(index: str) -> list[str]:
 def run(
     *command: str, check: bool = True, timeout: float = 120, **kwargs
 ) -> subprocess.CompletedProcess:
-    """Run a client, TCP_NODELAY on for dcmtk (shared/notes), output captured as text."""
+    """Run a client, output captured as text; dcmtk with TCP_NODELAY on (Nagle stalls its
+    small messages, docs/ingest-performance.md)."""
     env = {**os.environ, "TCP_NODELAY": "1", **kwargs.pop("env", {})}
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout, env=env, **kwargs
