@@ -125,7 +125,15 @@ def test_accept_lists_q_values_and_406(server):
     )
     assert code == 406
     code, _, _ = get(f"{server.url}/dicom-web/studies", Accept="text/html;;")
-    assert code == 400
+    assert code == 406  # empty parameters are allowed (RFC 9110 5.6.6): text/html, not JSON
+    for malformed in ("html", "application/json;q=high", "application/json;q=2"):
+        code, _, body = get(f"{server.url}/dicom-web/studies", Accept=malformed)
+        assert code == 400 and json.loads(body)["error"], malformed
+    _, headers, _ = get(
+        f"{server.url}/dicom-web/studies",
+        Accept='multipart/related; type="a,b"; q=0.9, application/json; q="0.5"',
+    )
+    assert headers["Content-Type"] == "application/json"  # a comma inside quotes, quoted q
 
 
 def test_percent_encoded_wildcards_lists_and_repeated_keys(server):

@@ -117,6 +117,8 @@ def test_image_quality_and_annotation(server):
         ("image/*", "image/jpeg"),
         ("application/dicom", "application/dicom"),
         ("image/png;q=0.9", "image/png"),
+        ("image/jpeg;q=0.5,image/png", "image/png"),  # q-values honoured (viewer.media)
+        ("image/gif;q=0,application/dicom", "application/dicom"),
     ],
 )
 def test_content_type_lists(server, accept, expected):

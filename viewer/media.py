@@ -1,7 +1,8 @@
 """HTTP media types for DICOMweb: Accept headers in, multipart/related out and in.
 
 Accept parsing follows RFC 9110 12.5.1 (lists, q-values, quoted parameters, wildcards)
-because clients differ: OHIF quotes `type`, dicomweb-client does not, curl sends `*/*`.
+with werkzeug's list and parameter parsers, because clients differ: dicomweb-client and
+OHIF quote `type`, cornerstone's frame loader does not, curl sends `*/*`.
 The multipart reader streams: a part's body is handed over in chunks as it arrives, so a
 2 GB STOW-RS body never sits in memory (werkzeug's parser insists on form-data headers).
 """
@@ -14,14 +15,17 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import BinaryIO
 
+from werkzeug.http import parse_list_header
+from werkzeug.http import parse_options_header
+
 from viewer.errors import WebError
 
 CRLF = b"\r\n"
 CHUNK = 1 << 20
 MAX_PART_HEADERS = 16 << 10
-_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_PARAM = re.compile(rf'\s*;\s*({_TOKEN})\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)')
-_RANGE = re.compile(rf"\s*({_TOKEN})/({_TOKEN})")
+_TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"  # RFC 9110 5.6.2
+# A parameter whose unquoted value holds "/" (not a token character): `; type=image/jpeg`.
+_BARE_SLASH = re.compile(rf'(;[ \t]*{_TOKEN}[ \t]*=[ \t]*)([^\s";,]*/[^\s";,]*)')
 
 
 class MediaError(WebError):
@@ -51,40 +55,35 @@ class MediaRange:
 
 def parse_media_type(text: str) -> MediaRange:
     """A Content-Type value; MediaError when it is not type/subtype[;params]."""
-    ranges = parse_accept(text)
-    if len(ranges) != 1:
-        raise MediaError(f"not one media type: {text!r}")
-    return ranges[0]
+    kind, params = parse_options_header(_quote_bare_slashes(text))
+    return _media_range(kind, params)
 
 
 def parse_accept(text: str) -> list[MediaRange]:
     """Media ranges of an Accept header, best first (higher q, then more specific, then
-    header order); q=0 entries are dropped. An empty header is `*/*`."""
+    header order); q=0 entries are dropped. An empty header is `*/*`. werkzeug splits the
+    list and the parameters (quoted strings, escapes); its own Accept class is not used
+    because it ranks specificity above q and drops a bad q silently (we answer 400)."""
     if not text.strip():
         return [MediaRange("*", "*")]
-    ranges = []
-    pos = 0
-    while pos < len(text):
-        match = _RANGE.match(text, pos)
-        if not match:
-            raise MediaError(f"malformed media range at {text[pos:]!r}")
-        pos = match.end()
-        params: dict[str, str] = {}
-        while param := _PARAM.match(text, pos):
-            name, value = param.group(1).lower(), param.group(2)
-            if value.startswith('"'):
-                value = re.sub(r"\\(.)", r"\1", value[1:-1])
-            params[name] = value
-            pos = param.end()
-        rest = text[pos:].lstrip()
-        if rest and not rest.startswith(","):
-            raise MediaError(f"malformed media range at {rest!r}")
-        pos = len(text) - len(rest) + 1
-        q = _quality(params.pop("q", "1"))
-        if q > 0:
-            ranges.append(MediaRange(match.group(1).lower(), match.group(2).lower(), params, q))
-    order = {id(r): i for i, r in enumerate(ranges)}
-    return sorted(ranges, key=lambda r: (-r.q, r.type == "*", r.subtype == "*", order[id(r)]))
+    items = parse_list_header(_quote_bare_slashes(text))
+    ranges = [_media_range(*parse_options_header(item)) for item in items]
+    ranges = [r for r in ranges if r.q > 0]  # a stable sort keeps header order on ties
+    return sorted(ranges, key=lambda r: (-r.q, r.type == "*", r.subtype == "*"))
+
+
+def _quote_bare_slashes(text: str) -> str:
+    """`type=application/dicom` as cornerstone sends it ("/" is not a token character, so
+    RFC 9110 wants it quoted; werkzeug would read `application`)."""
+    return _BARE_SLASH.sub(r'\1"\2"', text)
+
+
+def _media_range(kind: str, params: dict[str, str]) -> MediaRange:
+    """One parsed item; MediaError unless it is type/subtype with a numeric q in 0-1."""
+    main, slash, sub = kind.strip().lower().partition("/")
+    if not (slash and re.fullmatch(_TOKEN, main) and re.fullmatch(_TOKEN, sub)):
+        raise MediaError(f"malformed media range {kind[:80]!r}")
+    return MediaRange(main, sub, params, _quality(params.pop("q", "1")))
 
 
 def _quality(value: str) -> float:

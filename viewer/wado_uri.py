@@ -20,6 +20,7 @@ from storage.dataset import read_dataset
 from viewer import render
 from viewer import transcode
 from viewer.errors import WebError
+from viewer.media import parse_accept
 
 bp = Blueprint("wado_uri", __name__)
 
@@ -85,21 +86,18 @@ def _uid(params, name: str) -> str:
 
 
 def _content_type(accepted: str, has_pixels: bool) -> str:
-    """The first type of the list we can produce (PS3.18 9.1.2.1.5); images default to
-    image/jpeg, other objects to application/dicom."""
+    """The best type of the list (q-values honoured) we can produce (PS3.18 9.1.2.1.5);
+    images default to image/jpeg, other objects to application/dicom."""
     default = "image/jpeg" if has_pixels else DICOM
-    if not accepted.strip():
-        return default
-    for item in accepted.split(","):
-        media = item.split(";")[0].strip().lower()
-        if media in ("*/*", "*"):
+    for choice in parse_accept("*/*" if accepted.strip() == "*" else accepted):
+        if choice.media_type == "*/*":
             return default
-        if media == DICOM:
+        if choice.media_type == DICOM:
             return DICOM
-        if media in IMAGE_TYPES or media == "image/*":
-            if not has_pixels:
-                continue
-            return "image/jpeg" if media == "image/*" else media
+        if has_pixels and choice.media_type == "image/*":
+            return "image/jpeg"
+        if has_pixels and choice.media_type in IMAGE_TYPES:
+            return choice.media_type
     raise WebError(406, f"cannot produce any of: {accepted}")
 
 
