@@ -1,8 +1,10 @@
 """pacs.seam: its replacements act for our server's AE only, it is checked against the
 pynetdicom it was written for, and pacs.scu never installs it."""
 
+import pickle
 import queue
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -22,6 +24,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
 from pacs import seam
+from pacs.config import Config
 
 CT = TEST_FILES / "CT_small.dcm"  # Explicit VR Little Endian
 SEAM_ATTRIBUTES = ("_sending", "_reading", "_held", "_wake_recv", "_wake_send")
@@ -47,21 +50,22 @@ def test_check_names_what_is_missing_or_changed_in_one_line():
 
 
 def test_serve_refuses_to_start_on_a_pynetdicom_the_seam_does_not_know(tmp_path):
-    """The same check as `minipacs serve` runs it, against a table that expects one more
-    attribute (pynetdicom itself is left as it is)."""
+    """The same check as the server process (pacs.boot pacs.server) runs it, against a
+    table that expects one more attribute (pynetdicom itself is left as it is)."""
     code = (
         "import sys\n"
         "from pynetdicom.dul import DULServiceProvider\n"
-        "from pacs import seam\n"
+        "from pacs import seam, server\n"
         "seam.EXPECTED[DULServiceProvider, '_gone_in_a_later_version'] = '(self)'\n"
-        "from pacs.cli import main\n"
-        "main(sys.argv[1:])\n"
+        "server.main([])\n"
     )
     data = tmp_path / "data"
-    args = ["serve", "--data", str(data), "--port", "0", "--http-port", "0"]
-    result = run(sys.executable, "-c", code, *args, cwd=ROOT, check=False, timeout=60)
+    config = pickle.dumps(Config(data=data, port=0, http_port=0))
+    result = subprocess.run(
+        [sys.executable, "-c", code], input=config, cwd=ROOT, capture_output=True, timeout=60
+    )
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "DULServiceProvider._gone_in_a_later_version is missing" in lines[0]
     assert not data.exists()  # nothing was opened
