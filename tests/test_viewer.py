@@ -234,9 +234,24 @@ def test_back_and_forward(page, server):
 
 
 def test_unrenderable_image_is_a_message_in_the_viewport(page, server):
+    """The message, and the series thumbnails asked for as soon as the first image has
+    failed (they wait for it, not for a fixed delay: this failed with the old 1.5 s timer)."""
     study = uid_of("JPEG-lossy.dcm", "StudyInstanceUID")
     page.goto(f"{server.url}/study/{study}")
     expect(page.locator(".message")).to_contain_text("Cannot display this image")
+    thumbnail = page.locator(".series-item img").first.get_attribute("src")  # no waiting
+    assert thumbnail and "/thumbnail" in thumbnail
+
+
+def test_viewer_modules_keep_to_their_jobs():
+    """The study view takes DOM helpers from dom.js (not the study list), and requests in
+    flight are records holding their AbortController, not controllers with fields added."""
+    static = ROOT / "viewer" / "static"
+    assert 'from "./studylist.js"' not in (static / "studyview.js").read_text()
+    for script in static.glob("*.js"):
+        source = script.read_text()
+        assert not re.search(r"\bcontroller\.\w+\s*(\|\|)?=[^=]", source), script.name
+        assert not re.search(r"setTimeout\([^;]*,\s*1500\)", source), script.name
 
 
 def test_download_is_the_stored_file(page, server):

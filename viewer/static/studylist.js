@@ -2,6 +2,7 @@
 // matching studies (QIDO-RS), paging, and keyboard navigation (arrows, Enter).
 
 import { first, formatDate, searchStudies, text } from "./dicomweb.js";
+import { button, el } from "./dom.js";
 
 const PAGE = 50;
 const MODALITIES = ["", "CT", "MR", "CR", "DX", "US", "XA", "MG", "NM", "PT", "RF", "OT", "SC", "SR"];
@@ -186,20 +187,4 @@ function pager(params, more, navigate) {
   const next = button("Next →", () => go(page + 1));
   next.disabled = !more;
   return el("nav", { class: "pager", "aria-label": "Pages" }, previous, el("span", {}, `Page ${page + 1}`), next);
-}
-
-export function button(label, onClick, attributes = {}) {
-  const node = el("button", { type: "button", ...attributes }, label);
-  node.addEventListener("click", onClick);
-  return node;
-}
-
-export function el(tag, attributes = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [name, value] of Object.entries(attributes)) {
-    if (name === "value") node.value = value;
-    else node.setAttribute(name, value);
-  }
-  node.append(...children.filter((c) => c !== undefined && c !== null));
-  return node;
 }

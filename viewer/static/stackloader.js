@@ -1,0 +1,136 @@
+// The stack loader: rendered frames of the open series fetched as ImageBitmaps, kept in
+// a bounded cache, neighbours prefetched in the scroll direction, and requests no longer
+// useful aborted. It asks the view what is current (`isCurrent`, `exactShown`) and hands
+// it what to draw (`draw`).
+
+import { fetchBitmap, renderedURL } from "./dicomweb.js";
+
+const PREFETCH = 10; // slices ahead in the scroll direction (and half of it behind)
+const PARALLEL = 4; // rendered requests in flight (waitress serves 8 at once)
+const CACHE = 160; // bitmaps kept
+const MAX_SIDE = 2048; // larger images are rendered down to this on the server
+
+export class StackLoader {
+  constructor(view) {
+    this.view = view; // study, series, stack, index, direction, window, dragging
+    this.bitmaps = new Map(); // key → ImageBitmap (insertion order = age)
+    this.loading = new Map(); // key → { controller, current, promise }
+  }
+
+  // One rendering of one frame: series, instance, frame, window and format.
+  key(index, format) {
+    const { series, stack, window } = this.view;
+    const slice = stack[index];
+    const windowed = window === null ? "file" : window === "auto" ? "auto" : `${window.center},${window.width}`;
+    return `${series}|${slice.sop}|${slice.frame}|${windowed}|${format}`;
+  }
+
+  url(index, format, quality) {
+    const { study, series, stack, window } = this.view;
+    const slice = stack[index];
+    const big = Math.max(slice.rows, slice.columns) > MAX_SIDE;
+    const scale = big ? MAX_SIDE / Math.max(slice.rows, slice.columns) : 1;
+    const viewport = big ? [Math.round(slice.columns * scale), Math.round(slice.rows * scale)] : null;
+    return renderedURL(study, series, slice.sop, slice.frame, { window, format, quality, viewport });
+  }
+
+  // Ask for frame `index`; the current one is drawn when it arrives.
+  request(index, format, { current = false, quality = 90 } = {}) {
+    const view = this.view;
+    const key = this.key(index, format);
+    const cached = this.bitmaps.get(key);
+    if (cached) {
+      this.bitmaps.delete(key); // refresh its age
+      this.bitmaps.set(key, cached);
+      if (current) view.draw(key, cached);
+      return Promise.resolve(cached);
+    }
+    if (current) this.placeholder(index);
+    const pending = this.loading.get(key);
+    if (pending) {
+      pending.current ||= current; // the request that loads it draws it: once
+      return pending.promise;
+    }
+    const entry = { controller: new AbortController(), current, promise: null };
+    entry.promise = fetchBitmap(this.url(index, format, quality), entry.controller.signal).then(
+      (bitmap) => {
+        this.loading.delete(key);
+        this.remember(key, bitmap);
+        if (view.isCurrent(key)) view.draw(key, bitmap);
+        else if (entry.current && !view.exactShown()) view.draw(null, bitmap); // moved on: show it meanwhile
+        this.prefetch();
+        return bitmap;
+      },
+      (error) => {
+        this.loading.delete(key);
+        if (error.name !== "AbortError" && view.isCurrent(key)) view.viewport.showMessage(`Cannot display this image: ${error.message}`);
+        throw error;
+      },
+    );
+    entry.promise.catch(() => {});
+    this.loading.set(key, entry);
+    return entry.promise;
+  }
+
+  // Keep the slice's nearest rendering on screen while the exact one loads.
+  placeholder(index) {
+    const { series, stack } = this.view;
+    const slice = stack[index];
+    const prefix = `${series}|${slice.sop}|${slice.frame}|`;
+    for (const [key, bitmap] of [...this.bitmaps].reverse()) {
+      if (key.startsWith(prefix)) {
+        this.view.draw(null, bitmap);
+        return;
+      }
+    }
+  }
+
+  prefetch() {
+    const { stack, index, direction, dragging } = this.view;
+    if (!stack.length || dragging) return;
+    const wanted = [];
+    for (let step = 1; step <= PREFETCH; step += 1) {
+      wanted.push(index + step * direction);
+      if (step <= PREFETCH / 2) wanted.push(index - step * direction);
+    }
+    const keep = new Set(wanted.filter((i) => i >= 0 && i < stack.length).map((i) => this.key(i, "png")));
+    keep.add(this.key(index, "png"));
+    this.abort((key, entry) => !keep.has(key) && !key.endsWith("|jpeg") && !entry.current); // scrolled away, or an old window
+    for (const next of wanted) {
+      if (this.loading.size >= PARALLEL) break;
+      if (next < 0 || next >= stack.length) continue;
+      const key = this.key(next, "png");
+      if (!this.bitmaps.has(key) && !this.loading.has(key)) this.request(next, "png");
+    }
+  }
+
+  // Abort the requests in flight that `unwanted(key, entry)` picks.
+  abort(unwanted) {
+    for (const [key, entry] of this.loading) {
+      if (unwanted(key, entry)) {
+        entry.controller.abort();
+        this.loading.delete(key);
+      }
+    }
+  }
+
+  remember(key, bitmap) {
+    this.bitmaps.set(key, bitmap);
+    const shown = this.view.viewport.shown;
+    while (this.bitmaps.size > CACHE) {
+      const [oldest, old] = this.bitmaps.entries().next().value;
+      if (shown && shown.bitmap === old) {
+        this.bitmaps.delete(oldest);
+        this.bitmaps.set(oldest, old);
+        continue;
+      }
+      this.bitmaps.delete(oldest);
+      old.close();
+    }
+  }
+
+  close() {
+    this.abort(() => true);
+    for (const bitmap of this.bitmaps.values()) bitmap.close();
+  }
+}
