@@ -1,4 +1,4 @@
-"""Who may do what over HTTP: the one `before_request` check (DESIGN.md "Security").
+"""Who may do what over HTTP: the one `before_request` check (docs/architecture.md).
 
 With no user in the index, a loopback-only server lets every request through (as before
 users existed); beyond loopback, no user means no access, on every request. Otherwise each
