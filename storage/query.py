@@ -10,7 +10,6 @@ Hierarchy is lenient (PS3.4 C.4.1.2.2 allows it): unique keys of the levels abov
 query level restrict the answer when given and are not required.
 """
 
-import fnmatch
 import json
 import re
 from collections.abc import Callable
@@ -22,7 +21,6 @@ from peewee import CommaNodeList
 from peewee import Expression
 from peewee import Field
 from peewee import Node
-from peewee import SqliteDatabase
 from pydicom.dataset import Dataset
 
 from storage.dataset import name_key
@@ -34,6 +32,9 @@ from storage.models import Study
 from storage.models import StudyModality
 from storage.models import WorklistItem
 from storage.models import db
+from storage.wildcards import condition as wildcard_condition
+from storage.wildcards import has_wildcards
+from storage.wildcards import matches as wildcard_matches
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 LEVEL_MODELS = (Patient, Study, Series, Instance)
@@ -376,8 +377,8 @@ def _any_of(field: Field, values: list[str], vr: str) -> Expression:
 
 
 def _single(field: Field, value: str, vr: str) -> Expression:
-    if vr in WILDCARD_VRS and ("*" in value or "?" in value):
-        return _wildcard(field, value)
+    if vr in WILDCARD_VRS and has_wildcards(value):
+        return wildcard_condition(field, value)
     return field == value
 
 
@@ -390,25 +391,13 @@ def _name_condition(value: str, options: Options) -> Expression | None:
     if options.fuzzy_names and not any(c in alphabetic for c in "*?"):
         start = name_key(alphabetic)
         return (
-            _wildcard(Patient.name_key, f"{start}*")
-            | _wildcard(Patient.name_key, f"*^{start}*")
-            | _wildcard(Patient.name_key, f"* {start}*")
+            wildcard_condition(Patient.name_key, f"{start}*")
+            | wildcard_condition(Patient.name_key, f"*^{start}*")
+            | wildcard_condition(Patient.name_key, f"* {start}*")
         )
     if not options.pn_case_insensitive:
         return _single(Patient.patient_name, value, "PN") if "=" not in value else None
     return _single(Patient.name_key, name_key(alphabetic), "PN")
-
-
-def _wildcard(field: Field, pattern: str) -> Expression:
-    """* and ? (PS3.4 C.2.2.2.4) as SQLite GLOB (case-sensitive, index-friendly prefix)
-    or LIKE elsewhere; every other character is literal."""
-    if isinstance(db.obj, SqliteDatabase):
-        glob = "".join(c if c in "*?" else (f"[{c}]" if c in "[]" else c) for c in pattern)
-        return Expression(field, "GLOB", glob)
-    like = "".join(
-        "%" if c == "*" else "_" if c == "?" else ("\\" + c if c in "%_\\" else c) for c in pattern
-    )
-    return Expression(field, "LIKE", like)
 
 
 def _range(field: Field, value: str, time: bool = False) -> Expression:
@@ -481,8 +470,7 @@ def _comparator(query: str, vr: str, options: Options) -> Callable[[str], bool]:
             )
     if fold:
         query = query.upper()
-    wildcard = vr in WILDCARD_VRS and ("*" in query or "?" in query)
-    regex = re.compile(fnmatch.translate(query), re.S) if wildcard else None
+    wildcard = vr in WILDCARD_VRS and has_wildcards(query)
 
     def compare(value: str) -> bool:
         if vr == "PN":
@@ -492,18 +480,14 @@ def _comparator(query: str, vr: str, options: Options) -> Callable[[str], bool]:
                 not q or _text_match(q, groups_v[i] if i < len(groups_v) else "", fold)
                 for i, q in enumerate(groups_q)
             )
-        if regex is not None:
-            return regex.match(value) is not None
-        return value == query
+        return wildcard_matches(query, value) if wildcard else value == query
 
     return compare
 
 
 def _text_match(query: str, value: str, fold: bool) -> bool:
     value = value.upper() if fold else value
-    if "*" in query or "?" in query:
-        return re.match(fnmatch.translate(query), value, re.S) is not None
-    return value == query
+    return wildcard_matches(query, value) if has_wildcards(query) else value == query
 
 
 def _values(element: dict | None) -> list[str]:

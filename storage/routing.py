@@ -16,13 +16,13 @@ row: what was acknowledged to the modality is never lost for the route either.
 import datetime
 import json
 import random
-import re
 from dataclasses import dataclass
 from dataclasses import field
 
 from peewee import fn
 from pydicom.datadict import tag_for_keyword
 
+from storage import wildcards
 from storage.dataset import ParsedInstance
 from storage.models import RouteItem
 
@@ -55,8 +55,10 @@ class Rule:
             return False
         if self.sop_classes and parsed.sop_class_uid not in self.sop_classes:
             return False
-        return all(_wildcard(pattern, _first_value(attributes.get(tag))) for tag, pattern in
-                   self.matches)  # fmt: skip
+        return all(
+            wildcards.matches(pattern, _first_value(attributes.get(tag)))
+            for tag, pattern in self.matches
+        )
 
 
 def parse_rule(text: str) -> Rule:
@@ -195,8 +197,3 @@ def _first_value(element: dict | None) -> str:
     if isinstance(value, dict):  # PN
         return str(value.get("Alphabetic", ""))
     return str(value)
-
-
-def _wildcard(pattern: str, value: str) -> bool:
-    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
-    return re.fullmatch(regex, value, re.DOTALL) is not None
