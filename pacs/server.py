@@ -69,8 +69,8 @@ def serve(config: Config) -> None:
     auditlog.install(config.audit_syslog)
     archive = open_archive(config, repair=True)
     metrics.forget_dead(config.data / METRICS_FOLDER)
-    metrics.REGISTRY.gauge("minipacs_index_backlog", archive.journal.pending)
-    metrics.REGISTRY.gauge("minipacs_index_set_aside", archive.set_aside)
+    metrics.gauge("minipacs_index_backlog", archive.journal.pending)
+    metrics.gauge("minipacs_index_set_aside", archive.set_aside)
     if config.beyond_loopback and not archive.accounts(users.count):
         archive.close()
         raise StartupError(

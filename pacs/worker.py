@@ -184,7 +184,7 @@ def listen(config: Config, archive: Archive, shared_port: bool, tls: bool = Fals
         reason = exc.strerror or str(exc)
         raise StartupError(f"cannot listen for DICOM on {config.host}:{port}: {reason}") from exc
     store = getattr(scp, "store_scp", None)
-    metrics.REGISTRY.gauge(
+    metrics.gauge(
         "minipacs_associations_active",
         lambda: len(scp.ae.active_associations) + (store.active if store else 0),
     )
@@ -229,7 +229,7 @@ def open_archive(config: Config, repair: bool) -> Archive:
     elif repair:
         log.info("another minipacs process uses %s: start-up check skipped", archive.root)
     archive.lock(exclusive=False)
-    metrics.REGISTRY.gauge("minipacs_index_queue", archive.pending_writes)
+    metrics.gauge("minipacs_index_queue", archive.pending_writes)
     return archive
 
 

@@ -1,110 +1,115 @@
-"""Counters and latency histograms of this process, in Prometheus text format (0.0.4).
+"""Counters, gauges and latency histograms of this process, on prometheus_client.
 
 The DICOM side (pacs) and the web app (viewer) record into one registry per process;
 it lives in storage, which both use, so DICOM processes never import the web side.
-DICOM worker processes write theirs to `<data>/.metrics/<pid>-worker-N.json` every few
-seconds; `/metrics` in the main process adds them to its own, so one scrape sees the
-whole server (a respawned worker starts from zero: a counter reset, as Prometheus
-expects of a restart).
+DICOM worker processes write their samples to `<data>/.metrics/<pid>-worker-N.json`
+every second; `/metrics` in the main process adds them to its own (same name and labels:
+summed), so one scrape sees the whole server (a respawned worker starts from zero: a
+counter reset, as Prometheus expects of a restart). prometheus_client writes the
+exposition: Prometheus text 0.0.4, or OpenMetrics when the scraper asks for it.
 """
 
-import bisect
 import json
 import os
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+from prometheus_client import Counter
+from prometheus_client import Histogram
+from prometheus_client import disable_created_metrics
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+disable_created_metrics()  # no `_created` series: what we had, and less to merge
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-HELP = {
-    "minipacs_dimse_requests_total": ("counter", "DIMSE requests served, by service"),
-    "minipacs_dimse_failures_total": ("counter", "DIMSE requests answered with a failure"),
-    "minipacs_dimse_request_seconds": ("histogram", "Time to serve a DIMSE request"),
-    "minipacs_instances_stored_total": ("counter", "Instances stored (C-STORE, STOW-RS)"),
-    "minipacs_bytes_stored_total": ("counter", "Bytes of the instances stored"),
-    "minipacs_associations_active": ("gauge", "DICOM associations open now"),
-    "minipacs_http_requests_total": ("counter", "HTTP requests, by method and status"),
-    "minipacs_http_request_seconds": ("histogram", "Time to answer an HTTP request"),
-    "minipacs_index_queue": ("gauge", "Index writes waiting for the writer"),
-    "minipacs_index_backlog": ("gauge", "Instances acknowledged and not yet indexed"),
-    "minipacs_index_set_aside": ("gauge", "Acknowledged instances the indexer could not read"),
-    "minipacs_route_pending": ("gauge", "Auto-routing items waiting or being sent"),
-    "minipacs_route_failed": ("gauge", "Auto-routing items that gave up (minipacs queue)"),
-    "minipacs_archive_instances": ("gauge", "Instances in the archive"),
-    "minipacs_archive_bytes": ("gauge", "Bytes of the stored files"),
-    "minipacs_disk_free_bytes": ("gauge", "Free space on the data folder's filesystem"),
+GAUGES = {  # read when the metrics are (`gauge`), or given by the web app at scrape time
+    "minipacs_associations_active": "DICOM associations open now",
+    "minipacs_index_queue": "Index writes waiting for the writer",
+    "minipacs_index_backlog": "Instances acknowledged and not yet indexed",
+    "minipacs_index_set_aside": "Acknowledged instances the indexer could not read",
+    "minipacs_route_pending": "Auto-routing items waiting or being sent",
+    "minipacs_route_failed": "Auto-routing items that gave up (minipacs queue)",
+    "minipacs_archive_instances": "Instances in the archive",
+    "minipacs_archive_bytes": "Bytes of the stored files",
+    "minipacs_disk_free_bytes": "Free space on the data folder's filesystem",
 }
 WRITE_EVERY = 1.0  # s between a worker's snapshots
 
-Labels = tuple[tuple[str, str], ...]
 
-
-class Registry:
-    """Counters, gauges and histograms keyed by (name, labels); thread-safe."""
+class Readers(Collector):
+    """Gauges read when the metrics are (queue depth, open associations): a custom
+    collector, as several readers of one name (two listeners) add up, and one that cannot
+    be read is left out rather than failing the scrape."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: dict[str, dict[Labels, float]] = {}
-        # per bucket (the last one +Inf) the observations that fell in it, then sum, count
-        self._histograms: dict[str, dict[Labels, list[float]]] = {}
-        self._gauges: dict[str, list[Callable[[], float]]] = {}
+        self._readers: dict[str, list[Callable[[], float]]] = {}
 
-    def add(self, name: str, value: float = 1, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
+    def add(self, name: str, read: Callable[[], float]) -> None:
         with self._lock:
-            series = self._values.setdefault(name, {})
-            series[key] = series.get(key, 0) + value
+            self._readers.setdefault(name, []).append(read)
 
-    def observe(self, name: str, seconds: float, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
+    def collect(self) -> Iterator[Metric]:
         with self._lock:
-            state = self._histograms.setdefault(name, {}).setdefault(
-                key, [0.0] * (len(BUCKETS) + 3)
-            )
-            state[bisect.bisect_left(BUCKETS, seconds)] += 1  # the first bucket ≥ seconds
-            state[-2] += seconds
-            state[-1] += 1
-
-    def gauge(self, name: str, read: Callable[[], float]) -> None:
-        """A value read when the metrics are (queue depth, open associations); several
-        readers of one name (two listeners) add up."""
-        with self._lock:
-            self._gauges.setdefault(name, []).append(read)
-
-    def snapshot(self) -> dict:
-        """Everything as plain data (JSON for a worker's file)."""
-        with self._lock:
-            values = {n: [[list(k), v] for k, v in s.items()] for n, s in self._values.items()}
-            histograms = {
-                n: [[list(k), list(v)] for k, v in s.items()] for n, s in self._histograms.items()
-            }
-            gauges = {name: list(readers) for name, readers in self._gauges.items()}
-        for name, readers in gauges.items():
+            readers = {name: list(found) for name, found in self._readers.items()}
+        for name, found in readers.items():
             try:
-                values.setdefault(name, []).append([[], float(sum(read() for read in readers))])
-            except Exception:  # a gauge that cannot be read is left out, not fatal
+                value = float(sum(read() for read in found))
+            except Exception:
                 continue
-        return {"values": values, "histograms": histograms}
+            yield GaugeMetricFamily(name, GAUGES[name], value=value)
 
 
-REGISTRY = Registry()
+REGISTRY = CollectorRegistry()
+READERS = Readers()
+REGISTRY.register(READERS)
+DIMSE_REQUESTS = Counter("minipacs_dimse_requests", "DIMSE requests served, by service",
+                         ["service"], registry=REGISTRY)  # fmt: skip
+DIMSE_FAILURES = Counter("minipacs_dimse_failures", "DIMSE requests answered with a failure",
+                         ["service"], registry=REGISTRY)  # fmt: skip
+DIMSE_SECONDS = Histogram("minipacs_dimse_request_seconds", "Time to serve a DIMSE request",
+                          ["service"], buckets=BUCKETS, registry=REGISTRY)  # fmt: skip
+INSTANCES_STORED = Counter("minipacs_instances_stored", "Instances stored (C-STORE, STOW-RS)",
+                           registry=REGISTRY)  # fmt: skip
+BYTES_STORED = Counter("minipacs_bytes_stored", "Bytes of the instances stored",
+                       registry=REGISTRY)  # fmt: skip
+HTTP_REQUESTS = Counter("minipacs_http_requests", "HTTP requests, by method and status",
+                        ["method", "code"], registry=REGISTRY)  # fmt: skip
+HTTP_SECONDS = Histogram("minipacs_http_request_seconds", "Time to answer an HTTP request",
+                         ["endpoint"], buckets=BUCKETS, registry=REGISTRY)  # fmt: skip
+
+
+def gauge(name: str, read: Callable[[], float]) -> None:
+    """A gauge (one of GAUGES) read when the metrics are."""
+    READERS.add(name, read)
+
+
+def http(method: str, code: int, endpoint: str, seconds: float) -> None:
+    """One HTTP request answered."""
+    HTTP_REQUESTS.labels(method=method, code=str(code)).inc()
+    HTTP_SECONDS.labels(endpoint=endpoint).observe(seconds)
 
 
 def stored(size: int) -> None:
     """One instance taken into the archive (`size` 0: it was there already)."""
     if size:
-        REGISTRY.add("minipacs_instances_stored_total")
-        REGISTRY.add("minipacs_bytes_stored_total", size)
+        INSTANCES_STORED.inc()
+        BYTES_STORED.inc(size)
 
 
 def dimse(service: str, started: float, failed: bool) -> None:
     """One DIMSE request served, from `started` (time.monotonic()) until now."""
-    REGISTRY.add("minipacs_dimse_requests_total", service=service)
+    DIMSE_REQUESTS.labels(service=service).inc()
     if failed:
-        REGISTRY.add("minipacs_dimse_failures_total", service=service)
-    REGISTRY.observe("minipacs_dimse_request_seconds", time.monotonic() - started,
-                     service=service)  # fmt: skip
+        DIMSE_FAILURES.labels(service=service).inc()
+    DIMSE_SECONDS.labels(service=service).observe(time.monotonic() - started)
 
 
 def timed(service: str, handler: Callable) -> Callable:
@@ -147,7 +152,7 @@ def write_snapshots(folder: Path, name: str, stop: threading.Event) -> None:
     target = folder / f"{name}.json"
     while not stop.wait(WRITE_EVERY):
         aside = target.with_suffix(f".{os.getpid()}.tmp")
-        aside.write_text(json.dumps(REGISTRY.snapshot()))
+        aside.write_text(json.dumps(snapshot()))
         os.replace(aside, target)
 
 
@@ -170,57 +175,54 @@ def _running(pid: int) -> bool:
     return True
 
 
-def exposition(folder: Path, extra: dict[str, float]) -> str:
-    """This process's metrics plus its workers' files, as Prometheus text."""
-    snapshots = [REGISTRY.snapshot()]
-    mine = f"{os.getpid()}-*.json"
-    for path in sorted(folder.glob(mine)) if folder.is_dir() else []:
-        try:
-            snapshots.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    values: dict[str, dict[Labels, float]] = {}
-    histograms: dict[str, dict[Labels, list[float]]] = {}
-    for snapshot in snapshots:
-        for name, series in snapshot["values"].items():
-            for labels, value in series:
-                key = tuple(tuple(pair) for pair in labels)
-                values.setdefault(name, {})[key] = values.get(name, {}).get(key, 0) + value
-        for name, series in snapshot["histograms"].items():
-            for labels, state in series:
-                key = tuple(tuple(pair) for pair in labels)
-                into = histograms.setdefault(name, {}).setdefault(key, [0.0] * len(state))
-                histograms[name][key] = [a + b for a, b in zip(into, state, strict=True)]
-    for name, value in extra.items():
-        values[name] = {(): value}
-    lines: list[str] = []
-    for name in HELP:
-        kind, text = HELP[name]
-        if name not in values and name not in histograms:
-            continue
-        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
-        for key, value in sorted(values.get(name, {}).items()):
-            lines.append(f"{name}{_labels(key)} {_number(value)}")
-        for key, state in sorted(histograms.get(name, {}).items()):
-            cumulative = 0.0
-            for bound, count in zip([*BUCKETS, "+Inf"], state[:-2], strict=True):
-                cumulative += count
-                lines.append(f"{name}_bucket{_labels(key, le=str(bound))} {_number(cumulative)}")
-            lines.append(f"{name}_sum{_labels(key)} {state[-2]!r}")
-            lines.append(f"{name}_count{_labels(key)} {_number(state[-1])}")
-    return "\n".join(lines) + "\n"
+def snapshot() -> list:
+    """This process's metrics as plain data (a worker's file): per family its name, type,
+    help and samples (name, labels, value)."""
+    return [
+        [m.name, m.type, m.documentation, [[x.name, x.labels, x.value] for x in m.samples]]
+        for m in REGISTRY.collect()
+    ]
 
 
-def _labels(key: Labels, **more: str) -> str:
-    pairs = [*key, *more.items()]
-    if not pairs:
-        return ""
-    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in pairs) + "}"
+class Scrape(Collector):
+    """What one scrape shows: this process's metrics, its workers' snapshots and the
+    gauges the web app reads at scrape time (`extra`), samples of the same name and labels
+    summed (histogram buckets are cumulative, so they add up too)."""
+
+    def __init__(self, folder: Path, extra: dict[str, float]) -> None:
+        self.folder, self.extra = folder, extra
+
+    def collect(self) -> Iterator[Metric]:
+        extra = [[name, "gauge", GAUGES[name], [[name, {}, value]]] for name, value in
+                 self.extra.items()]  # fmt: skip
+        return iter(_merged([snapshot(), *self._workers(), extra]))
+
+    def _workers(self) -> Iterator[list]:
+        mine = f"{os.getpid()}-*.json"
+        for path in sorted(self.folder.glob(mine)) if self.folder.is_dir() else []:
+            try:
+                yield json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+def _merged(snapshots: Iterable[list]) -> list[Metric]:
+    families: dict[str, Metric] = {}
+    totals: dict[str, dict[tuple, float]] = {}
+    for found in snapshots:
+        for name, kind, text, samples in found:
+            if name not in families:
+                families[name], totals[name] = Metric(name, text, kind), {}
+            for sample, labels, value in samples:
+                key = (sample, tuple(labels.items()))
+                totals[name][key] = totals[name].get(key, 0.0) + value
+    for name, family in families.items():
+        for (sample, labels), value in totals[name].items():
+            family.add_sample(sample, dict(labels), value)
+    return list(families.values())
 
 
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(value)
+def exposition(folder: Path, extra: dict[str, float], accept: str = "") -> tuple[bytes, str]:
+    """(body, Content-Type) of /metrics in the format the scraper's Accept asks for."""
+    encode, content_type = choose_encoder(accept)
+    return encode(Scrape(folder, extra)), content_type

@@ -3,13 +3,18 @@ figures move with real traffic (storescu, findscu, echoscu, HTTP), DICOM worker 
 are added in, admins only once there are users; /healthz says 503 and why when the data
 folder takes no file."""
 
+import re
 import time
 
 import requests
+from conftest import ROOT
 from conftest import TEST_FILES
 from conftest import minipacs
 from conftest import run
 from conftest import storescu
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 CT = TEST_FILES / "CT_small.dcm"
@@ -53,10 +58,53 @@ def test_figures_follow_the_traffic(server):
     assert value(samples, "minipacs_archive_instances") == 1
     assert value(samples, "minipacs_disk_free_bytes") > 0
     assert ("minipacs_route_pending", ()) in samples
+    assert documented_names() - scraped_names(server) == set()
+    assert_openmetrics(server)
     storescu(server.port, CT)  # the same instance again: nothing new stored
     scrape_until(server, "minipacs_dimse_requests_total", 2, service="C-STORE")
     time.sleep(1.5)  # the indexer's next snapshot
     assert value(scrape(server), "minipacs_instances_stored_total") == 1
+
+
+def documented_names() -> set[str]:
+    """The metric names README lists."""
+    names = set(re.findall(r"\bminipacs_[a-z_]+", (ROOT / "README.md").read_text()))
+    assert len(names) >= 16
+    return names
+
+
+def scraped_names(server) -> set[str]:
+    """Sample names of a scrape, and a counter's `_total` even before its first sample."""
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names |= {sample.name for sample in family.samples} | {family.name}
+        if family.type == "counter":
+            names.add(f"{family.name}_total")
+    return names
+
+
+PROMETHEUS_ACCEPT = (  # what Prometheus 2.x and 3.x send first
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def assert_openmetrics(server) -> None:
+    """A scraper that asks for OpenMetrics gets it (prometheus_client's encoder), with the
+    same figures; before, every answer was text 0.0.4."""
+    answer = requests.get(
+        f"{server.url}/metrics", headers={"Accept": PROMETHEUS_ACCEPT}, timeout=10
+    )
+    assert answer.headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert answer.text.endswith("# EOF\n")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in openmetrics_families(answer.text)
+        for s in family.samples
+    }
+    assert value(samples, "minipacs_dimse_requests_total", service="C-ECHO") == 1
+    assert value(samples, "minipacs_instances_stored_total") == 1
 
 
 def scrape_until(server, name: str, expected: float, **labels: str) -> dict:

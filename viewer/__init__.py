@@ -87,10 +87,12 @@ def create_app(config: Any, archive: Archive) -> Flask:
 
     @app.get("/metrics")
     def prometheus():
-        """Prometheus text: this server's counters, its DICOM workers', archive gauges."""
+        """This server's counters, its DICOM workers', archive gauges: Prometheus text, or
+        OpenMetrics when the scraper's Accept asks for it (prometheus_client decides)."""
         gauges = _archive_gauges(archive, app.extensions["minipacs"]["stats"])
-        body = metrics.exposition(archive.root / ".metrics", gauges)
-        return Response(body, mimetype="text/plain; version=0.0.4")
+        accept = request.headers.get("Accept", "")
+        body, content_type = metrics.exposition(archive.root / ".metrics", gauges, accept)
+        return Response(body, content_type=content_type)
 
     return app
 
@@ -127,14 +129,8 @@ def _start_clock() -> None:
 
 
 def _count(response: Response) -> Response:
-    metrics.REGISTRY.add(
-        "minipacs_http_requests_total", method=request.method, code=str(response.status_code)
-    )
-    metrics.REGISTRY.observe(
-        "minipacs_http_request_seconds",
-        time.monotonic() - g.get("started", time.monotonic()),
-        endpoint=request.endpoint or "none",
-    )
+    seconds = time.monotonic() - g.get("started", time.monotonic())
+    metrics.http(request.method, response.status_code, request.endpoint or "none", seconds)
     return response
 
 
