@@ -419,7 +419,7 @@ class Archive:
                 .tuples()
                 .first()
             )
-        if row is None or row[0] == receipt.sha256:
+        if row is None:
             return
         stored = self.root / row[1]
         if stored.is_file() and not same_dataset(stored, receipt.path):
@@ -447,7 +447,7 @@ class Archive:
                         path,
                         parsed,
                         entry.size,
-                        entry.sha256,
+                        entry.sha256 or hash_file(path)[1],
                         entry.calling_aet,
                         "",
                         entry.address,

@@ -46,15 +46,17 @@ class Entry:
 
     path: Path
     size: int
-    sha256: str
+    sha256: str  # "" since entries no longer name it: the indexer hashes the file
     calling_aet: str
     address: str
 
     @classmethod
     def parse(cls, path: Path) -> "Entry":
-        _, size, sha, who = path.stem.split("~")
+        """`ID~SIZE~WHO.dcm`, or `ID~SIZE~SHA256~WHO.dcm` as versions before 2026-12-05
+        named them (a journal left by one is indexed all the same)."""
+        _, size, *sha, who = path.stem.split("~")
         fields = json.loads(base64.urlsafe_b64decode(who + "=" * (-len(who) % 4)))
-        return cls(path, int(size), sha, fields.get("aet", ""), fields.get("address", ""))
+        return cls(path, int(size), "".join(sha), fields.get("aet", ""), fields.get("address", ""))
 
 
 def file_meta(sop_class_uid: str, sop_uid: str, syntax: str, source_aet: str) -> bytes:
@@ -89,9 +91,10 @@ def _padded(value: str) -> bytes:
 
 
 class Receipt:
-    """One dataset arriving: its bytes go to a `.part` file of the journal and into a
-    running SHA-256. A write error (disk full) is kept, not raised: the request is
-    answered with a failure status once the dataset has been read off the wire."""
+    """One dataset arriving: its bytes go to a `.part` file of the journal (hashed later
+    by the indexer: 0.3 ms of a 0.5 MB CT off the receiver's critical path). A write error
+    (disk full) is kept, not raised: the request is answered with a failure status once
+    the dataset has been read off the wire."""
 
     def __init__(self, journal: "Journal", meta: bytes, calling_aet: str, address: str) -> None:
         """`meta`: the preamble and File Meta Information the dataset goes after."""
@@ -101,7 +104,6 @@ class Receipt:
         self.path = journal.folder / f"{journal.next_id()}.part"
         self.size = 0
         self.error: OSError | None = None
-        self._sha = hashlib.sha256()
         self._pending = bytearray()
         self._fd: int | None = None
         try:
@@ -137,13 +139,8 @@ class Receipt:
             return
         finally:
             view.release()
-        self._sha.update(self._pending)
         self.size += len(self._pending)
         self._pending.clear()
-
-    @property
-    def sha256(self) -> str:
-        return self._sha.hexdigest()
 
     def sync(self) -> None:
         """The bytes durable (before the rename that makes the entry)."""
@@ -165,7 +162,7 @@ class Receipt:
         aet = "".join(c if " " <= c <= "~" else "?" for c in self.calling_aet[:16])
         who = json.dumps({"aet": aet, "address": self.address[:64]}).encode()
         encoded = base64.urlsafe_b64encode(who).decode().rstrip("=")
-        return f"{self.path.stem}~{self.size}~{self.sha256}~{encoded}.dcm"
+        return f"{self.path.stem}~{self.size}~{encoded}.dcm"
 
     def _close(self) -> None:
         if self._fd is not None:
