@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import ProcessPoolExecutor
@@ -265,6 +266,27 @@ class Archive:
     def incoming_path(self) -> Path:
         """A fresh temporary path on the archive's filesystem, for a file about to be ingested."""
         return self.incoming / f"{uuid.uuid4().hex}.part"
+
+    def spool(self, chunks: Iterable[bytes]) -> tuple[Path, tuple[int, str]]:
+        """Receive a whole Part 10 file (a STOW-RS part, an imported file) into `.incoming/`:
+        its path and (size, SHA-256) for `ingest`. C-STORE datasets, which arrive without
+        a file meta, go to the journal instead (`receive`). Nothing is left behind when
+        the chunks break off or the disk is full (OutOfResources)."""
+        tmp = self.incoming_path()
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(tmp, "xb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                reraise_full(exc)
+            raise
+        return tmp, (size, digest.hexdigest())
 
     def ingest(
         self,
@@ -562,21 +584,9 @@ class Archive:
 
     def import_file(self, source: Path, calling_aet: str = "") -> Stored:
         """Copy a file from elsewhere into `.incoming/` and ingest it."""
-        tmp = self.incoming_path()
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            with open(source, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(CHUNK):
-                    dst.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            reraise_full(exc)
-        return self.ingest(
-            tmp, digest=(size, digest.hexdigest()), calling_aet=calling_aet, who="import"
-        )
+        with open(source, "rb") as src:
+            tmp, digest = self.spool(iter(lambda: src.read(CHUNK), b""))
+        return self.ingest(tmp, digest=digest, calling_aet=calling_aet, who="import")
 
     def _place(self, tmp: Path, rel: str, sync_dir: bool = True) -> Outcome:
         """Put the file in place, or decide what a file already there means."""

@@ -154,15 +154,15 @@ def test_gzip_when_accepted(server):
     assert json.loads(gzip.decompress(body)) == json.loads(plain)
 
 
-def test_metadata_is_streamed_plain_and_gzipped(server, tmp_path):
+def test_metadata_is_streamed_plain_and_gzipped(stow_server, tmp_path):
     """A series' metadata is sent as the index yields it (chunked, never whole in
     memory: tens of MB for a large study), the same JSON with or without gzip."""
     from make_study import make_study
 
     files = make_study(tmp_path / "many", 30, size=16)
-    storescu(server.port, *files)
+    storescu(stow_server.port, *files)
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    url = f"{server.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+    url = f"{stow_server.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
     status, headers, plain = get(f"{url}/metadata")
     assert status == 200 and len(plain) > 64 << 10  # more than one chunk
     assert headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers

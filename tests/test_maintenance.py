@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 
 from conftest import TEST_FILES
 from conftest import index_args
@@ -103,3 +104,28 @@ def test_reindex_refuses_while_a_server_runs(server):
     result = minipacs("reindex", "--data", str(server.data), check=False)
     assert result.returncode == 2
     assert "stop it first" in result.stderr
+
+
+def test_import_without_room_rejects_that_file_alone(tmp_path):
+    """`minipacs import` receives through the archive's one spool, as STOW-RS does: a file
+    the disk has no room for is rejected (and counted), the others are stored, nothing
+    is left in .incoming. RLIMIT_FSIZE makes the write that crosses it fail with EFBIG,
+    the errno of a full disk for a file that large."""
+    data = tmp_path / "data"
+    small = make_study(tmp_path / "small", 2, size=64)
+    big = make_study(tmp_path / "big", 1, size=1024)  # ~2 MiB
+    minipacs("import", "--data", str(data), str(small[0]))  # the index, below the limit
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    result = minipacs(
+        "import", "--data", str(data), "--json", str(big[0]), str(small[1]),
+        check=False, preexec_fn=limited,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    summary = json.loads(result.stdout)
+    assert (summary["stored"], summary["rejected"]) == (1, 1)
+    assert "no space" in summary["details"][0]["reason"]
+    assert list((data / ".incoming").iterdir()) == []
+    assert len(list(data.glob("*/*/*.dcm"))) == 2

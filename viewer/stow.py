@@ -7,7 +7,6 @@ returned, i.e. once file and index row are durable. When the body breaks off, th
 that arrived whole are stored and the one cut short is dropped.
 """
 
-import hashlib
 import io
 import logging
 from collections.abc import Iterator
@@ -84,8 +83,16 @@ def store_parts(
                     reason = f"part type {media}"
                     pending.append(Outcome("", "", failure=SOP_CLASS_NOT_SUPPORTED, reason=reason))
                     continue
-                received = _receive(archive, chunks)
-                pending.append(pool.submit(_ingest, archive, *received, study_uid, calling, who))
+                head = bytearray()
+                try:
+                    tmp, digest = archive.spool(_watched(chunks, head))
+                except StorageError as exc:  # no room for this part; the next may fit
+                    for _ in chunks:
+                        pass
+                    pending.append(_failed(archive, exc, bytes(head), calling, who))
+                    continue
+                args = (archive, tmp, digest, bytes(head), study_uid, calling, who)
+                pending.append(pool.submit(_ingest, *args))
                 running = [p for p in pending if isinstance(p, Future) and not p.done()]
                 if len(running) > 2 * INGEST_THREADS:
                     wait(running[:INGEST_THREADS])
@@ -93,52 +100,40 @@ def store_parts(
             outcomes.extend(p.result() if isinstance(p, Future) else p for p in pending)
 
 
-def _receive(archive: Archive, chunks: Iterator[bytes]) -> tuple[Path, int, str, bytes]:
-    """The part written to a temporary file: (path, size, SHA-256, its first bytes)."""
-    tmp = archive.incoming_path()
-    digest = hashlib.sha256()
-    head = bytearray()
-    size = 0
-    try:
-        with open(tmp, "xb") as out:
-            for chunk in chunks:  # MediaError when the body breaks off: the part is dropped
-                out.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-                if len(head) < HEAD:
-                    head += chunk[: HEAD - len(head)]
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp, size, digest.hexdigest(), bytes(head)
+def _watched(chunks: Iterator[bytes], head: bytearray) -> Iterator[bytes]:
+    """The part's chunks, keeping its first HEAD bytes in `head` (to name it if it fails)."""
+    for chunk in chunks:
+        if len(head) < HEAD:
+            head.extend(chunk[: HEAD - len(head)])
+        yield chunk
 
 
 def _ingest(
     archive: Archive,
     tmp: Path,
-    size: int,
-    sha: str,
+    digest: tuple[int, str],
     head: bytes,
     study_uid,
     calling: str,
     who: str,
 ) -> Outcome:
     try:
-        stored = archive.ingest(
-            tmp, digest=(size, sha), study_uid=study_uid, who=who, address=calling
-        )
+        stored = archive.ingest(tmp, digest=digest, study_uid=study_uid, who=who, address=calling)
     except StorageError as exc:
-        code = _failure_code(exc)
-        sop_class, sop, study = _names(head)
-        archive.audit(
-            audit.Event(
-                "store", f"failure: {exc}", who=who, address=calling, detail={"sop": sop}
-            )  # fmt: skip
-        )
-        log.warning("STOW-RS from %s: %s failed (0x%04X): %s", calling, sop or "?", code, exc)
-        return Outcome(sop_class, sop, study, failure=code, reason=str(exc))
+        return _failed(archive, exc, head, calling, who)
     log.info("STOW-RS from %s: %s %s", calling, stored.sop_uid, stored.outcome.value)
     return Outcome(stored.sop_class_uid, stored.sop_uid, stored.study_uid, stored.series_uid)
+
+
+def _failed(archive: Archive, exc: StorageError, head: bytes, calling: str, who: str) -> Outcome:
+    """A part that was not stored: audited, logged, and named as far as its bytes say."""
+    code = _failure_code(exc)
+    sop_class, sop, study = _names(head)
+    archive.audit(
+        audit.Event("store", f"failure: {exc}", who=who, address=calling, detail={"sop": sop})
+    )
+    log.warning("STOW-RS from %s: %s failed (0x%04X): %s", calling, sop or "?", code, exc)
+    return Outcome(sop_class, sop, study, failure=code, reason=str(exc))
 
 
 def _failure_code(exc: StorageError) -> int:
