@@ -27,10 +27,8 @@ import random
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import uuid
@@ -43,32 +41,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import _common as bench
 import numpy as np
-from _common import CODE_PACKAGES
-from _common import HOST
-from _common import ORTHANC_BIN
-from _common import ORTHANC_ISSUE
-from _common import PROCS
-from _common import REPO
-from _common import SCRIPTS
-from _common import BenchError
-from _common import Interrupted
-from _common import Minipacs
-from _common import Orthanc
-from _common import Server
-from _common import base_env
-from _common import ensure_orthanc
-from _common import fmt
-from _common import git_commit
-from _common import log_issues
-from _common import orthanc_processes
-from _common import orthanc_version
-from _common import other_work
-from _common import percentile
-from _common import proc_tree
-from _common import setup_logging
-from _common import sigterm_unwinds
-from _common import write_json
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
@@ -77,11 +51,9 @@ log = logging.getLogger("bench.dicomweb")
 
 ALL_SERVERS = ("minipacs", "orthanc")
 ROOT = "/dicom-web"
-DICOM_JSON = "application/dicom+json"
 FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 MB = 1_000_000
 GB = 1_000_000_000
-ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 # Targets of the DICOMweb issue: series metadata of the 500-instance series.
 METADATA_TARGET_MS = 100.0
@@ -127,7 +99,7 @@ class Background:
 
 def make_big_study(root: Path, count: int, size: int) -> BigStudy:
     """`make_study(root/study, count, size)`, as ingest.py and query.py make it."""
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(bench.SCRIPTS))
     from make_study import make_study
 
     log.info("writing the %d-instance %d² CT study", count, size)
@@ -193,118 +165,13 @@ def fresh_uid() -> str:
 # --------------------------------------------------------------------------- servers
 
 
-class WebMinipacs(Minipacs):
-    """minipacs on a fresh data folder, run from the code snapshot when there is one."""
-
-    def env(self) -> dict[str, str]:
-        return minipacs_env(self.opts)
-
-
-class WebOrthanc(Orthanc):
-    """Orthanc with Debian's DICOMweb plugin at /dicom-web/, everything else as in
-    _common (render.py loads the plugin the same way)."""
-
-    def config(self) -> dict[str, Any]:
-        config = super().config()
-        config["Plugins"] = [str(ORTHANC_DICOMWEB)]
-        config["DicomWeb"] = {"Enable": True, "Root": f"{ROOT}/"}
-        return config
-
-
-def ensure_dicomweb_plugin() -> bool:
-    """Debian's orthanc-dicomweb is there, or installed now when we are root."""
-    if ORTHANC_DICOMWEB.exists():
-        return True
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        log.warning("%s missing and not root: skipping Orthanc", ORTHANC_DICOMWEB)
-        return False
-    log.info("installing orthanc-dicomweb (apt-get install)")
-    result = subprocess.run(
-        ["apt-get", "install", "-y", "-q", "orthanc-dicomweb"],
-        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    if result.returncode != 0:
-        log.warning("apt-get install orthanc-dicomweb failed: %s", result.stderr[-500:])
-    return ORTHANC_DICOMWEB.exists()
-
-
-def plugin_version() -> str:
-    result = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Version}", "orthanc-dicomweb"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return result.stdout.strip() or "?"
-
-
-def snapshot_code(root: Path, opts: argparse.Namespace) -> None:
-    """Copy minipacs' packages into `root/code` and run minipacs from there (PYTHONPATH
-    ahead of the editable install): edits to the working tree during the run (DICOMweb is
-    being written as this runs) cannot change the code measured halfway."""
-    code = root / "code"
-    for package in CODE_PACKAGES:
-        if (REPO / package).is_dir():
-            shutil.copytree(
-                REPO / package, code / package, ignore=shutil.ignore_patterns("__pycache__")
-            )
-    opts.code = code
-    probe = subprocess.run(
-        [str(opts.minipacs.parent / "python"), "-c", "import pacs; print(pacs.__file__)"],
-        cwd=code,
-        env=minipacs_env(opts),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if not probe.stdout.strip().startswith(str(code)):
-        raise BenchError(f"the code snapshot is not what minipacs imports: {probe.stdout!r}")
-
-
-def minipacs_env(opts: argparse.Namespace) -> dict[str, str]:
-    env = base_env()
-    if getattr(opts, "code", None) is not None:
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(opts.code)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
-    return env
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def status_kib(pid: int, key: str) -> int | None:
-    """A `VmRSS`/`VmHWM`-style line of /proc/PID/status, in KiB."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def tree_kib(server: Server, key: str) -> int | None:
-    """`key` summed over the server process and its live descendants."""
-    if server.proc is None or server.proc.poll() is not None:
-        return None
-    values = [status_kib(pid, key) for pid in proc_tree(server.proc.pid)]
-    known = [v for v in values if v is not None]
-    return sum(known) if known else None
-
-
-def reset_hwm(server: Server) -> bool:
+def reset_hwm(server: bench.Server) -> bool:
     """Reset VmHWM to the current RSS (`echo 5 > /proc/PID/clear_refs`, Linux ≥ 4.0), so
     that the VmHWM read afterwards is the peak of what follows only."""
     if server.proc is None:
         return False
     try:
-        for pid in proc_tree(server.proc.pid):
+        for pid in bench.task_tree(server.proc.pid):
             Path(f"/proc/{pid}/clear_refs").write_text("5")
     except OSError as exc:
         log.warning(
@@ -314,112 +181,7 @@ def reset_hwm(server: Server) -> bool:
     return True
 
 
-class RssSampler:
-    """VmRSS of a server every `interval` s in a thread: the peak, and a few samples."""
-
-    def __init__(self, server: Server, interval: float = 0.2) -> None:
-        self.server = server
-        self.interval = interval
-        self.peak_kib = 0
-        self.samples_kib: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            rss = tree_kib(self.server, "VmRSS")
-            if rss is not None:
-                self.peak_kib = max(self.peak_kib, rss)
-                self.samples_kib.append(rss)
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-@dataclass
-class Answer:
-    status: int
-    content_type: str
-    body: bytes
-    seconds: float
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class Client:
-    """One keep-alive HTTP/1.1 connection to a server. Connecting is never timed: when
-    the server has closed the connection, a new one is opened before the clock starts.
-    Counted: `closes` (the answer said `Connection: close` or had no length) and `drops`
-    (found closed when reused: Orthanc closes idle connections after a few seconds)."""
-
-    def __init__(self, port: int, timeout: float) -> None:
-        self.port = port
-        self.timeout = timeout
-        self.conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-        self.closes = 0
-        self.drops = 0
-
-    @property
-    def reconnects(self) -> int:
-        return self.closes + self.drops
-
-    def request(
-        self, method: str, path: str, headers: dict[str, str], body: bytes | None = None
-    ) -> Answer:
-        """Timed from sending the request to the last byte of the answer. A request whose
-        connection turns out dropped is sent again once on a new one (STOW-RS too: the
-        same instances again are stored once)."""
-        for attempt in (1, 2):
-            try:
-                if self.conn.sock is None:
-                    self.conn.connect()
-                start = time.perf_counter()
-                self.conn.request(method, ROOT + path, body=body, headers=headers)
-                response = self.conn.getresponse()
-                data = response.read()
-                elapsed = time.perf_counter() - start
-                if response.will_close:
-                    self.conn.close()
-                    self.closes += 1
-                return Answer(
-                    response.status,
-                    response.getheader("Content-Type", ""),
-                    data,
-                    elapsed,
-                    {k.lower(): v for k, v in response.getheaders()},
-                )
-            except (http.client.RemoteDisconnected, ConnectionError, http.client.CannotSendRequest):
-                self.conn.close()
-                self.drops += 1
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def get_json(self, path: str) -> tuple[Answer, list[dict[str, Any]] | None]:
-        """A QIDO/metadata GET; the DICOM JSON array (204 No Content: empty), or None."""
-        answer = self.request("GET", path, {"Accept": DICOM_JSON})
-        if answer.status == 204:
-            return answer, []
-        if answer.status != 200:
-            return answer, None
-        try:
-            value = json.loads(answer.body)
-        except ValueError:
-            return answer, None
-        return answer, value if isinstance(value, list) else None
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def error_text(answer: Answer) -> str:
+def error_text(answer: bench.Answer) -> str:
     """The status and the start of the body, HTML tags and runs of spaces removed."""
     text = re.sub(r"<[^>]*>", " ", answer.body[:600].decode(errors="replace"))
     text = re.sub(r"\s+", " ", text).strip()
@@ -478,7 +240,7 @@ def multipart_body(instances: list[bytes], boundary: str) -> bytes:
     return bytes(out)
 
 
-def stow_counts(answer: Answer) -> tuple[int | None, int | None, str]:
+def stow_counts(answer: bench.Answer) -> tuple[int | None, int | None, str]:
     """(stored, failed, note) from a STOW-RS response: ReferencedSOPSequence (0008,1199)
     and FailedSOPSequence (0008,1198) items of its DICOM JSON."""
     try:
@@ -498,30 +260,6 @@ def stow_counts(answer: Answer) -> tuple[int | None, int | None, str]:
 
 
 # --------------------------------------------------------------------------- figures
-
-
-@dataclass
-class Latency:
-    """One request kind on one server: timings in ms, answer counts and sizes."""
-
-    runs_ms: list[float] = field(default_factory=list)
-    answers: int | None = None
-    bytes: int | None = None
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def p50(self) -> float | None:
-        return statistics.median(self.runs_ms) if self.runs_ms else None
-
-    @property
-    def p95(self) -> float | None:
-        return percentile(self.runs_ms, 0.95)
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(p50_ms=self.p50, p95_ms=self.p95, runs_ms=[round(v, 3) for v in self.runs_ms])
-        return data
 
 
 @dataclass
@@ -584,11 +322,11 @@ def mib(kib: int | None) -> float | None:
 # --------------------------------------------------------------------------- measuring
 
 
-def dicomweb_status(server: Server, timeout: float) -> tuple[int | None, str]:
+def dicomweb_status(server: bench.Server, timeout: float) -> tuple[int | None, str]:
     """How the server answers `GET /dicom-web/studies` now: (status, a short reason)."""
-    client = Client(server.http_port or 0, timeout)
+    client = bench.Client(server.http_port or 0, timeout, ROOT)
     try:
-        answer = client.request("GET", "/studies", {"Accept": DICOM_JSON})
+        answer = client.request("GET", "/studies", {"Accept": bench.DICOM_JSON})
         return answer.status, error_text(answer)
     except (OSError, http.client.HTTPException) as exc:
         return None, f"{type(exc).__name__}: {exc}"
@@ -596,7 +334,7 @@ def dicomweb_status(server: Server, timeout: float) -> tuple[int | None, str]:
         client.close()
 
 
-def study_instances(client: Client, study: str) -> int | None:
+def study_instances(client: bench.Client, study: str) -> int | None:
     """NumberOfStudyRelatedInstances of one study through QIDO-RS (None: not found)."""
     query = urllib.parse.urlencode({"StudyInstanceUID": study, "includefield": "00201208"})
     answer, found = client.get_json(f"/studies?{query}")
@@ -607,7 +345,7 @@ def study_instances(client: Client, study: str) -> int | None:
     return None
 
 
-def stow_study(client: Client, files: list[bytes] | list[Path], batch: int) -> StowRun:
+def stow_study(client: bench.Client, files: list[bytes] | list[Path], batch: int) -> StowRun:
     """Every file, `batch` a request, one request at a time; only the requests are timed
     (the body is read and assembled before)."""
     run = StowRun()
@@ -616,7 +354,7 @@ def stow_study(client: Client, files: list[bytes] | list[Path], batch: int) -> S
         parts = [f if isinstance(f, bytes) else f.read_bytes() for f in group]
         boundary = new_boundary()
         body = multipart_body(parts, boundary)
-        headers = {"Content-Type": stow_content_type(boundary), "Accept": DICOM_JSON}
+        headers = {"Content-Type": stow_content_type(boundary), "Accept": bench.DICOM_JSON}
         try:
             answer = client.request("POST", "/studies", headers, body)
         except (OSError, http.client.HTTPException) as exc:
@@ -638,7 +376,7 @@ def stow_study(client: Client, files: list[bytes] | list[Path], batch: int) -> S
 
 
 def measure_stow(
-    clients: dict[str, Client], study: BigStudy, bg: Background, opts: argparse.Namespace
+    clients: dict[str, bench.Client], study: BigStudy, bg: Background, opts: argparse.Namespace
 ) -> dict[str, StowRun]:
     """The timed STOW-RS of the big study into each server in turn (each one's own
     machine time), then the background studies (untimed)."""
@@ -676,12 +414,12 @@ def measure_stow(
 
 
 def measure_metadata(
-    clients: dict[str, Client], study: BigStudy, reps: int
-) -> dict[str, tuple[Latency, Latency]]:
+    clients: dict[str, bench.Client], study: BigStudy, reps: int
+) -> dict[str, tuple[bench.Latency, bench.Latency]]:
     """Series /metadata: the first request on each server (cold), then `reps` more
     (warm), servers interleaved. Checks that every instance is described once."""
     path = f"/studies/{study.study}/series/{study.series}/metadata"
-    out = {name: (Latency(), Latency()) for name in clients}
+    out = {name: (bench.Latency(), bench.Latency()) for name in clients}
     expected = set(study.sops)
     for rep in range(reps + 1):
         for name, client in clients.items():
@@ -713,16 +451,16 @@ def measure_metadata(
                     cold.notes.append(f"PixelData inline in {inline} items")
                 if not any("BulkDataURI" in p for p in pixel):
                     cold.notes.append("no BulkDataURI for PixelData")
-                if not answer.content_type.startswith(DICOM_JSON):
+                if not answer.content_type.startswith(bench.DICOM_JSON):
                     cold.notes.append(f"Content-Type {answer.content_type!r}")
         if rep == 0:
             for name, (cold, _warm) in out.items():
                 log.info(
                     "%s: series metadata cold %s ms, %s items, %s kB%s",
                     name,
-                    fmt(cold.p50),
+                    bench.fmt(cold.p50),
                     cold.answers,
-                    fmt((cold.bytes or 0) / 1000, ".0f"),
+                    bench.fmt((cold.bytes or 0) / 1000, ".0f"),
                     f" — {cold.error}" if cold.error else "",
                 )
     return out
@@ -734,11 +472,13 @@ def _first(item: dict[str, Any], tag: str) -> str | None:
     return None
 
 
-def measure_frames(clients: dict[str, Client], study: BigStudy, reps: int) -> dict[str, Latency]:
+def measure_frames(
+    clients: dict[str, bench.Client], study: BigStudy, reps: int
+) -> dict[str, bench.Latency]:
     """/frames/1 of `reps` instances of the series in turn (each instance once while reps
     ≤ the count), servers interleaved; after one untimed request each."""
     expected_len = study.rows * study.columns * 2
-    out = {name: Latency() for name in clients}
+    out = {name: bench.Latency() for name in clients}
     for rep in range(reps + 1):
         sop = study.sops[(rep - 1) % len(study.sops)] if rep else study.sops[-1]
         path = f"/studies/{study.study}/series/{study.series}/instances/{sop}/frames/1"
@@ -761,7 +501,7 @@ def measure_frames(clients: dict[str, Client], study: BigStudy, reps: int) -> di
     return out
 
 
-def check_frame(lat: Latency, answer: Answer, expected_len: int) -> None:
+def check_frame(lat: bench.Latency, answer: bench.Answer, expected_len: int) -> None:
     """The first answer: one octet-stream part of Rows × Columns × 2 bytes."""
     lat.bytes = len(answer.body)
     try:
@@ -791,46 +531,28 @@ def check_frame(lat: Latency, answer: Answer, expected_len: int) -> None:
     lat.notes.append(f"transfer-syntax {syntax.group(1) if syntax else 'not given'}")
 
 
-@dataclass
-class QuerySpec:
-    key: str
-    label: str
-    path: str
-    expected: int
-
-
-def query_specs(study: BigStudy, bg: Background) -> list[QuerySpec]:
+def query_specs(study: BigStudy, bg: Background) -> list[bench.QuerySpec]:
     year = f"{QUERY_YEAR}0101-{QUERY_YEAR}1231"
+    uids = (("StudyInstanceUID", study.study), ("SeriesInstanceUID", study.series))
     return [
-        QuerySpec(
-            "patient_id",
-            "studies PatientID exact",
-            f"/studies?PatientID={bg.patient_id}",
-            TOP_PATIENT_STUDIES,
-        ),
-        QuerySpec("patient_name", "studies PatientName=A*", "/studies?PatientName=A*", bg.a_names),
-        QuerySpec(
-            "study_date",
-            f"studies StudyDate {QUERY_YEAR}",
-            f"/studies?StudyDate={year}",
-            bg.in_year,
-        ),
-        QuerySpec("series", "series of the CT study", f"/studies/{study.study}/series", 1),
-        QuerySpec(
-            "instances",
-            f"instances of the {len(study.sops)}-inst series",
-            f"/studies/{study.study}/series/{study.series}/instances",
-            len(study.sops),
-        ),
-    ]
+        bench.QuerySpec("patient_id", "studies PatientID exact", "STUDY",
+                  (("PatientID", bg.patient_id),), TOP_PATIENT_STUDIES),
+        bench.QuerySpec("patient_name", "studies PatientName=A*", "STUDY",
+                  (("PatientName", "A*"),), bg.a_names),
+        bench.QuerySpec("study_date", f"studies StudyDate {QUERY_YEAR}", "STUDY",
+                  (("StudyDate", year),), bg.in_year),
+        bench.QuerySpec("series", "series of the CT study", "SERIES", uids[:1], 1),
+        bench.QuerySpec("instances", f"instances of the {len(study.sops)}-inst series", "IMAGE",
+                  uids, len(study.sops)),
+    ]  # fmt: skip
 
 
 def measure_qido(
-    clients: dict[str, Client], specs: list[QuerySpec], reps: int
-) -> dict[str, dict[str, Latency]]:
+    clients: dict[str, bench.Client], specs: list[bench.QuerySpec], reps: int
+) -> dict[str, dict[str, bench.Latency]]:
     """Each query `reps` times per server after one untimed run that counts the answers;
     servers interleaved run by run."""
-    out = {s.key: {name: Latency() for name in clients} for s in specs}
+    out = {s.key: {name: bench.Latency() for name in clients} for s in specs}
     for rep in range(reps + 1):
         for spec in specs:
             for name, client in clients.items():
@@ -838,7 +560,7 @@ def measure_qido(
                 if lat.error:
                     continue
                 try:
-                    answer, found = client.get_json(spec.path)
+                    answer, found = client.get_json(spec.qido_path())
                 except (OSError, http.client.HTTPException) as exc:
                     lat.error = f"{type(exc).__name__}: {exc}"
                     continue
@@ -901,11 +623,11 @@ def big_template(study: BigStudy) -> tuple[bytes, str, str]:
     ds.save_as(buffer, enforce_file_format=True)
     data = buffer.getvalue()
     if data.count(placeholder.encode()) != 2:
-        raise BenchError("the big STOW template does not hold its SOP Instance UID twice")
+        raise bench.BenchError("the big STOW template does not hold its SOP Instance UID twice")
     return data, placeholder, str(ds.StudyInstanceUID)
 
 
-def measure_big_stow(server: Server, study: BigStudy, opts: argparse.Namespace) -> BigStow:
+def measure_big_stow(server: bench.Server, study: BigStudy, opts: argparse.Namespace) -> BigStow:
     """One STOW-RS request of `--stow-gb` GB with Transfer-Encoding: chunked on a new
     connection, the server's RSS sampled meanwhile; VmHWM before, reset, and after."""
     target = int(opts.stow_gb * GB)
@@ -913,22 +635,22 @@ def measure_big_stow(server: Server, study: BigStudy, opts: argparse.Namespace) 
     template, placeholder, study_uid = big_template(study)
     boundary = new_boundary()
     counter = Counter()
-    run.hwm_before_kib = tree_kib(server, "VmHWM")
+    run.hwm_before_kib = server.tree_kib("VmHWM")
     run.hwm_was_reset = reset_hwm(server)
-    run.rss_start_kib = tree_kib(server, "VmRSS")
+    run.rss_start_kib = server.tree_kib("VmRSS")
     log.info(
         "%s: chunked STOW-RS of %.2f GB (~%d instances); RSS %s MiB, VmHWM so far %s MiB",
         server.name,
         target / GB,
         target // len(template),
-        fmt(mib(run.rss_start_kib)),
-        fmt(mib(run.hwm_before_kib)),
+        bench.fmt(mib(run.rss_start_kib)),
+        bench.fmt(mib(run.hwm_before_kib)),
     )
-    conn = http.client.HTTPConnection(HOST, server.http_port or 0, timeout=opts.big_timeout)
-    headers = {"Content-Type": stow_content_type(boundary), "Accept": DICOM_JSON}
+    conn = http.client.HTTPConnection(bench.HOST, server.http_port or 0, timeout=opts.big_timeout)
+    headers = {"Content-Type": stow_content_type(boundary), "Accept": bench.DICOM_JSON}
     started = time.perf_counter()
-    answer: Answer | None = None
-    with RssSampler(server) as sampler:
+    answer: bench.Answer | None = None
+    with bench.RssSampler(server.proc.pid if server.proc else 0, interval=0.2) as sampler:
         try:
             # An iterable body and no Content-Length: http.client sends it chunked.
             conn.request(
@@ -945,7 +667,7 @@ def measure_big_stow(server: Server, study: BigStudy, opts: argparse.Namespace) 
         try:
             response = conn.getresponse()
             body = response.read()
-            answer = Answer(
+            answer = bench.Answer(
                 response.status,
                 response.getheader("Content-Type", ""),
                 body,
@@ -961,9 +683,9 @@ def measure_big_stow(server: Server, study: BigStudy, opts: argparse.Namespace) 
     run.bytes_sent, run.instances_sent = counter.bytes, counter.instances
     run.rss_peak_sampled_kib = sampler.peak_kib or None
     run.rss_samples_mib = [round(v / 1024, 1) for v in sampler.samples_kib[::5]]
-    run.hwm_after_kib = tree_kib(server, "VmHWM")
+    run.hwm_after_kib = server.tree_kib("VmHWM")
     run.hwm_during_kib = run.hwm_after_kib if run.hwm_was_reset else None
-    run.rss_end_kib = tree_kib(server, "VmRSS")
+    run.rss_end_kib = server.tree_kib("VmRSS")
     if answer is not None:
         run.status = answer.status
         run.stored, run.failed, note = stow_counts(answer)
@@ -972,7 +694,7 @@ def measure_big_stow(server: Server, study: BigStudy, opts: argparse.Namespace) 
         elif note:
             log.info("%s: %s", server.name, note)
     if server.alive():
-        client = Client(server.http_port or 0, opts.request_timeout)
+        client = bench.Client(server.http_port or 0, opts.request_timeout, ROOT)
         try:
             run.queryable = study_instances(client, study_uid)
         except (OSError, http.client.HTTPException) as exc:
@@ -991,9 +713,9 @@ def measure_big_stow(server: Server, study: BigStudy, opts: argparse.Namespace) 
         run.status,
         run.stored,
         run.queryable,
-        fmt(mib(run.hwm_during_kib)),
-        fmt(mib(run.rss_start_kib)),
-        fmt(mib(run.rss_peak_sampled_kib)),
+        bench.fmt(mib(run.hwm_during_kib)),
+        bench.fmt(mib(run.rss_start_kib)),
+        bench.fmt(mib(run.rss_peak_sampled_kib)),
         f" — {run.error}" if run.error else "",
     )
     return run
@@ -1002,16 +724,16 @@ def measure_big_stow(server: Server, study: BigStudy, opts: argparse.Namespace) 
 # --------------------------------------------------------------------------- report
 
 
-def _pp(lat: Latency | None) -> str:
+def _pp(lat: bench.Latency | None) -> str:
     if lat is None:
         return f"{'':>15}"
     if lat.error:
         return f"{'failed':>15}"
-    return f"{fmt(lat.p50):>7}/{fmt(lat.p95):<7}"
+    return f"{bench.fmt(lat.p50):>7}/{bench.fmt(lat.p95):<7}"
 
 
 def _ratio(a: float | None, b: float | None) -> str:
-    return fmt(a / b, ".2f") if a is not None and b else "n/a"
+    return bench.fmt(a / b, ".2f") if a is not None and b else "n/a"
 
 
 def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[str, Any]]]:
@@ -1019,10 +741,10 @@ def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[st
     meta = payload["meta"]
     study = meta["study"]
     stow: dict[str, StowRun] = payload["_stow"]
-    metadata: dict[str, tuple[Latency, Latency]] = payload["_metadata"]
-    frames: dict[str, Latency] = payload["_frames"]
-    qido: dict[str, dict[str, Latency]] = payload["_qido"]
-    specs: list[QuerySpec] = payload["_specs"]
+    metadata: dict[str, tuple[bench.Latency, bench.Latency]] = payload["_metadata"]
+    frames: dict[str, bench.Latency] = payload["_frames"]
+    qido: dict[str, dict[str, bench.Latency]] = payload["_qido"]
+    specs: list[bench.QuerySpec] = payload["_specs"]
     big: dict[str, BigStow] = payload["_big"]
     orth = "orthanc" in names and "minipacs" in names
     lines = [
@@ -1032,7 +754,7 @@ def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[st
             if "orthanc" in names
             else ""
         )
-        + f", {meta['date']}, minipacs {meta['commit']}, {HOST}, {meta['cpus']} CPUs",
+        + f", {meta['date']}, minipacs {meta['commit']}, {bench.HOST}, {meta['cpus']} CPUs",
         f"data: {study['count']}-instance {study['size']}² CT study ({study['mb']:.1f} MB) + "
         f"{meta['background']} background studies ({BACKGROUND_SIZE}², 1 instance each)",
     ]
@@ -1053,9 +775,11 @@ def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[st
         mbs = study["mb"] * run.stored / study["count"] / run.seconds if run.seconds else None
         status = run.error or ", ".join(f"HTTP {k}×{v}" for k, v in sorted(run.statuses.items()))
         lines.append(
-            f"  {name:<9} {fmt(rate):>8} {fmt(mbs):>7} {fmt(run.seconds, '.2f'):>8} "
-            f"{fmt(statistics.median(run.requests_ms) if run.requests_ms else None):>11} "
-            f"{run.stored:>7} {fmt(run.queryable, 'd') if run.queryable is not None else 'n/a':>9}"
+            f"  {name:<9} {bench.fmt(rate):>8} {bench.fmt(mbs):>7} "
+            f"{bench.fmt(run.seconds, '.2f'):>8} "
+            f"{bench.fmt(statistics.median(run.requests_ms) if run.requests_ms else None):>11} "
+            f"{run.stored:>7} "
+            f"{bench.fmt(run.queryable, 'd') if run.queryable is not None else 'n/a':>9}"
             f"  {status}"
         )
     if orth and stow.get("minipacs") and stow.get("orthanc"):
@@ -1066,7 +790,7 @@ def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[st
 
     lines += [
         "",
-        f"WADO-RS series metadata ({study['count']} instances, Accept: {DICOM_JSON}), ms: "
+        f"WADO-RS series metadata ({study['count']} instances, Accept: {bench.DICOM_JSON}), ms: "
         f"the first request (cold), then {meta['metadata_reps']} (warm)",
         f"  {'server':<9} {'cold':>8} {'warm p50':>9} {'p95':>8} {'items':>6} {'kB':>7}",
     ]
@@ -1079,9 +803,10 @@ def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[st
             lines.append(f"  {name:<9} failed: {cold.error}")
             continue
         lines.append(
-            f"  {name:<9} {fmt(cold.p50):>8} {fmt(warm.p50):>9} {fmt(warm.p95):>8} "
+            f"  {name:<9} {bench.fmt(cold.p50):>8} {bench.fmt(warm.p50):>9} "
+            f"{bench.fmt(warm.p95):>8} "
             f"{cold.answers if cold.answers is not None else 'n/a':>6} "
-            f"{fmt((cold.bytes or 0) / 1000, '.0f'):>7}"
+            f"{bench.fmt((cold.bytes or 0) / 1000, '.0f'):>7}"
         )
     mp_meta = metadata.get("minipacs", (None, None))[1]
     or_meta = metadata.get("orthanc", (None, None))[1]
@@ -1103,12 +828,12 @@ def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[st
             continue
         what = lat.error or "; ".join(lat.notes)
         lines.append(
-            f"  {name:<9} {_pp(lat)} {fmt(lat.bytes, 'd') if lat.bytes else 'n/a':>9}  {what}"
+            f"  {name:<9} {_pp(lat)} {bench.fmt(lat.bytes, 'd') if lat.bytes else 'n/a':>9}  {what}"
         )
 
     lines += [
         "",
-        f"QIDO-RS (Accept: {DICOM_JSON}), ms p50/p95 of {meta['qido_reps']} runs; "
+        f"QIDO-RS (Accept: {bench.DICOM_JSON}), ms p50/p95 of {meta['qido_reps']} runs; "
         f"answers {'/'.join(names)}/expected"
         + ("; ratio = minipacs p50 ÷ orthanc p50" if orth else ""),
         f"  {'query':<32} {'answers':>14} "
@@ -1118,7 +843,7 @@ def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[st
     for spec in specs:
         row = qido.get(spec.key, {})
         counts = "/".join(
-            (fmt(row[n].answers, "d") if n in row and row[n].answers is not None else "-")
+            (bench.fmt(row[n].answers, "d") if n in row and row[n].answers is not None else "-")
             for n in names
         )
         line = f"  {spec.label:<32} {counts + '/' + str(spec.expected):>14} " + " ".join(
@@ -1149,17 +874,19 @@ def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[st
         mbs = run.bytes_sent / MB / run.total_s if run.total_s else None
         lines.append(
             f"  {name:<9} {run.bytes_sent / GB:>5.2f} {run.instances_sent:>6} "
-            f"{fmt(run.upload_s):>6} {fmt(run.total_s):>6} {fmt(mbs):>6} {run.status or '-':>5} "
+            f"{bench.fmt(run.upload_s):>6} {bench.fmt(run.total_s):>6} {bench.fmt(mbs):>6} "
+            f"{run.status or '-':>5} "
             f"{run.stored if run.stored is not None else '-':>7} "
             f"{run.queryable if run.queryable is not None else '-':>6} "
-            f"{fmt(mib(run.hwm_before_kib)):>8} {fmt(mib(run.rss_start_kib)):>9} "
-            f"{fmt(mib(run.hwm_during_kib)):>7} {fmt(run.growth_mib):>7}  {run.error or 'ok'}"
+            f"{bench.fmt(mib(run.hwm_before_kib)):>8} {bench.fmt(mib(run.rss_start_kib)):>9} "
+            f"{bench.fmt(mib(run.hwm_during_kib)):>7} {bench.fmt(run.growth_mib):>7}  "
+            f"{run.error or 'ok'}"
         )
 
     lines += ["", "server VmRSS (MiB) at the start and at the end of each phase"]
     for name in names:
         values = meta.get("rss_mib", {}).get(name, {})
-        lines.append(f"  {name:<9} " + ", ".join(f"{k} {fmt(v)}" for k, v in values.items()))
+        lines.append(f"  {name:<9} " + ", ".join(f"{k} {bench.fmt(v)}" for k, v in values.items()))
     closed = {
         name: {k: v for k, v in meta.get("connections", {}).get(name, {}).items() if any(v)}
         for name in names
@@ -1176,8 +903,7 @@ def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[st
     targets: list[dict[str, Any]] = []
 
     def target(label: str, value: float | None, ok: bool | None) -> None:
-        verdict = "n/a" if ok is None else ("PASS" if ok else "FAIL")
-        targets.append({"target": label, "value": value, "verdict": verdict})
+        targets.append({"target": label, "value": value, "verdict": bench.verdict(ok)})
 
     mp_p50 = mp_meta.p50 if mp_meta else None
     or_p50 = or_meta.p50 if or_meta else None
@@ -1194,7 +920,7 @@ def report(payload: dict[str, Any], names: list[str]) -> tuple[str, list[dict[st
     )
     lines += ["", "targets:"]
     for t in targets:
-        lines.append(f"  {t['target']:<48} {fmt(t['value'], '.2f'):>8}  {t['verdict']}")
+        lines.append(f"  {t['target']:<48} {bench.fmt(t['value'], '.2f'):>8}  {t['verdict']}")
     problems = payload["problems"]
     lines += ["", "problems: " + ("none" if not problems else "")]
     lines += [f"  - {p}" for p in problems]
@@ -1249,7 +975,7 @@ def collect_problems(payload: dict[str, Any], names: list[str], study_count: int
 
 def run_failed(payload: dict[str, Any]) -> bool:
     """A measurement could not be carried out (an error, not a slow or odd answer)."""
-    lats: list[Latency] = [c for c, _w in payload["_metadata"].values()]
+    lats: list[bench.Latency] = [c for c, _w in payload["_metadata"].values()]
     lats += list(payload["_frames"].values())
     lats += [lat for row in payload["_qido"].values() for lat in row.values()]
     return (
@@ -1263,18 +989,18 @@ class Phases:
     """Per phase and server: VmRSS at its end, and the connections the server closed
     (said so / found dropped) during it."""
 
-    def __init__(self, servers: dict[str, Server], clients: dict[str, Client]) -> None:
+    def __init__(self, servers: dict[str, bench.Server], clients: dict[str, bench.Client]) -> None:
         self.servers = servers
         self.clients = clients
         self.rss_mib: dict[str, dict[str, float | None]] = {n: {} for n in servers}
         self.connections: dict[str, dict[str, list[int]]] = {n: {} for n in servers}
         self._seen = {n: (c.closes, c.drops) for n, c in clients.items()}
         for name, server in servers.items():
-            self.rss_mib[name]["start"] = mib(tree_kib(server, "VmRSS"))
+            self.rss_mib[name]["start"] = mib(server.tree_kib("VmRSS"))
 
     def done(self, phase: str) -> None:
         for name, server in self.servers.items():
-            self.rss_mib[name][phase] = mib(tree_kib(server, "VmRSS"))
+            self.rss_mib[name][phase] = mib(server.tree_kib("VmRSS"))
             client = self.clients[name]
             closes, drops = self._seen[name]
             self.connections[name][phase] = [client.closes - closes, client.drops - drops]
@@ -1338,9 +1064,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra arguments for `minipacs serve`; use the = form: --minipacs-args=--no-fsync",
     )
     parser.add_argument(
-        "--minipacs", type=Path, default=REPO / ".venv" / "bin" / "minipacs", help="executable"
+        "--minipacs",
+        type=Path,
+        default=bench.REPO / ".venv" / "bin" / "minipacs",
+        help="executable",
     )
-    parser.add_argument("--orthanc", type=Path, default=ORTHANC_BIN, help="Orthanc executable")
+    parser.add_argument(
+        "--orthanc", type=Path, default=bench.ORTHANC_BIN, help="Orthanc executable"
+    )
     parser.add_argument("--seed", type=int, default=20261125, help="background random seed")
     parser.add_argument(
         "--json",
@@ -1384,21 +1115,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def start_servers(
     opts: argparse.Namespace, root: Path, skipped: dict[str, str]
-) -> dict[str, Server]:
+) -> dict[str, bench.Server]:
     """Start each server on an empty folder; keep those that answer QIDO-RS on
     /dicom-web/studies (200, or 204 for no studies); stop the others with a reason."""
-    servers: dict[str, Server] = {}
+    servers: dict[str, bench.Server] = {}
     for name in opts.servers:
-        cls = WebMinipacs if name == "minipacs" else WebOrthanc
         workdir = root / name
         workdir.mkdir()
-        server = cls(workdir, opts)
+        if name == "minipacs":
+            server: bench.Server = bench.Minipacs(workdir, opts)
+        else:
+            server = bench.Orthanc(workdir, opts, plugins=[bench.ORTHANC_DICOMWEB])
         started = time.perf_counter()
         try:
             server.start()
-        except BenchError as exc:
+        except bench.BenchError as exc:
             server.stop()
-            raise BenchError(f"{name} did not start: {exc}") from exc
+            raise bench.BenchError(f"{name} did not start: {exc}") from exc
         status, text = dicomweb_status(server, opts.request_timeout)
         if status not in (200, 204):
             why = f"GET {ROOT}/studies answered {text if status else 'nothing: ' + text}"
@@ -1422,35 +1155,33 @@ def start_servers(
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    setup_logging(opts.verbose)
+    bench.setup_logging(opts.verbose)
     if "minipacs" in opts.servers and not opts.minipacs.exists():
         log.error("%s not found: create the venv (./scripts/serve does)", opts.minipacs)
         return 2
-    if shutil.which("echoscu") is None:
-        log.error("echoscu not found: install dcmtk (apt-get install dcmtk)")
+    if not bench.require(("echoscu",), hint="dcmtk"):
+        return 2
+    if "orthanc" in opts.servers and not bench.require(
+        files=(opts.orthanc, bench.ORTHANC_DICOMWEB),
+        hint="Debian packages orthanc and orthanc-dicomweb, or --servers minipacs",
+    ):
         return 2
 
     root: Path | None = None
-    servers: dict[str, Server] = {}
-    clients: dict[str, Client] = {}
+    servers: dict[str, bench.Server] = {}
+    clients: dict[str, bench.Client] = {}
     try:
-        with sigterm_unwinds():
+        with bench.sigterm_unwinds():
             skipped: dict[str, str] = {}
-            if "orthanc" in opts.servers and not (
-                ensure_orthanc(opts.orthanc) and ensure_dicomweb_plugin()
-            ):
-                skipped["orthanc"] = "Orthanc or its DICOMweb plugin is missing"
-                opts.servers = [n for n in opts.servers if n != "orthanc"]
-            if "orthanc" in opts.servers and orthanc_processes():
-                log.warning("other Orthanc processes are running: they share the CPU")
-            busy = other_work()
+            if "orthanc" in opts.servers:
+                bench.warn_other_orthancs()
+            busy = bench.other_work()
             if busy:
                 log.warning("other benchmarks/tests are running: %s", "; ".join(busy))
             root = Path(tempfile.mkdtemp(prefix="minipacs-dicomweb-", dir=opts.tmp))
-            commit = git_commit()
+            commit = bench.git_commit()
             if "minipacs" in opts.servers and not opts.live_code:
-                snapshot_code(root, opts)
-                log.info("minipacs code %s copied to %s", commit, opts.code)
+                bench.snapshot_code(root, opts)
             study = make_big_study(root, opts.count, opts.size)
             log.info("writing %d background studies", opts.background)
             bg = make_background(opts.background, opts.seed)
@@ -1477,15 +1208,16 @@ def main(argv: list[str] | None = None) -> int:
                 "skipped": skipped,
             }
             if "orthanc" in opts.servers:
-                meta["orthanc_version"] = orthanc_version(opts.orthanc)
-                meta["dicomweb_plugin"] = plugin_version()
+                meta["orthanc_version"] = bench.orthanc_version(opts.orthanc)
+                meta["dicomweb_plugin"] = bench.dpkg_version("orthanc-dicomweb")
 
             servers = start_servers(opts, root, skipped)
             if not servers:
-                raise BenchError("no server to measure: " + "; ".join(skipped.values()))
+                raise bench.BenchError("no server to measure: " + "; ".join(skipped.values()))
             names = list(servers)
             clients = {
-                n: Client(s.http_port or 0, opts.request_timeout) for n, s in servers.items()
+                n: bench.Client(s.http_port or 0, opts.request_timeout, ROOT)
+                for n, s in servers.items()
             }
             phases = Phases(servers, clients)
             stow = measure_stow(clients, study, bg, opts)
@@ -1514,14 +1246,14 @@ def main(argv: list[str] | None = None) -> int:
                 for name, server in servers.items():
                     big[name] = measure_big_stow(server, study, opts)
             meta["load_avg_end"] = os.getloadavg()
-            meta["other_work_end"] = other_work()
+            meta["other_work_end"] = bench.other_work()
             meta["reconnects"] = {n: c.reconnects for n, c in clients.items()}
             for server in servers.values():
                 server.stop()
             logs = {}
             for name, server in servers.items():
-                count, sample = log_issues(
-                    server.log_path, ORTHANC_ISSUE if name == "orthanc" else server.log_issue
+                count, sample = bench.log_issues(
+                    server.log_path, bench.ORTHANC_ISSUE if name == "orthanc" else server.log_issue
                 )
                 logs[name] = {"count": count, "sample": sample}
             payload: dict[str, Any] = {
@@ -1558,7 +1290,7 @@ def main(argv: list[str] | None = None) -> int:
                     "frames": {n: lat.as_dict() for n, lat in frames.items()},
                     "qido": {
                         s.key: {
-                            "path": s.path,
+                            "path": s.qido_path(),
                             "expected": s.expected,
                             **{n: lat.as_dict() for n, lat in qido[s.key].items()},
                         }
@@ -1571,7 +1303,7 @@ def main(argv: list[str] | None = None) -> int:
                     "problems": payload["problems"],
                     "targets": targets,
                 }
-                write_json(data, opts.json)
+                bench.write_json(data, opts.json)
             sys.stdout.flush()
             failed = bool(skipped) or run_failed(payload)
             if failed:
@@ -1579,16 +1311,16 @@ def main(argv: list[str] | None = None) -> int:
             if opts.strict and any(t["verdict"] == "FAIL" for t in targets):
                 return 3
             return 0
-    except BenchError as exc:
+    except bench.BenchError as exc:
         log.error("%s", exc)
         return 1
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, bench.Interrupted):
         log.error("interrupted: cleaning up")
         return 130
     finally:
         for client in clients.values():
             client.close()
-        PROCS.stop_all()
+        bench.PROCS.stop_all()
         for server in servers.values():
             with contextlib.suppress(Exception):
                 server.stop()

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import random
-import re
 import shlex
 import shutil
 import sqlite3
@@ -49,43 +48,9 @@ from dataclasses import field
 from datetime import UTC
 from datetime import datetime
 from pathlib import Path
-from typing import IO
 from typing import Any
 
-from _common import CALLING_AET
-from _common import CODE_PACKAGES
-from _common import HOST
-from _common import ORTHANC_BIN
-from _common import ORTHANC_DICOMWEB
-from _common import PROCS
-from _common import REPO
-from _common import SCRIPTS
-from _common import BenchError
-from _common import Interrupted
-from _common import Minipacs
-from _common import Orthanc
-from _common import Server
-from _common import StoreScp
-from _common import base_env
-from _common import chunks
-from _common import dpkg_version
-from _common import ensure_orthanc
-from _common import ensure_orthanc_plugin
-from _common import fmt
-from _common import git_commit
-from _common import http_get
-from _common import log_issues
-from _common import orthanc_processes
-from _common import orthanc_version
-from _common import other_work
-from _common import percentile
-from _common import ratio
-from _common import rss_kib
-from _common import sigterm_unwinds
-from _common import tail
-from _common import task_tree
-from _common import vm_hwm_kib
-from _common import write_json
+import _common as bench
 
 log = logging.getLogger("bench.ingest")
 
@@ -116,10 +81,6 @@ TARGET_VS_STORESCP = 0.5  # minipacs --no-fsync ÷ storescp, x1 and x4
 TARGET_MIXED = 0.70  # loaded ÷ unloaded ingest rate
 TARGET_LAG_P99_S = 1.0
 TARGET_RSS_MIB = 200.0
-
-# storescu -v: the file it is sending, and each C-STORE response.
-SENDING = re.compile(r"^I: Sending file: (.+)$")
-RESPONSE = re.compile(r"^I: Received Store Response \((\w+)")
 
 
 # --------------------------------------------------------------------------- data
@@ -171,7 +132,7 @@ class Data:
 
 
 def make_data(root: Path, loads: set[str], opts: argparse.Namespace) -> Data:
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(bench.SCRIPTS))
     from make_study import make_studies
     from make_study import make_study
 
@@ -250,58 +211,7 @@ def disk_fsync_rate(folder: Path, files: int, size: int = 512 * 1024) -> float |
 # --------------------------------------------------------------------------- servers
 
 
-def export_code(root: Path, rev: str, opts: argparse.Namespace) -> str:
-    """`git archive REV` of minipacs' packages into root/code, run from there (PYTHONPATH
-    ahead of the editable install): the code measured cannot change under the run."""
-    code = root / "code"
-    code.mkdir()
-    resolved = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", f"{rev}^{{commit}}"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if resolved.returncode != 0:
-        raise BenchError(f"--minipacs-rev {rev}: {resolved.stderr.strip()}")
-    archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "--format=tar", rev, *CODE_PACKAGES],
-        capture_output=True,
-        check=False,
-    )
-    if archive.returncode != 0:
-        raise BenchError(f"git archive {rev}: {archive.stderr.decode(errors='replace')}")
-    subprocess.run(["tar", "-x", "-C", str(code)], input=archive.stdout, check=True)
-    opts.code = code
-    probe = subprocess.run(
-        [str(opts.minipacs.parent / "python"), "-c", "import pacs; print(pacs.__file__)"],
-        cwd=root,
-        env=minipacs_env(opts),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if not probe.stdout.strip().startswith(str(code)):
-        raise BenchError(f"the exported code is not what minipacs imports: {probe.stdout!r}")
-    return resolved.stdout.strip()
-
-
-def minipacs_env(opts: argparse.Namespace) -> dict[str, str]:
-    env = base_env()
-    code = getattr(opts, "code", None)
-    if code is not None:
-        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
-    return env
-
-
-class BenchMinipacs(Minipacs):
-    """minipacs, from the --minipacs-rev export when there is one."""
-
-    def env(self) -> dict[str, str]:
-        return minipacs_env(self.opts)
-
-
-class MinipacsNoFsync(BenchMinipacs):
+class MinipacsNoFsync(bench.Minipacs):
     name = "minipacs-nofsync"
 
     def extra_args(self) -> list[str]:
@@ -309,230 +219,43 @@ class MinipacsNoFsync(BenchMinipacs):
         return args if "--no-fsync" in args else [*args, "--no-fsync"]
 
 
-class WebOrthanc(Orthanc):
-    """Orthanc with Debian's DICOMweb plugin (QIDO/WADO-RS at /dicom-web/, WADO-URI at
-    /wado) when `opts.orthanc_plugin` is set: for the mixed load only."""
-
-    def config(self) -> dict[str, Any]:
-        config = super().config()
-        plugin = getattr(self.opts, "orthanc_plugin", None)
-        if plugin is not None:
-            config["Plugins"] = [str(plugin)]
-            config["DicomWeb"] = {
-                "Enable": True,
-                "Root": "/dicom-web/",
-                "EnableWado": True,
-                "WadoRoot": "/wado",
-            }
-        return config
-
-
-def new_server(name: str, load: str, workdir: Path, opts: argparse.Namespace) -> Server:
+def new_server(name: str, load: str, workdir: Path, opts: argparse.Namespace) -> bench.Server:
     if name == "minipacs":
-        return BenchMinipacs(workdir, opts)
+        return bench.Minipacs(workdir, opts)
     if name == "minipacs-nofsync":
         return MinipacsNoFsync(workdir, opts)
     if name == "storescp":
-        return StoreScp(workdir, opts)
-    if load == "mixed":
-        return WebOrthanc(workdir, opts)
-    return Orthanc(workdir, opts)
-
-
-class RssSampler:
-    """The largest sum of VmRSS over the server's process tree, sampled every 50 ms in a
-    thread (processes that come and go are caught while they live); at the end, the sum
-    of VmHWM of the processes still alive, for comparison."""
-
-    def __init__(self, pid: int, interval: float = RSS_INTERVAL) -> None:
-        self.pid = pid
-        self.interval = interval
-        self.peak_kib = 0
-        self.max_processes = 0
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
-
-    def _run(self) -> None:
-        while True:
-            self.sample()
-            if self._stop.wait(self.interval):
-                return
-
-    def sample(self) -> None:
-        pids = task_tree(self.pid)
-        values = [v for v in map(rss_kib, pids) if v is not None]
-        self.samples += 1
-        self.max_processes = max(self.max_processes, len(values))
-        self.peak_kib = max(self.peak_kib, sum(values))
-
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def hwm_kib(self) -> int | None:
-        values = [v for v in map(vm_hwm_kib, task_tree(self.pid)) if v is not None]
-        return sum(values) if values else None
+        return bench.StoreScp(workdir, opts)
+    # Debian's DICOMweb plugin (QIDO/WADO-RS, WADO-URI) for the mixed load only.
+    plugin = opts.orthanc_plugin if load == "mixed" else None
+    return bench.Orthanc(workdir, opts, plugins=[plugin] if plugin else [])
 
 
 # --------------------------------------------------------------------------- sending
 
 
-@dataclass
-class Sent:
-    """What a send did: wall time, and the C-STORE responses storescu -v logged."""
-
-    seconds: float = 0.0
-    files: int = 0
-    success: int = 0  # Success or Warning responses
-    failure: int = 0  # other responses
-    bad_exits: int = 0
-    logs: list[Path] = field(default_factory=list)
-
-    @property
-    def failed(self) -> int:
-        """Instances without a Success/Warning response (refused or never answered)."""
-        return self.files - self.success
-
-
-def storescu(server: Server, files: list[Path]) -> list[str]:
-    return [
-        "storescu",
-        "-v",
-        "-aet",
-        CALLING_AET,
-        "-aec",
-        server.aet,
-        HOST,
-        str(server.port),
-        *map(str, files),
-    ]
-
-
-def count_responses(path: Path) -> tuple[int, int]:
-    success = failure = 0
-    with path.open(errors="replace") as file:
-        for line in file:
-            match = RESPONSE.match(line)
-            if match:
-                if match.group(1) in ("Success", "Warning"):
-                    success += 1
-                else:
-                    failure += 1
-    return success, failure
-
-
-class Watch:
-    """Reads one storescu's -v output as it comes: when each file's Success arrived."""
-
-    def __init__(self, pipe: IO[bytes], out: IO[bytes]) -> None:
-        self.pipe = pipe
-        self.out = out
-        self.success_at: dict[str, float] = {}  # file path → perf_counter()
-        self.thread = threading.Thread(target=self._run, name="storescu-reader", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        current: str | None = None
-        for raw in iter(self.pipe.readline, b""):
-            now = time.perf_counter()
-            self.out.write(raw)
-            line = raw.decode(errors="replace").rstrip("\r\n")
-            sending = SENDING.match(line)
-            if sending:
-                current = sending.group(1)
-                continue
-            response = RESPONSE.match(line)
-            if response and current is not None:
-                if response.group(1) in ("Success", "Warning"):
-                    self.success_at[current] = now
-                current = None
-
-
-def send_parts(
-    server: Server,
-    parts: list[list[Path]],
-    timeout: float,
-    tag: str,
-    watch: bool = False,
-) -> tuple[Sent, Watch | None]:
-    """One storescu per part, all at once; the wall time until the last exits. With
-    `watch` (one part), its output is read as it comes (Success times)."""
-    sent = Sent(files=sum(len(part) for part in parts))
-    outs: list[IO[bytes]] = []
-    procs: list[subprocess.Popen[bytes]] = []
-    reader: Watch | None = None
-    try:
-        start = time.perf_counter()
-        for index, part in enumerate(parts):
-            path = server.workdir / f"storescu-{tag}-{index}.log"
-            out = path.open("wb")
-            outs.append(out)
-            sent.logs.append(path)
-            if watch:
-                proc = PROCS.start(storescu(server, part), env=base_env(), out=subprocess.PIPE)  # type: ignore[arg-type]
-                assert proc.stdout is not None
-                reader = Watch(proc.stdout, out)
-            else:
-                proc = PROCS.start(storescu(server, part), env=base_env(), out=out)
-            procs.append(proc)
-        deadline = start + timeout
-        for proc in procs:
-            try:
-                proc.wait(timeout=max(deadline - time.perf_counter(), 0.01))
-            except subprocess.TimeoutExpired:
-                raise BenchError(f"storescu did not finish within {timeout:.0f} s") from None
-        sent.seconds = time.perf_counter() - start
-        sent.bad_exits = sum(proc.returncode != 0 for proc in procs)
-    finally:
-        for proc in procs:
-            PROCS.stop(proc, grace=2.0)
-        if reader is not None:
-            reader.thread.join(timeout=5)
-            reader.pipe.close()
-        for out in outs:
-            out.close()
-    for path in sent.logs:
-        success, failure = count_responses(path)
-        sent.success += success
-        sent.failure += failure
-    if sent.bad_exits:
-        log.warning(
-            "%s %s: %d storescu exited non-zero; log tail:\n%s",
-            server.name,
-            tag,
-            sent.bad_exits,
-            tail(sent.logs[0], 8),
-        )
-    return sent, reader
-
-
-def send_each(server: Server, files: list[Path], timeout: float) -> Sent:
+def send_each(server: bench.Server, files: list[Path], timeout: float) -> bench.Sent:
     """One storescu run per file, one after another (one association per instance)."""
     path = server.workdir / "storescu-x0-0.log"
-    sent = Sent(files=len(files), logs=[path])
+    sent = bench.Sent(files=len(files), logs=[path])
     with path.open("wb") as out:
         start = time.perf_counter()
         deadline = start + timeout
         for file in files:
-            proc = PROCS.start(storescu(server, [file]), env=base_env(), out=out)
+            proc = bench.PROCS.start(bench.storescu(server, [file]), env=bench.base_env(), out=out)
             try:
                 proc.wait(timeout=max(deadline - time.perf_counter(), 0.01))
             except subprocess.TimeoutExpired:
-                raise BenchError(f"x0 did not finish within {timeout:.0f} s") from None
+                raise bench.BenchError(f"x0 did not finish within {timeout:.0f} s") from None
             finally:
-                PROCS.stop(proc, grace=2.0)
+                bench.PROCS.stop(proc, grace=2.0)
             sent.bad_exits += proc.returncode != 0
         sent.seconds = time.perf_counter() - start
-    sent.success, sent.failure = count_responses(path)
+    sent.success, sent.failure = bench.count_responses(path)
     return sent
 
 
-def wait_count(server: Server, count: int, timeout: float) -> tuple[int, float | None]:
+def wait_count(server: bench.Server, count: int, timeout: float) -> tuple[int, float | None]:
     """Poll until `count` instances are queryable: (seen, perf_counter() when reached)."""
     deadline = time.perf_counter() + timeout
     seen = 0
@@ -552,7 +275,7 @@ def wait_count(server: Server, count: int, timeout: float) -> tuple[int, float |
 # --------------------------------------------------------------------------- lag
 
 
-def minipacs_poll(server: Minipacs) -> Callable[[], list[str]]:
+def minipacs_poll(server: bench.Minipacs) -> Callable[[], list[str]]:
     """SOP Instance UIDs new in index.sqlite (read-only) since the last call."""
     state: dict[str, Any] = {"db": None, "rowid": 0, "by_rowid": True, "seen": set()}
 
@@ -596,7 +319,7 @@ def minipacs_poll(server: Minipacs) -> Callable[[], list[str]]:
     return poll
 
 
-def orthanc_poll(server: Orthanc, sop_of: dict[str, str]) -> Callable[[], list[str]]:
+def orthanc_poll(server: bench.Orthanc, sop_of: dict[str, str]) -> Callable[[], list[str]]:
     """SOP Instance UIDs of Orthanc's NewInstance changes since the last call (/changes;
     the ids are mapped back through Orthanc's hash of the UIDs)."""
     state = {"since": 0}
@@ -604,9 +327,11 @@ def orthanc_poll(server: Orthanc, sop_of: dict[str, str]) -> Callable[[], list[s
     def poll() -> list[str]:
         out: list[str] = []
         while True:
-            url = f"http://{HOST}:{server.http_port}/changes?since={state['since']}&limit=1000"
+            url = (
+                f"http://{bench.HOST}:{server.http_port}/changes?since={state['since']}&limit=1000"
+            )
             try:
-                status, body = http_get(url)
+                status, body = bench.http_get(url)
             except OSError as exc:
                 log.debug("/changes: %s", exc)
                 return out
@@ -675,8 +400,8 @@ def lag_figures(study: Study, success_at: dict[str, float], seen_at: dict[str, f
         "instances": len(lags),
         "never_seen": never,
         "no_success": len(study.files) - len(success_at),
-        "p50_ms": _ms(percentile(lags, 0.50)),
-        "p99_ms": _ms(percentile(lags, 0.99)),
+        "p50_ms": _ms(bench.percentile(lags, 0.50)),
+        "p99_ms": _ms(bench.percentile(lags, 0.99)),
         "max_ms": _ms(max(lags) if lags else None),
         "min_ms": _ms(min(lags) if lags else None),
     }
@@ -693,7 +418,7 @@ Request = tuple[str, str, dict[str, str], bytes | None]  # method, path, headers
 
 
 def web_requests(
-    server: Server, study: Study, api: str
+    server: bench.Server, study: Study, api: str
 ) -> dict[str, Callable[[random.Random], Request]]:
     """The four request kinds of the mixed load, against the preloaded study."""
     n = len(study.sops)
@@ -768,7 +493,7 @@ class WebLoad:
     def once(self) -> list[str]:
         """Each kind once: the problems (status, error), to warn about before measuring."""
         problems = []
-        conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
+        conn = http.client.HTTPConnection(bench.HOST, self.port, timeout=30)
         try:
             for kind, make in self.requests.items():
                 ok, note = self._request(conn, make(random.Random(0)))
@@ -803,7 +528,7 @@ class WebLoad:
             kind = kinds[turn % len(kinds)]
             turn += 1
             if conn is None:
-                conn = http.client.HTTPConnection(HOST, self.port, timeout=30)
+                conn = http.client.HTTPConnection(bench.HOST, self.port, timeout=30)
             started = time.perf_counter()
             ok, note = self._request(conn, self.requests[kind](rng))
             self.records.append(WebRecord(kind, started, time.perf_counter() - started, ok))
@@ -838,8 +563,8 @@ class WebLoad:
             out[kind] = {
                 "n": len(chosen),
                 "errors": sum(not r.ok for r in chosen),
-                "p50_ms": _ms(percentile(seconds, 0.50)),
-                "p99_ms": _ms(percentile(seconds, 0.99)),
+                "p50_ms": _ms(bench.percentile(seconds, 0.50)),
+                "p99_ms": _ms(bench.percentile(seconds, 0.99)),
             }
         return out
 
@@ -889,13 +614,15 @@ def send_timeout(opts: argparse.Namespace, files: int) -> float:
     return opts.send_timeout if opts.send_timeout is not None else 60.0 + files / 2
 
 
-def run_send(run: Run, server: Server, study: Study, parts: int, opts: argparse.Namespace) -> None:
+def run_send(
+    run: Run, server: bench.Server, study: Study, parts: int, opts: argparse.Namespace
+) -> None:
     """x1, x4, small: the files over `parts` associations; with lag on the x1 run, the
     Success times and an index poller besides."""
     lag = run.load == "x1" and "lag" in opts.loads and run.server in LAG_SERVERS
     poller: Poller | None = None
     if lag:
-        if isinstance(server, Minipacs):
+        if isinstance(server, bench.Minipacs):
             poll = minipacs_poll(server)
         else:
             sop_of = dict(zip(study.orthanc_ids, study.sops, strict=True))
@@ -904,9 +631,9 @@ def run_send(run: Run, server: Server, study: Study, parts: int, opts: argparse.
         poller.start()
     try:
         started = time.perf_counter()
-        sent, watch = send_parts(
+        sent, watch = bench.send_parts(
             server,
-            chunks(study.files, parts),
+            bench.chunks(study.files, parts),
             send_timeout(opts, len(study.files)),
             run.load,
             watch=lag,
@@ -918,7 +645,9 @@ def run_send(run: Run, server: Server, study: Study, parts: int, opts: argparse.
             poller.wait(timeout=opts.query_timeout)
             run.lag = lag_figures(study, watch.success_at, poller.seen_at)
             run.lag["polls"] = poller.polls
-            run.lag["how"] = server.queryable_how if isinstance(server, Minipacs) else "/changes"
+            run.lag["how"] = (
+                server.queryable_how if isinstance(server, bench.Minipacs) else "/changes"
+            )
             if poller.seen_at:
                 reached = max(poller.seen_at.values())
         run.queryable_s = reached - started if reached is not None else None
@@ -933,7 +662,7 @@ def run_send(run: Run, server: Server, study: Study, parts: int, opts: argparse.
         )
 
 
-def run_x0(run: Run, server: Server, study: Study, opts: argparse.Namespace) -> None:
+def run_x0(run: Run, server: bench.Server, study: Study, opts: argparse.Namespace) -> None:
     files = study.files[: run.count]
     sent = send_each(server, files, send_timeout(opts, len(files) * 4))
     run.send_s = sent.seconds
@@ -944,7 +673,7 @@ def run_x0(run: Run, server: Server, study: Study, opts: argparse.Namespace) -> 
         run.error = f"{run.stored} of {len(files)} stored, {run.failed_stores} without Success"
 
 
-def run_mixed(run: Run, server: Server, data: Data, opts: argparse.Namespace) -> None:
+def run_mixed(run: Run, server: bench.Server, data: Data, opts: argparse.Namespace) -> None:
     """Preload a study; web latency alone; the 8×30 send alone; the 8×30 send under the
     web load. The run's rate is the loaded one."""
     assert data.preload is not None and server.http_port is not None
@@ -952,10 +681,12 @@ def run_mixed(run: Run, server: Server, data: Data, opts: argparse.Namespace) ->
     mixed: dict[str, Any] = {"api": opts.orthanc_api if server.name == "orthanc" else "dicomweb"}
     run.mixed = mixed
     per_send = sum(len(p) for p in data.mixed_a)
-    sent, _ = send_parts(server, [preload.files], send_timeout(opts, len(preload.files)), "preload")
+    sent, _ = bench.send_parts(
+        server, [preload.files], send_timeout(opts, len(preload.files)), "preload"
+    )
     stored, _ = wait_count(server, len(preload.files), opts.query_timeout)
     if sent.failed or stored < len(preload.files):
-        raise BenchError(f"preload: {stored} of {len(preload.files)} stored")
+        raise bench.BenchError(f"preload: {stored} of {len(preload.files)} stored")
     web = WebLoad(server.http_port, web_requests(server, preload, mixed["api"]), opts.web_threads)
     problems = web.once()
     if problems:
@@ -972,7 +703,7 @@ def run_mixed(run: Run, server: Server, data: Data, opts: argparse.Namespace) ->
     web.stop()
     mixed["web_alone"] = web.figures(start, end)
     # 2. ingest alone
-    alone, _ = send_parts(server, data.mixed_a, send_timeout(opts, per_send), "mixed-alone")
+    alone, _ = bench.send_parts(server, data.mixed_a, send_timeout(opts, per_send), "mixed-alone")
     stored, _ = wait_count(server, len(preload.files) + per_send, opts.query_timeout)
     mixed["alone_s"] = alone.seconds
     mixed["alone_inst_per_s"] = per_send / alone.seconds
@@ -981,7 +712,7 @@ def run_mixed(run: Run, server: Server, data: Data, opts: argparse.Namespace) ->
     web.start()
     time.sleep(0.3)
     start = time.perf_counter()
-    loaded, _ = send_parts(server, data.mixed_b, send_timeout(opts, per_send), "mixed-loaded")
+    loaded, _ = bench.send_parts(server, data.mixed_b, send_timeout(opts, per_send), "mixed-loaded")
     end = time.perf_counter()
     web.stop()
     mixed["web_loaded"] = web.figures(start, end)
@@ -1033,7 +764,7 @@ def measure(name: str, load: str, data: Data, root: Path, opts: argparse.Namespa
             count,
             assoc,
         )
-        with RssSampler(server.proc.pid) as rss:
+        with bench.RssSampler(server.proc.pid) as rss:
             if load == "x0":
                 run_x0(run, server, study, opts)
             elif load == "mixed":
@@ -1049,13 +780,13 @@ def measure(name: str, load: str, data: Data, root: Path, opts: argparse.Namespa
             "%s %s: %s s, %s inst/s, peak RSS %s MiB over %d process(es)%s",
             name,
             load,
-            fmt(run.send_s, ".2f"),
-            fmt(run.inst_per_s),
-            fmt(run.peak_rss_mib),
+            bench.fmt(run.send_s, ".2f"),
+            bench.fmt(run.inst_per_s),
+            bench.fmt(run.peak_rss_mib),
             run.rss_processes,
             "" if run.ok else f" — {run.error}",
         )
-    except BenchError as exc:
+    except bench.BenchError as exc:
         run.error = str(exc)
         log.error("%s %s failed: %s", name, load, exc)
     except Exception as exc:
@@ -1063,9 +794,11 @@ def measure(name: str, load: str, data: Data, root: Path, opts: argparse.Namespa
         log.exception("%s %s failed", name, load)
     finally:
         server.stop()
-        run.server_log_issues, run.server_log_sample = log_issues(server.log_path, server.log_issue)
+        run.server_log_issues, run.server_log_sample = bench.log_issues(
+            server.log_path, server.log_issue
+        )
         for path in sorted(workdir.glob("storescu-*.log")):
-            hits, sample = log_issues(path)
+            hits, sample = bench.log_issues(path)
             run.storescu_log_issues += hits
             run.storescu_log_sample.extend(sample[: 8 - len(run.storescu_log_sample)])
         for what, hits, sample in (
@@ -1127,12 +860,12 @@ class Report:
             verdict = "PASS" if value <= goal else "FAIL"
         entry = {"load": load, "target": label, "value": value, "goal": goal, "verdict": verdict}
         self.targets.append(entry)
-        self.lines.append(f"  target: {label:<46} {fmt(value, spec):>7}  {verdict}")
+        self.lines.append(f"  target: {label:<46} {bench.fmt(value, spec):>7}  {verdict}")
 
     def vs(self, load: str, server: str, other: str, goal: float) -> None:
         """Target: `server`'s rate ≥ goal × `other`'s on `load`."""
         label = f"{load}: {server.replace('-nofsync', ' --no-fsync')} ≥ {goal:.1f} × {other}"
-        value = ratio(self.rate(server, load), self.rate(other, load))
+        value = bench.ratio(self.rate(server, load), self.rate(other, load))
         self.target(load, label, value, goal)
 
     @staticmethod
@@ -1150,15 +883,16 @@ class Report:
             f"{'peak RSS MiB':>12} {'÷orthanc':>8} {'÷storescp':>9}  status",
         ]
         for run in (r for r in self.runs if r.load == load):
-            queryable = fmt(run.queryable_s, ".2f")
+            queryable = bench.fmt(run.queryable_s, ".2f")
             if run.server == "storescp" and run.queryable_s is not None:
                 queryable += "*"
-            vs_o = ratio(run.inst_per_s, self.rate("orthanc", load))
-            vs_s = ratio(run.inst_per_s, self.rate("storescp", load))
+            vs_o = bench.ratio(run.inst_per_s, self.rate("orthanc", load))
+            vs_s = bench.ratio(run.inst_per_s, self.rate("storescp", load))
             self.lines.append(
-                f"  {run.server:<17} {fmt(run.inst_per_s):>8} {fmt(run.mb_per_s):>7} "
-                f"{fmt(run.send_s, '.2f'):>7} {queryable:>11} {fmt(run.peak_rss_mib):>12} "
-                f"{fmt(vs_o, '.2f'):>8} {fmt(vs_s, '.2f'):>9}  {self.status(run)}"
+                f"  {run.server:<17} {bench.fmt(run.inst_per_s):>8} "
+                f"{bench.fmt(run.mb_per_s):>7} {bench.fmt(run.send_s, '.2f'):>7} "
+                f"{queryable:>11} {bench.fmt(run.peak_rss_mib):>12} "
+                f"{bench.fmt(vs_o, '.2f'):>8} {bench.fmt(vs_s, '.2f'):>9}  {self.status(run)}"
             )
 
     def build(self) -> tuple[str, list[dict[str, Any]]]:
@@ -1244,10 +978,12 @@ class Report:
             mx = run.mixed or {}
             self.lines.append(
                 f"  {run.server:<9} {apis.get(mx.get('api', ''), '?'):<24} "
-                f"{fmt(mx.get('alone_inst_per_s')):>12} {fmt(mx.get('loaded_inst_per_s')):>13} "
-                f"{fmt(mx.get('ratio'), '.2f'):>6} {fmt(run.failed_stores, 'd'):>6} "
-                f"{fmt(mx.get('http_errors'), 'd'):>8} {fmt(mx.get('http_requests'), 'd'):>8} "
-                f"{fmt(run.peak_rss_mib):>8}  {self.status(run)}"
+                f"{bench.fmt(mx.get('alone_inst_per_s')):>12} "
+                f"{bench.fmt(mx.get('loaded_inst_per_s')):>13} "
+                f"{bench.fmt(mx.get('ratio'), '.2f'):>6} {bench.fmt(run.failed_stores, 'd'):>6} "
+                f"{bench.fmt(mx.get('http_errors'), 'd'):>8} "
+                f"{bench.fmt(mx.get('http_requests'), 'd'):>8} "
+                f"{bench.fmt(run.peak_rss_mib):>8}  {self.status(run)}"
             )
         self.lines.append(
             f"  web latency, ms p50 / p99 (requests)  without ingest ({m['web_seconds']:g} s)"
@@ -1261,7 +997,7 @@ class Report:
                     f = (mx.get(phase) or {}).get(kind) or {}
                     errors = f" {f['errors']} err" if f.get("errors") else ""
                     cells.append(
-                        f"{fmt(f.get('p50_ms')):>7} / {fmt(f.get('p99_ms')):>7} "
+                        f"{bench.fmt(f.get('p50_ms')):>7} / {bench.fmt(f.get('p99_ms')):>7} "
                         f"({f.get('n', 0):>4}){errors}"
                     )
                 self.lines.append(f"  {run.server:<9} {kind:<9} {cells[0]:<31} │  {cells[1]}")
@@ -1291,7 +1027,7 @@ class Report:
             if run is None:
                 continue
             lag = run.lag or {}
-            cells = [fmt(lag.get(k)) for k in ("p50_ms", "p99_ms", "max_ms", "min_ms")]
+            cells = [bench.fmt(lag.get(k)) for k in ("p50_ms", "p99_ms", "max_ms", "min_ms")]
             self.lines.append(
                 f"  {name:<9} {lag.get('instances', 0):>9} "
                 + " ".join(f"{c:>8}" for c in cells)
@@ -1352,7 +1088,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated subset of " + ",".join(ALL_SERVERS),
     )
     parser.add_argument(
-        "--parallel", type=int, default=4, help="associations of x4 and small (storescu processes)"
+        "--parallel",
+        type=int,
+        default=4,
+        help="associations of x4 and small (storescu processes)",
     )
     parser.add_argument("--x0-count", type=int, default=100, help="storescu runs of x0 (≤ --count)")
     parser.add_argument("--small-studies", type=int, default=2000, help="studies of the small load")
@@ -1368,8 +1107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--orthanc-api",
         choices=("auto", "plugin", "rest"),
         default="auto",
-        help="Orthanc's web API in the mixed load: its DICOMweb plugin (installed when "
-        "missing and root), its REST equivalents, or auto (the plugin if it can be had)",
+        help="Orthanc's web API in the mixed load: its DICOMweb plugin (Debian package "
+        "orthanc-dicomweb), its REST equivalents, or auto (the plugin if it is installed)",
     )
     parser.add_argument(
         "--fsync-files",
@@ -1388,7 +1127,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="storescp options besides --fork, -aet and -od",
     )
     parser.add_argument(
-        "--minipacs", type=Path, default=REPO / ".venv" / "bin" / "minipacs", help="executable"
+        "--minipacs",
+        type=Path,
+        default=bench.REPO / ".venv" / "bin" / "minipacs",
+        help="executable",
     )
     parser.add_argument(
         "--minipacs-rev",
@@ -1396,7 +1138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run minipacs from `git archive REV` of its packages (e.g. HEAD) instead of the "
         "working tree, which then may change during the run",
     )
-    parser.add_argument("--orthanc", type=Path, default=ORTHANC_BIN, help="Orthanc executable")
+    parser.add_argument(
+        "--orthanc", type=Path, default=bench.ORTHANC_BIN, help="Orthanc executable"
+    )
     parser.add_argument(
         "--json",
         nargs="?",
@@ -1455,17 +1199,16 @@ def plan(opts: argparse.Namespace) -> list[tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    logging.basicConfig(
-        level="DEBUG" if opts.verbose else "INFO",
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(message)s",
-    )
-    for tool in ("storescu", "echoscu") + (("storescp",) if "storescp" in opts.servers else ()):
-        if shutil.which(tool) is None:
-            log.error("%s not found: install dcmtk (apt-get install dcmtk)", tool)
-            return 2
+    bench.setup_logging(opts.verbose)
+    tools = ("storescu", "echoscu") + (("storescp",) if "storescp" in opts.servers else ())
+    if not bench.require(tools, hint="Debian package dcmtk"):
+        return 2
     if any(s.startswith("minipacs") for s in opts.servers) and not opts.minipacs.exists():
         log.error("%s not found: create the venv (./scripts/serve does)", opts.minipacs)
+        return 2
+    if "orthanc" in opts.servers and not bench.require(
+        files=(opts.orthanc,), hint="Debian package orthanc, or leave orthanc out of --servers"
+    ):
         return 2
     if "--no-fsync" in shlex.split(opts.minipacs_args) and "minipacs-nofsync" in opts.servers:
         log.info("--minipacs-args has --no-fsync: minipacs-nofsync would repeat minipacs")
@@ -1474,10 +1217,10 @@ def main(argv: list[str] | None = None) -> int:
     root: Path | None = None
     started = time.perf_counter()
     try:
-        with sigterm_unwinds():
+        with bench.sigterm_unwinds():
             meta: dict[str, Any] = {
                 "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-                "commit": git_commit(),
+                "commit": bench.git_commit(),
                 "loads": opts.loads,
                 "servers": opts.servers,
                 "parallel": opts.parallel,
@@ -1485,45 +1228,35 @@ def main(argv: list[str] | None = None) -> int:
                 "minipacs_args": opts.minipacs_args,
                 "storescp_args": opts.storescp_args,
                 "cpus": os.cpu_count(),
-                "other_work": other_work(),
+                "other_work": bench.other_work(),
             }
             if meta["other_work"]:
                 log.warning("other benchmarks/tests are running: %s", meta["other_work"])
             opts.orthanc_plugin = None
             want, opts.orthanc_api = opts.orthanc_api, "none"
             if "orthanc" in opts.servers:
-                if not ensure_orthanc(opts.orthanc):
-                    opts.servers.remove("orthanc")
-                else:
-                    meta["orthanc_version"] = orthanc_version(opts.orthanc)
-                    others = orthanc_processes()
-                    if others:
-                        log.warning(
-                            "other Orthanc processes are running (pids %s): they are not "
-                            "measured but share the CPU",
-                            others,
+                meta["orthanc_version"] = bench.orthanc_version(opts.orthanc)
+                bench.warn_other_orthancs()
+                if "mixed" in opts.loads:
+                    has = want != "rest" and bench.ORTHANC_DICOMWEB.exists()
+                    if want == "plugin" and not has:
+                        log.error(
+                            "--orthanc-api plugin: %s missing (Debian package orthanc-dicomweb)",
+                            bench.ORTHANC_DICOMWEB,
                         )
-                    if "mixed" in opts.loads:
-                        has = want != "rest" and ensure_orthanc_plugin(
-                            ORTHANC_DICOMWEB, "orthanc-dicomweb"
-                        )
-                        if want == "plugin" and not has:
-                            log.error("--orthanc-api plugin: %s not available", ORTHANC_DICOMWEB)
-                            return 2
-                        opts.orthanc_api = "plugin" if has else "rest"
-                        if has:
-                            opts.orthanc_plugin = ORTHANC_DICOMWEB
-                            meta["orthanc_dicomweb"] = dpkg_version("orthanc-dicomweb")
-                        log.info("Orthanc's web API in the mixed load: %s", opts.orthanc_api)
+                        return 2
+                    opts.orthanc_api = "plugin" if has else "rest"
+                    if has:
+                        opts.orthanc_plugin = bench.ORTHANC_DICOMWEB
+                        meta["orthanc_dicomweb"] = bench.dpkg_version("orthanc-dicomweb")
+                    log.info("Orthanc's web API in the mixed load: %s", opts.orthanc_api)
             meta["orthanc_api"] = opts.orthanc_api
-            if not opts.servers:
-                log.error("no server left to measure")
-                return 2
 
             root = Path(tempfile.mkdtemp(prefix="minipacs-bench-", dir=opts.tmp))
-            opts.code = None
             if opts.minipacs_rev and any(s.startswith("minipacs") for s in opts.servers):
-                meta["commit"] = f"{export_code(root, opts.minipacs_rev, opts)} (git archive)"
+                meta["commit"] = (
+                    f"{bench.snapshot_code(root, opts, opts.minipacs_rev)} (git archive)"
+                )
                 log.info("minipacs runs from %s of %s", opts.code, meta["commit"])
             meta["tmp"] = str(root.parent)
             meta["disk_fsync_files_per_s"] = disk_fsync_rate(root, opts.fsync_files)
@@ -1533,7 +1266,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%d server runs: %s", len(pairs), ", ".join(f"{n} {ld}" for ld, n in pairs))
             runs = [measure(name, load, data, root, opts) for load, name in pairs]
             meta["elapsed_s"] = time.perf_counter() - started
-            meta["other_work_at_end"] = other_work()
+            meta["other_work_at_end"] = bench.other_work()
 
             table, targets = Report(runs, meta).build()
             print(table)
@@ -1544,21 +1277,21 @@ def main(argv: list[str] | None = None) -> int:
                     "runs": [run.as_dict() for run in runs],
                     "targets": targets,
                 }
-                write_json(payload, opts.json)
+                bench.write_json(payload, opts.json)
             sys.stdout.flush()
             if not all(run.ok for run in runs):
                 return 1
             if opts.strict and any(t["verdict"] == "FAIL" for t in targets):
                 return 3
             return 0
-    except BenchError as exc:
+    except bench.BenchError as exc:
         log.error("%s", exc)
         return 2
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, bench.Interrupted):
         log.error("interrupted: cleaning up")
         return 130
     finally:
-        PROCS.stop_all()
+        bench.PROCS.stop_all()
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -41,42 +41,14 @@ from datetime import date
 from datetime import datetime
 from datetime import timedelta
 from pathlib import Path
-from typing import IO
 from typing import Any
 
-from _common import CALLING_AET
-from _common import CODE_PACKAGES
-from _common import HOST
-from _common import ORTHANC_BIN
-from _common import PROCS
-from _common import REPO
-from _common import SCRIPTS
-from _common import BenchError
-from _common import Interrupted
-from _common import Minipacs
-from _common import Orthanc
-from _common import Server
-from _common import StoreScp
-from _common import base_env
-from _common import count_files
-from _common import ensure_orthanc
-from _common import fmt
-from _common import git_commit
-from _common import log_issues
-from _common import orthanc_processes
-from _common import orthanc_version
-from _common import percentile
-from _common import ratio
-from _common import send
-from _common import setup_logging
-from _common import sigterm_unwinds
-from _common import tail
-from _common import write_json
+import _common as bench
 
 log = logging.getLogger("bench.query")
 
 STORESCP_AET = "STORESCP"
-PY_SPY = REPO / ".venv" / "bin" / "py-spy"
+PY_SPY = bench.REPO / ".venv" / "bin" / "py-spy"
 QUERY_YEAR = 2020  # the StudyDate range query asks for this calendar year
 CORPUS_YEARS = (2010, 2025)  # corpus StudyDates, inclusive
 GROWTH_YEARS = (1995, 2009)  # grown studies: outside the corpus and the queried year
@@ -353,7 +325,7 @@ def make_corpus(root: Path, opts: argparse.Namespace) -> Corpus:
     )
     started = time.perf_counter()
     files, written = write_parallel(root / "corpus", plans, opts.size, opts.processes)
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(bench.SCRIPTS))
     from make_study import make_study
 
     big = make_study(root / "big", opts.big_count, opts.big_size)
@@ -434,32 +406,25 @@ def grow_plans(rng: random.Random, instances: int, series_max: int = 3) -> list[
 # --------------------------------------------------------------------------- queries
 
 
-@dataclass(frozen=True)
-class QuerySpec:
-    key: str  # short id, also in `Corpus.expected`
-    label: str
-    level: str
-    keys: tuple[tuple[str, str], ...]  # (keyword, value); '' = return key
-    study_level: bool = True
-
-
-def query_specs(corpus: Corpus) -> list[QuerySpec]:
+def query_specs(corpus: Corpus) -> list[bench.QuerySpec]:
     def study(**match: str) -> tuple[tuple[str, str], ...]:
         return tuple((k, match.get(k, "")) for k in STUDY_RETURN_KEYS)
 
     return [
-        QuerySpec(
+        bench.QuerySpec(
             "patient_id", "PatientID exact", "STUDY", study(PatientID=corpus.probe_patient_id)
         ),
-        QuerySpec("name_doe", "PatientName DOE*", "STUDY", study(PatientName="DOE*")),
-        QuerySpec(
+        bench.QuerySpec("name_doe", "PatientName DOE*", "STUDY", study(PatientName="DOE*")),
+        bench.QuerySpec(
             "date_year",
             f"StudyDate {QUERY_YEAR}",
             "STUDY",
             study(StudyDate=f"{QUERY_YEAR}0101-{QUERY_YEAR}1231"),
         ),
-        QuerySpec("modality_mr", "ModalitiesInStudy=MR", "STUDY", study(ModalitiesInStudy="MR")),
-        QuerySpec(
+        bench.QuerySpec(
+            "modality_mr", "ModalitiesInStudy=MR", "STUDY", study(ModalitiesInStudy="MR")
+        ),
+        bench.QuerySpec(
             "image_level",
             f"IMAGE, {corpus.big_count}-inst series",
             "IMAGE",
@@ -468,25 +433,24 @@ def query_specs(corpus: Corpus) -> list[QuerySpec]:
                 ("SeriesInstanceUID", corpus.big_series_uid),
                 ("SOPInstanceUID", ""),
             ),
-            study_level=False,
         ),
     ]
 
 
-def findscu_command(server: Server, spec: QuerySpec, quiet: bool) -> list[str]:
-    cmd = ["findscu", "-S", "-aet", CALLING_AET, "-aec", server.aet, "-to", "60"]
+def findscu_command(server: bench.Server, spec: bench.QuerySpec, quiet: bool) -> list[str]:
+    cmd = ["findscu", "-S", "-aet", bench.CALLING_AET, "-aec", server.aet, "-to", "60"]
     cmd.append("-q" if quiet else "-v")
-    cmd += [HOST, str(server.port), "-k", f"QueryRetrieveLevel={spec.level}"]
+    cmd += [bench.HOST, str(server.port), "-k", f"QueryRetrieveLevel={spec.level}"]
     for keyword, value in spec.keys:
         cmd += ["-k", f"{keyword}={value}" if value else keyword]
     return cmd
 
 
-def findscu_count(server: Server, spec: QuerySpec, timeout: float) -> int:
+def findscu_count(server: bench.Server, spec: bench.QuerySpec, timeout: float) -> int:
     """Answers of one findscu run (verbose, output parsed); raise unless it ends Success."""
     result = subprocess.run(
         findscu_command(server, spec, quiet=False),
-        env=base_env(),
+        env=bench.base_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -496,21 +460,23 @@ def findscu_count(server: Server, spec: QuerySpec, timeout: float) -> int:
     )
     final = FINAL_RE.search(result.stdout)
     if result.returncode != 0 or final is None or final.group(1) != "Success":
-        raise BenchError(
+        raise bench.BenchError(
             f"findscu {spec.label} on {server.name}: exit {result.returncode}, final "
             f"{final.group(1) if final else 'none'}:\n" + "\n".join(result.stdout.splitlines()[-8:])
         )
     return len(PENDING_RE.findall(result.stdout))
 
 
-def findscu_time(server: Server, spec: QuerySpec, timeout: float) -> float:
+def findscu_time(server: bench.Server, spec: bench.QuerySpec, timeout: float) -> float:
     """Seconds from starting a quiet findscu to its exit (answers not printed)."""
     cmd = findscu_command(server, spec, quiet=True)
     started = time.perf_counter()
-    result = subprocess.run(cmd, env=base_env(), capture_output=True, timeout=timeout, check=False)
+    result = subprocess.run(
+        cmd, env=bench.base_env(), capture_output=True, timeout=timeout, check=False
+    )
     elapsed = time.perf_counter() - started
     if result.returncode != 0 or result.stdout.strip() or result.stderr.strip():
-        raise BenchError(
+        raise bench.BenchError(
             f"findscu {spec.label} on {server.name}: exit {result.returncode}: "
             f"{(result.stdout + result.stderr)[-500:]!r}"
         )
@@ -520,7 +486,7 @@ def findscu_time(server: Server, spec: QuerySpec, timeout: float) -> float:
 class FindClient:
     """pynetdicom C-FIND SCU on one association kept open (TCP_NODELAY on its socket)."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: bench.Server) -> None:
         import socket
 
         from pynetdicom import AE
@@ -528,16 +494,16 @@ class FindClient:
 
         self.model = StudyRootQueryRetrieveInformationModelFind
         self.server = server
-        ae = AE(ae_title=CALLING_AET)
+        ae = AE(ae_title=bench.CALLING_AET)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         ae.add_requested_context(self.model)
-        self.assoc = ae.associate(HOST, server.port, ae_title=server.aet)
+        self.assoc = ae.associate(bench.HOST, server.port, ae_title=server.aet)
         if not self.assoc.is_established:
-            raise BenchError(f"{server.name}: pynetdicom association refused or failed")
+            raise bench.BenchError(f"{server.name}: pynetdicom association refused or failed")
         raw = self.assoc.dul.socket.socket
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def run(self, spec: QuerySpec, collect: dict[str, dict[str, str]] | None = None):
+    def run(self, spec: bench.QuerySpec, collect: dict[str, dict[str, str]] | None = None):
         """(seconds, answers) of one C-FIND; raises unless it ends Success. With `collect`,
         each answer's return keys go into it, under its unique key's value."""
         from pydicom.dataset import Dataset
@@ -561,7 +527,7 @@ class FindClient:
                 final = code
         elapsed = time.perf_counter() - started
         if final != 0x0000:
-            raise BenchError(
+            raise bench.BenchError(
                 f"pynetdicom C-FIND {spec.label} on {self.server.name}: final status "
                 f"{'none (association lost?)' if final is None else f'0x{final:04X}'}"
             )
@@ -609,34 +575,8 @@ def compare_answers(
     return out
 
 
-@dataclass
-class Latency:
-    """One query on one server by one client: answers and timings in ms."""
-
-    answers: int | None = None
-    runs_ms: list[float] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def p50(self) -> float | None:
-        return statistics.median(self.runs_ms) if self.runs_ms else None
-
-    @property
-    def p95(self) -> float | None:
-        return percentile(self.runs_ms, 0.95)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "answers": self.answers,
-            "p50_ms": self.p50,
-            "p95_ms": self.p95,
-            "runs_ms": [round(v, 3) for v in self.runs_ms],
-            "error": self.error,
-        }
-
-
 # results[query key][server name][client] where client is "findscu" or "pynetdicom"
-Results = dict[str, dict[str, dict[str, Latency]]]
+Results = dict[str, dict[str, dict[str, bench.Latency]]]
 
 
 def settle(idle: float = 0.9, window: float = 1.0, limit: float = 60.0) -> None:
@@ -660,15 +600,17 @@ def settle(idle: float = 0.9, window: float = 1.0, limit: float = 60.0) -> None:
 
 
 def measure_queries(
-    servers: list[Server],
-    specs: list[QuerySpec],
+    servers: list[bench.Server],
+    specs: list[bench.QuerySpec],
     opts: argparse.Namespace,
     contents: dict[str, dict[str, dict[str, dict[str, str]]]] | None = None,
 ) -> Results:
     """Each query `opts.reps` times per server and client, servers interleaved run by run
     (so that background load hits both alike), after one counting run that warms up."""
     results: Results = {
-        s.key: {srv.name: {"findscu": Latency(), "pynetdicom": Latency()} for srv in servers}
+        s.key: {
+            srv.name: {"findscu": bench.Latency(), "pynetdicom": bench.Latency()} for srv in servers
+        }
         for s in specs
     }
     clients: dict[str, FindClient] = {}
@@ -683,7 +625,7 @@ def measure_queries(
                 cell = results[spec.key][server.name]
                 try:
                     cell["findscu"].answers = findscu_count(server, spec, opts.query_timeout)
-                except (BenchError, subprocess.TimeoutExpired) as exc:
+                except (bench.BenchError, subprocess.TimeoutExpired) as exc:
                     cell["findscu"].error = str(exc)
                     log.error("%s", exc)
                 if server.name in clients:
@@ -704,7 +646,7 @@ def measure_queries(
                             cell["findscu"].runs_ms.append(
                                 1000 * findscu_time(server, spec, opts.query_timeout)
                             )
-                        except (BenchError, subprocess.TimeoutExpired) as exc:
+                        except (bench.BenchError, subprocess.TimeoutExpired) as exc:
                             cell["findscu"].error = str(exc)
                             log.error("%s", exc)
                     if server.name in clients and cell["pynetdicom"].error is None:
@@ -712,7 +654,7 @@ def measure_queries(
                             seconds, answers = clients[server.name].run(spec)
                             cell["pynetdicom"].runs_ms.append(1000 * seconds)
                             if answers != cell["pynetdicom"].answers:
-                                raise BenchError(
+                                raise bench.BenchError(
                                     f"{spec.label} on {server.name}: {answers} answers, "
                                     f"first run had {cell['pynetdicom'].answers}"
                                 )
@@ -724,8 +666,8 @@ def measure_queries(
                 spec.label,
                 "  ".join(
                     f"{srv.name}: {results[spec.key][srv.name]['findscu'].answers} answers, "
-                    f"findscu p50 {fmt(results[spec.key][srv.name]['findscu'].p50)} ms, "
-                    f"in-process p50 {fmt(results[spec.key][srv.name]['pynetdicom'].p50)} ms"
+                    f"findscu p50 {bench.fmt(results[spec.key][srv.name]['findscu'].p50)} ms, "
+                    f"in-process p50 {bench.fmt(results[spec.key][srv.name]['pynetdicom'].p50)} ms"
                     for srv in servers
                 ),
             )
@@ -768,8 +710,8 @@ json.dump(out, sys.stdout)
 
 
 def measure_engine(
-    opts: argparse.Namespace, data: Path, specs: list[QuerySpec]
-) -> dict[str, Latency] | None:
+    opts: argparse.Namespace, data: Path, specs: list[bench.QuerySpec]
+) -> dict[str, bench.Latency] | None:
     """p50 of storage.query.find per query (after one warm-up run); None when the project's
     query API cannot be called this way (it is internal, and may change)."""
     python = opts.minipacs.parent / "python"
@@ -784,8 +726,8 @@ def measure_engine(
             input=json.dumps(job),
             capture_output=True,
             text=True,
-            cwd=opts.code or REPO,
-            env=minipacs_env(opts),
+            cwd=opts.code or bench.REPO,
+            env=bench.minipacs_env(opts),
             timeout=opts.query_timeout * len(specs),
             check=False,
         )
@@ -797,7 +739,7 @@ def measure_engine(
         return None
     out = {}
     for key, value in json.loads(result.stdout).items():
-        out[key] = Latency(answers=value["answers"], runs_ms=value["runs_ms"])
+        out[key] = bench.Latency(answers=value["answers"], runs_ms=value["runs_ms"])
     log.info("engine p50 ms: %s", {k: (v.answers, round(v.p50 or 0, 2)) for k, v in out.items()})
     return out
 
@@ -841,7 +783,7 @@ def clear_folder(folder: Path) -> None:
 
 
 def measure_moves(
-    servers: list[Server], storescp: StoreScp, corpus: Corpus, opts: argparse.Namespace
+    servers: list[bench.Server], storescp: bench.StoreScp, corpus: Corpus, opts: argparse.Namespace
 ) -> list[MoveResult]:
     """movescu of the big study to storescp, `opts.move_reps` times per server, interleaved;
     each run must leave every instance in storescp's folder."""
@@ -856,25 +798,19 @@ def measure_moves(
                 "movescu",
                 "-S",
                 "-aet",
-                CALLING_AET,
+                bench.CALLING_AET,
                 "-aec",
                 server.aet,
                 "-aem",
                 STORESCP_AET,
-                "-to",
-                "60",
-                "-k",
-                "QueryRetrieveLevel=STUDY",
-                "-k",
-                f"StudyInstanceUID={corpus.big_study_uid}",
-                HOST,
-                str(server.port),
             ]
+            cmd += ["-to", "60", "-k", "QueryRetrieveLevel=STUDY"]
+            cmd += ["-k", f"StudyInstanceUID={corpus.big_study_uid}", bench.HOST, str(server.port)]
             started = time.perf_counter()
             try:
                 done = subprocess.run(
                     cmd,
-                    env=base_env(),
+                    env=bench.base_env(),
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     text=True,
@@ -887,7 +823,7 @@ def measure_moves(
                 log.error("%s: %s", server.name, result.error)
                 continue
             elapsed = time.perf_counter() - started
-            received = count_files(storescp.out)
+            received = bench.count_files(storescp.out)
             if done.returncode != 0 or received != corpus.big_count:
                 result.error = (
                     f"movescu exit {done.returncode}, {received} of {corpus.big_count} "
@@ -911,77 +847,6 @@ def measure_moves(
 # --------------------------------------------------------------------------- servers
 
 
-class QueryMinipacs(Minipacs):
-    """minipacs on an archive imported beforehand, with storescp as its one peer."""
-
-    def __init__(
-        self, workdir: Path, opts: argparse.Namespace, data: Path, peers: dict[str, int]
-    ) -> None:
-        super().__init__(workdir, opts)
-        self.data = data
-        self.peers = peers
-
-    def env(self) -> dict[str, str]:
-        return minipacs_env(self.opts)
-
-    def extra_args(self) -> list[str]:
-        peers = [a for aet, port in self.peers.items() for a in ("--peer", f"{aet}={HOST}:{port}")]
-        return peers + super().extra_args()
-
-
-class QueryOrthanc(Orthanc):
-    """Orthanc that knows storescp (C-MOVE destination) and us (C-FIND/C-MOVE allowed)."""
-
-    def __init__(self, workdir: Path, opts: argparse.Namespace, peers: dict[str, int]) -> None:
-        super().__init__(workdir, opts)
-        self.peers = peers
-
-    def config(self) -> dict[str, Any]:
-        config = super().config()
-        # Orthanc answers C-FIND and C-MOVE only for AEs it knows (DicomAlwaysAllowFind and
-        # DicomAlwaysAllowMove are false by default): list our calling AE as well. Its port
-        # is never used.
-        modalities = {
-            aet: {"AET": aet, "Host": HOST, "Port": port} for aet, port in self.peers.items()
-        }
-        modalities[CALLING_AET] = {"AET": CALLING_AET, "Host": HOST, "Port": 104}
-        config["DicomModalities"] = modalities
-        return config
-
-
-def minipacs_import(
-    opts: argparse.Namespace, data: Path, folders: list[Path], log_path: Path, parallel: int = 1
-) -> float:
-    """`minipacs import --no-fsync` of the folders (split over `parallel` processes at once);
-    the wall time. Raises unless every process exits 0."""
-    groups = [folders[n::parallel] for n in range(parallel)]
-    groups = [g for g in groups if g]
-    procs: list[tuple[Any, IO[bytes], Path]] = []
-    started = time.perf_counter()
-    try:
-        for number, group in enumerate(groups):
-            path = log_path.with_name(f"{log_path.stem}-{number}{log_path.suffix}")
-            out = path.open("wb")
-            cmd = [str(opts.minipacs), "import", "--data", str(data), "--no-fsync", "--json"]
-            cmd += [str(f) for f in group]
-            procs.append((PROCS.start(cmd, env=minipacs_env(opts), out=out), out, path))
-        deadline = started + opts.import_timeout
-        for proc, _out, path in procs:
-            try:
-                code = proc.wait(timeout=max(0.1, deadline - time.perf_counter()))
-            except subprocess.TimeoutExpired:
-                raise BenchError(
-                    f"minipacs import did not finish within {opts.import_timeout:.0f} s"
-                ) from None
-            if code != 0:
-                raise BenchError(f"minipacs import exited {code}:\n{tail(path)}")
-        return time.perf_counter() - started
-    finally:
-        for proc, out, _path in procs:
-            PROCS.stop(proc, grace=5.0)
-            out.close()
-
-
 def index_counts(data: Path) -> dict[str, int]:
     """Rows per table of a minipacs index, read-only."""
     db = sqlite3.connect(f"file:{data / 'index.sqlite'}?mode=ro", uri=True, timeout=10.0)
@@ -994,7 +859,7 @@ def index_counts(data: Path) -> dict[str, int]:
         db.close()
 
 
-def wait_orthanc_count(server: Orthanc, count: int, timeout: float) -> None:
+def wait_orthanc_count(server: bench.Orthanc, count: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     seen = 0
     while time.monotonic() < deadline:
@@ -1003,14 +868,14 @@ def wait_orthanc_count(server: Orthanc, count: int, timeout: float) -> None:
             return
         server.check_alive()
         time.sleep(0.05)
-    raise BenchError(f"orthanc holds {seen} of {count} instances after {timeout:.0f} s")
+    raise bench.BenchError(f"orthanc holds {seen} of {count} instances after {timeout:.0f} s")
 
 
 # --------------------------------------------------------------------------- profiling
 
 
 @contextlib.contextmanager
-def profiled(server: Server, out: Path | None, phase: str) -> Iterator[None]:
+def profiled(server: bench.Server, out: Path | None, phase: str) -> Iterator[None]:
     """py-spy (raw collapsed stacks, non-idle threads, non-blocking) on the server while
     the block runs, when `out` is set; a summary of the hottest frames goes to the log."""
     if out is None or server.proc is None or not server.alive():
@@ -1022,7 +887,7 @@ def profiled(server: Server, out: Path | None, phase: str) -> Iterator[None]:
     cmd = [str(PY_SPY), "record", "--pid", str(server.proc.pid), "--format", "raw"]
     cmd += ["--nonblocking", "--rate", "200", "--output", str(path)]
     with log_path.open("wb") as out_file:
-        spy = PROCS.start(cmd, env=base_env(), out=out_file)
+        spy = bench.PROCS.start(cmd, env=bench.base_env(), out=out_file)
         time.sleep(1.0)  # attach before the measured work starts
         try:
             yield
@@ -1031,11 +896,11 @@ def profiled(server: Server, out: Path | None, phase: str) -> Iterator[None]:
                 spy.send_signal(signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 spy.wait(timeout=30)
-            PROCS.stop(spy, grace=5.0)
+            bench.PROCS.stop(spy, grace=5.0)
     if path.exists():
         log.info("py-spy %s %s: %s\n%s", server.name, phase, path, summarize_profile(path))
     else:
-        log.warning("py-spy wrote nothing:\n%s", tail(log_path))
+        log.warning("py-spy wrote nothing:\n%s", bench.tail(log_path))
 
 
 def summarize_profile(path: Path, top: int = 25) -> str:
@@ -1067,23 +932,23 @@ def summarize_profile(path: Path, top: int = 25) -> str:
 # --------------------------------------------------------------------------- report
 
 
-def _pp(lat: Latency | None) -> str:
+def _pp(lat: bench.Latency | None) -> str:
     """'p50/p95' of a latency cell."""
     if lat is None or not lat.runs_ms:
         return "ERR" if lat is not None and lat.error else "-"
     return f"{lat.p50:.1f}/{lat.p95:.1f}"
 
 
-def _answers(lat: Latency | None) -> str:
+def _answers(lat: bench.Latency | None) -> str:
     return "-" if lat is None or lat.answers is None else str(lat.answers)
 
 
 def find_table(
     results: Results,
-    specs: list[QuerySpec],
+    specs: list[bench.QuerySpec],
     names: list[str],
     expected: dict[str, int],
-    engine: dict[str, Latency] | None,
+    engine: dict[str, bench.Latency] | None,
 ) -> list[str]:
     """One row per query: answers per server and the corpus, p50/p95 per client and server."""
     two = len(names) == 2
@@ -1107,11 +972,11 @@ def find_table(
         for client in ("findscu", "pynetdicom"):
             row += " " + " ".join(f"{_pp(cells[n][client]):>{width}}" for n in names)
             if two:
-                value = ratio(cells[names[0]][client].p50, cells[names[1]][client].p50)
-                row += f" {fmt(value, '.2f'):>5}"
+                value = bench.ratio(cells[names[0]][client].p50, cells[names[1]][client].p50)
+                row += f" {bench.fmt(value, '.2f'):>5}"
             row += " |"
         lat = engine.get(spec.key) if engine else None
-        row += f" {fmt(lat.p50 if lat else None, '.1f'):>7}"
+        row += f" {bench.fmt(lat.p50 if lat else None, '.1f'):>7}"
         counts = {c.answers for n in names for c in cells[n].values()}
         if lat is not None and lat.answers is not None:
             counts.add(lat.answers)
@@ -1123,9 +988,9 @@ def find_table(
 
 def check_counts(
     results: Results,
-    specs: list[QuerySpec],
+    specs: list[bench.QuerySpec],
     expected: dict[str, int],
-    engine: dict[str, Latency] | None = None,
+    engine: dict[str, bench.Latency] | None = None,
 ) -> list[str]:
     """Every answer count that differs from what the corpus holds, and every failure."""
     out = []
@@ -1145,7 +1010,7 @@ def check_counts(
 
 
 def evaluate_targets(
-    specs: list[QuerySpec],
+    specs: list[bench.QuerySpec],
     base: Results,
     moves: list[MoveResult],
     grown: Results | None,
@@ -1160,18 +1025,15 @@ def evaluate_targets(
         return results[key][server][client].p50
 
     def add(label: str, value: float | None, other: float | None, goal: float, higher: bool):
-        def verdict(v: float | None) -> str:
-            if v is None:
-                return "n/a"
-            return "PASS" if (v >= goal if higher else v <= goal) else "FAIL"
-
         targets.append(
             {
                 "target": label,
                 "value": value,
-                "verdict": verdict(value),
+                "verdict": bench.verdict(value, goal, higher),
                 "in_process_value": other,
-                "in_process_verdict": verdict(other) if other is not None else None,
+                "in_process_verdict": bench.verdict(other, goal, higher)
+                if other is not None
+                else None,
                 "goal": goal,
             }
         )
@@ -1179,14 +1041,14 @@ def evaluate_targets(
     for spec in specs:
         goal = MODALITIES_TARGET if spec.key == "modality_mr" else 1.0
         values = [
-            ratio(p50(base, spec.key, "minipacs", c), p50(base, spec.key, "orthanc", c))
+            bench.ratio(p50(base, spec.key, "minipacs", c), p50(base, spec.key, "orthanc", c))
             for c in ("findscu", "pynetdicom")
         ]
         add(f"{spec.label}: p50 ≤ {goal:.1f} × orthanc's", *values, goal, False)
     by = {m.server: m for m in moves}
     add(
         "C-MOVE inst/s ≥ 1.0 × orthanc's",
-        ratio(
+        bench.ratio(
             by["minipacs"].inst_per_s if "minipacs" in by else None,
             by["orthanc"].inst_per_s if "orthanc" in by else None,
         ),
@@ -1196,7 +1058,7 @@ def evaluate_targets(
     )
     if grown is not None:
         for spec in specs:
-            if spec.study_level:
+            if spec.level == "STUDY":
                 add(
                     f"at {grown_instances or 0:,}: {spec.label} p50 < "
                     f"{STUDY_LEVEL_TARGET_MS:.0f} ms",
@@ -1210,11 +1072,11 @@ def evaluate_targets(
 
 def report(
     payload: dict[str, Any],
-    specs: list[QuerySpec],
+    specs: list[bench.QuerySpec],
     base: Results,
     moves: list[MoveResult],
     grown: Results | None,
-    engines: dict[str, dict[str, Latency] | None],
+    engines: dict[str, dict[str, bench.Latency] | None],
 ) -> tuple[str, list[dict[str, Any]]]:
     meta, corpus = payload["meta"], payload["corpus"]
     names = meta["servers"]
@@ -1249,8 +1111,8 @@ def report(
     for move in moves:
         status = "ok" if move.error is None else "FAILED: " + move.error.splitlines()[0][:70]
         lines.append(
-            f"  {move.server:<10} {fmt(move.inst_per_s):>10} {fmt(move.best_inst_per_s):>7} "
-            f"{fmt(move.p50_s, '.2f'):>6}  {status}"
+            f"  {move.server:<10} {bench.fmt(move.inst_per_s):>10} "
+            f"{bench.fmt(move.best_inst_per_s):>7} {bench.fmt(move.p50_s, '.2f'):>6}  {status}"
         )
     growth = payload.get("growth")
     if grown is not None and growth:
@@ -1274,9 +1136,9 @@ def report(
     lines += ["", "targets (verdict on findscu / movescu; [pynetdicom in-process])"]
     for t in targets:
         spec_fmt = ".1f" if "ms" in t["target"] else ".2f"
-        line = f"  {t['target']:<50} {fmt(t['value'], spec_fmt):>7}  {t['verdict']:<4}"
+        line = f"  {t['target']:<50} {bench.fmt(t['value'], spec_fmt):>7}  {t['verdict']:<4}"
         if t["in_process_value"] is not None:
-            line += f"   [{fmt(t['in_process_value'], spec_fmt)} {t['in_process_verdict']}]"
+            line += f"   [{bench.fmt(t['in_process_value'], spec_fmt)} {t['in_process_verdict']}]"
         lines.append(line)
     problems = payload.get("problems", [])
     lines += ["", "problems:" if problems else "problems: none (answer counts agree, logs clean)"]
@@ -1323,9 +1185,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--storescp-args", default="+B +xa", help="storescp options besides --fork, -aet, -od"
     )
     parser.add_argument(
-        "--minipacs", type=Path, default=REPO / ".venv" / "bin" / "minipacs", help="executable"
+        "--minipacs",
+        type=Path,
+        default=bench.REPO / ".venv" / "bin" / "minipacs",
+        help="executable",
     )
-    parser.add_argument("--orthanc", type=Path, default=ORTHANC_BIN, help="Orthanc executable")
+    parser.add_argument(
+        "--orthanc", type=Path, default=bench.ORTHANC_BIN, help="Orthanc executable"
+    )
     parser.add_argument(
         "--json",
         nargs="?",
@@ -1383,13 +1250,10 @@ def grow(opts: argparse.Namespace, root: Path, data: Path) -> dict[str, Any]:
         write_s,
         opts.import_processes,
     )
-    import_s = minipacs_import(
-        opts,
-        data,
-        sorted(folder.iterdir()),
-        root / "logs" / "import-growth.log",
-        opts.import_processes,
-    )
+    import_s = bench.minipacs_import(
+        opts, data, sorted(folder.iterdir()), root / "logs" / "import-growth.log",
+        opts.import_processes, opts.import_timeout,
+    )  # fmt: skip
     shutil.rmtree(folder, ignore_errors=True)
     counts = index_counts(data)
     log.info(
@@ -1411,46 +1275,7 @@ def grow(opts: argparse.Namespace, root: Path, data: Path) -> dict[str, Any]:
     }
 
 
-def snapshot_code(root: Path, opts: argparse.Namespace) -> str:
-    """Copy the project's packages into `root/code` and run every minipacs process of this
-    run from there (PYTHONPATH ahead of the editable install), so that edits to the working
-    tree during a run cannot change the code measured halfway. Returns what was copied:
-    HEAD's short hash, '+dirty' when the packages differ from it."""
-    commit = git_commit()
-    code = root / "code"
-    for package in CODE_PACKAGES:
-        if (REPO / package).is_dir():
-            shutil.copytree(
-                REPO / package, code / package, ignore=shutil.ignore_patterns("__pycache__")
-            )
-    opts.code = code
-    probe = subprocess.run(
-        [str(opts.minipacs.parent / "python"), "-c", "import pacs; print(pacs.__file__)"],
-        cwd=code,
-        env=minipacs_env(opts),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if not probe.stdout.strip().startswith(str(code)):
-        raise BenchError(f"the code snapshot is not what minipacs imports: {probe.stdout!r}")
-    log.info("minipacs code %s copied to %s", commit, code)
-    return commit
-
-
-def minipacs_env(opts: argparse.Namespace) -> dict[str, str]:
-    """The environment of minipacs processes: the code snapshot first on the path."""
-    env = base_env()
-    code = getattr(opts, "code", None)
-    if code is not None:
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(code)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
-        )
-    return env
-
-
-def start_timed(server: Server) -> float:
+def start_timed(server: bench.Server) -> float:
     started = time.perf_counter()
     server.start()
     elapsed = time.perf_counter() - started
@@ -1458,10 +1283,10 @@ def start_timed(server: Server) -> float:
     return elapsed
 
 
-def server_log_problems(servers: list[Server]) -> tuple[list[str], dict[str, Any]]:
+def server_log_problems(servers: list[bench.Server]) -> tuple[list[str], dict[str, Any]]:
     problems, summary = [], {}
     for server in servers:
-        hits, sample = log_issues(server.log_path, server.log_issue)
+        hits, sample = bench.log_issues(server.log_path, server.log_issue)
         summary[str(server.log_path.parent.name)] = {"issues": hits, "sample": sample}
         if hits:
             problems.append(
@@ -1473,12 +1298,14 @@ def server_log_problems(servers: list[Server]) -> tuple[list[str], dict[str, Any
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    setup_logging(opts.verbose)
+    bench.setup_logging(opts.verbose)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    for tool in ("findscu", "movescu", "storescu", "echoscu", "storescp"):
-        if shutil.which(tool) is None:
-            log.error("%s not found: install dcmtk (apt-get install dcmtk)", tool)
-            return 2
+    if not bench.require(("findscu", "movescu", "storescu", "echoscu", "storescp"), hint="dcmtk"):
+        return 2
+    if not opts.no_orthanc and not bench.require(
+        files=(opts.orthanc,), hint="Debian package orthanc, or --no-orthanc"
+    ):
+        return 2
     if not opts.minipacs.exists():
         log.error("%s not found: create the venv (./scripts/serve does)", opts.minipacs)
         return 2
@@ -1487,12 +1314,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     root: Path | None = None
-    started: list[Server] = []
+    started: list[bench.Server] = []
     try:
-        with sigterm_unwinds():
-            use_orthanc = not opts.no_orthanc and ensure_orthanc(opts.orthanc)
-            if use_orthanc and orthanc_processes():
-                log.warning("other Orthanc processes are running: they share the CPU")
+        with bench.sigterm_unwinds():
+            use_orthanc = not opts.no_orthanc
+            if use_orthanc:
+                bench.warn_other_orthancs()
             root = Path(tempfile.mkdtemp(prefix="minipacs-query-bench-", dir=opts.tmp))
             (root / "logs").mkdir()
             meta: dict[str, Any] = {
@@ -1508,11 +1335,11 @@ def main(argv: list[str] | None = None) -> int:
                 "cpus": os.cpu_count(),
                 "load_avg_start": os.getloadavg(),
                 "tmp": str(root),
-                "commit": git_commit() if opts.live_code else snapshot_code(root, opts),
+                "commit": bench.git_commit() if opts.live_code else bench.snapshot_code(root, opts),
                 "code": "live working tree" if opts.live_code else "snapshot at start",
             }
             if use_orthanc:
-                meta["orthanc_version"] = orthanc_version(opts.orthanc)
+                meta["orthanc_version"] = bench.orthanc_version(opts.orthanc)
             log.info("writing the corpus (%d studies) under %s", opts.studies, root)
             corpus = make_corpus(root, opts)
             log.info("corpus: %s", {k: v for k, v in corpus.as_dict().items() if k != "expected"})
@@ -1523,29 +1350,35 @@ def main(argv: list[str] | None = None) -> int:
                 path.mkdir()
                 return path
 
-            storescp = StoreScp(workdir("storescp"), opts)
+            storescp = bench.StoreScp(workdir("storescp"), opts)
             started.append(storescp)
             storescp.start()
             peers = {STORESCP_AET: storescp.port}
 
             load_s: dict[str, float] = {}
             data = root / "minipacs-data"
-            load_s["minipacs import --no-fsync"] = minipacs_import(
-                opts, data, [root / "corpus", root / "big"], root / "logs" / "import-corpus.log"
-            )
+            load_s["minipacs import --no-fsync"] = bench.minipacs_import(
+                opts, data, [root / "corpus", root / "big"], root / "logs" / "import-corpus.log",
+                timeout=opts.import_timeout,
+            )  # fmt: skip
             counts = index_counts(data)
             if counts["instance"] != corpus.instances:
-                raise BenchError(f"minipacs indexed {counts} after import, not {corpus.instances}")
-            minipacs = QueryMinipacs(workdir("minipacs"), opts, data, peers)
+                raise bench.BenchError(
+                    f"minipacs indexed {counts} after import, not {corpus.instances}"
+                )
+            peer_args = [
+                a for aet, port in peers.items() for a in ("--peer", f"{aet}={bench.HOST}:{port}")
+            ]
+            minipacs = bench.Minipacs(workdir("minipacs"), opts, data, peer_args)
             started.append(minipacs)
             start_timed(minipacs)
-            servers: list[Server] = [minipacs]
+            servers: list[bench.Server] = [minipacs]
             if use_orthanc:
-                orthanc = QueryOrthanc(workdir("orthanc"), opts, peers)
+                orthanc = bench.Orthanc(workdir("orthanc"), opts, peers=peers)
                 started.append(orthanc)
                 start_timed(orthanc)
                 timeout = 120 + corpus.instances / 10
-                load_s[f"orthanc storescu ×{opts.load_parallel}"] = send(
+                load_s[f"orthanc storescu ×{opts.load_parallel}"] = bench.send(
                     orthanc, corpus.files, opts.load_parallel, timeout
                 )
                 wait_orthanc_count(orthanc, corpus.instances, 120)
@@ -1560,7 +1393,7 @@ def main(argv: list[str] | None = None) -> int:
             contents: dict[str, dict[str, dict[str, dict[str, str]]]] = {}
             with profiled(minipacs, opts.profile, "find"):
                 base = measure_queries(servers, specs, opts, contents)
-            engines: dict[str, dict[str, Latency] | None] = {
+            engines: dict[str, dict[str, bench.Latency] | None] = {
                 "base": measure_engine(opts, data, specs)
             }
             log.info("C-MOVE: %d runs × %d server(s)", opts.move_reps, len(servers))
@@ -1574,7 +1407,7 @@ def main(argv: list[str] | None = None) -> int:
             if opts.grow > corpus.instances:
                 minipacs.stop()
                 growth = grow(opts, root, data)
-                again = QueryMinipacs(workdir("minipacs-grown"), opts, data, peers)
+                again = bench.Minipacs(workdir("minipacs-grown"), opts, data, peer_args)
                 started.append(again)
                 growth["startup_s"] = start_timed(again)
                 grown_contents: dict[str, dict[str, dict[str, dict[str, str]]]] = {}
@@ -1627,7 +1460,7 @@ def main(argv: list[str] | None = None) -> int:
                 server.stop()
             log_problems, log_summary = server_log_problems(started)
             for path in sorted((root / "logs").glob("import-*.log")):
-                hits, sample = log_issues(path)
+                hits, sample = bench.log_issues(path)
                 log_summary[path.name] = {"issues": hits, "sample": sample}
                 if hits:
                     log_problems.append(
@@ -1665,7 +1498,7 @@ def main(argv: list[str] | None = None) -> int:
             payload["targets"] = targets
             print(table)
             if opts.json:
-                write_json(payload, opts.json)
+                bench.write_json(payload, opts.json)
             sys.stdout.flush()
             failed = any(m.error for m in moves) or any(
                 lat.error
@@ -1679,14 +1512,14 @@ def main(argv: list[str] | None = None) -> int:
             if opts.strict and any(t["verdict"] == "FAIL" for t in targets):
                 return 3
             return 0
-    except BenchError as exc:
+    except bench.BenchError as exc:
         log.error("%s", exc)
         return 1
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, bench.Interrupted):
         log.error("interrupted: cleaning up")
         return 130
     finally:
-        PROCS.stop_all()
+        bench.PROCS.stop_all()
         for server in started:
             with contextlib.suppress(Exception):
                 server.stop()

@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,30 +42,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import _common as bench
 import numpy as np
-from _common import HOST
-from _common import ORTHANC_BIN
-from _common import ORTHANC_ISSUE
-from _common import PROCS
-from _common import REPO
-from _common import SCRIPTS
-from _common import BenchError
-from _common import Interrupted
-from _common import Minipacs
-from _common import Orthanc
-from _common import base_env
-from _common import ensure_orthanc
-from _common import fmt
-from _common import git_commit
-from _common import log_issues
-from _common import orthanc_processes
-from _common import orthanc_version
-from _common import other_work
-from _common import ratio
-from _common import setup_logging
-from _common import sigterm_unwinds
-from _common import wait_for_quiet
-from _common import write_json
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -85,7 +62,6 @@ ENDPOINT_LABELS = {
 }
 ALL_KINDS = ("ct", "j2k", "rgb3", "ybr")
 # Debian's orthanc-dicomweb (WADO-URI at /wado) and orthanc-gdcm (JPEG 2000 decoding).
-ORTHANC_PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 ORTHANC_PLUGINS = {"libOrthancDicomWeb.so": "orthanc-dicomweb", "libOrthancGdcm.so": "orthanc-gdcm"}
 J2K_SYNTAXES = [
     "1.2.840.10008.1.2.4.90",
@@ -168,12 +144,12 @@ def testdata(name: str) -> str:
     """A pydicom test file that ships with the package (never downloaded)."""
     path = get_testdata_file(name, download=False)
     if path is None:
-        raise BenchError(f"pydicom test file {name} is not installed")
+        raise bench.BenchError(f"pydicom test file {name} is not installed")
     return str(path)
 
 
 def make_kinds(root: Path, keys: list[str], count: int) -> list[Kind]:
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(bench.SCRIPTS))
     from make_study import make_study
 
     ct_path = make_study(root / "source", 1, 512)[0]
@@ -235,7 +211,7 @@ def make_kinds(root: Path, keys: list[str], count: int) -> list[Kind]:
                 320 * 240 * 3,
             )
         else:
-            raise BenchError(f"unknown kind {key}")
+            raise bench.BenchError(f"unknown kind {key}")
         log.info("writing %d × %s", count, kind.label)
         kind.instances = write_copies(ds, root / "images" / key, count, f"RENDER-{key.upper()}")
         kinds.append(kind)
@@ -245,138 +221,31 @@ def make_kinds(root: Path, keys: list[str], count: int) -> list[Kind]:
 # --------------------------------------------------------------------------- servers
 
 
-class RenderMinipacs(Minipacs):
-    """minipacs on a data folder imported beforehand, optionally with a TOML config."""
-
-    def __init__(self, workdir: Path, opts: argparse.Namespace, data: Path, config: Path | None):
-        super().__init__(workdir, opts)
-        self.data = data
-        self.config_file = config
-
-    def extra_args(self) -> list[str]:
-        return ["--config", str(self.config_file)] if self.config_file else []
-
-    def rss_kib(self) -> int | None:
-        """VmRSS now (the HTTP side runs in the main process: workers = 1)."""
-        if self.proc is None:
-            return None
-        return _status_kib(self.proc.pid, "VmRSS")
-
-    def hwm_kib(self) -> int | None:
-        return _status_kib(self.proc.pid, "VmHWM") if self.proc is not None else None
-
-
-class RenderOrthanc(Orthanc):
-    """Orthanc with the DICOMweb plugin (for /wado) and GDCM (JPEG 2000 only) if given."""
-
-    def __init__(self, workdir: Path, opts: argparse.Namespace, plugins: list[Path]) -> None:
-        super().__init__(workdir, opts)
-        self.plugins = plugins
-
-    def config(self) -> dict[str, Any]:
-        config = super().config()
-        config["Plugins"] = [str(p) for p in self.plugins]
-        if any("Gdcm" in p.name for p in self.plugins):
-            # GDCM for JPEG 2000 only: every other syntax stays with Orthanc's own DCMTK
-            # decoder, which is what Orthanc uses without the plugin.
-            config["Gdcm"] = {"Enable": True, "RestrictTransferSyntaxes": J2K_SYNTAXES}
-        if any("DicomWeb" in p.name for p in self.plugins):
-            config["DicomWeb"] = {"Enable": True, "EnableWado": True, "WadoRoot": "/wado"}
-        return config
-
-
-def _status_kib(pid: int, key: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
+def main_kib(server: bench.Server, key: str) -> int | None:
+    """VmRSS or VmHWM of the main process (the HTTP side runs there: workers = 1)."""
+    return bench.status_kib(server.proc.pid, key) if server.proc is not None else None
 
 
 def orthanc_plugins(spec: str) -> list[Path]:
-    """The plugin files to load: `auto` = DICOMweb + GDCM (installed by apt when missing and
-    root), `none`, or a comma-separated list of .so paths."""
+    """The plugin files to load: `auto` = DICOMweb + GDCM (those installed: Debian packages
+    orthanc-dicomweb, orthanc-gdcm), `none`, or a comma-separated list of .so paths."""
     if spec == "none":
         return []
     if spec != "auto":
         paths = [Path(p.strip()) for p in spec.split(",") if p.strip()]
         missing = [str(p) for p in paths if not p.exists()]
         if missing:
-            raise BenchError(f"Orthanc plugin(s) not found: {', '.join(missing)}")
+            raise bench.BenchError(f"Orthanc plugin(s) not found: {', '.join(missing)}")
         return paths
-    missing = [
-        pkg for name, pkg in ORTHANC_PLUGINS.items() if not (ORTHANC_PLUGIN_DIR / name).exists()
+    found = [
+        bench.ORTHANC_PLUGIN_DIR / n
+        for n in ORTHANC_PLUGINS
+        if (bench.ORTHANC_PLUGIN_DIR / n).exists()
     ]
-    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
-        log.info("installing %s (apt-get install)", " ".join(missing))
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        result = subprocess.run(
-            ["apt-get", "install", "-y", "-q", *missing],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-        if result.returncode != 0:
-            log.warning("apt-get install %s failed: %s", " ".join(missing), result.stderr[-500:])
-    found = [ORTHANC_PLUGIN_DIR / n for n in ORTHANC_PLUGINS if (ORTHANC_PLUGIN_DIR / n).exists()]
     for name, pkg in ORTHANC_PLUGINS.items():
-        if not (ORTHANC_PLUGIN_DIR / name).exists():
+        if not (bench.ORTHANC_PLUGIN_DIR / name).exists():
             log.warning("%s (%s) missing: Orthanc runs without it", name, pkg)
     return found
-
-
-def minipacs_import(minipacs: Path, data: Path, folders: list[Path], timeout: float) -> None:
-    cmd = [str(minipacs), "import", "--data", str(data), "--no-fsync", "--json"]
-    cmd += [str(f) for f in folders]
-    log.info("minipacs import of %d folder(s) into %s", len(folders), data)
-    result = subprocess.run(
-        cmd, env=base_env(), capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if result.returncode != 0:
-        raise BenchError(f"minipacs import failed ({result.returncode}): {result.stderr[-2000:]}")
-    log.debug("import: %s", result.stdout.strip()[-500:])
-
-
-# --------------------------------------------------------------------------- HTTP
-
-
-class Client:
-    """One keep-alive HTTP/1.1 connection; reopened (and counted) if the server closes it."""
-
-    def __init__(self, port: int, timeout: float) -> None:
-        self.conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-        self.reconnects = 0
-
-    def get(self, path: str, headers: dict[str, str]) -> tuple[int, str, bytes, float]:
-        """(status, content type, body, seconds from sending the request to the last byte)."""
-        for attempt in (1, 2):
-            try:
-                start = time.perf_counter()
-                self.conn.request("GET", path, headers=headers)
-                response = self.conn.getresponse()
-                body = response.read()
-                elapsed = time.perf_counter() - start
-                if response.will_close:
-                    self.reconnects += 1
-                return response.status, response.getheader("Content-Type", ""), body, elapsed
-            except (http.client.RemoteDisconnected, ConnectionError, http.client.CannotSendRequest):
-                self.conn.close()
-                self.reconnects += 1
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        self.conn.request("POST", path, body=body, headers={"Content-Type": "application/dicom"})
-        response = self.conn.getresponse()
-        return response.status, response.read()
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 def request_for(
@@ -392,7 +261,7 @@ def request_for(
     mime = f"image/{variant.fmt}"
     if endpoint == "orthanc":
         if inst.orthanc_id is None:
-            raise BenchError(f"{inst.path} was not uploaded to Orthanc")
+            raise bench.BenchError(f"{inst.path} was not uploaded to Orthanc")
         base = f"/instances/{inst.orthanc_id}"
         base += f"/frames/{frame - 1}/rendered" if kind.frames > 1 else "/rendered"
         query: dict[str, str] = {}
@@ -506,7 +375,7 @@ class Deadline:
 
 
 def probe(
-    client: Client, endpoint: str, kind: Kind, opts: argparse.Namespace
+    client: bench.Client, endpoint: str, kind: Kind, opts: argparse.Namespace
 ) -> tuple[Capability, list[str]]:
     """Untimed first requests on the warm instance: every variant once, plus whether the
     endpoint honours the window and frame parameters. Also warms the server up (lazy
@@ -516,7 +385,8 @@ def probe(
     inst = kind.instances[0]
     for variant in VARIANTS:
         path, headers = request_for(endpoint, kind, inst, variant, None)
-        status, ctype, body, _ = client.get(path, headers)
+        answer = client.request("GET", path, headers)
+        status, ctype, body = answer.status, answer.content_type, answer.body
         if status != 200:
             text = body.decode(errors="replace").strip()
             message = json_message(text) or text.splitlines()[0][:120] if text else ""
@@ -538,14 +408,16 @@ def probe(
     png = VARIANTS[0]
     if kind.grey:
         bodies = [
-            client.get(*request_for(endpoint, kind, inst, png, warm_window(kind, i)))[2]
+            client.request(
+                "GET", *request_for(endpoint, kind, inst, png, warm_window(kind, i))
+            ).body
             for i in (0, 200)
         ]
         if bodies[0] == bodies[1]:
             cap.notes.append("window parameters ignored")
     if kind.frames > 1:
         bodies = [
-            client.get(*request_for(endpoint, kind, inst, png, None, frame=f))[2]
+            client.request("GET", *request_for(endpoint, kind, inst, png, None, frame=f)).body
             for f in (1, kind.frame)
         ]
         if bodies[0] == bodies[1]:
@@ -560,7 +432,7 @@ def json_message(text: str) -> str:
 
 
 def run_case(
-    client: Client,
+    client: bench.Client,
     case: Case,
     kind: Kind,
     variant: Variant,
@@ -570,7 +442,10 @@ def run_case(
     sizes: list[int] = []
     for inst, window in zip(instances, windows, strict=True):
         path, headers = request_for(case.endpoint, kind, inst, variant, window)
-        status, ctype, body, elapsed = client.get(path, headers)
+        answer = client.request("GET", path, headers)
+        status, ctype, body, elapsed = (
+            answer.status, answer.content_type, answer.body, answer.seconds
+        )  # fmt: skip
         if status != 200:
             text = body.decode(errors="replace").strip()
             case.status = "failed"
@@ -589,10 +464,10 @@ def run_case(
 
 def measure(
     kinds: list[Kind],
-    clients: dict[str, Client],
+    clients: dict[str, bench.Client],
     opts: argparse.Namespace,
     deadline: Deadline,
-    minipacs: RenderMinipacs,
+    minipacs: bench.Minipacs,
 ) -> tuple[list[Case], dict[str, dict[str, Capability]], list[str], int | None]:
     """Every case; returns them, the capabilities, issues, and minipacs' RSS (KiB) after
     the probes (its baseline: every code path imported, little in the cache)."""
@@ -609,7 +484,7 @@ def measure(
                 log.info(
                     "%s on %s: %s", ENDPOINT_LABELS[endpoint], kind.label, "; ".join(cap.notes)
                 )
-    baseline = minipacs.rss_kib()
+    baseline = main_kib(minipacs, "VmRSS")
     k = opts.cold
     for kind in kinds:
         pool = kind.instances[1:]
@@ -639,7 +514,8 @@ def measure(
                         targets = [kind.instances[0]] * opts.repeat
                         windows = [warm_window(kind, i + 1) for i in range(opts.repeat)]
                         # one untimed request: the frame is decoded (and cached) again
-                        client.get(*request_for(endpoint, kind, kind.instances[0], variant, None))
+                        first = request_for(endpoint, kind, kind.instances[0], variant, None)
+                        client.request("GET", *first)
                     try:
                         run_case(client, case, kind, variant, targets, windows)
                     except (OSError, http.client.HTTPException) as exc:
@@ -650,8 +526,8 @@ def measure(
                         variant.label,
                         mode,
                         ENDPOINT_LABELS[endpoint],
-                        fmt(case.p50, ".2f"),
-                        fmt(case.p95, ".2f"),
+                        bench.fmt(case.p50, ".2f"),
+                        bench.fmt(case.p95, ".2f"),
                         f" ({case.status}: {case.detail})" if case.status != "ok" else "",
                     )
     return cases, caps, issues, baseline
@@ -692,7 +568,11 @@ class MemoryRun:
 
 
 def sweep(
-    client: Client, server: RenderMinipacs, kinds: list[Kind], run: MemoryRun, deadline: Deadline
+    client: bench.Client,
+    server: bench.Minipacs,
+    kinds: list[Kind],
+    run: MemoryRun,
+    deadline: Deadline,
 ) -> None:
     """Render every instance's first frames once (128² PNG: the decoding is what fills the
     cache), sampling the server's RSS."""
@@ -705,13 +585,15 @@ def sweep(
                     run.error = "time limit reached during the sweep"
                     return
                 path, headers = request_for("minipacs", kind, inst, thumb, None, frame=frame)
-                status, _, body, _ = client.get(path, headers)
-                if status != 200:
-                    raise BenchError(f"sweep: HTTP {status} for {path}: {body[:200]!r}")
+                answer = client.request("GET", path, headers)
+                if answer.status != 200:
+                    raise bench.BenchError(
+                        f"sweep: HTTP {answer.status} for {path}: {answer.body[:200]!r}"
+                    )
                 run.frames += 1
                 run.decoded_mib += kind.decoded_frame_bytes / MIB
                 if run.frames % 50 == 0:
-                    rss = server.rss_kib()
+                    rss = main_kib(server, "VmRSS")
                     if rss is not None:
                         run.rss_samples_mib.append(round(rss / 1024, 1))
     run.seconds = time.perf_counter() - start
@@ -728,26 +610,28 @@ def small_cache_run(
     workdir = Path(tempfile.mkdtemp(prefix="minipacs-small-", dir=root))
     config = workdir / "minipacs.toml"
     config.write_text(f"render_cache_mb = {opts.small_cache_mb}\n")
-    server = RenderMinipacs(workdir, opts, data, config)
-    client: Client | None = None
+    server = bench.Minipacs(workdir, opts, data, ["--config", str(config)])
+    client: bench.Client | None = None
     try:
         server.start()
-        run.rss_start_mib = kib_to_mib(server.rss_kib())
-        client = Client(server.http_port or 0, opts.request_timeout)
+        run.rss_start_mib = kib_to_mib(main_kib(server, "VmRSS"))
+        client = bench.Client(server.http_port or 0, opts.request_timeout)
         for kind in kinds:  # every code path once
-            client.get(*request_for("minipacs", kind, kind.instances[0], VARIANTS[2], None))
-        run.rss_baseline_mib = kib_to_mib(server.rss_kib())
+            client.request(
+                "GET", *request_for("minipacs", kind, kind.instances[0], VARIANTS[2], None)
+            )
+        run.rss_baseline_mib = kib_to_mib(main_kib(server, "VmRSS"))
         sweep(client, server, kinds, run, deadline)
-        run.peak_mib = kib_to_mib(server.hwm_kib())
-        run.rss_end_mib = kib_to_mib(server.rss_kib())
-    except (BenchError, OSError, http.client.HTTPException) as exc:
+        run.peak_mib = kib_to_mib(main_kib(server, "VmHWM"))
+        run.rss_end_mib = kib_to_mib(main_kib(server, "VmRSS"))
+    except (bench.BenchError, OSError, http.client.HTTPException) as exc:
         run.error = f"{type(exc).__name__}: {exc}"
         log.error("small-cache run failed: %s", exc)
     finally:
         if client is not None:
             client.close()
         server.stop()
-        issues = log_issues(server.log_path)
+        issues = bench.log_issues(server.log_path)
         keep_logs(opts, workdir, "small-cache")
     return run, issues
 
@@ -763,7 +647,7 @@ def cell(case: Case | None, mark: str = " ") -> str:
     if case is None:
         return f"{'':>17}{mark}"
     if case.status == "ok":
-        return f"{fmt(case.p50, '.2f'):>8} {fmt(case.p95, '.2f'):>8}{mark}"
+        return f"{bench.fmt(case.p50, '.2f'):>8} {bench.fmt(case.p95, '.2f'):>8}{mark}"
     if case.status == "unsupported":
         match = re.match(r"HTTP (\d+)", case.detail)
         return f"{'(' + (match.group(1) if match else 'n/a') + ')':>17}{mark}"
@@ -781,7 +665,7 @@ def report(
     by = {(c.kind, c.variant, c.mode, c.endpoint): c for c in cases}
     lines = [
         f"Server-side rendering, {meta['date']}: {meta['repeat']} warm and {meta['cold']} cold "
-        f"requests per case, one keep-alive connection per client, {HOST}",
+        f"requests per case, one keep-alive connection per client, {bench.HOST}",
         f"minipacs {meta.get('minipacs_commit', '?')}, render_cache_mb {meta['cache_mb']}; "
         f"{meta.get('orthanc_version', 'no Orthanc')}, "
         f"plugins: {', '.join(meta.get('orthanc_plugins') or ['none'])}",
@@ -812,11 +696,11 @@ def report(
                         marks = True
                     cells.append(cell(case, mark))
                 orth = by.get((kind.key, variant.key, mode, "orthanc"))
-                quotient = ratio(mp.p50 if mp else None, orth.p50 if orth else None)
+                quotient = bench.ratio(mp.p50 if mp else None, orth.p50 if orth else None)
                 lines.append(
                     f"{kind.label:<21} {variant.label:<9} {mode:<4} "
                     + " ".join(cells)
-                    + f" {fmt(quotient, '.2f'):>7}"
+                    + f" {bench.fmt(quotient, '.2f'):>7}"
                 )
     lines.append("(NNN): HTTP status of an answer the endpoint cannot give (not timed)")
     if marks:
@@ -859,8 +743,9 @@ def report(
     ]
     for run in memory:
         lines.append(
-            f"  {run.label:<26} {run.cache_mb:>5} {fmt(run.rss_start_mib):>6} "
-            f"{fmt(run.rss_baseline_mib):>6} {fmt(run.peak_mib):>6} {fmt(run.growth_mib):>6} "
+            f"  {run.label:<26} {run.cache_mb:>5} {bench.fmt(run.rss_start_mib):>6} "
+            f"{bench.fmt(run.rss_baseline_mib):>6} {bench.fmt(run.peak_mib):>6} "
+            f"{bench.fmt(run.growth_mib):>6} "
             f"{run.decoded_mib:>8.0f} {run.frames:>6}" + (f"  {run.error}" if run.error else "")
         )
     for run in memory:
@@ -873,8 +758,9 @@ def report(
     targets: list[dict[str, Any]] = []
 
     def target(label: str, value: float | None, goal: float, passed: bool | None) -> None:
-        verdict = "n/a" if passed is None else ("PASS" if passed else "FAIL")
-        targets.append({"target": label, "value": value, "goal": goal, "verdict": verdict})
+        targets.append(
+            {"target": label, "value": value, "goal": goal, "verdict": bench.verdict(passed)}
+        )
 
     def p50(kind: str, variant: str, mode: str, endpoint: str) -> float | None:
         case = by.get((kind, variant, mode, endpoint))
@@ -882,7 +768,7 @@ def report(
 
     mp_png = p50("ct", "png", "warm", "minipacs")
     or_png = p50("ct", "png", "warm", "orthanc")
-    value = ratio(mp_png, or_png)
+    value = bench.ratio(mp_png, or_png)
     target(
         "CT warm PNG 512 p50 ≤ Orthanc /rendered", value, 1.0, None if value is None else value <= 1
     )
@@ -904,7 +790,7 @@ def report(
     lines += ["", "targets:"]
     for t in targets:
         digits = ".2f" if "Orthanc" in t["target"] else ".1f"
-        lines.append(f"  {t['target']:<52} {fmt(t['value'], digits):>7}  {t['verdict']}")
+        lines.append(f"  {t['target']:<52} {bench.fmt(t['value'], digits):>7}  {t['verdict']}")
     return "\n".join(lines), targets
 
 
@@ -918,18 +804,21 @@ def keep_logs(opts: argparse.Namespace, workdir: Path, prefix: str) -> None:
             shutil.copy2(path, opts.log_dir / f"{prefix}-{path.name}")
 
 
-def upload(client: Client, kinds: list[Kind]) -> None:
+def upload(client: bench.Client, kinds: list[Kind]) -> None:
     for kind in kinds:
         for inst in kind.instances:
-            status, body = client.post("/instances", inst.path.read_bytes())
-            if status != 200:
-                raise BenchError(f"Orthanc upload of {inst.path}: HTTP {status} {body[:200]!r}")
-            inst.orthanc_id = json.loads(body)["ID"]
+            headers = {"Content-Type": "application/dicom"}
+            answer = client.request("POST", "/instances", headers, inst.path.read_bytes())
+            if answer.status != 200:
+                raise bench.BenchError(
+                    f"Orthanc upload of {inst.path}: HTTP {answer.status} {answer.body[:200]!r}"
+                )
+            inst.orthanc_id = json.loads(answer.body)["ID"]
 
 
 @contextlib.contextmanager
-def clients_for(ports: dict[str, int], timeout: float) -> Iterator[dict[str, Client]]:
-    made = {name: Client(port, timeout) for name, port in ports.items()}
+def clients_for(ports: dict[str, int], timeout: float) -> Iterator[dict[str, bench.Client]]:
+    made = {name: bench.Client(port, timeout) for name, port in ports.items()}
     try:
         yield made
     finally:
@@ -951,16 +840,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--orthanc-plugins",
         default="auto",
-        help="auto (DICOMweb + GDCM, apt-installed when missing and root), none, or .so paths",
+        help="auto (DICOMweb + GDCM, those installed), none, or .so paths",
     )
     parser.add_argument(
         "--small-cache-mb", type=int, default=16, help="render_cache_mb of the memory run"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip both memory sweeps")
     parser.add_argument(
-        "--minipacs", type=Path, default=REPO / ".venv" / "bin" / "minipacs", help="executable"
+        "--minipacs",
+        type=Path,
+        default=bench.REPO / ".venv" / "bin" / "minipacs",
+        help="executable",
     )
-    parser.add_argument("--orthanc", type=Path, default=ORTHANC_BIN, help="Orthanc executable")
+    parser.add_argument(
+        "--orthanc", type=Path, default=bench.ORTHANC_BIN, help="Orthanc executable"
+    )
     parser.add_argument(
         "--json",
         nargs="?",
@@ -999,34 +893,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    setup_logging(opts.verbose)
+    bench.setup_logging(opts.verbose)
     if not opts.minipacs.exists():
         log.error("%s not found: create the venv (./scripts/serve does)", opts.minipacs)
         return 2
-    if shutil.which("echoscu") is None:
-        log.error("echoscu not found: install dcmtk (apt-get install dcmtk)")
+    if not bench.require(("echoscu",), hint="dcmtk"):
+        return 2
+    if not opts.no_orthanc and not bench.require(
+        files=(opts.orthanc,), hint="Debian package orthanc, or --no-orthanc"
+    ):
         return 2
 
     root: Path | None = None
     try:
-        with sigterm_unwinds():
-            busy = wait_for_quiet(opts.wait_idle) if opts.wait_idle > 0 else other_work()
+        with bench.sigterm_unwinds():
+            busy = (
+                bench.wait_for_quiet(opts.wait_idle) if opts.wait_idle > 0 else bench.other_work()
+            )
             if busy:
                 log.warning("other benchmarks/tests are running: %s", "; ".join(busy))
             deadline = Deadline(opts.time_limit)
             endpoints = ["minipacs"]
             plugins: list[Path] = []
             if not opts.no_orthanc:
-                if not ensure_orthanc(opts.orthanc):
-                    log.warning("no Orthanc: measuring minipacs alone")
-                else:
-                    plugins = orthanc_plugins(opts.orthanc_plugins)
-                    endpoints.append("orthanc")
-                    if any("DicomWeb" in p.name for p in plugins):
-                        endpoints.append("orthanc-wado")
-                    others = orthanc_processes()
-                    if others:
-                        log.warning("other Orthanc processes are running (pids %s)", others)
+                plugins = orthanc_plugins(opts.orthanc_plugins)
+                endpoints.append("orthanc")
+                if any("DicomWeb" in p.name for p in plugins):
+                    endpoints.append("orthanc-wado")
+                bench.warn_other_orthancs()
 
             root = Path(tempfile.mkdtemp(prefix="minipacs-render-", dir=opts.tmp))
             count = 1 + 2 * len(VARIANTS) * opts.cold
@@ -1041,32 +935,34 @@ def main(argv: list[str] | None = None) -> int:
                     k.key: {"label": k.label, "source": k.source, "frame": k.frame} for k in kinds
                 },
                 "cpus": os.cpu_count(),
-                "minipacs_commit": git_commit(),
+                "minipacs_commit": bench.git_commit(),
                 "loadavg_start": os.getloadavg(),
                 "other_work_start": busy,
                 "orthanc_plugins": [p.name for p in plugins],
             }
             if "orthanc" in endpoints:
-                meta["orthanc_version"] = orthanc_version(opts.orthanc)
+                meta["orthanc_version"] = bench.orthanc_version(opts.orthanc)
 
             data = root / "minipacs-data"
-            minipacs_import(
-                opts.minipacs, data, [root / "images" / k.key for k in kinds], opts.time_limit
-            )
+            folders = [root / "images" / k.key for k in kinds]
+            bench.minipacs_import(opts, data, folders, root / "import.log", timeout=opts.time_limit)
             mp_dir = Path(tempfile.mkdtemp(prefix="minipacs-", dir=root))
-            minipacs = RenderMinipacs(mp_dir, opts, data, None)
-            orthanc: RenderOrthanc | None = None
+            minipacs = bench.Minipacs(mp_dir, opts, data)
+            orthanc: bench.Orthanc | None = None
             memory: list[MemoryRun] = []
             failed = False
             try:
                 minipacs.start()
                 main_run = MemoryRun("timed cases" + ("" if opts.no_memory else " + sweep"), 256)
-                main_run.rss_start_mib = kib_to_mib(minipacs.rss_kib())
+                main_run.rss_start_mib = kib_to_mib(main_kib(minipacs, "VmRSS"))
                 ports = {"minipacs": minipacs.http_port or 0}
                 if "orthanc" in endpoints:
-                    orthanc = RenderOrthanc(
-                        Path(tempfile.mkdtemp(prefix="orthanc-", dir=root)), opts, plugins
-                    )
+                    # GDCM for JPEG 2000 only: every other syntax stays with Orthanc's own
+                    # DCMTK decoder, which is what Orthanc uses without the plugin.
+                    gdcm = {"Enable": True, "RestrictTransferSyntaxes": J2K_SYNTAXES}
+                    extra = {"Gdcm": gdcm} if any("Gdcm" in p.name for p in plugins) else {}
+                    orthanc_dir = Path(tempfile.mkdtemp(prefix="orthanc-", dir=root))
+                    orthanc = bench.Orthanc(orthanc_dir, opts, plugins, extra=extra)
                     orthanc.start()
                     ports["orthanc"] = orthanc.http_port or 0
                     if "orthanc-wado" in endpoints:
@@ -1090,8 +986,8 @@ def main(argv: list[str] | None = None) -> int:
                     main_run.decoded_mib = sum(
                         k.decoded_frame_bytes / MIB * (1 + len(VARIANTS) * opts.cold) for k in kinds
                     )
-                main_run.peak_mib = kib_to_mib(minipacs.hwm_kib())
-                main_run.rss_end_mib = kib_to_mib(minipacs.rss_kib())
+                main_run.peak_mib = kib_to_mib(main_kib(minipacs, "VmHWM"))
+                main_run.rss_end_mib = kib_to_mib(main_kib(minipacs, "VmRSS"))
                 memory.append(main_run)
             finally:
                 minipacs.stop()
@@ -1100,15 +996,17 @@ def main(argv: list[str] | None = None) -> int:
                 keep_logs(opts, mp_dir, "main")
                 if orthanc is not None:
                     keep_logs(opts, orthanc.workdir, "main")
-            mp_issues = log_issues(minipacs.log_path)
-            or_issues = log_issues(orthanc.log_path, ORTHANC_ISSUE) if orthanc else (0, [])
+            mp_issues = bench.log_issues(minipacs.log_path)
+            or_issues = (
+                bench.log_issues(orthanc.log_path, bench.ORTHANC_ISSUE) if orthanc else (0, [])
+            )
             small_issues: tuple[int, list[str]] = (0, [])
             if not opts.no_memory:
                 small, small_issues = small_cache_run(kinds, data, root, opts, deadline)
                 memory.append(small)
                 failed |= small.error is not None
             meta["loadavg_end"] = os.getloadavg()
-            meta["other_work_end"] = other_work()
+            meta["other_work_end"] = bench.other_work()
             meta["log_issues"] = {
                 "minipacs": {"count": mp_issues[0], "sample": mp_issues[1]},
                 "minipacs_small_cache": {"count": small_issues[0], "sample": small_issues[1]},
@@ -1141,7 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
                     "memory": [m.as_dict() for m in memory],
                     "targets": targets,
                 }
-                write_json(payload, opts.json)
+                bench.write_json(payload, opts.json)
             sys.stdout.flush()
             failed |= any(
                 c.status in ("failed", "skipped") for c in cases if c.endpoint == "minipacs"
@@ -1152,14 +1050,14 @@ def main(argv: list[str] | None = None) -> int:
             if opts.strict and any(t["verdict"] == "FAIL" for t in targets):
                 return 3
             return 0
-    except BenchError as exc:
+    except bench.BenchError as exc:
         log.error("%s", exc)
         return 1
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, bench.Interrupted):
         log.error("interrupted: cleaning up")
         return 130
     finally:
-        PROCS.stop_all()
+        bench.PROCS.stop_all()
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
 

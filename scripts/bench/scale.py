@@ -17,39 +17,38 @@ import argparse
 import json
 import logging
 import random
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import _common as bench
 import pydicom
-from _common import HOST
-from _common import PROCS
-from _common import REPO
-from _common import Minipacs
-from _common import base_env
-from _common import fmt
-from _common import git_commit
-from _common import percentile
-from _common import send
-from _common import setup_logging
-from _common import wait_for_quiet
-from dicomweb import WebOrthanc
-from dicomweb import ensure_dicomweb_plugin
 from pydicom.uid import generate_uid
 
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(bench.REPO))
+sys.path.insert(0, str(bench.REPO / "scripts"))
 import pgtemp  # noqa: E402
+from peewee import fn  # noqa: E402
 
+from storage import schema  # noqa: E402
 from storage.dataset import name_key  # noqa: E402
 from storage.dataset import read_instance  # noqa: E402
+from storage.engine import is_sqlite  # noqa: E402
+from storage.engine import open_database  # noqa: E402
+from storage.models import Instance  # noqa: E402
+from storage.models import Patient  # noqa: E402
+from storage.models import Series  # noqa: E402
+from storage.models import Study  # noqa: E402
+from storage.models import StudyModality  # noqa: E402
+from storage.models import db  # noqa: E402
 
 log = logging.getLogger("scale")
-BATCH_STUDIES, BATCH_SERIES_SIZE = 50, 100  # the 5,000 real instances of a step
+BATCH_SERIES_SIZE = 100  # the real instances of a step: studies of one 100-instance series
 SYN_STUDY_SIZE, SYN_STUDIES_PER_PATIENT = 10, 2
 
 
@@ -82,138 +81,95 @@ def write_batch(folder: Path, tag: str, studies: int, per_series: int) -> list[P
 
 
 class Grower:
-    """Bulk rows straight into a stopped server's index, shaped like ingest's own."""
+    """Bulk rows into a stopped server's index through the models (storage.models, the
+    schema made or migrated by storage.schema.upgrade as at start-up), shaped like
+    ingest's own: no second copy of the schema to drift from the real one."""
 
     def __init__(self, template: Path) -> None:
         self.parsed = read_instance(template)
         self.rng = random.Random(7)
         self.patients = 0
 
-    def grow(self, connect, is_pg: bool, count: int) -> None:
-        p = self.parsed
-        conn = connect()
-        cur = conn.cursor()
-        ids = {}
-        for table in ("patient", "study", "studymodality", "series", "instance"):
-            cur.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}")
-            ids[table] = cur.fetchone()[0]
-        rows: dict[str, list[tuple]] = {t: [] for t in ids}
-        now = time.strftime("%Y-%m-%d %H:%M:%S")
+    def grow(self, index: str, data: Path, count: int) -> None:
+        data.mkdir(parents=True, exist_ok=True)
+        database = open_database(index, data, fsync=False)
+        db.initialize(database)
+        try:
+            with db.connection_context():
+                schema.upgrade(db)
+                self._fill(count)
+            if not is_sqlite(database):
+                database.execute_sql("ANALYZE")  # autovacuum would, a little later
+        finally:
+            database.close_all()
 
-        def flush() -> None:
-            for table, items in rows.items():
-                if items:
-                    insert(cur, is_pg, table, items)
-                    items.clear()
-            conn.commit()
-
+    def _fill(self, count: int) -> None:
+        models = (Patient, Study, StudyModality, Series, Instance)
+        ids = {m: m.select(fn.MAX(m.id)).scalar() or 0 for m in models}
+        rows: dict[Any, list[dict]] = {m: [] for m in models}
         for _ in range(count // (SYN_STUDY_SIZE * SYN_STUDIES_PER_PATIENT)):
-            self.patients += 1
-            ids["patient"] += 1
-            pid, name = f"SYN{self.patients:07d}", f"SYN^P{self.patients:07d}"
-            patient_id = ids["patient"]
-            rows["patient"].append(
-                (
-                    patient_id,
-                    pid,
-                    "",
-                    name,
-                    name_key(name),
-                    "19700101",
-                    "O",
-                    SYN_STUDIES_PER_PATIENT,
-                    SYN_STUDIES_PER_PATIENT,
-                    SYN_STUDIES_PER_PATIENT * SYN_STUDY_SIZE,
-                )
+            self._patient(ids, rows)
+            if len(rows[Instance]) >= 50_000:
+                _insert(rows)
+        _insert(rows)
+        if not is_sqlite(db.obj):  # explicit ids: move the sequences past them
+            for model, last in ids.items():
+                table = model._meta.table_name
+                db.execute_sql(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {last})")
+
+    def _patient(self, ids: dict, rows: dict) -> None:
+        """One synthetic patient with SYN_STUDIES_PER_PATIENT studies of one CT series."""
+        p, now = self.parsed, time.strftime("%Y-%m-%d %H:%M:%S")
+        self.patients += 1
+        ids[Patient] += 1
+        pid, name = f"SYN{self.patients:07d}", f"SYN^P{self.patients:07d}"
+        per = SYN_STUDIES_PER_PATIENT
+        rows[Patient].append(
+            dict(id=ids[Patient], patient_id=pid, patient_name=name, name_key=name_key(name),
+                 birth_date="19700101", sex="O", num_studies=per, num_series=per,
+                 num_instances=per * SYN_STUDY_SIZE)
+        )  # fmt: skip
+        for _ in range(per):
+            for model in (Study, Series, StudyModality):
+                ids[model] += 1
+            study_uid, series_uid = generate_uid(), generate_uid()
+            date = f"{self.rng.randint(2010, 2026)}{self.rng.randint(1, 12):02d}01"
+            rows[Study].append(
+                dict(id=ids[Study], study_uid=study_uid, patient=ids[Patient], study_date=date,
+                     study_time="120000", time_key="120000.000000",
+                     accession_number=f"S{ids[Study]}", study_id="1", description="synthetic",
+                     modalities="CT", sop_classes=p.sop_class_uid, num_series=1,
+                     num_instances=SYN_STUDY_SIZE, updated_at=now)
+            )  # fmt: skip
+            rows[StudyModality].append(dict(id=ids[StudyModality], study=ids[Study], modality="CT"))
+            rows[Series].append(
+                dict(id=ids[Series], series_uid=series_uid, study=ids[Study], modality="CT",
+                     series_number=1, num_instances=SYN_STUDY_SIZE)
+            )  # fmt: skip
+            body = (
+                p.json.replace(p.study_uid, study_uid)
+                .replace(p.series_uid, series_uid)
+                .replace(p.patient["patient_id"], pid)
             )
-            for _ in range(SYN_STUDIES_PER_PATIENT):
-                ids["study"] += 1
-                ids["series"] += 1
-                ids["studymodality"] += 1
-                study_uid, series_uid = generate_uid(), generate_uid()
-                date = f"{self.rng.randint(2010, 2026)}{self.rng.randint(1, 12):02d}01"
-                rows["study"].append(
-                    (
-                        ids["study"],
-                        study_uid,
-                        patient_id,
-                        date,
-                        "120000",
-                        "120000.000000",
-                        f"S{ids['study']}",
-                        "1",
-                        "",
-                        "synthetic",
-                        "CT",
-                        p.sop_class_uid,
-                        1,
-                        SYN_STUDY_SIZE,
-                        now,
-                        False,
-                    )
-                )
-                rows["studymodality"].append((ids["studymodality"], ids["study"], "CT"))
-                rows["series"].append(
-                    (ids["series"], series_uid, ids["study"], "CT", 1, "", SYN_STUDY_SIZE)
-                )
-                body = (
-                    p.json.replace(p.study_uid, study_uid)
-                    .replace(p.series_uid, series_uid)
-                    .replace(p.patient["patient_id"], pid)
-                )
-                for n in range(SYN_STUDY_SIZE):
-                    ids["instance"] += 1
-                    sop = generate_uid()
-                    rows["instance"].append(
-                        (
-                            ids["instance"],
-                            sop,
-                            ids["series"],
-                            p.sop_class_uid,
-                            n + 1,
-                            p.transfer_syntax,
-                            f"{study_uid}/{series_uid}/{sop}.dcm",
-                            0,
-                            "",
-                            now,
-                            "BULK",
-                            body.replace(p.sop_uid, sop),
-                            0,
-                        )
-                    )
-            if len(rows["instance"]) >= 50_000:
-                flush()
-        flush()
-        if is_pg:
-            for table in ids:
-                cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), {ids[table]})")
-            conn.commit()
-            conn.autocommit = True
-            cur.execute("ANALYZE")  # autovacuum would, a little later
-        conn.close()
+            for n in range(SYN_STUDY_SIZE):
+                ids[Instance] += 1
+                sop = generate_uid()
+                rows[Instance].append(
+                    dict(id=ids[Instance], sop_uid=sop, series=ids[Series],
+                         sop_class_uid=p.sop_class_uid, instance_number=n + 1,
+                         transfer_syntax=p.transfer_syntax,
+                         path=f"{study_uid}/{series_uid}/{sop}.dcm", size=0, sha256="",
+                         received_at=now, calling_aet="BULK", json=body.replace(p.sop_uid, sop))
+                )  # fmt: skip
 
 
-COLUMNS = {
-    "patient": "id, patient_id, issuer, patient_name, name_key, birth_date, sex, num_studies, "
-    "num_series, num_instances",
-    "study": "id, study_uid, patient_id, study_date, study_time, time_key, accession_number, "
-    "study_id, referring_physician, description, modalities, sop_classes, num_series, "
-    "num_instances, updated_at, protected",
-    "studymodality": "id, study_id, modality",
-    "series": "id, series_uid, study_id, modality, series_number, description, num_instances",
-    "instance": "id, sop_uid, series_id, sop_class_uid, instance_number, transfer_syntax, path, "
-    "size, sha256, received_at, calling_aet, json, state",
-}
-
-
-def insert(cur, is_pg: bool, table: str, items: list[tuple]) -> None:
-    if is_pg:
-        with cur.copy(f"COPY {table} ({COLUMNS[table]}) FROM STDIN") as copy:
-            for item in items:
-                copy.write_row(item)
-    else:
-        marks = ", ".join("?" * len(items[0]))
-        cur.executemany(f"INSERT INTO {table} ({COLUMNS[table]}) VALUES ({marks})", items)
+def _insert(rows: dict) -> None:
+    """Insert and clear the collected rows, parents first, in one transaction."""
+    with db.atomic():
+        for model, items in rows.items():
+            for start in range(0, len(items), 500):
+                model.insert_many(items[start : start + 500]).execute()
+            items.clear()
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -225,7 +181,7 @@ def timed(fn, reps: int) -> float | None:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
-    return percentile(times, 0.5)
+    return bench.percentile(times, 0.5)
 
 
 def http(url: str) -> bytes:
@@ -233,9 +189,29 @@ def http(url: str) -> bytes:
         return response.read()
 
 
+def metadata_of(root: str, path: Path) -> str:
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return f"{root}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/metadata"
+
+
+def wait_series(url: str, timeout: float) -> None:
+    """Until the series' /metadata lists BATCH_SERIES_SIZE instances (404 meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            count = len(json.loads(http(url) or b"[]"))
+        except urllib.error.HTTPError:
+            count = 0
+        assert count <= BATCH_SERIES_SIZE, count
+        if count == BATCH_SERIES_SIZE:
+            return
+        assert time.monotonic() < deadline, f"{count} of {BATCH_SERIES_SIZE} after {timeout} s"
+        time.sleep(0.05)
+
+
 def measure(server, root: str, batch: list[Path], opts, patients: int) -> dict:
     """Ingest the step's real instances, then the searches and the metadata."""
-    elapsed = send(server, batch, opts.associations, timeout=1800)
+    elapsed = bench.send(server, batch, opts.associations, timeout=1800)
     rng = random.Random(len(batch) + patients)
     real = [pydicom.dcmread(path, stop_before_pixels=True).PatientID for path in batch[::100]]
     pids = [
@@ -261,22 +237,20 @@ def measure(server, root: str, batch: list[Path], opts, patients: int) -> dict:
             "StudyInstanceUID",
             "-k",
             "StudyDate",
-            HOST,
+            bench.HOST,
             str(server.port),
         ]
-        result = subprocess.run(command, capture_output=True, text=True, env=base_env())
+        result = subprocess.run(command, capture_output=True, text=True, env=bench.base_env())
         assert result.returncode == 0 and "Find Response: 1 " in result.stderr, result.stderr
 
     def qido() -> None:
         body = http(f"{root}/studies?PatientID={next(queue)}")
         assert json.loads(body or b"[]"), "no study found"
 
-    first = pydicom.dcmread(batch[0], stop_before_pixels=True)
-    metadata_url = (
-        f"{root}/studies/{first.StudyInstanceUID}/series/{first.SeriesInstanceUID}/metadata"
-    )
-    count = len(json.loads(http(metadata_url)))
-    assert count == BATCH_SERIES_SIZE, count
+    urls = [metadata_of(root, path) for path in (batch[-1], batch[0])]
+    for url in urls:  # indexing may follow Success by a bounded delay: wait for it
+        wait_series(url, timeout=60)
+    metadata_url = urls[-1]
     return {
         "ingest_per_s": len(batch) / elapsed,
         "cfind_ms": timed(cfind, opts.reps),
@@ -288,19 +262,10 @@ def measure(server, root: str, batch: list[Path], opts, patients: int) -> dict:
 # ------------------------------------------------------------------------------ engines
 
 
-class ScaleMinipacs(Minipacs):
-    def __init__(self, workdir: Path, opts, index: str) -> None:
-        super().__init__(workdir, opts)
-        self.index = index
-
-    def extra_args(self) -> list[str]:
-        return ["--index", self.index] if self.index else []
-
-
 def run_minipacs(engine: str, workdir: Path, batches, grower: Grower, opts) -> list[dict]:
     cluster = pgtemp.Cluster(fsync=True) if engine == "postgresql" else None
     index = cluster.database("scale") if cluster else ""
-    server = ScaleMinipacs(workdir, opts, index)
+    server = bench.Minipacs(workdir, opts, args=["--index", index] if index else [])
     results, total, synthetic = [], 0, 0
     grower.patients = 0  # this engine's own synthetic patients
     try:
@@ -308,7 +273,7 @@ def run_minipacs(engine: str, workdir: Path, batches, grower: Grower, opts) -> l
             if step > total:
                 started = time.monotonic()
                 grower.patients = synthetic // (SYN_STUDY_SIZE * SYN_STUDIES_PER_PATIENT)
-                grower.grow(connector(index, server.data), bool(index), step - total)
+                grower.grow(index, server.data, step - total)
                 synthetic += step - total
                 total = step
                 log.info(
@@ -316,7 +281,11 @@ def run_minipacs(engine: str, workdir: Path, batches, grower: Grower, opts) -> l
                 )
             server.start()
             figures = measure(
-                server, f"http://{HOST}:{server.http_port}/dicom-web", batch, opts, grower.patients
+                server,
+                f"http://{bench.HOST}:{server.http_port}/dicom-web",
+                batch,
+                opts,
+                grower.patients,
             )
             total += len(batch)
             server.stop()
@@ -330,14 +299,6 @@ def run_minipacs(engine: str, workdir: Path, batches, grower: Grower, opts) -> l
     return results
 
 
-def connector(index: str, data: Path):
-    if index:
-        import psycopg
-
-        return lambda: psycopg.connect(index)
-    return lambda: sqlite3.connect(data / "index.sqlite")
-
-
 def index_size(index: str, data: Path) -> float:
     if index:
         import psycopg
@@ -349,20 +310,10 @@ def index_size(index: str, data: Path) -> float:
     return size / 1e6
 
 
-class ScaleOrthanc(WebOrthanc):
-    """Orthanc with DICOMweb, knowing our calling AE (it answers C-FIND only to known AEs)."""
-
-    def config(self) -> dict:
-        config = super().config()
-        config["DicomModalities"] = {"BENCHSCU": {"AET": "BENCHSCU", "Host": HOST, "Port": 104}}
-        return config
-
-
 def run_orthanc(workdir: Path, batches, opts) -> list[dict]:
     """Real C-STORE up to each step while the budget lasts (Orthanc has no bulk path)."""
-    if not ensure_dicomweb_plugin():
-        return []
-    server = ScaleOrthanc(workdir, opts)
+    # DICOMweb for QIDO-RS and /metadata; our calling AE known (C-FIND answers only those).
+    server = bench.Orthanc(workdir, opts, plugins=[bench.ORTHANC_DICOMWEB], peers={})
     server.start()
     results, total, deadline = [], 0, time.monotonic() + opts.orthanc_budget
     try:
@@ -376,9 +327,11 @@ def run_orthanc(workdir: Path, batches, opts) -> list[dict]:
                 fill = write_batch(workdir / f"fill{step}", f"F{step}", missing // 100, 100)
                 for start in range(0, len(fill), 5000):  # storescu's argument list is finite
                     part = fill[start : start + 5000]
-                    send(server, part, opts.associations, timeout=opts.orthanc_budget * 2)
+                    bench.send(server, part, opts.associations, timeout=opts.orthanc_budget * 2)
                 total = step
-            figures = measure(server, f"http://{HOST}:{server.http_port}/dicom-web", batch, opts, 0)
+            figures = measure(
+                server, f"http://{bench.HOST}:{server.http_port}/dicom-web", batch, opts, 0
+            )
             total += len(batch)
             figures.update(step=step, instances=total, size_mb=index_size_orthanc(workdir))
             log.info("orthanc: %s", figures)
@@ -404,9 +357,9 @@ def report(runs: dict[str, list[dict]]) -> str:
     for name, results in runs.items():
         for r in results:
             lines.append(
-                f"| {name} | {r['step']:,} | {fmt(r['ingest_per_s'])} | "
-                f"{fmt(r['cfind_ms'])} | {fmt(r['qido_ms'])} | "
-                f"{fmt(r['metadata_ms'])} | {fmt(r['size_mb'], '.0f')} |"
+                f"| {name} | {r['step']:,} | {bench.fmt(r['ingest_per_s'])} | "
+                f"{bench.fmt(r['cfind_ms'])} | {bench.fmt(r['qido_ms'])} | "
+                f"{bench.fmt(r['metadata_ms'])} | {bench.fmt(r['size_mb'], '.0f')} |"
             )
     for name, results in runs.items():
         if name.startswith("minipacs") and len(results) > 1:
@@ -415,17 +368,13 @@ def report(runs: dict[str, list[dict]]) -> str:
             lines.append(
                 f"\n{name}: ingest at {last['step']:,} = {ratio:.0%} of the rate at "
                 f"{first['step']:,} (target ≥ 80 %) "
-                f"{'PASS' if ratio >= 0.8 else 'FAIL'}; C-FIND "
-                f"{fmt(last['cfind_ms'])} ms, QIDO {fmt(last['qido_ms'])} ms "
-                f"(target < 50) {verdict(max(last['cfind_ms'], last['qido_ms']) < 50)}; "
-                f"metadata {fmt(last['metadata_ms'])} ms (target < 100) "
-                f"{'PASS' if last['metadata_ms'] < 100 else 'FAIL'}"
+                f"{bench.verdict(ratio, 0.8)}; C-FIND "
+                f"{bench.fmt(last['cfind_ms'])} ms, QIDO {bench.fmt(last['qido_ms'])} ms "
+                f"(target < 50) {bench.verdict(max(last['cfind_ms'], last['qido_ms']) < 50)}; "
+                f"metadata {bench.fmt(last['metadata_ms'])} ms (target < 100) "
+                f"{bench.verdict(last['metadata_ms'] < 100)}"
             )
     return "\n".join(lines)
-
-
-def verdict(passed: bool) -> str:
-    return "PASS" if passed else "FAIL"
 
 
 def plot(runs: dict[str, list[dict]], path: Path) -> None:
@@ -475,6 +424,9 @@ def parse_args(argv):
     )
     parser.add_argument("--engines", default="sqlite,postgresql")
     parser.add_argument("--associations", type=int, default=2, help="storescu at once")
+    parser.add_argument(
+        "--real", type=int, default=5000, help="real C-STORE instances a step (100 a study)"
+    )
     parser.add_argument("--reps", type=int, default=30, help="timed searches per step")
     parser.add_argument("--metadata-reps", type=int, default=10)
     parser.add_argument(
@@ -483,29 +435,43 @@ def parse_args(argv):
         default=900,
         help="seconds Orthanc gets to grow by real C-STORE (0: skip it)",
     )
-    parser.add_argument("--orthanc", type=Path, default=Path("/usr/sbin/Orthanc"))
-    parser.add_argument("--minipacs", type=Path, default=REPO / ".venv/bin/minipacs")
+    parser.add_argument("--orthanc", type=Path, default=bench.ORTHANC_BIN)
+    parser.add_argument("--minipacs", type=Path, default=bench.REPO / ".venv/bin/minipacs")
     parser.add_argument("--startup-timeout", type=float, default=120)
     parser.add_argument(
         "--reuse", type=Path, help="start from the figures of an earlier --json (same code)"
     )
     parser.add_argument("--plot", type=Path, help="write the figures as a PNG (matplotlib)")
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
+    parser.add_argument(
+        "--wait-idle", type=float, default=600, help="seconds to wait for other benchmarks/tests"
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     opts = parser.parse_args(argv)
     opts.steps = [int(s) for s in opts.steps.split(",")]
+    if opts.real < BATCH_SERIES_SIZE:
+        parser.error(f"--real must be ≥ {BATCH_SERIES_SIZE}")
     return opts
 
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    setup_logging(opts.verbose)
-    busy = wait_for_quiet(600)
+    bench.setup_logging(opts.verbose)
+    if not bench.require(("storescu", "findscu", "echoscu"), hint="dcmtk"):
+        return 2
+    if opts.orthanc_budget > 0 and not bench.require(
+        files=(opts.orthanc, bench.ORTHANC_DICOMWEB),
+        hint="Debian packages orthanc and orthanc-dicomweb, or --orthanc-budget 0",
+    ):
+        return 2
+    busy = bench.wait_for_quiet(opts.wait_idle)
     with tempfile.TemporaryDirectory(prefix="minipacs-scale-") as tmp:
         root = Path(tmp)
-        log.info("writing %d real instances per step", BATCH_STUDIES * BATCH_SERIES_SIZE)
+        log.info("writing %d real instances per step", opts.real)
         batches = [
-            write_batch(root / f"batch{n}", str(n), BATCH_STUDIES, BATCH_SERIES_SIZE)
+            write_batch(
+                root / f"batch{n}", str(n), opts.real // BATCH_SERIES_SIZE, BATCH_SERIES_SIZE
+            )
             for n in range(len(opts.steps))
         ]
         grower = Grower(batches[0][0])
@@ -521,10 +487,13 @@ def main(argv=None) -> int:
             workdir = root / "orthanc"
             workdir.mkdir()
             runs["orthanc sqlite"] = keep_going(run_orthanc, workdir, batches, opts)
-        PROCS.stop_all()
+        bench.PROCS.stop_all()
     text = report(runs)
-    print(f"commit {git_commit()}; other work during the run: {busy or 'none'}")
-    print("rows between steps are bulk-generated (no files); each step's 5,000 are real C-STORE")
+    print(f"commit {bench.git_commit()}; other work during the run: {busy or 'none'}")
+    print(
+        "rows between steps are bulk-generated through the models (no files); each step's "
+        f"{opts.real:,} are real C-STORE"
+    )
     print(text)
     save(runs, opts)
     if opts.plot:

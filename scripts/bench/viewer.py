@@ -26,14 +26,12 @@ Progress goes to stderr (logging); the figures table goes to stdout.
 
 import argparse
 import asyncio
-import contextlib
 import http.client
 import importlib.metadata
 import logging
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,25 +45,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from _common import HOST
-from _common import PROCS
-from _common import REPO
-from _common import SCRIPTS
-from _common import BenchError
-from _common import Interrupted
-from _common import Minipacs
-from _common import base_env
-from _common import fmt
-from _common import git_commit
-from _common import http_get
-from _common import log_issues
-from _common import other_work
-from _common import percentile
-from _common import proc_tree
-from _common import setup_logging
-from _common import sigterm_unwinds
-from _common import wait_for_quiet
-from _common import write_json
+import _common as bench
 from pydicom import dcmread
 
 log = logging.getLogger("bench.viewer")
@@ -175,45 +155,13 @@ def read_study(paths: list[Path]) -> Study:
 
 def make_data(root: Path, count: int, size: int) -> tuple[Study, Study]:
     """The measured series and a one-slice study that warms each new server up."""
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(bench.SCRIPTS))
     from make_study import make_study
 
     log.info("writing %d slices of %d×%d (make_study)", count, size, size)
     study = read_study(make_study(root / "images" / "study", count, size))
     warmup = read_study(make_study(root / "images" / "warmup", 1, size))
     return study, warmup
-
-
-def minipacs_import(minipacs: Path, data: Path, folder: Path, timeout: float) -> None:
-    cmd = [str(minipacs), "import", "--data", str(data), "--no-fsync", "--json", str(folder)]
-    log.info("minipacs import %s → %s", folder, data)
-    result = subprocess.run(
-        cmd, env=base_env(), capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if result.returncode != 0:
-        raise BenchError(f"minipacs import failed ({result.returncode}): {result.stderr[-2000:]}")
-
-
-# --------------------------------------------------------------------------- server
-
-
-class ViewerMinipacs(Minipacs):
-    """minipacs on the imported data folder; a new one per run empties its render cache."""
-
-    def __init__(self, workdir: Path, opts: argparse.Namespace, data: Path) -> None:
-        super().__init__(workdir, opts)
-        self.data = data
-
-    def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the server and its children so far."""
-        if not self.alive() or self.proc is None:
-            return None
-        ticks = 0
-        for pid in proc_tree(self.proc.pid):
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                ticks += int(fields[11]) + int(fields[12])
-        return ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Servers:
@@ -224,16 +172,16 @@ class Servers:
         self.data = data
         self.opts = opts
         self.warmup = warmup
-        self.current: ViewerMinipacs | None = None
+        self.current: bench.Minipacs | None = None
         self.issues: list[str] = []
         self.issue_count = 0
         self.started = 0
 
-    def fresh(self) -> ViewerMinipacs:
+    def fresh(self) -> bench.Minipacs:
         """Stop the running server, start a new one (empty render cache), warm it up."""
         self.stop()
         workdir = Path(tempfile.mkdtemp(prefix="minipacs-", dir=self.root))
-        server = ViewerMinipacs(workdir, self.opts, self.data)
+        server = bench.Minipacs(workdir, self.opts, self.data)  # a new one: an empty render cache
         self.current = server
         server.start()
         self.started += 1
@@ -245,7 +193,7 @@ class Servers:
         if server is None:
             return
         server.stop()
-        count, sample = log_issues(server.log_path)
+        count, sample = bench.log_issues(server.log_path)
         self.issue_count += count
         self.issues += sample
         if self.opts.log_dir:
@@ -256,7 +204,7 @@ class Servers:
 def warm_server(port: int, warmup: Study) -> None:
     """Lazy imports, codecs and the index out of the way, on a study that is not measured:
     the measured series' frames stay cold in the render cache."""
-    base = f"http://{HOST}:{port}"
+    base = f"http://{bench.HOST}:{port}"
     inst = f"/dicom-web/studies/{warmup.study}/series/{warmup.series}/instances"
     paths = [
         "/",
@@ -268,9 +216,9 @@ def warm_server(port: int, warmup: Study) -> None:
         f"/dicom-web/studies/{warmup.study}/series/{warmup.series}/thumbnail?viewport=96,96",
     ]
     for path in paths:
-        status, _ = http_get(base + path, timeout=30.0)
+        status, _ = bench.http_get(base + path, timeout=30.0)
         if status != 200:
-            raise BenchError(f"warm-up request {path}: HTTP {status}")
+            raise bench.BenchError(f"warm-up request {path}: HTTP {status}")
 
 
 # --------------------------------------------------------------------------- page
@@ -346,7 +294,7 @@ async def open_study(
     painted; the page, its watch, the page's state and the wall-clock seconds of the wait."""
     page = await context.new_page()
     watch = Watch(page)
-    await page.goto(f"http://{HOST}:{port}/", wait_until="networkidle")
+    await page.goto(f"http://{bench.HOST}:{port}/", wait_until="networkidle")
     row = page.locator(f'tr.study[data-study="{study.study}"]')
     await row.wait_for(state="visible", timeout=timeout_s * 1000)
     started = time.perf_counter()
@@ -359,7 +307,7 @@ async def open_study(
         )
     except Exception as exc:  # Playwright's TimeoutError, or the page crashed
         state = await safe_state(page)
-        raise BenchError(
+        raise bench.BenchError(
             f"no image drawn within {timeout_s:.0f} s of the click: "
             f"drawn={state.get('drawn')}, message={state.get('message')!r}, "
             f"console={watch.console[:3]}, failed={watch.failed[:3]}, "
@@ -398,7 +346,7 @@ def alone(port: int, study: Study) -> tuple[float, float]:
     frame = f"{base}/{study.sops[-1]}/frames/1/rendered?accept=image%2Fpng"
     times = []
     for path, accept in ((base, "application/dicom+json"), (frame, "image/png")):
-        conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        conn = http.client.HTTPConnection(bench.HOST, port, timeout=30)
         try:
             conn.connect()
             start = time.perf_counter()
@@ -407,7 +355,7 @@ def alone(port: int, study: Study) -> tuple[float, float]:
             response.read()
             times.append((time.perf_counter() - start) * 1000)
             if response.status != 200:
-                raise BenchError(f"{path}: HTTP {response.status}")
+                raise bench.BenchError(f"{path}: HTTP {response.status}")
         finally:
             conn.close()
     return times[0], times[1]
@@ -566,8 +514,8 @@ def scroll_figures(run: Scroll, state: dict[str, Any], mark: float) -> None:
     during = [t for t, _ in draws if first <= t <= last]
     run.draws_during_input = len(during)
     gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
-    run.gap_p50_ms = percentile(gaps, 0.5)
-    run.gap_p95_ms = percentile(gaps, 0.95)
+    run.gap_p50_ms = bench.percentile(gaps, 0.5)
+    run.gap_p95_ms = bench.percentile(gaps, 0.95)
     run.gap_max_ms = max(gaps) if gaps else None
     edges = [first, *during, last]
     run.stall_ms = max(b - a for a, b in zip(edges, edges[1:], strict=False))
@@ -575,8 +523,8 @@ def scroll_figures(run: Scroll, state: dict[str, Any], mark: float) -> None:
     for t, index in inputs:
         became.setdefault(index, t)
     lags = [t - became[i] for t, i in draws if i in became and t >= became[i]]
-    run.lag_p50_ms = percentile(lags, 0.5)
-    run.lag_p95_ms = percentile(lags, 0.95)
+    run.lag_p50_ms = bench.percentile(lags, 0.5)
+    run.lag_p95_ms = bench.percentile(lags, 0.95)
     final_draws = [t for t, i in draws if i == state["index"]]
     if final_draws:
         run.settle_ms = max(final_draws[-1] - last, 0.0)
@@ -586,13 +534,13 @@ def scroll_figures(run: Scroll, state: dict[str, Any], mark: float) -> None:
         for e in state["resources"]
         if url_kind(e["url"]) == "frame" and e["status"] == 200 and e["end"] > 0
     ]
-    run.frame_p50_ms = percentile([e["end"] - e["start"] for e in frames], 0.5)
-    run.frame_p95_ms = percentile([e["end"] - e["start"] for e in frames], 0.95)
+    run.frame_p50_ms = bench.percentile([e["end"] - e["start"] for e in frames], 0.5)
+    run.frame_p95_ms = bench.percentile([e["end"] - e["start"] for e in frames], 0.95)
     ttfb = [e["responseStart"] - e["requestStart"] for e in frames if e["requestStart"] > 0]
-    run.ttfb_p50_ms = percentile(ttfb, 0.5)
-    run.ttfb_p95_ms = percentile(ttfb, 0.95)
+    run.ttfb_p50_ms = bench.percentile(ttfb, 0.5)
+    run.ttfb_p95_ms = bench.percentile(ttfb, 0.95)
     queue = [e["requestStart"] - e["start"] for e in frames if e["requestStart"] > 0]
-    run.queue_p50_ms = percentile(queue, 0.5)
+    run.queue_p50_ms = bench.percentile(queue, 0.5)
     run.ok = True
 
 
@@ -608,7 +556,7 @@ async def new_context(browser: Any) -> Any:
 
 
 async def first_image_run(
-    browser: Any, server: ViewerMinipacs, study: Study, label: str, cache: str, opts: Any
+    browser: Any, server: bench.Minipacs, study: Study, label: str, cache: str, opts: Any
 ) -> FirstImage:
     run = FirstImage(label, cache)
     context = await new_context(browser)
@@ -629,10 +577,10 @@ async def first_image_run(
             "%s (server cache %s): first image drawn %s ms after the click (painted %s)",
             label,
             cache,
-            fmt(run.draw_ms),
-            fmt(run.paint_ms),
+            bench.fmt(run.draw_ms),
+            bench.fmt(run.paint_ms),
         )
-    except BenchError as exc:
+    except bench.BenchError as exc:
         run.error = str(exc)
         log.error("%s: %s", label, exc)
     finally:
@@ -666,7 +614,7 @@ async def send_paced(page: Any, mode: str, steps: int, interval: float) -> tuple
 
 
 async def scroll_run(
-    browser: Any, server: ViewerMinipacs, study: Study, mode: str, opts: Any
+    browser: Any, server: bench.Minipacs, study: Study, mode: str, opts: Any
 ) -> Scroll:
     label = "wheel (deltaY 100)" if mode == "wheel" else "ArrowDown held"
     steps = len(study.sops) - 1
@@ -682,7 +630,7 @@ async def scroll_run(
         stage = page.locator(".stage")
         box = await stage.bounding_box()
         if box is None:
-            raise BenchError("no .stage on the page")
+            raise bench.BenchError("no .stage on the page")
         if mode == "wheel":
             await page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
         else:
@@ -693,7 +641,7 @@ async def scroll_run(
         new_before = sum(watch.new_connections.values())
         started_before = watch.started["frame"]
         finished_before = watch.finished["frame"]
-        cpu_before = server.cpu_seconds()
+        cpu_before = bench.cpu_seconds(server.proc.pid) if server.alive() else None
         busy_before = cpu_jiffies()
         run.send_s, late = await send_paced(page, mode, steps, opts.interval_ms / 1000)
         run.sent = steps
@@ -708,7 +656,7 @@ async def scroll_run(
             )
         await settle(page, opts.draw_timeout)
         busy_after = cpu_jiffies()
-        cpu_after = server.cpu_seconds()
+        cpu_after = bench.cpu_seconds(server.proc.pid) if server.alive() else None
         state = await page.evaluate(READ_STATE, mark)
         scroll_figures(run, state, mark)
         if cpu_before is not None and cpu_after is not None:
@@ -729,18 +677,18 @@ async def scroll_run(
         if run.final_index != steps:
             run.problems.append(
                 f"{run.sent} events sent ({steps} slices), {run.received} reached the page "
-                f"(deltaY sum {fmt(run.delta_sum, '.0f')}); the view stopped at slice "
-                f"{fmt(run.final_index, 'd')} of 0..{steps}"
+                f"(deltaY sum {bench.fmt(run.delta_sum, '.0f')}); the view stopped at slice "
+                f"{bench.fmt(run.final_index, 'd')} of 0..{steps}"
             )
         log.info(
             "%s: %s images/s drawn while asking %.0f/s; %d distinct of %d slices",
             label,
-            fmt(run.images_per_s),
+            bench.fmt(run.images_per_s),
             1000 / opts.interval_ms,
             run.distinct_slices,
             len(study.sops),
         )
-    except BenchError as exc:
+    except bench.BenchError as exc:
         run.error = str(exc)
         log.error("%s: %s", label, exc)
     finally:
@@ -752,7 +700,7 @@ async def scroll_run(
 
 
 def ms(value: float | None, width: int = 8) -> str:
-    return f"{fmt(value):>{width}}"
+    return f"{bench.fmt(value):>{width}}"
 
 
 def cpu_per_frame_ms(run: Scroll) -> float | None:
@@ -773,7 +721,7 @@ def report(
 ) -> tuple[str, list[dict[str, Any]]]:
     lines = [
         f"Browser viewer, {meta['date']}: {meta['count']}-slice {meta['size']}×{meta['size']} "
-        f"CT (make_study), minipacs {meta['commit']}, {HOST}, {meta['cpus']} CPUs",
+        f"CT (make_study), minipacs {meta['commit']}, {bench.HOST}, {meta['cpus']} CPUs",
         f"Chromium {meta['chromium']} headless via Playwright {meta['playwright']}, "
         f"viewport {VIEWPORT['width']}×{VIEWPORT['height']}, a new browser context per run",
         "",
@@ -798,8 +746,8 @@ def report(
         if not run.ok:
             lines.append(f"  {run.label:<6}{run.server_cache:<6}FAILED: {run.error}")
             continue
-        frame = f"{fmt(run.frame_start_ms)}–{fmt(run.frame_end_ms)}"
-        instances = f"{fmt(run.instances_start_ms)}–{fmt(run.instances_end_ms)}"
+        frame = f"{bench.fmt(run.frame_start_ms)}–{bench.fmt(run.frame_end_ms)}"
+        instances = f"{bench.fmt(run.instances_start_ms)}–{bench.fmt(run.instances_end_ms)}"
         decode = (
             run.draw_ms - run.frame_end_ms
             if run.draw_ms is not None and run.frame_end_ms is not None
@@ -816,8 +764,9 @@ def report(
     warm = [r.draw_ms for r in firsts if r.ok and r.server_cache == "warm" and r.draw_ms]
     cold_median = statistics.median(cold) if cold else None
     lines.append(
-        f"  median, server cache cold ({len(cold)} runs): {fmt(cold_median)} ms "
-        f"(each: {', '.join(fmt(v) for v in cold)}); warm: {', '.join(fmt(v) for v in warm)}"
+        f"  median, server cache cold ({len(cold)} runs): {bench.fmt(cold_median)} ms "
+        f"(each: {', '.join(bench.fmt(v) for v in cold)}); "
+        f"warm: {', '.join(bench.fmt(v) for v in warm)}"
     )
     settled = [r for r in firsts if r.ok and r.requests_to_settle]
     if settled:
@@ -838,32 +787,34 @@ def report(
         ("input events sent / reached the page", lambda s: f"{s.sent} / {s.received}"),
         (
             "merged wheel events (deltaY sum)",
-            lambda s: f"{s.merged_events} ({fmt(s.delta_sum, '.0f')})",
+            lambda s: f"{s.merged_events} ({bench.fmt(s.delta_sum, '.0f')})",
         ),
         (
             "input rate in the page (/s), worst lateness ms",
-            lambda s: f"{fmt(s.input_rate)}, {fmt(s.max_late_ms)}",
+            lambda s: f"{bench.fmt(s.input_rate)}, {bench.fmt(s.max_late_ms)}",
         ),
-        ("input time s", lambda s: fmt(s.input_s, ".2f")),
+        ("input time s", lambda s: bench.fmt(s.input_s, ".2f")),
         (
             "frames drawn during input / in all (+ repeats)",
             lambda s: f"{s.draws_during_input} / {s.draws_total} (+{s.repeated_draws})",
         ),
-        ("images/s", lambda s: fmt(s.images_per_s)),
+        ("images/s", lambda s: bench.fmt(s.images_per_s)),
         ("distinct slices drawn", lambda s: f"{s.distinct_slices} of {s.slices}"),
         (
             "slice at the last input / at the end",
-            lambda s: f"{fmt(s.index_at_input_end, 'd')} / {fmt(s.final_index, 'd')}",
+            lambda s: f"{bench.fmt(s.index_at_input_end, 'd')} / {bench.fmt(s.final_index, 'd')}",
         ),
-        ("last input → its frame drawn, ms", lambda s: fmt(s.settle_ms)),
+        ("last input → its frame drawn, ms", lambda s: bench.fmt(s.settle_ms)),
         (
             "gap between draws p50 / p95 / max ms",
-            lambda s: f"{fmt(s.gap_p50_ms)} / {fmt(s.gap_p95_ms)} / {fmt(s.gap_max_ms)}",
+            lambda s: (
+                f"{bench.fmt(s.gap_p50_ms)} / {bench.fmt(s.gap_p95_ms)} / {bench.fmt(s.gap_max_ms)}"
+            ),
         ),
-        ("longest time without a new frame, ms", lambda s: fmt(s.stall_ms)),
+        ("longest time without a new frame, ms", lambda s: bench.fmt(s.stall_ms)),
         (
             "slice current → drawn p50 / p95 ms",
-            lambda s: f"{fmt(s.lag_p50_ms)} / {fmt(s.lag_p95_ms)}",
+            lambda s: f"{bench.fmt(s.lag_p50_ms)} / {bench.fmt(s.lag_p95_ms)}",
         ),
         (
             "/rendered sent / answered / aborted / failed",
@@ -874,19 +825,19 @@ def report(
         ),
         (
             "/rendered start→end p50 / p95 ms",
-            lambda s: f"{fmt(s.frame_p50_ms)} / {fmt(s.frame_p95_ms)}",
+            lambda s: f"{bench.fmt(s.frame_p50_ms)} / {bench.fmt(s.frame_p95_ms)}",
         ),
         (
             "/rendered server ttfb p50 / p95 ms",
-            lambda s: f"{fmt(s.ttfb_p50_ms)} / {fmt(s.ttfb_p95_ms)}",
+            lambda s: f"{bench.fmt(s.ttfb_p50_ms)} / {bench.fmt(s.ttfb_p95_ms)}",
         ),
-        ("/rendered queued before sending p50 ms", lambda s: fmt(s.queue_p50_ms)),
+        ("/rendered queued before sending p50 ms", lambda s: bench.fmt(s.queue_p50_ms)),
         ("new TCP connections", lambda s: str(s.new_connections)),
         (
             "server CPU s (ms per answered /rendered)",
-            lambda s: f"{fmt(s.server_cpu_s, '.2f')} ({fmt(cpu_per_frame_ms(s))})",
+            lambda s: f"{bench.fmt(s.server_cpu_s, '.2f')} ({bench.fmt(cpu_per_frame_ms(s))})",
         ),
-        ("machine busy (cores of the 2)", lambda s: fmt(s.machine_busy_cores, ".2f")),
+        ("machine busy (cores of the 2)", lambda s: bench.fmt(s.machine_busy_cores, ".2f")),
     ]
     width = max(len(name) for name, _ in rows) + 2
     lines.append(f"  {'':<{width}}" + "".join(f"{s.label:>22}" for s in scrolls))
@@ -904,7 +855,7 @@ def report(
         {
             "name": f"first image, server cache cold, median ≤ {TARGET_FIRST_MS:g} ms",
             "value": cold_median,
-            "verdict": verdict(cold_median, lambda v: v <= TARGET_FIRST_MS),
+            "verdict": bench.verdict(cold_median, TARGET_FIRST_MS, higher=False),
         }
     ]
     for s in scrolls:
@@ -912,19 +863,13 @@ def report(
             {
                 "name": f"scrolling, {s.label}, ≥ {TARGET_IMAGES_PER_S:g} images/s",
                 "value": s.images_per_s,
-                "verdict": verdict(s.images_per_s, lambda v: v >= TARGET_IMAGES_PER_S),
+                "verdict": bench.verdict(s.images_per_s, TARGET_IMAGES_PER_S),
             }
         )
     lines += ["", "targets:"]
     for target in targets:
-        lines.append(f"  {target['name']:<52}{fmt(target['value']):>8}  {target['verdict']}")
+        lines.append(f"  {target['name']:<52}{bench.fmt(target['value']):>8}  {target['verdict']}")
     return "\n".join(lines), targets
-
-
-def verdict(value: float | None, ok: Any) -> str:
-    if value is None:
-        return "n/a"
-    return "PASS" if ok(value) else "FAIL"
 
 
 # --------------------------------------------------------------------------- misc
@@ -993,7 +938,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--minipacs",
         type=Path,
-        default=REPO / ".venv" / "bin" / "minipacs",
+        default=bench.REPO / ".venv" / "bin" / "minipacs",
         help="the minipacs command",
     )
     parser.add_argument(
@@ -1027,15 +972,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    setup_logging(opts.verbose)
+    bench.setup_logging(opts.verbose)
     if not opts.minipacs.exists():
         log.error("%s not found: create the venv (./scripts/serve does)", opts.minipacs)
         return 2
     if not opts.chromium.exists():
-        log.error("%s not found: apt-get install chromium (./scripts/test does)", opts.chromium)
+        log.error(
+            "%s not found: Debian package chromium (./scripts/test installs it)", opts.chromium
+        )
         return 2
-    if shutil.which("echoscu") is None:
-        log.error("echoscu not found: install dcmtk (apt-get install dcmtk)")
+    if not bench.require(("echoscu",), hint="dcmtk"):
         return 2
     try:
         import playwright.async_api  # noqa: F401
@@ -1046,8 +992,10 @@ def main(argv: list[str] | None = None) -> int:
     root: Path | None = None
     servers: Servers | None = None
     try:
-        with sigterm_unwinds():
-            busy = wait_for_quiet(opts.wait_idle) if opts.wait_idle > 0 else other_work()
+        with bench.sigterm_unwinds():
+            busy = (
+                bench.wait_for_quiet(opts.wait_idle) if opts.wait_idle > 0 else bench.other_work()
+            )
             if busy:
                 log.warning("other benchmarks/tests are running: %s", "; ".join(busy))
             meta: dict[str, Any] = {
@@ -1056,7 +1004,7 @@ def main(argv: list[str] | None = None) -> int:
                 "size": opts.size,
                 "interval_ms": opts.interval_ms,
                 "cpus": os.cpu_count(),
-                "commit": git_commit(),
+                "commit": bench.git_commit(),
                 "playwright": importlib.metadata.version("playwright"),
                 "loadavg_start": os.getloadavg(),
                 "other_work_start": busy,
@@ -1064,11 +1012,13 @@ def main(argv: list[str] | None = None) -> int:
             root = Path(tempfile.mkdtemp(prefix="minipacs-viewer-", dir=opts.tmp))
             study, warmup = make_data(root, opts.count, opts.size)
             data = root / "data"
-            minipacs_import(opts.minipacs, data, root / "images", 600 + opts.count)
+            bench.minipacs_import(
+                opts, data, [root / "images"], root / "import.log", 1, 600 + opts.count
+            )
             servers = Servers(root, data, opts, warmup)
             firsts, scrolls = asyncio.run(measure(opts, study, warmup, servers, meta))
             meta["loadavg_end"] = os.getloadavg()
-            meta["other_work_end"] = other_work()
+            meta["other_work_end"] = bench.other_work()
             table, targets = report(firsts, scrolls, meta)
             lines = [table, "", "problems:"]
             problems = [(r.label, p) for r in firsts for p in r.problems]
@@ -1100,22 +1050,22 @@ def main(argv: list[str] | None = None) -> int:
                     "scrolling": [s.as_dict() for s in scrolls],
                     "targets": targets,
                 }
-                write_json(payload, opts.json)
+                bench.write_json(payload, opts.json)
             if any(not r.ok for r in firsts) or any(not s.ok for s in scrolls):
                 return 1
             if opts.strict and any(t["verdict"] == "FAIL" for t in targets):
                 return 3
             return 0
-    except BenchError as exc:
+    except bench.BenchError as exc:
         log.error("%s", exc)
         return 1
-    except (KeyboardInterrupt, Interrupted):
+    except (KeyboardInterrupt, bench.Interrupted):
         log.error("interrupted: cleaning up")
         return 130
     finally:
         if servers is not None:
             servers.stop()
-        PROCS.stop_all()
+        bench.PROCS.stop_all()
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
 

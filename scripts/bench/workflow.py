@@ -24,26 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common as bench
 import pydicom
-from _common import CALLING_AET
-from _common import HOST
-from _common import PROCS
-from _common import REPO
-from _common import BenchError
-from _common import Minipacs
-from _common import Server
-from _common import StoreScp
-from _common import base_env
-from _common import count_files
-from _common import git_commit
-from _common import percentile
-from _common import setup_logging
-from _common import sigterm_unwinds
-from _common import wait_for_quiet
-from _common import write_json
 
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(bench.REPO))
+sys.path.insert(0, str(bench.REPO / "scripts"))
 from make_study import make_study  # noqa: E402
 
 from storage.worklist import make_item  # noqa: E402
@@ -55,7 +40,7 @@ DAYS = 50
 FIRST_DAY = 20270101
 
 
-class Wlmscpfs(Server):
+class Wlmscpfs(bench.Server):
     """dcmtk's worklist SCP: answers from the .wl files of <folder>/<AE title>/."""
 
     name = "wlmscpfs"
@@ -119,25 +104,18 @@ RETURN_KEYS = [
 ]
 
 
-def findscu(server: Server, keys: list[str]) -> tuple[float, int]:
+def findscu(server: bench.Server, keys: list[str]) -> tuple[float, int]:
     given = {k.split("=")[0] for k in keys}
     args = [a for k in [*keys, *(r for r in RETURN_KEYS if r not in given)] for a in ("-k", k)]
-    command = [
-        "findscu",
-        "-W",
-        "-aet",
-        CALLING_AET,
-        "-aec",
-        server.aet,
-        *args,
-        HOST,
-        str(server.port),
-    ]
+    command = ["findscu", "-W", "-aet", bench.CALLING_AET, "-aec", server.aet, *args, bench.HOST]
+    command.append(str(server.port))
     started = time.perf_counter()
-    result = subprocess.run(command, env=base_env(), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        command, env=bench.base_env(), capture_output=True, text=True, timeout=120
+    )
     elapsed = (time.perf_counter() - started) * 1000
     if result.returncode != 0:
-        raise BenchError(f"findscu against {server.name} failed: {result.stderr[-500:]}")
+        raise bench.BenchError(f"findscu against {server.name} failed: {result.stderr[-500:]}")
     output = result.stderr + result.stdout
     return elapsed, output.count("(Pending)") - output.count("Final Find Response (Pending)")
 
@@ -147,7 +125,7 @@ def run_worklist(root: Path, opts) -> dict:
     mp_dir, wl_dir = root / "mwl-minipacs", root / "mwl-wlmscpfs"
     mp_dir.mkdir()
     wl_dir.mkdir()
-    minipacs, wlm = Minipacs(mp_dir, opts), Wlmscpfs(wl_dir, opts)
+    minipacs, wlm = bench.Minipacs(mp_dir, opts), Wlmscpfs(wl_dir, opts)
     source = mp_dir / "items.csv"
     with source.open("w", newline="") as fp:
         writer = csv.DictWriter(fp, list(rows[0]))
@@ -156,7 +134,7 @@ def run_worklist(root: Path, opts) -> dict:
     started = time.perf_counter()
     subprocess.run(
         [str(opts.minipacs), "worklist", "import", str(source), "--data", str(minipacs.data)],
-        env={**base_env(), "MINIPACS_FSYNC": "false"},
+        env={**bench.base_env(), "MINIPACS_FSYNC": "false"},
         check=True,
         capture_output=True,
     )
@@ -179,8 +157,8 @@ def run_worklist(root: Path, opts) -> dict:
         results["queries"][name] = {
             server: {
                 "answers": counts[server],
-                "p50": percentile(t, 0.5),
-                "p95": percentile(t, 0.95),
+                "p50": bench.percentile(t, 0.5),
+                "p95": bench.percentile(t, 0.95),
             }
             for server, t in times.items()
         }
@@ -190,45 +168,18 @@ def run_worklist(root: Path, opts) -> dict:
     return results
 
 
-class PeerMinipacs(Minipacs):
-    """minipacs that knows storescp as STORESCP, and routes everything to it if `routed`."""
-
-    def __init__(self, workdir: Path, opts, peer_port: int, routed: bool) -> None:
-        super().__init__(workdir, opts)
-        self.peer_port, self.routed = peer_port, routed
-
-    def extra_args(self) -> list[str]:
-        args = ["--peer", f"STORESCP={HOST}:{self.peer_port}"]
-        if self.routed:
-            config = self.workdir / "routes.toml"
-            config.write_text('route = ["STORESCP"]\nroute_retry = 1\n')
-            args += ["--config", str(config)]
-        return args
-
-
 def run_routing(root: Path, opts) -> dict:
     study = make_study(root / "study", opts.instances, size=256)
     scp_dir, mp_dir, mv_dir = root / "storescp", root / "routed", root / "mover"
     for folder in (scp_dir, mp_dir, mv_dir):
         folder.mkdir()
-    storescp = StoreScp(scp_dir, opts)
-    routed = PeerMinipacs(mp_dir, opts, storescp.port, routed=True)
+    storescp = bench.StoreScp(scp_dir, opts)
+    peer = ["--peer", f"STORESCP={bench.HOST}:{storescp.port}"]
+    routes = mp_dir / "routes.toml"  # everything to STORESCP
+    routes.write_text('route = ["STORESCP"]\nroute_retry = 1\n')
+    routed = bench.Minipacs(mp_dir, opts, args=[*peer, "--config", str(routes)])
     routed.start()
-    subprocess.run(
-        [
-            "storescu",
-            "-aet",
-            CALLING_AET,
-            "-aec",
-            routed.aet,
-            HOST,
-            str(routed.port),
-            *map(str, study),
-        ],
-        env=base_env(),
-        check=True,
-        capture_output=True,
-    )
+    bench.send(routed, study, 1, timeout=600)
     routed.stop()  # everything queued (the peer was down); now the peer comes up
     ids = subprocess.run(
         [str(opts.minipacs), "queue", "--json", "--data", str(routed.data)],
@@ -247,53 +198,29 @@ def run_routing(root: Path, opts) -> dict:
     routed.start()
     startup_s = time.perf_counter() - started
     deadline = started + 600
-    while count_files(storescp.out) < len(study):
+    while bench.count_files(storescp.out) < len(study):
         if time.perf_counter() > deadline:
-            raise BenchError("routing did not deliver every instance in 600 s")
+            raise bench.BenchError("routing did not deliver every instance in 600 s")
         time.sleep(0.05)
     routing_s = time.perf_counter() - started
     routed.stop()
     for path in storescp.out.iterdir():
         path.unlink()
-    subprocess.run(
-        [
-            str(opts.minipacs),
-            "import",
-            "--no-fsync",
-            "--data",
-            str(mv_dir / "data"),
-            str(root / "study"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    mover = PeerMinipacs(mv_dir, opts, storescp.port, routed=False)
+    bench.minipacs_import(opts, mv_dir / "data", [root / "study"], root / "import.log")
+    mover = bench.Minipacs(mv_dir, opts, args=peer)
     mover.start()
     uid = pydicom.dcmread(study[0], stop_before_pixels=True).StudyInstanceUID
     started = time.perf_counter()
     subprocess.run(
-        [
-            "movescu",
-            "-S",
-            "-aet",
-            CALLING_AET,
-            "-aec",
-            mover.aet,
-            "-aem",
-            "STORESCP",
-            "-k",
-            "QueryRetrieveLevel=STUDY",
-            "-k",
-            f"StudyInstanceUID={uid}",
-            HOST,
-            str(mover.port),
-        ],
-        env=base_env(),
+        ["movescu", "-S", "-aet", bench.CALLING_AET, "-aec", mover.aet, "-aem", "STORESCP"]
+        + ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={uid}", bench.HOST]
+        + [str(mover.port)],
+        env=bench.base_env(),
         check=True,
         capture_output=True,
     )
     move_s = time.perf_counter() - started
-    moved = count_files(storescp.out)
+    moved = bench.count_files(storescp.out)
     mover.stop()
     storescp.stop()
     return {
@@ -344,7 +271,7 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip", choices=["worklist", "routing"], action="append", default=[])
-    parser.add_argument("--minipacs", type=Path, default=REPO / ".venv/bin/minipacs")
+    parser.add_argument("--minipacs", type=Path, default=bench.REPO / ".venv/bin/minipacs")
     parser.add_argument("--startup-timeout", type=float, default=120)
     parser.add_argument("--storescp-args", default="+B +xa -pdu 131072 -dhl")
     parser.add_argument("--json", dest="json_path", default="")
@@ -360,24 +287,27 @@ def parse_args(argv) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     opts = parse_args(argv)
-    setup_logging(opts.verbose)
-    busy = wait_for_quiet(opts.quiet_wait)
-    results: dict = {"commit": git_commit()}
+    bench.setup_logging(opts.verbose)
+    tools = ("findscu", "movescu", "storescu", "storescp", "echoscu", "wlmscpfs")
+    if not bench.require(tools, hint="dcmtk"):
+        return 2
+    busy = bench.wait_for_quiet(opts.quiet_wait)
+    results: dict = {"commit": bench.git_commit()}
     try:
-        with sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="minipacs-wf-") as tmp:
+        with bench.sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="minipacs-wf-") as tmp:
             if "worklist" not in opts.skip:
                 results["worklist"] = run_worklist(Path(tmp), opts)
             if "routing" not in opts.skip:
                 results["routing"] = run_routing(Path(tmp), opts)
-    except BenchError as exc:
+    except bench.BenchError as exc:
         log.error("%s", exc)
         return 1
     finally:
-        PROCS.stop_all()
+        bench.PROCS.stop_all()
     print(f"commit {results['commit']}; other work during the run: {busy or 'none'}")
     print(report(results))
     if opts.json_path:
-        write_json(results, opts.json_path)
+        bench.write_json(results, opts.json_path)
     return 0
 
 
