@@ -966,6 +966,33 @@ def write_json(payload: Any, dest: str | Path) -> None:
 # --------------------------------------------------------------------------- the run
 
 
+def add_common_args(
+    parser: argparse.ArgumentParser,
+    *,
+    startup: float,
+    orthanc: bool = True,
+    folders: bool = True,
+    strict: bool = True,
+) -> None:
+    """The options every scenario has alike: the executables, --json, the temporary and log
+    folders, --startup-timeout, --strict and -v."""
+    default = REPO / ".venv" / "bin" / "minipacs"
+    parser.add_argument("--minipacs", type=Path, default=default, help="executable")
+    if orthanc:
+        parser.add_argument("--orthanc", type=Path, default=ORTHANC_BIN, help="executable")
+    text = "also write the figures as JSON to PATH (stdout when no PATH is given)"
+    parser.add_argument("--json", nargs="?", const="-", metavar="PATH", help=text)
+    if folders:
+        text = "parent of the temporary folder, whose disk is measured (default: the system's)"
+        parser.add_argument("--tmp", type=Path, default=None, help=text)
+        parser.add_argument("--log-dir", type=Path, help="keep every server and tool log here")
+    parser.add_argument("--startup-timeout", type=float, default=startup, help="seconds")
+    if strict:
+        text = "exit 3 when a measured target is missed"
+        parser.add_argument("--strict", action="store_true", help=text)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
 @contextlib.contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     def handler(signum: int, frame: Any) -> None:

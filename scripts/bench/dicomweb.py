@@ -1063,26 +1063,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         help="extra arguments for `minipacs serve`; use the = form: --minipacs-args=--no-fsync",
     )
-    parser.add_argument(
-        "--minipacs",
-        type=Path,
-        default=bench.REPO / ".venv" / "bin" / "minipacs",
-        help="executable",
-    )
-    parser.add_argument(
-        "--orthanc", type=Path, default=bench.ORTHANC_BIN, help="Orthanc executable"
-    )
     parser.add_argument("--seed", type=int, default=20261125, help="background random seed")
-    parser.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        metavar="PATH",
-        help="also write the figures as JSON to PATH (stdout when no PATH is given)",
-    )
-    parser.add_argument("--tmp", type=Path, default=None, help="parent of the temporary folder")
-    parser.add_argument("--log-dir", type=Path, help="keep the server logs here")
-    parser.add_argument("--startup-timeout", type=float, default=120.0, help="seconds")
     parser.add_argument("--request-timeout", type=float, default=300.0, help="seconds a request")
     parser.add_argument(
         "--big-timeout", type=float, default=1800.0, help="socket timeout of the big STOW-RS (s)"
@@ -1092,10 +1073,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="run minipacs from the working tree, not from a copy taken when the run begins",
     )
-    parser.add_argument(
-        "--strict", action="store_true", help="exit 3 when a measured target is missed"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    bench.add_common_args(parser, startup=120.0)
     opts = parser.parse_args(argv)
     for key, value in (QUICK if opts.quick else DEFAULTS).items():
         if getattr(opts, key, None) is None:

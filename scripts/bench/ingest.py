@@ -1127,44 +1127,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="storescp options besides --fork, -aet and -od",
     )
     parser.add_argument(
-        "--minipacs",
-        type=Path,
-        default=bench.REPO / ".venv" / "bin" / "minipacs",
-        help="executable",
-    )
-    parser.add_argument(
         "--minipacs-rev",
         metavar="REV",
         help="run minipacs from `git archive REV` of its packages (e.g. HEAD) instead of the "
         "working tree, which then may change during the run",
     )
     parser.add_argument(
-        "--orthanc", type=Path, default=bench.ORTHANC_BIN, help="Orthanc executable"
-    )
-    parser.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        metavar="PATH",
-        help="also write the figures as JSON to PATH (stdout when no PATH is given)",
-    )
-    parser.add_argument(
-        "--tmp",
-        type=Path,
-        default=None,
-        help="parent of the temporary study and data folders; its disk is what is measured "
-        "(None: the system temp folder)",
-    )
-    parser.add_argument("--log-dir", type=Path, help="keep every server and storescu log here")
-    parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds")
-    parser.add_argument(
         "--send-timeout", type=float, default=None, help="seconds per send (None: 60 + files / 2)"
     )
     parser.add_argument("--query-timeout", type=float, default=60.0, help="seconds")
-    parser.add_argument(
-        "--strict", action="store_true", help="exit 3 when a measured target is missed"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    bench.add_common_args(parser, startup=60.0)
     opts = parser.parse_args(argv)
     servers = [s.strip() for s in opts.servers.split(",") if s.strip()]
     unknown = sorted(set(servers) - set(ALL_SERVERS))

@@ -1185,39 +1185,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--storescp-args", default="+B +xa", help="storescp options besides --fork, -aet, -od"
     )
     parser.add_argument(
-        "--minipacs",
-        type=Path,
-        default=bench.REPO / ".venv" / "bin" / "minipacs",
-        help="executable",
-    )
-    parser.add_argument(
-        "--orthanc", type=Path, default=bench.ORTHANC_BIN, help="Orthanc executable"
-    )
-    parser.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        metavar="PATH",
-        help="also write the figures as JSON to PATH (stdout when no PATH is given)",
-    )
-    parser.add_argument(
-        "--tmp", type=Path, default=None, help="parent of the temporary folder (None: system's)"
-    )
-    parser.add_argument("--log-dir", type=Path, help="keep every server and tool log here")
-    parser.add_argument(
         "--profile",
         type=Path,
         help="record minipacs with py-spy into this folder during each phase (perturbs the "
         "figures: not for the recorded run)",
     )
-    parser.add_argument("--startup-timeout", type=float, default=600.0, help="seconds")
     parser.add_argument("--query-timeout", type=float, default=120.0, help="seconds per query")
     parser.add_argument("--move-timeout", type=float, default=300.0, help="seconds per C-MOVE")
     parser.add_argument(
         "--import-timeout", type=float, default=1800.0, help="seconds per import step"
-    )
-    parser.add_argument(
-        "--strict", action="store_true", help="exit 3 when a measured target is missed"
     )
     parser.add_argument(
         "--live-code",
@@ -1225,7 +1201,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run minipacs from the working tree as it is at each start, not from a copy "
         "taken when the run begins",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    bench.add_common_args(parser, startup=600.0)
     opts = parser.parse_args(argv)
     opts.code = None
     if opts.studies < 2 or opts.big_count < 1 or opts.reps < 1 or opts.move_reps < 1:

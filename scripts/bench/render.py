@@ -846,25 +846,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--small-cache-mb", type=int, default=16, help="render_cache_mb of the memory run"
     )
     parser.add_argument("--no-memory", action="store_true", help="skip both memory sweeps")
-    parser.add_argument(
-        "--minipacs",
-        type=Path,
-        default=bench.REPO / ".venv" / "bin" / "minipacs",
-        help="executable",
-    )
-    parser.add_argument(
-        "--orthanc", type=Path, default=bench.ORTHANC_BIN, help="Orthanc executable"
-    )
-    parser.add_argument(
-        "--json",
-        nargs="?",
-        const="-",
-        metavar="PATH",
-        help="also write the figures as JSON to PATH (stdout when no PATH is given)",
-    )
-    parser.add_argument("--tmp", type=Path, default=None, help="parent of the temporary folder")
-    parser.add_argument("--log-dir", type=Path, help="keep the server logs here")
-    parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds")
     parser.add_argument("--request-timeout", type=float, default=30.0, help="seconds a request")
     parser.add_argument(
         "--time-limit", type=float, default=900.0, help="seconds for the whole run, data included"
@@ -875,10 +856,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="first wait up to this many seconds while other benchmarks or tests run",
     )
-    parser.add_argument(
-        "--strict", action="store_true", help="exit 3 when a measured target is missed"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    bench.add_common_args(parser, startup=60.0)
     opts = parser.parse_args(argv)
     kinds = [k.strip() for k in opts.kinds.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(ALL_KINDS))

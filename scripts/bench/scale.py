@@ -413,8 +413,9 @@ def keep_going(run, *args) -> list[dict]:
 
 
 def save(runs: dict, opts) -> None:
-    if opts.json:
-        opts.json.write_text(json.dumps(runs, indent=1))
+    """The figures so far into the --json file (kept if a later server's run fails)."""
+    if opts.json and opts.json != "-":
+        bench.write_json(runs, opts.json)
 
 
 def parse_args(argv):
@@ -435,18 +436,14 @@ def parse_args(argv):
         default=900,
         help="seconds Orthanc gets to grow by real C-STORE (0: skip it)",
     )
-    parser.add_argument("--orthanc", type=Path, default=bench.ORTHANC_BIN)
-    parser.add_argument("--minipacs", type=Path, default=bench.REPO / ".venv/bin/minipacs")
-    parser.add_argument("--startup-timeout", type=float, default=120)
     parser.add_argument(
         "--reuse", type=Path, help="start from the figures of an earlier --json (same code)"
     )
     parser.add_argument("--plot", type=Path, help="write the figures as a PNG (matplotlib)")
-    parser.add_argument("--json", type=Path, help="write the figures as JSON")
     parser.add_argument(
         "--wait-idle", type=float, default=600, help="seconds to wait for other benchmarks/tests"
     )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    bench.add_common_args(parser, startup=120, folders=False, strict=False)
     opts = parser.parse_args(argv)
     opts.steps = [int(s) for s in opts.steps.split(",")]
     if opts.real < BATCH_SERIES_SIZE:
@@ -495,7 +492,8 @@ def main(argv=None) -> int:
         f"{opts.real:,} are real C-STORE"
     )
     print(text)
-    save(runs, opts)
+    if opts.json:
+        bench.write_json(runs, opts.json)
     if opts.plot:
         plot(runs, opts.plot)
     return 0

@@ -936,18 +936,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--chromium", type=Path, default=CHROMIUM, help="the browser binary")
     parser.add_argument(
-        "--minipacs",
-        type=Path,
-        default=bench.REPO / ".venv" / "bin" / "minipacs",
-        help="the minipacs command",
-    )
-    parser.add_argument(
         "--minipacs-args", default="", help="extra `minipacs serve` arguments (use the = form)"
     )
-    parser.add_argument("--json", nargs="?", const="-", help="also write the figures as JSON")
-    parser.add_argument("--tmp", type=Path, help="parent of the temporary folder")
-    parser.add_argument("--log-dir", type=Path, help="keep the server logs here")
-    parser.add_argument("--startup-timeout", type=float, default=60.0, help="seconds")
     parser.add_argument("--draw-timeout", type=float, default=30.0, help="seconds per wait")
     parser.add_argument(
         "--wait-idle",
@@ -955,8 +945,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=0.0,
         help="first wait up to this many seconds while other benchmarks or tests run",
     )
-    parser.add_argument("--strict", action="store_true", help="exit 3 when a target is missed")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    bench.add_common_args(parser, startup=60.0, orthanc=False)
     opts = parser.parse_args(argv)
     opts.count = opts.count or (60 if opts.quick else 500)
     opts.repeat = opts.repeat or (3 if opts.quick else 5)

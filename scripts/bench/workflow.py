@@ -271,17 +271,10 @@ def parse_args(argv) -> argparse.Namespace:
     parser.add_argument("--instances", type=int, default=300)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip", choices=["worklist", "routing"], action="append", default=[])
-    parser.add_argument("--minipacs", type=Path, default=bench.REPO / ".venv/bin/minipacs")
-    parser.add_argument("--startup-timeout", type=float, default=120)
     parser.add_argument("--storescp-args", default="+B +xa -pdu 131072 -dhl")
-    parser.add_argument("--json", dest="json_path", default="")
-    parser.add_argument(
-        "--quiet-wait",
-        type=float,
-        default=300,
-        help="Seconds to wait for other work on the machine to end.",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true")
+    text = "seconds to wait for other benchmarks/tests on the machine to end"
+    parser.add_argument("--quiet-wait", type=float, default=300, help=text)
+    bench.add_common_args(parser, startup=120, orthanc=False, folders=False, strict=False)
     return parser.parse_args(argv)
 
 
@@ -306,8 +299,8 @@ def main(argv=None) -> int:
         bench.PROCS.stop_all()
     print(f"commit {results['commit']}; other work during the run: {busy or 'none'}")
     print(report(results))
-    if opts.json_path:
-        bench.write_json(results, opts.json_path)
+    if opts.json:
+        bench.write_json(results, opts.json)
     return 0
 
 
