@@ -1,5 +1,6 @@
 """Fixtures: real `minipacs serve` processes on free loopback ports, and real clients."""
 
+import itertools
 import os
 import signal
 import socket
@@ -26,10 +27,59 @@ from storage.engine import open_database  # noqa: E402
 ENGINES = ("sqlite", "postgresql")
 
 
+def _port_block() -> Iterator[int]:
+    """Ports for this pytest process, endlessly: a block of its own per xdist worker (gw0,
+    gw1, ...), below the kernel's ephemeral range (32768 up), so that no other worker and
+    no client socket's local port takes one between free_port() and the server's bind."""
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")) % 8
+    first = 20000 + 1500 * worker
+    while True:
+        yield from range(first, first + 1500)
+
+
+_PORTS = _port_block()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, for a server this worker is about to start."""
+    for port in itertools.islice(_PORTS, 1500):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("every port of this worker's block is in use")
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """Return once a peer we started accepts connections on `port` (instead of sleeping
+    for a while and hoping it listens)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def storescp(port: int, out: Path, *args: str) -> subprocess.Popen:
+    """dcmtk storescp (`args` before the port, e.g. "-aet", "DEST") writing what it
+    receives into `out`, returned once it listens; the caller terminates it."""
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        ["storescp", *args, "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    wait_listening(port, proc)
+    return proc
 
 
 class Server:

@@ -5,7 +5,6 @@ and WADO-RS `anonymize=yes`; consistent pseudonyms under one key; audited."""
 import copy
 import io
 import json
-import subprocess
 import time
 
 import pydicom
@@ -15,6 +14,7 @@ from conftest import TEST_FILES
 from conftest import free_port
 from conftest import minipacs
 from conftest import run
+from conftest import storescp
 from conftest import storescu
 from make_study import make_study
 from pydicom.charset import convert_encodings
@@ -371,18 +371,12 @@ def test_web_requests_that_cannot_be_anonymized(server, tmp_path):
 
 def test_anonymize_to_a_peer(start_server, tmp_path):
     dest_port, received = free_port(), tmp_path / "received"
-    received.mkdir()
-    storescp = subprocess.Popen(
-        ["storescp", "-aet", "RESEARCH", "-od", str(received), str(dest_port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    receiver = storescp(dest_port, received, "-aet", "RESEARCH")
     try:
         server = start_server("--peer", f"RESEARCH=127.0.0.1:{dest_port}")
         study = make_study(tmp_path / "study", 2, size=32)
         storescu(server.port, *study)
         original = pydicom.dcmread(study[0])
-        time.sleep(0.5)  # storescp listening
         key = tmp_path / "project.key"
         args = ["--patient", original.PatientID, "--dest", "RESEARCH", "--key-file", str(key)]
         result = minipacs(
@@ -403,5 +397,5 @@ def test_anonymize_to_a_peer(start_server, tmp_path):
         )  # fmt: skip
         assert missing.returncode == 1 and "nothing stored under it" in missing.stdout
     finally:
-        storescp.terminate()
-        storescp.wait(10)
+        receiver.terminate()
+        receiver.wait(10)

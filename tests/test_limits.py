@@ -33,18 +33,17 @@ def test_association_flood_beyond_the_limit_is_rejected(start_server, tmp_path):
     assert all(a.is_rejected for a in extra)
     for assoc in held:
         assoc.release()
-    time.sleep(0.5)
-    again = associate(server.port)
-    assert again.is_established
+    deadline = time.monotonic() + 10  # the server counts a released association out soon
+    while not (again := associate(server.port)).is_established:
+        assert time.monotonic() < deadline, "no association accepted after the release"
+        time.sleep(0.1)
     again.release()
 
 
 def test_a_silent_dicom_client_is_dropped(start_server, tmp_path):
     server = limited(start_server, tmp_path)
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
-        started = time.monotonic()
-        assert closed_within(sock, 10)
-        assert time.monotonic() - started < 8
+        assert closed_within(sock, 8)  # acse_timeout = 2
     assert associate(server.port).is_established
 
 

@@ -2,8 +2,8 @@
 dcmtk storescp that is down, then up again after a restart of minipacs, to a DICOMweb
 server (a second minipacs) over STOW-RS, and whole studies once they are stable."""
 
+import datetime
 import json
-import subprocess
 import time
 
 import pydicom
@@ -12,19 +12,11 @@ from conftest import TEST_FILES
 from conftest import free_port
 from conftest import index_args
 from conftest import minipacs
+from conftest import storescp
 from conftest import storescu
 from make_study import make_study
 
 pytestmark = pytest.mark.usefixtures("engine")  # the queue is a table: both engines
-
-
-def storescp(port: int, out) -> subprocess.Popen:
-    out.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(
-        ["storescp", "-aet", "DEST", "-od", str(out), str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 def queue(server) -> list[dict]:
@@ -53,8 +45,7 @@ def test_a_peer_stopped_and_restarted_gets_everything(start_server, tmp_path):
     port, received = free_port(), tmp_path / "received"
     server = routed_server(start_server, tmp_path, port, "DEST modality=CT")
     study = make_study(tmp_path / "study", 3, size=16)
-    receiver = storescp(port, received)
-    time.sleep(0.5)  # listening
+    receiver = storescp(port, received, "-aet", "DEST")
     storescu(server.port, study[0])
     assert wait_until(lambda: len(list(received.iterdir())) == 1)
     receiver.terminate()
@@ -65,7 +56,7 @@ def test_a_peer_stopped_and_restarted_gets_everything(start_server, tmp_path):
     assert {i["sop_uid"] for i in waiting} == {pydicom.dcmread(p).SOPInstanceUID for p in study[1:]}
     assert all(i["last_error"] and i["status"] in ("pending", "sending") for i in waiting)
     server.stop()
-    receiver = storescp(port, received)
+    receiver = storescp(port, received, "-aet", "DEST")
     try:
         server.start()  # the queue was in the index: nothing lost
         assert wait_until(lambda: len(list(received.iterdir())) == 3)
@@ -79,23 +70,31 @@ def test_a_peer_stopped_and_restarted_gets_everything(start_server, tmp_path):
     assert "auto-routing" in trail
 
 
+def utc(value) -> datetime.datetime:
+    """A naive UTC time from the index (a datetime, or text on SQLite) as an aware one."""
+    return datetime.datetime.fromisoformat(str(value)).replace(tzinfo=datetime.UTC)
+
+
 def test_a_stable_study_goes_as_a_whole(start_server, tmp_path):
+    """One queue item for the study, its wait started again by each new instance, sent
+    whole once due: checked on the queue's own times, no window on the test's clock."""
     port, received = free_port(), tmp_path / "received"
-    receiver = storescp(port, received)
+    receiver = storescp(port, received, "-aet", "DEST")
     try:
         server = routed_server(start_server, tmp_path, port, "DEST stable=3")
         study = make_study(tmp_path / "study", 2, size=16)
-        storescu(server.port, study[0])
-        time.sleep(1)
-        storescu(server.port, study[1])  # the study is not stable yet: the wait starts again
-        (item,) = queue(server)
-        assert (
-            item["sop_uid"] is None
-            and item["study_uid"] == pydicom.dcmread(study[0]).StudyInstanceUID
+        storescu(server.port, *study)
+        ((study_uid, sop_uid, created, due),) = server.rows(
+            "SELECT study_uid, sop_uid, created_at, due_at FROM routeitem"
         )
-        time.sleep(1.5)
-        assert list(received.iterdir()) == []
+        assert sop_uid is None and study_uid == pydicom.dcmread(study[0]).StudyInstanceUID
+        # Due 3 s after the second instance, not the first: the wait started again.
+        assert utc(due) - utc(created) > datetime.timedelta(seconds=3)
         assert wait_until(lambda: len(list(received.iterdir())) == 2)
+        for path in received.iterdir():  # written once the item fell due (mtime is coarse)
+            written = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC)
+            assert written > utc(due) - datetime.timedelta(seconds=0.1), path.name
+        assert wait_until(lambda: queue(server) == [])
     finally:
         receiver.terminate()
         receiver.wait(10)

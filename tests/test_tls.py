@@ -8,7 +8,6 @@ import re
 import socket
 import ssl
 import subprocess
-import time
 import urllib.request
 
 import pydicom
@@ -19,6 +18,7 @@ from conftest import closed_within
 from conftest import free_port
 from conftest import minipacs
 from conftest import run
+from conftest import storescp
 from conftest import storescu
 from dicomweb_client.api import DICOMwebClient
 from playwright.sync_api import expect
@@ -209,24 +209,8 @@ def test_a_silent_client_holds_up_no_other_tls_client(start_server, pki, tmp_pat
 
 def test_move_to_a_tls_peer(start_server, pki, tmp_path):
     dest_port, out = free_port(), tmp_path / "moved"
-    out.mkdir()
-    storescp = subprocess.Popen(
-        [
-            "storescp",
-            "+tls",
-            str(pki / "server.key"),
-            str(pki / "server.crt"),
-            "+cf",
-            str(pki / "ca.crt"),
-            "-aet",
-            "TLSDEST",
-            "-od",
-            str(out),
-            str(dest_port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    tls = ("+tls", str(pki / "server.key"), str(pki / "server.crt"), "+cf", str(pki / "ca.crt"))
+    receiver = storescp(dest_port, out, *tls, "-aet", "TLSDEST")
     try:
         config = tmp_path / "tls.toml"
         config.write_text(
@@ -237,14 +221,13 @@ def test_move_to_a_tls_peer(start_server, pki, tmp_path):
             "--config", str(config), "--peer", f"TLSDEST=127.0.0.1:{dest_port}?tls=yes"
         )
         minipacs("send", "--port", str(server.port), str(CT))
-        time.sleep(0.5)  # storescp listening
         uid = pydicom.dcmread(CT, stop_before_pixels=True).StudyInstanceUID
         moved = minipacs("move", "--port", str(server.port), "--dest", "TLSDEST", uid)
         assert "completed: 1" in moved.stdout + moved.stderr, moved.stdout + moved.stderr
         assert len(list(out.iterdir())) == 1
     finally:
-        storescp.terminate()
-        storescp.wait(10)
+        receiver.terminate()
+        receiver.wait(10)
 
 
 @pytest.fixture
