@@ -4,7 +4,9 @@ Each case ends with the same checks: the server still answers, nothing partial w
 left in the archive, nothing was written outside it.
 """
 
-import os
+import io
+import random
+import resource
 import socket
 import struct
 import subprocess
@@ -12,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import children
 from conftest import minipacs
 from make_study import make_study
 from scu import echo
@@ -43,7 +46,8 @@ def leftovers(data: Path) -> list[str]:
 
 @pytest.fixture
 def small_disk(tmp_path: Path):
-    """A 4 MiB tmpfs; needs root (CI runs as root)."""
+    """A 4 MiB tmpfs; mounting needs root. CI runs as root, so there this test runs;
+    test_file_size_limit_gives_a700_without_root covers the same path for anyone."""
     mount = tmp_path / "disk"
     mount.mkdir()
     result = subprocess.run(
@@ -72,6 +76,27 @@ def test_full_disk_gives_a700_and_keeps_serving(start_server, small_disk, tmp_pa
     result = minipacs("verify", "--data", str(server.data), "--json", check=False)
     assert result.returncode == 0, result.stdout
     assert f'"instances": {stored}' in result.stdout
+
+
+def test_file_size_limit_gives_a700_without_root(server, tmp_path):
+    """What a full disk does, without mounting one: RLIMIT_FSIZE (set on the running server
+    and its workers) makes the write that crosses it fail with EFBIG, a "no room" errno,
+    through the same receive path as ENOSPC. Python ignores SIGXFSZ, so nobody dies."""
+    limit = 1 << 20
+    for pid in {server.proc.pid, *children(server.proc.pid)}:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, limit))
+    small = make_study(tmp_path / "small", 3, size=256)  # ~130 kB each
+    big = make_study(tmp_path / "big", 2, size=1024)  # ~2 MiB each: over the limit
+    sop_class = "1.2.840.10008.5.1.4.1.1.2"
+    responses = store_files(server.port, small + big, [(sop_class, "1.2.840.10008.1.2.1")])
+    assert [r.Status for r in responses] == [0, 0, 0, 0xA700, 0xA700]
+    assert "no space" in responses[3].ErrorComment.lower()
+    assert "refused (0xA700)" in server.log()
+    assert_still_serving_and_clean(server)
+    server.stop()
+    result = minipacs("verify", "--data", str(server.data), "--json", check=False)
+    assert result.returncode == 0, result.stdout
+    assert '"instances": 3' in result.stdout
 
 
 # -- garbage and absurd PDUs ---------------------------------------------------
@@ -124,13 +149,16 @@ def converse(port: int, *messages: bytes, wait: float = 2.0) -> bytes:
         return received
 
 
+NOISE = random.Random(18).randbytes  # the same "random" bytes on every run and worker
+
+
 @pytest.mark.parametrize(
     "garbage",
     [
-        os.urandom(4096),
-        b"\x01\x00\xff\xff\xff\xff" + os.urandom(64),  # A-ASSOCIATE-RQ claiming 4 GiB
+        NOISE(4096),
+        b"\x01\x00\xff\xff\xff\xff" + NOISE(64),  # A-ASSOCIATE-RQ claiming 4 GiB
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        b"\x04\x00\x00\x00\x00\x10" + os.urandom(16),  # P-DATA before any association
+        b"\x04\x00\x00\x00\x00\x10" + NOISE(16),  # P-DATA before any association
     ],
     ids=["random", "huge-length", "http", "pdata-first"],
 )
@@ -140,10 +168,39 @@ def test_garbage_on_the_port(server, garbage):
     assert list(server.data.glob("*/*/*.dcm")) == []
 
 
+def pdus(data: bytes) -> list[tuple[int, bytes]]:
+    """(type, body) of each PDU in what a peer sent."""
+    found = []
+    while data:
+        length = int.from_bytes(data[2:6], "big")
+        found.append((data[0], data[6 : 6 + length]))
+        data = data[6 + length :]
+    return found
+
+
+def command_in(pdata_bodies: list[bytes]):
+    """The command set carried by P-DATA-TF bodies, its fragments joined (PS3.8 E.2)."""
+    from pynetdicom.dsutils import decode
+
+    fragments = b""
+    for body in pdata_bodies:
+        while body:
+            length, control = int.from_bytes(body[:4], "big"), body[5]
+            assert control & 1, "a dataset fragment where only a command was due"
+            fragments += body[6 : 4 + length]
+            body = body[4 + length :]
+    assert control & 2, "the command's last fragment never came"
+    return decode(io.BytesIO(fragments), True, True)
+
+
 @pytest.mark.parametrize("max_pdu", [0xFFFFFFFF, 0, 1, 7, 100])
 def test_absurd_maximum_pdu_sizes(server, max_pdu):
-    reply = converse(server.port, associate_rq(max_pdu), c_echo_pdata())
-    assert reply[:1] in (b"\x02", b"\x03", b"\x07")  # accepted, rejected or aborted: an answer
+    # A PDU of 1 or 7 bytes holds no whole PDV header: the answer comes a byte a PDU.
+    reply = pdus(converse(server.port, associate_rq(max_pdu), c_echo_pdata()))
+    assert reply[0][0] == 0x02  # A-ASSOCIATE-AC
+    assert {kind for kind, _ in reply[1:]} == {0x04}  # then P-DATA-TF only
+    response = command_in([body for _, body in reply[1:]])
+    assert (response.CommandField, response.Status) == (0x8030, 0x0000)  # C-ECHO-RSP Success
     assert_still_serving_and_clean(server)
 
 
@@ -185,12 +242,13 @@ def test_pdu_longer_than_our_maximum_is_refused(server):
         assert sock.recv(6)[:1] == b"\x02"
         time.sleep(0.2)
         sock.recv(65536)
-        sock.sendall(struct.pack(">BBI", 4, 0, 512 << 20) + os.urandom(65536))
+        sock.sendall(struct.pack(">BBI", 4, 0, 512 << 20) + NOISE(65536))
         try:  # without the limit the server would sit waiting for 512 MiB: a timeout here
             answer = sock.recv(65536)
         except ConnectionResetError:
             answer = b""
-    assert answer == b"" or answer[:1] == b"\x07"  # closed, or A-ABORT
+    # A-ABORT from the service provider (source 2), invalid PDU parameter value (reason 6).
+    assert answer == bytes.fromhex("07000000000400000206")
     status = Path(f"/proc/{server.proc.pid}/status").read_text()
     peak_kib = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1])
     assert peak_kib < 200 * 1024

@@ -189,11 +189,11 @@ def test_modality_lut_sequence(tmp_path):
     assert np.abs(mine.astype(int) - reference.astype(int)).max() <= 1
 
 
-def test_palette_colour_and_ybr_full_422():
+def test_palette_colour_and_ybr_full_422(tmp_path):
     for name in ("examples_palette.dcm", "SC_ybr_full_422_uncompressed.dcm"):
         mine = ours(TEST_FILES / name, Request())
         assert mine.ndim == 3 and mine.shape[2] == 3
-        reference = dcmj2pnm(TEST_FILES / name, Path(pytest.importorskip("tempfile").mkdtemp()))
+        reference = dcmj2pnm(TEST_FILES / name, tmp_path)
         assert np.abs(mine.astype(int) - reference.astype(int)).max() <= 1
 
 
