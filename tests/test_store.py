@@ -6,22 +6,43 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import STORESCU_PROPOSE
+from conftest import Server
 from conftest import storescu
 from conftest import storescu_concurrently
 from dicom_files import dataset_bytes
 from dicom_files import malformed
 from dicom_files import storable
+from pydicom.uid import generate_uid
 from scu import store_dataset
 from scu import store_files
 
-pytestmark = pytest.mark.usefixtures("engine")  # every test on SQLite and PostgreSQL
+# Every test runs on SQLite and PostgreSQL: on `shared`, one server per engine for the
+# tests that only add what they check, or on a fresh one (`engine`) where the point is an
+# empty archive, a setting, or the process's own memory.
 STORABLE = storable()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, module_engine) -> Server:
+    """A server kept for the module (`replace`: a later file with an earlier one's SOP
+    Instance UID becomes the stored one, so each test sees its own bytes)."""
+    data = tmp_path_factory.mktemp("store") / "data"
+    server = Server(data, "--duplicates", "replace", index=module_engine).start()
+    yield server
+    server.kill()
+
+
+def archive_tree(data: Path) -> list[Path]:
+    """Every folder and file of the archive's studies (the dot folders and the index aside)."""
+    tops = [p for p in data.iterdir() if not p.name.startswith((".", "index.sqlite"))]
+    return sorted([*tops, *(p for top in tops if top.is_dir() for p in top.rglob("*"))])
 
 
 def stored_path(data: Path, sample) -> Path:
     return data / sample.study_uid / sample.series_uid / f"{sample.sop_uid}.dcm"
 
 
+@pytest.mark.usefixtures("engine")
 def test_every_storable_pydicom_file_is_stored_bit_for_bit(start_server):
     # Several shipped files share a SOP Instance UID in different encodings: `replace`
     # makes each one's bytes the stored ones, checked right after its own C-STORE.
@@ -62,7 +83,8 @@ def test_every_storable_pydicom_file_is_stored_bit_for_bit(start_server):
     [s for s in STORABLE if s.transfer_syntax in STORESCU_PROPOSE],
     ids=lambda s: s.path.name,
 )
-def test_dcmtk_storescu_stores_each_transfer_syntax(server, sample):
+def test_dcmtk_storescu_stores_each_transfer_syntax(shared, sample):
+    server = shared
     result = storescu(
         server.port, sample.path, extra=(STORESCU_PROPOSE[sample.transfer_syntax],), check=False
     )
@@ -79,7 +101,8 @@ def test_dcmtk_storescu_stores_each_transfer_syntax(server, sample):
             assert stored[tag].value == original[tag].value, original[tag].name
 
 
-def test_index_keys_and_decoded_text(server):
+def test_index_keys_and_decoded_text(shared):
+    server = shared
     charset = [
         s for s in STORABLE if s.path.parent.name == "charset_files" and s.meta_sop_uid == s.sop_uid
     ]
@@ -111,7 +134,8 @@ def test_index_keys_and_decoded_text(server):
     assert any("\x1b" not in name and "김희중" in name for name in names)
 
 
-def test_counts_and_modalities_are_maintained(server, tmp_path):
+def test_counts_and_modalities_are_maintained(shared, tmp_path):
+    server = shared
     from make_study import make_study
 
     paths = make_study(tmp_path / "study", 12, size=64)
@@ -126,6 +150,7 @@ def test_counts_and_modalities_are_maintained(server, tmp_path):
     ) == [(12,)]
 
 
+@pytest.mark.usefixtures("engine")
 def test_identical_duplicate_is_success_and_not_duplicated(server):
     sample = next(s for s in STORABLE if s.path.name == "CT_small.dcm")
     context = [(sample.sop_class_uid, sample.transfer_syntax)]
@@ -141,6 +166,7 @@ def _changed_copy(sample) -> pydicom.Dataset:
     return ds
 
 
+@pytest.mark.usefixtures("engine")
 @pytest.mark.parametrize(
     ("policy", "status", "kept"),
     [("keep", 0x0000, True), ("replace", 0x0000, False), ("reject", 0x0111, True)],
@@ -159,15 +185,19 @@ def test_duplicate_policy_for_different_bytes(start_server, policy, status, kept
 
 
 @pytest.mark.parametrize("sample", malformed(), ids=lambda s: s.path.name)
-def test_malformed_dataset_cannot_be_understood(server, sample):
+def test_malformed_dataset_cannot_be_understood(shared, sample):
+    # Each shares its UIDs with a good file another test may have stored: that one stays.
+    server = shared
+    stored = stored_path(server.data, sample)
+    before = stored.read_bytes() if stored.exists() else None
     (response,) = store_files(
         server.port, [sample.path], [(sample.sop_class_uid, sample.transfer_syntax)]
     )
     assert response.Status == 0xC000
     assert "ErrorComment" in response
-    assert not stored_path(server.data, sample).exists()
+    assert (stored.read_bytes() if stored.exists() else None) == before
     assert not list((server.data / ".incoming").iterdir())
-    assert "refused (0xC000)" in server.log()
+    assert f"{sample.meta_sop_uid} from PYNETDICOM refused (0xC000)" in server.log()
 
 
 @pytest.mark.parametrize(
@@ -177,11 +207,14 @@ def test_malformed_dataset_cannot_be_understood(server, sample):
         ("MediaStorageSOPClassUID", "1.2.840.10008.5.1.4.1.1.4", "SOP Class UID differs"),
     ],
 )
-def test_request_and_dataset_uids_must_agree(server, tmp_path, meta_key, value, comment):
+def test_request_and_dataset_uids_must_agree(shared, tmp_path, meta_key, value, comment):
     # pynetdicom announces the File Meta's UIDs in the C-STORE request and sends the
     # dataset as it is: a file whose meta disagrees with its dataset is a mismatch.
+    server = shared
     sample = next(s for s in STORABLE if s.path.name == "CT_small.dcm")
     ds = pydicom.dcmread(sample.path)
+    ds.StudyInstanceUID = generate_uid()  # UIDs no other test stores
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     setattr(ds.file_meta, meta_key, value)
     path = tmp_path / "mismatch.dcm"
     ds.save_as(path)
@@ -189,27 +222,38 @@ def test_request_and_dataset_uids_must_agree(server, tmp_path, meta_key, value, 
     (response,) = store_files(server.port, [path], [(sop_class, sample.transfer_syntax)])
     assert response.Status == 0xA900
     assert comment in response.ErrorComment
-    assert server.rows("SELECT count(*) FROM instance") == [(0,)]
-    assert not stored_path(server.data, sample).exists()
+    assert server.rows(
+        "SELECT count(*) FROM instance WHERE sop_uid IN (?, ?)", ds.SOPInstanceUID, value
+    ) == [(0,)]
+    assert server.rows("SELECT count(*) FROM study WHERE study_uid = ?", ds.StudyInstanceUID) == [
+        (0,)
+    ]
+    assert not (server.data / ds.StudyInstanceUID).exists()
 
 
 @pytest.mark.parametrize(
     ("uid", "reason"),
     [("../../x", "not a valid UID"), ("1." + "2" * 80, "not a valid UID"), ("", "missing")],
 )
-def test_bad_uids_never_become_paths(server, uid, reason):
+def test_bad_uids_never_become_paths(shared, uid, reason):
+    server = shared
     sample = next(s for s in STORABLE if s.path.name == "CT_small.dcm")
     ds = pydicom.dcmread(sample.path)
     ds.StudyInstanceUID = uid
+    ds.SOPInstanceUID = generate_uid()  # an instance no other test stores
+    before = archive_tree(server.data)
     response = store_dataset(server.port, ds, sample.transfer_syntax)
     assert response.Status == 0xC000
     assert reason in response.ErrorComment
-    index_files = [] if server.index else ["index.sqlite", "index.sqlite-shm", "index.sqlite-wal"]
-    expected = [".incoming", ".lock", ".metrics", ".queue", ".session-key", *index_files]
-    assert sorted(p.name for p in server.data.iterdir()) == expected
+    assert archive_tree(server.data) == before  # not a file nor a folder more
+    assert not list((server.data / ".incoming").iterdir())
     assert not (server.data.parent / "x").exists()
+    assert server.rows("SELECT count(*) FROM instance WHERE sop_uid = ?", ds.SOPInstanceUID) == [
+        (0,)
+    ]
 
 
+@pytest.mark.usefixtures("engine")
 def test_unknown_sop_class_refused_unless_configured(start_server, tmp_path):
     sample = next(s for s in STORABLE if s.path.name == "CT_small.dcm")
     ds = pydicom.dcmread(sample.path)
@@ -234,14 +278,25 @@ def test_unknown_sop_class_refused_unless_configured(start_server, tmp_path):
         server.stop()
 
 
-def test_eight_concurrent_associations(server, tmp_path):
+def test_eight_concurrent_associations(shared, tmp_path):
     from make_study import make_study
 
+    server = shared
     studies = [make_study(tmp_path / f"s{n}", 15, size=64) for n in range(8)]
     errors = storescu_concurrently(server.port, studies)
     assert errors == []
-    assert server.rows("SELECT count(*), count(DISTINCT sop_uid) FROM instance") == [(120, 120)]
-    assert server.rows("SELECT sum(num_instances) FROM study") == [(120,)]
+    uids = [
+        pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID for paths in studies
+    ]
+    marks = ", ".join("?" * len(uids))
+    assert server.rows(
+        "SELECT count(*), count(DISTINCT i.sop_uid) FROM instance i JOIN series se ON "
+        f"se.id = i.series_id JOIN study st ON st.id = se.study_id WHERE st.study_uid IN ({marks})",
+        *uids,
+    ) == [(120, 120)]
+    assert server.rows(
+        f"SELECT count(*), sum(num_instances) FROM study WHERE study_uid IN ({marks})", *uids
+    ) == [(8, 120)]
     assert "locked" not in server.log()
 
 
@@ -270,6 +325,7 @@ def _write_big_instance(path: Path, frames: int) -> str:
     return ds.SOPInstanceUID
 
 
+@pytest.mark.usefixtures("engine")
 def test_big_instance_is_received_to_disk_not_memory(server, tmp_path):
     path = tmp_path / "big.dcm"
     sop_uid = _write_big_instance(path, frames=600)  # 300 MiB of pixel data
@@ -286,7 +342,8 @@ def test_big_instance_is_received_to_disk_not_memory(server, tmp_path):
     assert peak_kib < 200 * 1024, f"peak RSS {peak_kib} KiB while receiving a 300 MiB instance"
 
 
-def test_every_transfer_syntax_pydicom_knows_is_accepted(server):
+def test_every_transfer_syntax_pydicom_knows_is_accepted(shared):
+    server = shared
     from pydicom.uid import HTJ2K
     from pydicom.uid import MPEG4HP41
     from pydicom.uid import AllTransferSyntaxes
