@@ -669,6 +669,48 @@ def minipacs_import(
             out.close()
 
 
+# --------------------------------------------------------------------------- data
+
+
+def make_study(folder: Path, count: int, size: int, **kwargs: Any) -> list[Path]:
+    """scripts/make_study.py's synthetic CT study: one series, files in instance order."""
+    if str(SCRIPTS) not in sys.path:  # make_study.py and make_studies() live there
+        sys.path.insert(0, str(SCRIPTS))
+    from make_study import make_study as write
+
+    return write(folder, count, size, **kwargs)
+
+
+@dataclass
+class StudyFiles:
+    """A one-series study on disk: its files (in instance order), size and UIDs."""
+
+    files: list[Path]
+    total_bytes: int
+    study: str = ""
+    series: str = ""
+    patient_id: str = ""
+    sops: list[str] = field(default_factory=list)  # per file
+    rows: int = 0
+    columns: int = 0
+
+
+def read_study(files: list[Path], with_uids: bool = True) -> StudyFiles:
+    """The files' total size and, `with_uids`, their UIDs (headers only)."""
+    study = StudyFiles(files, sum(path.stat().st_size for path in files))
+    if not with_uids:
+        return study
+    from pydicom import dcmread
+
+    tags = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=[*tags, "Rows", "Columns"])
+        study.patient_id, study.study, study.series = (str(ds.get(t)) for t in tags[:3])
+        study.sops.append(str(ds.SOPInstanceUID))
+        study.rows, study.columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    return study
+
+
 # --------------------------------------------------------------------------- sending
 
 

@@ -48,6 +48,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import ExplicitVRLittleEndian
 
 log = logging.getLogger("bench.dicomweb")
+BigStudy = bench.StudyFiles
 
 ALL_SERVERS = ("minipacs", "orthanc")
 ROOT = "/dicom-web"
@@ -74,20 +75,6 @@ QUERY_YEAR = 2020
 
 
 @dataclass
-class BigStudy:
-    """The 500-instance CT study: its files and UIDs."""
-
-    files: list[Path]
-    study: str
-    series: str
-    sops: list[str]
-    patient_id: str
-    rows: int
-    columns: int
-    bytes: int
-
-
-@dataclass
 class Background:
     """Small one-instance studies (Part 10 bytes in memory) and what each query must find."""
 
@@ -99,26 +86,8 @@ class Background:
 
 def make_big_study(root: Path, count: int, size: int) -> BigStudy:
     """`make_study(root/study, count, size)`, as ingest.py and query.py make it."""
-    sys.path.insert(0, str(bench.SCRIPTS))
-    from make_study import make_study
-
     log.info("writing the %d-instance %d² CT study", count, size)
-    files = make_study(root / "study", count, size)
-    sops = []
-    for path in files:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        sops.append(str(ds.SOPInstanceUID))
-    first = dcmread(files[0], stop_before_pixels=True)
-    return BigStudy(
-        files=files,
-        study=str(first.StudyInstanceUID),
-        series=str(first.SeriesInstanceUID),
-        sops=sops,
-        patient_id=str(first.PatientID),
-        rows=int(first.Rows),
-        columns=int(first.Columns),
-        bytes=sum(p.stat().st_size for p in files),
-    )
+    return bench.read_study(bench.make_study(root / "study", count, size))
 
 
 def make_background(count: int, seed: int) -> Background:
@@ -1173,7 +1142,7 @@ def main(argv: list[str] | None = None) -> int:
                 "study": {
                     "count": opts.count,
                     "size": opts.size,
-                    "mb": study.bytes / MB,
+                    "mb": study.total_bytes / MB,
                     "study_uid": study.study,
                 },
                 "background": opts.background,

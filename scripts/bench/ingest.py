@@ -53,6 +53,7 @@ from typing import Any
 import _common as bench
 
 log = logging.getLogger("bench.ingest")
+Study = bench.StudyFiles
 
 ALL_SERVERS = ("minipacs", "minipacs-nofsync", "orthanc", "storescp")
 ALL_LOADS = ("x1", "x4", "x0", "small", "mixed", "lag")
@@ -86,39 +87,15 @@ TARGET_RSS_MIB = 200.0
 # --------------------------------------------------------------------------- data
 
 
-@dataclass
-class Study:
-    files: list[Path]
-    total_bytes: int
-    sops: list[str] = field(default_factory=list)  # per file
-    orthanc_ids: list[str] = field(default_factory=list)  # per file
-    study: str = ""
-    series: str = ""
-    patient_id: str = ""
-    orthanc_series: str = ""
-
-
 def orthanc_hash(*uids: str) -> str:
     """Orthanc's resource id: SHA-1 of the UIDs joined by '|', in 5 dashed groups."""
     digest = hashlib.sha1("|".join(uids).encode()).hexdigest()
     return "-".join(digest[i : i + 8] for i in range(0, 40, 8))
 
 
-def read_study(files: list[Path], with_uids: bool) -> Study:
-    study = Study(files, sum(path.stat().st_size for path in files))
-    if not with_uids:
-        return study
-    from pydicom import dcmread
-
-    tags = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"]
-    for path in files:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=tags)
-        uids = (str(ds.PatientID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID))
-        study.patient_id, study.study, study.series = uids
-        study.sops.append(str(ds.SOPInstanceUID))
-        study.orthanc_ids.append(orthanc_hash(*uids, str(ds.SOPInstanceUID)))
-    study.orthanc_series = orthanc_hash(study.patient_id, study.study, study.series)
-    return study
+def orthanc_ids(study: Study) -> list[str]:
+    """Orthanc's instance ids of the study's files."""
+    return [orthanc_hash(study.patient_id, study.study, study.series, sop) for sop in study.sops]
 
 
 @dataclass
@@ -134,13 +111,12 @@ class Data:
 def make_data(root: Path, loads: set[str], opts: argparse.Namespace) -> Data:
     sys.path.insert(0, str(bench.SCRIPTS))
     from make_study import make_studies
-    from make_study import make_study
 
     data = Data()
     if loads & {"x1", "x4", "x0", "lag"}:
         log.info("writing a %d-instance %d² CT study", opts.count, opts.size)
-        files = make_study(root / "study", opts.count, opts.size)
-        data.ct = read_study(files, with_uids="lag" in loads)
+        files = bench.make_study(root / "study", opts.count, opts.size)
+        data.ct = bench.read_study(files, with_uids="lag" in loads)
         data.meta["ct"] = {
             "count": len(files),
             "size": opts.size,
@@ -151,7 +127,7 @@ def make_data(root: Path, loads: set[str], opts: argparse.Namespace) -> Data:
         log.info("writing %d small studies (%d²)", opts.small_studies, opts.small_size)
         started = time.perf_counter()
         files = make_studies(root / "small", opts.small_studies, opts.small_size)
-        data.small = read_study(files, with_uids=False)
+        data.small = bench.read_study(files, with_uids=False)
         data.meta["small"] = {
             "studies": opts.small_studies,
             "count": len(files),
@@ -167,14 +143,14 @@ def make_data(root: Path, loads: set[str], opts: argparse.Namespace) -> Data:
             opts.mixed_assoc,
             opts.mixed_per_assoc,
         )
-        files = make_study(
+        files = bench.make_study(
             root / "mixed-preload", opts.mixed_preload, opts.size, patient_id=MIXED_PATIENT
         )
-        data.preload = read_study(files, with_uids=True)
+        data.preload = bench.read_study(files, with_uids=True)
         for tag, parts in (("a", data.mixed_a), ("b", data.mixed_b)):
             for index in range(opts.mixed_assoc):
                 folder = root / f"mixed-{tag}{index}"
-                parts.append(make_study(folder, opts.mixed_per_assoc, opts.size))
+                parts.append(bench.make_study(folder, opts.mixed_per_assoc, opts.size))
         one = data.mixed_a[0][0].stat().st_size
         data.meta["mixed"] = {
             "preload": opts.mixed_preload,
@@ -426,9 +402,9 @@ def web_requests(
         find = json.dumps(
             {"Level": "Study", "Query": {"PatientID": study.patient_id}, "Expand": True}
         ).encode()
-        ids = study.orthanc_ids
+        ids = orthanc_ids(study)
         json_type = {"Content-Type": "application/json"}
-        tags = f"/series/{study.orthanc_series}/instances-tags"
+        tags = f"/series/{orthanc_hash(study.patient_id, study.study, study.series)}/instances-tags"
         jpeg = {"Accept": "image/jpeg"}
         return {
             "qido": lambda rng: ("POST", "/tools/find", json_type, find),
@@ -625,7 +601,7 @@ def run_send(
         if isinstance(server, bench.Minipacs):
             poll = minipacs_poll(server)
         else:
-            sop_of = dict(zip(study.orthanc_ids, study.sops, strict=True))
+            sop_of = dict(zip(orthanc_ids(study), study.sops, strict=True))
             poll = orthanc_poll(server, sop_of)  # type: ignore[arg-type]
         poller = Poller(poll, len(study.files))
         poller.start()

@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import _common as bench
-from pydicom import dcmread
 
 log = logging.getLogger("bench.viewer")
+Study = bench.StudyFiles
 
 CHROMIUM = Path("/usr/bin/chromium")
 VIEWPORT = {"width": 1280, "height": 800}
@@ -136,31 +136,11 @@ CURRENT_SHOWN = """
 # --------------------------------------------------------------------------- data
 
 
-@dataclass
-class Study:
-    study: str
-    series: str
-    sops: list[str]  # in instance-number order: the viewer's stack order
-
-
-def read_study(paths: list[Path]) -> Study:
-    heads = [dcmread(p, stop_before_pixels=True) for p in paths]
-    heads.sort(key=lambda ds: int(ds.InstanceNumber))
-    return Study(
-        str(heads[0].StudyInstanceUID),
-        str(heads[0].SeriesInstanceUID),
-        [str(ds.SOPInstanceUID) for ds in heads],
-    )
-
-
 def make_data(root: Path, count: int, size: int) -> tuple[Study, Study]:
     """The measured series and a one-slice study that warms each new server up."""
-    sys.path.insert(0, str(bench.SCRIPTS))
-    from make_study import make_study
-
     log.info("writing %d slices of %d×%d (make_study)", count, size, size)
-    study = read_study(make_study(root / "images" / "study", count, size))
-    warmup = read_study(make_study(root / "images" / "warmup", 1, size))
+    study = bench.read_study(bench.make_study(root / "images" / "study", count, size))
+    warmup = bench.read_study(bench.make_study(root / "images" / "warmup", 1, size))
     return study, warmup
 
 
