@@ -490,14 +490,14 @@ class Orthanc(Server):
         self,
         workdir: Path,
         opts: argparse.Namespace,
-        plugins: list[Path] = (),  # type: ignore[assignment]
+        plugins: list[Path] | None = None,
         peers: dict[str, int] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(workdir, opts)
         self.http_port = free_port()
         self.config_path = workdir / "orthanc.json"
-        self.plugins = list(plugins)
+        self.plugins = list(plugins or [])
         self.peers = peers
         self.extra = extra or {}
 
@@ -664,9 +664,9 @@ def minipacs_import(
                 raise BenchError(f"minipacs import exited {code}:\n{tail(path)}")
         return time.perf_counter() - started
     finally:
-        for proc, out, _path in procs:
+        for proc, log_file, _path in procs:
             PROCS.stop(proc, grace=5.0)
-            out.close()
+            log_file.close()
 
 
 # --------------------------------------------------------------------------- data
@@ -824,8 +824,8 @@ def send_parts(
         if reader is not None:
             reader.thread.join(timeout=5)
             reader.pipe.close()
-        for out in outs:
-            out.close()
+        for log_file in outs:
+            log_file.close()
     for path in sent.logs:
         success, failure = count_responses(path)
         sent.success += success
