@@ -462,29 +462,34 @@ def main(argv=None) -> int:
     ):
         return 2
     busy = bench.wait_for_quiet(opts.wait_idle)
-    with tempfile.TemporaryDirectory(prefix="minipacs-scale-") as tmp:
-        root = Path(tmp)
-        log.info("writing %d real instances per step", opts.real)
-        batches = [
-            write_batch(
-                root / f"batch{n}", str(n), opts.real // BATCH_SERIES_SIZE, BATCH_SERIES_SIZE
-            )
-            for n in range(len(opts.steps))
-        ]
-        grower = Grower(batches[0][0])
-        runs = json.loads(opts.reuse.read_text()) if opts.reuse else {}
-        for engine in filter(None, opts.engines.split(",")):
-            workdir = root / engine
-            workdir.mkdir()
-            runs[f"minipacs {engine}"] = keep_going(
-                run_minipacs, engine, workdir, batches, grower, opts
-            )
-            save(runs, opts)
-        if opts.orthanc_budget > 0:
-            workdir = root / "orthanc"
-            workdir.mkdir()
-            runs["orthanc sqlite"] = keep_going(run_orthanc, workdir, batches, opts)
-        bench.PROCS.stop_all()
+    try:
+        with bench.sigterm_unwinds(), tempfile.TemporaryDirectory(prefix="minipacs-scale-") as tmp:
+            root = Path(tmp)
+            log.info("writing %d real instances per step", opts.real)
+            batches = [
+                write_batch(
+                    root / f"batch{n}", str(n), opts.real // BATCH_SERIES_SIZE, BATCH_SERIES_SIZE
+                )
+                for n in range(len(opts.steps))
+            ]
+            grower = Grower(batches[0][0])
+            runs = json.loads(opts.reuse.read_text()) if opts.reuse else {}
+            for engine in filter(None, opts.engines.split(",")):
+                workdir = root / engine
+                workdir.mkdir()
+                runs[f"minipacs {engine}"] = keep_going(
+                    run_minipacs, engine, workdir, batches, grower, opts
+                )
+                save(runs, opts)
+            if opts.orthanc_budget > 0:
+                workdir = root / "orthanc"
+                workdir.mkdir()
+                runs["orthanc sqlite"] = keep_going(run_orthanc, workdir, batches, opts)
+    except (KeyboardInterrupt, bench.Interrupted):
+        log.error("interrupted: cleaning up")
+        return 130
+    finally:
+        bench.PROCS.stop_all()  # every server and storescu, on any exit
     text = report(runs)
     print(f"commit {bench.git_commit()}; other work during the run: {busy or 'none'}")
     print(
