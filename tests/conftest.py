@@ -1,6 +1,5 @@
 """Fixtures: real `minipacs serve` processes on free loopback ports, and real clients."""
 
-import itertools
 import os
 import signal
 import socket
@@ -27,29 +26,13 @@ from storage.engine import open_database  # noqa: E402
 ENGINES = ("sqlite", "postgresql")
 
 
-def _port_block() -> Iterator[int]:
-    """Ports for this pytest process, endlessly: a block of its own per xdist worker (gw0,
-    gw1, ...), below the kernel's ephemeral range (32768 up), so that no other worker and
-    no client socket's local port takes one between free_port() and the server's bind."""
-    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")) % 8
-    first = 20000 + 1500 * worker
-    while True:
-        yield from range(first, first + 1500)
-
-
-_PORTS = _port_block()
-
-
 def free_port() -> int:
-    """A port nothing listens on now, for a server this worker is about to start."""
-    for port in itertools.islice(_PORTS, 1500):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("every port of this worker's block is in use")
+    """A port nothing listens on now, chosen by the kernel at random among the ephemeral
+    ones: concurrent runs and xdist workers rarely meet (a fixed block per worker would
+    make two runs at once take the same ports in the same order)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
