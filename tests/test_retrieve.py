@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import TEST_FILES
+from conftest import Server
 from conftest import free_port
 from conftest import index_args
 from conftest import minipacs
@@ -54,24 +55,22 @@ class StoreSCP:
         self.proc.wait(10)
 
 
-@pytest.fixture
-def corpus_server(start_server, tmp_path, engine):
+@pytest.fixture(scope="module")
+def corpus_server(tmp_path_factory, module_engine):
     """The query corpus, plus compressed instances, on a server that knows STORESCP; once
-    per index engine."""
-    made = build(tmp_path / "corpus")
+    per index engine, for the module: retrievals only read it."""
+    root = tmp_path_factory.mktemp("corpus")
+    made = build(root / "corpus")
     for name in ("JPEG2000.dcm", "MR_small_RLE.dcm"):
-        (tmp_path / "corpus" / name).write_bytes((TEST_FILES / name).read_bytes())
-    corpus = str(tmp_path / "corpus")
-    minipacs("import", "--data", str(tmp_path / "data"), *index_args(engine), corpus, "--no-fsync")
+        (root / "corpus" / name).write_bytes((TEST_FILES / name).read_bytes())
+    data = root / "data"
+    minipacs("import", "--data", str(data), *index_args(module_engine), str(root / "corpus"),
+             "--no-fsync")  # fmt: skip
     destination_port = free_port()
-    server = start_server(
-        "--peer",
-        f"STORESCP=127.0.0.1:{destination_port}",
-        "--peer",
-        "DOWN=127.0.0.1:1",
-        data=tmp_path / "data",
-    )
-    return server, made, destination_port
+    peers = ("--peer", f"STORESCP=127.0.0.1:{destination_port}", "--peer", "DOWN=127.0.0.1:1")
+    server = Server(data, *peers, index=module_engine).start()
+    yield server, made, destination_port
+    server.kill()
 
 
 def imported_study(tmp_path: Path, count: int, size: int) -> list[Path]:
@@ -160,17 +159,19 @@ def test_move_decompresses_for_a_peer_taking_only_uncompressed(corpus_server, tm
 
 def test_move_to_unknown_destination_is_a801(corpus_server):
     server, made, _ = corpus_server
+    logged = len(server.log())  # the server is the module's: only what this test adds
     outcome = scu.move(scu.Remote(port=server.port), "STUDY", [made["A"]["uid"]], "NOBODY")
     assert outcome.status == 0xA801
-    assert "unknown AE 'NOBODY'" in server.log()
+    assert "unknown AE 'NOBODY'" in server.log()[logged:]
 
 
 def test_move_to_a_destination_that_is_down_fails_and_server_keeps_serving(corpus_server):
     server, made, _ = corpus_server
+    logged = len(server.log())
     outcome = scu.move(scu.Remote(port=server.port), "STUDY", [made["A"]["uid"]], "DOWN")
     assert not outcome.ok
     assert outcome.status & 0xF000 == 0xC000  # unable to process: known AE, not reachable
-    assert "DOWN at 127.0.0.1:1 is not reachable" in server.log()
+    assert "DOWN at 127.0.0.1:1 is not reachable" in server.log()[logged:]
     assert scu.echo(scu.Remote(port=server.port)) == 0
 
 
@@ -388,7 +389,9 @@ def test_failed_sub_operations_are_reported(corpus_server, start_server, tmp_pat
         ds.save_as(folder / f"{uid}.dcm")
     minipacs("import", "--data", str(tmp_path / "dest"), str(folder))
     dest = start_server("--aet", "DEST", "--duplicates", "reject", data=tmp_path / "dest")
-    relay = start_server("--peer", f"DEST=127.0.0.1:{dest.port}", data=server.data)
+    relay = start_server(
+        "--peer", f"DEST=127.0.0.1:{dest.port}", data=server.data, index=server.index
+    )
     outcome = scu.move(scu.Remote(port=relay.port), "STUDY", [made["A"]["uid"]], "DEST")
     assert outcome.failed == conflicts
     assert outcome.completed == 5 - conflicts
