@@ -79,7 +79,7 @@ def _commit_and_report(assoc, archive: Archive, config: Config, transaction: str
         log.warning("storage commitment %s: indexing is behind", transaction)
     committed, failed = [], []
     for sop_class, sop_uid in references:
-        problem = archive.commitment_problem(sop_class, sop_uid)
+        problem = archive.catalog.commitment_problem(sop_class, sop_uid)
         if problem:
             log.warning("storage commitment %s: %s not committed: %s", transaction, sop_uid,
                         problem)  # fmt: skip

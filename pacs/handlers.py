@@ -176,7 +176,7 @@ def handle_find(event: Event, archive: Archive, config: Config):
         level = str(identifier.get("QueryRetrieveLevel", ""))
         keys = query.keys_from_dataset(identifier)
         options = _options(config, event)
-        answers = archive.find(level, keys, model, options, limit=config.max_results + 1)
+        answers = archive.catalog.find(level, keys, model, options, limit=config.max_results + 1)
         first = next(answers, None)
     except query.QueryError as exc:
         log.warning("C-FIND from %s refused: %s", event.assoc.requestor.ae_title, exc)
@@ -498,7 +498,7 @@ def _locate(event: Event, archive: Archive) -> list[dict] | None:
     try:
         identifier = event.identifier
         level = str(identifier.get("QueryRetrieveLevel", ""))
-        return list(archive.locate(level, query.keys_from_dataset(identifier), model))
+        return list(archive.catalog.locate(level, query.keys_from_dataset(identifier), model))
     except Exception as exc:
         log.warning("retrieve from %s refused: %s", event.assoc.requestor.ae_title, exc)
         return None

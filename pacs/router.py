@@ -41,16 +41,16 @@ def forward_due(archive: Archive, config: Config) -> int:
     """One round: every due item (up to the claim limit), grouped by destination; how
     many items it took."""
     by_destination: dict[str, list[dict]] = defaultdict(list)
-    for item in archive.routes_due():
+    for item in archive.route_queue.due():
         by_destination[item["destination"]].append(item)
     for destination, items in by_destination.items():
         files = _files(archive, items)
         failures = _forward(config, destination, files)
         done = [i for i in files if i not in failures]
         if done:
-            archive.routes_sent(done)
+            archive.route_queue.sent(done)
         for item_id, error in failures.items():
-            archive.routes_not_sent([item_id], error, config.route_retry)
+            archive.route_queue.not_sent([item_id], error, config.route_retry)
         count = sum(len(files[i]) for i in done)
         log.info("routed %d instance(s) to %s; %d item(s) to retry", count, destination,
                  len(failures))  # fmt: skip
@@ -71,12 +71,14 @@ def _files(archive: Archive, items: list[dict]) -> dict[int, list[Path]]:
     by_sop = {item["sop_uid"]: item["id"] for item in items if item["sop_uid"]}
     files: dict[int, list[Path]] = {item["id"]: [] for item in items}
     if by_sop:
-        for row in archive.locate("IMAGE", [Key(0x00080018, "UI", list(by_sop))]):
+        for row in archive.catalog.locate("IMAGE", [Key(0x00080018, "UI", list(by_sop))]):
             files[by_sop[row["instance_sop_uid"]]].append(row["instance_path"])
     for item in items:
         if not item["sop_uid"]:
             study = [Key(0x0020000D, "UI", item["study_uid"])]
-            files[item["id"]] = [row["instance_path"] for row in archive.locate("STUDY", study)]
+            files[item["id"]] = [
+                row["instance_path"] for row in archive.catalog.locate("STUDY", study)
+            ]
     return files
 
 

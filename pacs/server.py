@@ -233,7 +233,7 @@ def _retention(config: Config, archive: Archive, stop: threading.Event) -> None:
     """Keep the archive within its quota: at start-up, then every retention_interval."""
     while True:
         try:
-            archive.enforce_quota(config.quota_mb << 20, config.quota_instances)
+            archive.retention.enforce_quota(config.quota_mb << 20, config.quota_instances)
         except Exception:  # never let one failed round end retention for good
             log.exception("retention round failed")
         if stop.wait(config.retention_interval):

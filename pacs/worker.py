@@ -217,7 +217,7 @@ def open_archive(config: Config, repair: bool) -> Archive:
     except Exception as exc:
         raise StartupError(str(exc)) from exc
     if repair and archive.lock(exclusive=True):
-        report = archive.reconcile()
+        report = archive.maintenance.reconcile()
         log.info(
             "start-up check: %d temporary file(s) removed, %d deletion(s) finished, "
             "%d file(s) indexed, %d problem(s)",

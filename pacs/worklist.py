@@ -26,7 +26,7 @@ def handle_find(event: Event, archive: Archive, config: Config):
     try:
         keys = query.keys_from_dataset(event.identifier)
         options = query.Options(pn_case_insensitive=config.pn_case_insensitive)
-        answers = list(archive.find_worklist(keys, options))
+        answers = list(archive.worklist.find(keys, options))
     except Exception as exc:  # an identifier pydicom cannot decode
         log.warning("worklist C-FIND from %s: identifier not understood: %s", calling, exc)
         yield _status(UNABLE_TO_PROCESS, f"identifier not understood: {exc}"), None
@@ -49,7 +49,7 @@ def handle_n_create(event: Event, archive: Archive):
     sop_uid = request.AffectedSOPInstanceUID or generate_uid()
     try:
         attributes = event.attribute_list
-        archive.create_step(str(sop_uid), attributes)
+        archive.worklist.create_step(str(sop_uid), attributes)
     except StepError as exc:
         log.info("MPPS N-CREATE %s from %s refused: %s", sop_uid,
                  event.assoc.requestor.ae_title, exc)  # fmt: skip
@@ -68,7 +68,7 @@ def handle_n_set(event: Event, archive: Archive):
     sop_uid = str(request.RequestedSOPInstanceUID)
     try:
         changes = event.modification_list
-        status = archive.set_step(sop_uid, changes)
+        status = archive.worklist.set_step(sop_uid, changes)
     except StepError as exc:
         log.info("MPPS N-SET %s from %s refused: %s", sop_uid,
                  event.assoc.requestor.ae_title, exc)  # fmt: skip

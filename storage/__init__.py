@@ -2,7 +2,7 @@
 
 from storage.archive import Archive
 from storage.archive import Outcome
-from storage.archive import Problem
 from storage.archive import Stored
+from storage.maintenance import Problem
 
 __all__ = ["Archive", "Outcome", "Problem", "Stored"]

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import shutil
 import threading
 import time
 import uuid
@@ -28,20 +27,18 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from dataclasses import field
 from pathlib import Path
 
 from peewee import OperationalError
-from peewee import fn
 
 from storage import audit
 from storage import index
 from storage import journal
 from storage import metrics
-from storage import query
 from storage import routing
 from storage import schema
 from storage import worklist
+from storage.catalog import Catalog
 from storage.dataset import SERIES_INSTANCE_UID
 from storage.dataset import SOP_CLASS_UID
 from storage.dataset import SOP_INSTANCE_UID
@@ -66,17 +63,14 @@ from storage.files import hash_file
 from storage.files import instance_path
 from storage.files import make_dirs
 from storage.files import reraise_full
-from storage.models import MODELS
+from storage.maintenance import Maintenance
 from storage.models import AuditEvent
 from storage.models import Instance
-from storage.models import Patient
-from storage.models import Series
-from storage.models import Study
 from storage.models import db
+from storage.retention import Retention
 
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep", "replace", "reject")
-TRASH = ".trash"  # what is being deleted: <LEVEL>.<UID>.<random>, a folder or a file
 UNINDEXED = ".unindexed"  # journal entries the indexer could not read (never deleted)
 UID_NAMES = {
     SOP_CLASS_UID: "SOP Class UID",
@@ -84,7 +78,6 @@ UID_NAMES = {
     STUDY_INSTANCE_UID: "Study Instance UID",
     SERIES_INSTANCE_UID: "Series Instance UID",
 }
-SHARED_TEMPORARY_AGE = 3600  # s: younger temporaries may be another node's, in flight
 
 
 class Outcome(enum.Enum):
@@ -112,23 +105,6 @@ class _RowWrite:
     row: index.Row
     event: audit.Event
     new: bool
-
-
-@dataclass
-class Problem:
-    """One finding of `verify` or `reconcile`: a path and what is wrong with it."""
-
-    path: str
-    reason: str
-
-
-@dataclass
-class ReconcileReport:
-    removed_temporary: int = 0
-    deletions_finished: int = 0
-    indexed: int = 0
-    rehashed: int = 0
-    problems: list[Problem] = field(default_factory=list)
 
 
 def _wait(future: Future) -> None:
@@ -176,7 +152,12 @@ class Archive:
         self.parse_processes = parse_processes
         self._parsers: ProcessPoolExecutor | None = None
         self._parsers_lock = threading.Lock()
-        self._placing = threading.Lock()  # the indexer's batches and deletions, one at a time
+        self.placing = threading.Lock()  # the indexer's batches and deletions, one at a time
+        self.catalog = Catalog(self.root)
+        self.retention = Retention(self)
+        self.maintenance = Maintenance(self)
+        self.worklist = worklist.Worklist(self.write)
+        self.route_queue = routing.RouteQueue(self.write)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -203,7 +184,7 @@ class Archive:
         if found and found != now:
             log.info("index migrated from schema version %d to %d", found, now)
         self._writer = index.IndexWriter(db, immediate=is_sqlite(database))
-        self._sql = index.Statements(db)
+        self.statements = index.Statements(db)
         return self
 
     def lock(self, exclusive: bool) -> bool:
@@ -324,7 +305,7 @@ class Archive:
             stored, write = self._settle(tmp, parsed, size, sha, calling_aet, who, address)
             if write is not None:
                 try:
-                    self._write(self._index_rows, [write])
+                    self.write(self._index_rows, [write])
                 except StorageError:
                     if stored.outcome is Outcome.STORED:  # no row: take the file back out
                         (self.root / stored.path).unlink(missing_ok=True)
@@ -380,7 +361,7 @@ class Archive:
         for write in writes:
             try:
                 with db.atomic():
-                    index.apply_row(write.row, self._sql, db)
+                    index.apply_row(write.row, self.statements, db)
                     self.chain.append(db, write.event)
                     if write.new:
                         routing.enqueue(self.routes, write.row.parsed, write.row.calling_aet)
@@ -451,7 +432,7 @@ class Archive:
         """Index journal entries (storage.indexer): parse each, put it in place, and
         commit all their rows at once; an entry is unlinked once its row is durable.
         Entries another indexer holds are left to it. Returns how many were taken."""
-        with contextlib.ExitStack() as held, self._placing:
+        with contextlib.ExitStack() as held, self.placing:
             taken: list[tuple[journal.Entry, Stored, _RowWrite | None]] = []
             folders: set[Path] = set()
             for path in paths:
@@ -485,7 +466,7 @@ class Archive:
                 for folder in folders:  # the links, durable before the rows that name them
                     fsync_path(folder)
             writes = [write for _, _, write in taken if write is not None]
-            done = iter(self._write(self._index_rows, writes) if writes else [])
+            done = iter(self.write(self._index_rows, writes) if writes else [])
             for entry, stored, write in taken:
                 if write is None or next(done):
                     metrics.stored(stored.size)
@@ -531,7 +512,7 @@ class Archive:
     def accounts(self, fn: Callable, *args, write: bool = False):
         """Run a storage.users function on the index (writes go through the index writer)."""
         if write:
-            return self._write(fn, *args)
+            return self.write(fn, *args)
         with db.connection_context():
             return fn(*args)
 
@@ -611,13 +592,13 @@ class Archive:
             return Outcome.KEPT
         if self.duplicates == "reject":
             raise DuplicateRejected(f"{final.stem} is stored with different content")
-        self._write(index.mark_replacing, final.stem)
+        self.write(index.mark_replacing, final.stem)
         aside = self.incoming_path()  # a link of its own: `tmp` stays until its row commits
         os.link(tmp, aside)
         os.replace(aside, final)
         return Outcome.REPLACED
 
-    def _write(self, fn, *args):
+    def write(self, fn, *args):
         assert self._writer is not None, "archive is not open"
         try:
             return self._writer.call(fn, *args)
@@ -626,370 +607,9 @@ class Archive:
                 raise OutOfResources(f"no space left for the index ({exc})") from exc
             raise StorageError(f"index write failed: {exc}") from exc
 
-    # -- deletion and retention ------------------------------------------------------
-
-    def delete(self, level: str, uid: str, who: str = "", reason: str = "") -> int:
-        """Remove a patient (by Patient ID), study, series or instance (IMAGE): files and
-        rows together, audited; returns the instances removed. Crash-safe: the rename of
-        the folder or file into `.trash/` is the point of no return, and start-up finishes
-        (rows, then files) whatever a crash interrupted."""
-        level = level.upper()
-        if level == "PATIENT":
-            with db.connection_context():
-                studies = [
-                    s.study_uid
-                    for s in Study.select(Study.study_uid)
-                    .join(Patient)
-                    .where(Patient.patient_id == uid)
-                ]
-            return sum(self.delete("STUDY", study, who, reason) for study in studies)
-        with self._placing:  # not while the indexer links an instance into what goes
-            return self._delete(level, uid, who, reason)
-
-    def _delete(self, level: str, uid: str, who: str, reason: str) -> int:
-        if level not in ("STUDY", "SERIES", "IMAGE"):
-            raise ValueError(f"cannot delete at level {level!r}")
-        target = self._path_of(level, uid)
-        trash = self.root / TRASH / f"{level}.{uid}.{uuid.uuid4().hex}"
-        try:
-            if target is None:
-                raise FileNotFoundError(uid)
-            trash.parent.mkdir(exist_ok=True)
-            os.rename(target, trash)
-            if self.fsync:
-                fsync_path(target.parent)
-        except FileNotFoundError:
-            trash = None  # no files (or another node took them): the rows still go
-        removed = self._write(self._delete_rows, level, uid, who, reason)
-        if trash is not None:
-            shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
-        return removed
-
-    def _path_of(self, level: str, uid: str) -> Path | None:
-        if level == "STUDY":
-            return self.root / uid
-        with db.connection_context():
-            if level == "SERIES":
-                study = (
-                    Study.select(Study.study_uid)
-                    .join(Series)
-                    .where(Series.series_uid == uid)
-                    .scalar()
-                )
-                return self.root / study / uid if study else None
-            path = Instance.select(Instance.path).where(Instance.sop_uid == uid).scalar()
-            return self.root / path if path else None
-
-    def _delete_rows(self, level: str, uid: str, who: str, reason: str) -> int:
-        removed, patient_id, study_uid = index.delete_rows(level, uid)
-        if study_uid:
-            detail = {"level": level, "uid": uid, "instances": removed, "reason": reason}
-            self.chain.append(
-                db,
-                audit.Event(
-                    "delete", who=who, patient_id=patient_id, study_uid=study_uid, detail=detail
-                ),
-            )
-        return removed
-
-    def set_protected(self, study_uid: str, protected: bool, who: str = "") -> bool:
-        """Protect a study from retention (or release it), audited; False when there is no
-        such study."""
-        return self._write(self._protect, study_uid, protected, who)
-
-    def _protect(self, study_uid: str, protected: bool, who: str) -> bool:
-        if not Study.update(protected=protected).where(Study.study_uid == study_uid).execute():
-            return False
-        event = audit.Event("protect", who=who, study_uid=study_uid, detail={"on": protected})
-        self.chain.append(db, event)
-        return True
-
-    def enforce_quota(self, max_bytes: int, max_instances: int) -> list[tuple[str, int, int]]:
-        """Remove the least recently updated unprotected studies until the archive is within
-        both limits (0 = no limit); returns (StudyInstanceUID, instances, bytes) removed."""
-        totals = self.stats()
-        removed: list[tuple[str, int, int]] = []
-        for study_uid, instances, size in self._retention_candidates():
-            if (not max_bytes or totals["bytes"] <= max_bytes) and (
-                not max_instances or totals["instances"] <= max_instances
-            ):
-                break
-            self.delete("STUDY", study_uid, who="retention", reason="over quota")
-            totals["bytes"] -= size
-            totals["instances"] -= instances
-            removed.append((study_uid, instances, size))
-            log.warning(
-                "retention removed study %s (%d instances, %d bytes): over quota",
-                study_uid,
-                instances,
-                size,
-            )
-        return removed
-
-    def _retention_candidates(self) -> Iterator[tuple[str, int, int]]:
-        with db.connection_context():
-            rows = (
-                Study.select(Study.study_uid, Study.num_instances, fn.SUM(Instance.size))
-                .join(Series, on=(Series.study == Study.id))
-                .join(Instance, on=(Instance.series == Series.id))
-                .where(~Study.protected)
-                .group_by(Study.id, Study.study_uid, Study.num_instances, Study.updated_at)
-                .order_by(Study.updated_at, Study.id)
-                .tuples()
-            )
-            candidates = list(rows.iterator())  # release the connection before deleting
-        for study_uid, instances, size in candidates:
-            yield study_uid, instances, int(size or 0)
-
-    # -- maintenance ---------------------------------------------------------------
-
-    def reconcile(self) -> ReconcileReport:
-        """Start-up repair: drop temporaries, index unindexed files, rehash rows being
-        replaced, report rows whose file is gone."""
-        report = ReconcileReport()
-        # On a shared index other nodes may be receiving into the same folder right now.
-        keep_after = time.time() - SHARED_TEMPORARY_AGE if not is_sqlite(db.obj) else None
-        for folder in (self.root / TRASH).iterdir() if (self.root / TRASH).is_dir() else []:
-            level, _, rest = folder.name.partition(".")  # LEVEL.UID.random
-            reason = "finishing an interrupted deletion"
-            self._write(self._delete_rows, level, rest.rpartition(".")[0], "start-up", reason)
-            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
-            report.deletions_finished += 1
-        for leftover in [*self.incoming.iterdir(), *self.journal.partial()]:
-            with contextlib.suppress(FileNotFoundError):
-                if keep_after is not None and leftover.stat().st_mtime > keep_after:
-                    continue
-                leftover.unlink()
-                report.removed_temporary += 1
-        while entries := self.journal.entries()[:256]:  # acknowledged, not yet indexed
-            try:
-                taken = self.index_entries(entries)
-            except Exception as exc:  # the indexer takes them up when it can
-                report.problems.append(Problem(".queue", f"journal not indexed yet: {exc}"))
-                break
-            report.indexed += taken
-            if not taken:  # another node's indexer holds them
-                break
-        with db.connection_context():
-            flagged = list(Instance.select().where(Instance.state == 1))
-            for row in flagged:
-                self._adopt(self.root / row.path, report, replace=True)
-                report.rehashed += 1
-            for path in self._files():
-                if not Instance.select().where(Instance.sop_uid == path.stem).exists():
-                    self._adopt(path, report)
-            for rel in self._paths():
-                if not (self.root / rel).is_file():
-                    report.problems.append(Problem(rel, "indexed but the file is missing"))
-        for problem in report.problems:
-            log.warning("reconcile: %s: %s", problem.path, problem.reason)
-        return report
-
-    def reindex(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
-        """Rebuild the index from the files alone; `progress()` after each file."""
-        with db.connection_context():
-            db.drop_tables(MODELS)
-            schema.upgrade(db)
-        report = ReconcileReport()
-        for path in self._files():
-            self._adopt(path, report)
-            if progress:
-                progress()
-        return report
-
-    def verify(self, progress: Callable[[], None] | None = None) -> Iterator[Problem]:
-        """Check every indexed file's size and SHA-256; also report unindexed files."""
-        with db.connection_context():
-            rows = Instance.select(Instance.path, Instance.size, Instance.sha256)
-            for rel, size, sha in rows.tuples().iterator():
-                if progress:
-                    progress()
-                path = self.root / rel
-                if not path.is_file():
-                    yield Problem(rel, "file is missing")
-                    continue
-                actual_size, actual_sha = hash_file(path)
-                if actual_size != size:
-                    yield Problem(rel, f"size is {actual_size}, index says {size}")
-                elif actual_sha != sha:
-                    yield Problem(rel, "SHA-256 differs from the index (file corrupted)")
-            for path in self._files():
-                if not Instance.select().where(Instance.sop_uid == path.stem).exists():
-                    yield Problem(str(path.relative_to(self.root)), "file is not indexed")
-
-    def find(self, level: str, keys: list, model: str = "STUDY", options=None, **paging):
-        """Answers of the query engine (storage.query.find), on this thread's connection."""
-        with db.connection_context():
-            yield from query.find(level, keys, model, options or query.Options(), **paging)
-
-    def locate(self, level: str, keys: list, model: str = "STUDY") -> Iterator[dict]:
-        """Every instance under the entities the keys select (storage.query.locate); each
-        row's `instance_path` is made absolute."""
-        with db.connection_context():
-            for row in query.locate(level, keys, model):
-                row["instance_path"] = self.root / row["instance_path"]
-                yield row
-
-    def instance_json(self, level: str, keys: list) -> Iterator[tuple[str, str]]:
-        """(SOP Instance UID, stored DICOM JSON) under the entities the keys select
-        (storage.query.instance_json)."""
-        with db.connection_context():
-            yield from query.instance_json(level, keys)
-
-    def contains(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> bool:
-        """Whether the study (and the series in it, and the instance in that) is stored."""
-        with db.connection_context():
-            query = Study.select(Study.id).where(Study.study_uid == study_uid)
-            if series_uid:
-                query = query.join(Series).where(Series.series_uid == series_uid)
-            if sop_uid:
-                query = query.join(Instance).where(Instance.sop_uid == sop_uid)
-            return query.exists()
-
-    def instance_file(self, sop_uid: str, study_uid: str = "", series_uid: str = "") -> Path | None:
-        """The stored file of an instance, or None; given study/series UIDs must match."""
-        with db.connection_context():
-            row = (
-                Instance.select(Instance.path, Series.series_uid, Study.study_uid)
-                .join(Series, on=(Instance.series == Series.id))
-                .join(Study, on=(Series.study == Study.id))
-                .where(Instance.sop_uid == sop_uid)
-                .tuples()
-                .first()
-            )
-        if (
-            row is None
-            or (study_uid and row[2] != study_uid)
-            or (series_uid and row[1] != series_uid)
-        ):
-            return None
-        return self.root / row[0]
-
-    # -- modality worklist and performed procedure steps (storage.worklist) -----------
-
-    def worklist_add(self, fields: dict[str, str]) -> int:
-        return self._write(worklist.add, fields)
-
-    def worklist_remove(self, item_id: int) -> bool:
-        return self._write(worklist.remove, item_id)
-
-    def worklist_items(self) -> list[dict]:
-        with db.connection_context():
-            return worklist.listing()
-
-    def find_worklist(self, keys: list, options=None) -> Iterator[dict]:
-        with db.connection_context():
-            yield from query.find_worklist(keys, options or query.Options())
-
-    def create_step(self, sop_uid: str, attributes) -> None:
-        self._write(worklist.create_step, sop_uid, attributes)
-
-    def set_step(self, sop_uid: str, changes) -> str:
-        return self._write(worklist.set_step, sop_uid, changes)
-
-    # -- auto-routing queue (storage.routing; pacs.router sends) ------------------------
-
-    def routes_due(self) -> list[dict]:
-        with db.connection_context():
-            if not routing.any_due():
-                return []
-        return self._write(routing.claim)
-
-    def routes_sent(self, ids: list[int]) -> None:
-        self._write(routing.sent, ids)
-
-    def routes_not_sent(self, ids: list[int], error: str, base_delay: float) -> None:
-        self._write(routing.not_sent, ids, error, base_delay)
-
-    def routes_retry(self, ids: list[int] | None = None) -> int:
-        return self._write(routing.retry, ids)
-
-    def route_items(self, status: str = "") -> list[dict]:
-        with db.connection_context():
-            return routing.items(status)
-
-    def route_depth(self) -> dict[str, int]:
-        with db.connection_context():
-            return routing.depth()
-
     def pending_writes(self) -> int:
         """Index writes queued for the writer (a metric: a growing queue is a slow disk)."""
         return self._writer.pending() if self._writer is not None else 0
-
-    def commitment_problem(self, sop_class_uid: str, sop_uid: str) -> str:
-        """Why the archive cannot take responsibility for an instance ('' when it can):
-        stored, under that SOP class, its file still the size and SHA-256 recorded."""
-        with db.connection_context():
-            row = (
-                Instance.select(
-                    Instance.sop_class_uid, Instance.path, Instance.size, Instance.sha256
-                )  # fmt: skip
-                .where(Instance.sop_uid == sop_uid)
-                .tuples()
-                .first()
-            )
-        if row is None:
-            return "not stored"
-        if row[0] != sop_class_uid:
-            return "stored under another SOP class"
-        try:
-            if hash_file(self.root / row[1]) != (row[2], row[3]):
-                return "file missing or changed"
-        except OSError:
-            return "file missing or changed"
-        return ""
-
-    def stats(self) -> dict[str, int]:
-        with db.connection_context():
-            return {
-                "patients": Patient.select().count(),
-                "studies": Study.select().count(),
-                "series": Series.select().count(),
-                "instances": Instance.select().count(),
-                "bytes": int(Instance.select(fn.SUM(Instance.size)).scalar() or 0),
-            }
-
-    def copy_index_to(self, url: str, progress: Callable[[int], None]) -> dict:
-        """Copy this archive's index into the empty index at `url` (storage.schema)."""
-        target = open_database(url, self.root, self.fsync)
-        try:
-            return schema.copy_index(db.obj, target, progress)
-        except (ValueError, RuntimeError, OperationalError) as exc:
-            raise StorageError(f"index ({describe(url)}): {exc}") from exc
-        finally:
-            if hasattr(target, "close_all"):
-                target.close_all()
-
-    def count_files(self) -> int:
-        return sum(1 for _ in self._files())
-
-    def _adopt(self, path: Path, report: ReconcileReport, replace: bool = False) -> None:
-        """Index a file that is already in place."""
-        rel = str(path.relative_to(self.root))
-        try:
-            parsed = read_instance(path)
-            expected = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
-            if expected != rel:
-                raise InvalidDataset(f"its UIDs say it belongs at {expected}")
-            size, sha = hash_file(path)
-            row = index.Row(parsed, rel, size, sha, replace=replace)
-            self._write(index.apply_row, row, self._sql, db)
-            report.indexed += 1
-        except (StorageError, OSError) as exc:
-            report.problems.append(Problem(rel, f"not indexed: {exc}"))
-
-    def _files(self) -> Iterator[Path]:
-        """Every `<study>/<series>/<sop>.dcm` under the root."""
-        for study in _subdirs(self.root):
-            for series in _subdirs(study):
-                with os.scandir(series) as entries:
-                    for entry in entries:
-                        if entry.is_file() and entry.name.endswith(".dcm"):
-                            yield Path(entry.path)
-
-    def _paths(self) -> Iterator[str]:
-        for (rel,) in Instance.select(Instance.path).tuples().iterator():
-            yield rel
 
 
 def _as_requested(found_class: str, found_uid: str, sop_class_uid: str, sop_uid: str) -> None:
@@ -1010,10 +630,3 @@ def _exit_with_parent(parent: int) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _subdirs(path: Path) -> Iterator[Path]:
-    with os.scandir(path) as entries:
-        for entry in entries:
-            if entry.is_dir() and not entry.name.startswith("."):
-                yield Path(entry.path)

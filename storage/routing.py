@@ -16,6 +16,7 @@ row: what was acknowledged to the modality is never lost for the route either.
 import datetime
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
 
@@ -25,6 +26,7 @@ from pydicom.datadict import tag_for_keyword
 from storage import wildcards
 from storage.dataset import ParsedInstance
 from storage.models import RouteItem
+from storage.models import db
 
 MAX_ATTEMPTS = 12  # then the item is `failed`, kept for `minipacs queue --retry`
 MAX_BACKOFF = 3600.0  # s
@@ -197,3 +199,34 @@ def _first_value(element: dict | None) -> str:
     if isinstance(value, dict):  # PN
         return str(value.get("Alphabetic", ""))
     return str(value)
+
+
+class RouteQueue:
+    """One archive's routing queue (pacs.router sends what it holds): reads on this
+    thread's connection, writes through the archive's index writer (`write`)."""
+
+    def __init__(self, write: Callable) -> None:
+        self._write = write
+
+    def due(self) -> list[dict]:
+        with db.connection_context():
+            if not any_due():
+                return []
+        return self._write(claim)
+
+    def sent(self, ids: list[int]) -> None:
+        self._write(sent, ids)
+
+    def not_sent(self, ids: list[int], error: str, base_delay: float) -> None:
+        self._write(not_sent, ids, error, base_delay)
+
+    def retry(self, ids: list[int] | None = None) -> int:
+        return self._write(retry, ids)
+
+    def items(self, status: str = "") -> list[dict]:
+        with db.connection_context():
+            return items(status)
+
+    def depth(self) -> dict[str, int]:
+        with db.connection_context():
+            return depth()

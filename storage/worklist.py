@@ -9,15 +9,19 @@ DISCONTINUED, and a step that is no longer IN PROGRESS cannot be changed.
 
 import datetime
 import json
+from collections.abc import Callable
+from collections.abc import Iterator
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from storage import query
 from storage.dataset import validate_uid
 from storage.errors import InvalidUID
 from storage.errors import Refused
 from storage.models import PerformedStep
 from storage.models import WorklistItem
+from storage.models import db
 
 TOP_LEVEL = (
     "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
@@ -183,3 +187,31 @@ def _set_item_status(item: WorklistItem, status: str) -> None:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+class Worklist:
+    """One archive's worklist and performed steps: reads on this thread's connection,
+    writes through the archive's index writer (`write`)."""
+
+    def __init__(self, write: Callable) -> None:
+        self._write = write
+
+    def add(self, fields: dict[str, str]) -> int:
+        return self._write(add, fields)
+
+    def remove(self, item_id: int) -> bool:
+        return self._write(remove, item_id)
+
+    def items(self) -> list[dict]:
+        with db.connection_context():
+            return listing()
+
+    def find(self, keys: list, options=None) -> Iterator[dict]:
+        with db.connection_context():
+            yield from query.find_worklist(keys, options or query.Options())
+
+    def create_step(self, sop_uid: str, attributes) -> None:
+        self._write(create_step, sop_uid, attributes)
+
+    def set_step(self, sop_uid: str, changes) -> str:
+        return self._write(set_step, sop_uid, changes)

@@ -378,11 +378,15 @@ def test_paging_with_limit_and_offset(archive, tmp_path):
     server, _ = archive
     with Archive(server.data, fsync=False, index_url=server.index) as store:
         keys = query_keys({"StudyInstanceUID": ""})
-        every = [a["0020000D"]["Value"][0] for a in store.find("STUDY", keys)]
-        page = [a["0020000D"]["Value"][0] for a in store.find("STUDY", keys, limit=2, offset=1)]
-        past = list(store.find("STUDY", keys, limit=2, offset=len(every)))
+        every = [a["0020000D"]["Value"][0] for a in store.catalog.find("STUDY", keys)]
+        page = [
+            a["0020000D"]["Value"][0] for a in store.catalog.find("STUDY", keys, limit=2, offset=1)
+        ]
+        past = list(store.catalog.find("STUDY", keys, limit=2, offset=len(every)))
         filtered = list(
-            store.find("STUDY", query_keys({"BodyPartExamined": "CHEST"}), limit=1, offset=1)
+            store.catalog.find(
+                "STUDY", query_keys({"BodyPartExamined": "CHEST"}), limit=1, offset=1
+            )
         )
     assert page == every[1:3]
     assert past == []

@@ -70,5 +70,5 @@ def test_a_query_matches_brackets_literally_in_sql_and_python(archive, tmp_path)
         studies[ds.StudyInstanceUID] = value
     for tag in (0x00080080, 0x00100020):  # InstitutionName (Python), PatientID (SQL)
         keys = [Key(0x0020000D, "UI", list(studies)), Key(tag, "LO", "A[B]*")]
-        found = [a["0020000D"]["Value"][0] for a in archive.find("STUDY", keys)]
+        found = [a["0020000D"]["Value"][0] for a in archive.catalog.find("STUDY", keys)]
         assert [studies[uid] for uid in found] == ["A[B]C"], hex(tag)

@@ -139,9 +139,9 @@ def _archive_gauges(archive: Archive, cache: dict) -> dict[str, float]:
     and the free space of the data folder."""
     minute = int(time.time() // 60)
     if cache.get("minute") != minute:
-        cache.update(minute=minute, figures=archive.stats())
+        cache.update(minute=minute, figures=archive.catalog.stats())
     figures = cache["figures"]
-    queue = archive.route_depth()
+    queue = archive.route_queue.depth()
     return {
         "minipacs_route_pending": queue["pending"] + queue["sending"],
         "minipacs_route_failed": queue["failed"],

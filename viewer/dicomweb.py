@@ -167,7 +167,7 @@ def _search(level: str, scope: dict[int, str]) -> Response:
     limit = min(search.limit or cap, cap)
     try:
         answers = list(
-            _archive().find(
+            _archive().catalog.find(
                 level, search.keys, "STUDY", options, limit=limit + 1, offset=search.offset
             )
         )
@@ -244,7 +244,7 @@ def metadata(study: str, series: str | None = None, sop: str | None = None) -> R
     level = "IMAGE" if sop else "SERIES" if series else "STUDY"
     keys = [Key(tag, "UI", uid) for tag, uid in scope.items()]
     base = base_url()
-    rows = _archive().instance_json(level, keys)
+    rows = _archive().catalog.instance_json(level, keys)
     first = next(rows, None)
     if first is None:
         raise WebError(404, f"no {level.lower()} {list(scope.values())[-1]} in the archive")
@@ -355,7 +355,9 @@ def _deidentifier(scope: dict[int, str]) -> Callable[[Dataset], object]:
     """The de-identifying change, once no instance in scope needs its pixels cleaned
     (refused before the first part is sent, not halfway through a multipart body)."""
     burned = [
-        uid for uid, text in _archive().instance_json(*_selection(scope)) if BURNED_IN.search(text)
+        uid
+        for uid, text in _archive().catalog.instance_json(*_selection(scope))
+        if BURNED_IN.search(text)
     ]
     if burned:
         raise WebError(409, f"cannot anonymize: burned-in annotation in {', '.join(burned[:5])}")
@@ -379,7 +381,7 @@ def _selection(scope: dict[int, str]) -> tuple[str, list[Key]]:
 
 def _instances(scope: dict[int, str]) -> list[dict]:
     level, keys = _selection(scope)
-    rows = list(_archive().locate(level, keys))
+    rows = list(_archive().catalog.locate(level, keys))
     if not rows:
         raise WebError(404, f"no {level.lower()} {list(scope.values())[-1]} in the archive")
     return rows
@@ -742,8 +744,8 @@ def remove(study: str, series: str | None = None, sop: str | None = None) -> Res
         if value is not None:
             _uid(value, name)
     archive = _archive()
-    if not archive.contains(study, series or "", sop or ""):
+    if not archive.catalog.contains(study, series or "", sop or ""):
         raise WebError(404, "no such study, series or instance")
     level, uid = ("IMAGE", sop) if sop else ("SERIES", series) if series else ("STUDY", study)
-    archive.delete(level, uid, who=g.get("user", "") or request.remote_addr or "")
+    archive.retention.delete(level, uid, who=g.get("user", "") or request.remote_addr or "")
     return Response(status=204)

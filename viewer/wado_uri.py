@@ -62,7 +62,7 @@ def wado() -> Response:
     if params.get("presentationUID") or params.get("presentationSeriesUID"):
         raise WebError(400, "presentation states are not supported")
     archive = current_app.extensions["minipacs"]["archive"]
-    path = archive.instance_file(uids[2], uids[0], uids[1])
+    path = archive.catalog.instance_file(uids[2], uids[0], uids[1])
     if path is None:
         raise WebError(404, f"no object {uids[2]} in series {uids[1]} of study {uids[0]}")
     header = read_dataset(path, stop_before_pixels=True)

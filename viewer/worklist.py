@@ -17,7 +17,7 @@ bp = Blueprint("worklist", __name__, url_prefix="/api/worklist")
 
 @bp.get("")
 def items() -> Response:
-    found = _archive().worklist_items()
+    found = _archive().worklist.items()
     g.audit = {"patients": sorted({item["patient_id"] for item in found})}  # names, birth dates
     return jsonify(found)
 
@@ -32,7 +32,7 @@ def add() -> Response:
     g.audit = {"ids": added, "patients": [str(e.get("PatientID", "")) for e in entries]}
     for entry in entries:
         try:
-            added.append(_archive().worklist_add({k: str(v) for k, v in entry.items()}))
+            added.append(_archive().worklist.add({k: str(v) for k, v in entry.items()}))
         except WorklistError as exc:
             raise WebError(400, f"item {len(added) + 1}: {exc}", added=added) from exc
     return jsonify(ids=added), 201
@@ -40,7 +40,7 @@ def add() -> Response:
 
 @bp.delete("/<int:item_id>")
 def remove(item_id: int) -> Response:
-    if not _archive().worklist_remove(item_id):
+    if not _archive().worklist.remove(item_id):
         raise WebError(404, f"no worklist item {item_id}")
     return Response(status=204)
 

@@ -88,7 +88,7 @@ def _deidentify_into(archive, level, uids, profile, folder: Path):
     rows: list[dict] = []
     problems: list[tuple[str, str]] = []
     for uid in uids:
-        found = list(archive.locate(level, [Key(tag, vr, uid)], model))
+        found = list(archive.catalog.locate(level, [Key(tag, vr, uid)], model))
         rows += found
         if not found:
             problems.append((uid, "nothing stored under it"))

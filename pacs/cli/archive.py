@@ -75,9 +75,9 @@ def reindex(config_file: Path | None, **flags) -> None:
     if not archive.lock(exclusive=True):
         raise UsageFailure(f"a minipacs server is running on {archive.root}: stop it first")
     with click.progressbar(
-        length=archive.count_files(), label="reindexing", file=sys.stderr
+        length=archive.maintenance.count_files(), label="reindexing", file=sys.stderr
     ) as bar:
-        report = archive.reindex(progress=lambda: bar.update(1))
+        report = archive.maintenance.reindex(progress=lambda: bar.update(1))
     archive.close()
     problems = [(p.path, p.reason) for p in report.problems]
     print_report({"indexed": report.indexed, "problems": len(problems)}, problems, False)
@@ -90,10 +90,10 @@ def reindex(config_file: Path | None, **flags) -> None:
 def verify(config_file: Path | None, as_json: bool, **flags) -> None:
     """Check every file against its recorded size and SHA-256; exit 1 if any differ."""
     archive = open_archive(config_file, **flags)
-    total = archive.stats()["instances"]
+    total = archive.catalog.stats()["instances"]
     problems = []
     with click.progressbar(length=total, label="verifying", file=sys.stderr) as bar:
-        for problem in archive.verify(progress=lambda: bar.update(1)):
+        for problem in archive.maintenance.verify(progress=lambda: bar.update(1)):
             problems.append((problem.path, problem.reason))
     archive.close()
     print_report({"instances": total, "problems": len(problems)}, problems, as_json)
@@ -106,7 +106,7 @@ def verify(config_file: Path | None, as_json: bool, **flags) -> None:
 def stats(config_file: Path | None, as_json: bool, **flags) -> None:
     """Counts of patients, studies, series, instances and stored bytes."""
     archive = open_archive(config_file, **flags)
-    figures = archive.stats()
+    figures = archive.catalog.stats()
     archive.close()
     print_report(figures, [], as_json)
 
@@ -119,7 +119,9 @@ def protect(config_file: Path | None, release: bool, study_uids: tuple[str, ...]
     """Protect studies from retention (quota_mb / quota_instances); exit 1 if one is unknown."""
     archive = open_archive(config_file, **flags)
     who = f"{getpass.getuser()} (minipacs protect)"
-    unknown = [uid for uid in study_uids if not archive.set_protected(uid, not release, who)]
+    unknown = [
+        uid for uid in study_uids if not archive.retention.set_protected(uid, not release, who)
+    ]
     archive.close()
     print_report({"protected" if not release else "released": len(study_uids) - len(unknown)},
             [(uid, "no such study") for uid in unknown], False)  # fmt: skip
@@ -135,7 +137,7 @@ def delete(config_file: Path | None, level_uid: str | None, uids: tuple[str, ...
     archive = open_archive(config_file, **flags)
     who = f"{getpass.getuser()} (minipacs delete)"
     try:
-        removed = {uid: archive.delete(level_uid, uid, who) for uid in uids}
+        removed = {uid: archive.retention.delete(level_uid, uid, who) for uid in uids}
     finally:
         archive.close()
     missing = [(uid, "nothing stored under it") for uid, count in removed.items() if not count]
@@ -152,10 +154,12 @@ def migrate_index(config_file: Path | None, target: str, **flags) -> None:
     archive = open_archive(config_file, **flags)
     if not archive.lock(exclusive=True):
         raise UsageFailure(f"a minipacs server is running on {archive.root}: stop it first")
-    total = sum(archive.stats()[k] for k in ("patients", "studies", "series", "instances"))
+    total = sum(archive.catalog.stats()[k] for k in ("patients", "studies", "series", "instances"))
     try:
         with click.progressbar(length=total, label="copying the index", file=sys.stderr) as bar:
-            copied = archive.copy_index_to(build_config(None, index=target).index, bar.update)
+            copied = archive.maintenance.copy_index_to(
+                build_config(None, index=target).index, bar.update
+            )
     except StorageError as exc:
         raise UsageFailure(str(exc)) from None
     finally:

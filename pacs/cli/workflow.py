@@ -28,7 +28,7 @@ def worklist_add(config_file, pairs, **flags) -> None:
     fields = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
     archive = open_archive(config_file, **flags)
     try:
-        click.echo(archive.worklist_add(fields))
+        click.echo(archive.worklist.add(fields))
     except WorklistError as exc:
         raise UsageFailure(str(exc)) from None
     finally:
@@ -50,7 +50,7 @@ def worklist_import(config_file, source: Path, **flags) -> None:
     try:
         for number, row in enumerate(rows, start=1):
             try:
-                archive.worklist_add({k: v for k, v in row.items() if v not in (None, "")})
+                archive.worklist.add({k: v for k, v in row.items() if v not in (None, "")})
                 added += 1
             except WorklistError as exc:
                 problems.append((f"item {number}", str(exc)))
@@ -66,7 +66,7 @@ def worklist_list(config_file, **flags) -> None:
     """Every item, one JSON object per line (its DICOM JSON under "item")."""
     archive = open_archive(config_file, **flags)
     try:
-        for row in archive.worklist_items():
+        for row in archive.worklist.items():
             click.echo(json.dumps(row))
     finally:
         archive.close()
@@ -79,7 +79,7 @@ def worklist_remove(config_file, ids, **flags) -> None:
     """Remove items by id; exit 1 if one is unknown."""
     archive = open_archive(config_file, **flags)
     try:
-        missing = [(str(i), "no such item") for i in ids if not archive.worklist_remove(i)]
+        missing = [(str(i), "no such item") for i in ids if not archive.worklist.remove(i)]
     finally:
         archive.close()
     print_report({"items removed": len(ids) - len(missing)}, missing, False)
@@ -97,8 +97,10 @@ def route_queue(config_file, status, retry, as_json, ids, **flags) -> None:
     archive = open_archive(config_file, **flags)
     try:
         if retry:
-            click.echo(f"{archive.routes_retry(list(ids) or None)} item(s) due again", err=True)
-        rows = [r for r in archive.route_items(status or "") if not ids or r["id"] in ids]
+            click.echo(
+                f"{archive.route_queue.retry(list(ids) or None)} item(s) due again", err=True
+            )
+        rows = [r for r in archive.route_queue.items(status or "") if not ids or r["id"] in ids]
     finally:
         archive.close()
     for row in rows:

@@ -1,0 +1,186 @@
+"""Keeping files and index in agreement: start-up repair, reindex from the files alone,
+verification of every file, copying the index to another database."""
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from collections.abc import Iterator
+from dataclasses import dataclass
+from dataclasses import field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from peewee import OperationalError
+
+from storage import index
+from storage import schema
+from storage.dataset import read_instance
+from storage.engine import describe
+from storage.engine import is_sqlite
+from storage.engine import open_database
+from storage.errors import InvalidDataset
+from storage.errors import StorageError
+from storage.files import hash_file
+from storage.files import instance_path
+from storage.models import MODELS
+from storage.models import Instance
+from storage.models import db
+from storage.retention import TRASH
+
+if TYPE_CHECKING:
+    from storage.archive import Archive
+
+log = logging.getLogger(__name__)
+SHARED_TEMPORARY_AGE = 3600  # s: younger temporaries may be another node's, in flight
+
+
+@dataclass
+class Problem:
+    """One finding of `verify` or `reconcile`: a path and what is wrong with it."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class ReconcileReport:
+    removed_temporary: int = 0
+    deletions_finished: int = 0
+    indexed: int = 0
+    rehashed: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+
+class Maintenance:
+    """Repair and checks of one archive."""
+
+    def __init__(self, archive: "Archive") -> None:
+        self.archive = archive
+
+    def reconcile(self) -> ReconcileReport:
+        """Start-up repair: drop temporaries, index unindexed files, rehash rows being
+        replaced, report rows whose file is gone."""
+        report = ReconcileReport()
+        # On a shared index other nodes may be receiving into the same folder right now.
+        keep_after = time.time() - SHARED_TEMPORARY_AGE if not is_sqlite(db.obj) else None
+        trash = self.archive.root / TRASH
+        for folder in trash.iterdir() if trash.is_dir() else []:
+            level, _, rest = folder.name.partition(".")  # LEVEL.UID.random
+            reason = "finishing an interrupted deletion"
+            uid = rest.rpartition(".")[0]
+            self.archive.write(self.archive.retention.delete_rows, level, uid, "start-up", reason)
+            shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
+            report.deletions_finished += 1
+        for leftover in [*self.archive.incoming.iterdir(), *self.archive.journal.partial()]:
+            with contextlib.suppress(FileNotFoundError):
+                if keep_after is not None and leftover.stat().st_mtime > keep_after:
+                    continue
+                leftover.unlink()
+                report.removed_temporary += 1
+        while entries := self.archive.journal.entries()[:256]:  # acknowledged, not yet indexed
+            try:
+                taken = self.archive.index_entries(entries)
+            except Exception as exc:  # the indexer takes them up when it can
+                report.problems.append(Problem(".queue", f"journal not indexed yet: {exc}"))
+                break
+            report.indexed += taken
+            if not taken:  # another node's indexer holds them
+                break
+        with db.connection_context():
+            flagged = list(Instance.select().where(Instance.state == 1))
+            for row in flagged:
+                self._adopt(self.archive.root / row.path, report, replace=True)
+                report.rehashed += 1
+            for path in self._files():
+                if not Instance.select().where(Instance.sop_uid == path.stem).exists():
+                    self._adopt(path, report)
+            for rel in self._paths():
+                if not (self.archive.root / rel).is_file():
+                    report.problems.append(Problem(rel, "indexed but the file is missing"))
+        for problem in report.problems:
+            log.warning("reconcile: %s: %s", problem.path, problem.reason)
+        return report
+
+    def reindex(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
+        """Rebuild the index from the files alone; `progress()` after each file."""
+        with db.connection_context():
+            db.drop_tables(MODELS)
+            schema.upgrade(db)
+        report = ReconcileReport()
+        for path in self._files():
+            self._adopt(path, report)
+            if progress:
+                progress()
+        return report
+
+    def verify(self, progress: Callable[[], None] | None = None) -> Iterator[Problem]:
+        """Check every indexed file's size and SHA-256; also report unindexed files."""
+        with db.connection_context():
+            rows = Instance.select(Instance.path, Instance.size, Instance.sha256)
+            for rel, size, sha in rows.tuples().iterator():
+                if progress:
+                    progress()
+                path = self.archive.root / rel
+                if not path.is_file():
+                    yield Problem(rel, "file is missing")
+                    continue
+                actual_size, actual_sha = hash_file(path)
+                if actual_size != size:
+                    yield Problem(rel, f"size is {actual_size}, index says {size}")
+                elif actual_sha != sha:
+                    yield Problem(rel, "SHA-256 differs from the index (file corrupted)")
+            for path in self._files():
+                if not Instance.select().where(Instance.sop_uid == path.stem).exists():
+                    yield Problem(str(path.relative_to(self.archive.root)), "file is not indexed")
+
+    def copy_index_to(self, url: str, progress: Callable[[int], None]) -> dict:
+        """Copy this archive's index into the empty index at `url` (storage.schema)."""
+        target = open_database(url, self.archive.root, self.archive.fsync)
+        try:
+            return schema.copy_index(db.obj, target, progress)
+        except (ValueError, RuntimeError, OperationalError) as exc:
+            raise StorageError(f"index ({describe(url)}): {exc}") from exc
+        finally:
+            if hasattr(target, "close_all"):
+                target.close_all()
+
+    def count_files(self) -> int:
+        return sum(1 for _ in self._files())
+
+    def _adopt(self, path: Path, report: ReconcileReport, replace: bool = False) -> None:
+        """Index a file that is already in place."""
+        rel = str(path.relative_to(self.archive.root))
+        try:
+            parsed = read_instance(path)
+            expected = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
+            if expected != rel:
+                raise InvalidDataset(f"its UIDs say it belongs at {expected}")
+            size, sha = hash_file(path)
+            row = index.Row(parsed, rel, size, sha, replace=replace)
+            self.archive.write(index.apply_row, row, self.archive.statements, db)
+            report.indexed += 1
+        except (StorageError, OSError) as exc:
+            report.problems.append(Problem(rel, f"not indexed: {exc}"))
+
+    def _files(self) -> Iterator[Path]:
+        """Every `<study>/<series>/<sop>.dcm` under the root."""
+        for study in _subdirs(self.archive.root):
+            for series in _subdirs(study):
+                with os.scandir(series) as entries:
+                    for entry in entries:
+                        if entry.is_file() and entry.name.endswith(".dcm"):
+                            yield Path(entry.path)
+
+    def _paths(self) -> Iterator[str]:
+        for (rel,) in Instance.select(Instance.path).tuples().iterator():
+            yield rel
+
+
+def _subdirs(path: Path) -> Iterator[Path]:
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir() and not entry.name.startswith("."):
+                yield Path(entry.path)
