@@ -367,7 +367,7 @@ TS_JPEG2000 = "1.2.840.10008.1.2.4.90"
     [
         ("", "GET", "/dicom-web/studies", 401, "log in"),  # auth
         ("alice", "POST", "/api/worklist", 403, "it needs uploader"),  # auth, role
-        ("root", "GET", "/audit?limit=many", 400, "whole numbers"),  # auth blueprint
+        ("root", "GET", "/audit?limit=many", 400, "whole number"),  # auth blueprint
         ("root", "GET", "/wado?requestType=WADO", 400, "studyUID is required"),  # wado_uri
         ("root", "GET", f"{CT_WADO}&windowCenter=1&windowWidth=0", 400, "at least 1"),  # render
         ("root", "GET", f"{CT_WADO}&contentType=application/dicom&transferSyntax={TS_JPEG2000}",

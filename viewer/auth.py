@@ -39,6 +39,7 @@ from storage import audit
 from storage import files
 from storage import users
 from viewer.errors import WebError
+from viewer.errors import int_param
 
 bp = Blueprint("auth", __name__)
 PUBLIC = {"auth.login", "auth.login_form", "auth.logout", "healthz", "ui.static"}
@@ -218,11 +219,8 @@ def audit_trail() -> Response:
     """The audit trail as JSON (admins): the filters of `minipacs audit` as parameters,
     at most `limit` (default 1000) events from `offset`."""
     filters = {name: request.args.get(name, "") for name in AUDIT_FILTERS}
-    try:
-        limit = min(int(request.args.get("limit", 1000)), 10000)
-        offset = int(request.args.get("offset", 0))
-    except ValueError:
-        raise WebError(400, "limit and offset are whole numbers") from None
+    limit = min(int_param(request.args, "limit", 1000, minimum=1) or 1000, 10000)
+    offset = int_param(request.args, "offset", 0, minimum=0)
     events = []
     for number, row in enumerate(_archive().audit_events(**filters)):
         if number >= offset + limit:

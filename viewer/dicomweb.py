@@ -35,11 +35,13 @@ from storage.dataset import is_uid
 from storage.dataset import read_dataset
 from storage.errors import OverPixelBudget
 from storage.query import Key
+from storage.rows import InstanceLocation
 from viewer import qido
 from viewer import render
 from viewer import stow
 from viewer import transcode
 from viewer.errors import WebError
+from viewer.errors import whole_number
 from viewer.media import MediaError
 from viewer.media import MediaRange
 from viewer.media import MultipartReader
@@ -316,10 +318,10 @@ def retrieve(study: str, series: str | None = None, sop: str | None = None) -> R
     change = _deidentifier(scope) if request.args.get("anonymize") == "yes" else None
     plan = []
     for row in rows:
-        stored = row["instance_transfer_syntax"]
+        stored = row.transfer_syntax
         syntax = next((w for w in wanted if transcode.can_send(stored, w)), None)
         if syntax is None:
-            raise WebError(406, f"{row['instance_sop_uid']} cannot be sent in {wanted}")
+            raise WebError(406, f"{row.sop_uid} cannot be sent in {wanted}")
         plan.append((row, stored if syntax == "*" else syntax))
     if single:
         row, syntax = plan[0]
@@ -333,14 +335,14 @@ def retrieve(study: str, series: str | None = None, sop: str | None = None) -> R
         headers = {"Content-Type": f"{DICOM}; transfer-syntax={syntax}"}
         if change is None:  # a de-identified part has no original to point to
             headers["Content-Location"] = _row_url(row)
-        if syntax == row["instance_transfer_syntax"] and change is None:
-            headers["Content-Length"] = str(row["instance_path"].stat().st_size)
+        if syntax == row.transfer_syntax and change is None:
+            headers["Content-Length"] = str(row.path.stat().st_size)
         heads.append(headers)
 
     def parts() -> Iterator[tuple[dict[str, str], Iterable[bytes]]]:
         for (row, syntax), headers in zip(plan, heads, strict=True):
             if "Content-Length" in headers:
-                yield headers, file_chunks(row["instance_path"])
+                yield headers, file_chunks(row.path)
             else:
                 yield headers, [_instance_bytes(row, syntax, change)]
 
@@ -365,13 +367,13 @@ def _deidentifier(scope: dict[int, str]) -> Callable[[Dataset], object]:
     return lambda ds: deidentify.deidentify(ds, profile)
 
 
-def _instance_bytes(row: dict, syntax: str, change) -> bytes:
+def _instance_bytes(row: InstanceLocation, syntax: str, change) -> bytes:
     try:
         return transcode.instance_bytes(
-            row["instance_path"], row["instance_transfer_syntax"], syntax, change, _pixel_budget()
+            row.path, row.transfer_syntax, syntax, change, _pixel_budget()
         )
     except deidentify.NotDeidentifiable as exc:
-        raise WebError(409, f"cannot anonymize {row['instance_sop_uid']}: {exc}") from exc
+        raise WebError(409, f"cannot anonymize {row.sop_uid}: {exc}") from exc
 
 
 def _selection(scope: dict[int, str]) -> tuple[str, list[Key]]:
@@ -379,7 +381,7 @@ def _selection(scope: dict[int, str]) -> tuple[str, list[Key]]:
     return level, [Key(tag, "UI", uid) for tag, uid in scope.items()]
 
 
-def _instances(scope: dict[int, str]) -> list[dict]:
+def _instances(scope: dict[int, str]) -> list[InstanceLocation]:
     level, keys = _selection(scope)
     rows = list(_archive().catalog.locate(level, keys))
     if not rows:
@@ -387,11 +389,8 @@ def _instances(scope: dict[int, str]) -> list[dict]:
     return rows
 
 
-def _row_url(row: dict) -> str:
-    return (
-        f"{base_url()}/studies/{row['study_study_uid']}/series/{row['series_series_uid']}"
-        f"/instances/{row['instance_sop_uid']}"
-    )
+def _row_url(row: InstanceLocation) -> str:
+    return f"{base_url()}/studies/{row.study_uid}/series/{row.series_uid}/instances/{row.sop_uid}"
 
 
 def _dicom_syntaxes(accept: list[MediaRange], single_allowed: bool) -> tuple[list[str], bool]:
@@ -442,7 +441,7 @@ def bulkdata(study: str, series: str, sop: str, tags: str) -> Response:
     tags_ok = all(re.fullmatch(r"[0-9A-Fa-f]{8}", p) for p in path[::2])
     if len(path) % 2 != 1 or not tags_ok or not all(p.isdigit() for p in path[1::2]):
         raise WebError(400, "bulk data is addressed as TAG[/ITEM/TAG...]")
-    ds = read_dataset(row["instance_path"])
+    ds = read_dataset(row.path)
     if path == ["7FE00010"]:
         return _frames_response(row, list(range(1, render.number_of_frames(ds) + 1)), ds)
     value = transcode.bulk_bytes(ds, path)
@@ -471,10 +470,10 @@ def _octets_accepted() -> None:
     raise WebError(406, 'bulk data is multipart/related; type="application/octet-stream"')
 
 
-def _frames_response(row: dict, numbers: list[int], ds=None) -> Response:
-    stored = row["instance_transfer_syntax"]
+def _frames_response(row: InstanceLocation, numbers: list[int], ds=None) -> Response:
+    stored = row.transfer_syntax
     as_stored, part_type = _frame_choice(_accept(), stored)
-    ds = ds or read_dataset(row["instance_path"])
+    ds = ds or read_dataset(row.path)
     frame_count = render.number_of_frames(ds)
     bad = [n for n in numbers if n > frame_count]
     if bad:
@@ -549,11 +548,11 @@ def rendered(study: str, series=None, sop=None, frames=None) -> Response:
 
         def parts():
             for row in rows:
-                yield {"Content-Type": media}, [render.render(row["instance_path"], wanted, cache)]
+                yield {"Content-Type": media}, [render.render(row.path, wanted, cache)]
 
         return _multipart(parts(), new_boundary(), media)
     # One image asked for: the instance's, or the study's or series' middle instance.
-    path = _representative(rows)["instance_path"]
+    path = _representative(rows).path
     return _render_one(path, _render_request(fmt, frame), media, wrap)
 
 
@@ -565,12 +564,12 @@ def thumbnail(study: str, series=None, sop=None, frames=None) -> Response:
     rows = _instances(_scope(study, series, sop))
     fmt, media, wrap = _image_type()
     wanted = _render_request(fmt, _single_frame(frames), thumbnail=True)
-    return _render_one(_representative(rows)["instance_path"], wanted, media, wrap)
+    return _render_one(_representative(rows).path, wanted, media, wrap)
 
 
-def _representative(rows: list[dict]) -> dict:
+def _representative(rows: list[InstanceLocation]) -> InstanceLocation:
     """The middle instance by Instance Number: what a study or series looks like."""
-    rows = sorted(rows, key=lambda r: (r.get("instance_instance_number") or 0, r["instance_pk"]))
+    rows = sorted(rows, key=lambda r: (r.instance_number or 0, r.pk))
     return rows[len(rows) // 2]
 
 
@@ -623,7 +622,7 @@ def _render_request(fmt: str, frame: int, thumbnail: bool = False) -> render.Req
     if thumbnail:
         fields |= {"rows": THUMBNAIL, "columns": THUMBNAIL}
     if "quality" in args:
-        fields["quality"] = _int_param("quality", args["quality"], 1, 100)
+        fields["quality"] = whole_number("quality", args["quality"], 1, 100)
     if args.get("window") == "auto":  # extension: this frame's min to max (viewer preset)
         fields["minmax"] = True
     elif "window" in args:
@@ -653,7 +652,7 @@ def _viewport(text: str) -> dict:
     parts = text.split(",")
     if len(parts) not in (2, 6):
         raise WebError(400, "viewport is vw,vh or vw,vh,sx,sy,sw,sh")
-    vw, vh = (_int_param("viewport", p, 1, _config().render_max_size) for p in parts[:2])
+    vw, vh = (whole_number("viewport", p, 1, _config().render_max_size) for p in parts[:2])
     fields: dict = {"columns": vw, "rows": vh}
     if len(parts) == 6:
         sx, sy, sw, sh = (_float_param("viewport", p or "0") for p in parts[2:])
@@ -667,16 +666,6 @@ def _viewport(text: str) -> dict:
             "flip_vertical": sh < 0,
         }
     return fields
-
-
-def _int_param(name: str, value: str, low: int, high: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise WebError(400, f"{name} must be whole numbers") from None
-    if not low <= number <= high:
-        raise WebError(400, f"{name} must be between {low} and {high}")
-    return number
 
 
 def _float_param(name: str, value: str) -> float:

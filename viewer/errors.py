@@ -48,3 +48,29 @@ class WebError(HTTPException):
             return error
         headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
         return cls(error.code or 500, error.description or "", headers)
+
+
+def int_param(
+    params, name: str, default: int | None, minimum: int, maximum: int | None = None
+) -> int | None:
+    """A whole-number query parameter (`default` when absent or empty), refused with 400
+    outside minimum..maximum."""
+    value = params.get(name)
+    if value is None or value == "":
+        return default
+    return whole_number(name, value, minimum, maximum)
+
+
+def whole_number(name: str, value: str, minimum: int, maximum: int | None = None) -> int:
+    """`value` as an int in minimum..maximum, else 400 saying so: every whole-number
+    parameter of the web side (QIDO-RS paging, WADO-URI and viewport sizes, the audit
+    listing) is read through here."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise WebError(400, f"{name} must be a whole number, not {value[:40]!r}") from None
+    if maximum is None and number < minimum:
+        raise WebError(400, f"{name} must be at least {minimum}")
+    if maximum is not None and not minimum <= number <= maximum:
+        raise WebError(400, f"{name} must be between {minimum} and {maximum}")
+    return number

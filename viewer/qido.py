@@ -17,6 +17,7 @@ from werkzeug.datastructures import MultiDict
 
 from storage.query import Key
 from viewer.errors import WebError
+from viewer.errors import int_param
 
 RESERVED = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset"}
 MODALITIES_IN_STUDY = 0x00080061
@@ -74,8 +75,8 @@ def parse(args: MultiDict, level: str, scope: dict[int, str]) -> Search:
             keys[tag] = Key(tag, _vr(tag), "")
     return Search(
         keys=list(keys.values()),
-        limit=_number(args, "limit", minimum=1),
-        offset=_number(args, "offset", minimum=0) or 0,
+        limit=int_param(args, "limit", None, minimum=1),
+        offset=int_param(args, "offset", 0, minimum=0),
         fuzzy=_flag(args, "fuzzymatching"),
         all_attributes=all_attributes,
     )
@@ -141,19 +142,6 @@ def _vr(tag: int) -> str:
             400, f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is not in the DICOM dictionary"
         ) from None
     return vr.split(" or ")[0]
-
-
-def _number(args: MultiDict, name: str, minimum: int) -> int | None:
-    value = args.get(name)
-    if value is None or value == "":
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise WebError(400, f"{name} must be a whole number, not {value!r}") from None
-    if number < minimum:
-        raise WebError(400, f"{name} must be at least {minimum}")
-    return number
 
 
 def _flag(args: MultiDict, name: str) -> bool:

@@ -20,6 +20,7 @@ from storage.dataset import read_dataset
 from viewer import render
 from viewer import transcode
 from viewer.errors import WebError
+from viewer.errors import int_param
 from viewer.media import parse_accept
 
 bp = Blueprint("wado_uri", __name__)
@@ -129,13 +130,13 @@ def _image(path, header, content_type: str, params) -> Response:
     config = current_app.extensions["minipacs"]["config"]
     size = config.render_max_size  # bounds the output before any work (PS3.18 leaves it open)
     wanted = render.Request(
-        frame=_int(params, "frameNumber", 1, minimum=1),
+        frame=int_param(params, "frameNumber", 1, minimum=1),
         window=_window(params),
-        rows=_int(params, "rows", None, minimum=1, maximum=size),
-        columns=_int(params, "columns", None, minimum=1, maximum=size),
+        rows=int_param(params, "rows", None, minimum=1, maximum=size),
+        columns=int_param(params, "columns", None, minimum=1, maximum=size),
         region=_region(params.get("region")),
         format=IMAGE_TYPES[content_type],
-        quality=_int(params, "imageQuality", 90, minimum=1, maximum=100),
+        quality=int_param(params, "imageQuality", 90, minimum=1, maximum=100),
         annotation=_annotation(params.get("annotation", "")),
         max_size=size,
         pixel_budget=config.pixel_budget_mb << 20,
@@ -149,19 +150,6 @@ def _image(path, header, content_type: str, params) -> Response:
     response.set_etag(tag)
     response.headers["Cache-Control"] = CACHE_CONTROL
     return response
-
-
-def _int(params, name: str, default, minimum: int | None = None, maximum: int | None = None):
-    value = params.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise WebError(400, f"{name} must be a whole number") from None
-    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
-        raise WebError(400, f"{name} must be between {minimum} and {maximum or 'any'}")
-    return number
 
 
 def _window(params) -> tuple[float, float] | None:
