@@ -4,7 +4,9 @@ Each case ends with the same checks: the server still answers, nothing partial w
 left in the archive, nothing was written outside it.
 """
 
+import http.client
 import io
+import json
 import random
 import resource
 import socket
@@ -22,6 +24,7 @@ from scu import store_files
 
 VERIFICATION = b"1.2.840.10008.1.1"
 IMPLICIT_LE = b"1.2.840.10008.1.2"
+JSON = "application/dicom+json"
 CT_IMAGE = b"1.2.840.10008.5.1.4.1.1.2"
 
 
@@ -76,6 +79,30 @@ def test_full_disk_gives_a700_and_keeps_serving(start_server, small_disk, tmp_pa
     result = minipacs("verify", "--data", str(server.data), "--json", check=False)
     assert result.returncode == 0, result.stdout
     assert f'"instances": {stored}' in result.stdout
+
+
+def test_full_disk_fails_a_stow_part_alone(start_server, small_disk, tmp_path):
+    """STOW-RS on a full disk: the part with no room fails with FailureReason 0xA700,
+    nothing partial is left, and a smaller part after it is stored (waitress spools the
+    request body under TMPDIR, off the small disk)."""
+    server = start_server(data=small_disk / "data")
+    files = [*make_study(tmp_path / "big", 2, size=1024), *make_study(tmp_path / "s", 1, 64)]
+    head = b"--b0undary\r\nContent-Type: application/dicom\r\n\r\n"
+    body = b"".join(head + path.read_bytes() + b"\r\n" for path in files) + b"--b0undary--\r\n"
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    media = 'multipart/related; type="application/dicom"; boundary=b0undary'
+    connection.request(
+        "POST", "/dicom-web/studies", body, {"Content-Type": media, "Accept": JSON}
+    )  # fmt: skip
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    connection.close()
+    assert response.status == 202, answer
+    (failed,) = answer["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xA700]
+    assert len(answer["00081199"]["Value"]) == 2
+    assert "no space" in server.log()
+    assert_still_serving_and_clean(server)
 
 
 def test_file_size_limit_gives_a700_without_root(server, tmp_path):
