@@ -47,6 +47,7 @@ from storage.errors import OverPixelBudget
 from storage.errors import StorageError
 from storage.errors import UIDMismatch
 from storage.recode import to_little_endian
+from storage.rows import InstanceLocation
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ class _Senders:
 
     POLL = 0.05  # s between looks at a cancel while waiting for a sender
 
-    def __init__(self, event: Event, instances: list[dict], pixel_budget: int) -> None:
+    def __init__(self, event: Event, instances: list[InstanceLocation], pixel_budget: int) -> None:
         self._event = event
         self._pixel_budget = pixel_budget
         self._rows = list(reversed(instances))  # pop() takes them in order
@@ -358,7 +359,7 @@ class _Senders:
         for assoc in extra:
             assoc.release()
 
-    def _take(self) -> dict | None:
+    def _take(self) -> InstanceLocation | None:
         with self._lock:
             if not self._event.assoc.is_established:  # the requestor is gone: so is the move
                 self._stopped = True
@@ -377,7 +378,7 @@ class _Senders:
             with self._lock:
                 self._senders -= 1
 
-    def _send(self, assoc, row: dict) -> Dataset | None:
+    def _send(self, assoc, row: InstanceLocation) -> Dataset | None:
         """One sub-operation: the dataset with its status attached; None if the
         association is gone."""
         dataset = _readable(row, assoc.accepted_contexts, self._pixel_budget)
@@ -493,7 +494,7 @@ def _exact(value: str) -> str:
     return "" if any(c in value for c in "*?\\") else value
 
 
-def _locate(event: Event, archive: Archive) -> list[dict] | None:
+def _locate(event: Event, archive: Archive) -> list[InstanceLocation] | None:
     model = FIND_MODELS[event.request.AffectedSOPClassUID]
     try:
         identifier = event.identifier
@@ -504,12 +505,12 @@ def _locate(event: Event, archive: Archive) -> list[dict] | None:
         return None
 
 
-def _contexts_for(instances: list[dict]) -> list[PresentationContext]:
+def _contexts_for(instances: list[InstanceLocation]) -> list[PresentationContext]:
     """One context per (SOP class, stored syntax) and one uncompressed per SOP class; merged
     per SOP class when that exceeds the 128 contexts an association may propose."""
     needed: dict[str, set[str]] = {}
     for row in instances:
-        needed.setdefault(row["instance_sop_class_uid"], set()).add(row["instance_transfer_syntax"])
+        needed.setdefault(row.sop_class_uid, set()).add(row.transfer_syntax)
     uncompressed = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     pairs = [(c, [s]) for c, syntaxes in needed.items() for s in sorted(syntaxes)]
     pairs += [(c, uncompressed) for c in needed]
@@ -518,39 +519,33 @@ def _contexts_for(instances: list[dict]) -> list[PresentationContext]:
     return [build_context(c, syntaxes) for c, syntaxes in pairs]
 
 
-def _readable(row: dict, accepted: list, pixel_budget: int) -> Dataset:
+def _readable(row: InstanceLocation, accepted: list, pixel_budget: int) -> Dataset:
     """The instance to send (`_dataset_to_send`), or, if its file cannot be read or
     converted, a failed sub-operation (PS3.4 C.4.2.1.4.2: counted, its UID in the Failed
     SOP Instance UID List)."""
     try:
         return _dataset_to_send(row, accepted, pixel_budget)
     except Exception as exc:
-        log.warning("cannot send %s: %s", row["instance_sop_uid"], exc)
+        log.warning("cannot send %s: %s", row.sop_uid, exc)
         return _failed(row)
 
 
-def _failed(row: dict) -> Dataset:
+def _failed(row: InstanceLocation) -> Dataset:
     dataset, status = Dataset(), Dataset()
-    dataset.SOPInstanceUID = row["instance_sop_uid"]
+    dataset.SOPInstanceUID = row.sop_uid
     status.Status = PROCESSING_FAILURE
     return seam.already_sent(dataset, status)
 
 
-def _dataset_to_send(row: dict, accepted: list, pixel_budget: int) -> Dataset:
+def _dataset_to_send(row: InstanceLocation, accepted: list, pixel_budget: int) -> Dataset:
     """The stored instance: its bytes as stored when the peer took that syntax, else the
     dataset made little endian by storage.recode (decompressed within `pixel_budget`
     bytes, or byte-swapped), which pynetdicom encodes in the accepted syntax."""
-    path = row["instance_path"]
-    syntax = UID(row["instance_transfer_syntax"])
-    offered = [
-        cx.transfer_syntax[0]
-        for cx in accepted
-        if cx.abstract_syntax == row["instance_sop_class_uid"]
-    ]
+    path = row.path
+    syntax = UID(row.transfer_syntax)
+    offered = [cx.transfer_syntax[0] for cx in accepted if cx.abstract_syntax == row.sop_class_uid]
     if syntax in offered:
-        return seam.StoredDataset(
-            row["instance_sop_class_uid"], row["instance_sop_uid"], syntax, dataset_bytes(path)
-        )
+        return seam.StoredDataset(row.sop_class_uid, row.sop_uid, syntax, dataset_bytes(path))
     ds = read_dataset(path)  # a deflated one inflated within MAX_INFLATED
     if any(s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) for s in offered):
         to_little_endian(ds, pixel_budget)  # raises: the sub-operation fails, counted

@@ -20,6 +20,7 @@ from pacs.config import Config
 from storage import Archive
 from storage import audit
 from storage.query import Key
+from storage.rows import RouteEntry
 
 log = logging.getLogger(__name__)
 POLL = 1.0  # s between looks at the queue
@@ -40,9 +41,9 @@ def run(archive: Archive, config: Config, stop: threading.Event) -> None:
 def forward_due(archive: Archive, config: Config) -> int:
     """One round: every due item (up to the claim limit), grouped by destination; how
     many items it took."""
-    by_destination: dict[str, list[dict]] = defaultdict(list)
+    by_destination: dict[str, list[RouteEntry]] = defaultdict(list)
     for item in archive.route_queue.due():
-        by_destination[item["destination"]].append(item)
+        by_destination[item.destination].append(item)
     for destination, items in by_destination.items():
         files = _files(archive, items)
         failures = _forward(config, destination, files)
@@ -65,20 +66,18 @@ def forward_due(archive: Archive, config: Config) -> int:
     return sum(len(items) for items in by_destination.values())
 
 
-def _files(archive: Archive, items: list[dict]) -> dict[int, list[Path]]:
+def _files(archive: Archive, items: list[RouteEntry]) -> dict[int, list[Path]]:
     """Each item's stored files now: its instance (one query for all of them), or its
     whole study (a deleted one: none)."""
-    by_sop = {item["sop_uid"]: item["id"] for item in items if item["sop_uid"]}
-    files: dict[int, list[Path]] = {item["id"]: [] for item in items}
+    by_sop = {item.sop_uid: item.id for item in items if item.sop_uid}
+    files: dict[int, list[Path]] = {item.id: [] for item in items}
     if by_sop:
         for row in archive.catalog.locate("IMAGE", [Key(0x00080018, "UI", list(by_sop))]):
-            files[by_sop[row["instance_sop_uid"]]].append(row["instance_path"])
+            files[by_sop[row.sop_uid]].append(row.path)
     for item in items:
-        if not item["sop_uid"]:
-            study = [Key(0x0020000D, "UI", item["study_uid"])]
-            files[item["id"]] = [
-                row["instance_path"] for row in archive.catalog.locate("STUDY", study)
-            ]
+        if not item.sop_uid:
+            study = [Key(0x0020000D, "UI", item.study_uid)]
+            files[item.id] = [row.path for row in archive.catalog.locate("STUDY", study)]
     return files
 
 

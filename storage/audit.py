@@ -28,10 +28,9 @@ from datetime import UTC
 from datetime import datetime
 from pathlib import Path
 
-from peewee import Database
-
 from storage import files
 from storage.engine import is_sqlite
+from storage.models import AnyDatabase
 from storage.models import AuditEvent
 from storage.models import Patient
 from storage.models import Study
@@ -110,7 +109,7 @@ class Chain:
         self.key_path = key_path
         self._key: Key | None = None
 
-    def append(self, database: Database, event: Event) -> None:
+    def append(self, database: AnyDatabase, event: Event) -> None:
         """Add one event at the end of the chain (inside the caller's transaction)."""
         if event.event not in EVENTS:
             raise ValueError(f"unknown audit event {event.event!r}")

@@ -3,6 +3,7 @@ instance's file is, what is stored, and whether the archive can answer for an in
 (storage commitment)."""
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from peewee import fn
@@ -14,6 +15,7 @@ from storage.models import Patient
 from storage.models import Series
 from storage.models import Study
 from storage.models import db
+from storage.rows import InstanceLocation
 
 
 class Catalog:
@@ -27,13 +29,12 @@ class Catalog:
         with db.connection_context():
             yield from query.find(level, keys, model, options or query.Options(), **paging)
 
-    def locate(self, level: str, keys: list, model: str = "STUDY") -> Iterator[dict]:
-        """Every instance under the entities the keys select (storage.query.locate); each
-        row's `instance_path` is made absolute."""
+    def locate(self, level: str, keys: list, model: str = "STUDY") -> Iterator[InstanceLocation]:
+        """Every instance under the entities the keys select (storage.query.locate), its
+        path made absolute."""
         with db.connection_context():
-            for row in query.locate(level, keys, model):
-                row["instance_path"] = self.root / row["instance_path"]
-                yield row
+            for found in query.locate(level, keys, model):
+                yield replace(found, path=self.root / found.path)
 
     def instance_json(self, level: str, keys: list) -> Iterator[tuple[str, str]]:
         """(SOP Instance UID, stored DICOM JSON) under the entities the keys select

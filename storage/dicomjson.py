@@ -18,6 +18,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ ASCII_STRINGS = {"AE", "AS", "CS", "DA", "DT", "TM", "UI", "DS", "IS"}
 TEXT_MULTI = {"LO", "SH", "UC"}  # backslash separates values
 TEXT_SINGLE = {"LT", "ST", "UT", "UR"}  # one value, backslash is text
 BINARY = {"OB", "OD", "OF", "OL", "OV", "OW"}  # UN: pydicom may know the real VR
+SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 # Character sets whose text decodes with one Python codec (PS3.3 C.12.1.1.2).
 SIMPLE_CHARSETS = {
     "": "latin_1",
@@ -55,7 +57,7 @@ def dataset_to_json(
 
 def _codec(ds: Dataset, parent_codec: str | None) -> str | None:
     """Python codec for the dataset's text, or None when pydicom must decode it."""
-    raw = ds._dict.get(0x00080005)
+    raw = ds._dict.get(SPECIFIC_CHARACTER_SET)
     if raw is None:
         return parent_codec
     value = raw.value
@@ -71,7 +73,9 @@ def _in_item(bulk: BulkHandler, tag: int, index: int) -> BulkHandler:
     return lambda inner: f"{tag:08X}/{index}/{bulk(inner)}"
 
 
-def _element(ds: Dataset, tag: int, codec: str | None, threshold: int, bulk: BulkHandler) -> dict:
+def _element(
+    ds: Dataset, tag: BaseTag, codec: str | None, threshold: int, bulk: BulkHandler
+) -> dict:
     raw = ds._dict[tag]
     if isinstance(raw, RawDataElement) and raw.value is not None:
         vr = raw.VR or _implicit_vr(tag)

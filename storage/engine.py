@@ -12,6 +12,7 @@ from urllib.parse import unquote
 from urllib.parse import urlsplit
 
 from peewee import Database
+from peewee import DatabaseProxy
 from peewee import SqliteDatabase
 from playhouse.pool import PooledPostgresqlDatabase
 from playhouse.pool import PooledSqliteDatabase
@@ -85,5 +86,5 @@ def describe(url: str) -> str:
     return f"PostgreSQL {parts.path.lstrip('/')} on {host}"
 
 
-def is_sqlite(database: Database) -> bool:
+def is_sqlite(database: Database | DatabaseProxy) -> bool:
     return isinstance(getattr(database, "obj", database), SqliteDatabase)

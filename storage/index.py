@@ -21,12 +21,12 @@ from dataclasses import field
 from datetime import UTC
 from datetime import datetime
 from typing import Any
-
-from peewee import Database
+from typing import cast
 
 from storage.dataset import ParsedInstance
 from storage.engine import is_sqlite
 from storage.errors import Refused
+from storage.models import AnyDatabase
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import Series
@@ -64,7 +64,7 @@ class _Job:
 class IndexWriter:
     """Owns the only write connection of this process; `call` runs a function in it."""
 
-    def __init__(self, database: Database, immediate: bool) -> None:
+    def __init__(self, database: AnyDatabase, immediate: bool) -> None:
         self._db = database
         self._immediate = immediate
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -189,7 +189,7 @@ class Statements:
     instance, so the hot path uses these plain, portable statements instead.
     """
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: AnyDatabase) -> None:
         p = database.param
         # SQLite has one writer at a time; PostgreSQL must lock the row it rewrites.
         for_update = "" if is_sqlite(database) else " FOR UPDATE"
@@ -234,7 +234,7 @@ INSTANCE_COLUMNS = (
 )
 
 
-def apply_row(row: Row, sql: Statements, database: Database) -> None:
+def apply_row(row: Row, sql: Statements, database: AnyDatabase) -> None:
     """Insert or update one instance and maintain the counts above it."""
     parsed = row.parsed
     found = database.execute_sql(sql.find_instance, (parsed.sop_uid,)).fetchone()
@@ -269,7 +269,7 @@ def apply_row(row: Row, sql: Statements, database: Database) -> None:
     patient_id, modalities, sop_classes = database.execute_sql(
         sql.study_lists, (study_id,)
     ).fetchone()
-    modality = parsed.series["modality"]
+    modality = str(parsed.series["modality"])
     if modality and modality not in modalities.split("\\"):
         database.execute_sql(sql.add_modality, (study_id, modality))
     database.execute_sql(
@@ -336,7 +336,8 @@ def delete_rows(level: str, uid: str) -> tuple[int, str, str]:
     (instances removed, Patient ID, Study Instance UID); (0, '', '') when nothing matched."""
     key = {"STUDY": Study.study_uid, "SERIES": Series.series_uid, "IMAGE": Instance.sop_uid}
     scope = Instance.select(Instance.id).join(Series).join(Study).where(key[level] == uid)
-    rows = list(scope.select(Series.id, Study.id).distinct().tuples())  # (series, study)
+    pairs = scope.select(Series.id, Study.id).distinct().tuples()  # (series, study)
+    rows = cast(list[tuple[int, int]], list(pairs))  # peewee types rows as models
     if not rows:
         return 0, "", ""
     removed = Instance.delete().where(Instance.id.in_(scope)).execute()

@@ -6,8 +6,10 @@ queries never count rows. Each instance keeps its DICOM JSON (PS3.18 F.2, bulk
 data left out) so return keys and metadata never need the file.
 """
 
+from peewee import AutoField
 from peewee import BigIntegerField
 from peewee import BooleanField
+from peewee import Database
 from peewee import DatabaseProxy
 from peewee import DateTimeField
 from peewee import ForeignKeyField
@@ -16,9 +18,15 @@ from peewee import Model
 from peewee import TextField
 
 db = DatabaseProxy()
+# What takes a database takes `db` as well: the proxy passes everything on to it.
+AnyDatabase = Database | DatabaseProxy
 
 
 class BaseModel(Model):
+    # peewee adds this primary key when a model names none; declared so a type checker
+    # knows `Model.id` (the same column, the same DDL).
+    id = AutoField()
+
     class Meta:
         database = db
 
@@ -43,6 +51,7 @@ class Patient(BaseModel):
 class Study(BaseModel):
     study_uid = TextField(unique=True)
     patient = ForeignKeyField(Patient, backref="studies", lazy_load=False, index=True)
+    patient_id: int  # the key's value, peewee's accessor beside `patient`
     study_date = TextField(default="", index=True)
     study_time = TextField(default="")
     time_key = TextField(default="")  # StudyTime as HHMMSS.ffffff, for range matching
@@ -160,6 +169,7 @@ class PerformedStep(BaseModel):
     sop_uid = TextField(unique=True)
     status = TextField()  # IN PROGRESS, COMPLETED, DISCONTINUED
     worklist = ForeignKeyField(WorklistItem, null=True, on_delete="SET NULL", lazy_load=False)
+    worklist_id: int | None  # the key's value, peewee's accessor beside `worklist`
     json = TextField()
     updated_at = TextField()
 

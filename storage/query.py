@@ -13,8 +13,10 @@ query level restrict the answer when given and are not required.
 import json
 import re
 from collections.abc import Callable
+from collections.abc import Collection
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from peewee import CommaNodeList
@@ -32,6 +34,7 @@ from storage.models import Study
 from storage.models import StudyModality
 from storage.models import WorklistItem
 from storage.models import db
+from storage.rows import InstanceLocation
 from storage.wildcards import condition as wildcard_condition
 from storage.wildcards import has_wildcards
 from storage.wildcards import matches as wildcard_matches
@@ -89,7 +92,7 @@ LEVEL_OF_UNIQUE = {
 }
 
 # Computed return keys (PS3.4 C.6.1.1.x): tag → (VR, level it is defined at, column).
-COMPUTED = {
+COMPUTED: dict[int, tuple[str, str, Field]] = {
     0x00201200: ("IS", "PATIENT", Patient.num_studies),  # NumberOfPatientRelatedStudies
     0x00201202: ("IS", "PATIENT", Patient.num_series),  # NumberOfPatientRelatedSeries
     0x00201204: ("IS", "PATIENT", Patient.num_instances),  # NumberOfPatientRelatedInstances
@@ -161,16 +164,26 @@ def find(
         yield _answer(level, plan, row, stored, options)
 
 
-def locate(level: str, keys: list[Key], model: str = "STUDY") -> Iterator[dict[str, Any]]:
-    """Rows of every instance under the entities the keys select (C-MOVE, C-GET): each has
-    instance_sop_uid, instance_sop_class_uid, instance_transfer_syntax and instance_path."""
+def locate(level: str, keys: list[Key], model: str = "STUDY") -> Iterator[InstanceLocation]:
+    """Every instance under the entities the keys select (C-MOVE, C-GET, WADO-RS), its path
+    relative to the archive root."""
     level = level.upper().strip()
     if level not in LEVELS:
         raise QueryError(f"Query/Retrieve Level {level!r} is not one of {', '.join(LEVELS)}")
     if model == "STUDY" and level == "PATIENT":
         raise QueryError("the Study Root information model has no PATIENT level")
     query, _ = _select("IMAGE", keys, model, Options(), limit_to=level)
-    yield from _rows(query)
+    for row in _rows(query):
+        yield InstanceLocation(
+            pk=row["instance_pk"],
+            study_uid=row["study_study_uid"],
+            series_uid=row["series_series_uid"],
+            sop_uid=row["instance_sop_uid"],
+            sop_class_uid=row["instance_sop_class_uid"],
+            transfer_syntax=row["instance_transfer_syntax"],
+            instance_number=row["instance_instance_number"],
+            path=Path(row["instance_path"]),
+        )
 
 
 def _rows(query, batch: int = 256) -> Iterator[dict[str, Any]]:
@@ -243,16 +256,17 @@ def _base(level: str):
     columns = _Columns(level)
     if level == "PATIENT":
         return Patient.select(columns).order_by(Patient.id)
-    query = Study.select(columns).join(Patient, on=(Study.patient == Patient.id))
     if level == "STUDY":
-        return query.order_by(Study.id)
-    query = (
-        Series.select(columns)
-        .join(Study, on=(Series.study == Study.id))
-        .join(Patient, on=(Study.patient == Patient.id))
-    )
+        return (
+            Study.select(columns).join(Patient, on=(Study.patient == Patient.id)).order_by(Study.id)
+        )
     if level == "SERIES":
-        return query.order_by(Series.id)
+        return (
+            Series.select(columns)
+            .join(Study, on=(Series.study == Study.id))
+            .join(Patient, on=(Study.patient == Patient.id))
+            .order_by(Series.id)
+        )
     return (
         Instance.select(columns)
         .join(Series, on=(Instance.series == Series.id))
@@ -303,7 +317,7 @@ class _Columns(Node):
         return ctx.literal(text)
 
 
-def _columns(model, skip: set[str] = frozenset()) -> list:
+def _columns(model, skip: Collection[str] = ()) -> list:
     prefix = model._meta.table_name
     return [
         field.alias(f"{prefix}_{name}")
@@ -368,8 +382,8 @@ def _combined_datetime(keys: list[Key]) -> Expression | None:
     return condition
 
 
-def _any_of(field: Field, values: list[str], vr: str) -> Expression:
-    condition = None
+def _any_of(field: Field, values: list[str], vr: str) -> Expression | None:
+    condition: Expression | None = None
     for value in values:
         part = _single(field, value, vr)
         condition = part if condition is None else (condition | part)
@@ -603,14 +617,15 @@ def _plan(level: str, keys: list[Key], options: Options) -> list[tuple[str, Gett
     """How each return key of an answer is made, decided once per query, in tag order:
     building answers is most of a large query's time."""
     constants = {"00080005": "ISO_IR 192", "00080052": level}  # answers are UTF-8
-    getters: dict[str, Getter] = {
-        tag: (lambda row, stored, v=value: {"vr": "CS", "Value": [v]})
-        for tag, value in constants.items()
-    }
+    getters = {tag: _constant(value) for tag, value in constants.items()}
     for key in keys:
         if key.tag not in (QUERY_LEVEL, CHARSET):
             getters[key.hex] = _getter(key, level, options)
     return sorted(getters.items())
+
+
+def _constant(value: str) -> Getter:
+    return lambda row, stored: {"vr": "CS", "Value": [value]}
 
 
 def _answer(level: str, plan: list[tuple[str, Getter]], row: dict, stored: dict, options) -> dict:
@@ -781,7 +796,7 @@ def find_worklist(keys: list[Key], options: Options) -> Iterator[dict[str, Any]]
             yield _worklist_answer(stored, keys)
 
 
-def _column_condition(field: Field, key: Key) -> Expression:
+def _column_condition(field: Field, key: Key) -> Expression | None:
     values = key.value if isinstance(key.value, list) else [key.value]
     if key.vr in RANGE_VRS:
         return _range(field, str(values[0]))

@@ -76,7 +76,7 @@ def _swap_bytes(ds: Dataset) -> None:
         element.value = _swapped(element.value, size)
 
 
-def _swapped(value: bytes, size: int) -> bytes:
+def _swapped(value: bytes | bytearray, size: int) -> bytes:
     whole = len(value) - len(value) % size
     words = np.frombuffer(value, dtype=f">u{size}", count=whole // size)
     return words.astype(f"<u{size}").tobytes() + bytes(value[whole:])

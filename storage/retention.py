@@ -56,6 +56,7 @@ class Retention:
             raise ValueError(f"cannot delete at level {level!r}")
         target = self._path_of(level, uid)
         trash = self.archive.root / TRASH / f"{level}.{uid}.{uuid.uuid4().hex}"
+        moved = True
         try:
             if target is None:
                 raise FileNotFoundError(uid)
@@ -64,9 +65,9 @@ class Retention:
             if self.archive.fsync:
                 fsync_path(target.parent)
         except FileNotFoundError:
-            trash = None  # no files (or another node took them): the rows still go
+            moved = False  # no files (or another node took them): the rows still go
         removed = self.archive.write(self.delete_rows, level, uid, who, reason)
-        if trash is not None:
+        if moved:
             shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
         return removed
 

@@ -17,9 +17,13 @@ import datetime
 import json
 import random
 from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from dataclasses import field
+from typing import Any
+from typing import cast
 
+from peewee import ModelSelect
 from peewee import fn
 from pydicom.datadict import tag_for_keyword
 
@@ -27,6 +31,7 @@ from storage import wildcards
 from storage.dataset import ParsedInstance
 from storage.models import RouteItem
 from storage.models import db
+from storage.rows import RouteEntry
 
 MAX_ATTEMPTS = 12  # then the item is `failed`, kept for `minipacs queue --retry`
 MAX_BACKOFF = 3600.0  # s
@@ -122,21 +127,20 @@ def any_due() -> bool:
     return RouteItem.select().where(ready & (RouteItem.due_at <= _now())).exists()
 
 
-def claim(limit: int = 256) -> list[dict]:
+def claim(limit: int = 256) -> list[RouteEntry]:
     """Due items, marked `sending` for LEASE seconds (each claimed by one process only:
     servers sharing an index do not send the same item twice in one round)."""
     now = _now()
     due = (
-        RouteItem.select()
+        RouteItem.select(RouteItem.id)
         .where(
             (RouteItem.due_at <= now)
             & ((RouteItem.status == "pending") | (RouteItem.status == "sending"))
         )
         .order_by(RouteItem.id)
         .limit(limit)
-        .dicts()
     )
-    ids = [item["id"] for item in due]
+    ids = [item.id for item in due]
     if not ids:
         return []
     # One UPDATE for the lot; an item another server leased meanwhile is no longer due,
@@ -147,7 +151,7 @@ def claim(limit: int = 256) -> list[dict]:
         & ((RouteItem.status == "pending") | (RouteItem.status == "sending"))
     ).execute()  # fmt: skip
     taken = RouteItem.select().where(RouteItem.id.in_(ids) & (RouteItem.due_at == lease))
-    return list(taken.order_by(RouteItem.id).dicts())
+    return _entries(taken.order_by(RouteItem.id))
 
 
 def sent(ids: list[int]) -> None:
@@ -173,17 +177,22 @@ def retry(ids: list[int] | None = None) -> int:
     return RouteItem.update(status="pending", due_at=_now(), attempts=0).where(chosen).execute()
 
 
-def items(status: str = "") -> list[dict]:
+def items(status: str = "") -> list[RouteEntry]:
     query = RouteItem.select().order_by(RouteItem.id)
     if status:
         query = query.where(RouteItem.status == status)
-    return list(query.dicts())
+    return _entries(query)
+
+
+def _entries(query: "ModelSelect[RouteItem]") -> list[RouteEntry]:
+    rows = cast(Iterable[dict[str, Any]], query.dicts())  # peewee types rows as models
+    return [RouteEntry(**row) for row in rows]
 
 
 def depth() -> dict[str, int]:
     counts = {"pending": 0, "sending": 0, "failed": 0}
     rows = RouteItem.select(RouteItem.status, fn.COUNT(RouteItem.id)).group_by(RouteItem.status)
-    for status, count in rows.tuples():
+    for status, count in cast(Iterable[tuple[str, int]], rows.tuples()):
         counts[status] = count
     return counts
 
@@ -208,7 +217,7 @@ class RouteQueue:
     def __init__(self, write: Callable) -> None:
         self._write = write
 
-    def due(self) -> list[dict]:
+    def due(self) -> list[RouteEntry]:
         with db.connection_context():
             if not any_due():
                 return []
@@ -223,7 +232,7 @@ class RouteQueue:
     def retry(self, ids: list[int] | None = None) -> int:
         return self._write(retry, ids)
 
-    def items(self, status: str = "") -> list[dict]:
+    def items(self, status: str = "") -> list[RouteEntry]:
         with db.connection_context():
             return items(status)
 

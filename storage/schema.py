@@ -12,6 +12,7 @@ from peewee import Database
 
 from storage.engine import is_sqlite
 from storage.models import MODELS
+from storage.models import AnyDatabase
 from storage.models import ApiToken
 from storage.models import AuditEvent
 from storage.models import Instance
@@ -30,38 +31,38 @@ log = logging.getLogger(__name__)
 
 # Plain DDL both engines run as written (no table rebuilds: SQLite would have to copy
 # tables that others reference); names match what peewee gives the models' own.
-def _v2(database: Database) -> None:
+def _v2(database: AnyDatabase) -> None:
     """Retention: a per-study `protected` flag, and studies ordered by last activity."""
     database.execute_sql("ALTER TABLE study ADD COLUMN protected BOOLEAN NOT NULL DEFAULT FALSE")
     database.execute_sql("CREATE INDEX study_updated_at ON study (updated_at)")
 
 
-def _v3(database: Database) -> None:
+def _v3(database: AnyDatabase) -> None:
     """The audit trail (storage.audit)."""
     database.create_tables([AuditEvent])
 
 
-def _v4(database: Database) -> None:
+def _v4(database: AnyDatabase) -> None:
     """Web users and their API tokens (storage.users)."""
     database.create_tables([User, ApiToken])
 
 
-def _v5(database: Database) -> None:
+def _v5(database: AnyDatabase) -> None:
     """The auto-routing queue (storage.routing)."""
     database.create_tables([RouteItem])
 
 
-def _v6(database: Database) -> None:
+def _v6(database: AnyDatabase) -> None:
     """Modality Worklist items and performed procedure steps (storage.worklist)."""
     database.create_tables([WorklistItem, PerformedStep])
 
 
 # MIGRATIONS[n] takes version n+1 to n+2
-MIGRATIONS: list[Callable[[Database], None]] = [_v2, _v3, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[AnyDatabase], None]] = [_v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 
-def upgrade(database: Database) -> tuple[int, int]:
+def upgrade(database: AnyDatabase) -> tuple[int, int]:
     """Create or migrate the index to SCHEMA_VERSION; return (version found, version now).
     Raise RuntimeError for an index newer than this code."""
     with _locked(database):
@@ -86,7 +87,7 @@ def upgrade(database: Database) -> tuple[int, int]:
         return found, SCHEMA_VERSION
 
 
-def _version(database: Database) -> int:
+def _version(database: AnyDatabase) -> int:
     if database.table_exists(SchemaVersion._meta.table_name):
         return SchemaVersion.select(SchemaVersion.version).scalar() or 0
     return 1 if database.table_exists(Study._meta.table_name) else 0
@@ -96,7 +97,7 @@ class _locked:
     """One transaction holding the engine's schema lock (SQLite's write lock, a PostgreSQL
     advisory lock), so concurrent start-ups wait for the first one's migration."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: AnyDatabase) -> None:
         self._db = database
         self._tx = database.atomic("IMMEDIATE") if is_sqlite(database) else database.atomic()
 

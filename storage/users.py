@@ -10,6 +10,7 @@ import secrets
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
+from typing import cast
 
 from werkzeug.security import check_password_hash
 from werkzeug.security import generate_password_hash
@@ -82,13 +83,14 @@ def issue_token(name: str, days: int) -> tuple[str, int, str]:
 
 def tokens(name: str) -> list[tuple[int, str, str]]:
     """(id, created, expires) of each token of `name`."""
-    return list(
+    rows = (
         ApiToken.select(ApiToken.id, ApiToken.created_at, ApiToken.expires_at)
         .join(User)
         .where(User.name == name)
         .order_by(ApiToken.id)
         .tuples()
     )
+    return cast(list[tuple[int, str, str]], list(rows))  # peewee types rows as models
 
 
 def revoke_token(name: str, which: str) -> int:

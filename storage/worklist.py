@@ -10,7 +10,10 @@ DISCONTINUED, and a step that is no longer IN PROGRESS cannot be changed.
 import datetime
 import json
 from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Iterator
+from typing import Any
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -113,10 +116,11 @@ def remove(item_id: int) -> bool:
 
 
 def listing() -> list[dict]:
-    rows = WorklistItem.select().order_by(WorklistItem.start_date, WorklistItem.id)
+    query = WorklistItem.select().order_by(WorklistItem.start_date, WorklistItem.id)
+    rows = cast(Iterable[dict[str, Any]], query.dicts())  # peewee types rows as models
     return [
         {**{k: v for k, v in row.items() if k != "json"}, "item": json.loads(row["json"])}
-        for row in rows.dicts()
+        for row in rows
     ]
 
 

@@ -25,6 +25,7 @@ from storage import deidentify
 from storage import files
 from storage import users
 from storage.query import Key
+from storage.rows import InstanceLocation
 
 
 @click.command()
@@ -85,7 +86,7 @@ def _deidentify_into(archive, level, uids, profile, folder: Path):
     """Each selected instance, de-identified, as <study>/<series>/<instance>.dcm (new UIDs)."""
     model = "PATIENT" if level == "PATIENT" else "STUDY"
     tag, vr = SELECTION_KEYS[level]
-    rows: list[dict] = []
+    rows: list[InstanceLocation] = []
     problems: list[tuple[str, str]] = []
     for uid in uids:
         found = list(archive.catalog.locate(level, [Key(tag, vr, uid)], model))
@@ -96,9 +97,9 @@ def _deidentify_into(archive, level, uids, profile, folder: Path):
     with click.progressbar(rows, label="de-identifying", file=sys.stderr) as bar:
         for row in bar:
             try:
-                ds = deidentify.deidentify(pydicom.dcmread(row["instance_path"]), profile)
+                ds = deidentify.deidentify(pydicom.dcmread(row.path), profile)
             except (deidentify.NotDeidentifiable, OSError, ValueError) as exc:
-                problems.append((row["instance_sop_uid"], str(exc)))
+                problems.append((row.sop_uid, str(exc)))
                 continue
             target = folder / ds.StudyInstanceUID / ds.SeriesInstanceUID
             target.mkdir(parents=True, exist_ok=True)

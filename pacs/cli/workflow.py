@@ -1,6 +1,7 @@
 """The department's workflow: Modality Worklist items and the auto-routing queue."""
 
 import csv
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -100,15 +101,15 @@ def route_queue(config_file, status, retry, as_json, ids, **flags) -> None:
             click.echo(
                 f"{archive.route_queue.retry(list(ids) or None)} item(s) due again", err=True
             )
-        rows = [r for r in archive.route_queue.items(status or "") if not ids or r["id"] in ids]
+        rows = [r for r in archive.route_queue.items(status or "") if not ids or r.id in ids]
     finally:
         archive.close()
     for row in rows:
         if as_json:
-            click.echo(json.dumps(row, default=str))
+            click.echo(json.dumps(dataclasses.asdict(row), default=str))
         else:
-            what = row["sop_uid"] or f"study {row['study_uid']}"
-            tries = f"attempts {row['attempts']}  due {row['due_at']}"
-            click.echo(f"{row['id']}  {row['status']:8} {row['destination']}  {what}  {tries}  "
-                       f"{row['last_error']}")  # fmt: skip
+            what = row.sop_uid or f"study {row.study_uid}"
+            tries = f"attempts {row.attempts}  due {row.due_at}"
+            click.echo(f"{row.id}  {row.status:8} {row.destination}  {what}  {tries}  "
+                       f"{row.last_error}")  # fmt: skip
     click.echo(f"{len(rows)} item(s)", err=True)

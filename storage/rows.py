@@ -1,0 +1,37 @@
+"""Index rows that storage hands to the DICOM and web sides, one frozen type per shape: a
+caller names a field the type checker knows instead of a string key of a dict."""
+
+import datetime
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceLocation:
+    """An instance a retrieval sends (storage.query.locate, Catalog.locate): its UIDs, how
+    it is stored and where its file is."""
+
+    pk: int
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax: str
+    instance_number: int | None
+    path: Path  # relative to the archive root from query.locate, absolute from Catalog.locate
+
+
+@dataclass(frozen=True, slots=True)
+class RouteEntry:
+    """An item of the auto-routing queue (storage.routing): an instance, or a whole study
+    when sop_uid is None, to forward to `destination`."""
+
+    id: int
+    destination: str
+    study_uid: str
+    sop_uid: str | None
+    status: str
+    attempts: int
+    due_at: datetime.datetime
+    last_error: str
+    created_at: datetime.datetime
