@@ -393,9 +393,13 @@ def incoming_files(server: Server) -> list[Path]:
     return [p for p in (server.data / ".incoming").iterdir() if p.is_file()]
 
 
-@pytest.fixture
-def stow_server(start_server) -> Server:
-    return start_server("--no-fsync")
+@pytest.fixture(scope="module")
+def stow_server(tmp_path_factory) -> Server:
+    """An empty server the STOW-RS tests share: each sends instances of its own (fresh
+    UIDs) and checks those, and leaves nothing in .incoming."""
+    running = Server(tmp_path_factory.mktemp("stow") / "data", "--no-fsync").start()
+    yield running
+    running.kill()
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Server
 from conftest import children
 from conftest import minipacs
 from make_study import make_study
@@ -129,6 +130,15 @@ def test_file_size_limit_gives_a700_without_root(server, tmp_path):
 # -- garbage and absurd PDUs ---------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Server:
+    """One server takes every kind of garbage below in turn; each test still ends with it
+    answering and clean, so it must survive all of them."""
+    running = Server(tmp_path_factory.mktemp("faults") / "data").start()
+    yield running
+    running.kill()
+
+
 def _item(kind: int, payload: bytes) -> bytes:
     return struct.pack(">BBH", kind, 0, len(payload)) + payload
 
@@ -189,7 +199,8 @@ NOISE = random.Random(18).randbytes  # the same "random" bytes on every run and 
     ],
     ids=["random", "huge-length", "http", "pdata-first"],
 )
-def test_garbage_on_the_port(server, garbage):
+def test_garbage_on_the_port(shared, garbage):
+    server = shared
     converse(server.port, garbage)
     assert_still_serving_and_clean(server)
     assert list(server.data.glob("*/*/*.dcm")) == []
@@ -221,7 +232,8 @@ def command_in(pdata_bodies: list[bytes]):
 
 
 @pytest.mark.parametrize("max_pdu", [0xFFFFFFFF, 0, 1, 7, 100])
-def test_absurd_maximum_pdu_sizes(server, max_pdu):
+def test_absurd_maximum_pdu_sizes(shared, max_pdu):
+    server = shared
     # A PDU of 1 or 7 bytes holds no whole PDV header: the answer comes a byte a PDU.
     reply = pdus(converse(server.port, associate_rq(max_pdu), c_echo_pdata()))
     assert reply[0][0] == 0x02  # A-ASSOCIATE-AC
@@ -231,7 +243,8 @@ def test_absurd_maximum_pdu_sizes(server, max_pdu):
     assert_still_serving_and_clean(server)
 
 
-def test_peer_vanishing_mid_dataset_leaves_nothing(server, tmp_path):
+def test_peer_vanishing_mid_dataset_leaves_nothing(shared, tmp_path):
+    server = shared
     (path,) = make_study(tmp_path / "study", 1, size=512)
     body = path.read_bytes()
     from pydicom.dataset import Dataset
@@ -262,7 +275,8 @@ def test_peer_vanishing_mid_dataset_leaves_nothing(server, tmp_path):
     assert list(server.data.glob("*/*/*.dcm")) == []
 
 
-def test_pdu_longer_than_our_maximum_is_refused(server):
+def test_pdu_longer_than_our_maximum_is_refused(shared):
+    server = shared
     # We announce 1 MiB; a P-DATA claiming 512 MiB is a protocol violation, not a buffer.
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(associate_rq(0, CT_IMAGE))
