@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from typing import cast
 
 from peewee import OperationalError
 
@@ -68,6 +70,7 @@ from storage.models import AuditEvent
 from storage.models import Instance
 from storage.models import db
 from storage.retention import Retention
+from storage.rows import AuditRecord
 
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep", "replace", "reject")
@@ -522,7 +525,7 @@ class Archive:
         assert self._writer is not None, "archive is not open"
         self._writer.submit(self.chain.append, db, event)
 
-    def audit_events(self, **filters: str) -> Iterator[dict]:
+    def audit_events(self, **filters: str) -> Iterator[AuditRecord]:
         """The audit trail in order, filtered by exact event/who/patient_id/study_uid and
         `since`/`until` (ISO 8601 prefixes of `at`)."""
         with db.connection_context():
@@ -534,7 +537,9 @@ class Archive:
                 query = query.where(AuditEvent.at >= filters["since"])
             if filters.get("until"):
                 query = query.where(AuditEvent.at < filters["until"] + "~")  # prefix-inclusive
-            yield from query.dicts().iterator()
+            rows = cast(Iterable[dict[str, Any]], query.dicts().iterator())  # peewee: models
+            for row in rows:
+                yield AuditRecord(**row)
 
     def verify_audit(self) -> list[str]:
         """Breaks in the audit trail's hash chain (an edited, inserted or removed event)."""

@@ -35,3 +35,20 @@ class RouteEntry:
     due_at: datetime.datetime
     last_error: str
     created_at: datetime.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """An event of the audit trail (Archive.audit_events), its hash-chain fields too."""
+
+    id: int
+    at: str
+    event: str
+    outcome: str
+    who: str
+    address: str
+    patient_id: str
+    study_uid: str
+    detail: str
+    prev_hash: str
+    hash: str

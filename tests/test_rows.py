@@ -1,6 +1,6 @@
 """Index rows that storage hands to the DICOM and web sides are typed (storage.rows), not
-string-keyed dicts: what `Catalog.locate` and the routing queue return, on each engine,
-in-process."""
+string-keyed dicts: what `Catalog.locate`, the routing queue and the audit trail return, on
+each engine, in-process."""
 
 import dataclasses
 import datetime
@@ -11,9 +11,11 @@ from dicom_files import TEST_FILES
 from pydicom.uid import generate_uid
 
 from storage import Archive
+from storage import audit
 from storage.models import RouteItem
 from storage.models import db
 from storage.query import Key
+from storage.rows import AuditRecord
 from storage.rows import InstanceLocation
 from storage.rows import RouteEntry
 
@@ -78,3 +80,20 @@ def test_the_routing_queue_gives_typed_entries(archive):
     assert [e.id for e in claimed] == [e.id for e in listed]
     assert {e.status for e in claimed} == {"sending"}
     assert all(e.due_at > now for e in claimed)  # leased
+
+
+def test_the_audit_trail_gives_typed_records(archive):
+    for who in ("ALICE", "BOB"):
+        event = audit.Event("query", who=who, study_uid="1.2.3", detail={"level": "STUDY"})
+        archive.write(archive.chain.append, db, event)
+
+    records = list(archive.audit_events(event="query"))
+    only_bob = list(archive.audit_events(who="BOB"))
+
+    assert all(type(record) is AuditRecord for record in records)
+    assert [(r.who, r.study_uid, r.detail) for r in records] == [
+        ("ALICE", "1.2.3", '{"level":"STUDY"}'),
+        ("BOB", "1.2.3", '{"level":"STUDY"}'),
+    ]
+    assert records[1].prev_hash == records[0].hash != ""
+    assert only_bob == records[1:]

@@ -14,6 +14,7 @@ logins are throttled per user name and per address; a body over HEAD_BODY needs
 credentials before waitress reads it (`check_head`, called by pacs.server).
 """
 
+import dataclasses
 import io
 import threading
 import time
@@ -226,7 +227,7 @@ def audit_trail() -> Response:
         if number >= offset + limit:
             break
         if number >= offset:
-            events.append({k: v for k, v in row.items() if k != "prev_hash"})
+            events.append({k: v for k, v in dataclasses.asdict(row).items() if k != "prev_hash"})
     return jsonify(events)
 
 

@@ -1,6 +1,7 @@
 """What administrators do with patient data and accounts: anonymize (de-identified
 copies out), user (web accounts and tokens) and audit (the trail)."""
 
+import dataclasses
 import getpass
 import json
 import shutil
@@ -242,8 +243,10 @@ def audit_trail(config_file, verify: bool, as_json: bool, **flags) -> None:
             sys.exit(1 if problems else 0)
         for row in archive.audit_events(**filters):
             if as_json:
-                click.echo(json.dumps({k: v for k, v in row.items() if "hash" not in k}))
+                fields = dataclasses.asdict(row)
+                click.echo(json.dumps({k: v for k, v in fields.items() if "hash" not in k}))
             else:
-                click.echo("  ".join(str(row[k]) for k in audit.FIELDS if row[k]))
+                values = [getattr(row, name) for name in audit.FIELDS]
+                click.echo("  ".join(str(v) for v in values if v))
     finally:
         archive.close()
