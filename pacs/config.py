@@ -151,7 +151,7 @@ class Config:
         },
     )
     render_cache_mb: int = field(
-        default=32,
+        default=24,
         metadata={"help": "Memory for decoded frames kept for re-rendering (MiB)."},
     )
     render_max_size: int = field(

@@ -907,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "repeat": opts.repeat,
                 "cold": opts.cold,
-                "cache_mb": 32,  # the default render_cache_mb
+                "cache_mb": 24,  # the default render_cache_mb
                 "instances_per_kind": count,
                 "kinds": {
                     k.key: {"label": k.label, "source": k.source, "frame": k.frame} for k in kinds
