@@ -14,6 +14,7 @@ import pydicom
 import pytest
 import requests
 from conftest import TEST_FILES
+from conftest import Server
 from conftest import closed_within
 from conftest import free_port
 from conftest import minipacs
@@ -104,18 +105,22 @@ def pki(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def tls_server(start_server, pki, tmp_path):
+@pytest.fixture(scope="module")
+def tls_server(pki, tmp_path_factory):
+    """One DICOM TLS server for the module's client tests (each checks its own answers and
+    log lines)."""
+    root = tmp_path_factory.mktemp("tls")
     port = free_port()
-    config = tmp_path / "tls.toml"
+    config = root / "tls.toml"
     config.write_text(
         f'tls_port = {port}\ntls_cert = "{pki / "server.crt"}"\n'
         f'tls_key = "{pki / "server.key"}"\ntls_ca = "{pki / "ca.crt"}"\n'
         'peer = ["WS1=127.0.0.1:1?cert=server"]\n'  # WS1: only with the "server" certificate
     )
-    server = start_server("--config", str(config))
+    server = Server(root / "data", "--config", str(config)).start()
     server.tls_port = port
-    return server
+    yield server
+    server.kill()
 
 
 def dcmtk(
@@ -230,14 +235,18 @@ def test_move_to_a_tls_peer(start_server, pki, tmp_path):
         receiver.wait(10)
 
 
-@pytest.fixture
-def https_server(start_server, pki, tmp_path):
-    config = tmp_path / "https.toml"
+@pytest.fixture(scope="module")
+def https_server(pki, tmp_path_factory):
+    """One HTTPS server for the module's web tests; each closes what it opened."""
+    root = tmp_path_factory.mktemp("https")
+    config = root / "https.toml"
     config.write_text(
         f'https_cert = "{pki / "server.crt"}"\nhttps_key = "{pki / "server.key"}"\n'
         "http_timeout = 2\n"
     )
-    return start_server("--config", str(config), ca=pki / "ca.crt")
+    server = Server(root / "data", "--config", str(config), ca=pki / "ca.crt").start()
+    yield server
+    server.kill()
 
 
 def test_dicomweb_over_https(https_server, pki):
@@ -271,12 +280,13 @@ def test_dicomweb_over_https(https_server, pki):
 
 
 def test_https_clients_that_must_fail(https_server, pki):
+    logged = len(https_server.log())  # the server is the module's: only what this test adds
     with pytest.raises(requests.exceptions.SSLError):  # the CA is not trusted
         requests.get(f"{https_server.url}/healthz", timeout=5)
     plain = f"http://127.0.0.1:{https_server.http_port}/healthz"
     answer = requests.get(plain, timeout=5)  # no plain HTTP on that port, and it says so
     assert answer.status_code == 400 and "HTTPS only" in answer.text
-    assert "TLS with 127.0.0.1 failed" in https_server.log()
+    assert "TLS with 127.0.0.1 failed" in https_server.log()[logged:]
     ca = str(pki / "ca.crt")
     assert requests.get(f"{https_server.url}/healthz", verify=ca, timeout=5).status_code == 200
 
