@@ -611,6 +611,8 @@ class Archive:
             if "full" in str(exc):
                 raise OutOfResources(f"no space left for the index ({exc})") from exc
             raise StorageError(f"index write failed: {exc}") from exc
+        except OSError as exc:  # a file made beside the rows (the audit key) on a full disk
+            reraise_full(exc)
 
     def pending_writes(self) -> int:
         """Index writes queued for the writer (a metric: a growing queue is a slow disk)."""
