@@ -74,6 +74,19 @@ def peak_mib(pid: int) -> int:
     return int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) >> 10
 
 
+def refused_answers(server, requests: list[tuple[str, str]]) -> tuple[int, list]:
+    """Each (URL, Accept) asked for, each refused with an HTTP error: how much the web
+    process's peak memory grew meanwhile (MiB), and (url, status, body) of each."""
+    before = peak_mib(server.proc.pid)
+    answers = []
+    for url, accept in requests:
+        request = urllib.request.Request(url, headers={"Accept": accept})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=60)
+        answers.append((url, refused.value.code, refused.value.read()))
+    return peak_mib(server.proc.pid) - before, answers
+
+
 def test_c_store_of_a_bomb_is_refused(server, tmp_path):
     sop = generate_uid()
     path = bomb(tmp_path / "bomb.dcm", sop)
@@ -124,14 +137,7 @@ def test_a_stored_bomb_answers_422_everywhere_and_memory_stays_bounded(server):
         (wado, "*/*"),  # image/jpeg
         (f"{wado}&contentType=application/dicom", "*/*"),
     ]
-    before = peak_mib(server.proc.pid)
-    answers = []
-    for url, accept in requests:
-        request = urllib.request.Request(url, headers={"Accept": accept})
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=60)
-        answers.append((url, refused.value.code, refused.value.read()))
-    grown = peak_mib(server.proc.pid) - before
+    grown, answers = refused_answers(server, requests)
     assert grown < BOMB_MIB // 8, f"peak memory grew {grown} MiB for a {BOMB_MIB} MiB bomb"
     for url, code, body in answers:
         assert code == 422, url
@@ -180,14 +186,7 @@ def test_a_codestream_larger_than_its_header_is_not_decoded(server):
         (f"{instance}/frames/1", 'multipart/related; type="application/octet-stream"'),
         (instance, "application/dicom"),
     ]
-    before = peak_mib(server.proc.pid)
-    answers = []
-    for url, accept in requests:
-        request = urllib.request.Request(url, headers={"Accept": accept})
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(request, timeout=60)
-        answers.append((url, refused.value.code, refused.value.read()))
-    grown = peak_mib(server.proc.pid) - before
+    grown, answers = refused_answers(server, requests)
     assert grown < 50, f"peak memory grew {grown} MiB"
     for url, code, body in answers:
         assert code == 422, url
