@@ -161,6 +161,14 @@ class Config:
             "columns, DICOMweb viewport; larger requests answer 400."
         },
     )
+    disk_reserve_mb: int = field(
+        default=64,
+        metadata={
+            "help": "Free space (MiB) C-STORE leaves on the data folder's disk for the index: "
+            "below it stores are refused (0xA700), so every acknowledged instance has room "
+            "to become queryable (0: fill the disk)."
+        },
+    )
     pixel_budget_mb: int = field(
         default=1024,
         metadata={
@@ -411,13 +419,14 @@ def _convert(name: str, value: Any) -> Any:
         "render_cache_mb",
         "render_max_size",
         "pixel_budget_mb",
+        "disk_reserve_mb",
         "max_upload_mb",
         "session_idle_minutes",
         "session_hours",
         "login_failures",
         "login_lockout_minutes",
     ):
-        return _int(value, name, 0 if name == "max_pdu" else 1)
+        return _int(value, name, 0 if name in ("max_pdu", "disk_reserve_mb") else 1)
     if name == "move_associations":
         number = _int(value, name, 1)
         if number > 8:

@@ -211,6 +211,7 @@ def open_archive(config: Config, repair: bool) -> Archive:
         index_url=config.index,
         routes=config.route,
         pixel_budget=config.pixel_budget_mb << 20,
+        disk_reserve=config.disk_reserve_mb << 20,
     )
     try:
         archive.open()

@@ -16,6 +16,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -131,13 +132,15 @@ class Archive:
         index_url: str = "",
         routes: tuple[routing.Rule, ...] = (),
         pixel_budget: int | None = None,
+        disk_reserve: int = 0,
     ) -> None:
         """`parse_processes` > 0: parse incoming files in that many child processes (started
         on first use), so concurrent ingests are not bound to one core by the GIL.
         `index_url`: empty for SQLite in the root, else a PostgreSQL URL (storage.engine).
         `routes`: auto-routing rules; what they select is queued with its index row.
         `pixel_budget`: bytes of decoded pixel data an incoming dataset may declare (None:
-        any); more is refused (OverPixelBudget) before it is stored."""
+        any); more is refused (OverPixelBudget) before it is stored.
+        `disk_reserve`: bytes the journal leaves free on the disk for the index (0: none)."""
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
         self.root = Path(root).absolute()
@@ -149,6 +152,7 @@ class Archive:
         self.index_url = index_url
         self.routes = routes
         self.pixel_budget = pixel_budget
+        self.disk_reserve = disk_reserve
         self._writer: index.IndexWriter | None = None
         self._lock_fd: int | None = None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
@@ -403,6 +407,7 @@ class Archive:
                 if receipt.full():
                     raise OutOfResources(f"no space left to receive the dataset ({receipt.error})")
                 raise StorageError(f"cannot receive the dataset: {receipt.error}")
+            self._check_reserve()
             header = read_header(receipt.path, self.pixel_budget)
             uids = {tag: validate_uid(header.uid(tag), name) for tag, name in UID_NAMES.items()}
             _as_requested(uids[SOP_CLASS_UID], uids[SOP_INSTANCE_UID], sop_class_uid, sop_uid)
@@ -416,6 +421,17 @@ class Archive:
         except BaseException:
             receipt.discard()
             raise
+
+    def _check_reserve(self) -> None:
+        """An acknowledged entry is indexed after Success: keep `disk_reserve` bytes free so
+        its rows always have room. A filling disk then refuses C-STOREs (0xA700) instead
+        of acknowledging instances that could not become queryable."""
+        if self.disk_reserve:
+            free = shutil.disk_usage(self.root).free
+            if free < self.disk_reserve:
+                raise OutOfResources(
+                    f"no space left: under {self.disk_reserve >> 20} MiB free, kept for the index"
+                )
 
     def _refuse_different(self, sop_uid: str, receipt: journal.Receipt) -> None:
         with db.connection_context():
