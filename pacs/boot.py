@@ -25,12 +25,14 @@ if TYPE_CHECKING:  # pacs.config imports storage, hence peewee: not before main(
 ENTRIES = ("pacs.server", "pacs.worker")
 UNUSED = ("requests",)
 POSTGRES_DRIVERS = ("psycopg", "psycopg2", "psycopg2cffi")
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def command(entry: str, index: str, *args: str) -> list[str]:
-    """The command line that runs `entry`'s main(args) for a server whose index is `index`."""
-    kind = "postgresql" if index.startswith(POSTGRES_SCHEMES) else "sqlite"
+    """The command line that runs `entry`'s main(args) for a server whose index is `index`
+    (called where storage is loaded already: the command, the supervisor)."""
+    from storage.engine import is_postgres_url
+
+    kind = "postgresql" if is_postgres_url(index) else "sqlite"
     return [sys.executable, "-m", "pacs.boot", entry, kind, *args]
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from storage import deidentify
 from storage import routing
+from storage.engine import is_postgres_url
 
 SERVICES = ("echo", "store", "find", "move", "get")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -476,7 +477,7 @@ def _convert(name: str, value: Any) -> Any:
         return text
     if name == "index":
         text = str(value).strip()
-        if text and not text.startswith(("postgresql://", "postgres://")):
+        if text and not is_postgres_url(text):
             raise ConfigError(f"index must be empty (SQLite) or postgresql://…, not {text!r}")
         return text
     if name == "public_url":

@@ -29,12 +29,12 @@ from pacs.worker import METRICS_FOLDER
 from pacs.worker import Child
 from pacs.worker import StartupError
 from pacs.worker import install_seam
-from pacs.worker import limit_malloc_arenas
 from pacs.worker import listen
 from pacs.worker import open_archive
 from pacs.worker import stop_children
 from pacs.worker import stop_on_signals
 from pacs.worker import stop_scps
+from pacs.worker import tune_malloc
 from storage import Archive
 from storage import indexer
 from storage import metrics
@@ -63,7 +63,7 @@ def main(args: list[str]) -> None:
 
 def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM, then stop everything cleanly."""
-    limit_malloc_arenas()
+    tune_malloc()
     install_seam()  # the router and the TLS SCP use it in this process
     stop = stop_on_signals()
     auditlog.install(config.audit_syslog)

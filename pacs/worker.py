@@ -116,7 +116,7 @@ def main(args: list[str]) -> None:
     pickled on stdin."""
     number, supervisor = int(args[0]), int(args[1])
     _die_with(supervisor)
-    limit_malloc_arenas()
+    tune_malloc()
     config: Config = pickle.load(sys.stdin.buffer)
     boot.setup_logging(config.log_level, prefix=f"worker{number} ")
     stop = stop_on_signals()
@@ -149,7 +149,7 @@ def _ready() -> None:
     sys.stdout.buffer.flush()
 
 
-def limit_malloc_arenas() -> None:
+def tune_malloc() -> None:
     """Two glibc malloc arenas for the process instead of eight a core: with many
     threads (waitress's, an association's) the arenas each kept freed memory, ~25 MB of
     RSS under a reading load. And a fixed mmap threshold: glibc's moving one rises to

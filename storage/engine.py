@@ -20,6 +20,11 @@ from playhouse.pool import PooledSqliteDatabase
 POSTGRES_SCHEMES = ("postgresql", "postgres")
 
 
+def is_postgres_url(url: str) -> bool:
+    """Whether `url` names a PostgreSQL index (anything else non-empty is refused)."""
+    return urlsplit(url).scheme in POSTGRES_SCHEMES
+
+
 def open_database(url: str, root: Path, fsync: bool) -> Database:
     """`url` empty: SQLite at `<root>/index.sqlite`; else postgresql://user:pw@host:port/db
     (query parameters go to libpq as they are, e.g. ?host=/run/postgresql&sslmode=require)."""
@@ -43,7 +48,7 @@ def open_database(url: str, root: Path, fsync: bool) -> Database:
             },
         )
     parts = urlsplit(url)
-    if parts.scheme not in POSTGRES_SCHEMES:
+    if not is_postgres_url(url):  # the scheme alone: the URL may hold a password
         raise ValueError(f"index must be empty (SQLite) or postgresql://…, not {parts.scheme}://")
     params: dict = dict(parse_qsl(parts.query))
     if parts.hostname:
