@@ -35,6 +35,7 @@ from typing import cast
 from peewee import OperationalError
 
 from storage import audit
+from storage import changefeed
 from storage import index
 from storage import journal
 from storage import metrics
@@ -165,6 +166,7 @@ class Archive:
         self.maintenance = Maintenance(self)
         self.worklist = worklist.Worklist(self.write)
         self.route_queue = routing.RouteQueue(self.write)
+        self.changes = changefeed.ChangeFeed(self.write)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -365,13 +367,16 @@ class Archive:
         """Index rows, audit events and route items, in the writer's transaction; each in
         a savepoint of its own, so one that fails does not take the others with it."""
         done = []
+        changes = []
         for write in writes:
             try:
                 with db.atomic():
-                    index.apply_row(write.row, self.statements, db)
+                    action = index.apply_row(write.row, self.statements, db)
                     self.chain.append(db, write.event)
                     if write.new:
                         routing.enqueue(self.routes, write.row.parsed, write.row.calling_aet)
+                if action is not None:
+                    changes.append(changefeed.indexed(action, write.row.parsed, write.event.who))
                 done.append(True)
             except OperationalError:
                 raise  # the transaction itself is broken (disk full, lost lock): all fail
@@ -380,7 +385,15 @@ class Archive:
                     raise
                 log.error("cannot index %s: %s", write.row.parsed.sop_uid, exc)
                 done.append(False)
+        self.record(changes)
         return done
+
+    def record(self, changes: list[changefeed.Pending]) -> None:
+        """Enter changes in the change feed at the end of the index write now running (call
+        it from a function the writer runs): numbered in that write's transaction."""
+        assert self._writer is not None, "archive is not open"
+        if changes:
+            self._writer.at_commit(changefeed.append, db, changes)
 
     # -- the journal: C-STORE acknowledged before indexing (storage.journal) ------------
 

@@ -68,6 +68,7 @@ class IndexWriter:
         self._db = database
         self._immediate = immediate
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._last: list[Callable[[], Any]] = []  # at_commit's, for the batch being written
         self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
         self._thread.start()
 
@@ -89,6 +90,12 @@ class IndexWriter:
 
     def pending(self) -> int:
         return self._queue.qsize()
+
+    def at_commit(self, fn: Callable[..., Any], *args: Any) -> None:
+        """From a job (in the writer thread): run `fn(*args)` last in the batch's
+        transaction, after every job, and drop it if this job fails. The change feed
+        numbers its entries there, under a lock then held only until the commit."""
+        self._last.append(lambda: fn(*args))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -131,10 +138,13 @@ class IndexWriter:
         for attempt in range(1, RETRIES + 1):
             for job in jobs:
                 job.result = job.error = None
+            self._last = []
             try:
                 with self._db.atomic(*lock):
                     for job in jobs:
                         self._apply(job)
+                    for fn in self._last:
+                        fn()
                 break
             except Exception as exc:  # the commit itself failed: nothing in the batch is durable
                 if _sqlstate(exc) in RETRYABLE and attempt < RETRIES:
@@ -151,10 +161,12 @@ class IndexWriter:
             job.done.set()
 
     def _apply(self, job: _Job) -> None:
+        last = len(self._last)
         try:
             with self._db.atomic():
                 job.result = job.fn()
         except Exception as exc:  # this job fails alone; the others still commit
+            del self._last[last:]
             if _sqlstate(exc) in RETRYABLE:
                 raise  # the whole batch must roll back to release its locks
             job.error = _cause(exc)
@@ -234,8 +246,9 @@ INSTANCE_COLUMNS = (
 )
 
 
-def apply_row(row: Row, sql: Statements, database: AnyDatabase) -> None:
-    """Insert or update one instance and maintain the counts above it."""
+def apply_row(row: Row, sql: Statements, database: AnyDatabase) -> str | None:
+    """Insert or update one instance and maintain the counts above it; what changed, in
+    the change feed's words: "create", "update" (a replace), None (already there)."""
     parsed = row.parsed
     found = database.execute_sql(sql.find_instance, (parsed.sop_uid,)).fetchone()
     values = (
@@ -252,7 +265,8 @@ def apply_row(row: Row, sql: Statements, database: AnyDatabase) -> None:
     if found is not None:
         if row.replace:
             database.execute_sql(sql.replace_instance, (*values, found[0]))
-        return
+            return "update"
+        return None
     series = database.execute_sql(sql.find_series, (parsed.series_uid,)).fetchone()
     if series is None:
         study_id, new_study = _study(parsed, _patient(parsed)[0])
@@ -264,7 +278,7 @@ def apply_row(row: Row, sql: Statements, database: AnyDatabase) -> None:
         (series_id, study_id), new_study, new_series = series, False, False
     inserted = database.execute_sql(sql.insert_instance, (parsed.sop_uid, series_id, *values))
     if inserted.rowcount == 0:  # another writer indexed the same instance meanwhile
-        return
+        return None
     database.execute_sql(sql.count_series, (series_id,))
     patient_id, modalities, sop_classes = database.execute_sql(
         sql.study_lists, (study_id,)
@@ -283,6 +297,7 @@ def apply_row(row: Row, sql: Statements, database: AnyDatabase) -> None:
         ),
     )
     database.execute_sql(sql.count_patient, (int(new_series), int(new_study), patient_id))
+    return "create"
 
 
 def mark_replacing(sop_uid: str) -> None:
@@ -330,12 +345,23 @@ def _add(values: str, value: str) -> str:
     return "\\".join(sorted(items))
 
 
+def _scope(level: str, uid: str):
+    """The instances of a study, series or instance (`level` STUDY, SERIES or IMAGE)."""
+    key = {"STUDY": Study.study_uid, "SERIES": Series.series_uid, "IMAGE": Instance.sop_uid}
+    return Instance.select(Instance.id).join(Series).join(Study).where(key[level] == uid)
+
+
+def uids_under(level: str, uid: str) -> list[tuple[str, str, str]]:
+    """(Study, Series, SOP Instance UID) of each instance `delete_rows` would remove."""
+    rows = _scope(level, uid).select(Study.study_uid, Series.series_uid, Instance.sop_uid)
+    return cast(list[tuple[str, str, str]], list(rows.order_by(Instance.id).tuples()))
+
+
 def delete_rows(level: str, uid: str) -> tuple[int, str, str]:
     """Remove the rows of a study, series or instance (`level` STUDY, SERIES or IMAGE) and
     recount what is above it; an emptied series, study or patient goes too. Returns
     (instances removed, Patient ID, Study Instance UID); (0, '', '') when nothing matched."""
-    key = {"STUDY": Study.study_uid, "SERIES": Series.series_uid, "IMAGE": Instance.sop_uid}
-    scope = Instance.select(Instance.id).join(Series).join(Study).where(key[level] == uid)
+    scope = _scope(level, uid)
     pairs = scope.select(Series.id, Study.id).distinct().tuples()  # (series, study)
     rows = cast(list[tuple[int, int]], list(pairs))  # peewee types rows as models
     if not rows:

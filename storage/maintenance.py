@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from peewee import OperationalError
 
+from storage import changefeed
 from storage import index
 from storage import schema
 from storage.dataset import read_instance
@@ -26,6 +27,7 @@ from storage.errors import StorageError
 from storage.files import hash_file
 from storage.files import instance_path
 from storage.models import MODELS
+from storage.models import Change
 from storage.models import Instance
 from storage.models import db
 from storage.retention import TRASH
@@ -92,11 +94,11 @@ class Maintenance:
         with db.connection_context():
             flagged = list(Instance.select().where(Instance.state == 1))
             for row in flagged:
-                self._adopt(self.archive.root / row.path, report, replace=True)
+                self._adopt(self.archive.root / row.path, report, "start-up", replace=True)
                 report.rehashed += 1
             for path in self._files():
                 if not Instance.select().where(Instance.sop_uid == path.stem).exists():
-                    self._adopt(path, report)
+                    self._adopt(path, report, "start-up")
             for rel in self._paths():
                 if not (self.archive.root / rel).is_file():
                     report.problems.append(Problem(rel, "indexed but the file is missing"))
@@ -105,13 +107,15 @@ class Maintenance:
         return report
 
     def reindex(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
-        """Rebuild the index from the files alone; `progress()` after each file."""
+        """Rebuild the index from the files alone; `progress()` after each file. The change
+        feed is kept, numbering on: each file indexed is a "create" by "reindex" (what a
+        follower holds stays valid; rows whose file had gone leave no "delete")."""
         with db.connection_context():
-            db.drop_tables(MODELS)
+            db.drop_tables([model for model in MODELS if model is not Change])
             schema.upgrade(db)
         report = ReconcileReport()
         for path in self._files():
-            self._adopt(path, report)
+            self._adopt(path, report, "reindex")
             if progress:
                 progress()
         return report
@@ -150,8 +154,8 @@ class Maintenance:
     def count_files(self) -> int:
         return sum(1 for _ in self._files())
 
-    def _adopt(self, path: Path, report: ReconcileReport, replace: bool = False) -> None:
-        """Index a file that is already in place."""
+    def _adopt(self, path: Path, report: ReconcileReport, who: str, replace: bool = False) -> None:
+        """Index a file that is already in place; `who` does it, for the change feed."""
         rel = str(path.relative_to(self.archive.root))
         try:
             parsed = read_instance(path)
@@ -160,10 +164,15 @@ class Maintenance:
                 raise InvalidDataset(f"its UIDs say it belongs at {expected}")
             size, sha = hash_file(path)
             row = index.Row(parsed, rel, size, sha, replace=replace)
-            self.archive.write(index.apply_row, row, self.archive.statements, db)
+            self.archive.write(self._index_row, row, who)
             report.indexed += 1
         except (StorageError, OSError) as exc:
             report.problems.append(Problem(rel, f"not indexed: {exc}"))
+
+    def _index_row(self, row: index.Row, who: str) -> None:
+        action = index.apply_row(row, self.archive.statements, db)
+        if action is not None:
+            self.archive.record([changefeed.indexed(action, row.parsed, who)])
 
     def _files(self) -> Iterator[Path]:
         """Every `<study>/<series>/<sop>.dcm` under the root."""

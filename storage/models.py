@@ -174,6 +174,23 @@ class PerformedStep(BaseModel):
     updated_at = TextField()
 
 
+# The change feed (storage.changefeed): one row per instance created, updated (a replace) or
+# deleted, numbered in commit order in the transaction of the change. `sequence` is gapless
+# and never reused (the newest entry outlives pruning); `at` is UTC ISO 8601 with
+# microseconds and a Z, so text order is time order.
+class Change(BaseModel):
+    sequence = BigIntegerField(unique=True)
+    at = TextField(index=True)
+    action = TextField()  # create, update, delete
+    study_uid = TextField()
+    series_uid = TextField()
+    sop_uid = TextField(index=True)
+    who = TextField(default="")  # the calling AE title or user (for a delete: who deleted)
+
+    class Meta:
+        table_name = "changefeed"
+
+
 # One row: the schema version this index is at (storage.schema migrates older ones).
 class SchemaVersion(BaseModel):
     version = IntegerField()
@@ -191,5 +208,6 @@ MODELS = (
     RouteItem,
     WorklistItem,
     PerformedStep,
+    Change,
     SchemaVersion,
 )

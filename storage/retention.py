@@ -13,6 +13,7 @@ from peewee import fn
 
 from storage import audit
 from storage import index
+from storage.changefeed import Pending
 from storage.files import fsync_path
 from storage.models import Instance
 from storage.models import Patient
@@ -87,7 +88,9 @@ class Retention:
             return self.archive.root / path if path else None
 
     def delete_rows(self, level: str, uid: str, who: str, reason: str) -> int:
+        gone = index.uids_under(level, uid)
         removed, patient_id, study_uid = index.delete_rows(level, uid)
+        self.archive.record([Pending("delete", *uids, who=who) for uids in gone])
         if study_uid:
             detail = {"level": level, "uid": uid, "instances": removed, "reason": reason}
             self.archive.chain.append(

@@ -24,7 +24,8 @@ class InstanceLocation:
 @dataclass(frozen=True, slots=True)
 class RouteEntry:
     """An item of the auto-routing queue (storage.routing): an instance, or a whole study
-    when sop_uid is None, to forward to `destination`."""
+    when sop_uid is None, to forward to `destination`; or, with a `subscription`, an event
+    notification (`body`, CloudEvents JSON) to post to it (storage.events)."""
 
     id: int
     destination: str
@@ -35,6 +36,9 @@ class RouteEntry:
     due_at: datetime.datetime
     last_error: str
     created_at: datetime.datetime
+    event: str
+    subscription: int | None
+    body: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +56,20 @@ class AuditRecord:
     detail: str
     prev_hash: str
     hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeEntry:
+    """An entry of the change feed (storage.changefeed) as a reader sees it: the change,
+    and the instance's state now (current, replaced, deleted) and, when asked for and
+    current, its DICOM JSON."""
+
+    sequence: int
+    at: str  # UTC ISO 8601, microseconds, Z
+    action: str  # create, update, delete
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    who: str
+    state: str
+    metadata: dict | None

@@ -15,6 +15,7 @@ from storage.models import MODELS
 from storage.models import AnyDatabase
 from storage.models import ApiToken
 from storage.models import AuditEvent
+from storage.models import Change
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import PerformedStep
@@ -57,8 +58,13 @@ def _v6(database: AnyDatabase) -> None:
     database.create_tables([WorklistItem, PerformedStep])
 
 
+def _v7(database: AnyDatabase) -> None:
+    """The change feed (storage.changefeed); it starts empty, at sequence 1."""
+    database.create_tables([Change])
+
+
 # MIGRATIONS[n] takes version n+1 to n+2
-MIGRATIONS: list[Callable[[AnyDatabase], None]] = [_v2, _v3, _v4, _v5, _v6]
+MIGRATIONS: list[Callable[[AnyDatabase], None]] = [_v2, _v3, _v4, _v5, _v6, _v7]
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 
@@ -110,7 +116,17 @@ class _locked:
         self._tx.__exit__(*exc)
 
 
-COPY_ORDER = (Patient, Study, StudyModality, Series, Instance, AuditEvent, User, ApiToken)
+COPY_ORDER = (
+    Patient,
+    Study,
+    StudyModality,
+    Series,
+    Instance,
+    AuditEvent,
+    User,
+    ApiToken,
+    Change,
+)
 COPY_CHUNK = 2000
 
 
