@@ -137,15 +137,34 @@ class ApiToken(BaseModel):
 
 
 # The auto-routing queue (storage.routing): an instance (sop_uid) or a whole study (sop_uid
-# NULL, study-stable rules) to forward to `destination`; deleted once sent.
+# NULL, study-stable rules) to forward to `destination`; deleted once sent. It also holds
+# event notifications (storage.events): a CloudEvent (`body`) for a `subscription`, and a
+# study's stability timer (`event` set, no subscription) that becomes them once due.
 class RouteItem(BaseModel):
-    destination = TextField()  # a peer's AE title or a DICOMweb base URL
+    destination = TextField()  # a peer's AE title or a DICOMweb base URL (events: the URL)
     study_uid = TextField()
     sop_uid = TextField(null=True)
     status = TextField(default="pending", index=True)  # pending, sending, failed
     attempts = IntegerField(default=0)
     due_at = DateTimeField(index=True)  # the next attempt (sending: the end of its lease)
     last_error = TextField(default="")
+    created_at = DateTimeField()
+    event = TextField(default="")  # an event type (storage.events.TYPES); '' for a forward
+    subscription = IntegerField(null=True)  # the Subscription a notification goes to
+    body = TextField(default="")  # the notification as sent (CloudEvents JSON)
+
+    class Meta:
+        # a subscriber's notifications of one study go in order (storage.routing.claim)
+        indexes = ((("subscription", "study_uid"), False),)
+
+
+# HTTP receivers of events (storage.events): the types each wants, and the secret its
+# notifications are signed with (HMAC-SHA256; kept here, shown once, never logged).
+class Subscription(BaseModel):
+    url = TextField()
+    events = TextField()  # comma-separated types, e.g. "instance.created,study.stable"
+    secret = TextField()
+    origin = TextField(default="cli")  # cli, or config (kept as the config file says)
     created_at = DateTimeField()
 
 
@@ -206,6 +225,7 @@ MODELS = (
     User,
     ApiToken,
     RouteItem,
+    Subscription,
     WorklistItem,
     PerformedStep,
     Change,

@@ -24,6 +24,7 @@ from storage.models import SchemaVersion
 from storage.models import Series
 from storage.models import Study
 from storage.models import StudyModality
+from storage.models import Subscription
 from storage.models import User
 from storage.models import WorklistItem
 
@@ -63,8 +64,24 @@ def _v7(database: AnyDatabase) -> None:
     database.create_tables([Change])
 
 
+def _v8(database: AnyDatabase) -> None:
+    """Event subscriptions (storage.events); their notifications and study timers are
+    items of the routing queue. (From version 4 or older, `_v5` made the queue with
+    today's columns already.)"""
+    have = {column.name for column in database.get_columns("routeitem")}
+    for column in ("event TEXT NOT NULL DEFAULT ''", "subscription INTEGER",
+                   "body TEXT NOT NULL DEFAULT ''"):  # fmt: skip
+        if column.split()[0] not in have:
+            database.execute_sql(f"ALTER TABLE routeitem ADD COLUMN {column}")
+    database.execute_sql(
+        "CREATE INDEX IF NOT EXISTS routeitem_subscription_study_uid "
+        "ON routeitem (subscription, study_uid)"
+    )
+    database.create_tables([Subscription])
+
+
 # MIGRATIONS[n] takes version n+1 to n+2
-MIGRATIONS: list[Callable[[AnyDatabase], None]] = [_v2, _v3, _v4, _v5, _v6, _v7]
+MIGRATIONS: list[Callable[[AnyDatabase], None]] = [_v2, _v3, _v4, _v5, _v6, _v7, _v8]
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 
@@ -126,6 +143,7 @@ COPY_ORDER = (
     User,
     ApiToken,
     Change,
+    Subscription,
 )
 COPY_CHUNK = 2000
 
