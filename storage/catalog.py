@@ -8,6 +8,7 @@ from pathlib import Path
 
 from peewee import fn
 
+from storage import fileset
 from storage import query
 from storage.files import hash_file
 from storage.models import Instance
@@ -70,6 +71,25 @@ class Catalog:
         ):
             return None
         return self.root / row[0]
+
+    def file_set(self, study_uid: str, series_uid: str = "") -> fileset.Plan | None:
+        """The study (or one series of it) as a DICOM File-set (storage.fileset), from the
+        index alone; None when nothing of it is stored."""
+        with db.connection_context():
+            rows = (
+                Instance.select(Instance.json, Instance.transfer_syntax, Instance.path)
+                .join(Series, on=(Instance.series == Series.id))
+                .join(Study, on=(Series.study == Study.id))
+                .where(Study.study_uid == study_uid)
+                .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)
+            )
+            if series_uid:
+                rows = rows.where(Series.series_uid == series_uid)
+            stored = [
+                fileset.Stored(text, syntax, self.root / path)
+                for text, syntax, path in rows.tuples().iterator()
+            ]
+        return fileset.plan(stored) if stored else None
 
     def commitment_problem(self, sop_class_uid: str, sop_uid: str) -> str:
         """Why the archive cannot take responsibility for an instance ('' when it can):

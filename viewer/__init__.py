@@ -31,6 +31,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     """Build the app around one long-lived archive (kept in `app.extensions`)."""
     from viewer import auth
     from viewer import dicomweb
+    from viewer import download
     from viewer import render
     from viewer import ui
     from viewer import wado_uri
@@ -68,6 +69,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     app.register_blueprint(dicomweb.bp)
     app.register_blueprint(ui.bp)
     app.register_blueprint(worklist.bp)
+    app.register_blueprint(download.bp)
     if config.trust_proxy:  # scheme, host and prefix as the client sees them
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
     if config.cors_origins:
@@ -108,6 +110,7 @@ AUDITED = {  # endpoint → audit event; STOW-RS instances are audited as they a
     "dicomweb.rendered": "retrieve",
     "dicomweb.thumbnail": "retrieve",
     "wado_uri.wado": "retrieve",
+    "download.archive": "retrieve",
     "ui.page": "view",
     "worklist.items": "query",
     "worklist.add": "worklist",

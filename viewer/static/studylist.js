@@ -148,6 +148,7 @@ function table(studies, params, navigate) {
     th.append(el("a", { href: `/?${query}`, "data-link": "" }, column.label + (active ? (direction === "desc" ? " ▼" : " ▲") : "")));
     head.append(th);
   }
+  head.append(el("th", { scope: "col" }, "Download"));
   const body = el("tbody");
   for (const study of studies) {
     const uid = first(study, "0020000D");
@@ -156,6 +157,7 @@ function table(studies, params, navigate) {
       const value = column.date ? formatDate(first(study, column.tag)) : text(study, column.tag);
       row.append(el("td", {}, value));
     }
+    row.append(el("td", {}, zipLink(uid)));
     const open = () => navigate(`/study/${uid}`);
     row.addEventListener("click", open);
     row.addEventListener("keydown", (event) => {
@@ -172,6 +174,14 @@ function table(studies, params, navigate) {
     if (event.key === "ArrowDown" && event.target.tagName !== "TR") body.firstElementChild?.focus();
   });
   return node;
+}
+
+// The study as a ZIP with a DICOMDIR (GET /studies/{uid}/archive): a link of its own, so
+// Tab reaches it and Enter or a click downloads instead of opening the study.
+function zipLink(uid) {
+  const link = el("a", { href: `/studies/${uid}/archive`, download: "", class: "zip", "aria-label": `Download study ${uid} as ZIP` }, "ZIP");
+  for (const type of ["click", "keydown"]) link.addEventListener(type, (event) => event.stopPropagation());
+  return link;
 }
 
 function pager(params, more, navigate) {

@@ -108,6 +108,7 @@ class StudyView {
     this.overlayButton = button("Overlays", () => this.toggleOverlays(), { "aria-pressed": "true" });
     this.tagButton = button("Tags", () => this.toggleTags(), { "aria-pressed": "false" });
     this.download = el("a", { class: "download", download: "" }, "Download");
+    this.seriesZip = el("a", { class: "download", download: "", title: "The series' files and a DICOMDIR" }, "Series ZIP");
     const viewport = this.viewport;
     const toolbar = el(
       "div",
@@ -123,6 +124,7 @@ class StudyView {
       this.overlayButton,
       this.tagButton,
       this.download,
+      this.seriesZip,
       el("a", { href: "/", "data-link": "" }, "Studies"),
     );
     const centre = el("section", { class: "viewer" }, toolbar, viewport.stage, el("div", { class: "scroll" }, this.slider, this.counter));
@@ -251,6 +253,7 @@ class StudyView {
   async openSeries(series) {
     this.stopCine();
     this.series = series;
+    this.seriesZip.href = `/studies/${this.study}/series/${series}/archive`;
     this.stack = [];
     for (const item of this.strip.querySelectorAll(".series-item")) {
       item.setAttribute("aria-current", item.dataset.series === series ? "true" : "false");
