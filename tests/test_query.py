@@ -1,6 +1,7 @@
-"""C-FIND through storage.query: every PS3.4 C.2.2.2 rule, both models, real clients."""
+"""C-FIND with real clients: statuses, cancel, both models and their levels at the wire,
+query and answer character sets, extended negotiation, the settings that reach the query
+engine. The matching rules themselves are tested in-process (test_query_engine.py)."""
 
-import pydicom
 import pytest
 from conftest import Server
 from conftest import index_args
@@ -37,47 +38,6 @@ def ask(server, level, model="STUDY", **keys) -> list[Dataset]:
 def study_labels(made, answers) -> set[str]:
     by_uid = {v["uid"]: k for k, v in made.items()}
     return {by_uid[a.StudyInstanceUID] for a in answers}
-
-
-@pytest.mark.parametrize(
-    ("keys", "expected"),
-    [
-        ({"PatientID": "PID1"}, {"A", "B"}),  # single value
-        ({"PatientID": "pid1"}, set()),  # single value is case-sensitive for LO
-        ({"PatientName": "Doe^John"}, {"A", "B"}),
-        ({"PatientName": "DOE^JOHN"}, {"A", "B"}),  # PN: case-insensitive by default
-        ({"PatientName": "doe*"}, {"A", "B", "C"}),  # wildcard *
-        ({"PatientName": "D?E^J?NE"}, {"C"}),  # wildcard ?
-        ({"PatientName": "Yamada^Tarou"}, {"J"}),  # alphabetic group of a 3-group name
-        ({"PatientName": "=山田^太郎"}, {"J"}),  # ideographic group only
-        ({"PatientName": "*=*=やまだ*"}, {"J"}),  # phonetic group, wildcards
-        ({"AccessionNumber": "ACC-?"}, {"A", "B", "C", "D"}),
-        ({"StudyDate": "20200101-20201231"}, {"A", "C"}),  # closed range
-        ({"StudyDate": "-20191231"}, {"D"}),  # open start
-        ({"StudyDate": "20210101-"}, {"B"}),  # open end
-        ({"StudyDate": "20200620"}, {"C"}),
-        ({"StudyTime": "0800-1100"}, {"A", "C"}),  # TM range (independent of the date)
-        ({"StudyTime": "2359"}, {"D"}),  # TM single value covers its precision
-        ({"ModalitiesInStudy": "MR"}, {"B", "C"}),
-        ({"ModalitiesInStudy": "SR"}, {"C"}),
-        ({"ModalitiesInStudy": ["CR", "SR"]}, {"C", "D"}),  # any of the values
-        ({"StudyDescription": "study ?"}, {"A", "B", "C", "D"}),
-        ({"PatientName": "Doe*", "StudyDate": "20210101-"}, {"B"}),
-        ({"BodyPartExamined": "HEAD"}, {"A"}),  # a key the index has no column for
-        ({"PatientID": "NOBODY"}, set()),
-    ],
-)
-def test_study_level_matching(archive, keys, expected):
-    server, made = archive
-    answers = ask(server, "STUDY", StudyInstanceUID="", **keys)
-    assert study_labels(made, answers) == expected
-
-
-def test_uid_list_matching(archive):
-    server, made = archive
-    uids = [made["A"]["uid"], made["D"]["uid"]]
-    answers = ask(server, "STUDY", StudyInstanceUID=uids)
-    assert study_labels(made, answers) == {"A", "D"}
 
 
 def test_one_answer_per_entity_with_computed_keys(archive):
@@ -291,109 +251,29 @@ def test_cancel_ends_with_fe00(start_server, tmp_path):
     assert "cancelled after" in server.log()
 
 
-def test_max_results_ends_with_a700(tmp_path, archive):
-    server, _ = archive
-    capped = Server(
-        server.data, "--config", str(_config(tmp_path, "max_results = 2\n")), index=server.index
-    )  # same archive, second server process
-    capped.log_path = tmp_path / "capped.log"
-    capped.start()
-    try:
-        with pytest.raises(scu.ScuError) as error:
-            ask(capped, "STUDY", StudyInstanceUID="")
-        assert error.value.status == 0xA700
-        assert "narrow the query" in str(error.value)
-        assert "stopped at max_results=2" in capped.log()
-    finally:
-        capped.kill()
-
-
-def test_case_sensitive_names_when_configured(tmp_path, archive):
+@pytest.fixture(scope="module")
+def configured(archive, tmp_path_factory):
+    """A second server on the same archive, with the settings the query engine is given."""
     server, made = archive
-    strict = Server(
-        server.data,
-        "--config",
-        str(_config(tmp_path, "pn_case_insensitive = false\n")),
-        index=server.index,
-    )
-    strict.log_path = tmp_path / "strict.log"
-    strict.start()
-    try:
-        answers = ask(strict, "STUDY", PatientName="DOE*", StudyInstanceUID="")
-        assert study_labels(made, answers) == {"C"}
-    finally:
-        strict.kill()
+    folder = tmp_path_factory.mktemp("configured")
+    config = folder / "minipacs.toml"
+    config.write_text("max_results = 2\npn_case_insensitive = false\n")
+    other = Server(server.data, "--config", str(config), index=server.index)
+    other.log_path = folder / "configured.log"
+    yield other.start(), made
+    other.kill()
 
 
-def _config(tmp_path, text):
-    path = tmp_path / "minipacs.toml"
-    path.write_text(text)
-    return path
+def test_max_results_ends_with_a700(configured):
+    server, _ = configured
+    with pytest.raises(scu.ScuError) as error:
+        ask(server, "STUDY", StudyInstanceUID="")
+    assert error.value.status == 0xA700
+    assert "narrow the query" in str(error.value)
+    assert "stopped at max_results=2" in server.log()
 
 
-def test_sequence_matching(archive):
-    server, made = archive
-    item = Dataset()
-    item.CodeValue = "PROC-B"
-    item.CodingSchemeDesignator = ""
-    query = scu.identifier("STUDY", {"StudyInstanceUID": ""})
-    query.ProcedureCodeSequence = [item]
-    answers = list(scu.find(scu.Remote(port=server.port), query))
-    assert study_labels(made, answers) == {"B"}
-    assert answers[0].ProcedureCodeSequence[0].CodingSchemeDesignator == "LOCAL"
-    item.CodeValue = "PROC-?"  # wildcards inside an item
-    answers = list(scu.find(scu.Remote(port=server.port), query))
-    assert study_labels(made, answers) == {"A", "B", "C", "D"}
-
-
-@pytest.mark.parametrize(
-    ("source", "charset", "name"),
-    [
-        ("chrX2.dcm", "GB18030", "=王^小东"),
-        ("chrI2.dcm", ["", "ISO 2022 IR 149"], "==홍^길동"),
-        ("chrH32.dcm", ["ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ^ﾀﾛｳ=山田*"),
-        ("chrX1.dcm", "ISO_IR 192", "Wang^XiaoDong=王^小東"),
-        ("chrFren.dcm", "ISO_IR 100", "Buc^Jérôme"),
-    ],
-)
-def test_queries_in_other_character_sets(start_server, tmp_path, source, charset, name):
-    from dicom_files import CHARSET_FILES
-
-    minipacs("import", "--data", str(tmp_path / "data"), str(CHARSET_FILES / source))
-    server = start_server(data=tmp_path / "data")
-    query = Dataset()
-    query.SpecificCharacterSet = charset
-    query.QueryRetrieveLevel = "PATIENT"
-    query.PatientName = name
-    query.PatientID = ""
-    answers = list(scu.find(scu.Remote(port=server.port), query, "PATIENT"))
-    assert len(answers) == 1
-    stored = pydicom.dcmread(CHARSET_FILES / source).PatientName
-    assert str(answers[0].PatientName) == str(stored)
-
-
-def test_paging_with_limit_and_offset(archive, tmp_path):
-    from storage import Archive
-
-    server, _ = archive
-    with Archive(server.data, fsync=False, index_url=server.index) as store:
-        keys = query_keys({"StudyInstanceUID": ""})
-        every = [a["0020000D"]["Value"][0] for a in store.catalog.find("STUDY", keys)]
-        page = [
-            a["0020000D"]["Value"][0] for a in store.catalog.find("STUDY", keys, limit=2, offset=1)
-        ]
-        past = list(store.catalog.find("STUDY", keys, limit=2, offset=len(every)))
-        filtered = list(
-            store.catalog.find(
-                "STUDY", query_keys({"BodyPartExamined": "CHEST"}), limit=1, offset=1
-            )
-        )
-    assert page == every[1:3]
-    assert past == []
-    assert len(filtered) == 1
-
-
-def query_keys(values):
-    from storage import query
-
-    return query.keys_from_dataset(scu.identifier("STUDY", values))
+def test_case_sensitive_names_when_configured(configured):
+    server, made = configured
+    answers = ask(server, "STUDY", PatientName="DOE*", StudyInstanceUID="")
+    assert study_labels(made, answers) == {"C"}
