@@ -738,6 +738,7 @@ class Report:
         """Left-aligned first column, the others right-aligned."""
         self.tables[title] = {"header": header, "rows": rows}
         text = [header] + [[cell(value) for value in row] for row in rows]
+        text = [row + [""] * (len(header) - len(row)) for row in text]  # short rows end blank
         widths = [max(len(row[i]) for row in text) for i in range(len(header))]
         self.lines += ["", title]
         for row in text:
