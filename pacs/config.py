@@ -276,7 +276,24 @@ class Config:
     )
     retention_interval: int = field(
         default=60,
-        metadata={"help": "Seconds between quota checks (the first runs at start-up)."},
+        metadata={
+            "help": "Seconds between quota checks and change feed pruning (the first runs at "
+            "start-up)."
+        },
+    )
+    changefeed_days: int = field(
+        default=0,
+        metadata={
+            "help": "Days the change feed keeps its entries (0: forever); older ones are "
+            "pruned, the newest always kept (GET /changefeed says where the feed starts)."
+        },
+    )
+    token: str = field(
+        default="",
+        metadata={
+            "help": "Bearer token (`minipacs user token`) that `minipacs changes` sends to the "
+            "web side; MINIPACS_TOKEN keeps it off the command line."
+        },
     )
     audit_syslog: str = field(
         default="",
@@ -433,7 +450,7 @@ def _convert(name: str, value: Any) -> Any:
         if number > 8:
             raise ConfigError("move_associations: at most 8")
         return number
-    if name in ("parse_processes", "quota_mb", "quota_instances", "token_days"):
+    if name in ("parse_processes", "quota_mb", "quota_instances", "token_days", "changefeed_days"):
         return _int(value, name, 0)
     if name == "retention_interval":
         return _int(value, name, 1)

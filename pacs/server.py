@@ -9,6 +9,9 @@ import socket
 import ssl
 import sys
 import threading
+from datetime import UTC
+from datetime import datetime
+from datetime import timedelta
 from http import HTTPStatus
 
 import waitress
@@ -97,7 +100,7 @@ def serve(config: Config) -> None:
         threading.Thread(
             target=router.run, args=(archive, config, stop), name="router", daemon=True
         ).start()
-        if config.quota_mb or config.quota_instances:
+        if config.quota_mb or config.quota_instances or config.changefeed_days:
             threading.Thread(
                 target=_retention, args=(config, archive, stop), name="retention", daemon=True
             ).start()
@@ -230,10 +233,16 @@ def _checking_heads(channel: type[HTTPChannel], app: Flask) -> type[HTTPChannel]
 
 
 def _retention(config: Config, archive: Archive, stop: threading.Event) -> None:
-    """Keep the archive within its quota: at start-up, then every retention_interval."""
+    """Keep the archive within its quota and prune the change feed: at start-up, then
+    every retention_interval."""
     while True:
         try:
-            archive.retention.enforce_quota(config.quota_mb << 20, config.quota_instances)
+            if config.quota_mb or config.quota_instances:
+                archive.retention.enforce_quota(config.quota_mb << 20, config.quota_instances)
+            if config.changefeed_days:
+                before = datetime.now(UTC) - timedelta(days=config.changefeed_days)
+                if pruned := archive.changes.prune(before):
+                    log.info("change feed: %d entries older than %s pruned", pruned, before)
         except Exception:  # never let one failed round end retention for good
             log.exception("retention round failed")
         if stop.wait(config.retention_interval):

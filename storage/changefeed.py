@@ -14,7 +14,6 @@ goes on; the feed starts at its lowest kept number (`first`), which tells a read
 last number is below it what it missed.
 """
 
-import json
 from collections.abc import Callable
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,7 +58,8 @@ def indexed(action: str, parsed: ParsedInstance, who: str) -> Pending:
 
 def stamp(when: datetime) -> str:
     """The stored form of a time: UTC, fixed width, so text order is time order."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = when.astimezone(UTC).replace(tzinfo=None)
+    return utc.isoformat(timespec="microseconds") + "Z"  # strftime's %Y drops year 1's zeros
 
 
 def append(database: AnyDatabase, changes: list[Pending]) -> None:
@@ -106,7 +106,7 @@ class ChangeFeed:
         """Entries in sequence order: numbered above `after`, stamped from `start`
         (inclusive) to `end` (exclusive; both `stamp` texts, empty: open), the first
         `offset` of those skipped, at most `limit` (1 to MAX_LIMIT). `metadata`: with each
-        current instance's DICOM JSON."""
+        current instance's DICOM JSON (the index's text: no parse on the way out)."""
         if not 1 <= limit <= MAX_LIMIT or offset < 0 or after < 0:
             raise ValueError(f"limit must be 1-{MAX_LIMIT}; offset and after at least 0")
         with db.connection_context():
@@ -188,9 +188,7 @@ def _entries(rows: list[Change], metadata: bool) -> list[ChangeEntry]:
                 sop_uid=row.sop_uid,
                 who=row.who,
                 state=state,
-                metadata=json.loads(stored[row.sop_uid])
-                if metadata and state == "current"
-                else None,
+                metadata=stored[row.sop_uid] if metadata and state == "current" else None,
             )
         )
     return entries

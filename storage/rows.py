@@ -62,7 +62,7 @@ class AuditRecord:
 class ChangeEntry:
     """An entry of the change feed (storage.changefeed) as a reader sees it: the change,
     and the instance's state now (current, replaced, deleted) and, when asked for and
-    current, its DICOM JSON."""
+    current, its DICOM JSON as the index holds it (text: relative BulkDataURIs)."""
 
     sequence: int
     at: str  # UTC ISO 8601, microseconds, Z
@@ -72,4 +72,4 @@ class ChangeEntry:
     sop_uid: str
     who: str
     state: str
-    metadata: dict | None
+    metadata: str | None

@@ -30,6 +30,7 @@ EXPOSED_HEADERS = "Content-Type, Content-Length, Content-Location, Content-Encod
 def create_app(config: Any, archive: Archive) -> Flask:
     """Build the app around one long-lived archive (kept in `app.extensions`)."""
     from viewer import auth
+    from viewer import changefeed
     from viewer import dicomweb
     from viewer import download
     from viewer import render
@@ -69,6 +70,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     app.register_blueprint(dicomweb.bp)
     app.register_blueprint(ui.bp)
     app.register_blueprint(worklist.bp)
+    app.register_blueprint(changefeed.bp)
     app.register_blueprint(download.bp)
     if config.trust_proxy:  # scheme, host and prefix as the client sees them
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
@@ -116,6 +118,8 @@ AUDITED = {  # endpoint → audit event; STOW-RS instances are audited as they a
     "worklist.add": "worklist",
     "worklist.remove": "worklist",
     "auth.audit_trail": "audit",
+    "changefeed.read": "query",
+    "changefeed.latest": "query",
 }
 
 

@@ -251,7 +251,7 @@ def metadata(study: str, series: str | None = None, sop: str | None = None) -> R
     if first is None:
         raise WebError(404, f"no {level.lower()} {list(scope.values())[-1]} in the archive")
     texts = (
-        _with_bulk_urls(text, _instance_url(base, scope, sop_uid, text))
+        with_bulk_urls(text, _instance_url(base, scope, sop_uid, text))
         for sop_uid, text in itertools.chain([first], rows)
     )
     return _json_array_stream(texts)
@@ -297,7 +297,7 @@ def _series_of(text: str) -> str:
     return match.group(1) if match else ""
 
 
-def _with_bulk_urls(text: str, instance_url: str) -> str:
+def with_bulk_urls(text: str, instance_url: str) -> str:
     """Stored BulkDataURIs hold the element's path (TAG[/ITEM/TAG...]); clients get
     absolute URLs. A text replacement: no parse of the stored JSON."""
     return text.replace('"BulkDataURI":"', f'"BulkDataURI":"{instance_url}/bulkdata/')

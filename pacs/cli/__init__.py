@@ -5,6 +5,7 @@ import click
 
 from pacs.cli import admin
 from pacs.cli import archive
+from pacs.cli import changes
 from pacs.cli import remote
 from pacs.cli import workflow
 
@@ -28,6 +29,7 @@ for _command in (
     admin.audit_trail,
     workflow.worklist_group,
     workflow.route_queue,
+    changes.changes,
     remote.echo,
     remote.find,
     remote.send,
