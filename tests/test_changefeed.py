@@ -168,6 +168,7 @@ def fed(tmp_path_factory, module_engine):
     env = {"MINIPACS_CHANGEFEED_DAYS": "30", "MINIPACS_RETENTION_INTERVAL": "1"}
     server = Server(root / "data", "--duplicates", "replace", env=env, index=module_engine)
     server.start()
+    server.empty_latest = feed(server, path="/changefeed/latest")  # before any change
     study = generate_uid()
     sent = [make_instance(root / "in", study, n) for n in (1, 2, 3)]
     storescu(server.port, *[path_of(root / "in", ds) for ds in sent])
@@ -247,6 +248,12 @@ def test_the_feed_over_http_in_azure_s_shape(fed):
 
     latest = feed(fed, path="/changefeed/latest")
     assert latest.json() == entries[-1]
+    empty = fed.empty_latest  # as Azure's answers its null
+    assert (empty.status_code, empty.content, empty.headers["Minipacs-Feed-Start"]) == (
+        204,
+        b"",
+        "1",
+    )
     assert "Metadata" not in feed(fed, "?includeMetadata=false", "/changefeed/latest").json()
 
 
