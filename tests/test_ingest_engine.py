@@ -7,11 +7,14 @@ import time
 import zlib
 
 import pydicom
+import pytest
 from conftest import TEST_FILES
+from conftest import Server
 from conftest import run
 from conftest import storescu
 from make_study import make_study
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom import _config
 from pynetdicom.sop_class import CTImageStorage
@@ -23,6 +26,46 @@ from storage.journal import file_meta
 
 CT = TEST_FILES / "CT_small.dcm"
 DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the tests that only add what they check (fresh UIDs, their own log
+    lines): each ends with it serving and clean, so it also survives all of them."""
+    running = Server(tmp_path_factory.mktemp("ingest") / "data").start()
+    yield running
+    running.kill()
+
+
+def fresh_ct(folder) -> tuple[str, "pydicom.Dataset"]:
+    """CT_small under new UIDs, as a file in `folder`."""
+    ds = pydicom.dcmread(CT)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = folder / f"{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return str(path), ds
+
+
+def journal_left(server, timeout: float = 10) -> list:
+    """What is still in the journal once it had `timeout` seconds to empty (an entry is
+    unlinked just after its row commits; a .part or entry left behind stays)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = list((server.data / ".queue").iterdir())
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+def indexed(server, sop_uids: set[str], timeout: float = 30) -> set[str]:
+    """Which of `sop_uids` are in the index, once all are (or the time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = {uid for (uid,) in server.rows("SELECT sop_uid FROM instance")} & sop_uids
+        if found == sop_uids or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def queryable(server, count: int, timeout: float = 30) -> list[tuple]:
@@ -42,34 +85,33 @@ def test_released_at_once_and_queryable_right_after(start_server, tmp_path):
     sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
     assert {uid for (uid,) in queryable(server, len(paths))} == sent
     # An entry is unlinked just after its row commits: the journal empties right after.
-    deadline = time.monotonic() + 10
-    while entries := [p for p in (server.data / ".queue").iterdir() if p.suffix == ".dcm"]:
-        assert time.monotonic() < deadline, entries
-        time.sleep(0.05)
+    assert journal_left(server) == []
     assert "pacs.store_scp" in server.log()  # served by our own engine, not pynetdicom
 
 
-def test_a_release_waits_until_what_it_stored_is_queryable(start_server, tmp_path):
-    server = start_server(env={"MINIPACS_INDEX_WAIT": "30"})
+def test_a_release_waits_until_what_it_stored_is_queryable(server, tmp_path):
+    assert server.env is None  # Server's own MINIPACS_INDEX_WAIT=30
     paths = make_study(tmp_path / "study", 30, size=64)
     storescu(server.port, *paths)
-    assert len(server.rows("SELECT sop_uid FROM instance")) == 30  # no waiting here
+    stored = server.rows("SELECT sop_uid FROM instance")  # no waiting here
+    sent = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in paths}
+    assert sent <= {uid for (uid,) in stored}
 
 
-def test_store_then_find_on_one_association_goes_through_pynetdicom(server):
+def test_store_then_find_on_one_association_goes_through_pynetdicom(server, tmp_path):
     """An association that also asks for C-FIND is pynetdicom's: a C-STORE's Success
     there means queryable, so the C-FIND right after finds it."""
+    path, ct = fresh_ct(tmp_path)
     ae = AE(ae_title="WORKSTATION")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
     assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
     assert assoc.is_established
     try:
-        assert assoc.send_c_store(CT).Status == 0x0000
+        assert assoc.send_c_store(path).Status == 0x0000
         query = pydicom.Dataset()
         query.QueryRetrieveLevel = "STUDY"
-        query.StudyInstanceUID = ""
-        query.PatientID = pydicom.dcmread(CT, stop_before_pixels=True).PatientID
+        query.StudyInstanceUID = ct.StudyInstanceUID
         answers = [
             answer
             for status, answer in assoc.send_c_find(
@@ -79,22 +121,24 @@ def test_store_then_find_on_one_association_goes_through_pynetdicom(server):
         ]
     finally:
         assoc.release()
-    assert len(answers) == 1
-    assert "pacs.store_scp" not in server.log()
+    assert [a.StudyInstanceUID for a in answers] == [ct.StudyInstanceUID]
+    ours = [line for line in server.log().splitlines() if "WORKSTATION" in line]
+    assert ours and not [line for line in ours if "pacs.store_scp" in line]
 
 
-def test_a_silent_connection_does_not_hold_up_others(server):
+def test_a_silent_connection_does_not_hold_up_others(server, tmp_path):
+    path, ct = fresh_ct(tmp_path)
     silent = socket.create_connection(("127.0.0.1", server.port))
     half = socket.create_connection(("127.0.0.1", server.port))
     half.sendall(b"\x01\x00\x00\x00\x10\x00")  # an A-ASSOCIATE-RQ header, then nothing
     try:
         assert echo(server.port) == 0
         run("echoscu", "-aec", "MINIPACS", "127.0.0.1", str(server.port))
-        storescu(server.port, CT)
+        storescu(server.port, path)
     finally:
         silent.close()
         half.close()
-    assert queryable(server, 1)
+    assert indexed(server, {ct.SOPInstanceUID}) == {ct.SOPInstanceUID}
 
 
 def test_rejections_follow_the_standard(server):
@@ -133,7 +177,7 @@ def test_a_dataset_fragment_without_a_request_aborts(server):
     sock.sendall(pdu + fragment)
     assert _aborted(assoc, sock)
     assert echo(server.port) == 0
-    assert not [p for p in (server.data / ".queue").iterdir() if p.suffix == ".part"]
+    assert journal_left(server) == []
 
 
 def _established(server):
@@ -179,6 +223,7 @@ def test_a_deflate_bomb_is_refused(server, tmp_path):
     """A deflated dataset of ~300 KB that inflates to 300 MiB of zeros: 0xC000 before
     anything is acknowledged; the inflating stops at its ceiling (256 MiB)."""
     ds = pydicom.dcmread(CT)
+    ds.SOPInstanceUID = generate_uid()
     del ds.PixelData
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     plain = tmp_path / "plain.dcm"
@@ -204,5 +249,7 @@ def test_a_deflate_bomb_is_refused(server, tmp_path):
         assoc.release()
     assert response.Status == 0xC000
     assert "inflates beyond" in response.ErrorComment
-    assert server.rows("SELECT count(*) FROM instance") == [(0,)]
-    assert not list((server.data / ".queue").iterdir())
+    assert server.rows("SELECT count(*) FROM instance WHERE sop_uid = ?", ds.SOPInstanceUID) == [
+        (0,)
+    ]
+    assert journal_left(server) == []
