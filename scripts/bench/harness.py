@@ -284,11 +284,10 @@ class Server:
 
     def stop(self) -> int:
         """Stop it; how many lines of its log are worth a look (the first few are logged)."""
-        if self.proc is not None:
-            PROCS.stop(self.proc)
-            self.proc = None
-        if not self.log_path.exists():
+        if self.proc is None:
             return 0
+        PROCS.stop(self.proc)
+        self.proc = None
         lines = self.log_path.read_text("latin-1").splitlines()
         hits = [line[:200] for line in lines if self.log_issue.search(line)]
         if hits:
