@@ -36,6 +36,7 @@ from peewee import OperationalError
 
 from storage import audit
 from storage import changefeed
+from storage import events
 from storage import index
 from storage import journal
 from storage import metrics
@@ -132,6 +133,7 @@ class Archive:
         parse_processes: int = 0,
         index_url: str = "",
         routes: tuple[routing.Rule, ...] = (),
+        event_options: events.Options | None = None,
         pixel_budget: int | None = None,
         disk_reserve: int = 0,
     ) -> None:
@@ -139,6 +141,8 @@ class Archive:
         on first use), so concurrent ingests are not bound to one core by the GIL.
         `index_url`: empty for SQLite in the root, else a PostgreSQL URL (storage.engine).
         `routes`: auto-routing rules; what they select is queued with its index row.
+        `event_options`: the source and stability delay of events for subscribers
+        (storage.events), queued with the index rows too (None: the defaults).
         `pixel_budget`: bytes of decoded pixel data an incoming dataset may declare (None:
         any); more is refused (OverPixelBudget) before it is stored.
         `disk_reserve`: bytes the journal leaves free on the disk for the index (0: none)."""
@@ -166,6 +170,7 @@ class Archive:
         self.maintenance = Maintenance(self)
         self.worklist = worklist.Worklist(self.write)
         self.route_queue = routing.RouteQueue(self.write)
+        self.events = events.Events(self.write, event_options or events.Options())
         self.changes = changefeed.ChangeFeed(self.write)
 
     # -- lifecycle ---------------------------------------------------------------
@@ -364,10 +369,12 @@ class Archive:
         return stored, _RowWrite(row, event, outcome is not Outcome.DUPLICATE)
 
     def _index_rows(self, writes: list["_RowWrite"]) -> list[bool]:
-        """Index rows, audit events and route items, in the writer's transaction; each in
-        a savepoint of its own, so one that fails does not take the others with it."""
+        """Index rows, audit events, route items and event notifications, in the writer's
+        transaction; each in a savepoint of its own, so one that fails does not take the
+        others with it."""
         done = []
         changes = []
+        subscribers = events.subscribers() if any(w.new for w in writes) else []
         for write in writes:
             try:
                 with db.atomic():
@@ -375,6 +382,8 @@ class Archive:
                     self.chain.append(db, write.event)
                     if write.new:
                         routing.enqueue(self.routes, write.row.parsed, write.row.calling_aet)
+                    if subscribers and action is not None:
+                        events.indexed(subscribers, action, write.row, self.events.options)
                 if action is not None:
                     changes.append(changefeed.indexed(action, write.row.parsed, write.event.who))
                 done.append(True)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from peewee import fn
 
 from storage import audit
+from storage import events
 from storage import index
 from storage.changefeed import Pending
 from storage.files import fsync_path
@@ -91,6 +92,7 @@ class Retention:
         gone = index.uids_under(level, uid)
         removed, patient_id, study_uid = index.delete_rows(level, uid)
         self.archive.record([Pending("delete", *uids, who=who) for uids in gone])
+        events.deleted(gone, who, self.archive.events.options)
         if study_uid:
             detail = {"level": level, "uid": uid, "instances": removed, "reason": reason}
             self.archive.chain.append(

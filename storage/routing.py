@@ -10,7 +10,8 @@ A rule is one line: where to, then conditions, all of which must hold:
 queued once no instance has arrived for it for N seconds.
 
 The queue is a table of the index, written in the same transaction as the instance's
-row: what was acknowledged to the modality is never lost for the route either.
+row: what was acknowledged to the modality is never lost for the route either. Event
+notifications for HTTP subscribers (storage.events) share it and its sender's loop.
 """
 
 import datetime
@@ -36,6 +37,7 @@ from storage.rows import RouteEntry
 MAX_ATTEMPTS = 12  # then the item is `failed`, kept for `minipacs queue --retry`
 MAX_BACKOFF = 3600.0  # s
 LEASE = 600.0  # s a claimed item may stay `sending` before another round takes it again
+EVENT_RETRY = (1.0, 300.0)  # s: a notification's first wait after a failure, its longest
 
 
 class RuleError(ValueError):
@@ -110,36 +112,57 @@ def enqueue(rules: tuple[Rule, ...], parsed: ParsedInstance, calling_aet: str) -
                              sop_uid=parsed.sop_uid, due_at=now, created_at=now)  # fmt: skip
             continue
         due = now + datetime.timedelta(seconds=rule.stable)
-        waiting = RouteItem.update(due_at=due).where(
-            (RouteItem.destination == rule.to)
-            & (RouteItem.study_uid == parsed.study_uid)
-            & (RouteItem.sop_uid.is_null())
-            & (RouteItem.status == "pending")
-        )
-        if not waiting.execute():
-            RouteItem.create(destination=rule.to, study_uid=parsed.study_uid, sop_uid=None,
-                             due_at=due, created_at=now)  # fmt: skip
+        hold_study(rule.to, parsed.study_uid, due, now)
+
+
+def hold_study(
+    destination: str, study_uid: str, due: datetime.datetime, now: datetime.datetime, event=""
+) -> None:
+    """The one stability detector, of `stable=N` routes and of study events
+    (storage.events: destination '', `event` the type it will announce): a study's item
+    waiting for `destination` is due later, or a new one is made."""
+    waiting = RouteItem.update(due_at=due).where(
+        (RouteItem.destination == destination)
+        & (RouteItem.study_uid == study_uid)
+        & (RouteItem.sop_uid.is_null())
+        & (RouteItem.subscription.is_null())
+        & (RouteItem.status == "pending")
+    )
+    if not waiting.execute():
+        RouteItem.create(destination=destination, study_uid=study_uid, sop_uid=None,
+                         event=event, due_at=due, created_at=now)  # fmt: skip
+
+
+def _ready(now: datetime.datetime):
+    """Items to send now. A notification (storage.events) goes only once every earlier one
+    of its study and subscription has gone or goes in the same round before it: a failed
+    one holds the study's later ones back (not other studies'). Stability timers are not
+    sent: storage.events fires them."""
+    earlier = RouteItem.alias()
+    holding = earlier.select(earlier.id).where(
+        (earlier.subscription == RouteItem.subscription)
+        & (earlier.study_uid == RouteItem.study_uid)
+        & (earlier.id < RouteItem.id)
+        & ((earlier.due_at > now) | (earlier.status == "failed"))
+    )
+    return (
+        (RouteItem.due_at <= now)
+        & ((RouteItem.status == "pending") | (RouteItem.status == "sending"))
+        & (RouteItem.subscription.is_null(False) | (RouteItem.event == ""))
+        & (RouteItem.subscription.is_null() | ~fn.EXISTS(holding))
+    )
 
 
 def any_due() -> bool:
     """A read first, so that an idle queue costs no write (and no fsync) per look."""
-    ready = (RouteItem.status == "pending") | (RouteItem.status == "sending")
-    return RouteItem.select().where(ready & (RouteItem.due_at <= _now())).exists()
+    return RouteItem.select().where(_ready(_now())).exists()
 
 
 def claim(limit: int = 256) -> list[RouteEntry]:
     """Due items, marked `sending` for LEASE seconds (each claimed by one process only:
     servers sharing an index do not send the same item twice in one round)."""
     now = _now()
-    due = (
-        RouteItem.select(RouteItem.id)
-        .where(
-            (RouteItem.due_at <= now)
-            & ((RouteItem.status == "pending") | (RouteItem.status == "sending"))
-        )
-        .order_by(RouteItem.id)
-        .limit(limit)
-    )
+    due = RouteItem.select(RouteItem.id).where(_ready(now)).order_by(RouteItem.id).limit(limit)
     ids = [item.id for item in due]
     if not ids:
         return []
@@ -159,16 +182,28 @@ def sent(ids: list[int]) -> None:
 
 
 def not_sent(ids: list[int], error: str, base_delay: float) -> None:
-    """Back off (base_delay × 2^attempts, at most an hour); `failed` after MAX_ATTEMPTS."""
+    """Back off (base_delay × 2^attempts, at most an hour); `failed` after MAX_ATTEMPTS.
+    A notification backs off from EVENT_RETRY[0] up to EVENT_RETRY[1] and never fails:
+    it waits for its subscriber (or the subscription's removal)."""
     now = _now()
     for item in RouteItem.select().where(RouteItem.id.in_(ids)):
         attempts = item.attempts + 1
-        delay = min(base_delay * 2 ** (attempts - 1), MAX_BACKOFF)
+        doubling = 2 ** min(attempts - 1, 32)
+        if item.subscription is None:
+            delay = min(base_delay * doubling, MAX_BACKOFF)
+            item.status = "failed" if attempts >= MAX_ATTEMPTS else "pending"
+        else:
+            delay = min(EVENT_RETRY[0] * doubling, EVENT_RETRY[1])
+            item.status = "pending"
         item.attempts = attempts
         item.last_error = error[:500]
-        item.status = "failed" if attempts >= MAX_ATTEMPTS else "pending"
         item.due_at = now + datetime.timedelta(seconds=delay)
         item.save()
+
+
+def release(ids: list[int]) -> None:
+    """Claimed items not tried (an earlier one of their study failed): pending again."""
+    RouteItem.update(status="pending", due_at=_now()).where(RouteItem.id.in_(ids)).execute()
 
 
 def retry(ids: list[int] | None = None) -> int:
@@ -228,6 +263,9 @@ class RouteQueue:
 
     def not_sent(self, ids: list[int], error: str, base_delay: float) -> None:
         self._write(not_sent, ids, error, base_delay)
+
+    def release(self, ids: list[int]) -> None:
+        self._write(release, ids)
 
     def retry(self, ids: list[int] | None = None) -> int:
         return self._write(retry, ids)
