@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from storage import deidentify
+from storage import events
 from storage import routing
 from storage.engine import is_postgres_url
 
@@ -242,6 +243,21 @@ class Config:
         default=30,
         metadata={"help": "Seconds before a failed forward is tried again (doubling each time)."},
     )
+    subscription: tuple[events.Subscriber, ...] = field(
+        default=(),
+        metadata={
+            "help": "Event subscriptions beside those of `minipacs subscribe`: TOML tables "
+            "[[subscription]] with url, events (a list) and secret, or "
+            "'URL events=study.stable+instance.created secret=S' (repeatable)."
+        },
+    )
+    study_stable: int = field(
+        default=60,
+        metadata={
+            "help": "Seconds without a new instance after which a study is stable (the "
+            "study.stable and study.updated events)."
+        },
+    )
     deid_options: str = field(
         default="",
         metadata={
@@ -336,6 +352,10 @@ class Config:
     def beyond_loopback(self) -> bool:
         """Whether other hosts can reach us: then nothing is open without a user or peer."""
         return self.host not in LOOPBACK
+
+    def event_options(self) -> events.Options:
+        """What the archive puts into the events it queues (storage.events)."""
+        return events.Options(source=events.source_for(self.aet), stable=self.study_stable)
 
     def unknown_aet_services(self) -> frozenset[str]:
         """What calling AEs we do not know may do."""
@@ -477,6 +497,22 @@ def _convert(name: str, value: Any) -> Any:
             raise ConfigError(str(exc)) from None
     if name == "route_retry":
         return _int(value, name, 1)
+    if name == "study_stable":
+        return _int(value, name, 1)
+    if name == "subscription":
+        items = value.split(",") if isinstance(value, str) else value
+        try:
+            chosen = tuple(
+                events.parse_setting(s) if isinstance(s, (str, dict)) else s
+                for s in items
+                if not isinstance(s, str) or s.strip()
+            )
+        except events.SubscriptionError as exc:
+            raise ConfigError(str(exc)) from None
+        urls = [s.url for s in chosen]
+        if len(set(urls)) < len(urls):
+            raise ConfigError("subscription: one URL twice")
+        return chosen
     if name == "deid_options":
         try:
             return ",".join(sorted(deidentify.parse_options(str(value))))

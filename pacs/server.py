@@ -71,6 +71,7 @@ def serve(config: Config) -> None:
     stop = stop_on_signals()
     auditlog.install(config.audit_syslog)
     archive = open_archive(config, repair=True)
+    archive.events.sync(config.subscription)  # the config file's, as it now says
     metrics.forget_dead(config.data / METRICS_FOLDER)
     metrics.gauge("minipacs_index_backlog", archive.journal.pending)
     metrics.gauge("minipacs_index_set_aside", archive.set_aside)

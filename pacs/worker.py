@@ -210,6 +210,7 @@ def open_archive(config: Config, repair: bool) -> Archive:
         parse_processes=config.parse_processes if repair else 0,
         index_url=config.index,
         routes=config.route,
+        event_options=config.event_options(),
         pixel_budget=config.pixel_budget_mb << 20,
         disk_reserve=config.disk_reserve_mb << 20,
     )

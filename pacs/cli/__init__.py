@@ -30,6 +30,7 @@ for _command in (
     workflow.worklist_group,
     workflow.route_queue,
     changes.changes,
+    workflow.subscribe_group,
     remote.echo,
     remote.find,
     remote.send,

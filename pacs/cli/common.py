@@ -80,6 +80,7 @@ def open_archive(config_file: Path | None, **flags) -> Archive:
         duplicates=config.duplicates,
         index_url=config.index,
         routes=config.route,
+        event_options=config.event_options(),
         pixel_budget=config.pixel_budget_mb << 20,
     )
     try:
