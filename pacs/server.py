@@ -44,6 +44,7 @@ from storage import metrics
 from storage import users
 from storage.engine import describe
 from viewer import create_app
+from viewer import export_jobs
 from viewer.auth import HEAD_BODY
 from viewer.auth import check_head
 
@@ -100,6 +101,9 @@ def serve(config: Config) -> None:
         threading.Thread(target=http.run, name="http", daemon=True).start()
         threading.Thread(
             target=router.run, args=(archive, config, stop), name="router", daemon=True
+        ).start()
+        threading.Thread(  # HTTP export jobs, one at a time; an unfinished one resumes
+            target=export_jobs.run, args=(archive, config, stop), name="exports", daemon=True
         ).start()
         if config.quota_mb or config.quota_instances or config.changefeed_days:
             threading.Thread(

@@ -2,9 +2,11 @@
 instance's file is, what is stored, and whether the archive can answer for an instance
 (storage commitment)."""
 
+from collections.abc import Iterable
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
 from peewee import fn
 
@@ -36,6 +38,33 @@ class Catalog:
         with db.connection_context():
             for found in query.locate(level, keys, model):
                 yield replace(found, path=self.root / found.path)
+
+    def locate_ids(self, ids: list[int]) -> Iterator[InstanceLocation]:
+        """The instances with these index ids that are still stored, path absolute, in no
+        order (an export resuming the plan it made: viewer.export)."""
+        with db.connection_context():
+            for start in range(0, len(ids), 500):
+                rows = cast(
+                    Iterable[tuple],
+                    Instance.select(
+                        Instance.id,
+                        Study.study_uid,
+                        Series.series_uid,
+                        Instance.sop_uid,
+                        Instance.sop_class_uid,
+                        Instance.transfer_syntax,
+                        Instance.instance_number,
+                        Instance.path,
+                    )
+                    .join(Series, on=(Instance.series == Series.id))
+                    .join(Study, on=(Series.study == Study.id))
+                    .where(Instance.id.in_(ids[start : start + 500]))
+                    .tuples(),
+                )
+                for pk, study, series, sop, sop_class, syntax, number, path in rows:
+                    yield InstanceLocation(
+                        pk, study, series, sop, sop_class, syntax, number, self.root / path
+                    )
 
     def instance_json(self, level: str, keys: list) -> Iterator[tuple[str, str]]:
         """(SOP Instance UID, stored DICOM JSON) under the entities the keys select

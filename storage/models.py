@@ -120,7 +120,7 @@ class AuditEvent(BaseModel):
 # Web users (storage.users): a role and a salted password hash (werkzeug's scrypt).
 class User(BaseModel):
     name = TextField(unique=True)
-    role = TextField()  # viewer, uploader or admin
+    role = TextField()  # one of storage.users.ROLES
     password_hash = TextField()
     created_at = TextField()
 

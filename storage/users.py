@@ -18,7 +18,9 @@ from werkzeug.security import generate_password_hash
 from storage.models import ApiToken
 from storage.models import User
 
-ROLES = ("viewer", "uploader", "admin")  # each may do what the ones before it may
+# Each may do what the ones before it may, except export (cohort export: /api/exports),
+# which researcher and admin may and uploader may not (viewer.auth.EXPORT_ROLES).
+ROLES = ("viewer", "researcher", "uploader", "admin")
 MIN_PASSWORD = 10
 
 

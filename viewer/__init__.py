@@ -33,6 +33,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     from viewer import changefeed
     from viewer import dicomweb
     from viewer import download
+    from viewer import export_jobs
     from viewer import render
     from viewer import ui
     from viewer import wado_uri
@@ -70,6 +71,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     app.register_blueprint(dicomweb.bp)
     app.register_blueprint(ui.bp)
     app.register_blueprint(worklist.bp)
+    app.register_blueprint(export_jobs.bp)
     app.register_blueprint(changefeed.bp)
     app.register_blueprint(download.bp)
     if config.trust_proxy:  # scheme, host and prefix as the client sees them
@@ -118,6 +120,7 @@ AUDITED = {  # endpoint → audit event; STOW-RS instances are audited as they a
     "worklist.add": "worklist",
     "worklist.remove": "worklist",
     "auth.audit_trail": "audit",
+    "exports.file": "retrieve",  # the export itself is audited as it runs (viewer.export)
     "changefeed.read": "query",
     "changefeed.latest": "query",
 }

@@ -4,13 +4,14 @@ With no user in the index, a loopback-only server lets every request through (as
 users existed); beyond loopback, no user means no access, on every request. Otherwise each
 request needs a bearer token (`Authorization: Bearer …`, for scripts) or the session
 cookie of the login page (browsers), and a role: `viewer` reads, `uploader` also stores
-(STOW-RS), `admin` also deletes and reads the audit trail. A session is checked against
-the index on every request (a removed user, or a new password, ends it; the role is the
-index's) and ends after `session_idle_minutes` without a request or `session_hours` after
-login. The session cookie is HttpOnly, SameSite=Strict and Secure over HTTPS; a
-state-changing request carried by the cookie must also come from our own origin
-(Origin/Referer), so no other site can make a logged-in browser store or delete. Failed
-logins are throttled per user name and per address; a body over HEAD_BODY needs
+(STOW-RS), `admin` also deletes and reads the audit trail; cohort exports (/api/exports)
+are for `researcher` (who otherwise reads, as `viewer`) and `admin` only. A session is
+checked against the index on every request (a removed user, or a new password, ends it;
+the role is the index's) and ends after `session_idle_minutes` without a request or
+`session_hours` after login. The session cookie is HttpOnly, SameSite=Strict and Secure
+over HTTPS; a state-changing request carried by the cookie must also come from our own
+origin (Origin/Referer), so no other site can make a logged-in browser store or delete.
+Failed logins are throttled per user name and per address; a body over HEAD_BODY needs
 credentials before waitress reads it (`check_head`, called by pacs.server).
 """
 
@@ -47,6 +48,9 @@ PUBLIC = {"auth.login", "auth.login_form", "auth.logout", "healthz", "ui.static"
 NEEDS = {"GET": "viewer", "HEAD": "viewer", "OPTIONS": "viewer", "POST": "uploader",
          "DELETE": "admin"}  # fmt: skip
 ADMIN_ENDPOINTS = {"auth.audit_trail", "prometheus"}
+# Cohort export takes patient data out in bulk: its own roles, outside the linear order
+# (an uploader, a modality's account, may store but not export).
+EXPORT_ROLES = ("researcher", "admin")
 AUDIT_FILTERS = ("event", "who", "patient_id", "study_uid", "since", "until")
 HEAD_BODY = 16 << 10  # larger bodies need credentials before waitress reads them
 SEEN_EVERY = 60  # seconds between rewrites of a session's last-seen time (its cookie)
@@ -271,6 +275,11 @@ def _session_user(archive: Archive) -> tuple[str, str] | None:
 
 
 def _check_role(caller: Caller) -> None:
+    if request.blueprint == "exports":
+        if caller.role not in EXPORT_ROLES:
+            raise _denied(403, f"{caller.name} ({caller.role}) may not export; it needs "
+                          f"{' or '.join(EXPORT_ROLES)}")  # fmt: skip
+        return
     needed = "admin" if request.endpoint in ADMIN_ENDPOINTS else NEEDS.get(request.method, "admin")
     if users.ROLES.index(caller.role) < users.ROLES.index(needed):
         raise _denied(403, f"{caller.name} ({caller.role}) may not do this; it needs {needed}")

@@ -6,6 +6,7 @@ import click
 from pacs.cli import admin
 from pacs.cli import archive
 from pacs.cli import changes
+from pacs.cli import export
 from pacs.cli import remote
 from pacs.cli import workflow
 
@@ -25,6 +26,7 @@ for _command in (
     archive.delete,
     archive.migrate_index,
     admin.anonymize,
+    export.export,
     admin.user,
     admin.audit_trail,
     workflow.worklist_group,

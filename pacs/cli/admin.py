@@ -133,7 +133,8 @@ def _audit_export(archive, level, uids, where, count, problems, profile) -> None
 
 @click.group()
 def user() -> None:
-    """Web users: add, passwd, token, remove, list (roles: viewer, uploader, admin)."""
+    """Web users: add, passwd, token, remove, list (roles: viewer, researcher, uploader,
+    admin)."""
 
 
 def _password(from_stdin: bool) -> str:
