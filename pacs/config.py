@@ -156,6 +156,13 @@ class Config:
         default=24,
         metadata={"help": "Memory for decoded frames kept for re-rendering (MiB)."},
     )
+    volume_cache_mb: int = field(
+        default=256,
+        metadata={
+            "help": "Memory for volumes decoded for MPR (MiB; a 512×512×500 CT takes 250): "
+            "a volume larger than this answers 422 (0: no MPR)."
+        },
+    )
     render_max_size: int = field(
         default=4096,
         metadata={
@@ -455,6 +462,7 @@ def _convert(name: str, value: Any) -> Any:
         "workers",
         "max_results",
         "render_cache_mb",
+        "volume_cache_mb",
         "render_max_size",
         "pixel_budget_mb",
         "disk_reserve_mb",
@@ -464,7 +472,9 @@ def _convert(name: str, value: Any) -> Any:
         "login_failures",
         "login_lockout_minutes",
     ):
-        return _int(value, name, 0 if name in ("max_pdu", "disk_reserve_mb") else 1)
+        return _int(
+            value, name, 0 if name in ("max_pdu", "disk_reserve_mb", "volume_cache_mb") else 1
+        )
     if name == "move_associations":
         number = _int(value, name, 1)
         if number > 8:

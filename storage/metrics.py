@@ -39,6 +39,8 @@ GAUGES = {  # read when the metrics are (`gauge`), or given by the web app at sc
     "minipacs_archive_instances": "Instances in the archive",
     "minipacs_archive_bytes": "Bytes of the stored files",
     "minipacs_disk_free_bytes": "Free space on the data folder's filesystem",
+    "minipacs_frame_cache_bytes": "Bytes of decoded frames kept for re-rendering (render_cache_mb)",
+    "minipacs_volume_cache_bytes": "Bytes of volumes decoded for MPR (volume_cache_mb)",
 }
 WRITE_EVERY = 1.0  # s between a worker's snapshots
 

@@ -34,6 +34,8 @@ def create_app(config: Any, archive: Archive) -> Flask:
     from viewer import dicomweb
     from viewer import download
     from viewer import export_jobs
+    from viewer import mpr
+    from viewer import reading
     from viewer import render
     from viewer import ui
     from viewer import wado_uri
@@ -44,6 +46,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
         "config": config,
         "archive": archive,
         "frames": render.FrameCache(config.render_cache_mb << 20),
+        "volumes": mpr.VolumeCache(config.volume_cache_mb << 20),
         "stats": {},  # the archive's counts for /metrics, refreshed once a minute
         "logins": auth.Throttle(config.login_failures, config.login_lockout_minutes * 60),
         # The key file is made on first use, not by every start.
@@ -74,6 +77,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
     app.register_blueprint(export_jobs.bp)
     app.register_blueprint(changefeed.bp)
     app.register_blueprint(download.bp)
+    app.register_blueprint(reading.bp)
     if config.trust_proxy:  # scheme, host and prefix as the client sees them
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1, x_prefix=1)
     if config.cors_origins:
@@ -95,7 +99,10 @@ def create_app(config: Any, archive: Archive) -> Flask:
     def prometheus():
         """This server's counters, its DICOM workers', archive gauges: Prometheus text, or
         OpenMetrics when the scraper's Accept asks for it (prometheus_client decides)."""
-        gauges = _archive_gauges(archive, app.extensions["minipacs"]["stats"])
+        state = app.extensions["minipacs"]
+        gauges = _archive_gauges(archive, state["stats"])
+        gauges["minipacs_frame_cache_bytes"] = state["frames"].bytes
+        gauges["minipacs_volume_cache_bytes"] = state["volumes"].bytes
         accept = request.headers.get("Accept", "")
         body, content_type = metrics.exposition(archive.root / ".metrics", gauges, accept)
         return Response(body, content_type=content_type)
@@ -123,6 +130,10 @@ AUDITED = {  # endpoint → audit event; STOW-RS instances are audited as they a
     "exports.file": "retrieve",  # the export itself is audited as it runs (viewer.export)
     "changefeed.read": "query",
     "changefeed.latest": "query",
+    "reading.series_geometry": "retrieve",
+    "reading.roi_statistics": "retrieve",
+    "reading.mpr_planes": "retrieve",
+    "reading.mpr_image": "retrieve",
 }
 
 

@@ -543,7 +543,7 @@ def rendered(study: str, series=None, sop=None, frames=None) -> Response:
     fmt, media, wrap = _image_type()
     frame = _single_frame(frames)
     if sop is None and wrap:  # a study or series: every instance's first frame, one part each
-        wanted = _render_request(fmt, 1)
+        wanted = render_request(fmt, 1)
         cache = current_app.extensions["minipacs"]["frames"]
 
         def parts():
@@ -553,7 +553,7 @@ def rendered(study: str, series=None, sop=None, frames=None) -> Response:
         return _multipart(parts(), new_boundary(), media)
     # One image asked for: the instance's, or the study's or series' middle instance.
     path = _representative(rows).path
-    return _render_one(path, _render_request(fmt, frame), media, wrap)
+    return _render_one(path, render_request(fmt, frame), media, wrap)
 
 
 @bp.get("/studies/<study>/thumbnail")
@@ -563,7 +563,7 @@ def rendered(study: str, series=None, sop=None, frames=None) -> Response:
 def thumbnail(study: str, series=None, sop=None, frames=None) -> Response:
     rows = _instances(_scope(study, series, sop))
     fmt, media, wrap = _image_type()
-    wanted = _render_request(fmt, _single_frame(frames), thumbnail=True)
+    wanted = render_request(fmt, _single_frame(frames), thumbnail=True)
     return _render_one(_representative(rows).path, wanted, media, wrap)
 
 
@@ -613,7 +613,7 @@ def _image_type() -> tuple[str, str, bool]:
     raise WebError(406, "rendered images are image/jpeg, image/png or image/gif")
 
 
-def _render_request(fmt: str, frame: int, thumbnail: bool = False) -> render.Request:
+def render_request(fmt: str, frame: int, thumbnail: bool = False) -> render.Request:
     """PS3.18 8.3.5.1: quality, window=center,width[,function], viewport=vw,vh[,sx,sy,sw,sh]
     (sw/sh negative: flipped), annotation=patient,technique."""
     args = request.args

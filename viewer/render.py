@@ -105,7 +105,14 @@ def _cost(item: tuple[Dataset, np.ndarray]) -> int:
 
 def render(path: Path, request: Request, cache: FrameCache) -> bytes:
     """The encoded image of one frame of the stored instance at `path`."""
-    ds, values = _frame(path, request.frame, cache, request.pixel_budget)
+    ds, values = frame_values(path, request.frame, cache, request.pixel_budget)
+    return render_values(ds, values, request)
+
+
+def render_values(ds: Dataset, values: np.ndarray, request: Request) -> bytes:
+    """The stages after the Modality LUT (VOI, presentation, region, size, encoding) on
+    modality values: one stored frame's, or a plane cut from a volume (viewer.mpr), whose
+    VOI comes from `ds` (one of its slices) unless the request gives a window."""
     window = request.window
     if window is None and request.minmax:
         low, high = float(values.min()), float(values.max())
@@ -140,11 +147,14 @@ def number_of_frames(ds: Dataset) -> int:
 # -- decode + Modality LUT ----------------------------------------------------------
 
 
-def _frame(
-    path: Path, frame: int, cache: FrameCache, pixel_budget: int | None
+def frame_values(
+    path: Path, frame: int, cache: FrameCache | None, pixel_budget: int | None
 ) -> tuple[Dataset, np.ndarray]:
+    """The header and the modality values (after the Modality LUT) of one frame, through
+    the cache when one is given (a volume's slices are decoded once and kept as the
+    volume instead: viewer.mpr)."""
     key = (str(path), path.stat().st_mtime_ns, frame)
-    cached = cache.get(key)
+    cached = cache.get(key) if cache is not None else None
     if cached is not None:
         return cached
     ds = read_dataset(path, stop_before_pixels=True)
@@ -162,7 +172,8 @@ def _frame(
     if arr.ndim == 2 or ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2"):
         arr = _modality(arr, ds, frame)
     item = (ds, arr)
-    cache.put(key, item)
+    if cache is not None:
+        cache.put(key, item)
     return item
 
 

@@ -1,0 +1,248 @@
+"""The viewer's reading tools, server side (issue 19, docs/viewer-api.md): series geometry
+and its spacing labels, ROI statistics in HU, MPR planes against numpy's slices of the
+same volume, and the refusals. One server for the module; data from scripts/make_study.py
+(CT_small.dcm's geometry), each slice's pixels made different so a wrong axis shows."""
+
+import io
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from conftest import Server
+from conftest import minipacs
+from PIL import Image
+from pydicom.uid import generate_uid
+
+SLICES, SIZE = 12, 32
+WINDOW = (40.0, 400.0)
+
+
+def _save_series(paths: list[Path], z: list[float], spacing=None, imager=None) -> list[Path]:
+    """The files as one new series: slice k moved to z[k], its pixels shifted by k (so every
+    slice differs), spacing attributes as given ("drop" removes PixelSpacing)."""
+    series = generate_uid()
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        pixels = np.roll(ds.pixel_array, 3 * k, axis=1) + 7 * k
+        ds.PixelData = pixels.astype(ds.pixel_array.dtype).tobytes()
+        ds.SeriesInstanceUID = series
+        ds.ImagePositionPatient = [0, 0, z[k]]
+        ds.SliceLocation = z[k]
+        if spacing == "drop":
+            del ds.PixelSpacing
+        elif spacing:
+            ds.PixelSpacing = spacing
+        if imager:
+            ds.ImagerPixelSpacing = imager
+        ds.save_as(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from make_study import make_study
+
+    root = tmp_path_factory.mktemp("reading")
+    made = make_study(root / "in", SLICES + 5 + 3, size=SIZE)
+    study = pydicom.dcmread(made[0]).StudyInstanceUID
+    series = {
+        # Slices 1 mm apart, 0.5 mm pixels: coronal and sagittal planes get a row between
+        # each two slices, so their pixels are square.
+        "volume": _save_series(made[:SLICES], [float(k) for k in range(SLICES)], [0.5, 0.5]),
+        # Irregular gaps, stored out of order.
+        "gaps": _save_series(made[SLICES : SLICES + 5], [5.0, 1.0, 2.0, 4.0, 3.5]),
+        "single": _save_series(made[SLICES + 5 : SLICES + 6], [0.0]),
+        "detector": _save_series(made[SLICES + 6 : SLICES + 7], [0.0], "drop", [0.2, 0.25]),
+        "px": _save_series(made[SLICES + 7 :], [0.0], "drop"),
+    }
+    minipacs("import", "--data", str(root / "data"), str(root / "in"))
+    running = Server(root / "data").start()
+    running.study = study
+    running.files = series
+    running.series = {k: pydicom.dcmread(v[0]).SeriesInstanceUID for k, v in series.items()}
+    yield running
+    running.kill()
+
+
+def get(server: Server, path: str) -> tuple[int, dict, bytes]:
+    try:
+        with urllib.request.urlopen(f"{server.url}{path}", timeout=60) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def series_path(server: Server, name: str) -> str:
+    return f"/api/studies/{server.study}/series/{server.series[name]}"
+
+
+def hu(path: Path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    return ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def windowed(values: np.ndarray) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 LINEAR windowing to 0-255, written out here."""
+    center, width = WINDOW
+    grey = ((values - (center - 0.5)) / (width - 1) + 0.5) * 255.0
+    return np.clip(np.rint(np.clip(grey, 0, 255)), 0, 255).astype(np.uint8)
+
+
+def plane(server: Server, name: str, index: int) -> tuple[np.ndarray, dict]:
+    status, headers, body = get(
+        server, f"{series_path(server, 'volume')}/mpr/{name}/{index}?window=40,400"
+    )
+    assert status == 200, body
+    assert headers["Content-Type"] == "image/png"
+    return np.asarray(Image.open(io.BytesIO(body))), headers
+
+
+def test_geometry_lists_each_instance_and_checks_the_volume(server):
+    status, _, body = get(server, f"{series_path(server, 'volume')}/geometry")
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["modality"] == "CT"
+    first = answer["instances"][0]
+    assert first["rows"] == first["columns"] == SIZE
+    assert first["imageOrientationPatient"] == [1, 0, 0, 0, 1, 0]
+    assert first["imagePositionPatient"] == [0, 0, 0]
+    assert (first["pixelSpacing"], first["spacingKind"]) == ([0.5, 0.5], "patient")
+    assert first["sliceThickness"] == 5
+    assert first["frameOfReferenceUID"]
+    assert [i["instanceNumber"] for i in answer["instances"]] == list(range(1, SLICES + 1))
+    volume = answer["volume"]
+    assert volume["ok"] and volume["slices"] == SLICES and volume["spacing"] == [0.5, 0.5, 1]
+    assert volume["order"] == [i["sopInstanceUID"] for i in answer["instances"]]
+
+
+@pytest.mark.parametrize(
+    "name, spacing, kind",
+    [
+        ("detector", [0.2, 0.25], "detector"),
+        ("px", None, "px"),
+        ("gaps", [0.661468] * 2, "patient"),
+    ],
+)
+def test_spacing_is_labelled_by_where_it_was_measured(server, name, spacing, kind):
+    answer = json.loads(get(server, f"{series_path(server, name)}/geometry")[2])
+    assert (answer["instances"][0]["pixelSpacing"], answer["instances"][0]["spacingKind"]) == (
+        spacing,
+        kind,
+    )
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [("gaps", "slice gaps differ: 0.50 to 1.50 mm"), ("single", "at least 3 slices")],
+)
+def test_a_series_that_is_not_a_volume_is_refused_with_the_reason(server, name, reason):
+    geometry = json.loads(get(server, f"{series_path(server, name)}/geometry")[2])
+    assert geometry["volume"]["ok"] is False and reason in geometry["volume"]["reason"]
+    for path in ("/mpr", "/mpr/coronal/0"):
+        status, headers, body = get(server, series_path(server, name) + path)
+        assert status == 409 and headers["Content-Type"] == "application/json"
+        assert reason in json.loads(body)["error"]
+
+
+def test_coronal_and_sagittal_rows_are_the_volumes_rows(server):
+    volume = np.stack([hu(path) for path in server.files["volume"]])  # [z, row, column]
+    # Head up: the top row is the highest slice; 0.5 mm rows, so every other row is a
+    # slice and the rows between are halfway (linear interpolation of HU).
+    top_down = volume[::-1]
+    halfway = (top_down[:-1] + top_down[1:]) / 2
+    row, column = 9, 20
+    coronal, headers = plane(server, "coronal", row)
+    assert coronal.shape == (2 * SLICES - 1, SIZE)
+    assert np.array_equal(coronal[::2], windowed(top_down[:, row, :]))
+    assert np.array_equal(coronal[1::2], windowed(halfway[:, row, :]))
+    assert headers["Minipacs-Plane-Origin"] == f"0.0,{row * 0.5},{SLICES - 1}.0"
+    assert headers["Minipacs-Plane-Row"] == "0.0,0.0,-0.5"
+    sagittal, _ = plane(server, "sagittal", column)
+    assert sagittal.shape == (2 * SLICES - 1, SIZE)
+    assert np.array_equal(sagittal[::2], windowed(top_down[:, :, column]))
+    assert np.array_equal(sagittal[1::2], windowed(halfway[:, :, column]))
+    axial, headers = plane(server, "axial", 4)
+    assert np.array_equal(axial, windowed(volume[4]))
+    assert headers["Minipacs-Plane-Origin"] == "0.0,0.0,4.0"
+
+
+def test_planes_have_square_pixels_and_a_patient_mapping(server):
+    status, _, body = get(server, f"{series_path(server, 'volume')}/mpr")
+    planes = json.loads(body)["planes"]
+    assert planes["coronal"] == {
+        "count": SIZE,
+        "width": SIZE,
+        "height": 2 * SLICES - 1,
+        "pixel": 0.5,
+        "origin": [0.0, 0.0, SLICES - 1.0],
+        "column": [0.5, 0.0, 0.0],
+        "row": [0.0, 0.0, -0.5],
+        "step": [0.0, 0.5, 0.0],
+    }
+    assert planes["axial"]["count"] == SLICES and planes["sagittal"]["column"] == [0, 0.5, 0]
+    metrics = get(server, "/metrics")[2].decode()
+    assert "minipacs_volume_cache_bytes " in metrics
+
+
+def test_roi_mean_is_numpys_over_the_same_mask_in_hu(server):
+    path = server.files["volume"][3]
+    sop = pydicom.dcmread(path).SOPInstanceUID
+    x0, y0, x1, y1 = 4.2, 6.0, 21.7, 17.5
+    status, _, body = get(
+        server,
+        f"{series_path(server, 'volume')}/instances/{sop}/roi"
+        f"?shape=ellipse&x0={x1}&y0={y0}&x1={x0}&y1={y1}",
+    )
+    assert status == 200, body
+    answer = json.loads(body)
+    rows, columns = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    a, b, cx, cy = (x1 - x0) / 2, (y1 - y0) / 2, (x0 + x1) / 2, (y0 + y1) / 2
+    inside = ((columns - cx) / a) ** 2 + ((rows - cy) / b) ** 2 <= 1
+    values = hu(path)[inside]
+    assert answer["pixels"] == inside.sum()
+    assert answer["mean"] == pytest.approx(values.mean())
+    assert answer["sd"] == pytest.approx(values.std())
+    assert (answer["min"], answer["max"]) == (values.min(), values.max())
+    assert (answer["area"], answer["areaUnit"], answer["unit"]) == (inside.sum() / 4, "mm2", "HU")
+
+
+@pytest.mark.parametrize("name, unit", [("detector", "mm2"), ("px", "px2")])
+def test_roi_area_follows_the_spacing(server, name, unit):
+    sop = pydicom.dcmread(server.files[name][0]).SOPInstanceUID
+    query = "shape=rectangle&x0=0&y0=0&x1=10&y1=4"
+    body = get(server, f"{series_path(server, name)}/instances/{sop}/roi?{query}")[2]
+    answer = json.loads(body)
+    assert answer["pixels"] == 40 and answer["areaUnit"] == unit
+    assert answer["area"] == pytest.approx(40 * 0.2 * 0.25 if unit == "mm2" else 40)
+
+
+@pytest.mark.parametrize(
+    "path, status",
+    [
+        ("/roi?shape=circle&x0=0&y0=0&x1=4&y1=4", 400),
+        ("/roi?shape=ellipse&x0=0&y0=0&x1=4", 400),
+        ("/roi?shape=ellipse&x0=0&y0=0&x1=x&y1=4", 400),
+        ("/roi?shape=rectangle&x0=40&y0=40&x1=50&y1=50", 400),
+        ("/roi?shape=rectangle&x0=0&y0=0&x1=4&y1=4&frame=2", 400),
+        ("/../../mpr/oblique/0", 400),
+        ("/../../mpr/axial/99", 400),
+        ("/../../mpr/axial/0?window=40,0", 400),
+    ],
+)
+def test_bad_input_is_a_400_with_a_json_error(server, path, status):
+    sop = pydicom.dcmread(server.files["volume"][0]).SOPInstanceUID
+    base = f"{series_path(server, 'volume')}/instances/{sop}"
+    if path.startswith("/../.."):
+        base, path = series_path(server, "volume"), path[6:]
+    code, headers, body = get(server, base + path)
+    assert code == status and headers["Content-Type"] == "application/json"
+    assert json.loads(body)["error"]
+
+
+def test_unknown_series_and_bad_uids(server):
+    assert get(server, f"/api/studies/{server.study}/series/1.2.3/geometry")[0] == 404
+    assert get(server, f"/api/studies/{server.study}/series/x/geometry")[0] == 400

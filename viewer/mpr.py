@@ -1,0 +1,301 @@
+"""Multiplanar reformatting: axial, coronal and sagittal planes cut with numpy from a
+volume decoded once and cached, each returned with square pixels and the mapping from
+its pixels to patient coordinates (so a crosshair can link the three).
+
+A volume is the series' slices (viewer.geometry.volume: checked to be one) decoded by the
+render pipeline's decode and Modality LUT stages, stacked in slice order as int16 (float32
+when the values do not fit), and kept in a VolumeCache bounded by `volume_cache_mb`. A
+plane's modality values then go through the rest of the one pipeline
+(`render.render_values`: VOI, presentation, encoding). No Flask here; the contract is
+docs/viewer-api.md, section 3.
+"""
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import permutations
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from viewer import render
+from viewer.geometry import Volume
+from viewer.render import RenderError
+
+log = logging.getLogger(__name__)
+
+PLANES = ("axial", "coronal", "sagittal")
+# Each plane: the patient axis (x 0, y 1, z 2) its normal is closest to, then the patient
+# direction of its image's columns and of its rows, the radiological way: axial with the
+# patient's right on the image's left and anterior up; coronal and sagittal head up,
+# sagittal with anterior on the left (PS3.3 C.7.6.2.1.1: +x left, +y posterior, +z head).
+LAYOUT = {
+    "axial": (2, (0, +1), (1, +1)),
+    "coronal": (1, (0, +1), (2, -1)),
+    "sagittal": (0, (1, +1), (2, -1)),
+}
+SHAPES_KEPT = 256  # series geometries remembered (a few KiB each)
+EXACT = 1e-6  # relative: a spacing this close to the output pixel needs no resampling
+
+
+@dataclass(frozen=True)
+class Plane:
+    """How plane `name` is cut from the volume array (axes k, r, c = 0, 1, 2): the array
+    axis along its normal, the array axes shown as its image's columns and rows (each
+    maybe reversed), and where its pixels lie in the patient."""
+
+    name: str
+    normal_axis: int
+    column_axis: int
+    column_reversed: bool
+    row_axis: int
+    row_reversed: bool
+    count: int  # indices along the normal
+    width: int  # output pixels
+    height: int
+    pixel: float  # mm, both directions
+    origin: np.ndarray  # patient position of the top-left pixel's centre at index 0
+    column: np.ndarray  # patient mm vector of one output column to the right
+    row: np.ndarray  # … of one output row down
+    step: np.ndarray  # … of one index along the normal
+
+    def describe(self) -> dict:
+        return {
+            "count": self.count,
+            "width": self.width,
+            "height": self.height,
+            "pixel": self.pixel,
+            "origin": _rounded(self.origin),
+            "column": _rounded(self.column),
+            "row": _rounded(self.row),
+            "step": _rounded(self.step),
+        }
+
+    def headers(self, index: int) -> dict[str, str]:
+        """Where this image's pixels lie: Minipacs-Plane-* (docs/viewer-api.md)."""
+        origin = self.origin + index * self.step
+        return {
+            "Minipacs-Plane-Origin": ",".join(map(str, _rounded(origin))),
+            "Minipacs-Plane-Column": ",".join(map(str, _rounded(self.column))),
+            "Minipacs-Plane-Row": ",".join(map(str, _rounded(self.row))),
+            "Minipacs-Plane-Index": str(index),
+            "Minipacs-Plane-Count": str(self.count),
+        }
+
+
+def planes(volume: Volume) -> dict[str, Plane]:
+    """The three planes of a volume, each perpendicular to the array axis closest to its
+    patient axis (one array axis per plane)."""
+    rows, columns, gap = volume.spacing
+    # Array axes k, r, c: their patient vectors (mm per index) and their lengths.
+    vectors = [gap * volume.normal, rows * volume.column_cosines, columns * volume.row_cosines]
+    sizes = [len(volume.order), volume.rows, volume.columns]
+    spacings = [gap, rows, columns]
+    units = [v / np.linalg.norm(v) for v in vectors]
+    # The array axis of each patient axis x, y, z: the assignment most aligned overall.
+    best = max(permutations(range(3)), key=lambda p: sum(abs(units[p[i]][i]) for i in range(3)))
+    axis_of = dict(enumerate(best))  # patient axis → array axis
+    found = {}
+    for name, (patient, (col_patient, col_sign), (row_patient, row_sign)) in LAYOUT.items():
+        normal = axis_of[patient]
+        col_axis, row_axis = axis_of[col_patient], axis_of[row_patient]
+        col_reversed = units[col_axis][col_patient] * col_sign < 0
+        row_reversed = units[row_axis][row_patient] * row_sign < 0
+        pixel = min(spacings[col_axis], spacings[row_axis])
+        origin = volume.origin.copy()
+        if col_reversed:
+            origin = origin + (sizes[col_axis] - 1) * vectors[col_axis]
+        if row_reversed:
+            origin = origin + (sizes[row_axis] - 1) * vectors[row_axis]
+        found[name] = Plane(
+            name=name,
+            normal_axis=normal,
+            column_axis=col_axis,
+            column_reversed=col_reversed,
+            row_axis=row_axis,
+            row_reversed=row_reversed,
+            count=sizes[normal],
+            width=_resampled_size(sizes[col_axis], spacings[col_axis], pixel),
+            height=_resampled_size(sizes[row_axis], spacings[row_axis], pixel),
+            pixel=pixel,
+            origin=origin,
+            column=units[col_axis] * pixel * (-1 if col_reversed else 1),
+            row=units[row_axis] * pixel * (-1 if row_reversed else 1),
+            step=vectors[normal],
+        )
+    return found
+
+
+def cut(values: np.ndarray, volume: Volume, plane: Plane, index: int) -> np.ndarray:
+    """Modality values of the plane at `index`, rows × columns, square pixels."""
+    if not 0 <= index < plane.count:
+        raise RenderError(400, f"{plane.name} index {index} is outside 0-{plane.count - 1}")
+    taken = np.take(values, index, axis=plane.normal_axis)
+    # The two axes left keep their order (k, r, c without the normal): rows first?
+    remaining = [axis for axis in range(3) if axis != plane.normal_axis]
+    if remaining.index(plane.row_axis) != 0:
+        taken = taken.T
+    if plane.row_reversed:
+        taken = taken[::-1]
+    if plane.column_reversed:
+        taken = taken[:, ::-1]
+    spacing = (_spacing(volume, plane.row_axis), _spacing(volume, plane.column_axis))
+    taken = _resample(taken, 0, spacing[0], plane.pixel)
+    return _resample(taken, 1, spacing[1], plane.pixel)
+
+
+def _spacing(volume: Volume, axis: int) -> float:
+    rows, columns, gap = volume.spacing
+    return (gap, rows, columns)[axis]
+
+
+def _resampled_size(size: int, spacing: float, pixel: float) -> int:
+    return int(np.floor((size - 1) * spacing / pixel + EXACT)) + 1
+
+
+def _resample(values: np.ndarray, axis: int, spacing: float, pixel: float) -> np.ndarray:
+    """`values` sampled every `pixel` mm along `axis` (samples `spacing` mm apart), from
+    the first sample, by linear interpolation; unchanged when the spacing is the pixel."""
+    if abs(spacing - pixel) <= EXACT * pixel:
+        return values
+    size = values.shape[axis]
+    where = np.arange(_resampled_size(size, spacing, pixel)) * (pixel / spacing)
+    below = np.minimum(where.astype(np.int64), size - 1)
+    above = np.minimum(below + 1, size - 1)
+    weight = (where - below).astype(np.float32)
+    shape = [1, 1]
+    shape[axis] = -1
+    weight = weight.reshape(shape)
+    low = np.take(values, below, axis=axis).astype(np.float32)
+    high = np.take(values, above, axis=axis).astype(np.float32)
+    return low + (high - low) * weight
+
+
+# -- the volume cache -----------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    """A decoded volume: its modality values [k, r, c] and the header of its first slice
+    (for the file's window and photometric interpretation)."""
+
+    values: np.ndarray
+    header: Dataset
+
+
+class VolumeCache:
+    """Decoded volumes, least recently used out first, bounded in bytes. One volume is
+    decoded at a time (a lock): concurrent asks for one series decode it once, and the
+    memory held while decoding stays one volume's."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple, Loaded] = OrderedDict()
+        self._shapes: OrderedDict[tuple, Volume | str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._building = threading.Lock()
+
+    def shape(self, key: tuple) -> Volume | str | None:
+        """The geometry remembered for `key`: its Volume, why it is none, or None (not
+        worked out yet); each plane's request then skips parsing every slice's JSON."""
+        with self._lock:
+            return self._shapes.get(key)
+
+    def remember(self, key: tuple, shape: Volume | str) -> None:
+        with self._lock:
+            self._shapes[key] = shape
+            while len(self._shapes) > SHAPES_KEPT:
+                self._shapes.popitem(last=False)
+
+    def get(
+        self, key: tuple, volume: Volume, paths: list[Path], pixel_budget: int | None
+    ) -> Loaded:
+        """The volume under `key` (the series and its instances), decoded from `paths`
+        (in slice order) when not cached; 422 when it cannot fit in the cache."""
+        found = self._cached(key)
+        if found is not None:
+            return found
+        need = volume.rows * volume.columns * len(paths) * 2
+        if need > self.max_bytes:
+            raise RenderError(
+                422,
+                f"the volume needs {need >> 20} MiB, over volume_cache_mb "
+                f"({self.max_bytes >> 20} MiB)",
+            )
+        with self._building:
+            found = self._cached(key)
+            if found is not None:
+                return found
+            self._make_room(need)
+            started = time.monotonic()
+            loaded = decode_volume(paths, volume, pixel_budget)
+            log.info(
+                "volume of %d slices decoded in %.2f s (%d MiB)",
+                len(paths),
+                time.monotonic() - started,
+                loaded.values.nbytes >> 20,
+            )
+            self._put(key, loaded)
+            return loaded
+
+    def _cached(self, key: tuple) -> Loaded | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def _make_room(self, need: int) -> None:
+        with self._lock:
+            while self._items and self.bytes + need > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.values.nbytes
+
+    def _put(self, key: tuple, loaded: Loaded) -> None:
+        with self._lock:
+            self._items[key] = loaded
+            self.bytes += loaded.values.nbytes
+            while self.bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= old.values.nbytes
+
+
+def decode_volume(
+    paths: list[Path],
+    volume: Volume,
+    pixel_budget: int | None,
+    decode: Callable = render.frame_values,
+) -> Loaded:
+    """Each slice through the render pipeline's decode and Modality LUT, into one array:
+    int16 while the values fit, float32 from the first slice that does not."""
+    values = np.empty((len(paths), volume.rows, volume.columns), dtype=np.int16)
+    header = None
+    for k, path in enumerate(paths):
+        ds, slice_values = decode(path, 1, None, pixel_budget)
+        if header is None:
+            header = ds
+        if slice_values.shape != values.shape[1:]:
+            raise RenderError(422, f"slice {k} decodes to {slice_values.shape}, not a slice")
+        if values.dtype == np.int16 and not _fits_int16(slice_values):
+            values = values.astype(np.float32)
+        values[k] = slice_values
+    assert header is not None
+    return Loaded(values, header)
+
+
+def _fits_int16(values: np.ndarray) -> bool:
+    if values.dtype.kind not in "iu":
+        return False
+    if values.dtype.itemsize == 1 or values.dtype == np.int16:
+        return True
+    info = np.iinfo(np.int16)
+    return values.size == 0 or (info.min <= values.min() and values.max() <= info.max)
+
+
+def _rounded(vector: np.ndarray) -> list[float]:
+    return [round(float(v), 6) + 0.0 for v in vector]  # + 0.0: no "-0.0"

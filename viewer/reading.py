@@ -1,0 +1,194 @@
+"""The viewer's reading tools over HTTP, under /api: a series' geometry, ROI statistics,
+MPR planes, and measurements saved as DICOM SR/KOS. Viewer-private: PS3.18 has no
+resource for these. Contract: docs/viewer-api.md.
+
+Geometry is answered from the index's DICOM JSON; ROI statistics and MPR read pixels
+through the render pipeline (viewer.render), MPR from a volume cache (viewer.mpr).
+Access is the one before_request check's (viewer/auth.py): GETs need the viewer role,
+storing measurements the uploader role; the app's audit hook records each request.
+"""
+
+import hashlib
+
+from flask import Blueprint
+from flask import Response
+from flask import current_app
+from flask import jsonify
+from flask import request
+
+from storage import Archive
+from storage.dataset import is_uid
+from storage.query import Key
+from viewer import geometry
+from viewer import mpr
+from viewer import render
+from viewer import roi
+from viewer.dicomweb import render_request
+from viewer.errors import WebError
+from viewer.errors import int_param
+
+bp = Blueprint("reading", __name__, url_prefix="/api")
+
+STUDY, SERIES, SOP = 0x0020000D, 0x0020000E, 0x00080018
+IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
+SERIES_PATH = "/studies/<study>/series/<series>"
+
+
+def _archive() -> Archive:
+    return current_app.extensions["minipacs"]["archive"]
+
+
+def _config():
+    return current_app.extensions["minipacs"]["config"]
+
+
+def _keys(study: str, series: str, sop: str = "") -> list[Key]:
+    keys = []
+    named = ((STUDY, study, "study"), (SERIES, series, "series"), (SOP, sop, "instance"))
+    for tag, value, name in named:
+        if tag == SOP and not value:
+            continue
+        if not is_uid(value):
+            raise WebError(400, f"{name} UID {value[:80]!r} is not a valid UID")
+        keys.append(Key(tag, "UI", value))
+    return keys
+
+
+def _images(study: str, series: str) -> tuple[list[geometry.Image], str]:
+    """The series' instances' geometry in stack order, and its modality; 404 if none."""
+    found = list(_archive().catalog.instance_json("SERIES", _keys(study, series)))
+    if not found:
+        raise WebError(404, f"no series {series} of study {study} in the archive")
+    return [geometry.image(sop, text) for sop, text in found], geometry.modality(found[0][1])
+
+
+# -- geometry ---------------------------------------------------------------------------
+
+
+@bp.get(f"{SERIES_PATH}/geometry")
+def series_geometry(study: str, series: str) -> Response:
+    images, modality = _images(study, series)
+    try:
+        volume = geometry.describe(geometry.volume(images))
+    except geometry.NotAVolume as exc:
+        volume = geometry.describe(str(exc))
+    return jsonify(
+        studyInstanceUID=study,
+        seriesInstanceUID=series,
+        modality=modality,
+        instances=[found.as_json() for found in images],
+        volume=volume,
+    )
+
+
+# -- ROI statistics ---------------------------------------------------------------------
+
+
+@bp.get(f"{SERIES_PATH}/instances/<sop>/roi")
+def roi_statistics(study: str, series: str, sop: str) -> Response:
+    keys = _keys(study, series, sop)
+    args = request.args
+    shape = roi.Shape.of(
+        args.get("shape", ""), *(_number(args, name) for name in ("x0", "y0", "x1", "y1"))
+    )
+    frame = int_param(args, "frame", 1, minimum=1) or 1
+    return jsonify(instance_statistics(keys, shape, frame))
+
+
+def instance_statistics(keys: list[Key], shape: roi.Shape, frame: int) -> dict:
+    """ROI figures on one frame of the instance the keys name (404 when not stored)."""
+    found = list(_archive().catalog.instance_json("IMAGE", keys))
+    rows = list(_archive().catalog.locate("IMAGE", keys))
+    if not found or not rows:
+        raise WebError(404, f"no instance {keys[-1].value} in the archive")
+    image = geometry.image(*found[0])
+    cache = current_app.extensions["minipacs"]["frames"]
+    ds, values = render.frame_values(rows[0].path, frame, cache, _config().pixel_budget_mb << 20)
+    return {**roi.statistics(values, ds, shape, image.spacing, image.spacing_kind), "frame": frame}
+
+
+def _number(args, name: str) -> float:
+    value = args.get(name)
+    if value is None or value == "":
+        raise WebError(400, f"{name} is required")
+    try:
+        return float(value)
+    except ValueError:
+        raise WebError(400, f"{name} must be a number, not {value[:40]!r}") from None
+
+
+# -- MPR --------------------------------------------------------------------------------
+
+
+@bp.get(f"{SERIES_PATH}/mpr")
+def mpr_planes(study: str, series: str) -> Response:
+    volume = _volume(study, series)[0]
+    return jsonify(
+        slices=len(volume.order),
+        spacing=list(volume.spacing),
+        frameOfReferenceUID=volume.frame_of_reference,
+        planes={name: plane.describe() for name, plane in mpr.planes(volume).items()},
+    )
+
+
+@bp.get(f"{SERIES_PATH}/mpr/<plane>/<int:index>")
+def mpr_image(study: str, series: str, plane: str, index: int) -> Response:
+    if plane not in mpr.PLANES:
+        raise WebError(400, f"plane is axial, coronal or sagittal, not {plane[:20]!r}")
+    volume, key, paths = _volume(study, series)
+    cut = mpr.planes(volume)[plane]
+    if not 0 <= index < cut.count:
+        raise WebError(400, f"{plane} index {index} is outside 0-{cut.count - 1}")
+    fmt = _image_format()
+    wanted = render_request(fmt, 1)
+    cache: mpr.VolumeCache = current_app.extensions["minipacs"]["volumes"]
+    loaded = cache.get(key, volume, paths, _config().pixel_budget_mb << 20)
+    values = mpr.cut(loaded.values, volume, cut, index)
+    response = Response(
+        render.render_values(loaded.header, values, wanted), mimetype=IMAGE_TYPES[fmt]
+    )
+    response.headers.update(cut.headers(index))
+    response.headers["Cache-Control"] = "private, no-store"
+    return response
+
+
+def _volume(study: str, series: str) -> tuple[geometry.Volume, tuple, list]:
+    """The series' volume (409 with the reason when it is not one), the cache key of its
+    instances as stored now, and their files in slice order. The geometry is worked out
+    from the index's JSON once per set of instances (the volume cache remembers it)."""
+    keys = _keys(study, series)
+    rows = list(_archive().catalog.locate("SERIES", keys))
+    if not rows:
+        raise WebError(404, f"no series {series} of study {study} in the archive")
+    stored = sorted((row.pk, row.sop_uid, str(row.path)) for row in rows)
+    key = (series, hashlib.sha256(repr(stored).encode()).hexdigest())
+    cache: mpr.VolumeCache = current_app.extensions["minipacs"]["volumes"]
+    volume = cache.shape(key)
+    if volume is None:
+        try:
+            volume = geometry.volume(_images(study, series)[0])
+        except geometry.NotAVolume as exc:
+            volume = str(exc)
+        cache.remember(key, volume)
+    if isinstance(volume, str):
+        raise WebError(409, f"the series is not a volume: {volume}")
+    by_sop = {row.sop_uid: row.path for row in rows}
+    if set(by_sop) != set(volume.order):  # changed between the two reads: ask again
+        raise WebError(409, "the series changed while it was read; try again")
+    return volume, key, [by_sop[sop] for sop in volume.order]
+
+
+def _image_format() -> str:
+    """png or jpeg: `format`, else the better of the two in Accept (PNG on a tie: exact)."""
+    asked = request.args.get("format", "")
+    if asked:
+        if asked not in IMAGE_TYPES:
+            raise WebError(400, "format is png or jpeg")
+        return asked
+    accept = request.accept_mimetypes
+    if not accept:  # no Accept header: anything will do
+        return "png"
+    png, jpeg = accept.quality("image/png"), accept.quality("image/jpeg")
+    if not png and not jpeg:
+        raise WebError(406, "MPR images are image/png or image/jpeg")
+    return "jpeg" if jpeg > png else "png"
