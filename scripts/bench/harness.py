@@ -52,6 +52,7 @@ STARTUP_TIMEOUT = 120.0
 # ordinary start-up and shutdown at W level, so only its E and F lines count.
 LOG_ISSUE = re.compile(r"\b(WARNING|ERROR|CRITICAL|Traceback)\b|^[EW]: ")
 ORTHANC_ISSUE = re.compile(r"^[EF]\d{4} ")
+FIND_PENDING = re.compile(r"Find Response: \d+ \(Pending\)")
 STORE_SUCCESS = re.compile(r"^I: Received Store Response \((Success|Warning)", re.MULTILINE)
 # Command lines of work that would distort the figures: another benchmark or a test run.
 OTHER_WORK = re.compile(r"scripts/bench/\w+\.py|\bpytest(\s|$)|scripts/test\b")
@@ -588,6 +589,41 @@ def _pump(pipe: IO[bytes], path: Path, on_line: Callable[[str, float], None]) ->
         for raw in iter(pipe.readline, b""):
             on_line(raw.decode("latin-1").rstrip(), time.perf_counter())
             out.write(raw)
+
+
+def findscu(
+    server: Server, keys: dict[str, str], model: str = "-S", count: bool = False
+) -> tuple[float, int | None]:
+    """One dcmtk findscu run (-S Study Root, -W Modality Worklist), start to exit, the
+    association included: (seconds, answers when `count`). A counting run logs each
+    answer (-v); the others print nothing (-q). Keys without a value are return keys."""
+    cmd = ["findscu", model, "-aet", CALLING_AET, "-aec", server.aet, "-to", "60"]
+    cmd += ["-v" if count else "-q", HOST, str(server.port)]
+    for keyword, value in keys.items():
+        cmd += ["-k", f"{keyword}={value}" if value else keyword]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - started
+    output = done.stdout + done.stderr
+    if done.returncode != 0 or count and "Final Find Response (Success)" not in output:
+        raise BenchError(f"findscu on {server.name}: {output[-400:]}")
+    return seconds, len(FIND_PENDING.findall(output)) if count else None
+
+
+def movescu(server: Server, storescp: "StoreScp", study: str, instances: int) -> float:
+    """C-MOVE of a study to storescp (its folder emptied first), movescu start to exit;
+    the seconds. Raises unless every instance arrived."""
+    shutil.rmtree(storescp.out)
+    storescp.out.mkdir()
+    cmd = ["movescu", "-S", "-aet", CALLING_AET, "-aec", server.aet, "-aem", storescp.aet]
+    cmd += ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}"]
+    started = time.perf_counter()
+    done = subprocess.run([*cmd, HOST, str(server.port)], env=base_env(), capture_output=True)
+    seconds = time.perf_counter() - started
+    moved = count_files(storescp.out)
+    if done.returncode != 0 or moved != instances:
+        raise BenchError(f"C-MOVE from {server.name}: {moved} of {instances} instances moved")
+    return seconds
 
 
 # --------------------------------------------------------------------------- HTTP

@@ -14,7 +14,6 @@ of the CT study to dcmtk storescp (movescu, start to exit).
 
 import argparse
 import random
-import re
 import shutil
 import subprocess
 import time
@@ -38,7 +37,6 @@ STUDY_KEYS = (  # noqa: SIM905
     "AccessionNumber StudyID StudyDescription ReferringPhysicianName ModalitiesInStudy "
     "NumberOfStudyRelatedSeries NumberOfStudyRelatedInstances"
 ).split()
-PENDING = re.compile(r"Find Response: \d+ \(Pending\)")
 # Targets of the Query/Retrieve issue: minipacs' p50 ÷ Orthanc's, its C-MOVE rate ÷ Orthanc's.
 FIND_GOAL = {"ModalitiesInStudy=MR": 0.5}  # the other queries: 1.0
 MOVE_GOAL = 1.0
@@ -78,39 +76,6 @@ def write_corpus(folder: Path, studies: int) -> tuple[str, dict[str, int]]:
     return probe, {"PatientID": count, "ModalitiesInStudy=MR": with_mr}
 
 
-def findscu(server: bench.Server, level: str, keys: dict[str, str], count: bool):
-    """One findscu run, start to exit: (seconds, answers when `count`). The counting run
-    logs each answer (-v); the timed ones print nothing (-q)."""
-    cmd = ["findscu", "-S", "-aet", bench.CALLING_AET, "-aec", server.aet, "-to", "60"]
-    cmd += ["-v" if count else "-q", bench.HOST, str(server.port)]
-    cmd += ["-k", f"QueryRetrieveLevel={level}"]
-    for keyword, value in keys.items():
-        cmd += ["-k", f"{keyword}={value}" if value else keyword]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, env=bench.base_env(), capture_output=True, text=True, timeout=120)
-    seconds = time.perf_counter() - started
-    output = done.stdout + done.stderr
-    if done.returncode != 0 or count and "Final Find Response (Success)" not in output:
-        raise bench.BenchError(f"findscu on {server.name}: {output[-400:]}")
-    return seconds, len(PENDING.findall(output)) if count else None
-
-
-def movescu(server: bench.Server, storescp: bench.StoreScp, study: bench.StudyFiles, count: bool):
-    """C-MOVE of the CT study to storescp, movescu start to exit: (seconds, instances moved)."""
-    shutil.rmtree(storescp.out)
-    storescp.out.mkdir()
-    cmd = ["movescu", "-S", "-aet", bench.CALLING_AET, "-aec", server.aet, "-aem", storescp.aet]
-    cmd += ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study.study}"]
-    started = time.perf_counter()
-    cmd += [bench.HOST, str(server.port)]
-    done = subprocess.run(cmd, env=bench.base_env(), capture_output=True, timeout=600)
-    seconds = time.perf_counter() - started
-    moved = bench.count_files(storescp.out)
-    if done.returncode != 0 or moved != len(study.files):
-        raise bench.BenchError(f"C-MOVE from {server.name}: {moved} of {len(study.files)} moved")
-    return seconds, moved
-
-
 def settle(idle: float = 0.9, limit: float = 60.0) -> None:
     """Flush what loading left dirty, then wait until the CPUs are idle for a whole second
     (at most `limit` s): the first runs measured the writeback of a few hundred megabytes
@@ -123,7 +88,8 @@ def settle(idle: float = 0.9, limit: float = 60.0) -> None:
 
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
-        (total, free), _ = ticks(), time.sleep(1.0)
+        total, free = ticks()
+        time.sleep(1.0)
         total_after, free_after = ticks()
         if (free_after - free) >= idle * (total_after - total):
             return
@@ -166,7 +132,8 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     out = bench.Report(f"C-FIND and C-MOVE beside {bench.orthanc_version()}", opts)
     rows, failed = [], False
     for name, (level, keys, answers) in queries.items():
-        calls = {s.name: partial(findscu, s, level, keys) for s in servers}
+        query = {"QueryRetrieveLevel": level, **keys}
+        calls = {s.name: partial(bench.findscu, s, query, "-S") for s in servers}
         found = bench.interleaved(opts.reps, calls)
         mp, orth = found["minipacs"], found["orthanc"]
         wrong = [s for s, lat in found.items() if lat.answers != answers]
@@ -180,7 +147,10 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     title = f"C-FIND, findscu start to exit, ms ({opts.reps} runs each, servers interleaved)"
     out.table(title, [*header, "answer counts"], rows)
 
-    calls = {s.name: partial(movescu, s, storescp, ct) for s in servers}
+    n = len(ct.files)
+    calls = {
+        s.name: lambda first, s=s: (bench.movescu(s, storescp, ct.study, n), n) for s in servers
+    }
     moves = bench.interleaved(opts.move_reps, calls)
     rate = {name: bench.ratio(1000 * len(ct.files), m.p50) for name, m in moves.items()}
     rows = [[name, rate[name], m.p50, m.error or "ok"] for name, m in moves.items()]

@@ -15,7 +15,6 @@ real C-STORE (it has no bulk path) within --orthanc-budget seconds.
 import argparse
 import json
 import random
-import subprocess
 import time
 from functools import partial
 from pathlib import Path
@@ -217,14 +216,11 @@ def measure(server: bench.Server, batch: list[Path], reps: int, patients: int) -
         return f"SYN{rng.randint(1, patients):07d}" if patients else rng.choice(real)
 
     def cfind(first: bool) -> tuple[float, int]:
-        cmd = ["findscu", "-v", "-S", "-aet", bench.CALLING_AET, "-aec", server.aet]
-        cmd += ["-k", "QueryRetrieveLevel=STUDY", "-k", f"PatientID={patient()}"]
-        cmd += ["-k", "StudyInstanceUID", "-k", "StudyDate", bench.HOST, str(server.port)]
-        started = time.perf_counter()
-        done = subprocess.run(cmd, capture_output=True, text=True, env=bench.base_env())
-        if done.returncode != 0 or "Find Response: 1 " not in done.stderr:
-            raise bench.BenchError(f"findscu on {server.name}: {done.stderr[-300:]}")
-        return time.perf_counter() - started, 1
+        keys = {"QueryRetrieveLevel": "STUDY", "PatientID": patient(), "StudyInstanceUID": ""}
+        seconds, answers = bench.findscu(server, {**keys, "StudyDate": ""}, count=True)
+        if not answers:
+            raise bench.BenchError(f"C-FIND on {server.name}: no study of the patient")
+        return seconds, answers
 
     def qido(first: bool) -> tuple[float, int]:
         seconds, studies = client.search(f"/studies?PatientID={patient()}")
