@@ -14,7 +14,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import permutations
 from pathlib import Path
@@ -38,6 +40,8 @@ LAYOUT = {
     "coronal": (1, (0, +1), (2, -1)),
     "sagittal": (0, (1, +1), (2, -1)),
 }
+DECODE_THREADS = 4
+DECODE_AHEAD = 8  # slices decoded ahead of the one copied into the volume
 SHAPES_KEPT = 256  # series geometries remembered (a few KiB each)
 EXACT = 1e-6  # relative: a spacing this close to the output pixel needs no resampling
 
@@ -213,10 +217,16 @@ class VolumeCache:
                 self._shapes.popitem(last=False)
 
     def get(
-        self, key: tuple, volume: Volume, paths: list[Path], pixel_budget: int | None
+        self,
+        key: tuple,
+        volume: Volume,
+        paths: list[Path],
+        native: bool,
+        pixel_budget: int | None,
     ) -> Loaded:
         """The volume under `key` (the series and its instances), decoded from `paths`
-        (in slice order) when not cached; 422 when it cannot fit in the cache."""
+        (in slice order; `native`: all uncompressed) when not cached; 422 when it cannot
+        fit in the cache."""
         found = self._cached(key)
         if found is not None:
             return found
@@ -233,7 +243,7 @@ class VolumeCache:
                 return found
             self._make_room(need)
             started = time.monotonic()
-            loaded = decode_volume(paths, volume, pixel_budget)
+            loaded = decode_volume(paths, native, volume, pixel_budget)
             log.info(
                 "volume of %d slices decoded in %.2f s (%d MiB)",
                 len(paths),
@@ -266,25 +276,40 @@ class VolumeCache:
 
 
 def decode_volume(
-    paths: list[Path],
-    volume: Volume,
-    pixel_budget: int | None,
-    decode: Callable = render.frame_values,
+    paths: list[Path], native: bool, volume: Volume, pixel_budget: int | None
 ) -> Loaded:
     """Each slice through the render pipeline's decode and Modality LUT, into one array:
-    int16 while the values fit, float32 from the first slice that does not."""
+    int16 while the values fit, float32 from the first slice that does not. The first
+    slice is read whole (its header is the planes' VOI and its checks the pipeline's);
+    the rest, when uncompressed (`native`), through render.native_frame_values. A few
+    threads decode at once (file reads and numpy leave the GIL), at most DECODE_AHEAD
+    slices ahead of the copy into the volume, so memory stays the volume's."""
+    header, first = render.frame_values(paths[0], 1, None, pixel_budget)
     values = np.empty((len(paths), volume.rows, volume.columns), dtype=np.int16)
-    header = None
-    for k, path in enumerate(paths):
-        ds, slice_values = decode(path, 1, None, pixel_budget)
-        if header is None:
-            header = ds
-        if slice_values.shape != values.shape[1:]:
-            raise RenderError(422, f"slice {k} decodes to {slice_values.shape}, not a slice")
-        if values.dtype == np.int16 and not _fits_int16(slice_values):
-            values = values.astype(np.float32)
-        values[k] = slice_values
-    assert header is not None
+
+    def decode(path: Path) -> np.ndarray:
+        if not native:
+            return render.frame_values(path, 1, None, pixel_budget)[1]
+        try:
+            return render.native_frame_values(path)
+        except Exception as exc:  # a slice cut short, unreadable: say so
+            raise RenderError(422, f"cannot decode a slice's pixel data: {exc}") from exc
+
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="mpr") as pool:
+        ahead = 1  # the next slice to hand to the pool
+        for k in range(len(paths)):
+            while ahead < len(paths) and ahead - k <= DECODE_AHEAD:
+                pending.append(pool.submit(decode, paths[ahead]))
+                ahead += 1
+            slice_values = first if k == 0 else pending.popleft().result()
+            if slice_values.shape != values.shape[1:]:
+                for future in pending:  # no more work for a volume that will not be
+                    future.cancel()
+                raise RenderError(422, f"slice {k} decodes to {slice_values.shape}, not a slice")
+            if values.dtype == np.int16 and not _fits_int16(slice_values):
+                values = values.astype(np.float32)
+            values[k] = slice_values
     return Loaded(values, header)
 
 

@@ -9,12 +9,16 @@ storing measurements the uploader role; the app's audit hook records each reques
 """
 
 import hashlib
+from pathlib import Path
 
 from flask import Blueprint
 from flask import Response
 from flask import current_app
 from flask import jsonify
 from flask import request
+from pydicom.uid import ExplicitVRBigEndian
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ImplicitVRLittleEndian
 
 from storage import Archive
 from storage.dataset import is_uid
@@ -32,6 +36,8 @@ bp = Blueprint("reading", __name__, url_prefix="/api")
 STUDY, SERIES, SOP = 0x0020000D, 0x0020000E, 0x00080018
 IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 SERIES_PATH = "/studies/<study>/series/<series>"
+# Uncompressed transfer syntaxes (not deflate, which pydicom cannot read a frame of).
+NATIVE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian}
 
 
 def _archive() -> Archive:
@@ -135,14 +141,14 @@ def mpr_planes(study: str, series: str) -> Response:
 def mpr_image(study: str, series: str, plane: str, index: int) -> Response:
     if plane not in mpr.PLANES:
         raise WebError(400, f"plane is axial, coronal or sagittal, not {plane[:20]!r}")
-    volume, key, paths = _volume(study, series)
+    volume, key, paths, native = _volume(study, series)
     cut = mpr.planes(volume)[plane]
     if not 0 <= index < cut.count:
         raise WebError(400, f"{plane} index {index} is outside 0-{cut.count - 1}")
     fmt = _image_format()
     wanted = render_request(fmt, 1)
     cache: mpr.VolumeCache = current_app.extensions["minipacs"]["volumes"]
-    loaded = cache.get(key, volume, paths, _config().pixel_budget_mb << 20)
+    loaded = cache.get(key, volume, paths, native, _config().pixel_budget_mb << 20)
     values = mpr.cut(loaded.values, volume, cut, index)
     response = Response(
         render.render_values(loaded.header, values, wanted), mimetype=IMAGE_TYPES[fmt]
@@ -152,9 +158,10 @@ def mpr_image(study: str, series: str, plane: str, index: int) -> Response:
     return response
 
 
-def _volume(study: str, series: str) -> tuple[geometry.Volume, tuple, list]:
+def _volume(study: str, series: str) -> tuple[geometry.Volume, tuple, list[Path], bool]:
     """The series' volume (409 with the reason when it is not one), the cache key of its
-    instances as stored now, and their files in slice order. The geometry is worked out
+    instances as stored now, their files in slice order, and whether all are stored
+    uncompressed. The geometry is worked out
     from the index's JSON once per set of instances (the volume cache remembers it)."""
     keys = _keys(study, series)
     rows = list(_archive().catalog.locate("SERIES", keys))
@@ -175,7 +182,8 @@ def _volume(study: str, series: str) -> tuple[geometry.Volume, tuple, list]:
     by_sop = {row.sop_uid: row.path for row in rows}
     if set(by_sop) != set(volume.order):  # changed between the two reads: ask again
         raise WebError(409, "the series changed while it was read; try again")
-    return volume, key, [by_sop[sop] for sop in volume.order]
+    native = all(row.transfer_syntax in NATIVE for row in rows)
+    return volume, key, [by_sop[sop] for sop in volume.order], native
 
 
 def _image_format() -> str:

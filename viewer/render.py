@@ -177,6 +177,17 @@ def frame_values(
     return item
 
 
+def native_frame_values(path: Path) -> np.ndarray:
+    """Modality values of the single frame of an uncompressed instance whose header was
+    checked already (a volume's slice after the first: viewer.mpr): pydicom reads only the
+    pixel module beside the pixels, one parse of the file instead of two."""
+    header = Dataset()
+    arr = pixel_array(path, index=0, raw=False, ds_out=header)
+    if arr.ndim == 2:
+        arr = _modality(arr, header, 1)
+    return arr
+
+
 def check_cost(ds: Dataset, pixel_budget: int | None) -> None:
     """Refuse (422), before anything is decoded, an instance over the pixel budget (one
     stored before the budget was lowered), or a frame whose rendering would take more:
@@ -209,11 +220,20 @@ def _modality(arr: np.ndarray, ds: Dataset, frame: int) -> np.ndarray:
         return _narrow(apply_modality_lut(arr, ds))
     slope = float(source.get("RescaleSlope", 1) or 1)
     intercept = float(source.get("RescaleIntercept", 0) or 0)
+    # In place: a new array per operation cost ~8× the arithmetic (a 512² CT slice:
+    # 1.1 → 0.1 ms), which a volume of 500 slices pays 500 times (viewer.mpr).
     if arr.dtype.kind in "iu" and slope.is_integer() and intercept.is_integer():
         # Exact integers stay integers, and are windowed by look-up.
-        wide = arr.astype(np.int64 if arr.dtype.itemsize >= 4 else np.int32)
-        return _narrow(wide * int(slope) + int(intercept))
-    return _narrow(arr.astype(np.float64) * slope + intercept)
+        values = arr.astype(np.int64 if arr.dtype.itemsize >= 4 else np.int32)
+        if slope != 1:
+            values *= int(slope)
+        if intercept:
+            values += int(intercept)
+        return _narrow(values)
+    values = arr.astype(np.float64)
+    values *= slope
+    values += intercept
+    return _narrow(values)
 
 
 def _narrow(values: np.ndarray) -> np.ndarray:
