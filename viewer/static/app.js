@@ -26,8 +26,8 @@ function parseStudyPath(path) {
 function route() {
   if (location.pathname.startsWith("/study/")) {
     const target = parseStudyPath(location.pathname);
-    if (current && current.kind === "study" && current.study === target.study) {
-      current.view.show(target); // same study: move within it, no rebuild
+    if (current && current.kind === "study" && current.view.shows(target.study)) {
+      current.view.show(target); // a study the view has open: move within it, no rebuild
       return;
     }
     replace("study", target.study, (root) => studyView(root, target, navigate));

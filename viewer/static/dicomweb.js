@@ -41,6 +41,22 @@ export function searchStudies(params, signal) {
   return getJSON("/studies", params, signal);
 }
 
+// The studies of `study`'s patient, itself included: same Patient ID and the same Issuer
+// of Patient ID (both absent counts as the same), newest first.
+export async function patientStudies(study, signal) {
+  const fields = "00100021,00081030";
+  const [self] = await searchStudies(new URLSearchParams({ StudyInstanceUID: study, includefield: fields }), signal);
+  if (!self) return [];
+  const id = text(self, "00100020");
+  if (!id) return [self];
+  const issuer = text(self, "00100021");
+  const found = await searchStudies(new URLSearchParams({ PatientID: id, includefield: fields }), signal);
+  const same = found.filter((s) => text(s, "00100020") === id && text(s, "00100021") === issuer);
+  if (!same.some((s) => first(s, "0020000D") === study)) same.push(self);
+  const when = (s) => `${first(s, "00080020") || ""}${first(s, "00080030") || ""}`;
+  return same.sort((a, b) => (when(a) < when(b) ? 1 : when(a) > when(b) ? -1 : 0));
+}
+
 export function searchSeries(study, signal) {
   const params = new URLSearchParams({ includefield: "00080021,00080031" });
   return getJSON(`/studies/${study}/series`, params, signal);
@@ -53,6 +69,18 @@ export function searchInstances(study, series, signal) {
 export async function instanceMetadata(study, series, sop, signal) {
   const items = await getJSON(`/studies/${study}/series/${series}/instances/${sop}/metadata`, null, signal);
   return items[0];
+}
+
+// The series' geometry from the viewer API (docs/viewer-api.md): positions, orientation,
+// spacing and its kind of every instance, and whether they form a volume.
+export async function seriesGeometry(study, series, signal) {
+  const response = await fetch(`/api/studies/${study}/series/${series}/geometry`, { signal });
+  await check(response);
+  return response.json();
+}
+
+export function seriesMetadata(study, series, signal) {
+  return getJSON(`/studies/${study}/series/${series}/metadata`, null, signal);
 }
 
 export function instancePath(study, series, sop) {

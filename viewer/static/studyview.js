@@ -1,7 +1,9 @@
-// The study view: series strip with thumbnails, the viewport (viewport.js) showing
-// server-rendered frames fetched by the stack loader (stackloader.js), and the tag panel
-// (tagpanel.js). This module holds what is current (series, slice, window) and the
-// controls that change it: stack scrolling, window/level drag, presets, zoom/pan, cine.
+// The study view: the strip (strip.js) with the patient's studies and their series, the
+// panes (pane.js: one series each, shown by viewport.js from frames the stack loader
+// fetches) in a layout (layout.js), linked through patient space (sync.js), the toolbar
+// and the keys (keys.js) acting on the active pane, and the tag panel (tagpanel.js).
+// This module holds what spans panes: which studies are open, which pane is active,
+// the URL (the active pane's series and instance), syncing and reference lines.
 //
 // Smoothness: rendered frames are cached as ImageBitmaps and neighbours are prefetched;
 // requests no longer useful are aborted; while the window is dragged a JPEG is asked for
@@ -9,27 +11,24 @@
 // picture stays on screen until the next one is decoded, so nothing flickers.
 //
 // Debug API: while a study is open, `globalThis.minipacsView` is its StudyView (null
-// otherwise), for the tests (tests/test_viewer.py), the viewer benchmark
-// (scripts/bench/viewer.py) and the browser console. Read, don't write: `index` (the
-// slice shown, from 0), `stack` (its slices), `drawn` (exact frames drawn so far),
-// `loading` (requests in flight, a Map), `shown` ({ key, bitmap } on the canvas),
-// `message` (the viewport's message element), `key_(index, format)` (the key of a
-// rendering), and `draw(key, bitmap)`, the one call through which frames reach the canvas
-// (a benchmark may wrap it to time-stamp them).
+// otherwise), for the tests (tests/test_viewer*.py), the viewer benchmark
+// (scripts/bench/viewer.py) and the browser console. Read, don't write; all but `panes`
+// are of the active pane: `index` (the slice shown, from 0), `stack` (its slices),
+// `drawn` (exact frames drawn in the active pane so far), `loading` (requests in
+// flight, a Map), `shown` ({ key, bitmap } on the canvas), `message` (the viewport's
+// message element), `key_(index, format)` (the key of a rendering), `panes` (those on
+// the page, each with the same `index`, `stack` and its own `drawn`), and
+// `draw(key, bitmap)`, the one call through which the active pane's frames reach its
+// canvas (a benchmark may wrap it to time-stamp them).
 
-import {
-  first,
-  instanceMetadata,
-  searchInstances,
-  searchSeries,
-  text,
-  thumbnailURL,
-  values,
-} from "./dicomweb.js";
+import { first, formatDate, patientStudies, searchSeries, text } from "./dicomweb.js";
 import { button, el } from "./dom.js";
-import { StackLoader } from "./stackloader.js";
+import { commandFor, helpDialog } from "./keys.js";
+import { LAYOUTS, Layout } from "./layout.js";
+import { Pane } from "./pane.js";
+import { Strip } from "./strip.js";
+import { ReferenceLines, syncFrom } from "./sync.js";
 import { TagPanel } from "./tagpanel.js";
-import { Viewport } from "./viewport.js";
 
 const PRESETS = {
   CT: [
@@ -43,7 +42,7 @@ const PRESETS = {
 
 export function studyView(root, target, navigate) {
   const view = new StudyView(root, target, navigate);
-  return { show: (next) => view.show(next), close: () => view.close() };
+  return { show: (next) => view.show(next), close: () => view.close(), shows: (study) => view.studies.has(study) };
 }
 
 class StudyView {
@@ -51,499 +50,507 @@ class StudyView {
     this.navigate = navigate;
     this.study = target.study;
     this.controller = new AbortController();
-    this.seriesList = [];
-    this.series = "";
-    this.stack = []; // { sop, frame, frames, number, rows, columns }
-    this.index = 0;
-    this.direction = 1;
-    this.window = null; // null: the file's own; "auto"; or { center, width }
-    this.preset = "file";
-    this.dragging = false;
-    this.metadata = new Map(); // sop → instance metadata
-    this.cine = null;
-    this.fps = 10;
-    this.drawn = 0; // exact frames drawn (debug API)
-    this.viewport = new Viewport(() => this.describe());
-    this.loader = new StackLoader(this);
+    this.signal = this.controller.signal;
+    this.metadata = new Map(); // sop → instance metadata, for every pane
+    this.studies = new Map([[this.study, { entry: null, series: null }]]); // study → QIDO-RS answers
+    this.patientStudies = [];
+    this.syncing = true;
+    this.overlays = true;
     this.tags = new TagPanel();
+    this.strip = new Strip(this.study, (study) => this.openBeside(study));
+    this.layout = new Layout(
+      (number) => this.makePane(number),
+      (pane, study, series) => this.assign(pane, study, series),
+      this.signal,
+    );
     this.build(root);
-    this.load(target);
+    this.ready = this.load(target); // settles once the first image and the patient's studies are in
     globalThis.minipacsView = this; // the debug API (above)
+  }
+
+  makePane(number) {
+    const pane = new Pane(this, number);
+    pane.references = new ReferenceLines(pane, () => this.layout.visible);
+    pane.viewport.layers.push(pane.references);
+    pane.viewport.overlays = this.overlays;
+    return pane;
+  }
+
+  get active() {
+    return this.layout.active;
   }
 
   // -- debug API names kept for the tests and the benchmark ------------------------------
 
+  get index() {
+    return this.active.index;
+  }
+
+  get stack() {
+    return this.active.stack;
+  }
+
   get loading() {
-    return this.loader.loading;
+    return this.active.loader.loading;
   }
 
   get shown() {
-    return this.viewport.shown;
+    return this.active.viewport.shown;
   }
 
   get message() {
-    return this.viewport.message;
+    return this.active.viewport.message;
+  }
+
+  get drawn() {
+    return this.active.drawn;
+  }
+
+  get panes() {
+    return this.layout.visible;
   }
 
   key_(index, format) {
-    return this.loader.key(index, format);
+    return this.active.loader.key(index, format);
+  }
+
+  // The one way the active pane's frames reach its canvas (key null: a stand-in).
+  draw(key, bitmap) {
+    this.active.paint(key, bitmap);
   }
 
   // -- the page ----------------------------------------------------------------------------
 
   build(root) {
-    this.strip = el("nav", { class: "series", "aria-label": "Series" });
-    this.counter = el("output", { class: "counter", "aria-live": "off" });
-    this.slider = el("input", { type: "range", min: "1", max: "1", value: "1", "aria-label": "Image in series" });
-    this.slider.addEventListener("input", () => this.go(Number(this.slider.value) - 1));
+    this.layoutSelect = el("select", { "aria-label": "Layout", class: "layout" });
+    this.layoutSelect.append(...LAYOUTS.map(([name, label]) => el("option", { value: name }, label)));
+    this.layoutSelect.addEventListener("change", () => this.setLayout(this.layoutSelect.value));
     this.presetSelect = el("select", { "aria-label": "Window preset", class: "preset" });
     this.presetSelect.addEventListener("change", () => this.applyPreset(this.presetSelect.value));
-    this.fpsInput = el("input", { type: "number", min: "1", max: "60", value: String(this.fps), "aria-label": "Frames per second", class: "fps" });
+    this.fpsInput = el("input", { type: "number", min: "1", max: "60", value: "10", "aria-label": "Frames per second", class: "fps" });
     this.fpsInput.addEventListener("change", () => {
-      this.fps = Math.min(60, Math.max(1, Number(this.fpsInput.value) || 10));
-      if (this.cine) this.startCine();
+      const pane = this.active;
+      pane.fps = Math.min(60, Math.max(1, Number(this.fpsInput.value) || 10));
+      if (pane.cine) pane.startCine();
     });
-    this.playButton = button("▶ Cine", () => this.toggleCine(), { "aria-pressed": "false", class: "cine" });
-    this.invertButton = button("Invert", () => this.toggleInvert(), { "aria-pressed": "false" });
-    this.overlayButton = button("Overlays", () => this.toggleOverlays(), { "aria-pressed": "true" });
-    this.tagButton = button("Tags", () => this.toggleTags(), { "aria-pressed": "false" });
+    this.playButton = button("▶ Cine", () => this.run("cine"), { "aria-pressed": "false", class: "cine", title: "Cine (C)" });
+    this.invertButton = button("Invert", () => this.run("invert"), { "aria-pressed": "false", title: "Invert (I)" });
+    this.syncButton = button("Sync", () => this.run("sync"), { "aria-pressed": "true", title: "Viewports on one frame of reference scroll together (S)" });
+    this.linesButton = button("Ref lines", () => this.run("referenceLines"), { "aria-pressed": "true", title: "Reference lines (Y)" });
+    this.overlayButton = button("Overlays", () => this.run("overlays"), { "aria-pressed": "true", title: "Overlays (O)" });
+    this.tagButton = button("Tags", () => this.run("tags"), { "aria-pressed": "false", title: "Tag panel (T)" });
     this.download = el("a", { class: "download", download: "" }, "Download");
     this.seriesZip = el("a", { class: "download", download: "", title: "The series' files and a DICOMDIR" }, "Series ZIP");
-    const viewport = this.viewport;
+    this.help = helpDialog();
+    const tool = (label, command, attributes) => button(label, () => this.run(command), attributes);
     const toolbar = el(
       "div",
       { class: "toolbar", role: "toolbar", "aria-label": "Image tools" },
+      el("label", {}, "Layout ", this.layoutSelect),
       el("label", {}, "Window ", this.presetSelect),
       this.invertButton,
-      button("Fit", () => viewport.setFit(), { title: "Fit (F)" }),
-      button("1:1", () => viewport.setZoom(1), { title: "Actual size (1)" }),
-      button("−", () => viewport.setZoom(viewport.zoom / 1.25), { "aria-label": "Zoom out" }),
-      button("+", () => viewport.setZoom(viewport.zoom * 1.25), { "aria-label": "Zoom in" }),
+      tool("Fit", "fit", { title: "Fit (F)" }),
+      tool("1:1", "actualSize", { title: "Actual size (Z)" }),
+      tool("−", "zoomOut", { "aria-label": "Zoom out", title: "Zoom out (−)" }),
+      tool("+", "zoomIn", { "aria-label": "Zoom in", title: "Zoom in (+)" }),
+      tool("⟲", "rotateLeft", { "aria-label": "Rotate left", title: "Rotate 90° anticlockwise (Shift+R)" }),
+      tool("⟳", "rotateRight", { "aria-label": "Rotate right", title: "Rotate 90° clockwise (R)" }),
+      tool("⇆", "flipH", { "aria-label": "Flip horizontally", title: "Flip left–right (H)" }),
+      tool("⇅", "flipV", { "aria-label": "Flip vertically", title: "Flip top–bottom (V)" }),
+      tool("Reset", "reset", { title: "Reset (Space)" }),
       this.playButton,
       el("label", {}, "fps ", this.fpsInput),
+      this.syncButton,
+      this.linesButton,
       this.overlayButton,
       this.tagButton,
+      tool("?", "help", { "aria-label": "Keys", title: "Keys (?)" }),
       this.download,
       this.seriesZip,
       el("a", { href: "/", "data-link": "" }, "Studies"),
     );
-    const centre = el("section", { class: "viewer" }, toolbar, viewport.stage, el("div", { class: "scroll" }, this.slider, this.counter));
-    root.append(el("div", { class: "study-view" }, this.strip, centre, this.tags.node));
-    this.listen();
-  }
-
-  listen() {
-    const signal = this.controller.signal;
-    const stage = this.viewport.stage;
-    let wheel = 0;
-    stage.addEventListener(
-      "wheel",
-      (event) => {
-        event.preventDefault();
-        if (event.ctrlKey) {
-          this.viewport.setZoom(this.viewport.zoom * (event.deltaY < 0 ? 1.1 : 1 / 1.1));
-          return;
-        }
-        // A mouse notch (|delta| ≥ 50 px, or lines) is one slice; a touchpad's small
-        // deltas add up to one slice per 100 px.
-        const delta = event.deltaY * (event.deltaMode === 1 ? 40 : 1);
-        if (Math.abs(delta) >= 50) {
-          // A busy browser merges queued notches into one event (deltaY 200, 300…).
-          wheel = 0;
-          this.go(this.index + Math.sign(delta) * Math.max(1, Math.round(Math.abs(delta) / 100)));
-          return;
-        }
-        wheel += delta;
-        if (Math.abs(wheel) >= 100) {
-          this.go(this.index + Math.sign(wheel));
-          wheel = 0;
-        }
-      },
-      { passive: false, signal },
-    );
-    stage.addEventListener("pointerdown", (event) => this.startDrag(event), { signal });
-    stage.addEventListener("contextmenu", (event) => event.preventDefault(), { signal });
-    document.addEventListener("keydown", (event) => this.key(event), { signal });
+    const centre = el("section", { class: "viewer" }, toolbar, this.layout.node);
+    root.append(el("div", { class: "study-view" }, this.strip.node, centre, this.tags.node), this.help);
+    document.addEventListener("keydown", (event) => this.key(event), { signal: this.signal });
   }
 
   key(event) {
-    if (event.target.closest("input, select, textarea") || event.altKey || event.ctrlKey || event.metaKey) return;
-    const viewport = this.viewport;
-    const actions = {
-      ArrowDown: () => this.go(this.index + 1),
-      ArrowRight: () => this.go(this.index + 1),
-      PageDown: () => this.go(this.index + 10),
-      ArrowUp: () => this.go(this.index - 1),
-      ArrowLeft: () => this.go(this.index - 1),
-      PageUp: () => this.go(this.index - 10),
-      Home: () => this.go(0),
-      End: () => this.go(this.stack.length - 1),
-      i: () => this.toggleInvert(),
-      f: () => viewport.setFit(),
-      1: () => viewport.setZoom(1),
-      "+": () => viewport.setZoom(viewport.zoom * 1.25),
-      "-": () => viewport.setZoom(viewport.zoom / 1.25),
-      o: () => this.toggleOverlays(),
-      t: () => this.toggleTags(),
-      c: () => this.toggleCine(),
-    };
-    const action = actions[event.key];
-    if (!action || event.target.closest("button, a")) return;
+    if (this.help.open) return; // the dialog has the keys (Escape closes it)
+    const command = commandFor(event);
+    if (!command) return;
     event.preventDefault();
-    action();
+    this.run(command, event.key);
   }
 
-  // -- loading the study and a series ----------------------------------------------------
+  // Every command of the toolbar and the keys (keys.js names them).
+  run(command, key = "") {
+    const pane = this.active;
+    const viewport = pane.viewport;
+    const commands = {
+      next: () => pane.go(pane.index + 1),
+      previous: () => pane.go(pane.index - 1),
+      forward10: () => pane.go(pane.index + 10),
+      back10: () => pane.go(pane.index - 10),
+      firstImage: () => pane.go(0),
+      lastImage: () => pane.go(pane.stack.length - 1),
+      nextSeries: () => this.stepSeries(1),
+      previousSeries: () => this.stepSeries(-1),
+      preset: () => this.presetNumber(Number(key)),
+      fileWindow: () => this.applyPreset("file"),
+      invert: () => viewport.toggleInvert(),
+      cine: () => pane.toggleCine(),
+      fit: () => viewport.setFit(),
+      actualSize: () => viewport.setZoom(1),
+      zoomIn: () => viewport.setZoom(viewport.zoom * 1.25),
+      zoomOut: () => viewport.setZoom(viewport.zoom / 1.25),
+      rotateRight: () => viewport.rotate(1),
+      rotateLeft: () => viewport.rotate(-1),
+      flipH: () => viewport.flip("h"),
+      flipV: () => viewport.flip("v"),
+      reset: () => pane.reset(),
+      nextLayout: () => this.setLayout(this.layout.next()),
+      nextPane: () => this.activate(this.layout.neighbour(1), { focus: true }),
+      previousPane: () => this.activate(this.layout.neighbour(-1), { focus: true }),
+      sync: () => this.toggleSync(),
+      referenceLines: () => this.toggleReferenceLines(),
+      overlays: () => this.toggleOverlays(),
+      tags: () => this.toggleTags(),
+      help: () => this.help.showModal(),
+      escape: () => {},
+    };
+    const action = commands[command];
+    if (!action) return;
+    action();
+    this.syncToolbar();
+  }
+
+  // The toolbar as the active pane has it.
+  syncToolbar() {
+    const pane = this.active;
+    this.layoutSelect.value = this.layout.name;
+    this.setPresets(pane);
+    this.invertButton.setAttribute("aria-pressed", String(pane.viewport.invert));
+    this.playButton.textContent = pane.cine ? "❚❚ Stop" : "▶ Cine";
+    this.playButton.setAttribute("aria-pressed", String(Boolean(pane.cine)));
+    this.fpsInput.value = String(pane.fps);
+    this.syncButton.setAttribute("aria-pressed", String(this.syncing));
+    this.linesButton.setAttribute("aria-pressed", String(pane.references.shown));
+    this.overlayButton.setAttribute("aria-pressed", String(this.overlays));
+    this.tagButton.setAttribute("aria-pressed", String(this.tags.open));
+    const slice = pane.stack[pane.index];
+    this.seriesZip.href = pane.series ? `/studies/${pane.study}/series/${pane.series}/archive` : "";
+    this.download.href = slice
+      ? `/wado?requestType=WADO&studyUID=${pane.study}&seriesUID=${pane.series}&objectUID=${slice.sop}&contentType=application%2Fdicom&transferSyntax=*`
+      : "";
+  }
+
+  // -- loading the studies -------------------------------------------------------------------
 
   async load(target) {
     document.title = "Study — minipacs";
+    let seriesList;
     try {
-      this.seriesList = await searchSeries(this.study, this.controller.signal);
+      seriesList = await this.loadSeries(this.study);
     } catch (error) {
       this.fail(error);
       return;
     }
-    this.seriesList.sort((a, b) => (first(a, "00200011") ?? 1e9) - (first(b, "00200011") ?? 1e9));
-    this.strip.replaceChildren(...this.seriesList.map((series) => this.seriesButton(series)));
-    if (!this.seriesList.length) {
-      this.viewport.showMessage("This study has no series.");
+    if (!seriesList.length) {
+      this.active.viewport.showMessage("This study has no series.");
       return;
     }
     await this.show(target);
-    // The thumbnails would compete on the server with the first image: they are asked
-    // for once it is drawn, or has failed, or there is none to draw.
-    await this.currentLoad;
-    if (!this.controller.signal.aborted) this.loadThumbnails();
+    // The thumbnails and the patient's other studies would compete on the server with
+    // the first image: they are asked for once it is drawn, or has failed, or there is
+    // none to draw.
+    await this.active.currentLoad;
+    if (this.signal.aborted) return;
+    this.strip.loadThumbnails();
+    await this.loadPatientStudies();
   }
 
-  seriesButton(series) {
-    const uid = first(series, "0020000E");
-    const label = text(series, "0008103E") || `Series ${first(series, "00200011") ?? ""}`;
-    const count = first(series, "00201209") || 0;
-    return el(
-      "a",
-      { href: `/study/${this.study}/series/${uid}`, "data-link": "", class: "series-item", "data-series": uid },
-      el("img", { "data-src": thumbnailURL(this.study, uid), alt: "", width: "96", height: "96" }),
-      el("span", { class: "label" }, label),
-      el("span", { class: "count" }, `${text(series, "00080060")} · ${count} image${count === 1 ? "" : "s"}`),
-    );
+  // Study `study`'s series in series number order (asked for once).
+  async loadSeries(study) {
+    const known = this.studies.get(study) || { entry: null, series: null };
+    this.studies.set(study, known);
+    if (!known.series) {
+      known.series = searchSeries(study, this.signal).then((list) =>
+        list.sort((a, b) => (first(a, "00200011") ?? 1e9) - (first(b, "00200011") ?? 1e9)),
+      );
+      known.series.catch(() => {
+        known.series = null; // asked again next time
+      });
+      const list = await known.series;
+      this.strip.showSeries(study, list, study === this.study ? "This study" : studyHeading(known.entry));
+    }
+    return known.series;
   }
 
-  loadThumbnails() {
-    for (const image of this.strip.querySelectorAll("img[data-src]")) {
-      image.src = image.dataset.src;
-      image.removeAttribute("data-src");
-    }
-  }
-
-  async show(target) {
-    const series = target.series || first(this.seriesList[0], "0020000E");
-    if (series !== this.series) {
-      await this.openSeries(series);
-      if (series !== this.series) return;
-    }
-    let index = 0;
-    if (target.sop) {
-      index = this.stack.findIndex((s) => s.sop === target.sop && s.frame === (target.frame || 1));
-      if (index < 0) index = Math.max(0, this.stack.findIndex((s) => s.sop === target.sop));
-    }
-    this.go(index, { fromUrl: true });
-  }
-
-  async openSeries(series) {
-    this.stopCine();
-    this.series = series;
-    this.seriesZip.href = `/studies/${this.study}/series/${series}/archive`;
-    this.stack = [];
-    for (const item of this.strip.querySelectorAll(".series-item")) {
-      item.setAttribute("aria-current", item.dataset.series === series ? "true" : "false");
-    }
-    let instances;
+  async loadPatientStudies() {
     try {
-      instances = await searchInstances(this.study, series, this.controller.signal);
+      this.patientStudies = await patientStudies(this.study, this.signal);
+    } catch {
+      return; // the strip lists this study's series only
+    }
+    for (const entry of this.patientStudies) {
+      const uid = first(entry, "0020000D");
+      const known = this.studies.get(uid) || { entry: null, series: null };
+      known.entry = entry;
+      this.studies.set(uid, known);
+    }
+    this.strip.showStudies(this.patientStudies);
+  }
+
+  // Show `target` ({ study, series, sop, frame } from the URL) in the active pane.
+  async show(target) {
+    const study = target.study || this.study;
+    let list;
+    try {
+      list = await this.loadSeries(study);
     } catch (error) {
       this.fail(error);
       return;
     }
-    if (series !== this.series) return;
-    instances.sort((a, b) => (first(a, "00200013") ?? 1e9) - (first(b, "00200013") ?? 1e9));
-    for (const instance of instances) {
-      const frames = Number(first(instance, "00280008") || 1);
-      for (let frame = 1; frame <= frames; frame += 1) {
-        this.stack.push({
-          sop: first(instance, "00080018"),
-          frame,
-          frames,
-          number: first(instance, "00200013"),
-          rows: Number(first(instance, "00280010") || 0),
-          columns: Number(first(instance, "00280011") || 0),
-        });
+    const pane = this.active;
+    const series = target.series || first(list[0], "0020000E");
+    if (pane.study !== study || pane.series !== series) {
+      const entry = list.find((s) => first(s, "0020000E") === series);
+      if (!entry) {
+        pane.viewport.showMessage("This series is not in the study.");
+        return;
       }
+      await pane.open(study, entry);
+      if (pane.series !== series) return;
     }
-    this.slider.max = String(Math.max(1, this.stack.length));
-    this.setPresets();
-    if (!this.stack.length) this.viewport.showMessage("This series has no images.");
+    let index = 0;
+    if (target.sop) {
+      index = pane.stack.findIndex((s) => s.sop === target.sop && s.frame === (target.frame || 1));
+      if (index < 0) index = Math.max(0, pane.stack.findIndex((s) => s.sop === target.sop));
+    }
+    pane.go(index, { fromUrl: true });
   }
 
-  // -- moving through the stack ----------------------------------------------------------
-
-  go(index, { fromUrl = false } = {}) {
-    if (!this.stack.length) return;
-    const next = Math.min(this.stack.length - 1, Math.max(0, index));
-    if (next !== this.index) this.direction = next > this.index ? 1 : -1;
-    this.index = next;
-    const slice = this.stack[next];
-    this.slider.value = String(next + 1);
-    this.counter.value = `${next + 1} / ${this.stack.length}`;
-    this.counter.textContent = this.counter.value;
-    const frame = slice.frames > 1 ? `?frame=${slice.frame}` : "";
-    const url = `/study/${this.study}/series/${this.series}/instance/${slice.sop}${frame}`;
-    if (!fromUrl || location.pathname + location.search !== url) history.replaceState({}, "", url);
-    this.download.href = `/wado?requestType=WADO&studyUID=${this.study}&seriesUID=${this.series}&objectUID=${slice.sop}&contentType=application%2Fdicom&transferSyntax=*`;
-    this.showCurrent();
-    this.loader.prefetch();
-    this.loadMetadata(slice.sop);
-  }
-
-  // Scrolling faster than the server renders: one request for "the current slice" in
-  // flight; when it lands, the slice current by then is asked for. Frames are dropped,
-  // the picture keeps moving, and the server renders nothing nobody will see.
-  showCurrent() {
-    const key = this.loader.key(this.index, "png");
-    if (this.loader.bitmaps.has(key) || this.loader.loading.has(key) || !this.currentLoad) {
-      this.currentLoad = this.loader
-        .request(this.index, "png", { current: true })
-        .catch(() => {})
-        .finally(() => {
-          this.currentLoad = null;
-          if (this.currentStale) {
-            this.currentStale = false;
-            this.showCurrent();
-          }
-        });
+  // Open `series` of `study` in `pane` (dropped there, or chosen for it).
+  async assign(pane, study, series) {
+    let list;
+    try {
+      list = await this.loadSeries(study);
+    } catch (error) {
+      this.fail(error);
       return;
     }
-    this.currentStale = true;
-    this.loader.placeholder(this.index);
+    const entry = list.find((s) => first(s, "0020000E") === series);
+    if (!entry) return;
+    this.activate(pane);
+    await pane.open(study, entry);
+    if (pane.series === series) pane.go(0);
   }
 
-  // The one way a frame reaches the canvas (key null: a stand-in until the exact one).
-  draw(key, bitmap) {
-    if (key) this.drawn += 1;
-    this.viewport.show(key, bitmap);
+  // A study of the patient's list was chosen: its series most like the active pane's
+  // (same modality, else the first) opens in the pane beside the active one.
+  async openBeside(study) {
+    if (this.layout.name === "1x1") this.setLayout("1x2", { fill: false });
+    const pane = this.layout.neighbour(1);
+    const series = await this.likeActive(study);
+    if (series) await this.assign(pane, study, first(series, "0020000E"));
   }
 
-  exactShown() {
-    const shown = this.viewport.shown;
-    return Boolean(shown) && shown.key === this.loader.key(this.index, "png");
-  }
-
-  isCurrent(key) {
-    if (!this.stack.length) return false;
-    const format = this.dragging ? "jpeg" : "png";
-    return key === this.loader.key(this.index, format) || (this.dragging && key === this.loader.key(this.index, "jpeg"));
-  }
-
-  // What the viewport shows now, for its drawing and overlays.
-  describe() {
-    const slice = this.stack[this.index];
-    const meta = slice && this.metadata.get(slice.sop);
-    return { slice, meta, position: this.index + 1, total: this.stack.length, window: this.windowText(meta) };
-  }
-
-  windowText(meta) {
-    if (this.window === "auto") return "WC/WW auto";
-    const window = this.window || fileWindow(meta);
-    if (!window) return meta ? "WC/WW auto" : "WC/WW file";
-    return `WC ${Math.round(window.center)} WW ${Math.round(window.width)}`;
-  }
-
-  // -- window/level, pan and zoom by dragging --------------------------------------------
-
-  startDrag(event) {
-    if (!this.stack.length) return;
-    const viewport = this.viewport;
-    const stage = viewport.stage;
-    stage.focus();
-    stage.setPointerCapture(event.pointerId);
-    const start = [event.clientX, event.clientY];
-    const pan = [...viewport.pan];
-    const mode = event.button === 1 || event.shiftKey ? "pan" : event.button === 2 ? "zoom" : "window";
-    const zoom = viewport.zoom;
-    const window = this.startWindow();
-    const move = (moved) => {
-      const dx = moved.clientX - start[0];
-      const dy = moved.clientY - start[1];
-      if (mode === "pan") viewport.panTo([pan[0] + dx, pan[1] + dy]);
-      else if (mode === "zoom") viewport.setZoom(zoom * Math.exp(-dy / 200));
-      else if (Math.abs(dx) + Math.abs(dy) > 1) {
-        const step = Math.max(1, window.width / 256);
-        this.window = { center: window.center + dy * step, width: Math.max(1, window.width + dx * step) };
-        this.preset = "custom";
-        this.presetSelect.value = "custom";
-        this.dragging = true;
-        this.dragRender();
-      }
-    };
-    const up = () => {
-      stage.removeEventListener("pointermove", move);
-      stage.removeEventListener("pointerup", up);
-      stage.removeEventListener("pointercancel", up);
-      if (this.dragging) {
-        this.dragging = false;
-        this.loader.request(this.index, "png", { current: true });
-        this.loader.prefetch();
-      }
-    };
-    stage.addEventListener("pointermove", move);
-    stage.addEventListener("pointerup", up);
-    stage.addEventListener("pointercancel", up);
-  }
-
-  startWindow() {
-    if (this.window && this.window !== "auto") return this.window;
-    const meta = this.metadata.get(this.stack[this.index].sop);
-    const file = fileWindow(meta);
-    if (file) return file;
-    const bits = Number(first(meta, "00280101") || 12);
-    const slope = Number(first(meta, "00281053") || 1);
-    const intercept = Number(first(meta, "00281052") || 0);
-    const signed = Number(first(meta, "00280103") || 0) === 1;
-    const low = (signed ? -(2 ** (bits - 1)) : 0) * slope + intercept;
-    const high = (signed ? 2 ** (bits - 1) - 1 : 2 ** bits - 1) * slope + intercept;
-    return { center: (low + high) / 2, width: Math.max(1, high - low) };
-  }
-
-  // While dragging: one JPEG in flight; when it lands, ask for the latest window.
-  dragRender() {
-    this.viewport.updateOverlays();
-    if (this.dragInFlight) {
-      this.dragPending = true;
-      return;
+  async likeActive(study) {
+    let list;
+    try {
+      list = await this.loadSeries(study);
+    } catch {
+      return null;
     }
-    this.dragInFlight = true;
-    this.dragPending = false;
-    this.loader.abort((key) => !key.endsWith("|jpeg"));
-    this.loader
-      .request(this.index, "jpeg", { current: true, quality: 70 })
-      .catch(() => {})
-      .finally(() => {
-        this.dragInFlight = false;
-        if (this.dragPending && this.dragging) this.dragRender();
+    const modality = this.active.modality;
+    return list.find((s) => text(s, "00080060") === modality) || list[0] || null;
+  }
+
+  setLayout(name, { fill = true } = {}) {
+    const added = this.layout.set(name);
+    for (const pane of this.layout.panes) if (!this.layout.visible.includes(pane)) pane.stopCine();
+    this.syncToolbar();
+    if (fill) this.fill(added.filter((pane) => !pane.series));
+  }
+
+  // Panes a larger layout adds get, in turn: the newest other study of the patient (to
+  // compare), then this study's series not on the page yet.
+  async fill(panes) {
+    if (!panes.length) return;
+    await this.ready;
+    const wanted = [];
+    const other = this.patientStudies.map((s) => first(s, "0020000D")).find((uid) => uid !== this.study);
+    if (other) {
+      const series = await this.likeActive(other);
+      if (series) wanted.push([other, first(series, "0020000E")]);
+    }
+    const onPage = new Set(this.layout.visible.map((pane) => pane.series));
+    for (const series of await this.loadSeries(this.study)) {
+      const uid = first(series, "0020000E");
+      if (!onPage.has(uid)) wanted.push([this.study, uid]);
+    }
+    for (const pane of panes) {
+      const next = wanted.shift();
+      if (!next) break;
+      if (pane.series) continue;
+      const [study, series] = next;
+      const entry = (await this.loadSeries(study)).find((s) => first(s, "0020000E") === series);
+      pane.open(study, entry).then(() => {
+        if (pane.series === series) pane.go(0);
       });
+    }
   }
 
-  setPresets() {
-    const slice = this.stack[0];
-    const modality = this.seriesList.map((s) => (first(s, "0020000E") === this.series ? text(s, "00080060") : "")).join("");
+  // Series `step` places from the active pane's, in its study.
+  async stepSeries(step) {
+    const pane = this.active;
+    if (!pane.series) return;
+    const list = await this.loadSeries(pane.study);
+    const at = list.findIndex((s) => first(s, "0020000E") === pane.series);
+    const next = list[at + step];
+    if (next) this.navigate(`/study/${pane.study}/series/${first(next, "0020000E")}`);
+  }
+
+  // -- what panes tell the view --------------------------------------------------------------
+
+  activate(pane, { focus = false } = {}) {
+    if (focus) pane.viewport.stage.focus(); // its focus handler comes back here
+    if (!this.layout.activate(pane)) return;
+    if (pane.stack.length) history.replaceState({}, "", pane.url());
+    this.strip.mark(pane.study, pane.series);
+    this.syncToolbar();
+    this.showMeta(pane);
+  }
+
+  moved(pane, { fromUrl, synced }) {
+    if (pane === this.active) {
+      const url = pane.url();
+      if (!fromUrl || location.pathname + location.search !== url) history.replaceState({}, "", url);
+      this.syncToolbar();
+    }
+    if (!synced && this.syncing) syncFrom(pane, this.layout.visible);
+    this.redrawOthers(pane);
+  }
+
+  loaded(pane) {
+    if (pane !== this.active) return;
+    this.strip.mark(pane.study, pane.series);
+    this.syncToolbar();
+  }
+
+  // The pane's geometry may be new: what was linked without it is linked now.
+  metadataShown(pane) {
+    if (pane === this.active) this.showMeta(pane);
+    this.geometryLoaded(pane);
+  }
+
+  geometryLoaded(pane) {
+    const active = this.active;
+    if (this.syncing) syncFrom(active, pane === active ? this.layout.visible : [pane]);
+    this.redrawOthers(pane);
+  }
+
+  windowChanged(pane) {
+    if (pane === this.active) this.presetSelect.value = "custom";
+  }
+
+  // A pointer press on a pane for a tool of its own (measure.js); false: the pane's.
+  drag() {
+    return false;
+  }
+
+  redrawOthers(pane) {
+    for (const other of this.layout.visible) if (other !== pane) other.viewport.renderLayers();
+  }
+
+  // The header line and the tag panel show the active pane's instance.
+  showMeta(pane) {
+    const slice = pane.stack[pane.index];
+    const meta = slice && this.metadata.get(slice.sop);
+    this.tags.render(meta);
+    if (!meta) return;
+    document.getElementById("where").textContent = `${text(meta, "00100010")} · ${formatDay(meta)} · ${text(meta, "00081030")}`;
+    document.title = `${text(meta, "00100010")} — minipacs`;
+  }
+
+  // -- windows -------------------------------------------------------------------------------
+
+  setPresets(pane) {
     const options = [["file", "File"], ["auto", "Auto"]];
-    for (const [name, center, width] of PRESETS[modality] || []) options.push([`${center},${width}`, `${name} (${center}/${width})`]);
+    for (const [name, center, width] of PRESETS[pane.modality] || []) options.push([`${center},${width}`, `${name} (${center}/${width})`]);
     options.push(["custom", "Custom"]);
-    this.presetSelect.replaceChildren(...options.map(([value, label]) => el("option", { value }, label)));
-    this.presetSelect.querySelector("[value=custom]").disabled = true;
-    this.presetSelect.value = this.preset === "custom" && slice ? "custom" : this.preset;
-    if (!this.presetSelect.value) this.applyPreset("file");
+    const key = options.map(([value]) => value).join("|");
+    if (this.presetSelect.dataset.options !== key) {
+      this.presetSelect.replaceChildren(...options.map(([value, label]) => el("option", { value }, label)));
+      this.presetSelect.querySelector("[value=custom]").disabled = true;
+      this.presetSelect.dataset.options = key;
+    }
+    this.presetSelect.value = pane.preset;
+    if (!this.presetSelect.value) {
+      pane.applyPreset("file");
+      this.presetSelect.value = "file";
+    }
   }
 
   applyPreset(value) {
-    this.preset = value;
+    this.active.applyPreset(value);
     this.presetSelect.value = value;
-    if (value === "file") this.window = null;
-    else if (value === "auto") this.window = "auto";
-    else if (value !== "custom") {
-      const [center, width] = value.split(",").map(Number);
-      this.window = { center, width };
-    }
-    if (this.stack.length) {
-      this.loader.request(this.index, "png", { current: true });
-      this.loader.prefetch();
-    }
   }
 
-  // -- toggles and cine --------------------------------------------------------------------
+  // Preset `number` (from 1) of the active pane's modality.
+  presetNumber(number) {
+    const preset = (PRESETS[this.active.modality] || [])[number - 1];
+    if (preset) this.applyPreset(`${preset[1]},${preset[2]}`);
+  }
 
-  toggleInvert() {
-    this.invertButton.setAttribute("aria-pressed", String(this.viewport.toggleInvert()));
+  // -- toggles -------------------------------------------------------------------------------
+
+  toggleSync() {
+    this.syncing = !this.syncing;
+    if (this.syncing) syncFrom(this.active, this.layout.visible);
+  }
+
+  toggleReferenceLines() {
+    const shown = !this.active.references.shown;
+    for (const pane of this.layout.panes) {
+      pane.references.shown = shown;
+      pane.viewport.renderLayers();
+    }
   }
 
   toggleOverlays() {
-    this.overlayButton.setAttribute("aria-pressed", String(this.viewport.toggleOverlays()));
+    this.overlays = !this.overlays;
+    for (const pane of this.layout.panes) {
+      pane.viewport.overlays = this.overlays;
+      pane.viewport.updateOverlays();
+    }
   }
 
   toggleTags() {
     this.tags.toggle();
-    this.tagButton.setAttribute("aria-pressed", String(this.tags.open));
-    this.renderTags();
-  }
-
-  toggleCine() {
-    if (this.cine) this.stopCine();
-    else this.startCine();
-  }
-
-  startCine() {
-    clearInterval(this.cine);
-    this.cine = setInterval(() => this.go(this.index + 1 < this.stack.length ? this.index + 1 : 0), 1000 / this.fps);
-    this.playButton.textContent = "❚❚ Stop";
-    this.playButton.setAttribute("aria-pressed", "true");
-  }
-
-  stopCine() {
-    clearInterval(this.cine);
-    this.cine = null;
-    this.playButton.textContent = "▶ Cine";
-    this.playButton.setAttribute("aria-pressed", "false");
-  }
-
-  // -- metadata ----------------------------------------------------------------------------
-
-  // The current instance's metadata, for the overlays, the pixel aspect and the tag panel.
-  // Asked for after a short pause (longer during cine), so scrolling past an instance
-  // does not fetch it.
-  async loadMetadata(sop) {
-    if (this.metadata.has(sop)) {
-      this.viewport.updateOverlays();
-      this.renderTags();
-      return;
-    }
-    clearTimeout(this.metadataTimer);
-    this.metadataTimer = setTimeout(async () => {
-      try {
-        const meta = await instanceMetadata(this.study, this.series, sop, this.controller.signal);
-        this.metadata.set(sop, meta);
-        if (this.stack[this.index]?.sop === sop) {
-          this.viewport.redraw(); // its pixel aspect, and the overlays
-          this.renderTags();
-        }
-      } catch (error) {
-        if (error.name !== "AbortError") this.viewport.showMessage(`Cannot read the instance's tags: ${error.message}`);
-      }
-    }, this.cine ? 250 : 30);
-  }
-
-  renderTags() {
-    this.tags.render(this.metadata.get(this.stack[this.index]?.sop));
+    this.showMeta(this.active);
   }
 
   // -- failing and closing -----------------------------------------------------------------
 
   fail(error) {
     if (error.name === "AbortError") return;
-    this.viewport.showMessage(error.status === 404 ? "This study is not in the archive." : `Server error: ${error.message}`);
+    this.active.viewport.showMessage(error.status === 404 ? "This study is not in the archive." : `Server error: ${error.message}`);
   }
 
   close() {
-    this.stopCine();
-    clearTimeout(this.metadataTimer);
     this.controller.abort();
-    this.loader.close();
-    this.viewport.close();
+    for (const pane of this.layout.panes) pane.close();
+    this.help.remove();
     globalThis.minipacsView = null;
   }
 }
 
-function fileWindow(meta) {
-  const center = values(meta, "00281050")[0];
-  const width = values(meta, "00281051")[0];
-  return center !== undefined && width !== undefined ? { center: Number(center), width: Number(width) } : null;
+function studyHeading(entry) {
+  if (!entry) return "Other study";
+  return `${formatDay(entry)} ${text(entry, "00080061")}`.trim();
+}
+
+function formatDay(item) {
+  return formatDate(first(item, "00080020"));
 }

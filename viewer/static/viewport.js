@@ -1,27 +1,57 @@
-// The viewport: a canvas showing one rendered frame, fitted or zoomed, panned, inverted,
-// with the overlay corners (patient, study, series/instance/frame, window, zoom) and a
-// message line for what cannot be shown.
+// The viewport: a canvas showing one rendered frame, fitted or zoomed, panned, rotated
+// by quarter turns, flipped and inverted, with the overlays: the four corners (patient,
+// study, series/instance/frame and slice, window and zoom), the orientation letters on
+// the edges, a scale bar, an SVG layer on which other modules draw in image coordinates
+// (measurements, reference lines), and a message line for what cannot be shown.
+//
+// One matrix maps image coordinates (pixels from the image's top-left corner) to the
+// stage's CSS pixels; the canvas, the SVG layer and pointer input all go through it, so
+// what is drawn on the image moves with zoom, pan, rotation and flips.
 
-import { first, formatDate, text, values } from "./dicomweb.js";
+import { first, formatDate, text } from "./dicomweb.js";
 import { el } from "./dom.js";
+import { edgeLetters, pixelAspect, unitOf } from "./orientation.js";
 
 const ZOOM = [0.05, 20]; // smallest and largest zoom (screen pixels a DICOM pixel)
+const SVG = "http://www.w3.org/2000/svg";
+const BAR = 0.2; // the scale bar's longest share of the viewport's width
+const PIXELS = { row: 1, column: 1, kind: "px" }; // no spacing known (yet)
 
 export class Viewport {
-  // `describe()` says what is current: { slice, meta, position, total, window } (meta
-  // undefined until the instance's metadata is in; window the overlay's WC/WW text).
+  // `describe()` says what is current: { slice, meta, position, total, window, geometry }
+  // (meta undefined until the instance's metadata is in; window the overlay's WC/WW
+  // text; geometry orientation.js's, null until known).
   constructor(describe) {
     this.describe = describe;
     this.canvas = el("canvas", { class: "image", role: "img", "aria-label": "Image" });
+    this.svg = document.createElementNS(SVG, "svg");
+    this.svg.setAttribute("class", "marks");
     this.message = el("p", { class: "message", role: "alert", hidden: "" });
     this.corners = ["tl", "tr", "bl", "br"].map((c) => el("div", { class: `corner ${c}` }));
-    this.stage = el("div", { class: "stage", tabindex: "0", "aria-label": "Viewport: wheel or arrows scroll, drag sets the window" }, this.canvas, ...this.corners, this.message);
+    this.letters = Object.fromEntries(
+      ["top", "right", "bottom", "left"].map((edge) => [edge, el("div", { class: `orient ${edge}`, "aria-label": `${edge} edge` })]),
+    );
+    this.bar = el("div", { class: "scalebar-line" });
+    this.barLabel = el("span", { class: "scalebar-label" });
+    this.scalebar = el("div", { class: "scalebar", "aria-label": "Scale" }, this.bar, this.barLabel);
+    this.stage = el(
+      "div",
+      { class: "stage", tabindex: "0", "aria-label": "Viewport: wheel or arrows scroll, drag sets the window" },
+      this.canvas,
+      this.svg,
+      ...this.corners,
+      ...Object.values(this.letters),
+      this.scalebar,
+      this.message,
+    );
     this.zoom = 1;
     this.fit = true;
     this.pan = [0, 0];
+    this.orient = [1, 0, 0, 1]; // image directions → screen directions (orientation.js)
     this.invert = false;
     this.overlays = true;
     this.shown = null; // { key, bitmap }: key null while a stand-in is shown
+    this.layers = []; // { render(viewport) }: drawn on the SVG layer after each redraw
     this.resize = new ResizeObserver(() => this.fitCanvas());
     this.resize.observe(this.stage);
   }
@@ -42,47 +72,115 @@ export class Viewport {
     this.redraw();
   }
 
+  // The image's size in its own pixels (the bitmap may have been rendered smaller).
+  imageSize() {
+    const { slice } = this.describe();
+    const bitmap = this.shown && this.shown.bitmap;
+    return {
+      columns: (slice && slice.columns) || (bitmap ? bitmap.width : 1),
+      rows: (slice && slice.rows) || (bitmap ? bitmap.height : 1),
+    };
+  }
+
+  // Image coordinates → the stage's CSS pixels.
+  matrix() {
+    const { meta, geometry } = this.describe();
+    const { columns, rows } = this.imageSize();
+    const aspect = pixelAspect(meta, geometry ? geometry.spacing : PIXELS);
+    const [a, b, c, d] = this.orient;
+    const linear = (zoom) => [zoom * a, zoom * c, zoom * aspect * b, zoom * aspect * d]; // DOMMatrix a, b, c, d
+    const { width, height } = this.stage.getBoundingClientRect();
+    if (this.fit) {
+      const [ma, mb, mc, md] = linear(1);
+      const extent = [Math.abs(ma) * columns + Math.abs(mc) * rows, Math.abs(mb) * columns + Math.abs(md) * rows];
+      this.zoom = Math.min(width / extent[0], height / extent[1]);
+    }
+    const [ma, mb, mc, md] = linear(this.zoom);
+    const e = width / 2 + this.pan[0] - (ma * columns + mc * rows) / 2;
+    const f = height / 2 + this.pan[1] - (mb * columns + md * rows) / 2;
+    return new DOMMatrix([ma, mb, mc, md, e, f]);
+  }
+
+  // A pointer event's position in image coordinates.
+  toImage(event) {
+    const box = this.stage.getBoundingClientRect();
+    const point = this.matrix().inverse().transformPoint(new DOMPoint(event.clientX - box.left, event.clientY - box.top));
+    return [point.x, point.y];
+  }
+
+  // An image point in the stage's CSS pixels.
+  toScreen([x, y]) {
+    const point = this.matrix().transformPoint(new DOMPoint(x, y));
+    return [point.x, point.y];
+  }
+
   redraw() {
     const context = this.canvas.getContext("2d");
     context.setTransform(1, 0, 0, 1, 0, 0);
     context.fillStyle = "#000";
     context.fillRect(0, 0, this.canvas.width, this.canvas.height);
-    if (!this.shown) return;
-    const { bitmap } = this.shown;
-    const { slice, meta } = this.describe();
-    const ratio = window.devicePixelRatio || 1;
-    const sourceWidth = slice ? slice.columns || bitmap.width : bitmap.width; // zoom is per DICOM pixel
-    const aspect = pixelAspect(meta); // a pixel's height ÷ its width
-    if (this.fit) {
-      const { width, height } = this.stage.getBoundingClientRect();
-      this.zoom = Math.min(width / sourceWidth, height / (bitmap.height * aspect * (sourceWidth / bitmap.width)));
+    if (!this.shown) {
+      this.renderLayers();
+      return;
     }
-    const scale = (this.zoom * ratio * sourceWidth) / bitmap.width;
-    const drawWidth = bitmap.width * scale;
-    const drawHeight = bitmap.height * scale * aspect;
-    const x = (this.canvas.width - drawWidth) / 2 + this.pan[0] * ratio;
-    const y = (this.canvas.height - drawHeight) / 2 + this.pan[1] * ratio;
-    context.imageSmoothingEnabled = scale < 2;
+    const { bitmap } = this.shown;
+    const ratio = window.devicePixelRatio || 1;
+    const { columns, rows } = this.imageSize();
+    const m = this.matrix();
+    context.setTransform(m.a * ratio, m.b * ratio, m.c * ratio, m.d * ratio, m.e * ratio, m.f * ratio);
+    context.imageSmoothingEnabled = (this.zoom * ratio * columns) / bitmap.width < 2;
     context.filter = this.invert ? "invert(1)" : "none";
-    context.drawImage(bitmap, x, y, drawWidth, drawHeight);
+    context.drawImage(bitmap, 0, 0, columns, rows);
     context.filter = "none";
+    context.setTransform(1, 0, 0, 1, 0, 0);
     this.updateOverlays();
+    this.renderLayers();
+  }
+
+  renderLayers() {
+    const { width, height } = this.stage.getBoundingClientRect();
+    this.svg.setAttribute("viewBox", `0 0 ${Math.max(1, width)} ${Math.max(1, height)}`);
+    for (const layer of this.layers) layer.render(this);
   }
 
   updateOverlays() {
-    const { slice, meta, position, total, window } = this.describe();
+    const { slice, meta, position, total, window, geometry } = this.describe();
     const [tl, tr, bl, br] = this.corners;
-    for (const corner of this.corners) corner.hidden = !this.overlays;
+    const hidden = !this.overlays || !slice;
+    for (const node of [...this.corners, ...Object.values(this.letters), this.scalebar]) node.hidden = hidden;
     if (!slice) return;
-    if (meta) {
-      const where = `${text(meta, "00100010")} · ${formatDate(first(meta, "00080020"))} · ${text(meta, "00081030")}`;
-      document.getElementById("where").textContent = where;
-      document.title = `${text(meta, "00100010")} — minipacs`;
-    }
     tl.textContent = meta ? `${text(meta, "00100010")}\n${text(meta, "00100020")}\n${formatDate(first(meta, "00100030"))}` : "";
     tr.textContent = meta ? `${text(meta, "00081030")}\n${formatDate(first(meta, "00080020"))} ${text(meta, "00080030").slice(0, 6)}` : "";
-    bl.textContent = `${meta ? text(meta, "0008103E") : ""}\nSe ${meta ? first(meta, "00200011") ?? "" : ""}  Im ${slice.number ?? ""}${slice.frames > 1 ? `  Fr ${slice.frame}/${slice.frames}` : ""}\n${position} / ${total}`;
+    bl.textContent = [
+      meta ? text(meta, "0008103E") : "",
+      `Se ${meta ? first(meta, "00200011") ?? "" : ""}  Im ${slice.number ?? ""}${slice.frames > 1 ? `  Fr ${slice.frame}/${slice.frames}` : ""}`,
+      sliceText(geometry),
+      `${position} / ${total}`,
+    ]
+      .filter((line, i) => line || i !== 2)
+      .join("\n");
     br.textContent = `${window}\nZoom ${Math.round(this.zoom * 100)}%${this.invert ? "\nInverted" : ""}`;
+    const letters = edgeLetters(geometry && geometry.plane, this.orient);
+    for (const [edge, node] of Object.entries(this.letters)) {
+      node.textContent = letters ? letters[edge] : "";
+      node.hidden = hidden || !letters;
+    }
+    this.updateScalebar(geometry ? geometry.spacing : PIXELS);
+  }
+
+  // A bar of a round length (1, 2 or 5 × 10^n) no longer than a fifth of the width.
+  updateScalebar(spacing) {
+    const perUnit = this.zoom / spacing.column; // CSS pixels a mm (or a pixel, with "px")
+    const { width } = this.stage.getBoundingClientRect();
+    const longest = (width * BAR) / perUnit;
+    if (!(longest > 0) || !Number.isFinite(longest)) {
+      this.scalebar.hidden = true;
+      return;
+    }
+    const power = 10 ** Math.floor(Math.log10(longest));
+    const length = [5, 2, 1].map((m) => m * power).find((l) => l <= longest);
+    this.bar.style.width = `${length * perUnit}px`;
+    this.barLabel.textContent = `${length} ${unitOf(spacing)}`;
   }
 
   setFit() {
@@ -100,6 +198,29 @@ export class Viewport {
   panTo(pan) {
     this.pan = pan;
     this.redraw();
+  }
+
+  // A quarter turn clockwise (1) or anticlockwise (-1) of what is on screen.
+  rotate(direction) {
+    const [a, b, c, d] = this.orient;
+    this.orient = direction > 0 ? [-c, -d, a, b] : [c, d, -a, -b];
+    this.pan = [-direction * this.pan[1], direction * this.pan[0]];
+    this.redraw();
+  }
+
+  // Mirror what is on screen left–right ("h") or top–bottom ("v").
+  flip(axis) {
+    const [a, b, c, d] = this.orient;
+    this.orient = axis === "h" ? [-a, -b, c, d] : [a, b, -c, -d];
+    this.pan = axis === "h" ? [-this.pan[0], this.pan[1]] : [this.pan[0], -this.pan[1]];
+    this.redraw();
+  }
+
+  // Back to the fitted, upright, unflipped, uninverted picture.
+  reset() {
+    this.orient = [1, 0, 0, 1];
+    this.invert = false;
+    this.setFit();
   }
 
   toggleInvert() {
@@ -128,12 +249,15 @@ export class Viewport {
   }
 }
 
-// Pixel Spacing (row, column) or Pixel Aspect Ratio (vertical, horizontal): images keep
-// their true proportions when pixels are not square.
-function pixelAspect(meta) {
-  const spacing = values(meta, "00280030").map(Number);
-  if (spacing.length === 2 && spacing[0] > 0 && spacing[1] > 0) return spacing[0] / spacing[1];
-  const ratio = values(meta, "00280034").map(Number);
-  if (ratio.length === 2 && ratio[0] > 0 && ratio[1] > 0) return ratio[0] / ratio[1];
-  return 1;
+// Slice location and thickness, when known.
+function sliceText(geometry) {
+  if (!geometry) return "";
+  const parts = [];
+  if (geometry.location !== null) parts.push(`Loc ${round(geometry.location)} mm`);
+  if (geometry.thickness !== null) parts.push(`Th ${round(geometry.thickness)} mm`);
+  return parts.join("  ");
+}
+
+function round(value) {
+  return Math.round(value * 100) / 100;
 }

@@ -1,0 +1,196 @@
+"""The viewer's reading tools (issue 19) in a real headless Chromium against the real
+server: orientation letters and the scale, layouts with the patient's prior study,
+viewports scrolling together by slice position, the keys, and measurements.
+
+One patient, READ1, made by scripts/make_study.py from pydicom's CT_small.dcm (axial,
+PixelSpacing 0.661468 mm, slice thickness 5 mm, one Frame of Reference):
+  current study (2024-01-02): series 1, 20 axial slices at z = 1..20 mm;
+                              series 2, 10 axial slices at z = 2, 4, ..., 20 mm;
+                              series 3, 6 coronal slices at y = 5..30 mm;
+  prior study (2023-01-01):   one series of 5 axial slices;
+and a study with the same Patient ID under another issuer, which is another patient.
+"""
+
+import re
+
+import pydicom
+import pytest
+from conftest import ROOT
+from conftest import Server
+from conftest import storescu
+from playwright.sync_api import Page
+from playwright.sync_api import expect
+from playwright.sync_api import sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts" / "viewer"
+SPACING = 0.661468  # CT_small.dcm's PixelSpacing (make_study keeps it)
+
+
+def _rewrite(paths, **changes) -> None:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in changes.items():
+            setattr(ds, keyword, value(ds) if callable(value) else value)
+        ds.save_as(path)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """The files of the patient, and the UIDs the tests open."""
+    from make_study import make_study
+
+    root = tmp_path_factory.mktemp("reading")
+    axial = make_study(root / "axial", 20, size=64, patient_id="READ1")
+    uid = pydicom.dcmread(axial[0]).StudyInstanceUID
+    _rewrite(axial, StudyDate="20240102", SeriesNumber=1, SeriesDescription="Axial")
+    thick = make_study(root / "thick", 10, size=64, patient_id="READ1")
+    _rewrite(
+        thick,
+        StudyInstanceUID=uid,
+        StudyDate="20240102",
+        SeriesNumber=2,
+        SeriesDescription="Axial 2 mm",
+        ImagePositionPatient=lambda ds: [0, 0, 2 * ds.InstanceNumber],
+        SliceLocation=lambda ds: 2 * ds.InstanceNumber,
+    )
+    coronal = make_study(root / "coronal", 6, size=64, patient_id="READ1")
+    _rewrite(
+        coronal,
+        StudyInstanceUID=uid,
+        StudyDate="20240102",
+        SeriesNumber=3,
+        SeriesDescription="Coronal",
+        ImageOrientationPatient=[1, 0, 0, 0, 0, -1],
+        ImagePositionPatient=lambda ds: [0, 5 * ds.InstanceNumber, 30],
+        SliceLocation=lambda ds: 5 * ds.InstanceNumber,
+    )
+    prior = make_study(root / "prior", 5, size=64, patient_id="READ1")
+    _rewrite(prior, StudyDate="20230101", StudyDescription="prior study", SeriesDescription="Axial")
+    other = make_study(root / "other", 1, size=64, patient_id="READ1")
+    _rewrite(other, StudyDate="20240301", IssuerOfPatientID="ELSEWHERE")
+    files = axial + thick + coronal + prior + other
+    return {"files": files, "current": uid, "prior": pydicom.dcmread(prior[0]).StudyInstanceUID}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, study):
+    running = Server(tmp_path_factory.mktemp("reading-data") / "data").start()
+    try:
+        storescu(running.port, *study["files"])
+        yield running
+    finally:
+        running.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server, request) -> Page:
+    # bypass_csp: the page's CSP forbids eval, which Playwright's wait_for_function uses.
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    yield page
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"reading-{request.node.name}.png")
+    context.close()
+    assert page.errors == []
+
+
+def open_current(page: Page, server: Server, study: dict) -> None:
+    page.goto(f"{server.url}/study/{study['current']}")
+    page.wait_for_function("globalThis.minipacsView && globalThis.minipacsView.drawn >= 1")
+    expect(page.locator(".counter")).to_have_text("1 / 20")
+
+
+def pane(page: Page, number: int):
+    return page.locator(f".pane[data-pane='{number}']")
+
+
+def letters(page: Page, number: int = 1) -> dict[str, str]:
+    edges = ("top", "right", "bottom", "left")
+    return {edge: pane(page, number).locator(f".orient.{edge}").inner_text() for edge in edges}
+
+
+def test_orientation_letters_turn_with_the_view(page, server, study):
+    """An axial image seen from the feet: the patient's right on the screen's left, anterior
+    up (PS3.3 C.7.6.1.1.1); the letters follow a quarter turn and a flip."""
+    open_current(page, server, study)
+    expect(pane(page, 1).locator(".orient.left")).to_have_text("R")
+    assert letters(page) == {"top": "A", "right": "L", "bottom": "P", "left": "R"}
+    page.keyboard.press("r")  # a quarter turn clockwise: anterior goes right
+    expect(pane(page, 1).locator(".orient.right")).to_have_text("A")
+    assert letters(page) == {"top": "R", "right": "A", "bottom": "L", "left": "P"}
+    page.keyboard.press("h")  # then a left-right flip
+    expect(pane(page, 1).locator(".orient.right")).to_have_text("P")
+    page.get_by_role("button", name="Reset").click()
+    expect(pane(page, 1).locator(".orient.left")).to_have_text("R")
+    corner = pane(page, 1).locator(".corner.bl")
+    expect(corner).to_contain_text("Loc 1 mm  Th 5 mm")
+    expect(pane(page, 1).locator(".scalebar-label")).to_have_text(
+        re.compile(r"^(1|2|5)0* mm$")  # a round length
+    )
+
+
+def test_keys_help_and_a_preset_key(page, server, study):
+    open_current(page, server, study)
+    page.keyboard.press("?")
+    help = page.get_by_role("dialog", name="Keyboard shortcuts")
+    expect(help).to_be_visible()
+    expect(help).to_contain_text("Next series")
+    page.keyboard.press("Escape")
+    expect(help).to_be_hidden()
+    page.keyboard.press("2")  # CT's second preset: lung
+    expect(pane(page, 1).locator(".corner.br")).to_contain_text("WC -600 WW 1500")
+    expect(page.get_by_label("Window preset")).to_have_value("-600,1500")
+    page.keyboard.press("0")
+    expect(page.get_by_label("Window preset")).to_have_value("file")
+
+
+def test_layout_1x2_shows_the_prior_study(page, server, study):
+    """The patient's studies are listed newest first (not the other issuer's), and the
+    second viewport of 1×2 shows the prior."""
+    open_current(page, server, study)
+    items = page.locator(".study-item")
+    expect(items).to_have_count(2)
+    expect(items.nth(0)).to_contain_text("2024-01-02")
+    expect(items.nth(1)).to_contain_text("2023-01-01")
+    page.get_by_label("Layout").select_option("1x2")
+    expect(pane(page, 2).locator(".counter")).to_have_text("1 / 5")
+    expect(pane(page, 2).locator(".corner.tr")).to_contain_text("prior study")
+    expect(pane(page, 1).locator(".corner.tr")).to_contain_text("2024-01-02")
+
+
+def test_viewports_on_one_frame_of_reference_scroll_together(page, server, study):
+    """The 2 mm series dropped beside the 1 mm one follows it by position (z = 8 is its
+    4th slice, not its 8th); with sync off it stays; a coronal beside it shows the axial
+    slice as a reference line."""
+    open_current(page, server, study)
+    page.keyboard.press("l")  # 1×2
+    expect(pane(page, 2).locator(".counter")).not_to_have_text("")
+    page.locator(".series-item", has_text="Axial 2 mm").drag_to(pane(page, 2).locator(".stage"))
+    expect(pane(page, 2).locator(".counter")).to_have_text("1 / 10")
+    pane(page, 1).locator(".stage").focus()
+    for _ in range(7):
+        page.keyboard.press("ArrowDown")
+    expect(pane(page, 1).locator(".counter")).to_have_text("8 / 20")
+    expect(pane(page, 2).locator(".counter")).to_have_text("4 / 10")
+    expect(pane(page, 2).locator(".corner.bl")).to_contain_text("Loc 8 mm")
+    page.keyboard.press("s")  # sync off
+    page.keyboard.press("End")
+    expect(pane(page, 1).locator(".counter")).to_have_text("20 / 20")
+    expect(pane(page, 2).locator(".counter")).to_have_text("4 / 10")
+    page.locator(".series-item", has_text="Coronal").drag_to(pane(page, 2).locator(".stage"))
+    expect(pane(page, 2).locator(".counter")).to_have_text("1 / 6")
+    expect(pane(page, 2).locator(".reference-lines line")).to_have_count(1)
+    expect(pane(page, 1).locator(".reference-lines line")).to_have_count(1)

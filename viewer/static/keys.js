@@ -1,0 +1,72 @@
+// The study view's keys: one table says which key does what, and both the key handler
+// and the "?" help are made from it, so the help cannot drift from the keys. Keys act on
+// the active pane; they are ignored while typing in a field, and with Alt, Ctrl or Meta
+// (the browser's own shortcuts).
+
+import { button, el } from "./dom.js";
+
+// [keys (KeyboardEvent.key values), shown as, what it does, command of the study view]
+export const KEYS = [
+  [["ArrowDown", "ArrowRight"], "↓ →", "Next image", "next"],
+  [["ArrowUp", "ArrowLeft"], "↑ ←", "Previous image", "previous"],
+  [["PageDown"], "PgDn", "10 images on", "forward10"],
+  [["PageUp"], "PgUp", "10 images back", "back10"],
+  [["Home"], "Home", "First image", "firstImage"],
+  [["End"], "End", "Last image", "lastImage"],
+  [["n"], "N", "Next series", "nextSeries"],
+  [["p"], "P", "Previous series", "previousSeries"],
+  [["1", "2", "3", "4", "5"], "1 – 5", "Window presets of the modality", "preset"],
+  [["0"], "0", "The file's window", "fileWindow"],
+  [["i"], "I", "Invert", "invert"],
+  [["c"], "C", "Cine on or off", "cine"],
+  [["f"], "F", "Fit to the viewport", "fit"],
+  [["z"], "Z", "Actual size (1:1)", "actualSize"],
+  [["+", "="], "+", "Zoom in", "zoomIn"],
+  [["-"], "−", "Zoom out", "zoomOut"],
+  [["r"], "R", "Rotate 90° clockwise", "rotateRight"],
+  [["R"], "Shift+R", "Rotate 90° anticlockwise", "rotateLeft"],
+  [["h"], "H", "Flip left–right", "flipH"],
+  [["v"], "V", "Flip top–bottom", "flipV"],
+  [[" "], "Space", "Reset window, zoom, rotation, flips and invert", "reset"],
+  [["l"], "L", "Next layout (1×1, 1×2, 2×1, 2×2)", "nextLayout"],
+  [["]"], "]", "Next viewport", "nextPane"],
+  [["["], "[", "Previous viewport", "previousPane"],
+  [["s"], "S", "Scroll linked viewports together, or not", "sync"],
+  [["y"], "Y", "Reference lines on or off", "referenceLines"],
+  [["d"], "D", "Length tool", "toolLength"],
+  [["a"], "A", "Angle tool", "toolAngle"],
+  [["e"], "E", "Ellipse ROI tool", "toolEllipse"],
+  [["b"], "B", "Rectangle ROI tool", "toolRectangle"],
+  [["w"], "W", "Window tool (drag sets the window)", "toolWindow"],
+  [["Delete", "Backspace"], "Del", "Delete the selected measurement", "deleteMeasurement"],
+  [["Escape"], "Esc", "Stop drawing; close this help", "escape"],
+  [["o"], "O", "Overlays on or off", "overlays"],
+  [["t"], "T", "Tag panel", "tags"],
+  [["?"], "?", "This help", "help"],
+];
+
+// The command for a key press (its name and the key), or null.
+export function commandFor(event) {
+  if (event.altKey || event.ctrlKey || event.metaKey) return null;
+  const target = event.target.closest ? event.target : null;
+  if (target && target.closest("input, select, textarea, dialog")) return null;
+  if (target && (event.key === " " || event.key === "Enter") && target.closest("button, a")) return null; // their own click
+  for (const [keys, , , command] of KEYS) {
+    if (keys.includes(event.key)) return command;
+  }
+  return null;
+}
+
+// The "?" dialog listing the keys (a modal <dialog>: Escape and its button close it).
+export function helpDialog() {
+  const rows = KEYS.map(([, shown, does]) => el("tr", {}, el("th", { scope: "row" }, el("kbd", {}, shown)), el("td", {}, does)));
+  const dialog = el(
+    "dialog",
+    { class: "keys-help", "aria-label": "Keyboard shortcuts" },
+    el("h2", {}, "Keys"),
+    el("table", {}, el("tbody", {}, ...rows)),
+    el("p", {}, "Tab reaches every control; Enter on a series opens it in the active viewport."),
+  );
+  dialog.append(button("Close", () => dialog.close(), { class: "close" }));
+  return dialog;
+}

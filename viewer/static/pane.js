@@ -1,0 +1,419 @@
+// A pane of the layout: one series in one viewport, with its own slice, window, zoom,
+// orientation, cine and scroll bar. It loads its stack (QIDO-RS instances), asks the
+// stack loader (stackloader.js) for frames, and turns wheel, drag and slider input into
+// slices, windows, pan and zoom. What spans panes (which one is active, syncing,
+// reference lines, the toolbar, the URL) belongs to the study view, told through
+// `host`: `activate(pane)`, `moved(pane)`, `loaded(pane)`, `draw(key, bitmap)` (the
+// active pane's frames go through it: the debug API's one draw call), `metadata` (sop →
+// instance metadata, shared), `signal`, `drag(pane, event)` (a tool's own drag, or
+// null to let the pane handle it).
+
+import { first, instanceMetadata, searchInstances, seriesGeometry, seriesMetadata, text, values } from "./dicomweb.js";
+import { el } from "./dom.js";
+import { geometryFromApi, geometryOf } from "./orientation.js";
+import { StackLoader } from "./stackloader.js";
+import { Viewport } from "./viewport.js";
+
+export class Pane {
+  constructor(host, number) {
+    this.host = host;
+    this.number = number;
+    this.study = "";
+    this.series = "";
+    this.seriesEntry = null; // the series' QIDO-RS answer
+    this.stack = []; // { sop, frame, frames, number, rows, columns }
+    this.index = 0;
+    this.direction = 1;
+    this.window = null; // null: the file's own; "auto"; or { center, width }
+    this.preset = "file";
+    this.dragging = false;
+    this.drawn = 0; // exact frames drawn in this pane
+    this.cine = null;
+    this.fps = 10;
+    this.metadata = host.metadata;
+    this.viewport = new Viewport(() => this.describe());
+    this.loader = new StackLoader(this);
+    this.counter = el("output", { class: "counter", "aria-live": "off" });
+    this.slider = el("input", { type: "range", min: "1", max: "1", value: "1", "aria-label": `Image in series (viewport ${number})` });
+    this.slider.addEventListener("input", () => this.go(Number(this.slider.value) - 1));
+    this.node = el(
+      "section",
+      { class: "pane", "data-pane": String(number), "aria-label": `Viewport ${number}` },
+      this.viewport.stage,
+      el("div", { class: "scroll" }, this.slider, this.counter),
+    );
+    this.listen();
+  }
+
+  get modality() {
+    return text(this.seriesEntry, "00080060");
+  }
+
+  listen() {
+    const signal = this.host.signal;
+    const stage = this.viewport.stage;
+    let wheel = 0;
+    stage.addEventListener(
+      "wheel",
+      (event) => {
+        event.preventDefault();
+        this.host.activate(this);
+        if (event.ctrlKey) {
+          this.viewport.setZoom(this.viewport.zoom * (event.deltaY < 0 ? 1.1 : 1 / 1.1));
+          return;
+        }
+        // A mouse notch (|delta| ≥ 50 px, or lines) is one slice; a touchpad's small
+        // deltas add up to one slice per 100 px.
+        const delta = event.deltaY * (event.deltaMode === 1 ? 40 : 1);
+        if (Math.abs(delta) >= 50) {
+          // A busy browser merges queued notches into one event (deltaY 200, 300…).
+          wheel = 0;
+          this.go(this.index + Math.sign(delta) * Math.max(1, Math.round(Math.abs(delta) / 100)));
+          return;
+        }
+        wheel += delta;
+        if (Math.abs(wheel) >= 100) {
+          this.go(this.index + Math.sign(wheel));
+          wheel = 0;
+        }
+      },
+      { passive: false, signal },
+    );
+    stage.addEventListener("pointerdown", (event) => this.startDrag(event), { signal });
+    stage.addEventListener("focus", () => this.host.activate(this), { signal });
+    stage.addEventListener("contextmenu", (event) => event.preventDefault(), { signal });
+  }
+
+  // -- loading a series --------------------------------------------------------------------
+
+  // Show series `entry` (a QIDO-RS series answer) of `study`; resolves once its stack is
+  // known (empty when it could not be read: the viewport says why).
+  async open(study, entry) {
+    this.stopCine();
+    this.study = study;
+    this.seriesEntry = entry;
+    this.series = first(entry, "0020000E");
+    this.stack = [];
+    this.index = 0;
+    this.seriesGeometry = null; // sop → where the instance lies (orientation.js)
+    this.geometryAsked = false;
+    this.viewport.shown = null;
+    this.viewport.redraw();
+    const series = this.series;
+    let instances;
+    try {
+      instances = await searchInstances(study, series, this.host.signal);
+    } catch (error) {
+      if (error.name !== "AbortError") this.viewport.showMessage(`Server error: ${error.message}`);
+      return;
+    }
+    if (series !== this.series) return;
+    instances.sort((a, b) => (first(a, "00200013") ?? 1e9) - (first(b, "00200013") ?? 1e9));
+    for (const instance of instances) {
+      const frames = Number(first(instance, "00280008") || 1);
+      for (let frame = 1; frame <= frames; frame += 1) {
+        this.stack.push({
+          sop: first(instance, "00080018"),
+          frame,
+          frames,
+          number: first(instance, "00200013"),
+          rows: Number(first(instance, "00280010") || 0),
+          columns: Number(first(instance, "00280011") || 0),
+        });
+      }
+    }
+    this.slider.max = String(Math.max(1, this.stack.length));
+    if (!this.stack.length) this.viewport.showMessage("This series has no images.");
+    this.host.loaded(this);
+  }
+
+  // -- moving through the stack ----------------------------------------------------------
+
+  // Show slice `index`. `synced`: moved by another pane (no syncing back).
+  go(index, { fromUrl = false, synced = false } = {}) {
+    if (!this.stack.length) return;
+    const next = Math.min(this.stack.length - 1, Math.max(0, index));
+    if (next !== this.index) this.direction = next > this.index ? 1 : -1;
+    this.index = next;
+    this.slider.value = String(next + 1);
+    this.counter.value = `${next + 1} / ${this.stack.length}`;
+    this.counter.textContent = this.counter.value;
+    this.showCurrent();
+    this.loader.prefetch();
+    this.loadMetadata(this.stack[next].sop);
+    this.host.moved(this, { fromUrl, synced });
+  }
+
+  // The page URL of what this pane shows.
+  url() {
+    const slice = this.stack[this.index];
+    if (!slice) return `/study/${this.study}/series/${this.series}`;
+    const frame = slice.frames > 1 ? `?frame=${slice.frame}` : "";
+    return `/study/${this.study}/series/${this.series}/instance/${slice.sop}${frame}`;
+  }
+
+  // Scrolling faster than the server renders: one request for "the current slice" in
+  // flight; when it lands, the slice current by then is asked for. Frames are dropped,
+  // the picture keeps moving, and the server renders nothing nobody will see.
+  showCurrent() {
+    const key = this.loader.key(this.index, "png");
+    if (this.loader.bitmaps.has(key) || this.loader.loading.has(key) || !this.currentLoad) {
+      this.currentLoad = this.loader
+        .request(this.index, "png", { current: true })
+        .catch(() => {})
+        .finally(() => {
+          this.currentLoad = null;
+          if (this.currentStale) {
+            this.currentStale = false;
+            this.showCurrent();
+          }
+        });
+      return;
+    }
+    this.currentStale = true;
+    this.loader.placeholder(this.index);
+  }
+
+  // The stack loader's way to the canvas (key null: a stand-in until the exact one).
+  draw(key, bitmap) {
+    if (this.host.active === this) this.host.draw(key, bitmap);
+    else this.paint(key, bitmap);
+  }
+
+  paint(key, bitmap) {
+    if (key) this.drawn += 1;
+    this.viewport.show(key, bitmap);
+    if (key && !this.geometryAsked) {
+      this.geometryAsked = true; // after the first image, which it must not delay
+      this.loadGeometry();
+    }
+  }
+
+  exactShown() {
+    const shown = this.viewport.shown;
+    return Boolean(shown) && shown.key === this.loader.key(this.index, "png");
+  }
+
+  isCurrent(key) {
+    if (!this.stack.length) return false;
+    const format = this.dragging ? "jpeg" : "png";
+    return key === this.loader.key(this.index, format) || (this.dragging && key === this.loader.key(this.index, "jpeg"));
+  }
+
+  // -- geometry ------------------------------------------------------------------------------
+
+  // Where slice `index` lies (orientation.js's geometry, plus its size), from the
+  // series geometry once it is in, else from the instance's metadata; null while
+  // neither is.
+  geometry(index = this.index) {
+    const slice = this.stack[index];
+    if (!slice) return null;
+    const meta = this.metadata.get(slice.sop);
+    let found = slice.frames === 1 && this.seriesGeometry ? this.seriesGeometry.get(slice.sop) : null;
+    if (!found && meta) found = geometryOf(meta, slice.frame);
+    return found ? { ...found, columns: slice.columns, rows: slice.rows } : null;
+  }
+
+  // The geometry of every instance (sop → orientation.js's geometry), which syncing and
+  // reference lines need: the server's series geometry (docs/viewer-api.md, 1), else
+  // the series' WADO-RS metadata. Asked for once the first image is drawn, so as not
+  // to hold it up.
+  async loadGeometry() {
+    const { study, series } = this;
+    const signal = this.host.signal;
+    let found;
+    try {
+      const answer = await seriesGeometry(study, series, signal);
+      found = answer.instances.map((item) => [item.sopInstanceUID, geometryFromApi(item)]);
+    } catch (error) {
+      if (error.name === "AbortError") return;
+      try {
+        const metadata = await seriesMetadata(study, series, signal);
+        found = metadata.map((meta) => [first(meta, "00080018"), geometryOf(meta)]);
+      } catch {
+        return; // each instance's own metadata stands in
+      }
+    }
+    if (series !== this.series) return;
+    this.seriesGeometry = new Map(found);
+    this.viewport.redraw();
+    this.host.geometryLoaded(this);
+  }
+
+  // What the viewport shows now, for its drawing and overlays.
+  describe() {
+    const slice = this.stack[this.index];
+    const meta = slice && this.metadata.get(slice.sop);
+    return {
+      slice,
+      meta,
+      position: this.index + 1,
+      total: this.stack.length,
+      window: this.windowText(meta),
+      geometry: this.geometry(),
+    };
+  }
+
+  windowText(meta) {
+    if (this.window === "auto") return "WC/WW auto";
+    const window = this.window || fileWindow(meta);
+    if (!window) return meta ? "WC/WW auto" : "WC/WW file";
+    return `WC ${Math.round(window.center)} WW ${Math.round(window.width)}`;
+  }
+
+  // -- window/level, pan and zoom by dragging --------------------------------------------
+
+  startDrag(event) {
+    this.host.activate(this);
+    if (!this.stack.length) return;
+    const viewport = this.viewport;
+    const stage = viewport.stage;
+    stage.focus();
+    if (event.button === 0 && !event.shiftKey && this.host.drag(this, event)) return;
+    stage.setPointerCapture(event.pointerId);
+    const start = [event.clientX, event.clientY];
+    const pan = [...viewport.pan];
+    const mode = event.button === 1 || event.shiftKey ? "pan" : event.button === 2 ? "zoom" : "window";
+    const zoom = viewport.zoom;
+    const window = this.startWindow();
+    const move = (moved) => {
+      const dx = moved.clientX - start[0];
+      const dy = moved.clientY - start[1];
+      if (mode === "pan") viewport.panTo([pan[0] + dx, pan[1] + dy]);
+      else if (mode === "zoom") viewport.setZoom(zoom * Math.exp(-dy / 200));
+      else if (Math.abs(dx) + Math.abs(dy) > 1) {
+        const step = Math.max(1, window.width / 256);
+        this.window = { center: window.center + dy * step, width: Math.max(1, window.width + dx * step) };
+        this.preset = "custom";
+        this.host.windowChanged(this);
+        this.dragging = true;
+        this.dragRender();
+      }
+    };
+    const up = () => {
+      stage.removeEventListener("pointermove", move);
+      stage.removeEventListener("pointerup", up);
+      stage.removeEventListener("pointercancel", up);
+      if (this.dragging) {
+        this.dragging = false;
+        this.loader.request(this.index, "png", { current: true });
+        this.loader.prefetch();
+      }
+    };
+    stage.addEventListener("pointermove", move);
+    stage.addEventListener("pointerup", up);
+    stage.addEventListener("pointercancel", up);
+  }
+
+  startWindow() {
+    if (this.window && this.window !== "auto") return this.window;
+    const meta = this.metadata.get(this.stack[this.index].sop);
+    const file = fileWindow(meta);
+    if (file) return file;
+    const bits = Number(first(meta, "00280101") || 12);
+    const slope = Number(first(meta, "00281053") || 1);
+    const intercept = Number(first(meta, "00281052") || 0);
+    const signed = Number(first(meta, "00280103") || 0) === 1;
+    const low = (signed ? -(2 ** (bits - 1)) : 0) * slope + intercept;
+    const high = (signed ? 2 ** (bits - 1) - 1 : 2 ** bits - 1) * slope + intercept;
+    return { center: (low + high) / 2, width: Math.max(1, high - low) };
+  }
+
+  // While dragging: one JPEG in flight; when it lands, ask for the latest window.
+  dragRender() {
+    this.viewport.updateOverlays();
+    if (this.dragInFlight) {
+      this.dragPending = true;
+      return;
+    }
+    this.dragInFlight = true;
+    this.dragPending = false;
+    this.loader.abort((key) => !key.endsWith("|jpeg"));
+    this.loader
+      .request(this.index, "jpeg", { current: true, quality: 70 })
+      .catch(() => {})
+      .finally(() => {
+        this.dragInFlight = false;
+        if (this.dragPending && this.dragging) this.dragRender();
+      });
+  }
+
+  // "file", "auto", "center,width" or "custom" (the window as it is).
+  applyPreset(value) {
+    this.preset = value;
+    if (value === "file") this.window = null;
+    else if (value === "auto") this.window = "auto";
+    else if (value !== "custom") {
+      const [center, width] = value.split(",").map(Number);
+      this.window = { center, width };
+    }
+    this.viewport.updateOverlays();
+    if (this.stack.length) {
+      this.loader.request(this.index, "png", { current: true });
+      this.loader.prefetch();
+    }
+  }
+
+  // Back to the file's window and the fitted, upright, uninverted picture.
+  reset() {
+    this.viewport.reset();
+    if (this.preset !== "file") this.applyPreset("file");
+  }
+
+  // -- cine ----------------------------------------------------------------------------------
+
+  toggleCine() {
+    if (this.cine) this.stopCine();
+    else this.startCine();
+    return Boolean(this.cine);
+  }
+
+  startCine() {
+    clearInterval(this.cine);
+    this.cine = setInterval(() => this.go(this.index + 1 < this.stack.length ? this.index + 1 : 0), 1000 / this.fps);
+  }
+
+  stopCine() {
+    clearInterval(this.cine);
+    this.cine = null;
+  }
+
+  // -- metadata ----------------------------------------------------------------------------
+
+  // The current instance's metadata, for the overlays, the geometry and the tag panel.
+  // Asked for after a short pause (longer during cine), so scrolling past an instance
+  // does not fetch it.
+  loadMetadata(sop) {
+    if (this.metadata.has(sop)) {
+      this.viewport.updateOverlays();
+      this.host.metadataShown(this);
+      return;
+    }
+    clearTimeout(this.metadataTimer);
+    this.metadataTimer = setTimeout(async () => {
+      try {
+        const meta = await instanceMetadata(this.study, this.series, sop, this.host.signal);
+        this.metadata.set(sop, meta);
+        if (this.stack[this.index]?.sop === sop) {
+          this.viewport.redraw(); // its pixel aspect, the overlays and the geometry
+          this.host.metadataShown(this);
+        }
+      } catch (error) {
+        if (error.name !== "AbortError") this.viewport.showMessage(`Cannot read the instance's tags: ${error.message}`);
+      }
+    }, this.cine ? 250 : 30);
+  }
+
+  close() {
+    this.stopCine();
+    clearTimeout(this.metadataTimer);
+    this.loader.close();
+    this.viewport.close();
+  }
+}
+
+export function fileWindow(meta) {
+  const center = values(meta, "00281050")[0];
+  const width = values(meta, "00281051")[0];
+  return center !== undefined && width !== undefined ? { center: Number(center), width: Number(width) } : null;
+}

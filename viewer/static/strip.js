@@ -1,0 +1,93 @@
+// The strip beside the panes: the patient's studies (this one and the others with the
+// same Patient ID and issuer, newest first), and the series of each study opened, as
+// links (a click or Enter opens the series in the active pane) that can also be dragged
+// onto any pane. Thumbnails are asked for only when told (`loadThumbnails`), so they do
+// not compete with the first image.
+
+import { first, formatDate, text, thumbnailURL } from "./dicomweb.js";
+import { button, el } from "./dom.js";
+import { SERIES_TYPE } from "./layout.js";
+
+export class Strip {
+  // `openStudy(uid)`: a study of the list was chosen (to be shown beside the current).
+  constructor(current, openStudy) {
+    this.current = current;
+    this.openStudy = openStudy;
+    this.studyList = el("ul", { class: "patient-studies", "aria-label": "Studies of this patient" });
+    this.sections = new Map(); // study → its section of series
+    this.node = el("nav", { class: "series", "aria-label": "Series" }, this.studyList);
+    this.node.addEventListener("dragstart", (event) => {
+      const item = event.target.closest && event.target.closest(".series-item");
+      if (!item) return;
+      event.dataTransfer.setData(SERIES_TYPE, JSON.stringify({ study: item.dataset.study, series: item.dataset.series }));
+      event.dataTransfer.effectAllowed = "copy";
+    });
+  }
+
+  // The patient's studies, newest first (QIDO-RS study answers).
+  showStudies(studies) {
+    this.studyList.replaceChildren(
+      ...studies.map((study) => {
+        const uid = first(study, "0020000D");
+        const label = `${formatDate(first(study, "00080020"))} ${text(study, "00080061")}`;
+        const description = text(study, "00081030");
+        const item = button(
+          el("span", {}, el("span", { class: "date" }, label), description ? el("span", { class: "label" }, description) : null),
+          () => this.openStudy(uid),
+          { class: "study-item", "data-study": uid, "aria-current": uid === this.current ? "true" : "false" },
+        );
+        if (uid === this.current) item.title = "The study opened";
+        return el("li", {}, item);
+      }),
+    );
+  }
+
+  // Study `study`'s series (QIDO-RS series answers, in order) as a section of links.
+  showSeries(study, seriesList, heading) {
+    let section = this.sections.get(study);
+    if (!section) {
+      section = el("section", { class: "study-series", "data-study": study, "aria-label": heading });
+      this.sections.set(study, section);
+      this.node.append(section);
+    }
+    const items = seriesList.map((series) => seriesItem(study, series));
+    section.replaceChildren(el("h2", {}, heading), ...items);
+    if (this.thumbnails) this.loadThumbnails(); // the first image is in already
+  }
+
+  // Mark the series shown in the active pane.
+  mark(study, series) {
+    for (const item of this.node.querySelectorAll(".series-item")) {
+      item.setAttribute("aria-current", item.dataset.study === study && item.dataset.series === series ? "true" : "false");
+    }
+  }
+
+  loadThumbnails() {
+    this.thumbnails = true;
+    for (const image of this.node.querySelectorAll("img[data-src]")) {
+      image.src = image.dataset.src;
+      image.removeAttribute("data-src");
+    }
+  }
+}
+
+function seriesItem(study, series) {
+  const uid = first(series, "0020000E");
+  const label = text(series, "0008103E") || `Series ${first(series, "00200011") ?? ""}`;
+  const count = first(series, "00201209") || 0;
+  return el(
+    "a",
+    {
+      href: `/study/${study}/series/${uid}`,
+      "data-link": "",
+      class: "series-item",
+      "data-series": uid,
+      "data-study": study,
+      draggable: "true",
+      title: "Open in the active viewport, or drag onto a viewport",
+    },
+    el("img", { "data-src": thumbnailURL(study, uid), alt: "", width: "96", height: "96" }),
+    el("span", { class: "label" }, label),
+    el("span", { class: "count" }, `${text(series, "00080060")} · ${count} image${count === 1 ? "" : "s"}`),
+  );
+}
