@@ -1,6 +1,7 @@
 """The audit trail: every store, query and retrieve (DICOM and web) leaves one event,
 hash-chained, readable and verifiable with `minipacs audit`."""
 
+import dataclasses
 import json
 import socket
 import stat
@@ -10,6 +11,7 @@ import urllib.request
 import pydicom
 import pytest
 import requests
+from conftest import Server
 from conftest import index_args
 from conftest import minipacs
 from conftest import run
@@ -20,6 +22,7 @@ from test_auth import PASSWORD
 from test_auth import stow
 
 from pacs import scu
+from storage import Archive
 from storage import audit as audit_chain
 
 pytestmark = pytest.mark.usefixtures("engine")
@@ -32,7 +35,8 @@ def audit(server, *args: str, check: bool = True):
 
 
 def events(server, *args: str, count: int) -> list[dict]:
-    """The filtered events, once there are `count` (queries are audited just after)."""
+    """The events `minipacs audit --json` lists with these filters, once there are `count`
+    (queries are audited just after)."""
     deadline = time.monotonic() + 10
     while True:
         found = [json.loads(line) for line in audit(server, "--json", *args).stdout.splitlines()]
@@ -41,11 +45,27 @@ def events(server, *args: str, count: int) -> list[dict]:
         time.sleep(0.2)
 
 
+def trail(server, count: int, **filters: str) -> list[dict]:
+    """The events storage's own filter finds (the one `minipacs audit` applies), as the
+    CLI prints them, once there are `count`: read in-process, where polling the CLI started
+    a Python process each time."""
+    deadline = time.monotonic() + 10
+    with Archive(server.data, fsync=False, index_url=server.index) as archive:
+        while True:
+            found = [
+                {k: v for k, v in dataclasses.asdict(row).items() if "hash" not in k}
+                for row in archive.audit_events(**filters)
+            ]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+
 def test_store_query_retrieve_are_audited_and_chained(server, tmp_path):
     paths = make_study(tmp_path / "s", 3, size=32)
     ds = pydicom.dcmread(paths[0])
     storescu(server.port, *paths)
-    stored = events(server, "--event", "store", count=3)
+    stored = trail(server, 3, event="store")
     assert [(e["who"], e["patient_id"], e["study_uid"], e["outcome"]) for e in stored] == [
         ("STORESCU", ds.PatientID, ds.StudyInstanceUID, "success")
     ] * 3
@@ -78,7 +98,7 @@ def test_store_query_retrieve_are_audited_and_chained(server, tmp_path):
 
     outcome = scu.get(scu.Remote(port=server.port), "STUDY", [ds.StudyInstanceUID], tmp_path / "g")
     assert outcome.ok
-    (got,) = events(server, "--event", "retrieve", "--who", "MINIPACS-SCU", count=1)
+    (got,) = trail(server, 1, event="retrieve", who="MINIPACS-SCU")
     assert got["study_uid"] == ds.StudyInstanceUID
     assert json.loads(got["detail"])["instances"] == 3
 
@@ -89,7 +109,7 @@ def test_store_query_retrieve_are_audited_and_chained(server, tmp_path):
     web = events(server, "--event", "retrieve", "--study", ds.StudyInstanceUID, count=2)
     assert [json.loads(e["detail"]).get("by", "HTTP") for e in web] == ["C-GET", "HTTP"]
     assert {e["address"] for e in web} == {"127.0.0.1"}
-    failed = events(server, "--study", "1.2.3", count=1)
+    failed = trail(server, 1, study_uid="1.2.3")
     assert failed[0]["outcome"] == "failure: HTTP 404"
 
     by_patient = events(server, "--patient", ds.PatientID, count=5)
@@ -98,10 +118,13 @@ def test_store_query_retrieve_are_audited_and_chained(server, tmp_path):
     assert "problems: 0" in result.stdout
 
 
-def test_a_changed_or_removed_event_breaks_the_chain(server, tmp_path):
-    storescu(server.port, *make_study(tmp_path / "s", 4, size=32))
-    events(server, count=4)
-    server.stop()
+def test_a_changed_or_removed_event_breaks_the_chain(engine, tmp_path):
+    """The chain of four imports (audited like C-STOREs, by the same ingest): no server
+    is needed to make events or to check them."""
+    server = Server(tmp_path / "data", index=engine)  # never started: its data and index
+    minipacs("import", "--data", str(server.data), *index_args(engine), "--no-fsync",
+             *map(str, make_study(tmp_path / "s", 4, size=32)))  # fmt: skip
+    assert len(trail(server, 4, event="store")) == 4
     first, second, third = (
         row[0] for row in server.rows("SELECT id FROM auditevent ORDER BY id")[:3]
     )
@@ -129,18 +152,18 @@ def test_web_events_say_who_and_which_patients(server):
     headers = {"Authorization": f"Bearer {token}"}
     ct = pydicom.dcmread(CT, stop_before_pixels=True)
     assert stow(server, headers).status_code == 200
-    (stored,) = events(server, "--event", "store", count=1)
+    (stored,) = trail(server, 1, event="store")
     assert (stored["who"], stored["patient_id"]) == ("ana", ct.PatientID)
 
     found = requests.get(f"{server.url}/dicom-web/studies", headers=headers, timeout=10)
     assert found.status_code == 200
-    (query,) = events(server, "--event", "query", count=1)
+    (query,) = trail(server, 1, event="query")
     assert (query["who"], query["patient_id"]) == ("ana", ct.PatientID)
     assert json.loads(query["detail"])["patients"] == [ct.PatientID]
 
     page = requests.get(f"{server.url}/study/{ct.StudyInstanceUID}", headers=headers, timeout=10)
     assert page.status_code == 200
-    (view,) = events(server, "--event", "view", count=1)
+    (view,) = trail(server, 1, event="view")
     assert (view["study_uid"], view["patient_id"]) == (ct.StudyInstanceUID, ct.PatientID)
 
     worklist = f"{server.url}/api/worklist"
@@ -156,26 +179,26 @@ def test_web_events_say_who_and_which_patients(server):
     assert requests.get(worklist, headers=headers, timeout=10).status_code == 200
     removed = requests.delete(f"{worklist}/{item_id}", headers=headers, timeout=10)
     assert removed.status_code == 204
-    changes = events(server, "--event", "worklist", count=2)
+    changes = trail(server, 2, event="worklist")
     assert [(e["who"], json.loads(e["detail"])["method"]) for e in changes] == [
         ("ana", "POST"),
         ("ana", "DELETE"),
     ]
     assert json.loads(changes[0]["detail"])["patients"] == ["WL1"]
-    listed = events(server, "--event", "query", "--who", "ana", count=2)[-1]
+    listed = trail(server, 2, event="query", who="ana")[-1]
     assert json.loads(listed["detail"])["patients"] == ["WL1"]
 
-    trail = requests.get(
+    shown = requests.get(
         f"{server.url}/audit?patient_id={ct.PatientID}", headers=headers, timeout=10
     )
-    assert trail.status_code == 200
-    (read,) = events(server, "--event", "audit", count=1)
+    assert shown.status_code == 200
+    (read,) = trail(server, 1, event="audit")
     assert read["who"] == "ana" and ct.PatientID in json.loads(read["detail"])["query"]
 
     login = {"user": "ana", "password": PASSWORD}  # the right password, but no Origin
     refused = requests.post(f"{server.url}/login", data=login, allow_redirects=False, timeout=10)
     assert refused.status_code == 401
-    (event,) = events(server, "--event", "login", count=1)
+    (event,) = trail(server, 1, event="login")
     assert event["outcome"] == "failure: Origin is not this server"
 
 
@@ -199,7 +222,7 @@ def test_a_rewritten_and_recomputed_chain_is_detected(server, tmp_path):
     `--verify` with the plain SHA-256 chain. The links are keyed now."""
     storescu(server.port, *make_study(tmp_path / "s", 3, size=32))
     minipacs("find", "--port", str(server.port), "--json", "StudyInstanceUID")
-    (query,) = events(server, "--event", "query", count=1)
+    (query,) = trail(server, 1, event="query")
     server.stop()
     key = server.data / ".audit-key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
@@ -212,11 +235,13 @@ def test_a_rewritten_and_recomputed_chain_is_detected(server, tmp_path):
     assert f"event {first}: its content was changed" in result.stdout
 
 
-def test_a_chain_from_before_the_key_stays_verifiable(start_server, tmp_path):
+def test_a_chain_from_before_the_key_stays_verifiable(start_server, engine, tmp_path):
     """Events of earlier versions (plain SHA-256, no key file) verify as they are; the
     first keyed event covers them, so rewriting them is still noticed."""
-    server = start_server()
-    server.stop()
+    with Archive(tmp_path / "data", fsync=False, index_url=engine):
+        pass  # an index as the server makes it, with no event and no key yet
+    assert not (tmp_path / "data" / ".audit-key").exists()
+    server = Server(tmp_path / "data", index=engine)  # started below, by start_server
     prev = audit_chain.GENESIS
     for number in range(3):
         values = audit_chain.Event("login", who=f"old{number}").row()
@@ -230,9 +255,9 @@ def test_a_chain_from_before_the_key_stays_verifiable(start_server, tmp_path):
         )
         prev = digest
     assert "no audit key" in audit(server, "--verify", check=False).stdout
-    server.start()
+    server = start_server(data=server.data)
     storescu(server.port, *make_study(tmp_path / "s", 1, size=32))
-    events(server, "--event", "store", count=1)
+    trail(server, 1, event="store")
     server.stop()
     assert "problems: 0" in audit(server, "--verify").stdout
     server.rows("UPDATE auditevent SET who = 'rewritten' WHERE who = 'old1'")
