@@ -6,9 +6,11 @@ folder takes no file."""
 import re
 import time
 
+import pytest
 import requests
 from conftest import ROOT
 from conftest import TEST_FILES
+from conftest import Server
 from conftest import minipacs
 from conftest import run
 from conftest import storescu
@@ -62,8 +64,18 @@ def test_figures_follow_the_traffic(server):
     assert_openmetrics(server)
     storescu(server.port, CT)  # the same instance again: nothing new stored
     scrape_until(server, "minipacs_dimse_requests_total", 2, service="C-STORE")
-    time.sleep(1.5)  # the indexer's next snapshot
+    assert journal_emptied(server)  # the indexer counted (or not) before unlinking it
     assert value(scrape(server), "minipacs_instances_stored_total") == 1
+
+
+def journal_emptied(server, timeout: float = 15) -> bool:
+    """Whether the indexer has taken every journal entry (within `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while any((server.data / ".queue").iterdir()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def documented_names() -> set[str]:
@@ -131,7 +143,17 @@ def test_worker_processes_are_added_in(start_server):
     assert stores == 3
 
 
-def test_metrics_are_for_admins_once_there_are_users(server):
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """A server for the tests whose checks no other test's traffic changes (/healthz is
+    open to all, users or not)."""
+    running = Server(tmp_path_factory.mktemp("metrics") / "data").start()
+    yield running
+    running.kill()
+
+
+def test_metrics_are_for_admins_once_there_are_users(shared):
+    server = shared
     data = ["--data", str(server.data)]
     password = "a long enough password"
     for name, role in (("rad", "viewer"), ("boss", "admin")):
@@ -146,7 +168,8 @@ def test_metrics_are_for_admins_once_there_are_users(server):
     assert requests.get(f"{server.url}/healthz", timeout=10).status_code == 200  # no login
 
 
-def test_healthz_fails_when_the_data_folder_takes_no_file(server):
+def test_healthz_fails_when_the_data_folder_takes_no_file(shared):
+    server = shared
     incoming = server.data / ".incoming"
     aside = server.data / ".incoming-aside"
     incoming.rename(aside)
