@@ -194,3 +194,41 @@ def test_viewports_on_one_frame_of_reference_scroll_together(page, server, study
     expect(pane(page, 2).locator(".counter")).to_have_text("1 / 6")
     expect(pane(page, 2).locator(".reference-lines line")).to_have_count(1)
     expect(pane(page, 1).locator(".reference-lines line")).to_have_count(1)
+
+
+def test_a_length_is_spacing_times_pixels(page, server, study):
+    """At 1:1 a CSS pixel is an image pixel: a line drawn over 30 of them reads 30 ×
+    PixelSpacing; its end dragged 10 further reads 40 ×; it stays with its image when
+    scrolling away and back; a rectangle gets the server's statistics in HU; Delete
+    removes the selected measurement."""
+    open_current(page, server, study)
+    stage = pane(page, 1).locator(".stage")
+    page.keyboard.press("z")
+    expect(pane(page, 1).locator(".corner.br")).to_contain_text("Zoom 100%")
+    page.keyboard.press("d")
+    expect(page.get_by_role("button", name="Length")).to_have_attribute("aria-pressed", "true")
+    box = stage.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+
+    def drag(start, end):
+        page.mouse.move(*start)
+        page.mouse.down()
+        page.mouse.move(*end, steps=4)
+        page.mouse.up()
+
+    drag((x - 15, y), (x + 15, y))
+    label = stage.locator(".measurement.length .label")
+    expect(label).to_have_text(f"{30 * SPACING:.2f} mm")
+    drag((x + 15, y), (x + 25, y))  # the end's handle
+    expect(label).to_have_text(f"{40 * SPACING:.2f} mm")
+    page.keyboard.press("ArrowDown")
+    expect(pane(page, 1).locator(".counter")).to_have_text("2 / 20")
+    expect(stage.locator(".measurement")).to_have_count(0)
+    page.keyboard.press("ArrowUp")
+    expect(label).to_have_text(f"{40 * SPACING:.2f} mm")
+    page.keyboard.press("b")
+    drag((x - 20, y - 20), (x - 5, y - 5))
+    expect(stage.locator(".measurement.rectangle .label")).to_contain_text(" HU")
+    page.keyboard.press("Delete")
+    expect(stage.locator(".measurement.rectangle")).to_have_count(0)
+    expect(stage.locator(".measurement.length")).to_have_count(1)

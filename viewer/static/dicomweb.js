@@ -71,12 +71,35 @@ export async function instanceMetadata(study, series, sop, signal) {
   return items[0];
 }
 
-// The series' geometry from the viewer API (docs/viewer-api.md): positions, orientation,
-// spacing and its kind of every instance, and whether they form a volume.
-export async function seriesGeometry(study, series, signal) {
-  const response = await fetch(`/api/studies/${study}/series/${series}/geometry`, { signal });
+// -- the viewer API (docs/viewer-api.md): what PS3.18 has no resource for ----------------
+
+async function api(path, { signal, method = "GET", body } = {}) {
+  const headers = body === undefined ? {} : { "Content-Type": "application/json" };
+  const response = await fetch(`/api${path}`, { signal, method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   await check(response);
   return response.json();
+}
+
+// The series' geometry: positions, orientation, spacing and its kind of every instance,
+// and whether they form a volume.
+export function seriesGeometry(study, series, signal) {
+  return api(`/studies/${study}/series/${series}/geometry`, { signal });
+}
+
+// ROI statistics in modality units: `shape` "ellipse" or "rectangle" in the box of two
+// image points.
+export function roiStatistics(study, series, sop, frame, shape, [[x0, y0], [x1, y1]], signal) {
+  const params = new URLSearchParams({ shape, x0, y0, x1, y1, frame });
+  return api(`/studies/${study}/series/${series}/instances/${sop}/roi?${params}`, { signal });
+}
+
+// The study's newest saved measurement report, and saving one (SR TID 1500 + KOS).
+export function savedMeasurements(study, signal) {
+  return api(`/studies/${study}/measurements`, { signal });
+}
+
+export function saveMeasurements(study, report, signal) {
+  return api(`/studies/${study}/measurements`, { signal, method: "POST", body: report });
 }
 
 export function seriesMetadata(study, series, signal) {

@@ -98,7 +98,7 @@ export function geometryFromApi(item) {
 
 // The unit a length in that spacing is given in.
 export function unitOf(spacing) {
-  return spacing.kind === "patient" ? "mm" : spacing.kind === "detector" ? "mm at detector" : "px";
+  return spacing.kind === "patient" ? "mm" : spacing.kind === "detector" ? "mm (detector)" : "px";
 }
 
 // A pixel's height ÷ its width: from the spacing, else Pixel Aspect Ratio, else 1.

@@ -21,10 +21,11 @@
 // `draw(key, bitmap)`, the one call through which the active pane's frames reach its
 // canvas (a benchmark may wrap it to time-stamp them).
 
-import { first, formatDate, patientStudies, searchSeries, text } from "./dicomweb.js";
+import { first, formatDate, patientStudies, saveMeasurements, savedMeasurements, searchSeries, text } from "./dicomweb.js";
 import { button, el } from "./dom.js";
 import { commandFor, helpDialog } from "./keys.js";
 import { LAYOUTS, Layout } from "./layout.js";
+import { MeasureLayer, Measurements, TOOLS, angle, length } from "./measure.js";
 import { Pane } from "./pane.js";
 import { Strip } from "./strip.js";
 import { ReferenceLines, syncFrom } from "./sync.js";
@@ -57,6 +58,7 @@ class StudyView {
     this.syncing = true;
     this.overlays = true;
     this.tags = new TagPanel();
+    this.measurements = new Measurements(() => this.redrawMarks());
     this.strip = new Strip(this.study, (study) => this.openBeside(study));
     this.layout = new Layout(
       (number) => this.makePane(number),
@@ -71,7 +73,7 @@ class StudyView {
   makePane(number) {
     const pane = new Pane(this, number);
     pane.references = new ReferenceLines(pane, () => this.layout.visible);
-    pane.viewport.layers.push(pane.references);
+    pane.viewport.layers.push(pane.references, new MeasureLayer(this.measurements, pane));
     pane.viewport.overlays = this.overlays;
     return pane;
   }
@@ -143,6 +145,14 @@ class StudyView {
     this.seriesZip = el("a", { class: "download", download: "", title: "The series' files and a DICOMDIR" }, "Series ZIP");
     this.help = helpDialog();
     const tool = (label, command, attributes) => button(label, () => this.run(command), attributes);
+    const tools = { window: ["W/L", "W"], length: ["Length", "D"], angle: ["Angle", "A"], ellipse: ["Ellipse", "E"], rectangle: ["Rectangle", "B"] };
+    this.toolButtons = ["window", ...TOOLS].map((name) => {
+      const [label, key] = tools[name];
+      const title = name === "window" ? `Dragging sets the window (${key})` : `Draw: ${name} (${key})`;
+      return tool(label, `tool${name[0].toUpperCase()}${name.slice(1)}`, { "aria-pressed": String(name === "window"), "data-tool": name, title });
+    });
+    this.saveButton = tool("Save", "save", { hidden: "", title: "Save the study's measurements as a DICOM SR" });
+    this.status = el("output", { class: "status", "aria-live": "polite" });
     const toolbar = el(
       "div",
       { class: "toolbar", role: "toolbar", "aria-label": "Image tools" },
@@ -165,6 +175,9 @@ class StudyView {
       this.overlayButton,
       this.tagButton,
       tool("?", "help", { "aria-label": "Keys", title: "Keys (?)" }),
+      el("span", { class: "tools", role: "group", "aria-label": "Tool" }, ...this.toolButtons),
+      this.saveButton,
+      this.status,
       this.download,
       this.seriesZip,
       el("a", { href: "/", "data-link": "" }, "Studies"),
@@ -216,7 +229,14 @@ class StudyView {
       overlays: () => this.toggleOverlays(),
       tags: () => this.toggleTags(),
       help: () => this.help.showModal(),
-      escape: () => {},
+      toolWindow: () => this.setTool("window"),
+      toolLength: () => this.setTool("length"),
+      toolAngle: () => this.setTool("angle"),
+      toolEllipse: () => this.setTool("ellipse"),
+      toolRectangle: () => this.setTool("rectangle"),
+      deleteMeasurement: () => this.measurements.remove(pane),
+      escape: () => this.measurements.escape(),
+      save: () => this.save(),
     };
     const action = commands[command];
     if (!action) return;
@@ -237,6 +257,7 @@ class StudyView {
     this.linesButton.setAttribute("aria-pressed", String(pane.references.shown));
     this.overlayButton.setAttribute("aria-pressed", String(this.overlays));
     this.tagButton.setAttribute("aria-pressed", String(this.tags.open));
+    for (const node of this.toolButtons) node.setAttribute("aria-pressed", String(node.dataset.tool === this.measurements.tool));
     const slice = pane.stack[pane.index];
     this.seriesZip.href = pane.series ? `/studies/${pane.study}/series/${pane.series}/archive` : "";
     this.download.href = slice
@@ -266,7 +287,7 @@ class StudyView {
     await this.active.currentLoad;
     if (this.signal.aborted) return;
     this.strip.loadThumbnails();
-    await this.loadPatientStudies();
+    await Promise.all([this.loadPatientStudies(), this.loadSaved()]);
   }
 
   // Study `study`'s series in series number order (asked for once).
@@ -454,9 +475,13 @@ class StudyView {
     if (pane === this.active) this.presetSelect.value = "custom";
   }
 
-  // A pointer press on a pane for a tool of its own (measure.js); false: the pane's.
-  drag() {
-    return false;
+  // A pointer press on a pane for a measurement (measure.js); false: the pane's own.
+  drag(pane, event) {
+    return this.measurements.press(pane, event);
+  }
+
+  redrawMarks() {
+    for (const pane of this.layout.visible) pane.viewport.renderLayers();
   }
 
   redrawOthers(pane) {
@@ -503,6 +528,73 @@ class StudyView {
     if (preset) this.applyPreset(`${preset[1]},${preset[2]}`);
   }
 
+  // -- measurements ----------------------------------------------------------------------------
+
+  setTool(name) {
+    this.measurements.tool = name;
+    for (const pane of this.layout.panes) pane.viewport.stage.classList.toggle("drawing", name !== "window");
+  }
+
+  // The study's last saved report (docs/viewer-api.md, 4): its measurements are shown
+  // again, and Save appears (a server without the endpoint has neither).
+  async loadSaved() {
+    let report;
+    try {
+      report = await savedMeasurements(this.study, this.signal);
+    } catch {
+      return;
+    }
+    this.saveButton.hidden = false;
+    this.measurements.load(
+      report.measurements.map((item) => ({
+        type: item.type,
+        study: this.study,
+        series: "", // the pane that shows it fills it in
+        sop: item.sopInstanceUID,
+        frame: item.frame || 1,
+        points: item.points,
+        stats: item.stats || null,
+      })),
+    );
+  }
+
+  // Save the active pane's study's measurements as an SR (and nothing else: no image is
+  // marked as a key image yet).
+  async save() {
+    const study = this.active.study;
+    const measurements = this.measurements
+      .all()
+      .filter((m) => m.study === study && (m.type !== "angle" || m.points.length === 3))
+      .map((m) => {
+        const spacing = this.spacingOf(m);
+        const found = { type: m.type, sopInstanceUID: m.sop, frame: m.frame, points: m.points };
+        if (m.type === "length") return { ...found, value: length(m.points, spacing), unit: spacing.kind === "px" ? "px" : "mm" };
+        if (m.type === "angle") return { ...found, value: angle(m.points, spacing), unit: "deg" };
+        return found;
+      });
+    if (!measurements.length) {
+      this.status.value = "Nothing to save on this study.";
+      return;
+    }
+    this.status.value = "Saving…";
+    try {
+      await saveMeasurements(study, { measurements, keyImages: [], description: "" }, this.signal);
+      this.status.value = `Saved ${measurements.length} measurement${measurements.length === 1 ? "" : "s"}.`;
+    } catch (error) {
+      if (error.name !== "AbortError") this.status.value = error.status === 403 ? "Saving needs the uploader role." : `Not saved: ${error.message}`;
+    }
+  }
+
+  // The spacing of a measurement's image, from a pane that has its series.
+  spacingOf(measurement) {
+    for (const pane of this.layout.panes) {
+      const index = pane.stack.findIndex((s) => s.sop === measurement.sop && s.frame === measurement.frame);
+      const geometry = index >= 0 && pane.geometry(index);
+      if (geometry) return geometry.spacing;
+    }
+    return { row: 1, column: 1, kind: "px" };
+  }
+
   // -- toggles -------------------------------------------------------------------------------
 
   toggleSync() {
@@ -540,6 +632,7 @@ class StudyView {
 
   close() {
     this.controller.abort();
+    this.measurements.close();
     for (const pane of this.layout.panes) pane.close();
     this.help.remove();
     globalThis.minipacsView = null;
