@@ -56,7 +56,7 @@ class Data:
     ct: bench.StudyFiles | None = None
     small: list[Path] = field(default_factory=list)
     preload: bench.StudyFiles | None = None  # what the web clients of the mixed load read
-    mixed: tuple[list[Path], list[Path]] = ([], [])  # sent alone, sent under the web load
+    mixed: tuple[list[Path], ...] = ()  # sent alone, sent under the web load
 
 
 def make_data(root: Path, opts: argparse.Namespace) -> Data:
@@ -92,7 +92,6 @@ class Run:
     queryable_s: float | None = None
     failed: int | None = None
     peak_rss_mib: float | None = None
-    processes: int = 0
     log_issues: int = 0
     error: str | None = None
     lag: dict[str, Any] = field(default_factory=dict)
@@ -337,8 +336,11 @@ def new_server(name: str, load: str, workdir: Path, opts: argparse.Namespace) ->
 
 def measure(name: str, load: str, data: Data, root: Path, opts: argparse.Namespace) -> Run:
     """One load on a fresh server; its data deleted after (its logs are kept)."""
-    files = {"small": data.small, "mixed": data.mixed[1]}.get(load) or data.ct.files
-    run = Run(name, load, files[: opts.x0_count] if load == "x0" else files)
+    if load in ("small", "mixed"):
+        files = data.small if load == "small" else data.mixed[1]
+    else:
+        files = data.ct.files[: opts.x0_count] if load == "x0" else data.ct.files
+    run = Run(name, load, files)
     workdir = root / f"{name}-{load}"
     server = new_server(name, load, workdir, opts)
     log.info("%s %s: %d instances", name, load, len(run.files))
@@ -346,7 +348,7 @@ def measure(name: str, load: str, data: Data, root: Path, opts: argparse.Namespa
         server.start()
         with bench.RssSampler(server.proc.pid) as rss:
             run_load(run, server, data, opts)
-        run.peak_rss_mib, run.processes = rss.peak_mib, rss.processes
+        run.peak_rss_mib = rss.peak_mib
         if run.failed:
             run.error = f"{run.failed} stores failed"
     except (bench.BenchError, OSError, sqlite3.Error) as exc:
