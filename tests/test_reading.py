@@ -246,3 +246,90 @@ def test_bad_input_is_a_400_with_a_json_error(server, path, status):
 def test_unknown_series_and_bad_uids(server):
     assert get(server, f"/api/studies/{server.study}/series/1.2.3/geometry")[0] == 404
     assert get(server, f"/api/studies/{server.study}/series/x/geometry")[0] == 400
+
+
+def post(server: Server, path: str, body: object) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(
+        f"{server.url}{path}", data=data, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_measurements_saved_as_sr_and_kos_read_back(server):
+    import highdicom as hd
+
+    image = pydicom.dcmread(server.files["volume"][2], stop_before_pixels=True)
+    sop = image.SOPInstanceUID
+    body = {
+        "measurements": [
+            {"type": "length", "sopInstanceUID": sop, "points": [[2, 3], [2, 23]]},
+            {"type": "angle", "sopInstanceUID": sop, "points": [[9, 4], [4, 4], [4, 9]]},
+            {"type": "ellipse", "sopInstanceUID": sop, "points": [[4.2, 6], [21.7, 17.5]]},
+        ],
+        "keyImages": [{"sopInstanceUID": sop}],
+    }
+    status, saved = post(server, f"/api/studies/{server.study}/measurements", body)
+    assert status == 201, saved
+    query = f"/dicom-web/studies/{server.study}/instances?SOPClassUID=1.2.840.10008.5.1.4.1.1.88.34"
+    found = json.loads(get(server, query)[2])
+    assert [f["00080018"]["Value"][0] for f in found] == [saved["sr"]["sopInstanceUID"]]
+    roi = json.loads(
+        get(
+            server,
+            f"{series_path(server, 'volume')}/instances/{sop}/roi"
+            "?shape=ellipse&x0=4.2&y0=6&x1=21.7&y1=17.5",
+        )[2]
+    )
+
+    # pydicom and highdicom read the stored report: a 10 mm length (20 px of 0.5 mm), a
+    # right angle, the ROI's statistics as the ROI endpoint computes them.
+    path = next(server.data.glob(f"*/*/{saved['sr']['sopInstanceUID']}.dcm"))
+    assert pydicom.dcmread(path).SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    report = hd.sr.srread(path)
+    groups = report.content.get_planar_roi_measurement_groups()
+    values = [
+        {m.name.meaning: (pytest.approx(m.value), m.unit.value) for m in g.get_measurements()}
+        for g in groups
+    ]
+    assert values[0] == {"Length": (10.0, "mm")}
+    assert values[1] == {"Angle": (90.0, "deg")}
+    assert values[2]["Mean"] == (pytest.approx(roi["mean"]), "[hnsf'U]")
+    assert values[2]["Area"] == (pytest.approx(roi["area"]), "mm2")
+    assert groups[2].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sop
+    kos = pydicom.dcmread(next(server.data.glob(f"*/*/{saved['kos']['sopInstanceUID']}.dcm")))
+    assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"
+
+    # The viewer reopens them.
+    back = json.loads(get(server, f"/api/studies/{server.study}/measurements")[2])
+    assert back["sopInstanceUID"] == saved["sr"]["sopInstanceUID"]
+    assert [m["type"] for m in back["measurements"]] == ["length", "angle", "ellipse"]
+    assert back["measurements"][0]["points"] == [[2, 3], [2, 23]]
+    assert back["measurements"][0]["value"] == pytest.approx(10.0)
+    assert back["measurements"][2]["points"] == [[4.2, 6], [21.7, 17.5]]
+    stats = back["measurements"][2]["stats"]
+    assert (stats["mean"], stats["unit"]) == (pytest.approx(roi["mean"]), "HU")
+    assert (stats["min"], stats["max"]) == (roi["min"], roi["max"])
+    assert back["keyImages"] == [{"sopInstanceUID": sop, "frame": 1}]
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (b"{not json", "JSON object"),
+        ({"measurements": []}, "nothing to save"),
+        ({"measurements": [{"type": "arrow", "sopInstanceUID": "1.2"}]}, "type"),
+        (
+            {"measurements": [{"type": "length", "sopInstanceUID": "1.2", "points": [[0, 0]]}]},
+            "2 [x, y]",
+        ),
+        ({"keyImages": [{"sopInstanceUID": "1.2.3.4"}]}, "not in study"),
+    ],
+)
+def test_bad_measurements_are_a_400(server, body, reason):
+    status, answer = post(server, f"/api/studies/{server.study}/measurements", body)
+    assert status == 400 and reason in answer["error"]

@@ -134,6 +134,7 @@ AUDITED = {  # endpoint → audit event; STOW-RS instances are audited as they a
     "reading.roi_statistics": "retrieve",
     "reading.mpr_planes": "retrieve",
     "reading.mpr_image": "retrieve",
+    "reading.read_measurements": "retrieve",  # a save is audited as the stores it makes
 }
 
 

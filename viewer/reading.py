@@ -14,6 +14,7 @@ from pathlib import Path
 from flask import Blueprint
 from flask import Response
 from flask import current_app
+from flask import g
 from flask import jsonify
 from flask import request
 from pydicom.uid import ExplicitVRBigEndian
@@ -22,11 +23,14 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from storage import Archive
 from storage.dataset import is_uid
+from storage.dataset import read_dataset
 from storage.query import Key
+from storage.rows import InstanceLocation
 from viewer import geometry
 from viewer import mpr
 from viewer import render
 from viewer import roi
+from viewer import stow
 from viewer.dicomweb import render_request
 from viewer.errors import WebError
 from viewer.errors import int_param
@@ -34,6 +38,7 @@ from viewer.errors import int_param
 bp = Blueprint("reading", __name__, url_prefix="/api")
 
 STUDY, SERIES, SOP = 0x0020000D, 0x0020000E, 0x00080018
+MEASUREMENTS_BODY = 4 << 20  # bytes of a measurements POST
 IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 SERIES_PATH = "/studies/<study>/series/<series>"
 # Uncompressed transfer syntaxes (not deflate, which pydicom cannot read a frame of).
@@ -52,7 +57,7 @@ def _keys(study: str, series: str, sop: str = "") -> list[Key]:
     keys = []
     named = ((STUDY, study, "study"), (SERIES, series, "series"), (SOP, sop, "instance"))
     for tag, value, name in named:
-        if tag == SOP and not value:
+        if tag != STUDY and not value:
             continue
         if not is_uid(value):
             raise WebError(400, f"{name} UID {value[:80]!r} is not a valid UID")
@@ -103,11 +108,10 @@ def roi_statistics(study: str, series: str, sop: str) -> Response:
 
 def instance_statistics(keys: list[Key], shape: roi.Shape, frame: int) -> dict:
     """ROI figures on one frame of the instance the keys name (404 when not stored)."""
-    found = list(_archive().catalog.instance_json("IMAGE", keys))
+    image = _image(keys)
     rows = list(_archive().catalog.locate("IMAGE", keys))
-    if not found or not rows:
+    if not rows:
         raise WebError(404, f"no instance {keys[-1].value} in the archive")
-    image = geometry.image(*found[0])
     cache = current_app.extensions["minipacs"]["frames"]
     ds, values = render.frame_values(rows[0].path, frame, cache, _config().pixel_budget_mb << 20)
     return {**roi.statistics(values, ds, shape, image.spacing, image.spacing_kind), "frame": frame}
@@ -200,3 +204,95 @@ def _image_format() -> str:
     if not png and not jpeg:
         raise WebError(406, "MPR images are image/png or image/jpeg")
     return "jpeg" if jpeg > png else "png"
+
+
+# -- measurements saved as DICOM SR / KOS -----------------------------------------------
+
+
+@bp.post("/studies/<study>/measurements")
+def save_measurements(study: str) -> Response:
+    """Build the study's Measurement Report and Key Object Selection and store them
+    through the archive's ingest, as STOW-RS does (each instance audited as a store)."""
+    from viewer import measurements
+
+    keys = _keys(study, "")
+    if request.content_length is not None and request.content_length > MEASUREMENTS_BODY:
+        raise WebError(413, f"a measurements body is at most {MEASUREMENTS_BODY >> 20} MiB")
+    items, key_images, description = measurements.parse(request.get_json(silent=True))
+    stored = {row.sop_uid: row for row in _archive().catalog.locate("STUDY", keys)}
+    if not stored:
+        raise WebError(404, f"no study {study} in the archive")
+    wanted = {item.sop_uid for item in items} | {sop for sop, _ in key_images}
+    missing = sorted(wanted - set(stored))
+    if missing:
+        raise WebError(400, f"instance {missing[0]} is not in study {study}")
+    for item in items:
+        row = stored[item.sop_uid]
+        image_keys = _keys(study, row.series_uid, item.sop_uid)
+        if item.kind in measurements.ROI_TYPES:
+            (x0, y0), (x1, y1) = item.points
+            shape = roi.Shape.of(item.kind, x0, y0, x1, y1)
+            item.stats = instance_statistics(image_keys, shape, item.frame)
+        else:
+            image = _image(image_keys)
+            measurements.measure(item, image.spacing, image.spacing_kind)
+    headers = {sop: read_dataset(stored[sop].path, stop_before_pixels=True) for sop in wanted}
+    documents = {}
+    try:
+        if items:
+            who = g.get("user", "")
+            documents["sr"] = measurements.build_report(items, headers, who, description)
+        if key_images:
+            documents["kos"] = measurements.build_key_images(key_images, headers, description)
+    except (ValueError, TypeError, AttributeError) as exc:  # highdicom refused the content
+        raise WebError(422, f"cannot build the report: {exc}") from exc
+    outcomes: list[stow.Outcome] = []
+    parts = (({"content-type": stow.DICOM}, iter([data])) for data in documents.values())
+    caller = request.remote_addr or "?"
+    stow.store_parts(_archive(), parts, stow.DICOM, study, caller, outcomes, g.get("user", ""))
+    failed = [o for o in outcomes if o.failure is not None]
+    if failed:
+        raise WebError(500, f"the report was not stored: {failed[0].reason}")
+    answer: dict = {"sr": None, "kos": None}
+    for name, outcome in zip(documents, outcomes, strict=True):
+        answer[name] = {
+            "seriesInstanceUID": outcome.series_uid,
+            "sopInstanceUID": outcome.sop_uid,
+        }
+    return jsonify(answer), 201
+
+
+@bp.get("/studies/<study>/measurements")
+def read_measurements(study: str) -> Response:
+    """The measurements of the study's newest Measurement Report and the key images of
+    its newest Key Object Selection (empty lists when it has none)."""
+    from viewer import measurements
+
+    rows = list(_archive().catalog.locate("STUDY", _keys(study, "")))
+    if not rows:
+        raise WebError(404, f"no study {study} in the archive")
+    answer: dict = {"sopInstanceUID": None, "measurements": [], "keyImages": []}
+    report = _newest(rows, measurements.COMPREHENSIVE_3D_SR)
+    if report is not None:
+        answer["sopInstanceUID"] = report.sop_uid
+        try:
+            answer["measurements"] = measurements.read_report(read_dataset(report.path))
+        except (ValueError, AttributeError, KeyError, IndexError) as exc:
+            raise WebError(422, f"cannot read the report {report.sop_uid}: {exc}") from exc
+    selection = _newest(rows, measurements.KEY_OBJECT_SELECTION)
+    if selection is not None:
+        answer["keyImages"] = measurements.read_key_images(read_dataset(selection.path))
+    return jsonify(answer)
+
+
+def _newest(rows: list[InstanceLocation], sop_class: str) -> InstanceLocation | None:
+    """The last stored instance of a SOP class (the index's ids grow with each store)."""
+    found = [row for row in rows if row.sop_class_uid == sop_class]
+    return max(found, key=lambda row: row.pk) if found else None
+
+
+def _image(keys: list[Key]) -> geometry.Image:
+    found = list(_archive().catalog.instance_json("IMAGE", keys))
+    if not found:
+        raise WebError(404, f"no instance {keys[-1].value} in the archive")
+    return geometry.image(*found[0])
