@@ -57,16 +57,17 @@ export function commandFor(event) {
   return null;
 }
 
-// The "?" dialog listing the keys (a modal <dialog>: Escape and its button close it).
+// The "?" dialog listing the keys in two columns (a modal <dialog>: Escape and its
+// button close it).
 export function helpDialog() {
-  const rows = KEYS.map(([, shown, does]) => el("tr", {}, el("th", { scope: "row" }, el("kbd", {}, shown)), el("td", {}, does)));
-  const dialog = el(
-    "dialog",
-    { class: "keys-help", "aria-label": "Keyboard shortcuts" },
-    el("h2", {}, "Keys"),
-    el("table", {}, el("tbody", {}, ...rows)),
+  const row = ([, shown, does]) => el("tr", {}, el("th", { scope: "row" }, el("kbd", {}, shown)), el("td", {}, does));
+  const half = Math.ceil(KEYS.length / 2);
+  const table = (rows) => el("table", {}, el("tbody", {}, ...rows.map(row)));
+  const dialog = el("dialog", { class: "keys-help", "aria-label": "Keyboard shortcuts" });
+  dialog.append(
+    el("div", { class: "head" }, el("h2", {}, "Keys"), button("Close", () => dialog.close(), { class: "close" })),
+    el("div", { class: "columns" }, table(KEYS.slice(0, half)), table(KEYS.slice(half))),
     el("p", {}, "Tab reaches every control; Enter on a series opens it in the active viewport."),
   );
-  dialog.append(button("Close", () => dialog.close(), { class: "close" }));
   return dialog;
 }

@@ -120,6 +120,7 @@ export class Viewport {
     context.fillStyle = "#000";
     context.fillRect(0, 0, this.canvas.width, this.canvas.height);
     if (!this.shown) {
+      this.updateOverlays();
       this.renderLayers();
       return;
     }
