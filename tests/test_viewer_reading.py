@@ -232,3 +232,27 @@ def test_a_length_is_spacing_times_pixels(page, server, study):
     page.keyboard.press("Delete")
     expect(stage.locator(".measurement.rectangle")).to_have_count(0)
     expect(stage.locator(".measurement.length")).to_have_count(1)
+
+
+def test_saved_measurements_come_back(page, server, study):
+    """Save stores the prior study's length as an SR through the server; the study opened
+    again shows it where it was. (On the prior: the other tests' study stays as made.)"""
+    page.goto(f"{server.url}/study/{study['prior']}")
+    page.wait_for_function("globalThis.minipacsView && globalThis.minipacsView.drawn >= 1")
+    save = page.get_by_role("button", name="Save")
+    expect(save).to_be_visible()  # the server has the endpoint
+    stage = pane(page, 1).locator(".stage")
+    page.keyboard.press("z")
+    page.keyboard.press("d")
+    box = stage.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 10, y - 10)
+    page.mouse.down()
+    page.mouse.move(x + 20, y - 10, steps=4)
+    page.mouse.up()
+    expected = f"{30 * SPACING:.2f} mm"
+    expect(stage.locator(".measurement.length .label")).to_have_text(expected)
+    save.click()
+    expect(page.locator(".status")).to_have_text("Saved 1 measurement.")
+    page.reload()
+    expect(stage.locator(".measurement.length .label")).to_have_text(expected)
