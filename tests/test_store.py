@@ -253,17 +253,20 @@ def test_bad_uids_never_become_paths(shared, uid, reason):
     ]
 
 
-@pytest.mark.usefixtures("engine")
-def test_unknown_sop_class_refused_unless_configured(start_server, tmp_path):
+def test_unknown_sop_class_refused_unless_configured(shared, start_server, tmp_path, request):
+    """Refused by default (the module's server), accepted by a server configured to (on
+    the same engine)."""
     sample = next(s for s in STORABLE if s.path.name == "CT_small.dcm")
     ds = pydicom.dcmread(sample.path)
     ds.SOPClassUID = "1.2.826.0.1.3680043.9.9999.1"  # a private class
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     from pynetdicom import AE
 
-    for flags, accepted in (((), False), (("--config", str(tmp_path / "c.toml")), True)):
-        (tmp_path / "c.toml").write_text("accept_unknown_sop_classes = true\n")
-        server = start_server(*flags, data=tmp_path / f"data-{accepted}")
+    (tmp_path / "c.toml").write_text("accept_unknown_sop_classes = true\n")
+    index = request.getfixturevalue("postgres").database() if shared.index else ""
+    accepting = start_server("--config", str(tmp_path / "c.toml"), index=index)
+    for server, accepted in ((shared, False), (accepting, True)):
         ae = AE(ae_title="PYNETDICOM")
         ae.add_requested_context(ds.SOPClassUID, sample.transfer_syntax)
         assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
@@ -275,7 +278,9 @@ def test_unknown_sop_class_refused_unless_configured(start_server, tmp_path):
             assert not assoc.is_established or not assoc.accepted_contexts
             if assoc.is_established:
                 assoc.release()
-        server.stop()
+    stored = [server.rows("SELECT count(*) FROM instance WHERE sop_uid = ?", ds.SOPInstanceUID)
+              for server in (shared, accepting)]  # fmt: skip
+    assert stored == [[(0,)], [(1,)]]
 
 
 def test_eight_concurrent_associations(shared, tmp_path):
