@@ -40,6 +40,7 @@ from storage import events
 from storage import index
 from storage import journal
 from storage import metrics
+from storage import querytags
 from storage import routing
 from storage import schema
 from storage import worklist
@@ -172,6 +173,7 @@ class Archive:
         self.route_queue = routing.RouteQueue(self.write)
         self.events = events.Events(self.write, event_options or events.Options())
         self.changes = changefeed.ChangeFeed(self.write)
+        self.query_tags = querytags.QueryTags(self.write)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -375,10 +377,11 @@ class Archive:
         done = []
         changes = []
         subscribers = events.subscribers() if any(w.new for w in writes) else []
+        tags = querytags.active(db)  # in this transaction: see storage.querytags
         for write in writes:
             try:
                 with db.atomic():
-                    action = index.apply_row(write.row, self.statements, db)
+                    action = index.apply_row(write.row, self.statements, db, tags)
                     self.chain.append(db, write.event)
                     if write.new:
                         routing.enqueue(self.routes, write.row.parsed, write.row.calling_aet)

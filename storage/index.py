@@ -23,12 +23,14 @@ from datetime import datetime
 from typing import Any
 from typing import cast
 
+from storage import querytags
 from storage.dataset import ParsedInstance
 from storage.engine import is_sqlite
 from storage.errors import Refused
 from storage.models import AnyDatabase
 from storage.models import Instance
 from storage.models import Patient
+from storage.models import QueryTag
 from storage.models import Series
 from storage.models import Study
 from storage.models import StudyModality
@@ -246,8 +248,11 @@ INSTANCE_COLUMNS = (
 )
 
 
-def apply_row(row: Row, sql: Statements, database: AnyDatabase) -> str | None:
-    """Insert or update one instance and maintain the counts above it; what changed, in
+def apply_row(
+    row: Row, sql: Statements, database: AnyDatabase, tags: list | None = None
+) -> str | None:
+    """Insert or update one instance and maintain the counts above it and the values of
+    extended query tags (`tags`: querytags.active, read here when None); what changed, in
     the change feed's words: "create", "update" (a replace), None (already there)."""
     parsed = row.parsed
     found = database.execute_sql(sql.find_instance, (parsed.sop_uid,)).fetchone()
@@ -265,6 +270,7 @@ def apply_row(row: Row, sql: Statements, database: AnyDatabase) -> str | None:
     if found is not None:
         if row.replace:
             database.execute_sql(sql.replace_instance, (*values, found[0]))
+            _replaced_values(database, found[0], tags)
             return "update"
         return None
     series = database.execute_sql(sql.find_series, (parsed.series_uid,)).fetchone()
@@ -297,7 +303,30 @@ def apply_row(row: Row, sql: Statements, database: AnyDatabase) -> str | None:
         ),
     )
     database.execute_sql(sql.count_patient, (int(new_series), int(new_study), patient_id))
+    tags = querytags.active(database) if tags is None else tags
+    if tags:
+        (instance_id,) = database.execute_sql(sql.find_instance, (parsed.sop_uid,)).fetchone()
+        querytags.index_instance(
+            database, tags, parsed.json, instance_id,
+            series_id if new_series else None, study_id if new_study else None,
+        )  # fmt: skip
     return "create"
+
+
+def _replaced_values(database: AnyDatabase, instance_id: int, tags: list | None) -> None:
+    """A replaced instance's extended query tag values, and its series' and study's (it
+    may be their first instance)."""
+    tags = querytags.active(database) if tags is None else tags
+    if not tags:
+        return
+    p = database.param
+    series_id, study_id = database.execute_sql(
+        f"SELECT i.series_id, s.study_id FROM instance i JOIN series s ON i.series_id = s.id "
+        f"WHERE i.id = {p}",
+        (instance_id,),
+    ).fetchone()
+    for level, entity in (("IMAGE", instance_id), ("SERIES", series_id), ("STUDY", study_id)):
+        querytags.refresh(database, level, [entity], tags)
 
 
 def mark_replacing(sop_uid: str) -> None:
@@ -366,6 +395,8 @@ def delete_rows(level: str, uid: str) -> tuple[int, str, str]:
     rows = cast(list[tuple[int, int]], list(pairs))  # peewee types rows as models
     if not rows:
         return 0, "", ""
+    tagged = QueryTag.select().exists()
+    instances = [i for (i,) in scope.tuples()] if tagged else []
     removed = Instance.delete().where(Instance.id.in_(scope)).execute()
     emptied = [s for s, _ in rows if not Instance.select().where(Instance.series == s).exists()]
     Series.delete().where(Series.id.in_(emptied)).execute()
@@ -373,7 +404,23 @@ def delete_rows(level: str, uid: str) -> tuple[int, str, str]:
     patient = Patient.get_by_id(study.patient_id)
     _recount_study(study)
     _recount_patient(patient)
+    if tagged:
+        _deleted_values(instances, [s for s, _ in rows], emptied, study.id)
     return removed, patient.patient_id, study.study_uid
+
+
+def _deleted_values(instances: list[int], series: list[int], emptied: list[int], study: int):
+    """Extended query tag values of deleted rows go; a series or study that stays may
+    have another first instance now."""
+    database = Instance._meta.database
+    tags = querytags.active(database)
+    querytags.forget(database, "IMAGE", instances)
+    querytags.forget(database, "SERIES", emptied)
+    querytags.refresh(database, "SERIES", set(series) - set(emptied), tags)
+    if Study.select().where(Study.id == study).exists():
+        querytags.refresh(database, "STUDY", [study], tags)
+    else:
+        querytags.forget(database, "STUDY", [study])
 
 
 def _recount_study(study: Study) -> None:

@@ -29,6 +29,7 @@ from storage.files import instance_path
 from storage.models import MODELS
 from storage.models import Change
 from storage.models import Instance
+from storage.models import QueryTag
 from storage.models import db
 from storage.retention import TRASH
 
@@ -109,10 +110,16 @@ class Maintenance:
     def reindex(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
         """Rebuild the index from the files alone; `progress()` after each file. The change
         feed is kept, numbering on: each file indexed is a "create" by "reindex" (what a
-        follower holds stays valid; rows whose file had gone leave no "delete")."""
+        follower holds stays valid; rows whose file had gone leave no "delete"). Extended
+        query tags are kept; their values are written again with the rows."""
         with db.connection_context():
-            db.drop_tables([model for model in MODELS if model is not Change])
+            kept = (Change, QueryTag)
+            db.drop_tables([model for model in MODELS if model not in kept])
             schema.upgrade(db)
+            QueryTag.delete().where(QueryTag.state == "removing").execute()
+            QueryTag.update(
+                state="ready", worker="", end_id=None, mark=0, done=0, total=0
+            ).execute()
         report = ReconcileReport()
         for path in self._files():
             self._adopt(path, report, "reindex")

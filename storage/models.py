@@ -12,6 +12,7 @@ from peewee import BooleanField
 from peewee import Database
 from peewee import DatabaseProxy
 from peewee import DateTimeField
+from peewee import DoubleField
 from peewee import ForeignKeyField
 from peewee import IntegerField
 from peewee import Model
@@ -210,6 +211,52 @@ class Change(BaseModel):
         table_name = "changefeed"
 
 
+# Extended query tags (storage.querytags): an attribute made a matching key at a level
+# (STUDY, SERIES, IMAGE). Private ones name their element by group and low byte (`tag` is
+# gggg00ee) and its Private Creator; the block differs between files. Back-fill: `state`
+# adding until every entity up to `end_id` (the highest id when it began) has its values;
+# `mark` is the last entity done, `done` of `total` the progress; `worker` holds the
+# back-fill (or removal) until `lease_until`.
+class QueryTag(BaseModel):
+    tag = BigIntegerField()  # gggg,eeee as one number (0xFFFE0000 needs 64 bits)
+    creator = TextField(default="")
+    keyword = TextField(default="")
+    vr = TextField()
+    level = TextField()
+    state = TextField(default="adding")  # adding, ready, removing
+    end_id = BigIntegerField(null=True)
+    mark = BigIntegerField(default=0)
+    done = BigIntegerField(default=0)
+    total = BigIntegerField(default=0)
+    worker = TextField(default="")
+    lease_until = TextField(default="")  # UTC ISO 8601
+    created_at = TextField()
+
+    class Meta:
+        indexes = ((("tag", "creator"), True),)
+
+
+# The values of an extended query tag, one row per value of each entity (`entity`: the id of
+# the study, series or instance row, by the tag's level): `text` as matching compares it
+# (TM as HHMMSS.ffffff), `folded` a PN's upper-case alphabetic group, `number` a number's
+# value. Each matching form has its index, so a key is an indexed IN (SELECT entity ...).
+class QueryValue(BaseModel):
+    tag = ForeignKeyField(QueryTag, lazy_load=False, index=False)
+    tag_id: int  # the key's value, peewee's accessor beside `tag`
+    entity = IntegerField()
+    text = TextField(default="")
+    folded = TextField(null=True)
+    number = DoubleField(null=True)
+
+    class Meta:
+        indexes = (
+            (("tag", "text", "entity"), False),
+            (("tag", "folded", "entity"), False),
+            (("tag", "number", "entity"), False),
+            (("tag", "entity"), False),
+        )
+
+
 # One row: the schema version this index is at (storage.schema migrates older ones).
 class SchemaVersion(BaseModel):
     version = IntegerField()
@@ -229,5 +276,7 @@ MODELS = (
     WorklistItem,
     PerformedStep,
     Change,
+    QueryTag,
+    QueryValue,
     SchemaVersion,
 )

@@ -8,17 +8,25 @@ them all. One answer per matching entity of the level, never per instance.
 
 Hierarchy is lenient (PS3.4 C.4.1.2.2 allows it): unique keys of the levels above the
 query level restrict the answer when given and are not required.
+
+Extended query tags (storage.querytags) are matched in SQL too, once back-filled: the same
+conditions, on the indexed `queryvalue` rows of the tag instead of a column. Private keys
+name their Private Creator (Key.creator); their block is looked up in each dataset.
 """
 
+import base64
 import json
 import re
+import struct
 from collections.abc import Callable
 from collections.abc import Collection
 from collections.abc import Iterator
 from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from peewee import SQL
 from peewee import CommaNodeList
 from peewee import Expression
 from peewee import Field
@@ -29,6 +37,8 @@ from storage.dataset import name_key
 from storage.dataset import time_key
 from storage.models import Instance
 from storage.models import Patient
+from storage.models import QueryTag
+from storage.models import QueryValue
 from storage.models import Series
 from storage.models import Study
 from storage.models import StudyModality
@@ -45,6 +55,10 @@ MODELS = ("PATIENT", "STUDY")  # Patient Root, Study Root
 # VRs on which * and ? are wildcards (PS3.4 C.2.2.2.4); elsewhere they are plain text.
 WILDCARD_VRS = {"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UR", "UT"}
 RANGE_VRS = {"DA", "TM", "DT"}
+# Numbers match by value ("5" finds 5.0); PS3.4 C.2.2.2.5 defines ranges for DA/TM/DT only.
+BINARY_NUMBERS = {"US": "H", "SS": "h", "UL": "L", "SL": "l", "FL": "f", "FD": "d",
+                  "UV": "Q", "SV": "q"}  # fmt: skip
+NUMBER_VRS = {"IS", "DS", *BINARY_NUMBERS}
 
 
 class QueryError(ValueError):
@@ -58,6 +72,7 @@ class Key:
     tag: int
     vr: str
     value: Any  # str, list of str (UID lists), or list of item dicts (sequence matching)
+    creator: str = ""  # a private element's Private Creator: its block varies by dataset
 
     @property
     def hex(self) -> str:
@@ -141,7 +156,9 @@ def find(
     level = level.upper().strip()
     if level not in LEVELS:
         raise QueryError(f"Query/Retrieve Level {level!r} is not one of {', '.join(LEVELS)}")
-    query, post = _select(level, keys, model, options)
+    resolved = _resolve(keys)
+    keys = resolved[0]
+    query, post = _select(level, keys, model, options, resolved=resolved)
     if not post:
         if offset:
             query = query.offset(offset)
@@ -152,7 +169,7 @@ def find(
     needs_json = bool(post) or options.all_attributes or _needs_json(keys, level)
     for row in _rows(query):
         stored = _stored_json(level, row) if needs_json else {}
-        if post and not all(_matches(stored.get(k.hex), k, options) for k in post):
+        if post and not all(_matches(element_of(stored, k), k, options) for k in post):
             continue
         if post:
             if skipped < offset:
@@ -197,8 +214,16 @@ def _rows(query, batch: int = 256) -> Iterator[dict[str, Any]]:
             yield dict(zip(names, values, strict=True))
 
 
-def _select(level: str, keys: list[Key], model: str, options: Options, limit_to: str = ""):
-    """The SQL for `level` with every indexed condition, and the keys left for Python."""
+def _select(
+    level: str,
+    keys: list[Key],
+    model: str,
+    options: Options,
+    limit_to: str = "",
+    resolved: tuple[list[Key], list[QueryTag | None]] | None = None,
+):
+    """The SQL for `level` with every indexed condition, and the keys left for Python;
+    `resolved`: what _resolve made of `keys` already."""
     if model not in MODELS:
         raise QueryError(f"unknown information model {model!r}")
     if model == "STUDY" and level == "PATIENT":
@@ -210,10 +235,21 @@ def _select(level: str, keys: list[Key], model: str, options: Options, limit_to:
     combined = _combined_datetime(keys) if options.combined_datetime else None
     if combined is not None:
         query = query.where(combined)
-    for key in keys:
-        if key.tag in (QUERY_LEVEL, CHARSET) or _empty(key.value):
+    keys, extended = resolved or _resolve(keys)
+    for key, tag in zip(keys, extended, strict=True):
+        if key.tag in (QUERY_LEVEL, CHARSET) or _empty(key.value) or is_creator(key.tag):
             continue
         if combined is not None and key.tag in (STUDY_DATE, STUDY_TIME):
+            continue
+        if tag is not None:
+            # Until back-filled, and at a level above the tag's (which answers from the
+            # first instance's JSON, as before), it is matched on the stored JSON.
+            ready = tag.state == "ready" and tag.level in allowed
+            condition = _extended_condition(key, tag, options) if ready else None
+            if condition is None:
+                post.append(key)
+            else:
+                query = query.where(condition)
             continue
         owner = COLUMNS.get(key.tag, (SPECIAL.get(key.tag), None))[0]
         if owner is not None and owner not in allowed:
@@ -226,20 +262,70 @@ def _select(level: str, keys: list[Key], model: str, options: Options, limit_to:
     return query, post
 
 
+def is_creator(tag: int) -> bool:
+    """A Private Creator element (gggg,0010-00FF of an odd group): it names a block, it is
+    not a match key."""
+    return bool((tag >> 16) & 1) and 0x10 <= (tag & 0xFFFF) <= 0xFF
+
+
+def registered_tag(tag: int) -> int:
+    """A key's tag as extended query tags register it: a private element without its block
+    (gggg,00ee)."""
+    if (tag >> 16) & 1 and (tag & 0xFFFF) >= 0x1000:
+        return tag & 0xFFFF00FF
+    return tag
+
+
+def _resolve(keys: list[Key]) -> tuple[list[Key], list[QueryTag | None]]:
+    """The keys with the VR of their extended query tag (storage.querytags), and the tag of
+    each (None: not one). The tags are read with each query that has a candidate (match
+    keys beyond the columns, private keys): the table is a few rows, and a tag added or
+    removed a moment ago is seen at once."""
+    wanted = [
+        registered_tag(key.tag)
+        if key.vr != "SQ"
+        and not is_creator(key.tag)
+        and (
+            key.creator
+            or (key.tag not in COLUMNS and key.tag not in SPECIAL and not _empty(key.value))
+        )
+        else None
+        for key in keys
+    ]
+    numbers = sorted({tag for tag in wanted if tag is not None})
+    if not numbers:
+        return keys, [None] * len(keys)
+    rows = QueryTag.select().where(QueryTag.tag.in_(numbers))
+    by_tag = {(row.tag, row.creator): row for row in rows}
+    tags = [by_tag.get((tag or 0, key.creator)) for key, tag in zip(keys, wanted, strict=True)]
+    return [
+        key if tag is None else replace(key, vr=tag.vr, value=_as_vr(key.value, key.vr, tag.vr))
+        for key, tag in zip(keys, tags, strict=True)
+    ], tags
+
+
 def keys_from_dataset(ds: Dataset) -> list[Key]:
-    """The keys of a C-FIND/C-MOVE/C-GET identifier, text decoded by its character set."""
+    """The keys of a C-FIND/C-MOVE/C-GET identifier, text decoded by its character set; a
+    private element with the Private Creator of its block."""
     keys = []
     for elem in ds:
         if elem.tag.group == 0x0002:
             continue
+        tag = int(elem.tag)
+        creator = ""
+        if registered_tag(tag) != tag:
+            found = ds.get(((tag >> 16) << 16) | ((tag >> 8) & 0xFF))
+            creator = str(found.value or "").strip() if found is not None else ""
         if elem.VR == "SQ":
             items = [item.to_json_dict(1024, lambda e: "") for item in elem.value]
-            keys.append(Key(int(elem.tag), "SQ", items))
+            keys.append(Key(tag, "SQ", items, creator))
+        elif isinstance(elem.value, bytes):  # UN (implicit VR, private): bytes as latin-1
+            keys.append(Key(tag, elem.VR, elem.value.decode("latin-1"), creator))
         elif elem.VM > 1:
-            keys.append(Key(int(elem.tag), elem.VR, [str(v) for v in elem.value]))
+            keys.append(Key(tag, elem.VR, [str(v) for v in elem.value], creator))
         else:
             value = elem.value
-            keys.append(Key(int(elem.tag), elem.VR, "" if value is None else str(value)))
+            keys.append(Key(tag, elem.VR, "" if value is None else str(value), creator))
     return keys
 
 
@@ -343,7 +429,11 @@ def _condition(key: Key, options: Options) -> Expression | None:
         return _range(Study.time_key, str(key.value), time=True)
     if key.tag not in COLUMNS:
         return None
-    field = COLUMNS[key.tag][1]
+    return _value_condition(COLUMNS[key.tag][1], key)
+
+
+def _value_condition(field: Field, key: Key) -> Expression | None:
+    """`field` (a column, or the text of extended tag values) matches the key's value."""
     if key.vr == "SQ":
         return None
     if key.vr in RANGE_VRS:
@@ -396,8 +486,11 @@ def _single(field: Field, value: str, vr: str) -> Expression:
     return field == value
 
 
-def _name_condition(value: str, options: Options) -> Expression | None:
-    """PN: the alphabetic group through the indexed key; other groups are matched in Python."""
+def _name_condition(
+    value: str, options: Options, name: Field = Patient.patient_name, key: Field = Patient.name_key
+) -> Expression | None:
+    """PN: the alphabetic group through the indexed key (`key`: dataset.name_key of the
+    `name`); other groups are matched in Python."""
     groups = value.split("=")
     if len(groups) > 1 and any(g.strip() for g in groups[1:]):
         return None
@@ -405,13 +498,51 @@ def _name_condition(value: str, options: Options) -> Expression | None:
     if options.fuzzy_names and not any(c in alphabetic for c in "*?"):
         start = name_key(alphabetic)
         return (
-            wildcard_condition(Patient.name_key, f"{start}*")
-            | wildcard_condition(Patient.name_key, f"*^{start}*")
-            | wildcard_condition(Patient.name_key, f"* {start}*")
+            wildcard_condition(key, f"{start}*")
+            | wildcard_condition(key, f"*^{start}*")
+            | wildcard_condition(key, f"* {start}*")
         )
     if not options.pn_case_insensitive:
-        return _single(Patient.patient_name, value, "PN") if "=" not in value else None
-    return _single(Patient.name_key, name_key(alphabetic), "PN")
+        return _single(name, value, "PN") if "=" not in value else None
+    return _single(key, name_key(alphabetic), "PN")
+
+
+LEVEL_IDS = {"STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}
+
+
+def _extended_condition(key: Key, tag: QueryTag, options: Options) -> Node | None:
+    """The entities of the tag's level with a value matching the key (any value of a
+    multi-valued attribute, PS3.4 C.2.2.2): the rules of the standard keys, applied to
+    the tag's indexed values. None: matched in Python (a multi-valued query, PN groups)."""
+    value = key.value
+    condition: Node | None
+    if isinstance(value, list) and key.vr != "UI":
+        return None
+    if key.vr == "PN":
+        condition = _name_condition(str(value), options, QueryValue.text, QueryValue.folded)
+    elif key.vr in NUMBER_VRS:
+        number = to_number(str(value))
+        condition = SQL("1 = 0") if number is None else QueryValue.number == number
+    elif key.vr == "TM":
+        condition = _range(QueryValue.text, str(value), time=True)
+    else:
+        condition = _value_condition(QueryValue.text, key)
+    if condition is None:
+        return None
+    entities = QueryValue.select(QueryValue.entity).where((QueryValue.tag == tag.id) & condition)
+    return LEVEL_IDS[tag.level].in_(entities)
+
+
+def _as_vr(value: Any, vr: str, wanted: str) -> Any:
+    """A key's value read as the tag's registered VR: a private element of an implicit VR
+    identifier arrives as UN (its bytes, as latin-1 text; keys_from_dataset)."""
+    if vr != "UN" or not isinstance(value, str):
+        return value
+    if wanted in BINARY_NUMBERS:
+        values = [str(v) for v in _unpack(value.encode("latin-1"), wanted)]
+    else:
+        values = [v.strip(" \0") for v in value.rstrip("\0 ").split("\\")]
+    return values[0] if len(values) == 1 else values
 
 
 def _range(field: Field, value: str, time: bool = False) -> Expression:
@@ -438,17 +569,25 @@ def _range(field: Field, value: str, time: bool = False) -> Expression:
 
 def _matches(element: dict | None, key: Key, options: Options) -> bool:
     """Does the stored element match `key` (a key with a value)?"""
-    values = _values(element)
     if key.vr == "SQ":
         items = (element or {}).get("Value") or []
         wanted = [item for item in key.value if item]
         return all(any(_item_matches(item, q, options) for item in items) for q in wanted)
+    values = element_texts(element, key.vr)
     queries = key.value if isinstance(key.value, list) else [key.value]
     queries = [str(q) for q in queries]
     if key.vr == "UI":
         uids = {u.strip() for q in queries for u in q.split("\\") if u.strip()}
         return any(v in uids for v in values)
     query = queries[0].strip()
+    if key.vr in NUMBER_VRS:
+        number = to_number(query)
+        return number is not None and number in element_numbers(element, key.vr)
+    if key.vr == "TM":  # as the SQL compares it (_range): HHMMSS.ffffff, precision covered
+        low, _, high = query.partition("-") if "-" in query else (query, "", query)
+        low, high = time_key(low), time_key(high, upper=True)
+        times = [time_key(v) for v in values]
+        return any(t and (not low or t >= low) and (not high or t <= high) for t in times)
     if key.vr in RANGE_VRS and "-" in query:
         low, _, high = query.partition("-")
         return any(v and (not low or v >= low) and (not high or v <= high) for v in values)
@@ -502,6 +641,69 @@ def _comparator(query: str, vr: str, options: Options) -> Callable[[str], bool]:
 def _text_match(query: str, value: str, fold: bool) -> bool:
     value = value.upper() if fold else value
     return wildcard_matches(query, value) if has_wildcards(query) else value == query
+
+
+def element_of(stored: dict, key: Key) -> dict | None:
+    """The stored element a key names: a private one by its creator's block in `stored`."""
+    if not key.creator:
+        return stored.get(key.hex)
+    group = f"{key.tag >> 16:04X}"
+    for tag_hex, element in stored.items():
+        if not tag_hex.startswith(group) or not is_creator(int(tag_hex, 16)):
+            continue
+        if [str(v).strip() for v in element.get("Value") or []] == [key.creator]:
+            return stored.get(f"{group}{tag_hex[6:8]}{key.tag & 0xFF:02X}")
+    return None
+
+
+def element_texts(element: dict | None, vr: str) -> list[str]:
+    """The values of a stored element as text (PN as 'A=I=P'); a UN element (a private one
+    of an implicit VR file) decoded as `vr` says."""
+    if element and "InlineBinary" in element and element.get("vr") == "UN" and vr != "UN":
+        raw = base64.b64decode(element["InlineBinary"])
+        if vr in BINARY_NUMBERS:
+            return [str(n) for n in _unpack(raw, vr)]
+        text = raw.decode("utf-8", "replace").rstrip("\0 ")
+        return [v.strip(" \0") for v in text.split("\\")] if text else []
+    return _values(element)
+
+
+def element_numbers(element: dict | None, vr: str) -> list[float]:
+    """The values of a stored number element (IS, DS, US, FD, …) as numbers."""
+    if element and "Value" in element:
+        found = [to_number(str(v)) for v in element["Value"] if v is not None]
+    else:
+        found = [to_number(v) for v in element_texts(element, vr)]
+    return [n for n in found if n is not None]
+
+
+def _decoded(element: dict, vr: str) -> dict:
+    """A UN element as DICOM JSON of the VR its extended query tag registers."""
+    values: list[Any]
+    if vr in NUMBER_VRS:
+        numbers = element_numbers(element, vr)
+        values = [int(n) if vr not in ("DS", "FL", "FD") else n for n in numbers]
+    elif vr == "PN":
+        names = ("Alphabetic", "Ideographic", "Phonetic")
+        values = [dict(zip(names, v.split("="), strict=False)) for v in element_texts(element, vr)]
+    else:
+        values = element_texts(element, vr)
+    return {"vr": vr, "Value": values} if values else {"vr": vr}
+
+
+def to_number(text: str) -> float | None:
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return None
+    return number if number == number else None  # NaN matches nothing
+
+
+def _unpack(raw: bytes, vr: str) -> tuple:
+    size = struct.calcsize("<" + BINARY_NUMBERS[vr])
+    return struct.unpack(
+        "<" + BINARY_NUMBERS[vr] * (len(raw) // size), raw[: len(raw) // size * size]
+    )
 
 
 def _values(element: dict | None) -> list[str]:
@@ -636,7 +838,7 @@ def _answer(level: str, plan: list[tuple[str, Getter]], row: dict, stored: dict,
 
 
 def _getter(key: Key, level: str, options: Options) -> Getter:
-    tag, tag_hex = key.tag, key.hex
+    tag = key.tag
     if tag in COMPUTED:
         vr, _, field = COMPUTED[tag]
         column = f"{field.model._meta.table_name}_{field.name}"
@@ -652,6 +854,9 @@ def _getter(key: Key, level: str, options: Options) -> Getter:
         return computed
     if tag == INSTANCE_AVAILABILITY:
         return lambda row, stored: {"vr": "CS", "Value": ["ONLINE"]}
+    if is_creator(tag) and isinstance(key.value, str) and key.value.strip():
+        creator = {"vr": "LO", "Value": [key.value.strip()]}  # the block the query chose
+        return lambda row, stored: creator
     from_columns = _from_columns(tag, level)
     empty = key.vr or "UN"
 
@@ -661,9 +866,11 @@ def _getter(key: Key, level: str, options: Options) -> Getter:
         if tag == RETRIEVE_AET:
             aet = options.retrieve_aet
             return {"vr": "AE", "Value": [aet]} if aet else {"vr": "AE"}
-        element = stored.get(tag_hex)
+        element = element_of(stored, key)
         if element is None:
             return {"vr": empty}
+        if element.get("vr") == "UN" and "InlineBinary" in element and key.vr not in ("", "UN"):
+            return _decoded(element, key.vr)  # a registered private tag of an implicit VR file
         if "BulkDataURI" in element or "InlineBinary" in element:
             return {"vr": element["vr"]}  # binary values are not C-FIND answers
         return element

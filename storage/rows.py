@@ -73,3 +73,25 @@ class ChangeEntry:
     who: str
     state: str
     metadata: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryTagRow:
+    """An extended query tag (storage.querytags) and how far its back-fill is."""
+
+    id: int
+    tag: int  # a private one without its block: gggg,00ee
+    creator: str  # its Private Creator; '' for a standard attribute
+    keyword: str
+    vr: str
+    level: str  # STUDY, SERIES or IMAGE
+    state: str  # adding (back-filling), ready, removing
+    done: int  # entities back-filled …
+    total: int  # … of those there were when it began
+
+    @property
+    def name(self) -> str:
+        """How `minipacs tags` and QIDO-RS name it: GGGGEEEE, or ggggxxee when private."""
+        if self.creator:
+            return f"{self.tag >> 16:04X}xx{self.tag & 0xFF:02X}"
+        return f"{self.tag:08X}"

@@ -19,6 +19,8 @@ from storage.models import Change
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import PerformedStep
+from storage.models import QueryTag
+from storage.models import QueryValue
 from storage.models import RouteItem
 from storage.models import SchemaVersion
 from storage.models import Series
@@ -80,8 +82,13 @@ def _v8(database: AnyDatabase) -> None:
     database.create_tables([Subscription])
 
 
+def _v9(database: AnyDatabase) -> None:
+    """Extended query tags (storage.querytags): their definitions and indexed values."""
+    database.create_tables([QueryTag, QueryValue])
+
+
 # MIGRATIONS[n] takes version n+1 to n+2
-MIGRATIONS: list[Callable[[AnyDatabase], None]] = [_v2, _v3, _v4, _v5, _v6, _v7, _v8]
+MIGRATIONS: list[Callable[[AnyDatabase], None]] = [_v2, _v3, _v4, _v5, _v6, _v7, _v8, _v9]
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 
@@ -144,6 +151,8 @@ COPY_ORDER = (
     ApiToken,
     Change,
     Subscription,
+    QueryTag,
+    QueryValue,
 )
 COPY_CHUNK = 2000
 
