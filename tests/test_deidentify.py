@@ -11,6 +11,7 @@ import pydicom
 import pytest
 import requests
 from conftest import TEST_FILES
+from conftest import Server
 from conftest import free_port
 from conftest import minipacs
 from conftest import run
@@ -24,6 +25,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import generate_uid
 
 from storage import deidentify
 from storage.deid_table import TABLE
@@ -286,10 +288,25 @@ def archive_args(server) -> list[str]:
     return ["--data", str(server.data)]
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the web and CLI tests, knowing RESEARCH (a storescp a test starts on
+    `server.research_port`); each test stores a study of its own patient and looks at it
+    alone."""
+    running = Server(
+        tmp_path_factory.mktemp("deidentify") / "data",
+        "--peer",
+        f"RESEARCH=127.0.0.1:{(research_port := free_port())}",
+    )
+    running.research_port = research_port
+    yield running.start()
+    running.kill()
+
+
 def test_anonymize_to_a_folder_and_over_the_web_agree(server, tmp_path):
     """The CLI and both web routes use the archive's key: the same study gets the same new
     UIDs whichever way it leaves. The archive keeps the originals."""
-    study = make_study(tmp_path / "study", 3, size=32)
+    study = make_study(tmp_path / "study", 3, size=32, patient_id="DEID-WEB")
     storescu(server.port, *study)
     original = pydicom.dcmread(study[0])
     out = tmp_path / "out"
@@ -338,7 +355,9 @@ def test_anonymize_to_a_folder_and_over_the_web_agree(server, tmp_path):
     assert kept.status_code == 200 and original.PatientID in kept.text  # originals kept
     deadline = time.monotonic() + 10  # web events are queued, not awaited
     while True:
-        lines = minipacs("audit", "--json", *archive_args(server)).stdout.splitlines()
+        lines = minipacs(
+            "audit", "--json", "--patient", original.PatientID, *archive_args(server)
+        ).stdout.splitlines()
         kinds = [json.loads(line)["event"] for line in lines]
         if kinds.count("deidentify") == 2 or time.monotonic() > deadline:
             break
@@ -348,6 +367,8 @@ def test_anonymize_to_a_folder_and_over_the_web_agree(server, tmp_path):
 
 def test_web_requests_that_cannot_be_anonymized(server, tmp_path):
     burned = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    burned.StudyInstanceUID, burned.SeriesInstanceUID = generate_uid(), generate_uid()
+    burned.SOPInstanceUID = burned.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     burned.BurnedInAnnotation = "YES"
     burned.save_as(tmp_path / "burned.dcm")
     storescu(server.port, tmp_path / "burned.dcm")
@@ -369,12 +390,11 @@ def test_web_requests_that_cannot_be_anonymized(server, tmp_path):
     assert requests.get(base, params={"anonymize": "no"}, timeout=10).status_code == 400
 
 
-def test_anonymize_to_a_peer(start_server, tmp_path):
-    dest_port, received = free_port(), tmp_path / "received"
+def test_anonymize_to_a_peer(server, tmp_path):
+    dest_port, received = server.research_port, tmp_path / "received"
     receiver = storescp(dest_port, received, "-aet", "RESEARCH")
     try:
-        server = start_server("--peer", f"RESEARCH=127.0.0.1:{dest_port}")
-        study = make_study(tmp_path / "study", 2, size=32)
+        study = make_study(tmp_path / "study", 2, size=32, patient_id="DEID-PEER")
         storescu(server.port, *study)
         original = pydicom.dcmread(study[0])
         key = tmp_path / "project.key"
