@@ -304,7 +304,9 @@ def test_patient_root_levels_with_derived_counts(corpus):
     )
     assert {value(s, "0020000E") for s in found} == series_a
     series_uid, sops = made["B"]["series"][0]
-    found = find(corpus, "IMAGE", keys("IMAGE", SeriesInstanceUID=series_uid, SOPInstanceUID=""))
+    found = find(
+        corpus, "IMAGE", keys("IMAGE", SeriesInstanceUID=series_uid, SOPInstanceUID=""), "PATIENT"
+    )
     assert sorted(value(i, "00080018") for i in found) == sorted(sops)
 
 
