@@ -5,6 +5,8 @@ the modality; instances not stored, or whose file changed on disk, are not commi
 import time
 
 import pydicom
+import pytest
+from conftest import Server
 from conftest import free_port
 from conftest import minipacs
 from conftest import storescu
@@ -51,6 +53,19 @@ def stored_study(server, tmp_path, count: int) -> list[Dataset]:
     return [pydicom.dcmread(path, stop_before_pixels=True) for path in files]
 
 
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the module, knowing MODALITY (a listener a test starts on
+    `server.modality_port`); each test commits only instances it stored itself."""
+    port = free_port()
+    running = Server(
+        tmp_path_factory.mktemp("commitment") / "data", "--peer", f"MODALITY=127.0.0.1:{port}"
+    )
+    running.modality_port = port
+    yield running.start()
+    running.kill()
+
+
 def test_report_over_the_requesting_association(server, tmp_path):
     stored = stored_study(server, tmp_path, 3)
     reports: list = []
@@ -80,19 +95,17 @@ def test_report_over_the_requesting_association(server, tmp_path):
     assert failed.ReferencedSOPInstanceUID == "1.2.3.4.5" and failed.FailureReason == 0x0112
 
 
-def test_report_over_a_new_association_and_a_changed_file(start_server, tmp_path):
+def test_report_over_a_new_association_and_a_changed_file(server, tmp_path):
     reports: list = []
     modality = AE(ae_title="MODALITY")
     # minipacs, the requestor of this association, acts as the SCP (role selection)
     modality.add_supported_context(STORAGE_COMMITMENT, scu_role=False, scp_role=True)
-    port = free_port()
     listener = modality.start_server(
-        ("127.0.0.1", port),
+        ("127.0.0.1", server.modality_port),
         block=False,
         evt_handlers=[(evt.EVT_N_EVENT_REPORT, recorder(reports))],
     )
     try:
-        server = start_server("--peer", f"MODALITY=127.0.0.1:{port}")
         stored = stored_study(server, tmp_path, 2)
         changed = next(server.data.glob(f"*/*/{stored[1].SOPInstanceUID}.dcm"))
         changed.write_bytes(changed.read_bytes() + b"\0\0")  # the disk no longer holds it
