@@ -172,16 +172,17 @@ def test_layout_1x2_shows_the_prior_study(page, server, study):
 
 
 def test_viewports_on_one_frame_of_reference_scroll_together(page, server, study):
-    """The 2 mm series dropped beside the 1 mm one follows it by position (z = 8 is its
-    4th slice, not its 8th); with sync off it stays; a coronal beside it shows the axial
+    """The 1 mm series follows the 2 mm one dropped beside it, and the other way round, by
+    position (z = 8 is the 2 mm series' 4th slice, not its 8th); with sync off it stays; a coronal beside it shows the axial
     slice as a reference line."""
     open_current(page, server, study)
     page.keyboard.press("l")  # 1×2
     expect(pane(page, 2).locator(".counter")).not_to_have_text("")
     page.locator(".series-item", has_text="Axial 2 mm").drag_to(pane(page, 2).locator(".stage"))
     expect(pane(page, 2).locator(".counter")).to_have_text("1 / 10")
+    expect(pane(page, 1).locator(".counter")).to_have_text("2 / 20")  # followed it to z = 2
     pane(page, 1).locator(".stage").focus()
-    for _ in range(7):
+    for _ in range(6):
         page.keyboard.press("ArrowDown")
     expect(pane(page, 1).locator(".counter")).to_have_text("8 / 20")
     expect(pane(page, 2).locator(".counter")).to_have_text("4 / 10")

@@ -1,6 +1,6 @@
-// The viewer's DICOMweb client: QIDO-RS searches, instance metadata and rendered images,
-// all from this server (same origin), through fetch with AbortSignals so stale requests
-// can be cancelled.
+// The viewer's client of its server: DICOMweb (QIDO-RS searches, metadata and rendered
+// images) and the viewer API under /api (geometry, ROI statistics, saved measurements),
+// all same origin, through fetch with AbortSignals so stale requests can be cancelled.
 
 export const ROOT = "/dicom-web";
 
@@ -71,37 +71,6 @@ export async function instanceMetadata(study, series, sop, signal) {
   return items[0];
 }
 
-// -- the viewer API (docs/viewer-api.md): what PS3.18 has no resource for ----------------
-
-async function api(path, { signal, method = "GET", body } = {}) {
-  const headers = body === undefined ? {} : { "Content-Type": "application/json" };
-  const response = await fetch(`/api${path}`, { signal, method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  await check(response);
-  return response.json();
-}
-
-// The series' geometry: positions, orientation, spacing and its kind of every instance,
-// and whether they form a volume.
-export function seriesGeometry(study, series, signal) {
-  return api(`/studies/${study}/series/${series}/geometry`, { signal });
-}
-
-// ROI statistics in modality units: `shape` "ellipse" or "rectangle" in the box of two
-// image points.
-export function roiStatistics(study, series, sop, frame, shape, [[x0, y0], [x1, y1]], signal) {
-  const params = new URLSearchParams({ shape, x0, y0, x1, y1, frame });
-  return api(`/studies/${study}/series/${series}/instances/${sop}/roi?${params}`, { signal });
-}
-
-// The study's newest saved measurement report, and saving one (SR TID 1500 + KOS).
-export function savedMeasurements(study, signal) {
-  return api(`/studies/${study}/measurements`, { signal });
-}
-
-export function saveMeasurements(study, report, signal) {
-  return api(`/studies/${study}/measurements`, { signal, method: "POST", body: report });
-}
-
 export function seriesMetadata(study, series, signal) {
   return getJSON(`/studies/${study}/series/${series}/metadata`, null, signal);
 }
@@ -132,6 +101,37 @@ export async function fetchBitmap(url, signal) {
 
 function round(value) {
   return Math.round(value * 100) / 100;
+}
+
+// -- the viewer API (docs/viewer-api.md): what PS3.18 has no resource for ----------------
+
+async function api(path, { signal, method = "GET", body } = {}) {
+  const headers = body === undefined ? {} : { "Content-Type": "application/json" };
+  const response = await fetch(`/api${path}`, { signal, method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  await check(response);
+  return response.json();
+}
+
+// The series' geometry: positions, orientation, spacing and its kind of every instance,
+// and whether they form a volume.
+export function seriesGeometry(study, series, signal) {
+  return api(`/studies/${study}/series/${series}/geometry`, { signal });
+}
+
+// ROI statistics in modality units: `shape` "ellipse" or "rectangle" in the box of two
+// image points.
+export function roiStatistics(study, series, sop, frame, shape, [[x0, y0], [x1, y1]], signal) {
+  const params = new URLSearchParams({ shape, x0, y0, x1, y1, frame });
+  return api(`/studies/${study}/series/${series}/instances/${sop}/roi?${params}`, { signal });
+}
+
+// The study's newest saved measurement report, and saving one (SR TID 1500 + KOS).
+export function savedMeasurements(study, signal) {
+  return api(`/studies/${study}/measurements`, { signal });
+}
+
+export function saveMeasurements(study, report, signal) {
+  return api(`/studies/${study}/measurements`, { signal, method: "POST", body: report });
 }
 
 // -- reading DICOM JSON --------------------------------------------------------------

@@ -49,7 +49,7 @@ export const KEYS = [
 export function commandFor(event) {
   if (event.altKey || event.ctrlKey || event.metaKey) return null;
   const target = event.target.closest ? event.target : null;
-  if (target && target.closest("input, select, textarea, dialog")) return null;
+  if (target && target.closest("input, select, textarea, dialog[open]")) return null; // a closed one may keep the focus
   if (target && (event.key === " " || event.key === "Enter") && target.closest("button, a")) return null; // their own click
   for (const [keys, , , command] of KEYS) {
     if (keys.includes(event.key)) return command;
