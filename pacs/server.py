@@ -41,6 +41,7 @@ from pacs.worker import tune_malloc
 from storage import Archive
 from storage import indexer
 from storage import metrics
+from storage import querytags
 from storage import users
 from storage.engine import describe
 from viewer import create_app
@@ -101,6 +102,9 @@ def serve(config: Config) -> None:
         threading.Thread(target=http.run, name="http", daemon=True).start()
         threading.Thread(
             target=router.run, args=(archive, config, stop), name="router", daemon=True
+        ).start()
+        threading.Thread(  # extended query tags: back-fill and removal, resumed after a stop
+            target=querytags.run, args=(archive.query_tags, stop), name="query-tags", daemon=True
         ).start()
         threading.Thread(  # HTTP export jobs, one at a time; an unfinished one resumes
             target=export_jobs.run, args=(archive, config, stop), name="exports", daemon=True

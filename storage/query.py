@@ -37,7 +37,6 @@ from storage.dataset import name_key
 from storage.dataset import time_key
 from storage.models import Instance
 from storage.models import Patient
-from storage.models import QueryTag
 from storage.models import QueryValue
 from storage.models import Series
 from storage.models import Study
@@ -220,7 +219,7 @@ def _select(
     model: str,
     options: Options,
     limit_to: str = "",
-    resolved: tuple[list[Key], list[QueryTag | None]] | None = None,
+    resolved: tuple[list[Key], list["Extended | None"]] | None = None,
 ):
     """The SQL for `level` with every indexed condition, and the keys left for Python;
     `resolved`: what _resolve made of `keys` already."""
@@ -276,7 +275,7 @@ def registered_tag(tag: int) -> int:
     return tag
 
 
-def _resolve(keys: list[Key]) -> tuple[list[Key], list[QueryTag | None]]:
+def _resolve(keys: list[Key]) -> tuple[list[Key], list["Extended | None"]]:
     """The keys with the VR of their extended query tag (storage.querytags), and the tag of
     each (None: not one). The tags are read with each query that has a candidate (match
     keys beyond the columns, private keys): the table is a few rows, and a tag added or
@@ -295,13 +294,29 @@ def _resolve(keys: list[Key]) -> tuple[list[Key], list[QueryTag | None]]:
     numbers = sorted({tag for tag in wanted if tag is not None})
     if not numbers:
         return keys, [None] * len(keys)
-    rows = QueryTag.select().where(QueryTag.tag.in_(numbers))
-    by_tag = {(row.tag, row.creator): row for row in rows}
+    marks = ", ".join([db.param] * len(numbers))
+    rows = db.execute_sql(
+        f"SELECT id, tag, creator, vr, level, state FROM querytag WHERE tag IN ({marks})",
+        numbers,
+    ).fetchall()
+    by_tag = {(row[1], row[2]): Extended(*row) for row in rows}
     tags = [by_tag.get((tag or 0, key.creator)) for key, tag in zip(keys, wanted, strict=True)]
     return [
         key if tag is None else replace(key, vr=tag.vr, value=_as_vr(key.value, key.vr, tag.vr))
         for key, tag in zip(keys, tags, strict=True)
     ], tags
+
+
+@dataclass(frozen=True)
+class Extended:
+    """An extended query tag (storage.querytags) as matching needs it."""
+
+    id: int
+    tag: int
+    creator: str
+    vr: str
+    level: str
+    state: str
 
 
 def keys_from_dataset(ds: Dataset) -> list[Key]:
@@ -510,7 +525,7 @@ def _name_condition(
 LEVEL_IDS = {"STUDY": Study.id, "SERIES": Series.id, "IMAGE": Instance.id}
 
 
-def _extended_condition(key: Key, tag: QueryTag, options: Options) -> Node | None:
+def _extended_condition(key: Key, tag: "Extended", options: Options) -> Node | None:
     """The entities of the tag's level with a value matching the key (any value of a
     multi-valued attribute, PS3.4 C.2.2.2): the rules of the standard keys, applied to
     the tag's indexed values. None: matched in Python (a multi-valued query, PN groups)."""

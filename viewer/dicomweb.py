@@ -157,7 +157,7 @@ def search_instances(study: str | None = None, series: str | None = None) -> Res
 
 def _search(level: str, scope: dict[int, str]) -> Response:
     _json_type()
-    search = qido.parse(request.args, level, scope)
+    search = qido.parse(request.args, level, scope, _archive().query_tags.private)
     config = _config()
     options = query.Options(
         pn_case_insensitive=config.pn_case_insensitive,

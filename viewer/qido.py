@@ -5,10 +5,13 @@ dotted path (`RequestAttributesSequence.ScheduledProcedureStepID`). UID keys tak
 (comma or backslash, or the key repeated); ModalitiesInStudy takes a list too. Return keys
 are the level's defaults (PS3.18 Tables 10.6.3-3 to -5, plus the upper levels' when the
 search is not scoped to them) and every `includefield`; `includefield=all` returns every
-stored attribute of the level.
+stored attribute of the level. A private attribute registered as an extended query tag
+(`minipacs tags add`) is named as it is listed, `ggggxxee`; answers carry it in block
+gggg,10xx (then 11, … for another creator of the group) beside its Private Creator.
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pydicom.datadict import dictionary_VR
@@ -16,12 +19,17 @@ from pydicom.datadict import tag_for_keyword
 from werkzeug.datastructures import MultiDict
 
 from storage.query import Key
+from storage.query import is_creator
+from storage.rows import QueryTagRow
 from viewer.errors import WebError
 from viewer.errors import int_param
 
 RESERVED = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset"}
 MODALITIES_IN_STUDY = 0x00080061
 RETRIEVE_URL = 0x00081190
+PRIVATE_NAME = re.compile(r"([0-9A-Fa-f]{4})[xX]{2}([0-9A-Fa-f]{2})")
+# The registered private tags gggg,xxee: (group, element) → every creator's.
+PrivateTags = Callable[[int, int], list[QueryTagRow]]
 
 STUDY_DEFAULTS = (
     0x00080005, 0x00080020, 0x00080030, 0x00080050, 0x00080056, 0x00080061, 0x00080090,
@@ -49,15 +57,18 @@ class Search:
     all_attributes: bool
 
 
-def parse(args: MultiDict, level: str, scope: dict[int, str]) -> Search:
+def parse(
+    args: MultiDict, level: str, scope: dict[int, str], private: PrivateTags | None = None
+) -> Search:
     """The search a query string asks for at `level`; `scope` holds the UIDs of the path
-    (StudyInstanceUID for /studies/{study}/series, …)."""
+    (StudyInstanceUID for /studies/{study}/series, …); `private` finds registered private
+    tags."""
     keys: dict[int, Key] = {}
     for name in args:
         if name in RESERVED:
             continue
         values = [v for v in args.getlist(name)]
-        key = _match_key(name, values)
+        key = _private_key(name, values, keys, private) or _match_key(name, values)
         keys[key.tag] = key
     for tag, uid in scope.items():
         keys[tag] = Key(tag, "UI", uid)
@@ -68,6 +79,8 @@ def parse(args: MultiDict, level: str, scope: dict[int, str]) -> Search:
         for name in (v.strip() for v in value.split(",")):
             if name == "all":
                 all_attributes = True
+            elif key := _private_key(name, [""], keys, private):
+                keys.setdefault(key.tag, key)
             elif name:
                 wanted.append(_tag(name))
     for tag in wanted:
@@ -88,6 +101,35 @@ def _scope_level(scope: dict[int, str]) -> str:
     if 0x0020000D in scope:
         return "SERIES"
     return "STUDY"
+
+
+def _private_key(
+    name: str, values: list[str], keys: dict[int, Key], private: PrivateTags | None
+) -> Key | None:
+    """The key of a registered private tag `ggggxxee`, its Private Creator added to `keys`
+    in the group's next free block; None when `name` is not of that form."""
+    found = PRIVATE_NAME.fullmatch(name)
+    if found is None:
+        return None
+    group, element = int(found[1], 16), int(found[2], 16)
+    tags = private(group, element) if private else []
+    if not tags:
+        raise WebError(400, f"{name} is not a registered private query tag (minipacs tags add)")
+    if len(tags) > 1:
+        creators = ", ".join(repr(t.creator) for t in tags)
+        raise WebError(400, f"{name} is registered for several Private Creators: {creators}")
+    tag = tags[0]
+    used = {t & 0xFF: k.value for t, k in keys.items() if t >> 16 == group and is_creator(t)}
+    block = next((b for b, c in used.items() if c == tag.creator), None)
+    if block is None:
+        block = next(b for b in range(0x10, 0x100) if b not in used)
+        keys[(group << 16) | block] = Key((group << 16) | block, "LO", tag.creator)
+    if tag.vr == "UI":
+        items = [u.strip() for v in values for u in re.split(r"[,\\]", v) if u.strip()]
+        value: str | list[str] = items[0] if len(items) == 1 else items
+    else:
+        value = _one(name, values)
+    return Key((group << 16) | (block << 8) | element, tag.vr, value, tag.creator)
 
 
 def _match_key(name: str, values: list[str]) -> Key:

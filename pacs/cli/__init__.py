@@ -8,6 +8,7 @@ from pacs.cli import archive
 from pacs.cli import changes
 from pacs.cli import export
 from pacs.cli import remote
+from pacs.cli import tags
 from pacs.cli import workflow
 
 
@@ -33,6 +34,7 @@ for _command in (
     workflow.route_queue,
     changes.changes,
     workflow.subscribe_group,
+    tags.tags_group,
     remote.echo,
     remote.find,
     remote.send,
