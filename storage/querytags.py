@@ -123,6 +123,8 @@ def definition(name: str, level: str, creator: str = "", vr: str = "") -> dict[s
         raise TagError(f"{name} is private: give its Private Creator (--creator)")
     if not private and creator:
         raise TagError(f"{name} is a standard attribute: --creator is for private ones")
+    if tag >> 16 in (0x0000, 0x0002, 0xFFFE):
+        raise TagError(f"{name}: a command, file meta or item element, not an attribute")
     keyword = ""
     if private:
         vr = vr or _vr_in_data(tag, creator.strip())
@@ -472,5 +474,6 @@ def run(tags: QueryTags, stop: threading.Event) -> None:
         try:
             tags.work(worker, stop)
         except Exception:  # the index is down: look again later
-            log.exception("query tag back-fill round failed")
+            if not stop.is_set():  # (stopping: the archive may be closed under it)
+                log.exception("query tag back-fill round failed")
         stop.wait(POLL)
