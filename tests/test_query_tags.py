@@ -279,7 +279,7 @@ def test_a_tag_another_node_back_fills_is_matched_on_the_json_meanwhile(pacs):
     answers = cfind(server, "STUDY", StudyInstanceUID="", Manufacturer="GE*")
     assert labels(made, [a.StudyInstanceUID for a in answers]) == expected
     assert qido_labels(made, qido(server, "studies", Manufacturer="GE*")) == expected
-    assert listing(server)["Manufacturer"]["state"] == "adding"  # and counted as it goes
+    assert listing(server)["Manufacturer"]["state"] == "adding"  # as `tags list` shows it
 
     server.rows("UPDATE querytag SET lease_until = '2000-01-01' WHERE tag = ?", 0x00080070)
     wait_ready(server)
