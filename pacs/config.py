@@ -14,6 +14,7 @@ from typing import Any
 
 from storage import deidentify
 from storage import events
+from storage import objectstore
 from storage import routing
 from storage.engine import is_postgres_url
 
@@ -53,6 +54,47 @@ class Config:
         },
     )
     aet: str = field(default="MINIPACS", metadata={"help": "Our AE title."})
+    storage: str = field(
+        default="file",
+        metadata={
+            "help": "Where instances live: file (the data folder) or s3://bucket/prefix, an "
+            "S3-compatible object store, with the data folder as the durable first stop and "
+            "a cache (credentials: the AWS environment variables and files)."
+        },
+    )
+    storage_endpoint: str = field(
+        default="",
+        metadata={
+            "help": "URL of an S3-compatible store that is not AWS (MinIO, SeaweedFS, Ceph): "
+            "http://host:port; empty: AWS."
+        },
+    )
+    storage_region: str = field(
+        default="", metadata={"help": "Region of the bucket; empty: the AWS configuration's."}
+    )
+    storage_path_style: bool = field(
+        default=False,
+        metadata={
+            "help": "Address the bucket in the path (http://host/bucket/key), as most "
+            "on-premises stores need, rather than in the host name."
+        },
+    )
+    storage_cache_mb: int = field(
+        default=4096,
+        metadata={
+            "help": "Local copies of uploaded or fetched objects kept in the data folder "
+            "(MiB; least recently used go first). Instances not yet uploaded are not counted "
+            "and never removed."
+        },
+    )
+    storage_sync: bool = field(
+        default=False,
+        metadata={
+            "help": "Send Success (C-STORE, STOW-RS) only once the object store has the "
+            "instance, for a data folder on a disk not to be trusted; off: once durable in "
+            "the data folder, uploaded in the background."
+        },
+    )
     host: str = field(
         default="127.0.0.1",
         metadata={
@@ -360,6 +402,19 @@ class Config:
         """Whether other hosts can reach us: then nothing is open without a user or peer."""
         return self.host not in LOOPBACK
 
+    def object_store(self) -> objectstore.Settings | None:
+        """Where the archive keeps its objects (storage.objectstore); None: files only."""
+        if self.storage == "file":
+            return None
+        return objectstore.Settings(
+            self.storage,
+            endpoint=self.storage_endpoint,
+            region=self.storage_region,
+            path_style=self.storage_path_style,
+            cache_bytes=self.storage_cache_mb << 20,
+            sync=self.storage_sync,
+        )
+
     def event_options(self) -> events.Options:
         """What the archive puts into the events it queues (storage.events)."""
         return events.Options(source=events.source_for(self.aet), stable=self.study_stable)
@@ -471,9 +526,14 @@ def _convert(name: str, value: Any) -> Any:
         "session_hours",
         "login_failures",
         "login_lockout_minutes",
+        "storage_cache_mb",
     ):
         return _int(
-            value, name, 0 if name in ("max_pdu", "disk_reserve_mb", "volume_cache_mb") else 1
+            value,
+            name,
+            0
+            if name in ("max_pdu", "disk_reserve_mb", "volume_cache_mb", "storage_cache_mb")
+            else 1,
         )
     if name == "move_associations":
         number = _int(value, name, 1)
@@ -492,7 +552,14 @@ def _convert(name: str, value: Any) -> Any:
         if not 0 <= seconds <= 600:
             raise ConfigError(f"index_wait must be 0-600 seconds, not {value!r}")
         return seconds
-    if name in ("fsync", "accept_unknown_sop_classes", "pn_case_insensitive", "trust_proxy"):
+    if name in (
+        "fsync",
+        "accept_unknown_sop_classes",
+        "pn_case_insensitive",
+        "trust_proxy",
+        "storage_path_style",
+        "storage_sync",
+    ):
         return _bool(value, name)
     if name == "peer":
         items = value.split(",") if isinstance(value, str) else value
@@ -542,6 +609,19 @@ def _convert(name: str, value: Any) -> Any:
         text = str(value).strip()
         if text and not is_postgres_url(text):
             raise ConfigError(f"index must be empty (SQLite) or postgresql://…, not {text!r}")
+        return text
+    if name == "storage":
+        text = str(value).strip()
+        if text != "file":
+            try:
+                objectstore.parse_url(text)
+            except ValueError as exc:
+                raise ConfigError(f"storage must be file or s3://bucket/prefix: {exc}") from None
+        return text
+    if name == "storage_endpoint":
+        text = str(value).strip().rstrip("/")
+        if text and not text.startswith(("http://", "https://")):
+            raise ConfigError(f"storage_endpoint must be http(s)://host:port, not {text!r}")
         return text
     if name == "public_url":
         return str(value).rstrip("/")

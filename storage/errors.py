@@ -37,3 +37,17 @@ class OutOfResources(StorageError):
 class Refused(Exception):
     """A request the index turns down by its rules (a worklist item without a patient, an
     MPPS update of a finished step): an answer, not a failure of the archive."""
+
+
+class ObjectStoreError(StorageError):
+    """The object store (`storage = "s3://…"`) could not give or take an object: `pacs`
+    answers a DIMSE failure, `viewer` 503 with this message."""
+
+
+class StoreUnavailable(ObjectStoreError):
+    """The object store does not answer (down, unreachable, timing out)."""
+
+
+class ObjectMissing(ObjectStoreError):
+    """The index knows the instance but its object is not in the bucket (yet): another
+    node has not uploaded it, or it was lost."""

@@ -41,6 +41,9 @@ GAUGES = {  # read when the metrics are (`gauge`), or given by the web app at sc
     "minipacs_disk_free_bytes": "Free space on the data folder's filesystem",
     "minipacs_frame_cache_bytes": "Bytes of decoded frames kept for re-rendering (render_cache_mb)",
     "minipacs_volume_cache_bytes": "Bytes of volumes decoded for MPR (volume_cache_mb)",
+    "minipacs_object_cache_bytes": "Bytes of local copies of objects (storage_cache_mb)",
+    "minipacs_upload_backlog": "Instances the object store has not confirmed yet",
+    "minipacs_object_deletions_pending": "Deletions whose objects are not removed yet",
 }
 WRITE_EVERY = 1.0  # s between a worker's snapshots
 
@@ -82,6 +85,23 @@ INSTANCES_STORED = Counter("minipacs_instances_stored", "Instances stored (C-STO
                            registry=REGISTRY)  # fmt: skip
 BYTES_STORED = Counter("minipacs_bytes_stored", "Bytes of the instances stored",
                        registry=REGISTRY)  # fmt: skip
+OBJECT_CACHE_HITS = Counter("minipacs_object_cache_hits",
+                            "Reads of an instance found in the data folder (object store)",
+                            registry=REGISTRY)  # fmt: skip
+OBJECT_CACHE_MISSES = Counter("minipacs_object_cache_misses",
+                              "Reads of an instance fetched from the object store",
+                              registry=REGISTRY)  # fmt: skip
+OBJECT_CACHE_EVICTED = Counter("minipacs_object_cache_evicted",
+                               "Local copies of objects removed to stay within storage_cache_mb",
+                               registry=REGISTRY)  # fmt: skip
+OBJECTS_UPLOADED = Counter("minipacs_objects_uploaded", "Instances confirmed in the object store",
+                           registry=REGISTRY)  # fmt: skip
+OBJECT_BYTES_UPLOADED = Counter("minipacs_object_bytes_uploaded",
+                                "Bytes of instances confirmed in the object store",
+                                registry=REGISTRY)  # fmt: skip
+OBJECT_STORE_ERRORS = Counter("minipacs_object_store_errors",
+                              "Requests to the object store that failed, by operation",
+                              ["operation"], registry=REGISTRY)  # fmt: skip
 HTTP_REQUESTS = Counter("minipacs_http_requests", "HTTP requests, by method and status",
                         ["method", "code"], registry=REGISTRY)  # fmt: skip
 HTTP_SECONDS = Histogram("minipacs_http_request_seconds", "Time to answer an HTTP request",

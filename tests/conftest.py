@@ -20,6 +20,7 @@ CHARSET_FILES = TEST_FILES.parent / "charset_files"
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import pgtemp  # noqa: E402  (from scripts/)
+import s3temp  # noqa: E402  (from scripts/)
 
 from storage.engine import open_database  # noqa: E402
 
@@ -143,6 +144,15 @@ def postgres() -> Iterator[pgtemp.Cluster]:
     cluster = pgtemp.Cluster()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def s3store() -> Iterator[s3temp.Store]:
+    """An S3-compatible store (SeaweedFS) for the whole run; each module that asks makes
+    its own bucket (`s3store.bucket()`), and may stop and start it (store down, back)."""
+    store = s3temp.Store()
+    yield store
+    store.close()
 
 
 def _index_url(request) -> str:
