@@ -40,6 +40,8 @@ from storage import events
 from storage import index
 from storage import journal
 from storage import metrics
+from storage import objects
+from storage import objectstore
 from storage import querytags
 from storage import routing
 from storage import schema
@@ -62,6 +64,7 @@ from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
 from storage.errors import OutOfResources
 from storage.errors import StorageError
+from storage.errors import StoreUnavailable
 from storage.errors import UIDMismatch
 from storage.files import CHUNK
 from storage.files import fsync_path
@@ -137,6 +140,7 @@ class Archive:
         event_options: events.Options | None = None,
         pixel_budget: int | None = None,
         disk_reserve: int = 0,
+        object_store: objectstore.Settings | None = None,
     ) -> None:
         """`parse_processes` > 0: parse incoming files in that many child processes (started
         on first use), so concurrent ingests are not bound to one core by the GIL.
@@ -146,7 +150,9 @@ class Archive:
         (storage.events), queued with the index rows too (None: the defaults).
         `pixel_budget`: bytes of decoded pixel data an incoming dataset may declare (None:
         any); more is refused (OverPixelBudget) before it is stored.
-        `disk_reserve`: bytes the journal leaves free on the disk for the index (0: none)."""
+        `disk_reserve`: bytes the journal leaves free on the disk for the index (0: none).
+        `object_store`: keep the instances in that bucket too, the data folder being the
+        durable first stop and a cache (storage.objects); None: files only."""
         if duplicates not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate policy must be one of {', '.join(DUPLICATE_POLICIES)}")
         self.root = Path(root).absolute()
@@ -166,7 +172,12 @@ class Archive:
         self._parsers: ProcessPoolExecutor | None = None
         self._parsers_lock = threading.Lock()
         self.placing = threading.Lock()  # the indexer's batches and deletions, one at a time
-        self.catalog = Catalog(self.root)
+        self.files: objects.LocalFiles = (
+            objects.ObjectFiles(self.root, object_store, fsync)
+            if object_store is not None
+            else objects.LocalFiles(self.root)
+        )
+        self.catalog = Catalog(self.root, self.files)
         self.retention = Retention(self)
         self.maintenance = Maintenance(self)
         self.worklist = worklist.Worklist(self.write)
@@ -185,6 +196,7 @@ class Archive:
             os.chmod(self.root, self.root.stat().st_mode & 0o700)
             self.incoming.mkdir(exist_ok=True)
             self.journal.open()
+            self.files.open()
             probe = self.incoming / f"probe-{uuid.uuid4().hex}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -327,6 +339,8 @@ class Archive:
                         (self.root / stored.path).unlink(missing_ok=True)
                     raise
             metrics.stored(stored.size)
+            if self.files.synchronous and stored.outcome is not Outcome.KEPT:
+                self.files.upload_now(stored.sop_uid)  # storage_sync: in the bucket first
             return stored
         finally:
             if synced is not None:
@@ -346,7 +360,7 @@ class Archive:
     ) -> tuple[Stored, "_RowWrite | None"]:
         """Put a parsed file in place; the index write it needs (None: nothing to index)."""
         rel = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
-        outcome = self._place(tmp, rel, sync_dir)
+        outcome = self._place(tmp, rel, sha, sync_dir)
         stored = Stored(
             outcome,
             parsed.sop_uid,
@@ -438,7 +452,7 @@ class Archive:
             _as_requested(uids[SOP_CLASS_UID], uids[SOP_INSTANCE_UID], sop_class_uid, sop_uid)
             if self.duplicates == "reject":
                 self._refuse_different(uids[SOP_INSTANCE_UID], receipt)
-            return self.journal.commit(receipt)
+            entry = self.journal.commit(receipt)
         except OSError as exc:
             receipt.discard()
             reraise_full(exc)
@@ -446,6 +460,14 @@ class Archive:
         except BaseException:
             receipt.discard()
             raise
+        if self.files.synchronous and not self.wait_uploaded(
+            entry.path, uids[SOP_INSTANCE_UID], objects.SYNC_WAIT
+        ):
+            raise StoreUnavailable(
+                f"{uids[SOP_INSTANCE_UID]} is kept, but the object store has not confirmed it "
+                f"within {objects.SYNC_WAIT:.0f} s (storage_sync); it goes up when it can"
+            )
+        return entry
 
     def _check_reserve(self) -> None:
         """An acknowledged entry is indexed after Success: keep `disk_reserve` bytes free so
@@ -468,7 +490,10 @@ class Archive:
             )
         if row is None:
             return
-        stored = self.root / row[1]
+        try:
+            stored = self.files.local(self.root / row[1])
+        except StorageError:  # not at hand (object store): the indexer decides
+            return
         if stored.is_file() and not same_dataset(stored, receipt.path):
             raise DuplicateRejected(f"{sop_uid} is stored with different content")
 
@@ -509,6 +534,7 @@ class Archive:
             if self.fsync:
                 for folder in folders:  # the links, durable before the rows that name them
                     fsync_path(folder)
+            self.files.sync()  # and what is queued for the object store
             writes = [write for _, _, write in taken if write is not None]
             done = iter(self.write(self._index_rows, writes) if writes else [])
             for entry, stored, write in taken:
@@ -517,7 +543,16 @@ class Archive:
                     entry.path.unlink(missing_ok=True)
                 else:  # its row failed alone (logged): not for a retry every round
                     self._set_aside(entry.path, StorageError("its index row failed"))
+        self.files.wake()
         return len(taken)
+
+    def wait_uploaded(self, entry: Path, sop_uid: str, timeout: float) -> bool:
+        """Wait until an acknowledged instance (its journal entry) is indexed and, with
+        an object store, in the bucket (storage_sync), at most `timeout` s."""
+        deadline = time.monotonic() + timeout
+        if not self.wait_indexed([entry], timeout):
+            return False
+        return self.files.wait_uploaded(sop_uid, max(0.0, deadline - time.monotonic()))
 
     def settle(self, timeout: float) -> bool:
         """Wait until every instance acknowledged so far is indexed (at most `timeout` s)."""
@@ -615,21 +650,58 @@ class Archive:
             tmp, digest = self.spool(iter(lambda: src.read(CHUNK), b""))
         return self.ingest(tmp, digest=digest, calling_aet=calling_aet, who="import")
 
-    def _place(self, tmp: Path, rel: str, sync_dir: bool = True) -> Outcome:
-        """Put the file in place, or decide what a file already there means."""
+    def _place(self, tmp: Path, rel: str, sha: str, sync_dir: bool = True) -> Outcome:
+        """Put the file in place, or decide what a file already there means; queue what
+        is placed for the object store, if there is one."""
         final = self.root / rel
         try:
             make_dirs(self.root, os.path.dirname(rel), self.fsync)
-            try:
-                os.link(tmp, final)
-                outcome = Outcome.STORED
-            except FileExistsError:
-                outcome = self._duplicate(tmp, final)
+            decided = self._without_copy(tmp, final, sha) if self.files.remote else None
+            if decided is not None:
+                outcome = decided
+            else:
+                try:
+                    os.link(tmp, final)
+                    outcome = Outcome.STORED
+                except FileExistsError:
+                    outcome = self._duplicate(tmp, final)
+            if outcome is not Outcome.KEPT:  # a duplicate too: its upload may be unconfirmed
+                self.files.placed(final.stem, final, sync_dir)
             if self.fsync and sync_dir and outcome in (Outcome.STORED, Outcome.REPLACED):
                 fsync_path(final.parent)
         except OSError as exc:
             reraise_full(exc)
         return outcome
+
+    def _without_copy(self, tmp: Path, final: Path, sha: str) -> Outcome | None:
+        """With an object store, a stored instance may have no local copy (evicted, or
+        stored through another node): a second copy is then decided from the index and
+        the object, not the file system. None: nothing stored, or its copy is back in
+        place (fetched), for `_place` to decide as on files."""
+        if final.exists():
+            return None
+        with db.connection_context():
+            query = Instance.select(Instance.sha256).where(Instance.sop_uid == final.stem)
+            recorded = query.scalar()
+        if recorded is None:
+            return None
+        if recorded == sha:  # the same bytes: they become the local copy
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, final)
+            return Outcome.DUPLICATE
+        try:
+            self.files.local(final)
+            return None
+        except StorageError as exc:  # the stored copy cannot be compared now
+            log.warning("%s: stored copy not at hand (%s); taken as different", final.stem, exc)
+        if self.duplicates == "keep":
+            return Outcome.KEPT
+        if self.duplicates == "reject":
+            raise DuplicateRejected(f"{final.stem} is stored with different content")
+        self.write(index.mark_replacing, final.stem)
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, final)
+        return Outcome.REPLACED
 
     def _duplicate(self, tmp: Path, final: Path) -> Outcome:
         if same_dataset(final, tmp):  # File Meta aside: who wrote the file is no difference

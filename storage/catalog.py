@@ -12,20 +12,22 @@ from peewee import fn
 
 from storage import fileset
 from storage import query
-from storage.files import hash_file
+from storage.errors import StorageError
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import Series
 from storage.models import Study
 from storage.models import db
+from storage.objects import LocalFiles
 from storage.rows import InstanceLocation
 
 
 class Catalog:
     """What is stored under one archive root, as the index says."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, files: LocalFiles) -> None:
         self.root = root
+        self.files = files
 
     def find(self, level: str, keys: list, model: str = "STUDY", options=None, **paging):
         """Answers of the query engine (storage.query.find), on this thread's connection."""
@@ -122,7 +124,8 @@ class Catalog:
 
     def commitment_problem(self, sop_class_uid: str, sop_uid: str) -> str:
         """Why the archive cannot take responsibility for an instance ('' when it can):
-        stored, under that SOP class, its file still the size and SHA-256 recorded."""
+        stored, under that SOP class, its file (or object) still the size and SHA-256
+        recorded."""
         with db.connection_context():
             row = (
                 Instance.select(
@@ -137,9 +140,9 @@ class Catalog:
         if row[0] != sop_class_uid:
             return "stored under another SOP class"
         try:
-            if hash_file(self.root / row[1]) != (row[2], row[3]):
+            if self.files.check(row[1], row[2], row[3]):
                 return "file missing or changed"
-        except OSError:
+        except (OSError, StorageError):  # unreadable, or the object store does not answer
             return "file missing or changed"
         return ""
 

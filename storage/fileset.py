@@ -15,6 +15,7 @@ import json
 import os
 import time
 import zipfile
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -324,17 +325,18 @@ class _Pipe:
         return data
 
 
-def zip_chunks(fileset: Plan) -> Iterator[bytes]:
+def zip_chunks(fileset: Plan, local: Callable[[Path], Path] = lambda p: p) -> Iterator[bytes]:
     """The File-set as a ZIP, a chunk at a time: DICOMDIR first, then each file as stored
     (not compressed: DICOM that compresses is mostly stored compressed already, and
     deflating would cost the CPU that DICOM ingest needs). At most one chunk of a file
-    is in memory; ZIP64 where a member or the archive needs it."""
+    is in memory; ZIP64 where a member or the archive needs it. `local`: the archive's
+    reader (Archive.files.local), which fetches an object not in the data folder."""
     pipe = _Pipe()
     with zipfile.ZipFile(pipe, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         archive.writestr(_entry("DICOMDIR", len(fileset.dicomdir), time.time()), fileset.dicomdir)
         yield pipe.take()
         for member in fileset.members:
-            with open(member.path, "rb") as source:
+            with open(local(member.path), "rb") as source:
                 status = os.fstat(source.fileno())
                 entry = _entry(member.name, status.st_size, status.st_mtime)
                 with archive.open(entry, "w") as target:

@@ -77,6 +77,7 @@ class Maintenance:
             self.archive.write(self.archive.retention.delete_rows, level, uid, "start-up", reason)
             shutil.rmtree(folder) if folder.is_dir() else folder.unlink()
             report.deletions_finished += 1
+        self.archive.files.recover()
         for leftover in [*self.archive.incoming.iterdir(), *self.archive.journal.partial()]:
             with contextlib.suppress(FileNotFoundError):
                 if keep_after is not None and leftover.stat().st_mtime > keep_after:
@@ -98,20 +99,36 @@ class Maintenance:
                 self._adopt(self.archive.root / row.path, report, "start-up", replace=True)
                 report.rehashed += 1
             for path in self._files():
+                if self._copy_only(path):
+                    continue  # a copy of an object whose row went: left to the cache
                 if not Instance.select().where(Instance.sop_uid == path.stem).exists():
                     self._adopt(path, report, "start-up")
-            for rel in self._paths():
+            for rel in self._paths() if not self.archive.files.remote else ():
                 if not (self.archive.root / rel).is_file():
                     report.problems.append(Problem(rel, "indexed but the file is missing"))
         for problem in report.problems:
             log.warning("reconcile: %s: %s", problem.path, problem.reason)
         return report
 
+    def _copy_only(self, path: Path) -> bool:
+        """Whether a file is a copy of an object (object store): not a file to index
+        (placed files keep their `.upload` link, a second hard link, until uploaded)."""
+        try:
+            return self.archive.files.remote and os.stat(path).st_nlink == 1
+        except FileNotFoundError:  # evicted meanwhile
+            return True
+
     def reindex(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
         """Rebuild the index from the files alone; `progress()` after each file. The change
         feed is kept, numbering on: each file indexed is a "create" by "reindex" (what a
         follower holds stays valid; rows whose file had gone leave no "delete"). Extended
-        query tags are kept; their values are written again with the rows."""
+        query tags are kept; their values are written again with the rows. Not with an
+        object store: the data folder holds only some of the instances."""
+        if self.archive.files.remote:
+            raise StorageError(
+                "reindex rebuilds the index from the data folder's files, and with an object "
+                "store most instances are only in the bucket: not done"
+            )
         with db.connection_context():
             kept = (Change, QueryTag)
             db.drop_tables([model for model in MODELS if model not in kept])
@@ -128,22 +145,22 @@ class Maintenance:
         return report
 
     def verify(self, progress: Callable[[], None] | None = None) -> Iterator[Problem]:
-        """Check every indexed file's size and SHA-256; also report unindexed files."""
+        """Check every indexed file's size and SHA-256 (with an object store: its object,
+        by what the store says of it, and any local copy); also report unindexed files."""
         with db.connection_context():
             rows = Instance.select(Instance.path, Instance.size, Instance.sha256)
             for rel, size, sha in rows.tuples().iterator():
                 if progress:
                     progress()
-                path = self.archive.root / rel
-                if not path.is_file():
-                    yield Problem(rel, "file is missing")
-                    continue
-                actual_size, actual_sha = hash_file(path)
-                if actual_size != size:
-                    yield Problem(rel, f"size is {actual_size}, index says {size}")
-                elif actual_sha != sha:
-                    yield Problem(rel, "SHA-256 differs from the index (file corrupted)")
+                try:
+                    problem = self.archive.files.check(rel, size, sha)
+                except StorageError as exc:  # the object store does not answer
+                    problem = str(exc)
+                if problem:
+                    yield Problem(rel, problem)
             for path in self._files():
+                if self._copy_only(path):
+                    continue
                 if not Instance.select().where(Instance.sop_uid == path.stem).exists():
                     yield Problem(str(path.relative_to(self.archive.root)), "file is not indexed")
 

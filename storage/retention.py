@@ -16,6 +16,7 @@ from storage import events
 from storage import index
 from storage.changefeed import Pending
 from storage.files import fsync_path
+from storage.files import instance_path
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import Series
@@ -39,7 +40,8 @@ class Retention:
         """Remove a patient (by Patient ID), study, series or instance (IMAGE): files and
         rows together, audited; returns the instances removed. Crash-safe: the rename of
         the folder or file into `.trash/` is the point of no return, and start-up finishes
-        (rows, then files) whatever a crash interrupted."""
+        (rows, then files) whatever a crash interrupted. With an object store their objects
+        go too, once the rows have (storage.objects: retried while the store is down)."""
         level = level.upper()
         if level == "PATIENT":
             with db.connection_context():
@@ -58,6 +60,7 @@ class Retention:
             raise ValueError(f"cannot delete at level {level!r}")
         target = self._path_of(level, uid)
         trash = self.archive.root / TRASH / f"{level}.{uid}.{uuid.uuid4().hex}"
+        record = self.archive.files.deleting(self._objects_of(level, uid))
         moved = True
         try:
             if target is None:
@@ -69,9 +72,17 @@ class Retention:
         except FileNotFoundError:
             moved = False  # no files (or another node took them): the rows still go
         removed = self.archive.write(self.delete_rows, level, uid, who, reason)
+        self.archive.files.deleted(record)  # its objects go now that its rows have
         if moved:
             shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
         return removed
+
+    def _objects_of(self, level: str, uid: str) -> list[str]:
+        """The instances' paths, which are their object keys too (an object store's)."""
+        if not self.archive.files.remote:
+            return []
+        with db.connection_context():
+            return [instance_path(*uids) for uids in index.uids_under(level, uid)]
 
     def _path_of(self, level: str, uid: str) -> Path | None:
         if level == "STUDY":
