@@ -2,13 +2,14 @@
 
 peewee imports every PostgreSQL driver installed when it is imported (psycopg: ~12 MiB of
 RSS), and pydicom imports requests for its test-data downloads (~5 MiB). A server on
-SQLite calls neither, in each of its processes. The import system's documented marker
-for "absent" (None in sys.modules) keeps them out, but only when it is set before peewee
-and pydicom are first imported: so `minipacs serve`, once it has read its settings,
-replaces itself (exec, same PID) with `python -m pacs.boot pacs.server sqlite`, and the
-server starts each DICOM worker as `python -m pacs.boot pacs.worker sqlite N PID`; both
-read the configuration pickled on their stdin. Library users importing `pacs` or
-`storage` never pass through here.
+SQLite calls neither, in each of its processes; one on files never loads boto3 (~40 MiB
+with its S3 model; storage.objectstore imports it on first use, and `+s3` lets it). The
+import system's documented marker for "absent" (None in sys.modules) keeps them out, but
+only when it is set before peewee and pydicom are first imported: so `minipacs serve`,
+once it has read its settings, replaces itself (exec, same PID) with `python -m pacs.boot
+pacs.server sqlite[+s3]`, and the server starts each DICOM worker as `python -m pacs.boot
+pacs.worker sqlite[+s3] N PID`; both read the configuration pickled on their stdin.
+Library users importing `pacs` or `storage` never pass through here.
 """
 
 import importlib
@@ -25,14 +26,18 @@ if TYPE_CHECKING:  # pacs.config imports storage, hence peewee: not before main(
 ENTRIES = ("pacs.server", "pacs.worker")
 UNUSED = ("requests",)
 POSTGRES_DRIVERS = ("psycopg", "psycopg2", "psycopg2cffi")
+S3_CLIENT = ("boto3", "botocore", "s3transfer")
 
 
-def command(entry: str, index: str, *args: str) -> list[str]:
+def command(entry: str, index: str, *args: str, storage: str = "file") -> list[str]:
     """The command line that runs `entry`'s main(args) for a server whose index is `index`
-    (called where storage is loaded already: the command, the supervisor)."""
+    and whose instances are on `storage` (called where storage is loaded already: the
+    command, the supervisor)."""
     from storage.engine import is_postgres_url
 
     kind = "postgresql" if is_postgres_url(index) else "sqlite"
+    if storage != "file":
+        kind += "+s3"
     return [sys.executable, "-m", "pacs.boot", entry, kind, *args]
 
 
@@ -46,7 +51,7 @@ def exec_server(config: "Config") -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    argv = command("pacs.server", config.index)
+    argv = command("pacs.server", config.index, storage=config.storage)
     os.execv(argv[0], argv)
 
 
@@ -62,11 +67,13 @@ def setup_logging(level: str, prefix: str = "") -> None:
 
 
 def main() -> None:
-    """`python -m pacs.boot ENTRY sqlite|postgresql ARGS...`"""
+    """`python -m pacs.boot ENTRY sqlite|postgresql[+s3] ARGS...`"""
     entry, kind, *args = sys.argv[1:]
-    if entry not in ENTRIES or kind not in ("sqlite", "postgresql"):
-        sys.exit(f"usage: python -m pacs.boot {'|'.join(ENTRIES)} sqlite|postgresql ARGS...")
-    for name in UNUSED + (POSTGRES_DRIVERS if kind == "sqlite" else ()):
+    kind, _, backend = kind.partition("+")
+    if entry not in ENTRIES or kind not in ("sqlite", "postgresql") or backend not in ("", "s3"):
+        sys.exit(f"usage: python -m pacs.boot {'|'.join(ENTRIES)} sqlite|postgresql[+s3] ARGS...")
+    unused = UNUSED + (POSTGRES_DRIVERS if kind == "sqlite" else ())
+    for name in unused + (() if backend else S3_CLIENT):
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
     importlib.import_module(entry).main(args)
 

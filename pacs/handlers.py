@@ -10,6 +10,7 @@ import logging
 import queue
 import socket
 import threading
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -236,7 +237,7 @@ def handle_get(event: Event, archive: Archive, config: Config):
             if event.is_cancelled:
                 yield CANCELLED, None
                 return
-            yield PENDING, _readable(row, event.assoc.accepted_contexts, budget)
+            yield PENDING, _readable(archive, row, event.assoc.accepted_contexts, budget)
     finally:
         _audit(archive, event, "retrieve", instances=len(instances), by="C-GET")
 
@@ -277,7 +278,7 @@ def handle_move(event: Event, archive: Archive, config: Config):
     }
     yield peer.host, peer.port, kwargs
     yield len(instances)
-    senders = _Senders(event, instances, config.pixel_budget_mb << 20)
+    senders = _Senders(event, archive, instances, config.pixel_budget_mb << 20)
     try:
         if established:  # pynetdicom opened it before asking for the count
             senders.add(established[0])
@@ -305,8 +306,11 @@ class _Senders:
 
     POLL = 0.05  # s between looks at a cancel while waiting for a sender
 
-    def __init__(self, event: Event, instances: list[InstanceLocation], pixel_budget: int) -> None:
+    def __init__(
+        self, event: Event, archive: Archive, instances: list[InstanceLocation], pixel_budget: int
+    ) -> None:
         self._event = event
+        self._archive = archive
         self._pixel_budget = pixel_budget
         self._rows = list(reversed(instances))  # pop() takes them in order
         self._count = len(instances)
@@ -381,7 +385,7 @@ class _Senders:
     def _send(self, assoc, row: InstanceLocation) -> Dataset | None:
         """One sub-operation: the dataset with its status attached; None if the
         association is gone."""
-        dataset = _readable(row, assoc.accepted_contexts, self._pixel_budget)
+        dataset = _readable(self._archive, row, assoc.accepted_contexts, self._pixel_budget)
         if getattr(dataset, "_sent_status", None) is not None:  # unreadable: failed
             return dataset
         try:
@@ -519,12 +523,15 @@ def _contexts_for(instances: list[InstanceLocation]) -> list[PresentationContext
     return [build_context(c, syntaxes) for c, syntaxes in pairs]
 
 
-def _readable(row: InstanceLocation, accepted: list, pixel_budget: int) -> Dataset:
-    """The instance to send (`_dataset_to_send`), or, if its file cannot be read or
-    converted, a failed sub-operation (PS3.4 C.4.2.1.4.2: counted, its UID in the Failed
-    SOP Instance UID List)."""
+def _readable(
+    archive: Archive, row: InstanceLocation, accepted: list, pixel_budget: int
+) -> Dataset:
+    """The instance to send (`_dataset_to_send`), or, if its file cannot be read (or
+    fetched from the object store) or converted, a failed sub-operation (PS3.4
+    C.4.2.1.4.2: counted, its UID in the Failed SOP Instance UID List)."""
     try:
-        return _dataset_to_send(row, accepted, pixel_budget)
+        path = archive.files.local(row.path)
+        return _dataset_to_send(path, row, accepted, pixel_budget)
     except Exception as exc:
         log.warning("cannot send %s: %s", row.sop_uid, exc)
         return _failed(row)
@@ -537,11 +544,13 @@ def _failed(row: InstanceLocation) -> Dataset:
     return seam.already_sent(dataset, status)
 
 
-def _dataset_to_send(row: InstanceLocation, accepted: list, pixel_budget: int) -> Dataset:
-    """The stored instance: its bytes as stored when the peer took that syntax, else the
-    dataset made little endian by storage.recode (decompressed within `pixel_budget`
-    bytes, or byte-swapped), which pynetdicom encodes in the accepted syntax."""
-    path = row.path
+def _dataset_to_send(
+    path: Path, row: InstanceLocation, accepted: list, pixel_budget: int
+) -> Dataset:
+    """The stored instance (its file at `path`): its bytes as stored when the peer took
+    that syntax, else the dataset made little endian by storage.recode (decompressed
+    within `pixel_budget` bytes, or byte-swapped), which pynetdicom encodes in the
+    accepted syntax."""
     syntax = UID(row.transfer_syntax)
     offered = [cx.transfer_syntax[0] for cx in accepted if cx.abstract_syntax == row.sop_class_uid]
     if syntax in offered:

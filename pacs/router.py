@@ -21,6 +21,7 @@ from pacs import seam
 from pacs.config import Config
 from storage import Archive
 from storage import audit
+from storage.errors import StorageError
 from storage.query import Key
 from storage.rows import RouteEntry
 
@@ -54,7 +55,11 @@ def forward_due(archive: Archive, config: Config) -> int:
     if notifications:
         notify.deliver(archive, notifications)
     for destination, items in by_destination.items():
-        files = _files(archive, items)
+        try:
+            files = _files(archive, items)
+        except StorageError as exc:  # the object store does not answer: all of them later
+            archive.route_queue.not_sent([i.id for i in items], str(exc), config.route_retry)
+            continue
         failures = _forward(config, destination, files)
         done = [i for i in files if i not in failures]
         if done:
@@ -77,16 +82,17 @@ def forward_due(archive: Archive, config: Config) -> int:
 
 def _files(archive: Archive, items: list[RouteEntry]) -> dict[int, list[Path]]:
     """Each item's stored files now: its instance (one query for all of them), or its
-    whole study (a deleted one: none)."""
+    whole study (a deleted one: none); fetched first when only the object store has them."""
     by_sop = {item.sop_uid: item.id for item in items if item.sop_uid}
     files: dict[int, list[Path]] = {item.id: [] for item in items}
     if by_sop:
         for row in archive.catalog.locate("IMAGE", [Key(0x00080018, "UI", list(by_sop))]):
-            files[by_sop[row.sop_uid]].append(row.path)
+            files[by_sop[row.sop_uid]].append(archive.files.local(row.path))
     for item in items:
         if not item.sop_uid:
             study = [Key(0x0020000D, "UI", item.study_uid)]
-            files[item.id] = [row.path for row in archive.catalog.locate("STUDY", study)]
+            found = archive.catalog.locate("STUDY", study)
+            files[item.id] = [archive.files.local(row.path) for row in found]
     return files
 
 

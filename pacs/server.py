@@ -13,6 +13,7 @@ from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
 from http import HTTPStatus
+from typing import cast
 
 import waitress
 from flask import Flask
@@ -44,6 +45,7 @@ from storage import metrics
 from storage import querytags
 from storage import users
 from storage.engine import describe
+from storage.objects import ObjectFiles
 from viewer import create_app
 from viewer import export_jobs
 from viewer.auth import HEAD_BODY
@@ -106,6 +108,11 @@ def serve(config: Config) -> None:
         threading.Thread(  # extended query tags: back-fill and removal, resumed after a stop
             target=querytags.run, args=(archive.query_tags, stop), name="query-tags", daemon=True
         ).start()
+        if archive.files.remote:  # the object store: uploads, deletions, the cache's size
+            _watch_objects(archive)
+            threading.Thread(
+                target=archive.files.run, args=(stop,), name="objects", daemon=True
+            ).start()
         threading.Thread(  # HTTP export jobs, one at a time; an unfinished one resumes
             target=export_jobs.run, args=(archive, config, stop), name="exports", daemon=True
         ).start()
@@ -239,6 +246,14 @@ def _checking_heads(channel: type[HTTPChannel], app: Flask) -> type[HTTPChannel]
             return _HeadChecked(adj, app, str(self.addr[0]) if self.addr else "")
 
     return Checking
+
+
+def _watch_objects(archive: Archive) -> None:
+    """The object store's gauges, read in this process only (the uploader is here)."""
+    files = cast(ObjectFiles, archive.files)
+    metrics.gauge("minipacs_object_cache_bytes", lambda: files.cached)
+    metrics.gauge("minipacs_upload_backlog", files.backlog)
+    metrics.gauge("minipacs_object_deletions_pending", files.deletions_pending)
 
 
 def _retention(config: Config, archive: Archive, stop: threading.Event) -> None:

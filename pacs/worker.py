@@ -60,7 +60,13 @@ class Child:
 
     def _start(self) -> subprocess.Popen:
         proc = subprocess.Popen(
-            boot.command("pacs.worker", self.config.index, str(self.number), str(os.getpid())),
+            boot.command(
+                "pacs.worker",
+                self.config.index,
+                str(self.number),
+                str(os.getpid()),
+                storage=self.config.storage,
+            ),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -213,6 +219,7 @@ def open_archive(config: Config, repair: bool) -> Archive:
         event_options=config.event_options(),
         pixel_budget=config.pixel_budget_mb << 20,
         disk_reserve=config.disk_reserve_mb << 20,
+        object_store=config.object_store(),
     )
     try:
         archive.open()

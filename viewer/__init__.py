@@ -21,6 +21,7 @@ from storage import audit
 from storage import deidentify
 from storage import files
 from storage import metrics
+from storage.errors import ObjectStoreError
 from viewer.errors import WebError
 
 CORS_HEADERS = "Authorization, Accept, Content-Type, If-None-Match, Cache-Control"
@@ -67,6 +68,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
         PERMANENT_SESSION_LIFETIME=config.session_hours * 3600,
     )
     app.register_error_handler(HTTPException, _error)
+    app.register_error_handler(ObjectStoreError, _store_error)
     app.before_request(_start_clock)
     app.before_request(auth.check)
     app.register_blueprint(auth.bp)
@@ -144,6 +146,12 @@ def _error(error: HTTPException):
     level = logging.WARNING if answer.code >= 422 else logging.INFO
     current_app.logger.log(level, "%s %s: %s %s", request.method, request.path, answer.code, answer)
     return answer.get_response()
+
+
+def _store_error(error: ObjectStoreError):
+    """The object store could not give an instance's bytes: 503, the store's message, and
+    a hint to try again (the instance is not lost; its bytes are not at hand now)."""
+    return _error(WebError(503, str(error), [("Retry-After", "10")]))
 
 
 def _start_clock() -> None:

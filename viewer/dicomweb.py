@@ -89,6 +89,12 @@ def _archive() -> Archive:
     return current_app.extensions["minipacs"]["archive"]
 
 
+def _local(path: Path) -> Path:
+    """The instance's file, fetched first when only the object store has it (the
+    archive's one reader; a store that does not answer is a 503)."""
+    return _archive().files.local(path)
+
+
 def _config():
     return current_app.extensions["minipacs"]["config"]
 
@@ -335,14 +341,15 @@ def retrieve(study: str, series: str | None = None, sop: str | None = None) -> R
         headers = {"Content-Type": f"{DICOM}; transfer-syntax={syntax}"}
         if change is None:  # a de-identified part has no original to point to
             headers["Content-Location"] = _row_url(row)
-        if syntax == row.transfer_syntax and change is None:
-            headers["Content-Length"] = str(row.path.stat().st_size)
+        if syntax == row.transfer_syntax and change is None and row.path.exists():
+            headers["Content-Length"] = str(row.path.stat().st_size)  # (not: in a bucket)
         heads.append(headers)
+    _local(plan[0][0].path)  # a store that does not answer: a 503, not a broken body
 
     def parts() -> Iterator[tuple[dict[str, str], Iterable[bytes]]]:
         for (row, syntax), headers in zip(plan, heads, strict=True):
-            if "Content-Length" in headers:
-                yield headers, file_chunks(row.path)
+            if syntax == row.transfer_syntax and change is None:
+                yield headers, file_chunks(_local(row.path))
             else:
                 yield headers, [_instance_bytes(row, syntax, change)]
 
@@ -370,7 +377,7 @@ def _deidentifier(scope: dict[int, str]) -> Callable[[Dataset], object]:
 def _instance_bytes(row: InstanceLocation, syntax: str, change) -> bytes:
     try:
         return transcode.instance_bytes(
-            row.path, row.transfer_syntax, syntax, change, _pixel_budget()
+            _local(row.path), row.transfer_syntax, syntax, change, _pixel_budget()
         )
     except deidentify.NotDeidentifiable as exc:
         raise WebError(409, f"cannot anonymize {row.sop_uid}: {exc}") from exc
@@ -441,7 +448,7 @@ def bulkdata(study: str, series: str, sop: str, tags: str) -> Response:
     tags_ok = all(re.fullmatch(r"[0-9A-Fa-f]{8}", p) for p in path[::2])
     if len(path) % 2 != 1 or not tags_ok or not all(p.isdigit() for p in path[1::2]):
         raise WebError(400, "bulk data is addressed as TAG[/ITEM/TAG...]")
-    ds = read_dataset(row.path)
+    ds = read_dataset(_local(row.path))
     if path == ["7FE00010"]:
         return _frames_response(row, list(range(1, render.number_of_frames(ds) + 1)), ds)
     value = transcode.bulk_bytes(ds, path)
@@ -473,7 +480,7 @@ def _octets_accepted() -> None:
 def _frames_response(row: InstanceLocation, numbers: list[int], ds=None) -> Response:
     stored = row.transfer_syntax
     as_stored, part_type = _frame_choice(_accept(), stored)
-    ds = ds or read_dataset(row.path)
+    ds = ds or read_dataset(_local(row.path))
     frame_count = render.number_of_frames(ds)
     bad = [n for n in numbers if n > frame_count]
     if bad:
@@ -548,7 +555,7 @@ def rendered(study: str, series=None, sop=None, frames=None) -> Response:
 
         def parts():
             for row in rows:
-                yield {"Content-Type": media}, [render.render(row.path, wanted, cache)]
+                yield {"Content-Type": media}, [render.render(_local(row.path), wanted, cache)]
 
         return _multipart(parts(), new_boundary(), media)
     # One image asked for: the instance's, or the study's or series' middle instance.
@@ -583,6 +590,7 @@ def _single_frame(frames: str | None) -> int:
 
 
 def _render_one(path: Path, wanted: render.Request, media: str, wrap: bool) -> Response:
+    path = _local(path)
     tag = render.etag(path, wanted)
     cache = current_app.extensions["minipacs"]["frames"]
     if request.if_none_match.contains(tag):

@@ -18,6 +18,7 @@ from flask import g
 from storage import Archive
 from storage import fileset
 from storage.dataset import is_uid
+from storage.errors import StorageError
 from viewer.errors import WebError
 
 bp = Blueprint("download", __name__)
@@ -38,7 +39,9 @@ def archive(study: str, series: str = "") -> Response:
         raise WebError(404, f"no {what} in the archive")
     g.audit = {"instances": len(plan.members)}  # the audit event's detail
     name = f"series-{series}.zip" if series else f"study-{study}.zip"
-    response = Response(_logged(fileset.zip_chunks(plan), name), mimetype="application/zip")
+    archive.files.local(plan.members[0].path)  # a store that does not answer: 503, not a cut ZIP
+    chunks = fileset.zip_chunks(plan, archive.files.local)
+    response = Response(_logged(chunks, name), mimetype="application/zip")
     response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
     response.headers["Cache-Control"] = "private, no-store"
     return response
@@ -49,6 +52,6 @@ def _logged(chunks: Iterator[bytes], name: str) -> Iterator[bytes]:
     response early, so the client sees a broken ZIP and the log says why."""
     try:
         yield from chunks
-    except OSError as exc:
+    except (OSError, StorageError) as exc:  # StorageError: the object store stopped answering
         log.warning("%s: stopped: %s", name, exc)
         raise

@@ -379,16 +379,17 @@ class Export:
 
     def _instance(self, location: InstanceLocation, sop: str) -> dict[str, Any]:
         """Export one instance: its DICOM file (kept or staged) and PNG; its log row."""
+        stored = self.archive.files.local(location.path)  # fetched if only in a bucket
         if self.profile is None:
-            ds = read_dataset(location.path, stop_before_pixels=True)
+            ds = read_dataset(stored, stop_before_pixels=True)
             patient = str(ds.get("PatientID", ""))
 
             def write(fp: BinaryIO) -> None:
-                with open(location.path, "rb") as source:
+                with open(stored, "rb") as source:
                     shutil.copyfileobj(source, fp, files.CHUNK)
 
         else:
-            ds = read_dataset(location.path)
+            ds = read_dataset(stored)
             patient = str(ds.get("PatientID", ""))
             deidentify.deidentify(ds, self.profile)
 

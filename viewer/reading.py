@@ -113,7 +113,8 @@ def instance_statistics(keys: list[Key], shape: roi.Shape, frame: int) -> dict:
     if not rows:
         raise WebError(404, f"no instance {keys[-1].value} in the archive")
     cache = current_app.extensions["minipacs"]["frames"]
-    ds, values = render.frame_values(rows[0].path, frame, cache, _config().pixel_budget_mb << 20)
+    path = _archive().files.local(rows[0].path)  # fetched when only the object store has it
+    ds, values = render.frame_values(path, frame, cache, _config().pixel_budget_mb << 20)
     return {**roi.statistics(values, ds, shape, image.spacing, image.spacing_kind), "frame": frame}
 
 
@@ -187,7 +188,8 @@ def _volume(study: str, series: str) -> tuple[geometry.Volume, tuple, list[Path]
     if set(by_sop) != set(volume.order):  # changed between the two reads: ask again
         raise WebError(409, "the series changed while it was read; try again")
     native = all(row.transfer_syntax in NATIVE for row in rows)
-    return volume, key, [by_sop[sop] for sop in volume.order], native
+    local = _archive().files.local  # each fetched when only the object store has it
+    return volume, key, [local(by_sop[sop]) for sop in volume.order], native
 
 
 def _image_format() -> str:

@@ -66,6 +66,7 @@ def wado() -> Response:
     path = archive.catalog.instance_file(uids[2], uids[0], uids[1])
     if path is None:
         raise WebError(404, f"no object {uids[2]} in series {uids[1]} of study {uids[0]}")
+    path = archive.files.local(path)  # fetched when only the object store has it
     header = read_dataset(path, stop_before_pixels=True)
     has_pixels = "Rows" in header and "Columns" in header
     content_type = _content_type(params.get("contentType", ""), has_pixels)

@@ -25,6 +25,7 @@ from storage import audit
 from storage import deidentify
 from storage import files
 from storage import users
+from storage.errors import StorageError
 from storage.query import Key
 from storage.rows import InstanceLocation
 
@@ -98,8 +99,9 @@ def _deidentify_into(archive, level, uids, profile, folder: Path):
     with click.progressbar(rows, label="de-identifying", file=sys.stderr) as bar:
         for row in bar:
             try:
-                ds = deidentify.deidentify(pydicom.dcmread(row.path), profile)
-            except (deidentify.NotDeidentifiable, OSError, ValueError) as exc:
+                path = archive.files.local(row.path)  # fetched if only in the object store
+                ds = deidentify.deidentify(pydicom.dcmread(path), profile)
+            except (deidentify.NotDeidentifiable, OSError, ValueError, StorageError) as exc:
                 problems.append((row.sop_uid, str(exc)))
                 continue
             target = folder / ds.StudyInstanceUID / ds.SeriesInstanceUID

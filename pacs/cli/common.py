@@ -82,6 +82,7 @@ def open_archive(config_file: Path | None, **flags) -> Archive:
         routes=config.route,
         event_options=config.event_options(),
         pixel_budget=config.pixel_budget_mb << 20,
+        object_store=config.object_store(),
     )
     try:
         return archive.open()

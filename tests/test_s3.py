@@ -1,0 +1,324 @@
+"""Instances on an S3-compatible object store (`storage = "s3://…"`), against a real one:
+SeaweedFS started once per run (conftest.s3store, scripts/s3temp.py), its S3 gateway
+checking signatures and checksums. Node A serves on a PostgreSQL index; node B shares
+that index and the bucket with a data folder of its own (and storage_sync).
+"""
+
+import hashlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from conftest import Server
+from conftest import minipacs
+from conftest import storescu
+from make_study import make_study
+
+from pacs import scu
+from storage import Archive
+from storage import objects
+from storage import objectstore
+from storage.dataset import dataset_bytes
+
+PREFIX = "archive"
+AS_STORED = {"Accept": "application/dicom; transfer-syntax=*"}
+
+
+def wait_for(check, timeout: float = 30.0, what: str = "condition"):
+    """Poll `check()` until it returns something true (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return found
+
+
+def rel(path: Path, data: Path) -> str:
+    return path.relative_to(data).as_posix()
+
+
+def uploads(data: Path) -> list[str]:
+    return sorted(os.listdir(data / objects.UPLOAD))
+
+
+def keys(s3, bucket: str) -> set[str]:
+    found = s3.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/").get("Contents", [])
+    return {item["Key"] for item in found}
+
+
+def evict(data: Path) -> int:
+    """Remove every local copy of an uploaded object, as the cache's trim would."""
+    removed = 0
+    for path in data.glob("*/*/*.dcm"):
+        if path.stat().st_nlink == 1:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def metric(server: Server, name: str) -> float:
+    for line in requests.get(f"{server.url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(f"{name} ") or line.startswith(f"{name}_total "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.fixture(scope="module")
+def nodes(s3store, postgres, tmp_path_factory):
+    """(node A, node B, bucket, S3 client): two servers on one PostgreSQL index and one
+    bucket, each with its own data folder; B answers Success only once uploaded."""
+    bucket = s3store.bucket()
+    index = postgres.database()
+    root = tmp_path_factory.mktemp("s3")
+    env = s3store.settings(bucket, PREFIX)
+    a = Server(root / "a", env=env, index=index).start()
+    b = Server(root / "b", env={**env, "MINIPACS_STORAGE_SYNC": "true"}, index=index).start()
+    yield a, b, bucket, s3store.client()
+    a.kill()
+    b.kill()
+
+
+@pytest.fixture
+def store_up(s3store):
+    """The store is running when the test ends, whatever the test did to it."""
+    yield s3store
+    if s3store.proc is None:
+        s3store.start()
+
+
+def test_ingest_uploads_with_the_index_checksum_and_keeps_a_cache_copy(nodes, tmp_path):
+    a, _, bucket, s3 = nodes
+    sent = make_study(tmp_path / "study", 3, size=64)
+    storescu(a.port, *sent)
+    wait_for(lambda: not uploads(a.data), what="the uploads")
+    rows = a.rows("SELECT path, size, sha256 FROM instance WHERE sop_uid IN (?, ?, ?)",
+                  *(pydicom.dcmread(p).SOPInstanceUID for p in sent))  # fmt: skip
+    assert len(rows) == 3
+    assert {f"{PREFIX}/{path}" for path, _, _ in rows} <= keys(s3, bucket)
+    for path, size, sha in rows:
+        head = s3.head_object(Bucket=bucket, Key=f"{PREFIX}/{path}", ChecksumMode="ENABLED")
+        assert head["ContentLength"] == size
+        assert head["ChecksumSHA256"] == objectstore.checksum(sha)  # the store checked it
+        body = s3.get_object(Bucket=bucket, Key=f"{PREFIX}/{path}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == sha
+        assert (a.data / path).stat().st_nlink == 1  # uploaded: an evictable copy now
+
+
+def test_reads_fetch_from_the_bucket_once_the_cache_is_empty(nodes, tmp_path):
+    a, _, _, _ = nodes
+    sent = make_study(tmp_path / "study", 2, size=64)
+    storescu(a.port, *sent)
+    wait_for(lambda: not uploads(a.data), what="the uploads")
+    ds = pydicom.dcmread(sent[0])
+    study, series, sop = ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
+    misses = metric(a, "minipacs_object_cache_misses")
+    (stored,) = a.data.glob(f"{study}/{series}/{sop}.dcm")
+    expected = dataset_bytes(stored)  # as the archive keeps it (storescu's transfer syntax)
+    assert evict(a.data) >= 2
+    url = f"{a.url}/dicom-web/studies/{study}/series/{series}/instances/{sop}"
+    answer = requests.get(url, headers=AS_STORED, timeout=30)
+    assert answer.status_code == 200
+    assert dataset_bytes_of(answer.content) == expected
+    assert metric(a, "minipacs_object_cache_misses") == misses + 1
+    evict(a.data)
+    wado = requests.get(
+        f"{a.url}/wado",
+        params={
+            "requestType": "WADO",
+            "studyUID": study,
+            "seriesUID": series,
+            "objectUID": sop,
+            "contentType": "application/dicom",
+            "transferSyntax": "*",
+        },  # fmt: skip
+        timeout=30,
+    )
+    assert wado.status_code == 200
+    assert dataset_bytes_of(wado.content) == expected
+    evict(a.data)
+    got = scu.get(scu.Remote(port=a.port), "SERIES", [series], tmp_path / "got")
+    assert got.ok and got.completed == 2
+    assert {p.name for p in (tmp_path / "got").iterdir()} == {
+        f"{pydicom.dcmread(p).SOPInstanceUID}.dcm" for p in sent
+    }
+    rendered = requests.get(f"{url}/rendered", headers={"Accept": "image/png"}, timeout=30)
+    assert rendered.status_code == 200 and rendered.content.startswith(b"\x89PNG")
+
+
+def dataset_bytes_of(content: bytes) -> bytes:
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"minipacs-s3-{os.getpid()}.dcm"
+    path.write_bytes(content)
+    try:
+        return dataset_bytes(path)
+    finally:
+        path.unlink()
+
+
+def test_node_b_serves_what_node_a_stored_with_an_empty_folder(nodes, tmp_path):
+    a, b, _, _ = nodes
+    sent = make_study(tmp_path / "study", 1, size=64)
+    storescu(a.port, *sent)
+    wait_for(lambda: not uploads(a.data), what="the upload")
+    ds = pydicom.dcmread(sent[0])
+    (stored,) = a.data.glob(f"*/*/{ds.SOPInstanceUID}.dcm")
+    assert not list(b.data.glob(f"*/*/{ds.SOPInstanceUID}.dcm"))
+    url = (
+        f"{b.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+    answer = requests.get(url, headers=AS_STORED, timeout=30)
+    assert answer.status_code == 200
+    assert dataset_bytes_of(answer.content) == dataset_bytes(stored)
+    assert list(b.data.glob(f"*/*/{ds.SOPInstanceUID}.dcm"))  # now in B's cache
+
+
+def test_storage_sync_answers_success_once_the_object_is_there(nodes, tmp_path):
+    _, b, bucket, s3 = nodes
+    sent = make_study(tmp_path / "study", 2, size=64)
+    storescu(b.port, *sent)
+    sop = pydicom.dcmread(sent[1]).SOPInstanceUID
+    wanted = b.rows("SELECT path FROM instance WHERE sop_uid = ?", sop)
+    assert f"{PREFIX}/{wanted[0][0]}" in keys(s3, bucket)  # no waiting: it was there at Success
+
+
+def test_store_down_at_ingest_success_then_upload_when_back(nodes, store_up, tmp_path):
+    a, _, bucket, s3 = nodes
+    sent = make_study(tmp_path / "study", 2, size=64)
+    store_up.stop()
+    result = storescu(a.port, *sent)
+    assert result.returncode == 0  # durable in the data folder: Success
+    sops = {pydicom.dcmread(p).SOPInstanceUID for p in sent}
+    count = "SELECT count(*) FROM instance WHERE sop_uid IN (?, ?)"
+    wait_for(lambda: a.rows(count, *sops)[0][0] == 2, what="indexing")
+    assert {f"{s}.dcm" for s in sops} <= set(uploads(a.data))
+    assert metric(a, "minipacs_upload_backlog") >= 2
+    store_up.start()
+    wait_for(lambda: not uploads(a.data), timeout=90, what="the uploads after the store came back")
+    paths = [r[0] for r in a.rows("SELECT path FROM instance WHERE sop_uid IN (?, ?)", *sops)]
+    assert {f"{PREFIX}/{p}" for p in paths} <= keys(s3, bucket)
+
+
+def test_store_down_at_read_is_a_503_and_a_dimse_failure(nodes, store_up, tmp_path):
+    a, _, _, _ = nodes
+    sent = make_study(tmp_path / "study", 1, size=64)
+    storescu(a.port, *sent)
+    wait_for(lambda: not uploads(a.data), what="the upload")
+    ds = pydicom.dcmread(sent[0])
+    evict(a.data)
+    store_up.stop()
+    url = (
+        f"{a.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}"
+    )
+    answer = requests.get(url, headers=AS_STORED, timeout=60)
+    assert answer.status_code == 503
+    assert "object store unavailable" in answer.json()["error"]
+    got = scu.get(scu.Remote(port=a.port), "IMAGE", [ds.SOPInstanceUID], tmp_path / "got")
+    assert got.failed == 1 and got.status == 0xA702  # every sub-operation failed
+    store_up.start()
+    wait_for(lambda: requests.get(url, headers=AS_STORED, timeout=60).ok,
+             what="reads once the store is back")  # fmt: skip
+
+
+def test_kill_9_with_a_backlog_loses_no_upload(nodes, store_up, tmp_path):
+    a, _, bucket, s3 = nodes
+    sent = make_study(tmp_path / "study", 4, size=64)
+    store_up.stop()
+    storescu(a.port, *sent)
+    sops = [pydicom.dcmread(p).SOPInstanceUID for p in sent]
+    wait_for(lambda: {f"{s}.dcm" for s in sops} <= set(uploads(a.data)), what="the backlog")
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    store_up.start()
+    a.start()
+    wait_for(lambda: not uploads(a.data), timeout=90, what="the uploads after the restart")
+    paths = a.rows("SELECT path FROM instance WHERE sop_uid IN (?, ?, ?, ?)", *sops)
+    assert {f"{PREFIX}/{p}" for (p,) in paths} <= keys(s3, bucket)
+    assert len(paths) == 4
+
+
+def test_delete_removes_the_objects_and_verify_checks_them(nodes, s3store, tmp_path):
+    a, _, bucket, s3 = nodes
+    kept, gone = (
+        make_study(tmp_path / "kept", 1, size=64),
+        make_study(tmp_path / "gone", 2, size=64),
+    )
+    storescu(a.port, *kept, *gone)
+    wait_for(lambda: not uploads(a.data), what="the uploads")
+    study = pydicom.dcmread(gone[0]).StudyInstanceUID
+    objects_of_study = {k for k in keys(s3, bucket) if f"/{study}/" in k}
+    assert len(objects_of_study) == 2
+    cli = {**s3store.settings(bucket, PREFIX)}
+    args = ("--data", str(a.data), "--index", a.index)
+    minipacs("delete", *args, "--study", study, env=cli)
+    wait_for(lambda: not {k for k in keys(s3, bucket) if f"/{study}/" in k},
+             what="the deleted study's objects to go")  # fmt: skip
+    verified = minipacs("verify", *args, "--json", env=cli, check=False)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    sop = pydicom.dcmread(kept[0]).SOPInstanceUID
+    (path,) = a.rows("SELECT path FROM instance WHERE sop_uid = ?", sop)
+    s3.put_object(Bucket=bucket, Key=f"{PREFIX}/{path[0]}", Body=b"not the instance")
+    verified = minipacs("verify", *args, env=cli, check=False)
+    assert verified.returncode != 0
+    assert f"{path[0]}: object's size is 16" in verified.stdout
+
+
+# -- in-process: the cache's trim and multipart uploads -----------------------------------
+
+
+def test_trim_removes_the_least_recently_used_copies_never_a_pending_one(
+    s3store, tmp_path, monkeypatch
+):
+    for name, value in s3store.env.items():
+        monkeypatch.setenv(name, value)
+    sent = make_study(tmp_path / "study", 3, size=64)
+    size = sent[0].stat().st_size  # all three the same size
+    settings = objectstore.Settings(
+        f"s3://{s3store.bucket()}/{PREFIX}",
+        endpoint=s3store.endpoint,
+        path_style=True,
+        cache_bytes=size * 3 // 2,  # room for one copy
+    )
+    with Archive(tmp_path / "data", fsync=False, object_store=settings) as archive:
+        files = archive.files
+        assert isinstance(files, objects.ObjectFiles)
+        stored = [archive.import_file(p) for p in sent]
+        paths = [archive.root / s.path for s in stored]
+        files.upload_now(stored[0].sop_uid)
+        files.upload_now(stored[1].sop_uid)  # the third stays to upload
+        old = time.time() - 3600
+        os.utime(paths[0], (old - 60, old))  # the least recently used
+        os.utime(paths[1], (old, old))
+        os.utime(paths[2], (old - 120, old))  # older still, but not in the bucket yet
+        files.trim()
+        assert not paths[0].exists()
+        assert paths[1].exists() and paths[2].exists()
+        assert files.cached == paths[1].stat().st_size
+        assert files.local(paths[0]) == paths[0]  # fetched back, whole
+        assert dataset_bytes(paths[0]) == dataset_bytes(sent[0])
+
+
+def test_multipart_upload_is_checked_against_the_composite_checksum(s3store, tmp_path, monkeypatch):
+    monkeypatch.setattr(objectstore, "MULTIPART", 6 << 20)
+    monkeypatch.setattr(objectstore, "PART", 5 << 20)  # S3's smallest part
+    bucket = s3store.bucket()
+    for name, value in s3store.env.items():
+        monkeypatch.setenv(name, value)
+    store = objectstore.ObjectStore(
+        objectstore.Settings(f"s3://{bucket}/x", endpoint=s3store.endpoint, path_style=True)
+    )
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(12 << 20))
+    sha = hashlib.sha256(big.read_bytes()).hexdigest()
+    store.put("a/b/c.dcm", big, 12 << 20, sha)
+    head = store.head("a/b/c.dcm")
+    assert head is not None
+    assert head.size == 12 << 20 and head.checksum.endswith("-3") and head.sha256 == sha
+    assert head.checksum == objectstore.composite(big, 5 << 20)
+    store.fetch("a/b/c.dcm", tmp_path / "back")
+    assert (tmp_path / "back").read_bytes() == big.read_bytes()
