@@ -5,6 +5,7 @@ same volume, and the refusals. One server for the module; data from scripts/make
 
 import io
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,7 +16,10 @@ import pytest
 from conftest import Server
 from conftest import minipacs
 from PIL import Image
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+
+from viewer import mpr
 
 SLICES, SIZE = 12, 32
 WINDOW = (40.0, 400.0)
@@ -333,3 +337,16 @@ def test_measurements_saved_as_sr_and_kos_read_back(server):
 def test_bad_measurements_are_a_400(server, body, reason):
     status, answer = post(server, f"/api/studies/{server.study}/measurements", body)
     assert status == 400 and reason in answer["error"]
+
+
+def test_an_idle_volume_leaves_the_cache():
+    """The server's memory returns to idle once nobody looks at an MPR: a volume not asked
+    for in `idle` seconds is dropped by the cache's own timer."""
+    cache = mpr.VolumeCache(1 << 20, idle=0.2)
+    cache._put(("series",), mpr.Loaded(np.zeros((4, 8, 8), np.int16), Dataset()))
+    assert cache.bytes == 4 * 8 * 8 * 2
+    deadline = time.monotonic() + 10
+    while cache.bytes and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cache.bytes == 0
+    assert cache._cached(("series",)) is None

@@ -43,6 +43,7 @@ LAYOUT = {
 DECODE_THREADS = 4
 DECODE_AHEAD = 8  # slices decoded ahead of the one copied into the volume
 SHAPES_KEPT = 256  # series geometries remembered (a few KiB each)
+VOLUME_IDLE = 300.0  # s a volume stays cached unasked (a reader scrolling MPR asks often)
 EXACT = 1e-6  # relative: a spacing this close to the output pixel needs no resampling
 
 
@@ -194,12 +195,16 @@ class Loaded:
 class VolumeCache:
     """Decoded volumes, least recently used out first, bounded in bytes. One volume is
     decoded at a time (a lock): concurrent asks for one series decode it once, and the
-    memory held while decoding stays one volume's."""
+    memory held while decoding stays one volume's. A volume nobody asked for in `idle`
+    seconds is dropped, so a server that showed one MPR returns to its idle memory."""
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, idle: float = VOLUME_IDLE) -> None:
         self.max_bytes = max_bytes
+        self.idle = idle
         self.bytes = 0
         self._items: OrderedDict[tuple, Loaded] = OrderedDict()
+        self._used: dict[tuple, float] = {}
+        self._timer: threading.Timer | None = None
         self._shapes: OrderedDict[tuple, Volume | str] = OrderedDict()
         self._lock = threading.Lock()
         self._building = threading.Lock()
@@ -258,21 +263,44 @@ class VolumeCache:
             found = self._items.get(key)
             if found is not None:
                 self._items.move_to_end(key)
+                self._used[key] = time.monotonic()
             return found
 
     def _make_room(self, need: int) -> None:
         with self._lock:
             while self._items and self.bytes + need > self.max_bytes:
-                _, old = self._items.popitem(last=False)
-                self.bytes -= old.values.nbytes
+                self._drop(next(iter(self._items)))
 
     def _put(self, key: tuple, loaded: Loaded) -> None:
         with self._lock:
             self._items[key] = loaded
+            self._used[key] = time.monotonic()
             self.bytes += loaded.values.nbytes
             while self.bytes > self.max_bytes and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
-                self.bytes -= old.values.nbytes
+                self._drop(next(iter(self._items)))
+            self._schedule()
+
+    def expire(self) -> None:
+        """Drop the volumes idle for `idle` seconds (run by a timer while any is held)."""
+        with self._lock:
+            self._timer = None
+            now = time.monotonic()
+            for key in [k for k, used in self._used.items() if now - used >= self.idle]:
+                self._drop(key)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """With the lock held: a timer for the next expiry, if any volume is held."""
+        if self._items and self._timer is None:
+            due = min(self._used.values()) + self.idle - time.monotonic()
+            self._timer = threading.Timer(max(due, 0.0) + 0.01, self.expire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _drop(self, key: tuple) -> None:
+        old = self._items.pop(key)
+        del self._used[key]
+        self.bytes -= old.values.nbytes
 
 
 def decode_volume(
