@@ -27,6 +27,7 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -95,6 +96,10 @@ class LocalFiles:
     def upload_now(self, sop_uid: str) -> None:
         """Upload a placed instance in this thread (storage_sync); raise when it is not
         in the object store after."""
+
+    def drain(self, progress: Callable[[], None] | None = None) -> int:
+        """Upload everything waiting, in this thread; how many are still waiting."""
+        return 0
 
     def check(self, rel: str, size: int, sha256: str) -> str:
         """What is wrong with an instance's stored bytes ('' when nothing): its file
@@ -243,6 +248,20 @@ class ObjectFiles(LocalFiles):
         link = self.uploads / f"{sop_uid}.dcm"
         if link.exists() and not self._upload(link) and link.exists():
             raise ObjectStoreError(f"{sop_uid} is kept, but could not be uploaded yet")
+
+    def drain(self, progress: Callable[[], None] | None = None) -> int:
+        """Upload what waits, in this thread (`minipacs import`, which no uploader
+        follows unless a server runs); stops at a store that does not answer. Returns
+        how many are still waiting."""
+        for link in self._waiting():
+            try:
+                self._upload(link)
+            except StoreUnavailable as exc:
+                log.warning("%s: the rest goes up with the server", exc)
+                break
+            if progress is not None:
+                progress()
+        return self.backlog()
 
     def backlog(self) -> int:
         """Instances waiting for their upload (a metric)."""

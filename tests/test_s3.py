@@ -5,6 +5,7 @@ that index and the bucket with a data folder of its own (and storage_sync).
 """
 
 import hashlib
+import json
 import os
 import signal
 import time
@@ -322,3 +323,18 @@ def test_multipart_upload_is_checked_against_the_composite_checksum(s3store, tmp
     assert head.checksum == objectstore.composite(big, 5 << 20)
     store.fetch("a/b/c.dcm", tmp_path / "back")
     assert (tmp_path / "back").read_bytes() == big.read_bytes()
+
+
+def test_import_uploads_what_it_placed(s3store, tmp_path):
+    """`minipacs import` needs no server to get its instances into the bucket."""
+    bucket = s3store.bucket()
+    sent = make_study(tmp_path / "study", 2, size=64)
+    env = s3store.settings(bucket, PREFIX)
+    result = minipacs(
+        "import", "--data", str(tmp_path / "data"), "--json", *map(str, sent), env=env
+    )
+    assert json.loads(result.stdout)["not_uploaded"] == 0
+    assert not uploads(tmp_path / "data")
+    placed = {rel(p, tmp_path / "data") for p in (tmp_path / "data").glob("*/*/*.dcm")}
+    assert len(placed) == 2
+    assert {f"{PREFIX}/{p}" for p in placed} == keys(s3store.client(), bucket)

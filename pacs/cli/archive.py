@@ -61,10 +61,23 @@ def import_(config_file: Path | None, paths: tuple[Path, ...], as_json: bool, **
             except StorageError as exc:
                 counts["rejected"] += 1
                 problems.append((str(path), f"rejected: {exc}"))
+    waiting = _upload(archive)
     archive.close()
     summary = {key: counts[key] for key in [o.value for o in Outcome] + ["skipped", "rejected"]}
+    if archive.files.remote:
+        summary["not_uploaded"] = waiting  # the server uploads them
     print_report(summary, problems, as_json)
     sys.exit(1 if counts["rejected"] else 0)
+
+
+def _upload(archive) -> int:
+    """With an object store, what the import placed goes up now; how many did not."""
+    if not archive.files.remote:
+        return 0
+    with click.progressbar(
+        length=archive.files.backlog(), label="uploading", file=sys.stderr
+    ) as bar:
+        return archive.files.drain(lambda: bar.update(1))
 
 
 @click.command()
@@ -77,7 +90,10 @@ def reindex(config_file: Path | None, **flags) -> None:
     with click.progressbar(
         length=archive.maintenance.count_files(), label="reindexing", file=sys.stderr
     ) as bar:
-        report = archive.maintenance.reindex(progress=lambda: bar.update(1))
+        try:
+            report = archive.maintenance.reindex(progress=lambda: bar.update(1))
+        except StorageError as exc:
+            raise UsageFailure(str(exc)) from None
     archive.close()
     problems = [(p.path, p.reason) for p in report.problems]
     print_report({"indexed": report.indexed, "problems": len(problems)}, problems, False)
