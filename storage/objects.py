@@ -50,10 +50,12 @@ UPLOADERS = 4  # files uploaded at once
 TOUCH = 30.0  # s: a read marks its copy as used (atime) at most this often
 RECENT = 60.0  # s: a copy used this recently is never evicted (a reader may be opening it)
 TRIM_EVERY = 10.0  # s between looks at the cache's size
+LOOK = 2.0  # s between looks at the queues when nothing wakes the uploader (another
+# process queued: `minipacs delete`, `minipacs import`)
 ORPHAN_AGE = 3600.0  # s: a link whose file and row are gone is dropped after this
 FETCH_WAIT = 60.0  # s a reader waits for another thread's fetch of the same object
 SYNC_WAIT = 60.0  # s a C-STORE waits for its upload under storage_sync
-PAUSE_MAX = 30.0  # s between tries while the store is down
+PAUSE_MAX = 10.0  # s between tries while the store is down
 NICE = 10  # as the indexer's: receiving comes first
 
 
@@ -305,7 +307,7 @@ class ObjectFiles(LocalFiles):
                 if pause:  # the store is down: wait, whatever is queued meanwhile
                     stop.wait(pause)
                 else:
-                    self._wake.wait(TRIM_EVERY)
+                    self._wake.wait(LOOK)
 
     def _waiting(self) -> list[Path]:
         """The links waiting, oldest first."""
