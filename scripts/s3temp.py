@@ -142,6 +142,9 @@ class Store:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+        for port in self.ports.values():  # weed's Unix sockets beside its TCP ports
+            for leftover in Path(tempfile.gettempdir()).glob(f"seaweedfs-*-{port}.sock"):
+                leftover.unlink(missing_ok=True)
 
     def client(self):
         """A boto3 S3 client of this store (tests look at the objects with it)."""
