@@ -1,5 +1,6 @@
 // The viewer's client of its server: DICOMweb (QIDO-RS searches, metadata and rendered
-// images) and the viewer API under /api (geometry, ROI statistics, saved measurements),
+// images) and the viewer API under /api (geometry, ROI statistics, MPR planes, saved
+// measurements and key images),
 // all same origin, through fetch with AbortSignals so stale requests can be cancelled.
 
 export const ROOT = "/dicom-web";
@@ -66,6 +67,19 @@ export function searchInstances(study, series, signal) {
   return getJSON(`/studies/${study}/series/${series}/instances`, null, signal);
 }
 
+// The series of each of `sops` (instances of `study`): sop → series UID, asked in lists
+// of 50 UIDs (QIDO-RS UID list matching) to keep each URL short.
+export async function seriesOfInstances(study, sops, signal) {
+  const found = new Map();
+  for (let start = 0; start < sops.length; start += 50) {
+    const params = new URLSearchParams({ SOPInstanceUID: sops.slice(start, start + 50).join(",") });
+    for (const item of await getJSON(`/studies/${study}/instances`, params, signal)) {
+      found.set(first(item, "00080018"), first(item, "0020000E"));
+    }
+  }
+  return found;
+}
+
 export async function instanceMetadata(study, series, sop, signal) {
   const items = await getJSON(`/studies/${study}/series/${series}/instances/${sop}/metadata`, null, signal);
   return items[0];
@@ -123,6 +137,21 @@ export function seriesGeometry(study, series, signal) {
 export function roiStatistics(study, series, sop, frame, shape, [[x0, y0], [x1, y1]], signal) {
   const params = new URLSearchParams({ shape, x0, y0, x1, y1, frame });
   return api(`/studies/${study}/series/${series}/instances/${sop}/roi?${params}`, { signal });
+}
+
+// A volume's MPR planes (docs/viewer-api.md, 3): their sizes and where their pixels lie
+// in the patient; a series that is not a volume is a 409 with the reason.
+export function mprPlanes(study, series, signal) {
+  return api(`/studies/${study}/series/${series}/mpr`, { signal });
+}
+
+// The URL of plane `plane` at `index`, windowed as renderedURL's.
+export function planeURL(study, series, plane, index, { window, format, quality }) {
+  const params = new URLSearchParams({ format });
+  if (window === "auto") params.set("window", "auto");
+  else if (window) params.set("window", `${round(window.center)},${round(window.width)}`);
+  if (format !== "png") params.set("quality", String(quality || 90));
+  return `/api/studies/${study}/series/${series}/mpr/${plane}/${index}?${params}`;
 }
 
 // The study's newest saved measurement report, and saving one (SR TID 1500 + KOS).

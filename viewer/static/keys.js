@@ -7,8 +7,8 @@ import { button, el } from "./dom.js";
 
 // [keys (KeyboardEvent.key values), shown as, what it does, command of the study view]
 export const KEYS = [
-  [["ArrowDown", "ArrowRight"], "↓ →", "Next image", "next"],
-  [["ArrowUp", "ArrowLeft"], "↑ ←", "Previous image", "previous"],
+  [["ArrowDown", "ArrowRight"], "↓ →", "Next image (the cursor on: move it; Shift ×10)", "next"],
+  [["ArrowUp", "ArrowLeft"], "↑ ←", "Previous image (the cursor on: move it)", "previous"],
   [["PageDown"], "PgDn", "10 images on", "forward10"],
   [["PageUp"], "PgUp", "10 images back", "back10"],
   [["Home"], "Home", "First image", "firstImage"],
@@ -33,11 +33,15 @@ export const KEYS = [
   [["["], "[", "Previous viewport", "previousPane"],
   [["s"], "S", "Scroll linked viewports together, or not", "sync"],
   [["y"], "Y", "Reference lines on or off", "referenceLines"],
+  [["m"], "M", "MPR: axial, coronal and sagittal planes of the volume, or back", "mpr"],
   [["d"], "D", "Length tool", "toolLength"],
   [["a"], "A", "Angle tool", "toolAngle"],
   [["e"], "E", "Ellipse ROI tool", "toolEllipse"],
   [["b"], "B", "Rectangle ROI tool", "toolRectangle"],
   [["w"], "W", "Window tool (drag sets the window)", "toolWindow"],
+  [["x"], "X", "Keyboard cursor on or off", "cursor"],
+  [["Enter"], "Enter", "At the cursor: the tool's next point, or the MPR crosshair", "place"],
+  [["k"], "K", "Mark or unmark the image as a key image", "keyImage"],
   [["Delete", "Backspace"], "Del", "Delete the selected measurement", "deleteMeasurement"],
   [["Escape"], "Esc", "Stop drawing; close this help", "escape"],
   [["o"], "O", "Overlays on or off", "overlays"],

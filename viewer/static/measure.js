@@ -2,7 +2,8 @@
 // points are image pixel coordinates (docs/viewer-api.md), so they move with zoom, pan,
 // turns and flips; they are kept per image (instance and frame) while the study view is
 // open, so scrolling away and back finds them; a handle dragged edits one, Delete
-// removes the selected one. Lengths and angles are computed here from the pixel
+// removes the selected one. Points are placed with the pointer, or with the keyboard
+// cursor (cursor.js) and Enter. Lengths and angles are computed here from the pixel
 // spacing (mm, mm at the detector, or px without spacing); ROI statistics come from the
 // server, in modality units from the stored pixels, never the windowed picture.
 
@@ -22,6 +23,7 @@ export class Measurements {
     this.tool = "window"; // or one of TOOLS
     this.selected = null;
     this.placing = null; // { pane, measurement }: an angle waiting for its third point
+    this.keyed = null; // a measurement being placed with the keyboard
   }
 
   // The measurements on the image `pane` shows.
@@ -53,14 +55,63 @@ export class Measurements {
     this.changed();
   }
 
-  // Stop placing an angle (it is dropped) and forget the selection.
+  // Stop placing an angle or a keyboard measurement (it is dropped) and forget the
+  // selection.
   escape() {
     if (this.placing) {
       this.selected = this.placing.measurement;
       this.placing = null;
       this.remove();
     }
+    if (this.keyed) this.drop(this.keyed);
     this.selected = null;
+    this.changed();
+  }
+
+  drop(measurement) {
+    if (this.keyed === measurement) this.keyed = null;
+    this.selected = measurement;
+    this.remove();
+  }
+
+  // A point placed with the keyboard (Enter at the cursor, image point `point` of
+  // `pane`): it starts a measurement of the tool, or fixes the point being placed;
+  // the next point then follows the cursor (`follow`). One that ends where it began is
+  // dropped, as a click is. False when no measurement tool is chosen.
+  place(pane, point) {
+    const slice = pane.stack[pane.index];
+    if (!slice || this.tool === "window") return false;
+    let measurement = this.keyed;
+    if (measurement && (measurement.sop !== slice.sop || measurement.frame !== slice.frame || measurement.type !== this.tool)) {
+      this.drop(measurement); // left unfinished on another image, or with another tool
+      measurement = null;
+    }
+    if (!measurement) {
+      measurement = { type: this.tool, study: pane.study, series: pane.series, sop: slice.sop, frame: slice.frame, points: [[...point], [...point]], stats: null };
+      this.add(measurement);
+      this.selected = measurement;
+      this.keyed = measurement;
+      this.changed();
+      return true;
+    }
+    const points = measurement.points;
+    points[points.length - 1] = [...point];
+    if (measurement.type === "angle" && points.length < 3) points.push([...point]);
+    else if (distance(points[0], points.at(-1)) === 0) this.drop(measurement);
+    else {
+      this.keyed = null;
+      this.measured(measurement);
+    }
+    this.changed();
+    return true;
+  }
+
+  // The keyboard cursor moved to `point` on `pane`: the point being placed follows.
+  follow(pane, point) {
+    const measurement = this.keyed;
+    const slice = pane.stack[pane.index];
+    if (!measurement || !slice || measurement.sop !== slice.sop || measurement.frame !== slice.frame) return;
+    measurement.points[measurement.points.length - 1] = [...point];
     this.changed();
   }
 

@@ -44,8 +44,12 @@ export function planeOf(meta, frame = 1) {
   const position =
     numbers(meta, "00200032", 3) || numbers(functionalGroup(meta, frame, "00209113"), "00200032", 3);
   if (!cosines || !position) return null;
-  const row = cosines.slice(0, 3);
-  const column = cosines.slice(3);
+  return makePlane(cosines.slice(0, 3), cosines.slice(3), position);
+}
+
+// A plane from the directions of its rows and columns and the position of its first
+// pixel's centre (null when they do not span one).
+export function makePlane(row, column, position) {
   const normal = normalise(cross(row, column));
   return normal ? { row, column, normal, position } : null;
 }
@@ -82,8 +86,7 @@ export function geometryFromApi(item) {
   const position = item.imagePositionPatient;
   let plane = null;
   if (cosines && cosines.length === 6 && position && position.length === 3) {
-    const normal = normalise(cross(cosines.slice(0, 3), cosines.slice(3)));
-    if (normal) plane = { row: cosines.slice(0, 3), column: cosines.slice(3), normal, position };
+    plane = makePlane(cosines.slice(0, 3), cosines.slice(3), position);
   }
   const pixel = item.pixelSpacing;
   const spacing = pixel && item.spacingKind !== "px" ? { row: pixel[0], column: pixel[1], kind: item.spacingKind } : { row: 1, column: 1, kind: "px" };

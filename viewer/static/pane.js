@@ -6,7 +6,7 @@
 // `host`: `activate(pane)`, `moved(pane)`, `loaded(pane)`, `draw(key, bitmap)` (the
 // active pane's frames go through it: the debug API's one draw call), `metadata` (sop →
 // instance metadata, shared), `signal`, `drag(pane, event)` (a tool's own drag, or
-// null to let the pane handle it).
+// null to let the pane handle it), `isKeyImage(sop)` (for the overlay).
 
 import { first, instanceMetadata, searchInstances, seriesGeometry, seriesMetadata, text, values } from "./dicomweb.js";
 import { el } from "./dom.js";
@@ -50,7 +50,8 @@ export class Pane {
   }
 
   listen() {
-    const signal = this.host.signal;
+    this.closing = new AbortController(); // a pane closed before the view (MPR's) lets go of its listeners
+    const signal = AbortSignal.any([this.host.signal, this.closing.signal]);
     const stage = this.viewport.stage;
     let wheel = 0;
     stage.addEventListener(
@@ -96,6 +97,7 @@ export class Pane {
     this.stack = [];
     this.index = 0;
     this.seriesGeometry = null; // sop → where the instance lies (orientation.js)
+    this.volume = null; // the server's word on whether the series is a volume (for MPR)
     this.geometryAsked = false;
     this.viewport.shown = null;
     this.viewport.redraw();
@@ -225,6 +227,7 @@ export class Pane {
     try {
       const answer = await seriesGeometry(study, series, signal);
       found = answer.instances.map((item) => [item.sopInstanceUID, geometryFromApi(item)]);
+      if (series === this.series) this.volume = answer.volume;
     } catch (error) {
       if (error.name === "AbortError") return;
       try {
@@ -240,10 +243,16 @@ export class Pane {
     this.host.geometryLoaded(this);
   }
 
+  // The metadata of the instance shown (undefined until it is in).
+  currentMeta() {
+    const slice = this.stack[this.index];
+    return slice && this.metadata.get(slice.sop);
+  }
+
   // What the viewport shows now, for its drawing and overlays.
   describe() {
     const slice = this.stack[this.index];
-    const meta = slice && this.metadata.get(slice.sop);
+    const meta = this.currentMeta();
     return {
       slice,
       meta,
@@ -251,6 +260,7 @@ export class Pane {
       total: this.stack.length,
       window: this.windowText(meta),
       geometry: this.geometry(),
+      keyImage: Boolean(slice) && this.host.isKeyImage(slice.sop),
     };
   }
 
@@ -307,7 +317,7 @@ export class Pane {
 
   startWindow() {
     if (this.window && this.window !== "auto") return this.window;
-    const meta = this.metadata.get(this.stack[this.index].sop);
+    const meta = this.currentMeta();
     const file = fileWindow(meta);
     if (file) return file;
     const bits = Number(first(meta, "00280101") || 12);
@@ -405,6 +415,7 @@ export class Pane {
   }
 
   close() {
+    this.closing.abort();
     this.stopCine();
     clearTimeout(this.metadataTimer);
     this.loader.close();

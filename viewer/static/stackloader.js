@@ -13,6 +13,8 @@ const MAX_SIDE = 2048; // larger images are rendered down to this on the server
 export class StackLoader {
   constructor(view) {
     this.view = view; // study, series, stack, index, direction, window, dragging
+    this.ahead = PREFETCH; // slices prefetched ahead (half of it behind)
+    this.parallel = PARALLEL; // requests in flight
     this.bitmaps = new Map(); // key → ImageBitmap (insertion order = age)
     this.loading = new Map(); // key → { controller, current, promise }
   }
@@ -89,15 +91,15 @@ export class StackLoader {
     const { stack, index, direction, dragging } = this.view;
     if (!stack.length || dragging) return;
     const wanted = [];
-    for (let step = 1; step <= PREFETCH; step += 1) {
+    for (let step = 1; step <= this.ahead; step += 1) {
       wanted.push(index + step * direction);
-      if (step <= PREFETCH / 2) wanted.push(index - step * direction);
+      if (step <= this.ahead / 2) wanted.push(index - step * direction);
     }
     const keep = new Set(wanted.filter((i) => i >= 0 && i < stack.length).map((i) => this.key(i, "png")));
     keep.add(this.key(index, "png"));
     this.abort((key, entry) => !keep.has(key) && !key.endsWith("|jpeg") && !entry.current); // scrolled away, or an old window
     for (const next of wanted) {
-      if (this.loading.size >= PARALLEL) break;
+      if (this.loading.size >= this.parallel) break;
       if (next < 0 || next >= stack.length) continue;
       const key = this.key(next, "png");
       if (!this.bitmaps.has(key) && !this.loading.has(key)) this.request(next, "png");

@@ -1,8 +1,8 @@
 // The strip beside the panes: the patient's studies (this one and the others with the
 // same Patient ID and issuer, newest first), and the series of each study opened, as
 // links (a click or Enter opens the series in the active pane) that can also be dragged
-// onto any pane. Thumbnails are asked for only when told (`loadThumbnails`), so they do
-// not compete with the first image.
+// onto any pane, each with the number of its key images. Thumbnails are asked for only
+// when told (`loadThumbnails`), so they do not compete with the first image.
 
 import { first, formatDate, text, thumbnailURL } from "./dicomweb.js";
 import { button, el } from "./dom.js";
@@ -15,6 +15,7 @@ export class Strip {
     this.openStudy = openStudy;
     this.studyList = el("ul", { class: "patient-studies", "aria-label": "Studies of this patient" });
     this.sections = new Map(); // study → its section of series
+    this.keyCounts = new Map(); // study → (series → key images)
     this.node = el("nav", { class: "series", "aria-label": "Series" }, this.studyList);
     this.node.addEventListener("dragstart", (event) => {
       const item = event.target.closest && event.target.closest(".series-item");
@@ -52,7 +53,20 @@ export class Strip {
     }
     const items = seriesList.map((series) => seriesItem(study, series));
     section.replaceChildren(el("h2", {}, heading), ...items);
+    this.showKeyImages(study, this.keyCounts.get(study) || new Map());
     if (this.thumbnails) this.loadThumbnails(); // the first image is in already
+  }
+
+  // How many key images each series of `study` has (series → count).
+  showKeyImages(study, counts) {
+    this.keyCounts.set(study, counts);
+    for (const item of this.node.querySelectorAll(".series-item")) {
+      if (item.dataset.study !== study) continue;
+      const count = counts.get(item.dataset.series) || 0;
+      const badge = item.querySelector(".key-count");
+      badge.textContent = count ? `★ ${count} key image${count === 1 ? "" : "s"}` : "";
+      badge.hidden = !count;
+    }
   }
 
   // Mark the series shown in the active pane.
@@ -89,5 +103,6 @@ function seriesItem(study, series) {
     el("img", { "data-src": thumbnailURL(study, uid), alt: "", width: "96", height: "96" }),
     el("span", { class: "label" }, label),
     el("span", { class: "count" }, `${text(series, "00080060")} · ${count} image${count === 1 ? "" : "s"}`),
+    el("span", { class: "key-count", hidden: "" }),
   );
 }

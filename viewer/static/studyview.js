@@ -3,7 +3,9 @@
 // fetches) in a layout (layout.js), linked through patient space (sync.js), the toolbar
 // and the keys (keys.js) acting on the active pane, and the tag panel (tagpanel.js).
 // This module holds what spans panes: which studies are open, which pane is active,
-// the URL (the active pane's series and instance), syncing and reference lines.
+// the URL (the active pane's series and instance), syncing and reference lines, MPR
+// (mpr.js: its three planes replace the layout until it is left), the keyboard cursor
+// (cursor.js) and the key images.
 //
 // Smoothness: rendered frames are cached as ImageBitmaps and neighbours are prefetched;
 // requests no longer useful are aborted; while the window is dragged a JPEG is asked for
@@ -17,15 +19,30 @@
 // `drawn` (exact frames drawn in the active pane so far), `loading` (requests in
 // flight, a Map), `shown` ({ key, bitmap } on the canvas), `message` (the viewport's
 // message element), `key_(index, format)` (the key of a rendering), `panes` (those on
-// the page, each with the same `index`, `stack` and its own `drawn`), and
+// the page, each with the same `index`, `stack` and its own `drawn`; in MPR the three
+// planes, each with its `plane` name and `info`, the server's description of it), and
 // `draw(key, bitmap)`, the one call through which the active pane's frames reach its
 // canvas (a benchmark may wrap it to time-stamp them).
 
-import { first, formatDate, patientStudies, saveMeasurements, savedMeasurements, searchSeries, text } from "./dicomweb.js";
+import { ARROWS, Cursor, CursorLayer } from "./cursor.js";
+import {
+  first,
+  formatDate,
+  instanceMetadata,
+  mprPlanes,
+  patientStudies,
+  saveMeasurements,
+  savedMeasurements,
+  searchSeries,
+  seriesOfInstances,
+  text,
+} from "./dicomweb.js";
 import { button, el } from "./dom.js";
 import { commandFor, helpDialog } from "./keys.js";
 import { LAYOUTS, Layout } from "./layout.js";
 import { MeasureLayer, Measurements, TOOLS, angle, length } from "./measure.js";
+import { MprLayout, PlanePane } from "./mpr.js";
+import { toPatient } from "./orientation.js";
 import { Pane } from "./pane.js";
 import { Strip } from "./strip.js";
 import { ReferenceLines, syncFrom } from "./sync.js";
@@ -59,12 +76,16 @@ class StudyView {
     this.overlays = true;
     this.tags = new TagPanel();
     this.measurements = new Measurements(() => this.redrawMarks());
+    this.cursor = new Cursor(() => this.redrawMarks());
+    this.keyImages = new Map(); // sop → { study, series (null until known) }
     this.strip = new Strip(this.study, (study) => this.openBeside(study));
-    this.layout = new Layout(
+    this.grid = new Layout(
       (number) => this.makePane(number),
       (pane, study, series) => this.assign(pane, study, series),
       this.signal,
     );
+    this.layout = this.grid; // or, while MPR is on, its MprLayout
+    this.mpr = null;
     this.build(root);
     this.ready = this.load(target); // settles once the first image and the patient's studies are in
     globalThis.minipacsView = this; // the debug API (above)
@@ -73,9 +94,23 @@ class StudyView {
   makePane(number) {
     const pane = new Pane(this, number);
     pane.references = new ReferenceLines(pane, () => this.layout.visible);
-    pane.viewport.layers.push(pane.references, new MeasureLayer(this.measurements, pane));
+    pane.viewport.layers.push(pane.references, new MeasureLayer(this.measurements, pane), new CursorLayer(this.cursor, pane));
     pane.viewport.overlays = this.overlays;
     return pane;
+  }
+
+  // A pane of an MPR plane: the other planes are its reference lines (the crosshair).
+  makePlanePane(number, plane) {
+    const pane = new PlanePane(this, number, plane);
+    pane.references = new ReferenceLines(pane, () => this.layout.visible);
+    pane.viewport.layers.push(pane.references, new CursorLayer(this.cursor, pane));
+    pane.viewport.overlays = this.overlays;
+    return pane;
+  }
+
+  // Every pane made: the layout's, and MPR's while it is on.
+  allPanes() {
+    return [...this.grid.panes, ...(this.mpr ? this.mpr.panes : [])];
   }
 
   get active() {
@@ -125,8 +160,11 @@ class StudyView {
 
   build(root) {
     this.layoutSelect = el("select", { "aria-label": "Layout", class: "layout" });
-    this.layoutSelect.append(...LAYOUTS.map(([name, label]) => el("option", { value: name }, label)));
-    this.layoutSelect.addEventListener("change", () => this.setLayout(this.layoutSelect.value));
+    this.layoutSelect.append(...LAYOUTS.map(([name, label]) => el("option", { value: name }, label)), el("option", { value: "mpr" }, "MPR"));
+    this.layoutSelect.addEventListener("change", () => {
+      if (this.layoutSelect.value === "mpr") this.run("mpr");
+      else this.setLayout(this.layoutSelect.value);
+    });
     this.presetSelect = el("select", { "aria-label": "Window preset", class: "preset" });
     this.presetSelect.addEventListener("change", () => this.applyPreset(this.presetSelect.value));
     this.fpsInput = el("input", { type: "number", min: "1", max: "60", value: "10", "aria-label": "Frames per second", class: "fps" });
@@ -151,7 +189,10 @@ class StudyView {
       const title = name === "window" ? `Dragging sets the window (${key})` : `Draw: ${name} (${key})`;
       return tool(label, `tool${name[0].toUpperCase()}${name.slice(1)}`, { "aria-pressed": String(name === "window"), "data-tool": name, title });
     });
-    this.saveButton = tool("Save", "save", { hidden: "", title: "Save the study's measurements as a DICOM SR" });
+    this.mprButton = tool("MPR", "mpr", { "aria-pressed": "false", title: "Axial, coronal and sagittal planes of a volume, or back (M)" });
+    this.keyButton = tool("★ Key", "keyImage", { "aria-pressed": "false", "aria-label": "Key image", title: "Mark or unmark the image as a key image (K)" });
+    this.cursorButton = tool("Cursor", "cursor", { "aria-pressed": "false", title: "Keyboard cursor: arrows move it, Enter places a point (X)" });
+    this.saveButton = tool("Save", "save", { hidden: "", title: "Save the study's measurements and key images as DICOM (SR and KOS)" });
     this.status = el("output", { class: "status", "aria-live": "polite" });
     const toolbar = el(
       "div",
@@ -175,14 +216,17 @@ class StudyView {
       this.overlayButton,
       this.tagButton,
       tool("?", "help", { "aria-label": "Keys", title: "Keys (?)" }),
+      this.mprButton,
       el("span", { class: "tools", role: "group", "aria-label": "Tool" }, ...this.toolButtons),
+      this.cursorButton,
+      this.keyButton,
       this.saveButton,
-      this.status,
       this.download,
       this.seriesZip,
       el("a", { href: "/", "data-link": "" }, "Studies"),
+      this.status, // last: a long message does not push the controls about
     );
-    const centre = el("section", { class: "viewer" }, toolbar, this.layout.node);
+    const centre = el("section", { class: "viewer" }, toolbar, this.grid.node);
     root.append(el("div", { class: "study-view" }, this.strip.node, centre, this.tags.node), this.help);
     document.addEventListener("keydown", (event) => this.key(event), { signal: this.signal });
   }
@@ -192,16 +236,18 @@ class StudyView {
     const command = commandFor(event);
     if (!command) return;
     event.preventDefault();
-    this.run(command, event.key);
+    this.run(command, event.key, event.shiftKey);
   }
 
-  // Every command of the toolbar and the keys (keys.js names them).
-  run(command, key = "") {
+  // Every command of the toolbar and the keys (keys.js names them); `key` and `shift`:
+  // the key pressed, when one was.
+  run(command, key = "", shift = false) {
     const pane = this.active;
     const viewport = pane.viewport;
+    const arrow = this.cursor.on && ARROWS[key];
     const commands = {
-      next: () => pane.go(pane.index + 1),
-      previous: () => pane.go(pane.index - 1),
+      next: () => (arrow ? this.moveCursor(arrow, shift) : pane.go(pane.index + 1)),
+      previous: () => (arrow ? this.moveCursor(arrow, shift) : pane.go(pane.index - 1)),
       forward10: () => pane.go(pane.index + 10),
       back10: () => pane.go(pane.index - 10),
       firstImage: () => pane.go(0),
@@ -221,7 +267,11 @@ class StudyView {
       flipH: () => viewport.flip("h"),
       flipV: () => viewport.flip("v"),
       reset: () => pane.reset(),
-      nextLayout: () => this.setLayout(this.layout.next()),
+      nextLayout: () => (this.mpr ? this.exitMpr() : this.setLayout(this.layout.next())),
+      mpr: () => (this.mpr ? this.exitMpr() : this.enterMpr()),
+      keyImage: () => this.toggleKeyImage(),
+      cursor: () => this.cursor.toggle(pane),
+      place: () => this.place(),
       nextPane: () => this.activate(this.layout.neighbour(1), { focus: true }),
       previousPane: () => this.activate(this.layout.neighbour(-1), { focus: true }),
       sync: () => this.toggleSync(),
@@ -259,8 +309,11 @@ class StudyView {
     this.tagButton.setAttribute("aria-pressed", String(this.tags.open));
     for (const node of this.toolButtons) node.setAttribute("aria-pressed", String(node.dataset.tool === this.measurements.tool));
     const slice = pane.stack[pane.index];
+    this.mprButton.setAttribute("aria-pressed", String(Boolean(this.mpr)));
+    this.keyButton.setAttribute("aria-pressed", String(Boolean(slice) && this.isKeyImage(slice.sop)));
+    this.cursorButton.setAttribute("aria-pressed", String(this.cursor.on));
     this.seriesZip.href = pane.series ? `/studies/${pane.study}/series/${pane.series}/archive` : "";
-    this.download.href = slice
+    this.download.href = slice && !pane.plane
       ? `/wado?requestType=WADO&studyUID=${pane.study}&seriesUID=${pane.series}&objectUID=${slice.sop}&contentType=application%2Fdicom&transferSyntax=*`
       : "";
   }
@@ -322,8 +375,10 @@ class StudyView {
     this.strip.showStudies(this.patientStudies);
   }
 
-  // Show `target` ({ study, series, sop, frame } from the URL) in the active pane.
+  // Show `target` ({ study, series, sop, frame } from the URL) in the active pane (of
+  // the layout: MPR is left).
   async show(target) {
+    this.exitMpr();
     const study = target.study || this.study;
     let list;
     try {
@@ -362,6 +417,7 @@ class StudyView {
     }
     const entry = list.find((s) => first(s, "0020000E") === series);
     if (!entry) return;
+    this.exitMpr();
     this.activate(pane);
     await pane.open(study, entry);
     if (pane.series === series) pane.go(0);
@@ -370,6 +426,7 @@ class StudyView {
   // A study of the patient's list was chosen: its series most like the active pane's
   // (same modality, else the first) opens in the pane beside the active one.
   async openBeside(study) {
+    this.exitMpr();
     if (this.layout.name === "1x1") this.setLayout("1x2", { fill: false });
     const pane = this.layout.neighbour(1);
     const series = await this.likeActive(study);
@@ -388,8 +445,9 @@ class StudyView {
   }
 
   setLayout(name, { fill = true } = {}) {
+    this.exitMpr();
     const added = this.layout.set(name);
-    for (const pane of this.layout.panes) if (!this.layout.visible.includes(pane)) pane.stopCine();
+    for (const pane of this.grid.panes) if (!this.grid.visible.includes(pane)) pane.stopCine();
     this.syncToolbar();
     if (fill) this.fill(added.filter((pane) => !pane.series));
   }
@@ -405,7 +463,7 @@ class StudyView {
       const series = await this.likeActive(other);
       if (series) wanted.push([other, first(series, "0020000E")]);
     }
-    const onPage = new Set(this.layout.visible.map((pane) => pane.series));
+    const onPage = new Set(this.grid.visible.map((pane) => pane.series));
     for (const series of await this.loadSeries(this.study)) {
       const uid = first(series, "0020000E");
       if (!onPage.has(uid)) wanted.push([this.study, uid]);
@@ -477,7 +535,7 @@ class StudyView {
 
   // A pointer press on a pane for a measurement (measure.js); false: the pane's own.
   drag(pane, event) {
-    return this.measurements.press(pane, event);
+    return !pane.plane && this.measurements.press(pane, event);
   }
 
   redrawMarks() {
@@ -490,8 +548,7 @@ class StudyView {
 
   // The header line and the tag panel show the active pane's instance.
   showMeta(pane) {
-    const slice = pane.stack[pane.index];
-    const meta = slice && this.metadata.get(slice.sop);
+    const meta = pane.currentMeta();
     this.tags.render(meta);
     if (!meta) return;
     document.getElementById("where").textContent = `${text(meta, "00100010")} · ${formatDay(meta)} · ${text(meta, "00081030")}`;
@@ -517,8 +574,9 @@ class StudyView {
     }
   }
 
+  // The preset applies to the active pane, or in MPR to the three planes.
   applyPreset(value) {
-    this.active.applyPreset(value);
+    for (const pane of this.mpr ? this.mpr.panes : [this.active]) pane.applyPreset(value);
     this.presetSelect.value = value;
   }
 
@@ -532,7 +590,7 @@ class StudyView {
 
   setTool(name) {
     this.measurements.tool = name;
-    for (const pane of this.layout.panes) pane.viewport.stage.classList.toggle("drawing", name !== "window");
+    for (const pane of this.grid.panes) pane.viewport.stage.classList.toggle("drawing", name !== "window");
   }
 
   // The study's last saved report (docs/viewer-api.md, 4): its measurements are shown
@@ -545,6 +603,7 @@ class StudyView {
       return;
     }
     this.saveButton.hidden = false;
+    this.loadKeyImages(report.keyImages || []);
     this.measurements.load(
       report.measurements.map((item) => ({
         type: item.type,
@@ -558,13 +617,13 @@ class StudyView {
     );
   }
 
-  // Save the active pane's study's measurements as an SR (and nothing else: no image is
-  // marked as a key image yet).
+  // Save the active pane's study's measurements as an SR and its key images as a Key
+  // Object Selection (the server writes each only when there is something in it).
   async save() {
     const study = this.active.study;
     const measurements = this.measurements
       .all()
-      .filter((m) => m.study === study && (m.type !== "angle" || m.points.length === 3))
+      .filter((m) => m.study === study && m !== this.measurements.keyed && (m.type !== "angle" || m.points.length === 3))
       .map((m) => {
         const spacing = this.spacingOf(m);
         const found = { type: m.type, sopInstanceUID: m.sop, frame: m.frame, points: m.points };
@@ -572,14 +631,19 @@ class StudyView {
         if (m.type === "angle") return { ...found, value: angle(m.points, spacing), unit: "deg" };
         return found;
       });
-    if (!measurements.length) {
+    const keyImages = [...this.keyImages]
+      .filter(([, image]) => image.study === study)
+      .map(([sop]) => ({ sopInstanceUID: sop, frame: 1 }));
+    if (!measurements.length && !keyImages.length) {
       this.status.value = "Nothing to save on this study.";
       return;
     }
     this.status.value = "Saving…";
+    const count = (n, what) => (n ? `${n} ${what}${n === 1 ? "" : "s"}` : "");
     try {
-      await saveMeasurements(study, { measurements, keyImages: [], description: "" }, this.signal);
-      this.status.value = `Saved ${measurements.length} measurement${measurements.length === 1 ? "" : "s"}.`;
+      await saveMeasurements(study, { measurements, keyImages, description: "" }, this.signal);
+      const saved = [count(measurements.length, "measurement"), count(keyImages.length, "key image")];
+      this.status.value = `Saved ${saved.filter(Boolean).join(" and ")}.`;
     } catch (error) {
       if (error.name !== "AbortError") this.status.value = error.status === 403 ? "Saving needs the uploader role." : `Not saved: ${error.message}`;
     }
@@ -587,12 +651,158 @@ class StudyView {
 
   // The spacing of a measurement's image, from a pane that has its series.
   spacingOf(measurement) {
-    for (const pane of this.layout.panes) {
+    for (const pane of this.grid.panes) {
       const index = pane.stack.findIndex((s) => s.sop === measurement.sop && s.frame === measurement.frame);
       const geometry = index >= 0 && pane.geometry(index);
       if (geometry) return geometry.spacing;
     }
     return { row: 1, column: 1, kind: "px" };
+  }
+
+  // -- key images ------------------------------------------------------------------------------
+  // Whole instances, as a Key Object Selection keeps them (a frame is not kept): marking
+  // a frame of a multi-frame instance marks the instance.
+
+  isKeyImage(sop) {
+    return this.keyImages.has(sop);
+  }
+
+  toggleKeyImage() {
+    const pane = this.active;
+    const slice = pane.stack[pane.index];
+    if (pane.plane) {
+      this.status.value = "An MPR plane is not an image of the archive: mark a slice of the series.";
+      return;
+    }
+    if (!slice) return;
+    const marked = !this.keyImages.has(slice.sop);
+    if (marked) this.keyImages.set(slice.sop, { study: pane.study, series: pane.series });
+    else this.keyImages.delete(slice.sop);
+    this.status.value = marked ? "Marked as a key image." : "No longer a key image.";
+    this.keyImagesChanged(pane.study);
+  }
+
+  // The key images of the study's saved Key Object Selection; their series (for the
+  // strip) from QIDO-RS.
+  async loadKeyImages(items) {
+    for (const item of items) this.keyImages.set(item.sopInstanceUID, { study: this.study, series: null });
+    this.keyImagesChanged(this.study);
+    if (!items.length) return;
+    try {
+      const found = await seriesOfInstances(this.study, items.map((item) => item.sopInstanceUID), this.signal);
+      for (const [sop, series] of found) if (this.keyImages.has(sop)) this.keyImages.get(sop).series = series;
+    } catch {
+      return; // the overlays show them; the strip does not count them
+    }
+    this.keyImagesChanged(this.study);
+  }
+
+  // The overlays, the toolbar and the strip's counts of `study` say what is marked now.
+  keyImagesChanged(study) {
+    for (const pane of this.layout.visible) pane.viewport.updateOverlays();
+    this.syncToolbar();
+    const counts = new Map();
+    for (const image of this.keyImages.values()) {
+      if (image.study === study && image.series) counts.set(image.series, (counts.get(image.series) || 0) + 1);
+    }
+    this.strip.showKeyImages(study, counts);
+  }
+
+  // -- the keyboard cursor -----------------------------------------------------------------------
+
+  moveCursor(direction, shift) {
+    const pane = this.active;
+    if (!pane.stack.length) return;
+    this.measurements.follow(pane, this.cursor.move(pane, direction, shift ? 10 : 1));
+  }
+
+  // Enter: at the cursor (turned on first when it is off), the tool's next point, or in
+  // MPR the crosshair.
+  place() {
+    const pane = this.active;
+    if (!pane.stack.length || !pane.viewport.shown) return;
+    if (!this.cursor.on) {
+      this.cursor.toggle(pane);
+      return;
+    }
+    const point = this.cursor.at(pane);
+    if (pane.plane) this.crosshair(pane, point);
+    else if (!this.measurements.place(pane, point)) this.status.value = "Choose a tool (D, A, E or B) to place points with Enter.";
+  }
+
+  // -- MPR ---------------------------------------------------------------------------------------
+
+  // The active pane's series as three planes, if the server says it is a volume (else its
+  // reason, and nothing changes).
+  async enterMpr() {
+    const source = this.active;
+    if (this.mpr || this.enteringMpr || !source.stack.length) return;
+    this.enteringMpr = true;
+    this.status.value = "MPR: reading the volume…";
+    let info;
+    let meta;
+    try {
+      [info, meta] = await Promise.all([mprPlanes(source.study, source.series, this.signal), this.headerOf(source)]);
+    } catch (error) {
+      if (error.name !== "AbortError") this.status.value = `No MPR: ${error.message}`;
+      return;
+    } finally {
+      this.enteringMpr = false;
+      this.syncToolbar();
+    }
+    if (source !== this.active || this.mpr) return; // moved on meanwhile
+    for (const pane of this.grid.panes) pane.stopCine();
+    const mpr = new MprLayout((number, plane) => this.makePlanePane(number, plane));
+    for (const pane of mpr.panes) pane.setUp(source, info, meta);
+    this.mpr = mpr;
+    this.layout = mpr;
+    this.grid.node.replaceWith(mpr.node);
+    this.activate(mpr.panes[0], { focus: true });
+    // The three planes through the centre of the image the series was showing.
+    const here = source.geometry();
+    const centre = here && here.plane ? toPatient(here.plane, here.spacing, here.columns / 2, here.rows / 2) : null;
+    for (const pane of mpr.panes) pane.go(centre ? pane.indexAt(centre) : Math.floor(pane.stack.length / 2));
+    this.status.value = "MPR: a click (or Enter at the cursor, X) moves the crosshair; M leaves.";
+    this.syncToolbar();
+  }
+
+  // The metadata of the slice the server windows the planes from (the volume's first),
+  // for the overlays and the window a drag starts from.
+  async headerOf(source) {
+    const order = source.volume && source.volume.order;
+    const sop = (order && order[0]) || source.stack[source.index].sop;
+    if (!this.metadata.has(sop)) {
+      try {
+        this.metadata.set(sop, await instanceMetadata(source.study, source.series, sop, this.signal));
+      } catch (error) {
+        if (error.name === "AbortError") throw error;
+      }
+    }
+    return this.metadata.get(sop);
+  }
+
+  // Back to the layout as it was.
+  exitMpr() {
+    const mpr = this.mpr;
+    if (!mpr) return;
+    this.mpr = null;
+    this.layout = this.grid;
+    mpr.node.replaceWith(this.grid.node);
+    mpr.close();
+    const pane = this.grid.active;
+    if (mpr.panes.includes(this.cursor.pane)) this.cursor.pane = null;
+    if (pane.stack.length) history.replaceState({}, "", pane.url());
+    this.strip.mark(pane.study, pane.series);
+    this.showMeta(pane);
+    this.status.value = "";
+    this.syncToolbar();
+    pane.viewport.stage.focus();
+  }
+
+  // The other planes through the patient point under image point `point` of plane `pane`.
+  crosshair(pane, point) {
+    const at = this.mpr && pane.patientAt(point);
+    if (at) this.mpr.centre(at, pane);
   }
 
   // -- toggles -------------------------------------------------------------------------------
@@ -604,7 +814,7 @@ class StudyView {
 
   toggleReferenceLines() {
     const shown = !this.active.references.shown;
-    for (const pane of this.layout.panes) {
+    for (const pane of this.allPanes()) {
       pane.references.shown = shown;
       pane.viewport.renderLayers();
     }
@@ -612,7 +822,7 @@ class StudyView {
 
   toggleOverlays() {
     this.overlays = !this.overlays;
-    for (const pane of this.layout.panes) {
+    for (const pane of this.allPanes()) {
       pane.viewport.overlays = this.overlays;
       pane.viewport.updateOverlays();
     }
@@ -633,7 +843,7 @@ class StudyView {
   close() {
     this.controller.abort();
     this.measurements.close();
-    for (const pane of this.layout.panes) pane.close();
+    for (const pane of this.allPanes()) pane.close();
     this.help.remove();
     globalThis.minipacsView = null;
   }

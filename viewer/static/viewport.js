@@ -1,7 +1,7 @@
 // The viewport: a canvas showing one rendered frame, fitted or zoomed, panned, rotated
 // by quarter turns, flipped and inverted, with the overlays: the four corners (patient,
 // study, series/instance/frame and slice, window and zoom), the orientation letters on
-// the edges, a scale bar, an SVG layer on which other modules draw in image coordinates
+// the edges, a scale bar, a key image mark, an SVG layer on which other modules draw in image coordinates
 // (measurements, reference lines), and a message line for what cannot be shown.
 //
 // One matrix maps image coordinates (pixels from the image's top-left corner) to the
@@ -18,9 +18,10 @@ const BAR = 0.2; // the scale bar's longest share of the viewport's width
 const PIXELS = { row: 1, column: 1, kind: "px" }; // no spacing known (yet)
 
 export class Viewport {
-  // `describe()` says what is current: { slice, meta, position, total, window, geometry }
-  // (meta undefined until the instance's metadata is in; window the overlay's WC/WW
-  // text; geometry orientation.js's, null until known).
+  // `describe()` says what is current: { slice, meta, position, total, window, geometry,
+  // keyImage } (meta undefined until the instance's metadata is in; window the overlay's
+  // WC/WW text; geometry orientation.js's, null until known; a slice's `label`, when it
+  // has one, replaces the series and instance numbers).
   constructor(describe) {
     this.describe = describe;
     this.canvas = el("canvas", { class: "image", role: "img", "aria-label": "Image" });
@@ -34,6 +35,7 @@ export class Viewport {
     this.bar = el("div", { class: "scalebar-line" });
     this.barLabel = el("span", { class: "scalebar-label" });
     this.scalebar = el("div", { class: "scalebar", "aria-label": "Scale" }, this.bar, this.barLabel);
+    this.keyMark = el("div", { class: "key-mark", hidden: "" }, "★ Key image");
     this.stage = el(
       "div",
       { class: "stage", tabindex: "0", "aria-label": "Viewport: wheel or arrows scroll, drag sets the window" },
@@ -42,6 +44,7 @@ export class Viewport {
       ...this.corners,
       ...Object.values(this.letters),
       this.scalebar,
+      this.keyMark,
       this.message,
     );
     this.zoom = 1;
@@ -145,16 +148,17 @@ export class Viewport {
   }
 
   updateOverlays() {
-    const { slice, meta, position, total, window, geometry } = this.describe();
+    const { slice, meta, position, total, window, geometry, keyImage } = this.describe();
     const [tl, tr, bl, br] = this.corners;
     const hidden = !this.overlays || !slice;
     for (const node of [...this.corners, ...Object.values(this.letters), this.scalebar]) node.hidden = hidden;
+    this.keyMark.hidden = hidden || !keyImage;
     if (!slice) return;
     tl.textContent = meta ? `${text(meta, "00100010")}\n${text(meta, "00100020")}\n${formatDate(first(meta, "00100030"))}` : "";
     tr.textContent = meta ? `${text(meta, "00081030")}\n${formatDate(first(meta, "00080020"))} ${text(meta, "00080030").slice(0, 6)}` : "";
     bl.textContent = [
       meta ? text(meta, "0008103E") : "",
-      `Se ${meta ? first(meta, "00200011") ?? "" : ""}  Im ${slice.number ?? ""}${slice.frames > 1 ? `  Fr ${slice.frame}/${slice.frames}` : ""}`,
+      slice.label ?? `Se ${meta ? first(meta, "00200011") ?? "" : ""}  Im ${slice.number ?? ""}${slice.frames > 1 ? `  Fr ${slice.frame}/${slice.frames}` : ""}`,
       sliceText(geometry),
       `${position} / ${total}`,
     ]
@@ -247,6 +251,7 @@ export class Viewport {
 
   close() {
     this.resize.disconnect();
+    this.canvas.width = this.canvas.height = 0; // its memory, now
   }
 }
 
