@@ -39,6 +39,7 @@ from storage.files import hash_file
 from storage.files import make_dirs
 from storage.models import Instance
 from storage.models import db
+from storage.objectstore import Head
 from storage.objectstore import ObjectStore
 from storage.objectstore import Settings
 from storage.objectstore import checksum
@@ -201,16 +202,9 @@ class ObjectFiles(LocalFiles):
         sop_uid = Path(rel).stem
         if (self.uploads / f"{sop_uid}.dcm").exists():
             return super().check(rel, size, sha256)
-        head = self.store.head(rel)
-        if head is None:
-            return "object is missing from the object store"
-        if head.size != size:
-            return f"object's size is {head.size}, index says {size}"
-        whole = head.checksum and "-" not in head.checksum
-        if whole and head.checksum != checksum(sha256):
-            return "object's SHA-256 differs from the index (object corrupted)"
-        if not whole and head.sha256 and head.sha256 != sha256:
-            return "object's recorded SHA-256 differs from the index"
+        problem = object_problem(self.store.head(rel), size, sha256)
+        if problem:
+            return problem
         if (self.root / rel).is_file():
             problem = super().check(rel, size, sha256)
             if problem:
@@ -415,6 +409,22 @@ class ObjectFiles(LocalFiles):
                     total -= size
                     metrics.OBJECT_CACHE_EVICTED.inc()
         self.cached = total
+
+
+def object_problem(head: Head | None, size: int, sha256: str) -> str:
+    """What is wrong with an object by what the store says of it ('' when nothing): its
+    size, and the store's whole-object SHA-256 (or, for a multipart upload, the one we
+    recorded in its metadata) against the index's."""
+    if head is None:
+        return "object is missing from the object store"
+    if head.size != size:
+        return f"object's size is {head.size}, index says {size}"
+    whole = head.checksum and "-" not in head.checksum
+    if whole and head.checksum != checksum(sha256):
+        return "object's SHA-256 differs from the index (object corrupted)"
+    if not whole and head.sha256 and head.sha256 != sha256:
+        return "object's recorded SHA-256 differs from the index"
+    return ""
 
 
 def _lower_priority() -> None:

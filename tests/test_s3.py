@@ -15,6 +15,7 @@ import pydicom
 import pytest
 import requests
 from conftest import Server
+from conftest import index_rows
 from conftest import minipacs
 from conftest import storescu
 from make_study import make_study
@@ -338,3 +339,45 @@ def test_import_uploads_what_it_placed(s3store, tmp_path):
     placed = {rel(p, tmp_path / "data") for p in (tmp_path / "data").glob("*/*/*.dcm")}
     assert len(placed) == 2
     assert {f"{PREFIX}/{p}" for p in placed} == keys(s3store.client(), bucket)
+
+
+# -- moving an archive: migrate-storage, and reindex from the bucket ----------------------
+
+
+def test_migrate_storage_up_resumes_verifies_and_comes_back(s3store, store_up, tmp_path):
+    """A file archive into a bucket: a corrupt file is refused (exit 1), a store that is
+    down ends the run (exit 3), a second run copies only what is missing; then back."""
+    bucket, data = s3store.bucket(), tmp_path / "data"
+    sent = make_study(tmp_path / "study", 3, size=64)
+    minipacs("import", "--data", str(data), *map(str, sent))
+    rows = index_rows(data, "SELECT path, sha256 FROM instance ORDER BY path")
+    store = {k: v for k, v in s3store.settings(bucket, PREFIX).items() if k != "MINIPACS_STORAGE"}
+    up = ("migrate-storage", "--data", str(data), "--to", f"s3://{bucket}/{PREFIX}", "--json")
+    good = (data / rows[0][0]).read_bytes()
+    (data / rows[0][0]).write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    first = minipacs(*up, env=store, check=False)
+    assert first.returncode == 1, first.stderr
+    report = json.loads(first.stdout)
+    assert (report["copied"], report["problems"]) == (2, 1)
+    assert report["details"][0]["path"] == rows[0][0]
+    assert keys(s3store.client(), bucket) == {f"{PREFIX}/{p}" for p, _ in rows[1:]}
+    (data / rows[0][0]).write_bytes(good)
+    store_up.stop()
+    down = minipacs(*up, env=store, check=False)
+    assert down.returncode == 3 and "run migrate-storage again" in down.stderr
+    store_up.start()
+    second = minipacs(*up, env=store)
+    assert json.loads(second.stdout) == {"copied": 1, "present": 2, "problems": 0, "details": []}
+    assert "set storage = 's3://" in second.stderr
+    s3 = s3store.client()
+    for path, sha in rows:
+        head = s3.head_object(Bucket=bucket, Key=f"{PREFIX}/{path}", ChecksumMode="ENABLED")
+        assert head["ChecksumSHA256"] == objectstore.checksum(sha)
+    (data / rows[1][0]).unlink()  # evicted
+    (data / rows[2][0]).write_bytes(b"a stale copy")
+    on_bucket = s3store.settings(bucket, PREFIX)
+    back = minipacs("migrate-storage", "--data", str(data), "--to", "file", "--json",
+                    env=on_bucket)  # fmt: skip
+    assert json.loads(back.stdout)["copied"] == 2
+    for path, sha in rows:
+        assert hashlib.sha256((data / path).read_bytes()).hexdigest() == sha

@@ -26,6 +26,7 @@ for _command in (
     archive.protect,
     archive.delete,
     archive.migrate_index,
+    archive.migrate_storage,
     admin.anonymize,
     export.export,
     admin.user,

@@ -1,5 +1,5 @@
 """Serving and keeping the archive: serve, import, reindex, verify, stats, protect,
-delete, migrate-index."""
+delete, migrate-index, migrate-storage."""
 
 import getpass
 import sys
@@ -18,9 +18,13 @@ from pacs.cli.common import print_report
 from pacs.cli.common import selection_level
 from pacs.cli.common import selection_options
 from pacs.cli.common import walk
+from pacs.cli.remote import ExitStatus
 from storage import Outcome
+from storage import migrate
 from storage.errors import NotDicom
 from storage.errors import StorageError
+from storage.errors import StoreUnavailable
+from storage.objectstore import ObjectStore
 
 
 @click.command()
@@ -182,3 +186,77 @@ def migrate_index(config_file: Path | None, target: str, **flags) -> None:
         archive.close()
     print_report(copied, [], False)
     click.echo(f"done: set index = {target!r} (or --index) to use it", err=True)
+
+
+@click.command("migrate-storage")
+@config_options
+@click.option("--to", "target", required=True, help="s3://bucket/prefix, or file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def migrate_storage(config_file: Path | None, target: str, as_json: bool, **flags) -> None:
+    """Copy every instance from the data folder into a bucket (--to s3://bucket/prefix,
+    with the storage_endpoint/region/path_style settings), or from the configured bucket
+    back into the data folder (--to file); resumable, verified at the end. Exit 0 when
+    every instance is at the target and verified, 1 when some are not (listed), 3 when
+    the store does not answer (run it again to resume)."""
+    config = build_config(config_file, **flags)
+    going_up = target != "file"
+    if going_up == (config.storage != "file"):
+        raise UsageFailure(
+            f"the archive is on {config.storage} already: migrate-storage copies between "
+            "the data folder (storage = file) and one bucket"
+        )
+    bucket = build_config(config_file, **{**flags, "storage": target}).object_store()
+    archive = open_archive(config_file, **flags)
+    alone = archive.lock(exclusive=True)
+    if not alone and not going_up:  # its cache trim would remove what is being placed
+        raise UsageFailure(f"a minipacs server is running on {archive.root}: stop it first")
+    if bucket is not None:
+        store, copy, where = ObjectStore(bucket), migrate.to_bucket, target
+    else:  # the archive is opened on its bucket
+        store, copy, where = archive.files.store, migrate.to_folder, str(archive.root)
+    bars = _Steps(migrate.count(), {"copy": f"copying to {where}", "verify": "verifying"})
+    try:
+        done = copy(archive, store, bars.step)
+    except StoreUnavailable as exc:
+        bars.finish()
+        click.echo(f"{exc}: run migrate-storage again to resume", err=True)
+        sys.exit(ExitStatus.CONNECTION)
+    finally:
+        archive.close()
+    bars.finish()
+    print_report(done.summary(), done.problems, as_json)
+    if done.problems:
+        sys.exit(ExitStatus.FAILURE)
+    if not alone:
+        click.echo("a server is running: what it receives meanwhile is not copied; run "
+                   "again once it is stopped, then switch", err=True)  # fmt: skip
+    elif going_up:
+        click.echo(f"done: set storage = {target!r} (with the same storage_endpoint, "
+                   "storage_region and storage_path_style) to use it; the data folder's "
+                   "files become its cache", err=True)  # fmt: skip
+    else:
+        click.echo("done: set storage = 'file' to use the data folder alone", err=True)
+    sys.exit(ExitStatus.SUCCESS)
+
+
+class _Steps:
+    """One progress bar on stderr per step of a long run, each over `total` items."""
+
+    def __init__(self, total: int, labels: dict[str, str]) -> None:
+        self.total, self.labels = total, labels
+        self.name = ""
+        self.bar = None
+
+    def step(self, name: str) -> None:
+        if name != self.name:
+            self.finish()
+            self.name = name
+            self.bar = click.progressbar(
+                length=self.total, label=self.labels[name], file=sys.stderr
+            )
+        self.bar.update(1)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.render_finish()
+            self.bar = None
