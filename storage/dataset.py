@@ -112,11 +112,15 @@ def validate_uid(value: object, name: str) -> str:
     return uid
 
 
-def read_instance(path: Path, pixel_budget: int | None = None) -> ParsedInstance:
+def read_instance(
+    path: Path, pixel_budget: int | None = None, head_only: bool = False
+) -> ParsedInstance:
     """Check that `path` is a whole Part 10 file (within `pixel_budget` bytes of decoded
-    pixel data, when given) and extract its index keys."""
+    pixel data, when given) and extract its index keys. `head_only`: the file is the
+    first bytes of one, up to its top-level Pixel Data at least (an object read by a
+    ranged GET): checked up to there, InvalidDataset when it ends before."""
     with _dataset(path) as (fp, start, syntax, encoded):
-        header = _header(fp, start, syntax, encoded)
+        header = _header(fp, start, syntax, encoded, head_only)
         check_pixel_budget(header.pixel_bytes(), pixel_budget)
         try:
             fp.seek(0)
@@ -193,12 +197,13 @@ def check_pixel_budget(size: int, budget: int | None, what: str = "the pixel dat
         )
 
 
-def read_header(path: Path, pixel_budget: int | None = None) -> Header:
+def read_header(path: Path, pixel_budget: int | None = None, head_only: bool = False) -> Header:
     """Walk every element header of a Part 10 file (truncation or a stray delimiter
     anywhere raises InvalidDataset) and read the top-level HEADER_TAGS; values are not
-    decoded. With `pixel_budget`, a dataset declaring more pixel data is refused."""
+    decoded. With `pixel_budget`, a dataset declaring more pixel data is refused.
+    `head_only`: only up to the Pixel Data, as read_instance."""
     with _dataset(path) as (fp, start, syntax, encoded):
-        header = _header(fp, start, syntax, encoded)
+        header = _header(fp, start, syntax, encoded, head_only)
     check_pixel_budget(header.pixel_bytes(), pixel_budget)
     return header
 
@@ -239,8 +244,9 @@ def _dataset(path: Path) -> Iterator[tuple[BinaryIO, int, str, str]]:
             yield inflated, 0, syntax, ExplicitVRLittleEndian
 
 
-def _header(fp: BinaryIO, start: int, syntax: str, encoded: str) -> Header:
-    """The walk of the dataset from `start`, its bytes in the `encoded` syntax."""
+def _header(fp: BinaryIO, start: int, syntax: str, encoded: str, head_only: bool = False) -> Header:
+    """The walk of the dataset from `start`, its bytes in the `encoded` syntax; with
+    `head_only`, up to the top-level Pixel Data's element header, which must be there."""
     end = fp.seek(0, 2)
     if end <= start:
         raise InvalidDataset("the dataset is empty")
@@ -248,9 +254,11 @@ def _header(fp: BinaryIO, start: int, syntax: str, encoded: str) -> Header:
         implicit = encoded == ImplicitVRLittleEndian
         if not implicit and not buf[start + 4 : start + 6].isalpha():
             raise InvalidDataset(f"dataset is Implicit VR but the Transfer Syntax is {syntax}")
-        walk = _Walk(buf, end)
+        walk = _Walk(buf, end, stop_at_pixels=head_only)
         order = ">" if encoded == ExplicitVRBigEndian else "<"
         walk.dataset(start, implicit, order, 0, delimited=False)
+    if head_only and walk.pixel_offset is None:
+        raise InvalidDataset("no Pixel Data in the first bytes read")
     offset = walk.pixel_offset if encoded == syntax else None
     return Header(syntax, walk.values, walk.pixel_vrs, offset)
 
@@ -274,9 +282,10 @@ class _Walk:
     """Element headers of a dataset in a buffer (an mmap), values skipped, iterating over
     items and nested datasets; the top-level HEADER_TAGS and pixel data VRs are kept."""
 
-    def __init__(self, buf, end: int) -> None:
+    def __init__(self, buf, end: int, stop_at_pixels: bool = False) -> None:
         self.buf = buf
         self.end = end
+        self.stop_at_pixels = stop_at_pixels  # the buffer may end inside the pixel data
         self.values: dict[int, bytes] = {}
         self.pixel_vrs: dict[int, str] = {}
         self.pixel_offset: int | None = None
@@ -317,6 +326,8 @@ class _Walk:
                 ) or IMPLICIT_PIXEL_VR.get(elem, "OW")
                 if elem == 0x0010:
                     self.pixel_offset = value
+                    if self.stop_at_pixels:
+                        return pos
             if length == UNDEFINED:
                 # PS3.5 6.2.2: UN of undefined length is Implicit VR Little Endian inside.
                 inner = (True, "<") if vr == b"UN" else (implicit, order)

@@ -1,5 +1,5 @@
-"""Keeping files and index in agreement: start-up repair, reindex from the files alone,
-verification of every file, copying the index to another database."""
+"""Keeping files and index in agreement: start-up repair, reindex from the files alone
+(or the bucket), verification of every file, copying the index to another database."""
 
 import contextlib
 import logging
@@ -8,8 +8,10 @@ import shutil
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from dataclasses import field
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,12 +20,14 @@ from peewee import OperationalError
 from storage import changefeed
 from storage import index
 from storage import schema
+from storage.dataset import ParsedInstance
 from storage.dataset import read_instance
 from storage.engine import describe
 from storage.engine import is_sqlite
 from storage.engine import open_database
 from storage.errors import InvalidDataset
 from storage.errors import StorageError
+from storage.errors import StoreUnavailable
 from storage.files import hash_file
 from storage.files import instance_path
 from storage.models import MODELS
@@ -31,6 +35,7 @@ from storage.models import Change
 from storage.models import Instance
 from storage.models import QueryTag
 from storage.models import db
+from storage.objects import ObjectFiles
 from storage.retention import TRASH
 
 if TYPE_CHECKING:
@@ -38,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SHARED_TEMPORARY_AGE = 3600  # s: younger temporaries may be another node's, in flight
+OBJECT_READERS = 8  # objects' headers read at once by reindex from a bucket
 
 
 @dataclass
@@ -122,13 +128,9 @@ class Maintenance:
         """Rebuild the index from the files alone; `progress()` after each file. The change
         feed is kept, numbering on: each file indexed is a "create" by "reindex" (what a
         follower holds stays valid; rows whose file had gone leave no "delete"). Extended
-        query tags are kept; their values are written again with the rows. Not with an
-        object store: the data folder holds only some of the instances."""
-        if self.archive.files.remote:
-            raise StorageError(
-                "reindex rebuilds the index from the data folder's files, and with an object "
-                "store most instances are only in the bucket: not done"
-            )
+        query tags are kept; their values are written again with the rows. With an object
+        store: the files still to upload (the newest bytes), then every object under the
+        prefix, each parsed from its first bytes (ObjectFiles.parse_object)."""
         with db.connection_context():
             kept = (Change, QueryTag)
             db.drop_tables([model for model in MODELS if model not in kept])
@@ -139,10 +141,39 @@ class Maintenance:
             ).execute()
         report = ReconcileReport()
         for path in self._files():
+            if self._copy_only(path):
+                continue  # a copy of an object: indexed from the bucket below
             self._adopt(path, report, "reindex")
             if progress:
                 progress()
+        if isinstance(self.archive.files, ObjectFiles):
+            self._adopt_objects(self.archive.files, report, progress)
         return report
+
+    def _adopt_objects(
+        self, files: ObjectFiles, report: ReconcileReport, progress: Callable[[], None] | None
+    ) -> None:
+        """Index every object under the prefix; headers read OBJECT_READERS at a time (the
+        requests wait on the network), rows written in the bucket's order."""
+
+        def parse(found: tuple[str, int]) -> tuple[ParsedInstance, str] | StorageError:
+            try:
+                return files.parse_object(*found)
+            except StoreUnavailable:
+                raise
+            except StorageError as exc:
+                return exc
+
+        objects = ((rel, size) for rel, size in files.store.listing() if _instance_key(rel))
+        with ThreadPoolExecutor(OBJECT_READERS, thread_name_prefix="reindex") as pool:
+            while batch := list(islice(objects, 256)):
+                for (rel, size), parsed in zip(batch, pool.map(parse, batch), strict=True):
+                    if isinstance(parsed, StorageError):
+                        report.problems.append(Problem(rel, f"not indexed: {parsed}"))
+                    else:
+                        self._index(parsed[0], rel, size, parsed[1], report, "reindex")
+                    if progress:
+                        progress()
 
     def verify(self, progress: Callable[[], None] | None = None) -> Iterator[Problem]:
         """Check every indexed file's size and SHA-256 (with an object store: its object,
@@ -176,6 +207,11 @@ class Maintenance:
                 target.close_all()
 
     def count_files(self) -> int:
+        """Files reindex reads (with an object store: files to upload, and the objects)."""
+        files = self.archive.files
+        if isinstance(files, ObjectFiles):
+            pending = sum(1 for path in self._files() if not self._copy_only(path))
+            return pending + sum(1 for rel, _ in files.store.listing() if _instance_key(rel))
         return sum(1 for _ in self._files())
 
     def _adopt(self, path: Path, report: ReconcileReport, who: str, replace: bool = False) -> None:
@@ -183,10 +219,27 @@ class Maintenance:
         rel = str(path.relative_to(self.archive.root))
         try:
             parsed = read_instance(path)
+            size, sha = hash_file(path)
+        except (StorageError, OSError) as exc:
+            report.problems.append(Problem(rel, f"not indexed: {exc}"))
+            return
+        self._index(parsed, rel, size, sha, report, who, replace)
+
+    def _index(
+        self,
+        parsed: ParsedInstance,
+        rel: str,
+        size: int,
+        sha: str,
+        report: ReconcileReport,
+        who: str,
+        replace: bool = False,
+    ) -> None:
+        """Index an instance read from `rel` (a file, or an object's key under the prefix)."""
+        try:
             expected = instance_path(parsed.study_uid, parsed.series_uid, parsed.sop_uid)
             if expected != rel:
                 raise InvalidDataset(f"its UIDs say it belongs at {expected}")
-            size, sha = hash_file(path)
             row = index.Row(parsed, rel, size, sha, replace=replace)
             self.archive.write(self._index_row, row, who)
             report.indexed += 1
@@ -210,6 +263,12 @@ class Maintenance:
     def _paths(self) -> Iterator[str]:
         for (rel,) in Instance.select(Instance.path).tuples().iterator():
             yield rel
+
+
+def _instance_key(rel: str) -> bool:
+    """Whether an object's path under the prefix is an instance's, <study>/<series>/<sop>.dcm."""
+    parts = rel.split("/")
+    return len(parts) == 3 and parts[2].endswith(".dcm") and all(parts)
 
 
 def _subdirs(path: Path) -> Iterator[Path]:

@@ -99,6 +99,9 @@ OBJECTS_UPLOADED = Counter("minipacs_objects_uploaded", "Instances confirmed in 
 OBJECT_BYTES_UPLOADED = Counter("minipacs_object_bytes_uploaded",
                                 "Bytes of instances confirmed in the object store",
                                 registry=REGISTRY)  # fmt: skip
+OBJECT_BYTES_FETCHED = Counter("minipacs_object_bytes_fetched",
+                               "Bytes read from the object store: whole objects and ranges",
+                               registry=REGISTRY)  # fmt: skip
 OBJECT_STORE_ERRORS = Counter("minipacs_object_store_errors",
                               "Requests to the object store that failed, by operation",
                               ["operation"], registry=REGISTRY)  # fmt: skip

@@ -32,6 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from storage import metrics
+from storage.dataset import ParsedInstance
+from storage.dataset import read_instance
+from storage.errors import InvalidDataset
 from storage.errors import ObjectStoreError
 from storage.errors import StoreUnavailable
 from storage.files import fsync_path
@@ -58,6 +61,7 @@ FETCH_WAIT = 60.0  # s a reader waits for another thread's fetch of the same obj
 SYNC_WAIT = 60.0  # s a C-STORE waits for its upload under storage_sync
 PAUSE_MAX = 10.0  # s between tries while the store is down
 NICE = 10  # as the indexer's: receiving comes first
+HEAD_READS = (64 << 10, 1 << 20, 16 << 20)  # bytes read for an object's header, in turn
 
 
 class LocalFiles:
@@ -103,6 +107,13 @@ class LocalFiles:
     def drain(self, progress: Callable[[], None] | None = None) -> int:
         """Upload everything waiting, in this thread; how many are still waiting."""
         return 0
+
+    def read_range(self, path: Path, start: int, length: int) -> bytes:
+        """`length` bytes of an instance from `start` (fewer at its end), without reading
+        the rest: from the file, or with an object store and no local copy a ranged GET."""
+        with open(path, "rb") as fp:
+            fp.seek(start)
+            return fp.read(length)
 
     def check(self, rel: str, size: int, sha256: str) -> str:
         """What is wrong with an instance's stored bytes ('' when nothing): its file
@@ -194,6 +205,37 @@ class ObjectFiles(LocalFiles):
             with self._lock:
                 del self._fetching[rel]
             mine.set()
+
+    def read_range(self, path: Path, start: int, length: int) -> bytes:
+        if path.exists():
+            with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: from the store
+                return super().read_range(path, start, length)
+        return self.store.read(path.relative_to(self.root).as_posix(), start, length).data
+
+    def parse_object(self, rel: str, size: int) -> tuple[ParsedInstance, str]:
+        """An object's index keys and SHA-256 without fetching all of it (reindex from the
+        bucket): read_instance of its first bytes, by ranged GETs of HEAD_READS bytes until
+        they hold its Pixel Data, and the SHA-256 its metadata records; else (no pixel data
+        within them, no SHA-256 recorded) of the whole object, hashed."""
+        tmp = self.root / ".incoming" / f"{uuid.uuid4().hex}.head"
+        try:
+            for length in HEAD_READS:
+                if length >= size:
+                    break
+                part = self.store.read(rel, 0, length)
+                tmp.write_bytes(part.data)
+                try:
+                    parsed = read_instance(tmp, head_only=True)
+                except InvalidDataset:  # the header goes on beyond: read more
+                    continue
+                if part.sha256:
+                    return parsed, part.sha256
+                break
+            tmp.unlink(missing_ok=True)
+            self.store.fetch(rel, tmp)
+            return read_instance(tmp), hash_file(tmp)[1]
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def check(self, rel: str, size: int, sha256: str) -> str:
         """A file not uploaded yet is checked as on files; otherwise the object (HEAD:

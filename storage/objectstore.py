@@ -21,6 +21,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,16 @@ class Head:
 
     size: int
     checksum: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Part:
+    """Bytes of an object read by a ranged GET, with the object's whole size and the
+    SHA-256 (hex) we recorded in its metadata ('' when none)."""
+
+    data: bytes
+    size: int
     sha256: str
 
 
@@ -169,6 +180,37 @@ class ObjectStore:
             target.unlink(missing_ok=True)
             raise
 
+    def read(self, rel: str, start: int, length: int) -> Part:
+        """Bytes `start` to `start + length` (fewer at the object's end) by a ranged GET."""
+        key = self.key(rel)
+        end = start + length - 1
+
+        def get(s3: Any) -> Part:
+            answer = s3.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end}")
+            data = answer["Body"].read()
+            total = answer.get("ContentRange", "").rpartition("/")[2]
+            metrics.OBJECT_BYTES_FETCHED.inc(len(data))
+            sha256 = answer.get("Metadata", {}).get("sha256", "")
+            return Part(data, int(total) if total.isdigit() else len(data), sha256)
+
+        return self._call("download", rel, get)
+
+    def listing(self) -> Iterator[tuple[str, int]]:
+        """(path under the data folder, size) of every object under the prefix."""
+        start = f"{self.prefix}/" if self.prefix else ""
+        token: dict[str, str] = {}
+        while True:
+            page = self._call(
+                "list",
+                start,
+                lambda s3, more=token: s3.list_objects_v2(Bucket=self.bucket, Prefix=start, **more),
+            )
+            for item in page.get("Contents", []):
+                yield item["Key"][len(start) :], int(item["Size"])
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
     def head(self, rel: str) -> Head | None:
         """The object's size and checksums; None when there is no such object."""
         try:
@@ -200,6 +242,7 @@ class ObjectStore:
         while chunk := body.read(CHUNK):  # the checksum is checked as the last chunk is read
             out.write(chunk)
             size += len(chunk)
+            metrics.OBJECT_BYTES_FETCHED.inc(len(chunk))
         if size != answer["ContentLength"]:
             raise StoreUnavailable(f"{rel}: the download broke off after {size} bytes")
 

@@ -381,3 +381,39 @@ def test_migrate_storage_up_resumes_verifies_and_comes_back(s3store, store_up, t
     assert json.loads(back.stdout)["copied"] == 2
     for path, sha in rows:
         assert hashlib.sha256((data / path).read_bytes()).hexdigest() == sha
+
+
+def test_reindex_from_the_bucket_alone(s3store, tmp_path):
+    """A new, empty data folder on the same bucket: reindex reads each object's header by
+    ranged GETs (a long one, and one with no pixel data, the whole object), and the rows
+    are those the files gave; then the instances are found and retrieved through a server."""
+    bucket, first, fresh = s3store.bucket(), tmp_path / "first", tmp_path / "fresh"
+    sent = make_study(tmp_path / "study", 3, size=64)
+    long_header = pydicom.dcmread(sent[1])
+    block = long_header.private_block(0x0029, "MINIPACS TEST", create=True)
+    block.add_new(0x10, "OB", os.urandom(100 << 10))  # past the first 64 KiB read
+    long_header.save_as(sent[1])
+    no_pixels = pydicom.dcmread(sent[2])
+    del no_pixels.PixelData
+    no_pixels.save_as(sent[2])
+    env = s3store.settings(bucket, PREFIX)
+    minipacs("import", "--data", str(first), *map(str, sent), env=env)
+    result = minipacs("reindex", "--data", str(fresh), env=env)
+    assert "indexed: 3  problems: 0" in result.stdout
+    columns = "SELECT sop_uid, path, size, sha256, transfer_syntax, json FROM instance"
+    assert index_rows(fresh, f"{columns} ORDER BY sop_uid") == index_rows(
+        first, f"{columns} ORDER BY sop_uid"
+    )
+    server = Server(fresh, env=env).start()
+    try:
+        study = pydicom.dcmread(sent[0]).StudyInstanceUID
+        found = requests.get(f"{server.url}/dicom-web/studies/{study}/instances", timeout=30)
+        assert len(found.json()) == 3
+        got = scu.get(scu.Remote(port=server.port), "STUDY", [study], tmp_path / "got")
+        assert got.ok and got.completed == 3
+        for path in sent:
+            sop = pydicom.dcmread(path).SOPInstanceUID
+            (stored,) = first.glob(f"*/*/{sop}.dcm")
+            assert dataset_bytes(tmp_path / "got" / f"{sop}.dcm") == dataset_bytes(stored)
+    finally:
+        server.kill()

@@ -87,17 +87,22 @@ def _upload(archive) -> int:
 @click.command()
 @config_options
 def reindex(config_file: Path | None, **flags) -> None:
-    """Rebuild the index from the files alone (stop the server first)."""
+    """Rebuild the index from the files alone, or with an object store from the bucket and
+    the files still to upload (stop the server first); exit 3 when the store does not
+    answer."""
     archive = open_archive(config_file, **flags)
     if not archive.lock(exclusive=True):
         raise UsageFailure(f"a minipacs server is running on {archive.root}: stop it first")
-    with click.progressbar(
-        length=archive.maintenance.count_files(), label="reindexing", file=sys.stderr
-    ) as bar:
-        try:
+    try:
+        with click.progressbar(
+            length=archive.maintenance.count_files(), label="reindexing", file=sys.stderr
+        ) as bar:
             report = archive.maintenance.reindex(progress=lambda: bar.update(1))
-        except StorageError as exc:
-            raise UsageFailure(str(exc)) from None
+    except StoreUnavailable as exc:
+        click.echo(f"{exc}: run reindex again once it answers", err=True)
+        sys.exit(ExitStatus.CONNECTION)
+    except StorageError as exc:
+        raise UsageFailure(str(exc)) from None
     archive.close()
     problems = [(p.path, p.reason) for p in report.problems]
     print_report({"indexed": report.indexed, "problems": len(problems)}, problems, False)
