@@ -188,8 +188,10 @@ def locate(level: str, keys: list[Key], model: str = "STUDY") -> Iterator[Instan
         raise QueryError(f"Query/Retrieve Level {level!r} is not one of {', '.join(LEVELS)}")
     if model == "STUDY" and level == "PATIENT":
         raise QueryError("the Study Root information model has no PATIENT level")
-    query, _ = _select("IMAGE", keys, model, Options(), limit_to=level)
-    for row in _rows(query):
+    sql, params = (
+        _by_uids(level, keys, model) or _select("IMAGE", keys, model, Options(), level)[0].sql()
+    )
+    for row in _fetch(sql, params):
         yield InstanceLocation(
             pk=row["instance_pk"],
             study_uid=row["study_study_uid"],
@@ -202,10 +204,47 @@ def locate(level: str, keys: list[Key], model: str = "STUDY") -> Iterator[Instan
         )
 
 
-def _rows(query, batch: int = 256) -> Iterator[dict[str, Any]]:
+# The SQL of a retrieval naming its entities by single UIDs (every WADO request), by
+# database class, level, model and tags: (SQL, its parameters, and for each the index of
+# the key whose value it is, or -1). peewee took ~0.35 ms to build what SQLite ran in
+# ~0.015 ms.
+_UID_SQL: dict[tuple, tuple[str, list, list[int]]] = {}
+_MARK = "0.0.424242."  # a UID no parameter but a key's can hold
+
+
+def _by_uids(level: str, keys: list[Key], model: str) -> tuple[str, list] | None:
+    """locate's (SQL, parameters) when every key is one UID of an indexed column, from
+    the statement made once for keys of those tags; None for any other keys."""
+    if not keys or any(
+        key.vr != "UI" or key.tag not in COLUMNS or key.creator or not _single_uid(key.value)
+        for key in keys
+    ):
+        return None
+    shape = (type(db.obj), level, model, tuple(key.tag for key in keys))
+    made = _UID_SQL.get(shape)
+    if made is None:
+        marked = [replace(key, value=f"{_MARK}{n}") for n, key in enumerate(keys)]
+        sql, params = _select("IMAGE", marked, model, Options(), limit_to=level)[0].sql()
+        slots = [
+            int(p[len(_MARK) :]) if isinstance(p, str) and p.startswith(_MARK) else -1
+            for p in params
+        ]
+        made = _UID_SQL.setdefault(shape, (sql, params, slots))
+    sql, params, slots = made
+    return sql, [p if n < 0 else keys[n].value for p, n in zip(params, slots, strict=True)]
+
+
+def _single_uid(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 64 and value.replace(".", "").isdigit()
+
+
+def _rows(query) -> Iterator[dict[str, Any]]:
+    return _fetch(*query.sql())
+
+
+def _fetch(sql: str, params: Any, batch: int = 256) -> Iterator[dict[str, Any]]:
     """Stream a SELECT as dicts, `batch` rows per fetch: one GIL round trip per batch, not
     per row, while the association thread competes with pynetdicom's for the GIL."""
-    sql, params = query.sql()
     cursor = db.execute_sql(sql, params)
     names = [column[0] for column in cursor.description]
     while rows := cursor.fetchmany(batch):
