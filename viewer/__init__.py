@@ -59,6 +59,7 @@ def create_app(config: Any, archive: Archive) -> Flask:
         ),
     }
     app.secret_key = auth.session_key(archive.root)
+    app.session_interface = auth.Sessions()
     app.config.update(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",

@@ -35,6 +35,8 @@ from flask import jsonify
 from flask import redirect
 from flask import request
 from flask import session
+from flask.sessions import SecureCookieSessionInterface
+from itsdangerous import URLSafeTimedSerializer
 
 from storage import Archive
 from storage import audit
@@ -65,6 +67,20 @@ class Caller(NamedTuple):
 
 # No user in the index, loopback only: open, as minipacs was before it had users.
 ANYONE = Caller("", "admin")
+
+
+class Sessions(SecureCookieSessionInterface):
+    """Flask's signed-cookie sessions with their serializer made once per key: Flask made
+    one (itsdangerous) on every request, with a cookie or not."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple, URLSafeTimedSerializer | None] = {}
+
+    def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
+        key = (app.secret_key, tuple(app.config["SECRET_KEY_FALLBACKS"] or ()))
+        if key not in self._made:
+            self._made[key] = super().get_signing_serializer(app)
+        return self._made[key]
 
 
 def session_key(data: Path) -> bytes:
