@@ -166,6 +166,8 @@ class Archive:
         self.pixel_budget = pixel_budget
         self.disk_reserve = disk_reserve
         self._writer: index.IndexWriter | None = None
+        self._audits: list[audit.Event] = []  # waiting for the writer (Archive.audit)
+        self._audit_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fsync")
         self.parse_processes = parse_processes
@@ -597,9 +599,22 @@ class Archive:
 
     def audit(self, event: audit.Event) -> None:
         """Append an audit event; returns at once (the writer commits it with its next batch,
-        failures are logged): queries and retrievals do not wait for a disk flush."""
+        failures are logged): queries and retrievals do not wait for a disk flush. Events
+        wait here rather than as a job each in the writer's queue: the first of a batch
+        hands the writer one job that appends every event come by then (one savepoint,
+        one read of the chain's end, no wake-up of the writer for each)."""
         assert self._writer is not None, "archive is not open"
-        self._writer.submit(self.chain.append, db, event)
+        audit.check(event)
+        with self._audit_lock:
+            self._audits.append(event)
+            first = len(self._audits) == 1
+        if first:
+            self._writer.submit(self._append_audits)
+
+    def _append_audits(self) -> None:
+        with self._audit_lock:
+            events, self._audits = self._audits, []
+        self.chain.extend(db, events)
 
     def audit_events(self, **filters: str) -> Iterator[AuditRecord]:
         """The audit trail in order, filtered by exact event/who/patient_id/study_uid and

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict
 from dataclasses import dataclass
 from dataclasses import field
 from datetime import UTC
@@ -32,8 +31,6 @@ from storage import files
 from storage.engine import is_sqlite
 from storage.models import AnyDatabase
 from storage.models import AuditEvent
-from storage.models import Patient
-from storage.models import Study
 
 GENESIS = "0" * 64
 LOGGER_NAME = "minipacs.audit"  # every appended event, for pacs.auditlog (syslog)
@@ -56,6 +53,9 @@ EVENTS = (
 )
 FIELDS = ("at", "event", "outcome", "who", "address", "patient_id", "study_uid", "detail")
 LAST = "SELECT id, hash FROM auditevent ORDER BY id DESC LIMIT 1"
+PATIENT = (
+    "SELECT p.patient_id FROM study s JOIN patient p ON s.patient_id = p.id WHERE s.study_uid = {p}"
+)
 KEY_FILE = ".audit-key"
 
 
@@ -71,8 +71,10 @@ class Event:
     at: str = ""
 
     def row(self) -> dict[str, str]:
-        values = asdict(self)
-        values["at"] = self.at or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        """The stored fields (`at` now unless set: %Y-%m-%dT%H:%M:%S.%fZ). Field by field,
+        not dataclasses.asdict, which deep-copies: a third of an append's time."""
+        values = {name: getattr(self, name) for name in FIELDS}
+        values["at"] = self.at or datetime.now(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
         values["detail"] = json.dumps(self.detail, sort_keys=True, separators=(",", ":"))
         return values
 
@@ -93,7 +95,7 @@ class Key:
 
     def seal(self, prev_hash: str, values: dict[str, str]) -> str:
         """A new event's link: one HMAC-SHA256 over it and the hash before it."""
-        return hmac.new(self.secret, _canonical(prev_hash, values), hashlib.sha256).hexdigest()
+        return hmac.digest(self.secret, _canonical(prev_hash, values), "sha256").hex()
 
     def link(self, event_id: int, prev_hash: str, values: dict[str, str]) -> str:
         """What a stored event's hash must be."""
@@ -111,29 +113,35 @@ class Chain:
 
     def append(self, database: AnyDatabase, event: Event) -> None:
         """Add one event at the end of the chain (inside the caller's transaction)."""
-        if event.event not in EVENTS:
-            raise ValueError(f"unknown audit event {event.event!r}")
+        self.extend(database, [event])
+
+    def extend(self, database: AnyDatabase, events: list[Event]) -> None:
+        """Add events at the end of the chain in their order (inside the caller's
+        transaction), its end read once for all of them."""
+        for event in events:
+            check(event)
+        if not events:
+            return
         if not is_sqlite(database):  # SQLite's write lock already serialises writers
             database.execute_sql("SELECT pg_advisory_xact_lock(7420111)")
-        if event.study_uid and not event.patient_id:  # a retrieve by study: whose study it is
-            event.patient_id = (
-                Patient.select(Patient.patient_id)
-                .join(Study, on=(Study.patient == Patient.id))
-                .where(Study.study_uid == event.study_uid)
-                .scalar()
-                or ""
-            )
-        # Plain SQL: peewee built these two statements in ~0.2 ms, once for every instance.
+        # Plain SQL: peewee built these statements in ~0.2 ms each, once for every instance
+        # stored and every image retrieved.
+        p = database.param
+        insert = (
+            f"INSERT INTO auditevent ({', '.join(FIELDS)}, prev_hash, hash) "
+            f"VALUES ({', '.join([p] * (len(FIELDS) + 2))})"
+        )
         last_id, prev = database.execute_sql(LAST).fetchone() or (0, GENESIS)
         key = self._key or self._load(create_since=last_id)
-        values = event.row()
-        p = database.param
-        database.execute_sql(
-            f"INSERT INTO auditevent ({', '.join(FIELDS)}, prev_hash, hash) "
-            f"VALUES ({', '.join([p] * (len(FIELDS) + 2))})",
-            (*(values[name] for name in FIELDS), prev, key.seal(prev, values)),
-        )
-        _events_log(event.event, values)
+        for event in events:
+            if event.study_uid and not event.patient_id:  # a retrieve by study: whose study
+                found = database.execute_sql(PATIENT.format(p=p), (event.study_uid,))
+                event.patient_id = (found.fetchone() or ("",))[0] or ""
+            values = event.row()
+            link = key.seal(prev, values)
+            database.execute_sql(insert, (*(values[name] for name in FIELDS), prev, link))
+            _events_log(event.event, values)
+            prev = link
 
     def verify(self, rows: Iterator[AuditEvent]) -> list[str]:
         """Walk the chain in id order; every break is reported by the id where it shows."""
@@ -165,6 +173,11 @@ class Chain:
         stored = json.loads(content or self.key_path.read_bytes())
         self._key = Key(bytes.fromhex(stored["key"]), int(stored["since"]))
         return self._key
+
+
+def check(event: Event) -> None:
+    if event.event not in EVENTS:
+        raise ValueError(f"unknown audit event {event.event!r}")
 
 
 def _events_log(name: str, values: dict[str, str]) -> None:

@@ -3,8 +3,11 @@ hash-chained, readable and verifiable with `minipacs audit`."""
 
 import dataclasses
 import json
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import time
 import urllib.request
 
@@ -135,6 +138,45 @@ def test_a_changed_or_removed_event_breaks_the_chain(engine, tmp_path):
     assert f"event {first}: its content was changed" in result.stdout
     assert f"event {third + 1}: does not follow the event before it" in result.stdout
     assert f"event {second}:" not in result.stdout
+
+
+# Audits from 4 threads, a write it waits for, then SIGKILL: no close, no flush.
+CRASH_AFTER_WRITE = """
+import os, signal, sys, threading
+from storage import Archive
+from storage.audit import Event
+archive = Archive(sys.argv[1], fsync=True, index_url=sys.argv[2]).open()
+def queries(thread):
+    for n in range(25):
+        archive.audit(Event("query", who=f"t{thread}", detail={"n": n}))
+threads = [threading.Thread(target=queries, args=(t,)) for t in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+archive.write(lambda: None)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_events_audited_before_a_write_survive_a_crash(engine, tmp_path):
+    """Events wait in memory for the writer and are appended a batch at a time
+    (Archive.audit); a write someone waits for commits every event audited before it, so a
+    process killed right after loses none: all 100, each thread's in its order, the chain
+    whole. An unknown event is refused at the call, not by the writer's batch."""
+    data = tmp_path / "data"
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER_WRITE, str(data), engine], capture_output=True
+    )
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr.decode()
+    with Archive(data, fsync=False, index_url=engine) as archive:
+        found = [(e.who, json.loads(e.detail)["n"]) for e in archive.audit_events(event="query")]
+        assert sorted(found) == [(f"t{t}", n) for t in range(4) for n in range(25)]
+        for thread in range(4):
+            assert [n for who, n in found if who == f"t{thread}"] == list(range(25))
+        assert archive.verify_audit() == []
+        with pytest.raises(ValueError, match="unknown audit event"):
+            archive.audit(audit_chain.Event("nonsense"))
 
 
 def add_user(server, name: str, role: str) -> str:
