@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset
 
 from storage.dataset import name_key
 from storage.dataset import time_key
+from storage.engine import is_sqlite
 from storage.models import Instance
 from storage.models import Patient
 from storage.models import QueryValue
@@ -166,8 +167,9 @@ def find(
     skipped = produced = 0
     plan = _plan(level, keys, options)
     needs_json = bool(post) or options.all_attributes or _needs_json(keys, level)
+    picked = None if post or options.all_attributes or not is_sqlite(db) else _picked(keys)
     for row in _rows(query):
-        stored = _stored_json(level, row) if needs_json else {}
+        stored = _stored_json(level, row, picked) if needs_json else {}
         if post and not all(_matches(element_of(stored, k), k, options) for k in post):
             continue
         if post:
@@ -845,25 +847,54 @@ def _column_value(tag: int, row: dict) -> dict:
 
 
 _JSON_SQL = {
-    "IMAGE": "SELECT json FROM instance WHERE id = {p}",
-    "SERIES": "SELECT json FROM instance WHERE series_id = {p} ORDER BY id LIMIT 1",
+    "IMAGE": "SELECT {json} FROM instance i WHERE i.id = {p}",
+    "SERIES": "SELECT {json} FROM instance i WHERE i.series_id = {p} ORDER BY i.id LIMIT 1",
     "STUDY": (
-        "SELECT i.json FROM instance i JOIN series s ON i.series_id = s.id "
+        "SELECT {json} FROM instance i JOIN series s ON i.series_id = s.id "
         "WHERE s.study_id = {p} ORDER BY i.id LIMIT 1"
     ),
     "PATIENT": (
-        "SELECT i.json FROM instance i JOIN series s ON i.series_id = s.id "
+        "SELECT {json} FROM instance i JOIN series s ON i.series_id = s.id "
         "JOIN study st ON s.study_id = st.id WHERE st.patient_id = {p} ORDER BY i.id LIMIT 1"
     ),
 }
 _PK = {"IMAGE": "instance_pk", "SERIES": "series_pk", "STUDY": "study_pk", "PATIENT": "patient_pk"}
 
 
-def _stored_json(level: str, row: dict) -> dict:
-    """The DICOM JSON of the entity (of one of its instances, for the levels above IMAGE)."""
-    sql = _JSON_SQL[level].format(p=db.obj.param)
+def _stored_json(level: str, row: dict, picked: list[str] | None = None) -> dict:
+    """The DICOM JSON of the entity (of one of its instances, for the levels above IMAGE);
+    with `picked`, only those top-level elements, cut out by SQLite's JSON functions:
+    Python's parse of whole instances (~11 KB a CT slice) was most of an IMAGE-level
+    query's time (500 instances: 134 ms, against 22 ms picked)."""
+    column = "i.json"
+    if picked:
+        paths = ", ".join(f"'$.\"{tag}\"'" for tag in picked)  # hex tags: nothing to escape
+        column = f"json_extract(i.json, {paths})"
+    sql = _JSON_SQL[level].format(json=column, p=db.obj.param)
     found = db.execute_sql(sql, (row[_PK[level]],)).fetchone()
-    return json.loads(found[0]) if found else {}
+    if not found:
+        return {}
+    if not picked:
+        return json.loads(found[0])
+    values = json.loads(found[0])  # an array: the elements in `picked` order, null if absent
+    return {tag: value for tag, value in zip(picked, values, strict=True) if value is not None}
+
+
+def _picked(keys: list[Key]) -> list[str] | None:
+    """The top-level elements an answer takes from the stored JSON, SOP Instance UID first
+    (a pick is then never empty where the JSON is not, as answers expect) and at least
+    two (json_extract answers an array); None when a key needs more: a private one,
+    found by its creator's block."""
+    picked = ["00080018", "00080016"]
+    for key in keys:
+        constant = is_creator(key.tag) and isinstance(key.value, str) and key.value.strip()
+        if key.tag in NOT_STORED or key.tag in COMPUTED or constant:
+            continue
+        if key.creator:
+            return None
+        if key.hex not in picked:
+            picked.append(key.hex)
+    return picked
 
 
 Getter = Callable[[dict, dict], dict]
