@@ -251,12 +251,36 @@ def _header(fp: BinaryIO, start: int, syntax: str, encoded: str, head_only: bool
     if end <= start:
         raise InvalidDataset("the dataset is empty")
     with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        implicit = encoded == ImplicitVRLittleEndian
-        if not implicit and not buf[start + 4 : start + 6].isalpha():
-            raise InvalidDataset(f"dataset is Implicit VR but the Transfer Syntax is {syntax}")
-        walk = _Walk(buf, end, stop_at_pixels=head_only)
-        order = ">" if encoded == ExplicitVRBigEndian else "<"
-        walk.dataset(start, implicit, order, 0, delimited=False)
+        return _walk_header(buf, end, start, syntax, encoded, head_only)
+
+
+def read_head(data: bytes) -> tuple[Header, Dataset]:
+    """The header and the dataset (its pixel data left out) from the first bytes of a
+    stored file, which must reach its top-level Pixel Data (else InvalidDataset): what a
+    ranged read of an object gives (storage.frames). Not for a deflated dataset, whose
+    bytes are not at their offsets."""
+    fp = io.BytesIO(data)
+    start, syntax = _read_meta(fp)
+    if syntax == DeflatedExplicitVRLittleEndian:
+        raise InvalidDataset("a deflated dataset is read whole")
+    if len(data) <= start:
+        raise InvalidDataset("the dataset is empty")
+    header = _walk_header(data, len(data), start, syntax, syntax, head_only=True)
+    fp.seek(0)
+    try:
+        ds = dcmread(fp, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise InvalidDataset(f"dataset does not parse: {exc}") from exc
+    return header, ds
+
+
+def _walk_header(buf, end: int, start: int, syntax: str, encoded: str, head_only: bool) -> Header:
+    implicit = encoded == ImplicitVRLittleEndian
+    if not implicit and not buf[start + 4 : start + 6].isalpha():
+        raise InvalidDataset(f"dataset is Implicit VR but the Transfer Syntax is {syntax}")
+    walk = _Walk(buf, end, stop_at_pixels=head_only)
+    order = ">" if encoded == ExplicitVRBigEndian else "<"
+    walk.dataset(start, implicit, order, 0, delimited=False)
     if head_only and walk.pixel_offset is None:
         raise InvalidDataset("no Pixel Data in the first bytes read")
     offset = walk.pixel_offset if encoded == syntax else None

@@ -3,7 +3,9 @@
 Every reader of an instance file (C-GET/C-MOVE, forwards, WADO-URI, WADO-RS, rendering,
 ZIP downloads, exports, storage commitment) asks `local(path)` for it: on files that is
 the path itself; with an object store (storage.objectstore) it is the same path in the
-data folder, fetched from the bucket first when no local copy is there.
+data folder, fetched from the bucket first when no local copy is there. WADO-RS frames
+and bulk data ask `frames(path, numbers)` first: a large object with no local copy has
+only its header and those frames read, by ranged GETs (storage.frames says where).
 
 With an object store the data folder is the durable first stop and a cache:
 - A file is placed exactly as on files (`<study>/<series>/<sop>.dcm`, Success once
@@ -31,6 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from storage import frames
 from storage import metrics
 from storage.dataset import ParsedInstance
 from storage.dataset import read_instance
@@ -61,7 +64,8 @@ FETCH_WAIT = 60.0  # s a reader waits for another thread's fetch of the same obj
 SYNC_WAIT = 60.0  # s a C-STORE waits for its upload under storage_sync
 PAUSE_MAX = 10.0  # s between tries while the store is down
 NICE = 10  # as the indexer's: receiving comes first
-HEAD_READS = (64 << 10, 1 << 20, 16 << 20)  # bytes read for an object's header, in turn
+HEAD_READS = frames.HEAD_READS  # bytes read for an object's header, in turn
+RANGED_ABOVE = 2 << 20  # bytes: a larger object not in the data folder has frames read by range
 
 
 class LocalFiles:
@@ -114,6 +118,11 @@ class LocalFiles:
         with open(path, "rb") as fp:
             fp.seek(start)
             return fp.read(length)
+
+    def frames(self, path: Path, numbers: list[int]) -> frames.Subset | None:
+        """Frames `numbers` (from 1) of an instance, when reading only their byte ranges
+        is cheaper than having the whole file (storage.frames); None: read `local(path)`."""
+        return None
 
     def check(self, rel: str, size: int, sha256: str) -> str:
         """What is wrong with an instance's stored bytes ('' when nothing): its file
@@ -211,6 +220,19 @@ class ObjectFiles(LocalFiles):
             with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: from the store
                 return super().read_range(path, start, length)
         return self.store.read(path.relative_to(self.root).as_posix(), start, length).data
+
+    def frames(self, path: Path, numbers: list[int]) -> frames.Subset | None:
+        """A large object not in the data folder (above RANGED_ABOVE): only the ranges of
+        its header and of those frames, by ranged GETs; a smaller one is better fetched
+        whole, once, into the cache."""
+        if path.exists():
+            return None
+        rel = path.relative_to(self.root).as_posix()
+        head = self.store.read(rel, 0, frames.HEAD_READS[0])
+        if head.size <= RANGED_ABOVE:
+            return None
+        return frames.subset(lambda at, size: self.store.read(rel, at, size).data, numbers,
+                             head.data)  # fmt: skip
 
     def parse_object(self, rel: str, size: int) -> tuple[ParsedInstance, str]:
         """An object's index keys and SHA-256 without fetching all of it (reindex from the

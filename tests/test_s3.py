@@ -4,6 +4,8 @@ checking signatures and checksums. Node A serves on a PostgreSQL index; node B s
 that index and the bucket with a data folder of its own (and storage_sync).
 """
 
+import email
+import email.policy
 import hashlib
 import json
 import os
@@ -11,6 +13,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import requests
@@ -19,9 +22,17 @@ from conftest import index_rows
 from conftest import minipacs
 from conftest import storescu
 from make_study import make_study
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate_extended
+from pydicom.encaps import get_frame
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import RLELossless
+from pydicom.uid import generate_uid
 
 from pacs import scu
 from storage import Archive
+from storage import frames
 from storage import objects
 from storage import objectstore
 from storage.dataset import dataset_bytes
@@ -417,3 +428,107 @@ def test_reindex_from_the_bucket_alone(s3store, tmp_path):
             assert dataset_bytes(tmp_path / "got" / f"{sop}.dcm") == dataset_bytes(stored)
     finally:
         server.kill()
+
+
+# -- frames of a large multi-frame object by ranged GETs ----------------------------------
+
+
+def multiframe(path: Path, frames: int, rows: int, seed: int) -> np.ndarray:
+    """A native multi-frame CT of random 16-bit frames, written to `path`; its pixels."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    pixels = np.random.default_rng(seed).integers(0, 4000, (frames, rows, rows), np.uint16)
+    ds.Rows = ds.Columns = rows
+    ds.NumberOfFrames, ds.PixelRepresentation = frames, 0
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return pixels
+
+
+def frame_parts(answer: requests.Response) -> list[bytes]:
+    head = f"Content-Type: {answer.headers['Content-Type']}\r\n\r\n".encode()
+    message = email.message_from_bytes(head + answer.content, policy=email.policy.HTTP)
+    return [part.get_payload(decode=True) for part in message.iter_parts()]
+
+
+def test_a_frame_of_a_large_object_not_in_the_cache_is_read_by_ranges(nodes, tmp_path):
+    a, _, _, _ = nodes
+    big = tmp_path / "big.dcm"
+    pixels = multiframe(big, 48, 256, seed=1)  # 6 MiB: above RANGED_ABOVE
+    assert big.stat().st_size > objects.RANGED_ABOVE
+    private = pydicom.dcmread(big)
+    blob = os.urandom(4096)  # bulk data before the pixels
+    block = private.private_block(0x0029, "MINIPACS TEST", create=True)
+    block.add_new(0x10, "OB", blob)
+    private.save_as(big)
+    storescu(a.port, big)
+    wait_for(lambda: not uploads(a.data), what="the upload")
+    ds = pydicom.dcmread(big, stop_before_pixels=True)
+    (stored,) = a.data.glob(f"*/*/{ds.SOPInstanceUID}.dcm")
+    evict(a.data)
+    url = (
+        f"{a.url}/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+        f"/instances/{ds.SOPInstanceUID}/frames/30,7"
+    )
+    fetched = metric(a, "minipacs_object_bytes_fetched")
+    accept = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+    answer = requests.get(url, headers={"Accept": accept}, timeout=30)
+    assert answer.status_code == 200
+    assert frame_parts(answer) == [pixels[29].tobytes(), pixels[6].tobytes()]
+    read = metric(a, "minipacs_object_bytes_fetched") - fetched
+    assert 2 * pixels[0].nbytes <= read < big.stat().st_size // 8
+    bulk = requests.get(url.replace("frames/30,7", f"bulkdata/{block.get_tag(0x10):08X}"),
+                        headers={"Accept": accept}, timeout=30)  # fmt: skip
+    assert bulk.status_code == 200, bulk.text
+    assert frame_parts(bulk) == [blob]
+    assert not stored.exists()  # not fetched whole into the cache
+    beyond = requests.get(url.replace("30,7", "49"), headers={"Accept": accept}, timeout=30)
+    assert beyond.status_code == 404
+
+
+@pytest.mark.parametrize("table", ["basic", "none", "extended"])
+def test_encapsulated_frames_by_ranges_whatever_the_offset_table(
+    s3store, tmp_path, monkeypatch, table
+):
+    """storage.frames over ranged GETs of a real object: RLE frames found by the Basic
+    Offset Table, by walking the items (no table), or by the Extended Offset Table."""
+    path = tmp_path / "rle.dcm"
+    pixels = multiframe(path, 40, 128, seed=2)
+    ds = pydicom.dcmread(path)
+    ds.compress(RLELossless, pixels, encoding_plugin="pydicom")
+    stored = [get_frame(ds.PixelData, i, number_of_frames=40) for i in range(40)]
+    if table == "extended":
+        ds.PixelData, ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths = encapsulate_extended(
+            stored
+        )
+    else:
+        ds.PixelData = encapsulate(stored, has_bot=table == "basic")
+    ds.save_as(path, enforce_file_format=True)
+    store = objectstore.ObjectStore(
+        objectstore.Settings(
+            f"s3://{s3store.bucket()}/x", endpoint=s3store.endpoint, path_style=True
+        )  # fmt: skip
+    )
+    for name, value in s3store.env.items():
+        monkeypatch.setenv(name, value)
+    store.put(
+        "a/b/rle.dcm", path, path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    )
+    read = []
+
+    def ranged(start: int, length: int) -> bytes:
+        data = store.read("a/b/rle.dcm", start, length).data
+        read.append(len(data))
+        return data
+
+    subset = frames.subset(ranged, [40, 1, 17])
+    assert subset is not None and subset.count == 40
+    assert [get_frame(subset.dataset.PixelData, i, number_of_frames=3) for i in range(3)] == [
+        stored[39],
+        stored[0],
+        stored[16],
+    ]
+    assert (subset.dataset.pixel_array == pixels[[39, 0, 16]]).all()  # and they decode
+    assert sum(read) < path.stat().st_size // 2

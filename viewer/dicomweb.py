@@ -448,9 +448,11 @@ def bulkdata(study: str, series: str, sop: str, tags: str) -> Response:
     tags_ok = all(re.fullmatch(r"[0-9A-Fa-f]{8}", p) for p in path[::2])
     if len(path) % 2 != 1 or not tags_ok or not all(p.isdigit() for p in path[1::2]):
         raise WebError(400, "bulk data is addressed as TAG[/ITEM/TAG...]")
-    ds = read_dataset(_local(row.path))
-    if path == ["7FE00010"]:
+    if path == ["7FE00010"]:  # every frame: the whole file
+        ds = read_dataset(_local(row.path))
         return _frames_response(row, list(range(1, render.number_of_frames(ds) + 1)), ds)
+    head = _archive().files.frames(row.path, []) if int(path[0], 16) < 0x7FE00010 else None
+    ds = head.dataset if head is not None else read_dataset(_local(row.path))  # ranges, or all
     value = transcode.bulk_bytes(ds, path)
     _octets_accepted()
     headers = {"Content-Type": OCTETS, "Content-Length": str(len(value))}
@@ -480,8 +482,14 @@ def _octets_accepted() -> None:
 def _frames_response(row: InstanceLocation, numbers: list[int], ds=None) -> Response:
     stored = row.transfer_syntax
     as_stored, part_type = _frame_choice(_accept(), stored)
-    ds = ds or read_dataset(_local(row.path))
-    frame_count = render.number_of_frames(ds)
+    at = {number: number for number in numbers}  # frame of `ds` for each number asked
+    subset = _archive().files.frames(row.path, numbers) if ds is None else None
+    if subset is not None:  # a large object in a bucket: only these frames were read
+        ds, frame_count = subset.dataset, subset.count
+        at = {number: place for place, number in enumerate(numbers, 1)}
+    else:
+        ds = ds or read_dataset(_local(row.path))
+        frame_count = render.number_of_frames(ds)
     bad = [n for n in numbers if n > frame_count]
     if bad:
         raise WebError(404, f"frame {bad[0]} is outside 1-{frame_count}")
@@ -496,7 +504,7 @@ def _frames_response(row: InstanceLocation, numbers: list[int], ds=None) -> Resp
 
     def parts():
         for number in numbers:
-            data = transcode.frame_bytes(ds, number, as_stored)
+            data = transcode.frame_bytes(ds, at[number], as_stored)
             headers = {
                 "Content-Type": f"{media}; transfer-syntax={syntax}",
                 "Content-Length": str(len(data)),
