@@ -90,6 +90,9 @@ export class StackLoader {
   prefetch() {
     const { stack, index, direction, dragging } = this.view;
     if (!stack.length || dragging) return;
+    // A series' first image is asked for alone: neighbours asked beside it shared the
+    // server's cores with it. They follow as soon as it is drawn (request's `then`).
+    if (!this.view.viewport.shown && this.loading.has(this.key(index, "png"))) return;
     const wanted = [];
     for (let step = 1; step <= this.ahead; step += 1) {
       wanted.push(index + step * direction);
