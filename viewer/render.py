@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
+from pydicom.datadict import dictionary_has_tag
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_color_lut
 from pydicom.pixels import apply_modality_lut
@@ -99,9 +101,31 @@ def _cost(item: tuple[Dataset, np.ndarray]) -> int:
     ds, arr = item
     elements = getattr(ds, "_minipacs_elements", None)
     if elements is None:
-        elements = sum(1 for _ in ds.iterall())
+        elements = _elements(ds)
         ds._minipacs_elements = elements
     return arr.nbytes + 400 * elements
+
+
+def _elements(ds: Dataset) -> int:
+    """The elements of `ds` and of its sequences' items, as Dataset.iterall counts them,
+    without converting each raw element on the way (which took 2.7 ms, more than the
+    decoding, of a CT slice's first rendering)."""
+    count = 0
+    for tag in ds.keys():  # noqa: SIM118 (iterating a Dataset converts every element)
+        count += 1
+        if _is_sequence(ds.get_item(tag)):
+            count += sum(_elements(item) for item in ds[tag].value)
+    return count
+
+
+def _is_sequence(element) -> bool:
+    """Whether pydicom reads this element as a sequence: by its VR; with none (implicit VR)
+    or UN, by the dictionary's, else by an undefined length."""
+    if element.VR not in (None, "UN"):
+        return element.VR == "SQ"
+    if dictionary_has_tag(element.tag):
+        return dictionary_VR(element.tag) == "SQ"
+    return getattr(element, "length", 0) == 0xFFFFFFFF
 
 
 def render(path: Path, request: Request, cache: FrameCache) -> bytes:
