@@ -112,13 +112,6 @@ class LocalFiles:
         """Upload everything waiting, in this thread; how many are still waiting."""
         return 0
 
-    def read_range(self, path: Path, start: int, length: int) -> bytes:
-        """`length` bytes of an instance from `start` (fewer at its end), without reading
-        the rest: from the file, or with an object store and no local copy a ranged GET."""
-        with open(path, "rb") as fp:
-            fp.seek(start)
-            return fp.read(length)
-
     def frames(self, path: Path, numbers: list[int]) -> frames.Subset | None:
         """Frames `numbers` (from 1) of an instance, when reading only their byte ranges
         is cheaper than having the whole file (storage.frames); None: read `local(path)`."""
@@ -214,12 +207,6 @@ class ObjectFiles(LocalFiles):
             with self._lock:
                 del self._fetching[rel]
             mine.set()
-
-    def read_range(self, path: Path, start: int, length: int) -> bytes:
-        if path.exists():
-            with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: from the store
-                return super().read_range(path, start, length)
-        return self.store.read(path.relative_to(self.root).as_posix(), start, length).data
 
     def frames(self, path: Path, numbers: list[int]) -> frames.Subset | None:
         """A large object not in the data folder (above RANGED_ABOVE): only the ranges of
