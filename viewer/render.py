@@ -34,6 +34,7 @@ from storage.recode import check_stored_frame
 from viewer.errors import WebError
 
 RENDER_BYTES = 16  # bytes a sample takes at most while a frame is rendered (check_cost)
+ENCODING = 2  # changes when the same rendering is encoded into other bytes (2: PNG's Z_RLE)
 
 
 class RenderError(WebError):
@@ -156,9 +157,10 @@ def render_values(ds: Dataset, values: np.ndarray, request: Request) -> bytes:
 
 
 def etag(path: Path, request: Request) -> str:
-    """Identifies a rendering: the file (path, mtime, size) and every parameter."""
+    """Identifies a rendering: the file (path, mtime, size), every parameter and the
+    encoder's version (ENCODING: a strong ETag promises the same bytes)."""
     stat = path.stat()
-    key = f"{path}|{stat.st_mtime_ns}|{stat.st_size}|{request}"
+    key = f"{path}|{stat.st_mtime_ns}|{stat.st_size}|{request}|{ENCODING}"
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
