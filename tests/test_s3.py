@@ -1,7 +1,8 @@
 """Instances on an S3-compatible object store (`storage = "s3://…"`), against a real one:
 SeaweedFS started once per run (conftest.s3store, scripts/s3temp.py), its S3 gateway
-checking signatures and checksums. Node A serves on a PostgreSQL index; node B shares
-that index and the bucket with a data folder of its own (and storage_sync).
+checking signatures and checksums; minipacs reaches it through a TCP gate (tests/gate.py)
+that the tests close to take the store away. Node A serves on a PostgreSQL index; node B
+shares that index and the bucket with a data folder of its own (and storage_sync).
 """
 
 import email
@@ -21,6 +22,7 @@ from conftest import Server
 from conftest import index_rows
 from conftest import minipacs
 from conftest import storescu
+from gate import Gate
 from make_study import make_study
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
@@ -82,13 +84,28 @@ def metric(server: Server, name: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def nodes(s3store, postgres, tmp_path_factory):
+def gate(s3store):
+    """The store's S3 port as minipacs sees it: closed, the store is down (at once, where
+    SeaweedFS takes ~3 s to start again)."""
+    opened = Gate(s3store.ports["s3"])
+    yield opened
+    opened.close()
+
+
+def settings(s3store, gate: Gate, bucket: str) -> dict[str, str]:
+    """A server's or command's settings for `bucket`, through the gate."""
+    endpoint = f"http://127.0.0.1:{gate.port}"
+    return {**s3store.settings(bucket, PREFIX), "MINIPACS_STORAGE_ENDPOINT": endpoint}
+
+
+@pytest.fixture(scope="module")
+def nodes(s3store, gate, postgres, tmp_path_factory):
     """(node A, node B, bucket, S3 client): two servers on one PostgreSQL index and one
     bucket, each with its own data folder; B answers Success only once uploaded."""
     bucket = s3store.bucket()
     index = postgres.database()
     root = tmp_path_factory.mktemp("s3")
-    env = s3store.settings(bucket, PREFIX)
+    env = settings(s3store, gate, bucket)
     a = Server(root / "a", env=env, index=index).start()
     b = Server(root / "b", env={**env, "MINIPACS_STORAGE_SYNC": "true"}, index=index).start()
     yield a, b, bucket, s3store.client()
@@ -97,11 +114,12 @@ def nodes(s3store, postgres, tmp_path_factory):
 
 
 @pytest.fixture
-def store_up(s3store):
-    """The store is running when the test ends, whatever the test did to it."""
-    yield s3store
-    if s3store.proc is None:
-        s3store.start()
+def store_up(gate):
+    """The store as minipacs reaches it (`stop()`, `start()`), reachable again when the test
+    ends, whatever the test did to it."""
+    yield gate
+    if not gate.is_open:
+        gate.open()
 
 
 def test_ingest_uploads_with_the_index_checksum_and_keeps_a_cache_copy(nodes, tmp_path):
@@ -362,7 +380,8 @@ def test_migrate_storage_up_resumes_verifies_and_comes_back(s3store, store_up, t
     sent = make_study(tmp_path / "study", 3, size=64)
     minipacs("import", "--data", str(data), *map(str, sent))
     rows = index_rows(data, "SELECT path, sha256 FROM instance ORDER BY path")
-    store = {k: v for k, v in s3store.settings(bucket, PREFIX).items() if k != "MINIPACS_STORAGE"}
+    through = settings(s3store, store_up, bucket)
+    store = {k: v for k, v in through.items() if k != "MINIPACS_STORAGE"}
     up = ("migrate-storage", "--data", str(data), "--to", f"s3://{bucket}/{PREFIX}", "--json")
     good = (data / rows[0][0]).read_bytes()
     (data / rows[0][0]).write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
