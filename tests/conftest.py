@@ -240,6 +240,18 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def add_user(data: Path, name: str, role: str, password: str, index: str = "") -> str:
+    """A web user added to an archive's index, and a bearer token of theirs (90 days): what
+    `minipacs user add` and `user token` do (storage.users through Archive.accounts), in
+    this process, for tests whose subject is not the command (two Python starts fewer)."""
+    from storage import Archive
+    from storage import users
+
+    with Archive(data, fsync=False, index_url=index) as archive:
+        archive.accounts(users.add, name, role, password, write=True)
+        return archive.accounts(users.issue_token, name, 90, write=True)[0]
+
+
 def index_args(index: str) -> list[str]:
     """`--index URL` for a minipacs command on a PostgreSQL index; nothing for SQLite."""
     return ["--index", index] if index else []

@@ -18,6 +18,7 @@ import pytest
 import requests
 from conftest import ROOT
 from conftest import Server
+from conftest import add_user
 from conftest import index_args
 from conftest import index_rows
 from conftest import minipacs
@@ -360,10 +361,7 @@ def test_old_entries_are_pruned_and_the_feed_says_where_it_starts(fed):
 def test_with_users_the_feed_needs_a_token(fed):
     if fed.index:
         pytest.skip("access control does not depend on the engine")
-    data = ["--data", str(fed.data)]
-    minipacs("user", "add", "reader", "--role", "viewer", "--password-stdin", *data,
-             input="correct horse battery")  # fmt: skip
-    token = minipacs("user", "token", "reader", *data).stdout.strip()
+    token = add_user(fed.data, "reader", "viewer", "correct horse battery")
 
     refused = feed(fed)
     wrong = feed(fed, Authorization="Bearer not-a-token")

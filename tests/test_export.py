@@ -16,6 +16,7 @@ import pytest
 import requests
 from conftest import TEST_FILES
 from conftest import Server
+from conftest import add_user
 from conftest import index_args
 from conftest import minipacs
 from make_study import make_study
@@ -232,10 +233,10 @@ def test_bad_requests_are_refused_with_a_reason(archive):
 def server(archive):
     data = archive["root"] / "data"
     server = Server(data, index=archive["engine"])
-    server.tokens = {}
-    for name, role in (("rhea", "researcher"), ("ugo", "uploader")):
-        archive["cli"]("user", "add", name, "--role", role, "--password-stdin", input=PASSWORD)
-        server.tokens[name] = archive["cli"]("user", "token", name).stdout.strip()
+    server.tokens = {
+        name: add_user(data, name, role, PASSWORD, archive["engine"])
+        for name, role in (("rhea", "researcher"), ("ugo", "uploader"))
+    }
     server.start()
     yield server
     server.kill()
