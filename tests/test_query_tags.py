@@ -32,6 +32,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacs import scu
+from storage import Archive
 from storage import query
 from storage.engine import open_database
 from storage.models import db
@@ -43,10 +44,12 @@ STUDIES = {
     "S3": ("CHEST", "20220101", "2.5", [], []),
     "S4": ("KNEE", "19990101", "3", [], []),
 }  # fmt: skip
-TAGS = (
-    ("BodyPartExamined", "SeriesDate", "OperatorsName", "FrameOfReferenceUID", "--level", "series"),
-    ("SliceThickness", "--level", "instance"),
-    ("0009xx10", "--level", "study", "--creator", "ACME 1.0"),  # VR from the data: LO
+# The tags, added to the running server: the first set with `minipacs tags add`, the others
+# with the call it makes (Archive.query_tags.add: names, level, Private Creator).
+SERIES_TAGS = ("BodyPartExamined", "SeriesDate", "OperatorsName", "FrameOfReferenceUID")
+MORE_TAGS = (
+    (("SliceThickness",), "instance", ""),
+    (("0009xx10",), "study", "ACME 1.0"),  # VR from the data: LO
 )
 
 
@@ -93,8 +96,10 @@ def pacs(tmp_path_factory, module_engine):
     minipacs("import", "--data", str(data), *index_args(module_engine), *(
         str(root / label) for label in ("S1", "S2", "S3")))  # fmt: skip
     server = Server(data, index=module_engine).start()
-    for args in TAGS:
-        tags("add", *args, server=server)
+    tags("add", *SERIES_TAGS, "--level", "series", server=server)
+    with Archive(data, fsync=False, index_url=module_engine) as archive:
+        for names, level, creator in MORE_TAGS:
+            archive.query_tags.add(names, level, creator)
     wait_ready(server)
     yield server, made, root
     server.kill()
