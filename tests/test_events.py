@@ -161,7 +161,8 @@ def test_a_study_gives_its_instances_then_stable_then_updated(server, receiver, 
     assert receiver.of_study(study)[-1]["data"]["NumberOfStudyRelatedInstances"] == 4
 
     sop = pydicom.dcmread(paths[0], stop_before_pixels=True).SOPInstanceUID
-    minipacs("delete", "--instance", sop, "--data", str(server.data), *index_args(server.index))
+    with Archive(server.data, fsync=False, index_url=server.index) as archive:  # `minipacs delete`
+        archive.retention.delete("IMAGE", sop, who="admin")
     assert wait_until(lambda: len(receiver.of_study(study)) == 7)
     gone = receiver.of_study(study)[-1]
     assert (kinds([gone]), gone["data"]["SOPInstanceUID"]) == (["instance.deleted"], sop)
