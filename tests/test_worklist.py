@@ -8,6 +8,7 @@ import csv
 import pydicom
 import pytest
 import requests
+from conftest import Server
 from conftest import index_args
 from conftest import minipacs
 from conftest import run
@@ -25,21 +26,33 @@ ITEMS = [
     {"PatientID": "P3", "PatientName": "ROE^RICHARD", "Modality": "MR", "AccessionNumber": "A3",
      "ScheduledStationAETitle": "MR01", "ScheduledProcedureStepStartDate": "20261127"},
 ]  # fmt: skip
-pytestmark = pytest.mark.usefixtures("engine")
+# The MPPS test's own items (it changes their states): on a station, with names, that the
+# queries of ITEMS do not match.
+MPPS_ITEMS = [
+    {**ITEMS[0], "PatientID": "M1", "PatientName": "POE^MARY", "AccessionNumber": "MA1",
+     "ScheduledStationAETitle": "CT02"},
+    {**ITEMS[1], "PatientID": "M2", "PatientName": "POE^MARK", "AccessionNumber": "MA2",
+     "ScheduledStationAETitle": "CT02"},
+]  # fmt: skip
 
 
-@pytest.fixture
-def worklist_server(server, tmp_path):
-    source = tmp_path / "worklist.csv"
+@pytest.fixture(scope="module")
+def worklist_server(tmp_path_factory, module_engine):
+    """One server per engine for the module, its worklist imported with `minipacs worklist
+    import`; each test changes only items of its own."""
+    root = tmp_path_factory.mktemp("worklist")
+    source = root / "worklist.csv"
     columns = sorted({k for item in ITEMS for k in item})
     with source.open("w", newline="") as fp:
         writer = csv.DictWriter(fp, columns)
         writer.writeheader()
-        writer.writerows(ITEMS)
+        writer.writerows(ITEMS + MPPS_ITEMS)
+    server = Server(root / "data", index=module_engine).start()
     result = minipacs("worklist", "import", str(source), "--data", str(server.data),
                       *index_args(server.index))  # fmt: skip
-    assert "items added: 3" in result.stdout
-    return server
+    assert "items added: 5" in result.stdout
+    yield server
+    server.kill()
 
 
 def findscu_worklist(server, tmp_path, *keys: str) -> list[Dataset]:
@@ -104,20 +117,20 @@ def performed(accession: str, status: str) -> Dataset:
 
 
 def test_mpps_moves_the_item_through_its_states(worklist_server, tmp_path):
-    modality = AE(ae_title="CT01")
+    modality = AE(ae_title="CT02")  # the station of MPPS_ITEMS
     modality.add_requested_context(MPPS)
     assoc = modality.associate("127.0.0.1", worklist_server.port, ae_title="MINIPACS")
     assert assoc.is_established
     uid = pydicom.uid.generate_uid()
-    status, _ = assoc.send_n_create(performed("A1", "IN PROGRESS"), MPPS, uid)
+    status, _ = assoc.send_n_create(performed("MA1", "IN PROGRESS"), MPPS, uid)
     assert status.Status == 0x0000
-    status, _ = assoc.send_n_create(performed("A1", "IN PROGRESS"), MPPS, uid)
+    status, _ = assoc.send_n_create(performed("MA1", "IN PROGRESS"), MPPS, uid)
     assert status.Status == 0x0111  # duplicate
-    status, _ = assoc.send_n_create(performed("A2", "COMPLETED"), MPPS, pydicom.uid.generate_uid())
+    status, _ = assoc.send_n_create(performed("MA2", "COMPLETED"), MPPS, pydicom.uid.generate_uid())
     assert status.Status == 0x0106  # must start IN PROGRESS
     statuses = {i["patient_id"]: i["status"] for i in requests.get(
         f"{worklist_server.url}/api/worklist", timeout=10).json()}  # fmt: skip
-    assert statuses["P1"] == "STARTED" and statuses["P2"] == "SCHEDULED"
+    assert statuses["M1"] == "STARTED" and statuses["M2"] == "SCHEDULED"
 
     done = Dataset()
     done.PerformedProcedureStepStatus = "COMPLETED"
@@ -128,5 +141,6 @@ def test_mpps_moves_the_item_through_its_states(worklist_server, tmp_path):
     status, _ = assoc.send_n_set(done, MPPS, pydicom.uid.generate_uid())
     assert status.Status == 0x0112  # no such instance
     assoc.release()
-    remaining = findscu_worklist(worklist_server, tmp_path, step("Modality", "CT"))
-    assert [a.PatientID for a in remaining] == ["P2"]  # completed steps leave the worklist
+    remaining = findscu_worklist(worklist_server, tmp_path, step("Modality", "CT"),
+                                 step("ScheduledStationAETitle", "CT02"))  # fmt: skip
+    assert [a.PatientID for a in remaining] == ["M2"]  # completed steps leave the worklist
