@@ -8,6 +8,7 @@ import subprocess
 import sys
 from urllib.parse import urlencode
 
+import conftest
 import pydicom
 import pytest
 import requests
@@ -24,7 +25,13 @@ CT = TEST_FILES / "CT_small.dcm"
 
 
 def add_user(server, name: str, role: str) -> str:
-    """Add a user and return a fresh bearer token of theirs."""
+    """Add a user and return a fresh bearer token of theirs, in this process (what the
+    commands call; test_roles_and_tokens runs them: `user_commands`)."""
+    return conftest.add_user(server.data, name, role, PASSWORD, server.index)
+
+
+def user_commands(server, name: str, role: str) -> str:
+    """`minipacs user add` and `minipacs user token`: the new user's token."""
     data = ["--data", str(server.data)]
     minipacs("user", "add", name, "--role", role, "--password-stdin", *data, input=PASSWORD)
     return minipacs("user", "token", name, *data).stdout.strip()
@@ -43,7 +50,7 @@ def stow(server, headers: dict, session=requests) -> requests.Response:
 
 def test_roles_and_tokens(server):
     viewer, uploader, admin = (
-        add_user(server, n, r)
+        user_commands(server, n, r)
         for n, r in (("alice", "viewer"), ("bob", "uploader"), ("root", "admin"))
     )
     studies = f"{server.url}/dicom-web/studies"
