@@ -11,7 +11,7 @@ import requests
 from conftest import ROOT
 from conftest import TEST_FILES
 from conftest import Server
-from conftest import minipacs
+from conftest import add_user
 from conftest import run
 from conftest import storescu
 from prometheus_client.openmetrics.parser import (
@@ -154,12 +154,10 @@ def shared(tmp_path_factory):
 
 def test_metrics_are_for_admins_once_there_are_users(shared):
     server = shared
-    data = ["--data", str(server.data)]
     password = "a long enough password"
-    for name, role in (("rad", "viewer"), ("boss", "admin")):
-        minipacs("user", "add", name, "--role", role, "--password-stdin", *data, input=password)
-    tokens = {
-        name: minipacs("user", "token", name, *data).stdout.strip() for name in ("rad", "boss")
+    tokens = {  # in-process: what `minipacs user add` and `user token` call
+        name: add_user(server.data, name, role, password)
+        for name, role in (("rad", "viewer"), ("boss", "admin"))
     }
     assert requests.get(f"{server.url}/metrics", timeout=10).status_code == 401
     viewer = {"Authorization": f"Bearer {tokens['rad']}"}
