@@ -252,6 +252,24 @@ def add_user(data: Path, name: str, role: str, password: str, index: str = "") -
         return archive.accounts(users.issue_token, name, 90, write=True)[0]
 
 
+def import_files(data: Path, *paths: Path, index: str = "") -> None:
+    """Files, and folders walked, imported into an archive by Archive.import_file (what
+    `minipacs import` calls for each), in this process: for fixtures that only need a
+    filled archive (test_maintenance runs the command). A file refused raises."""
+    from storage import Archive
+
+    files = [
+        found
+        for path in paths
+        for found in (
+            sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        )
+    ]
+    with Archive(data, fsync=False, index_url=index) as archive:
+        for path in files:
+            archive.import_file(path)
+
+
 def index_args(index: str) -> list[str]:
     """`--index URL` for a minipacs command on a PostgreSQL index; nothing for SQLite."""
     return ["--index", index] if index else []

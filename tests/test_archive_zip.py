@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import Server
-from conftest import minipacs
+from conftest import import_files
 from conftest import run
 from dicom_files import TEST_FILES
 from playwright.sync_api import sync_playwright
@@ -65,7 +65,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("archive-zip")
     study, series, kinds = write_study(root / "mixed")
     big = make_study(root / "big", BIG_COUNT, size=BIG_SIZE, patient_id="ZIPBIG")
-    minipacs("import", "--data", str(root / "data"), str(root / "mixed"), str(root / "big"))
+    import_files(root / "data", root / "mixed", root / "big")
     running = Server(root / "data").start()
     running.study, running.series, running.kinds = study, series, kinds
     running.big = pydicom.dcmread(big[0], stop_before_pixels=True).StudyInstanceUID

@@ -17,6 +17,7 @@ import requests
 from conftest import TEST_FILES
 from conftest import Server
 from conftest import add_user
+from conftest import import_files
 from conftest import index_args
 from conftest import minipacs
 from make_study import make_study
@@ -70,7 +71,7 @@ def archive(tmp_path_factory, module_engine):
     def cli(*args: str, **kwargs):
         return minipacs(*args, *data, **kwargs)
 
-    cli("import", str(root / "volume"), str(root / "single.dcm"))
+    import_files(root / "data", root / "volume", root / "single.dcm", index=module_engine)
     yield {"root": root, "cli": cli, "volume": volume, "engine": module_engine}
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from conftest import Server
+from conftest import import_files
 from conftest import index_args
 from conftest import minipacs
 from conftest import run
@@ -93,8 +94,7 @@ def pacs(tmp_path_factory, module_engine):
     (root / "S4").mkdir()
     made["S4"] = make_study(root / "S4", "S4")
     data = root / "data"
-    minipacs("import", "--data", str(data), *index_args(module_engine), *(
-        str(root / label) for label in ("S1", "S2", "S3")))  # fmt: skip
+    import_files(data, *(root / label for label in ("S1", "S2", "S3")), index=module_engine)
     server = Server(data, index=module_engine).start()
     tags("add", *SERIES_TAGS, "--level", "series", server=server)
     with Archive(data, fsync=False, index_url=module_engine) as archive:

@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import Server
-from conftest import minipacs
+from conftest import import_files
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -63,7 +63,7 @@ def server(tmp_path_factory):
         "detector": _save_series(made[SLICES + 6 : SLICES + 7], [0.0], "drop", [0.2, 0.25]),
         "px": _save_series(made[SLICES + 7 :], [0.0], "drop"),
     }
-    minipacs("import", "--data", str(root / "data"), str(root / "in"))
+    import_files(root / "data", root / "in")
     running = Server(root / "data").start()
     running.study = study
     running.files = series
