@@ -173,8 +173,8 @@ def test_layout_1x2_shows_the_prior_study(page, server, study):
 
 def test_viewports_on_one_frame_of_reference_scroll_together(page, server, study):
     """The 1 mm series follows the 2 mm one dropped beside it, and the other way round, by
-    position (z = 8 is the 2 mm series' 4th slice, not its 8th); with sync off it stays; a coronal beside it shows the axial
-    slice as a reference line."""
+    position (z = 8 is the 2 mm series' 4th slice, not its 8th); with sync off it stays; a
+    coronal beside it shows the axial slice as a reference line."""
     open_current(page, server, study)
     page.keyboard.press("l")  # 1×2
     expect(pane(page, 2).locator(".counter")).not_to_have_text("")
