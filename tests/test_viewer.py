@@ -209,16 +209,31 @@ def test_tag_panel_shows_the_instance(page, server):
     expect(page.locator("tr[data-tag='7FE00010']")).to_contain_text("(bulk data)")
 
 
+def first_png(urls: list[str]) -> tuple[str, int]:
+    """The instance of the first rendered image asked for, and how often its PNG was."""
+    rendered = [url for url in urls if "/rendered" in url]
+    sop = re.search(r"/instances/([0-9.]+)/", rendered[0]).group(1)
+    return sop, sum(f"/instances/{sop}/frames/1/rendered?accept=image%2Fpng" in u for u in rendered)
+
+
 def test_deep_link_reopens_the_same_instance(page, server, browser):
+    """The slice shown first, the series' first or the one a link names, is the first
+    image asked for (beside the instance list: pane.warmFirst), and only once."""
     open_stack(page, server)
+    assert first_png(page.requests) == (page.evaluate("globalThis.minipacsView.stack[0].sop"), 1)
     page.locator(".scroll input[type=range]").fill("7")
     expect(page.locator(".counter")).to_have_text(f"7 / {SLICES}")
     link = page.url
     assert re.search(r"/study/[0-9.]+/series/[0-9.]+/instance/[0-9.]+$", link)
     other = browser.new_context(bypass_csp=True).new_page()
+    asked = []
+    other.on("request", lambda request: asked.append(request.url))
     other.goto(link)
     expect(other.locator(".counter")).to_have_text(f"7 / {SLICES}")
     assert other.url == link
+    wait_drawn(other, 1)
+    other.wait_for_function("globalThis.minipacsView.loading.size === 0")
+    assert first_png(asked) == (link.rsplit("/", 1)[1], 1)
     other.context.close()
 
 

@@ -63,8 +63,9 @@ export function searchSeries(study, signal) {
   return getJSON(`/studies/${study}/series`, params, signal);
 }
 
-export function searchInstances(study, series, signal) {
-  return getJSON(`/studies/${study}/series/${series}/instances`, null, signal);
+// The series' instances, in the order stored; `params`: more QIDO-RS parameters.
+export function searchInstances(study, series, signal, params) {
+  return getJSON(`/studies/${study}/series/${series}/instances`, params && new URLSearchParams(params), signal);
 }
 
 // The series of each of `sops` (instances of `study`): sop → series UID, asked in lists

@@ -88,8 +88,9 @@ export class Pane {
   // -- loading a series --------------------------------------------------------------------
 
   // Show series `entry` (a QIDO-RS series answer) of `study`; resolves once its stack is
-  // known (empty when it could not be read: the viewport says why).
-  async open(study, entry) {
+  // known (empty when it could not be read: the viewport says why). `sop` and `frame`:
+  // the slice that will be shown first, when it is not the first one.
+  async open(study, entry, { sop = "", frame = 1 } = {}) {
     this.stopCine();
     this.study = study;
     this.seriesEntry = entry;
@@ -99,34 +100,40 @@ export class Pane {
     this.seriesGeometry = null; // sop → where the instance lies (orientation.js)
     this.volume = null; // the server's word on whether the series is a volume (for MPR)
     this.geometryAsked = false;
+    const series = this.series;
+    this.warmFirst(study, series, sop, frame);
+    const listed = searchInstances(study, series, this.host.signal); // before a redraw's layout
     this.viewport.shown = null;
     this.viewport.redraw();
-    const series = this.series;
     let instances;
     try {
-      instances = await searchInstances(study, series, this.host.signal);
+      instances = await listed;
     } catch (error) {
       if (error.name !== "AbortError") this.viewport.showMessage(`Server error: ${error.message}`);
       return;
     }
     if (series !== this.series) return;
     instances.sort((a, b) => (first(a, "00200013") ?? 1e9) - (first(b, "00200013") ?? 1e9));
-    for (const instance of instances) {
-      const frames = Number(first(instance, "00280008") || 1);
-      for (let frame = 1; frame <= frames; frame += 1) {
-        this.stack.push({
-          sop: first(instance, "00080018"),
-          frame,
-          frames,
-          number: first(instance, "00200013"),
-          rows: Number(first(instance, "00280010") || 0),
-          columns: Number(first(instance, "00280011") || 0),
-        });
-      }
-    }
+    this.stack = instances.flatMap(slicesOf);
     this.slider.max = String(Math.max(1, this.stack.length));
     if (!this.stack.length) this.viewport.showMessage("This series has no images.");
     this.host.loaded(this);
+  }
+
+  // The whole instance list is what a 500-image series' first image waited longest for.
+  // The slice shown first is known much sooner: the one asked for, else the series' first
+  // stored instance (QIDO-RS answers in the order stored), the first slice of a series
+  // stored in order, as most are. Its image is fetched beside the list; when the list
+  // says it is not the one shown, the stack loader drops it.
+  async warmFirst(study, series, sop, frame) {
+    let found;
+    try {
+      [found] = await searchInstances(study, series, this.host.signal, sop ? { SOPInstanceUID: sop } : { limit: 1 });
+    } catch {
+      return; // the list decides
+    }
+    const slice = found && slicesOf(found)[frame - 1];
+    if (slice && series === this.series && !this.stack.length) this.loader.warm(slice);
   }
 
   // -- moving through the stack ----------------------------------------------------------
@@ -421,6 +428,19 @@ export class Pane {
     this.loader.close();
     this.viewport.close();
   }
+}
+
+// The stack's slices of a QIDO-RS instance answer: one a frame.
+function slicesOf(instance) {
+  const frames = Number(first(instance, "00280008") || 1);
+  return Array.from({ length: frames }, (_, i) => ({
+    sop: first(instance, "00080018"),
+    frame: i + 1,
+    frames,
+    number: first(instance, "00200013"),
+    rows: Number(first(instance, "00280010") || 0),
+    columns: Number(first(instance, "00280011") || 0),
+  }));
 }
 
 export function fileWindow(meta) {

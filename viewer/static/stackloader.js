@@ -21,15 +21,21 @@ export class StackLoader {
 
   // One rendering of one frame: series, instance, frame, window and format.
   key(index, format) {
-    const { series, stack, window } = this.view;
-    const slice = stack[index];
+    return this.keyOf(this.view.stack[index], format);
+  }
+
+  keyOf(slice, format) {
+    const { series, window } = this.view;
     const windowed = window === null ? "file" : window === "auto" ? "auto" : `${window.center},${window.width}`;
     return `${series}|${slice.sop}|${slice.frame}|${windowed}|${format}`;
   }
 
   url(index, format, quality) {
-    const { study, series, stack, window } = this.view;
-    const slice = stack[index];
+    return this.urlOf(this.view.stack[index], format, quality);
+  }
+
+  urlOf(slice, format, quality) {
+    const { study, series, window } = this.view;
     const big = Math.max(slice.rows, slice.columns) > MAX_SIDE;
     const scale = big ? MAX_SIDE / Math.max(slice.rows, slice.columns) : 1;
     const viewport = big ? [Math.round(slice.columns * scale), Math.round(slice.rows * scale)] : null;
@@ -53,8 +59,20 @@ export class StackLoader {
       pending.current ||= current; // the request that loads it draws it: once
       return pending.promise;
     }
+    return this.load(key, this.url(index, format, quality), current);
+  }
+
+  // Fetch `slice`'s PNG before the stack is known (a series' likely first slice): the
+  // request for it, once it is current, finds it in flight or in the cache.
+  warm(slice) {
+    const key = this.keyOf(slice, "png");
+    if (!this.bitmaps.has(key) && !this.loading.has(key)) this.load(key, this.urlOf(slice, "png", 90), false);
+  }
+
+  load(key, url, current) {
+    const view = this.view;
     const entry = { controller: new AbortController(), current, promise: null };
-    entry.promise = fetchBitmap(this.url(index, format, quality), entry.controller.signal).then(
+    entry.promise = fetchBitmap(url, entry.controller.signal).then(
       (bitmap) => {
         this.loading.delete(key);
         this.remember(key, bitmap);
@@ -91,8 +109,12 @@ export class StackLoader {
     const { stack, index, direction, dragging } = this.view;
     if (!stack.length || dragging) return;
     // A series' first image is asked for alone: neighbours asked beside it shared the
-    // server's cores with it. They follow as soon as it is drawn (request's `then`).
-    if (!this.view.viewport.shown && this.loading.has(this.key(index, "png"))) return;
+    // server's cores with it. They follow as soon as it is drawn (load's `then`); a
+    // guess at it (`warm`) that was wrong goes.
+    if (!this.view.viewport.shown && this.loading.has(this.key(index, "png"))) {
+      this.abort((key, entry) => !entry.current);
+      return;
+    }
     const wanted = [];
     for (let step = 1; step <= this.ahead; step += 1) {
       wanted.push(index + step * direction);

@@ -86,8 +86,10 @@ class StudyView {
     );
     this.layout = this.grid; // or, while MPR is on, its MprLayout
     this.mpr = null;
-    this.build(root);
+    // The series are asked for first: building the page (and its first layout) takes
+    // the main thread while the server answers.
     this.ready = this.load(target); // settles once the first image and the patient's studies are in
+    this.build(root);
     globalThis.minipacsView = this; // the debug API (above)
   }
 
@@ -395,7 +397,7 @@ class StudyView {
         pane.viewport.showMessage("This series is not in the study.");
         return;
       }
-      await pane.open(study, entry);
+      await pane.open(study, entry, { sop: target.sop, frame: target.frame || 1 });
       if (pane.series !== series) return;
     }
     let index = 0;
