@@ -31,6 +31,8 @@ from pydicom.encaps import get_frame
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import RLELossless
 from pydicom.uid import generate_uid
+from test_metrics import documented_names
+from test_metrics import scraped_names
 
 from pacs import scu
 from storage import Archive
@@ -138,6 +140,11 @@ def test_ingest_uploads_with_the_index_checksum_and_keeps_a_cache_copy(nodes, tm
         body = s3.get_object(Bucket=bucket, Key=f"{PREFIX}/{path}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == sha
         assert (a.data / path).stat().st_nlink == 1  # uploaded: an evictable copy now
+
+
+def test_every_object_store_figure_readme_names_is_in_metrics(nodes):
+    a, _, _, _ = nodes
+    assert documented_names(object_store=True) - scraped_names(a) == set()
 
 
 def test_reads_fetch_from_the_bucket_once_the_cache_is_empty(nodes, tmp_path):
