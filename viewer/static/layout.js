@@ -13,10 +13,29 @@ export const LAYOUTS = [
 ];
 export const SERIES_TYPE = "application/x-minipacs-series"; // a dragged strip item: {study, series}
 
-export class Layout {
+// What every arrangement of panes does with its `panes` and `visible` ones: one of them
+// is active, and the keyboard moves on to its neighbours.
+export class Panes {
+  activate(pane) {
+    if (!pane || pane === this.active) return false;
+    this.active = pane;
+    for (const each of this.panes) each.node.classList.toggle("active", each === pane);
+    return true;
+  }
+
+  // The visible pane `step` places after the active one (wrapping).
+  neighbour(step) {
+    const shown = this.visible;
+    const at = shown.indexOf(this.active);
+    return shown[(at + step + shown.length) % shown.length];
+  }
+}
+
+export class Layout extends Panes {
   // `makePane(number)` makes pane `number` (from 1); `dropped(pane, study, series)` is
   // called when a strip item is dropped on it.
   constructor(makePane, dropped, signal) {
+    super();
     this.makePane = makePane;
     this.dropped = dropped;
     this.signal = signal;
@@ -55,19 +74,6 @@ export class Layout {
     return LAYOUTS[(at + 1) % LAYOUTS.length][0];
   }
 
-  activate(pane) {
-    if (!pane || pane === this.active) return false;
-    this.active = pane;
-    for (const each of this.panes) each.node.classList.toggle("active", each === pane);
-    return true;
-  }
-
-  // The visible pane `step` places after the active one (wrapping).
-  neighbour(step) {
-    const shown = this.visible;
-    const at = shown.indexOf(this.active);
-    return shown[(at + step + shown.length) % shown.length];
-  }
 
   // A pane takes strip items dropped on it.
   accept(pane) {

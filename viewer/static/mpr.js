@@ -8,6 +8,7 @@
 // point under it: the crosshair.
 
 import { el } from "./dom.js";
+import { Panes } from "./layout.js";
 import { makePlane, toPatient } from "./orientation.js";
 import { planeURL } from "./dicomweb.js";
 import { Pane } from "./pane.js";
@@ -134,10 +135,12 @@ export class PlanePane extends Pane {
 }
 
 // The three planes side by side: the layout the study view swaps in for its own while
-// MPR is on (the same `panes`, `visible`, `active`, `activate`, `neighbour` and `node`).
-export class MprLayout {
+// MPR is on (the same `panes`, `visible`, `active` and `node`; `activate` and `neighbour`
+// from Panes).
+export class MprLayout extends Panes {
   // `makePane(number, plane)` makes the pane of a plane.
   constructor(makePane) {
+    super();
     this.name = "mpr";
     this.panes = PLANES.map((plane, i) => makePane(i + 1, plane));
     this.active = null;
@@ -146,18 +149,6 @@ export class MprLayout {
 
   get visible() {
     return this.panes;
-  }
-
-  activate(pane) {
-    if (!pane || pane === this.active) return false;
-    this.active = pane;
-    for (const each of this.panes) each.node.classList.toggle("active", each === pane);
-    return true;
-  }
-
-  neighbour(step) {
-    const at = this.panes.indexOf(this.active);
-    return this.panes[(at + step + this.panes.length) % this.panes.length];
   }
 
   // Move the planes other than `from` through patient point `point`.
