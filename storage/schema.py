@@ -17,15 +17,12 @@ from storage.models import ApiToken
 from storage.models import AuditEvent
 from storage.models import Change
 from storage.models import Instance
-from storage.models import Patient
 from storage.models import PerformedStep
 from storage.models import QueryTag
 from storage.models import QueryValue
 from storage.models import RouteItem
 from storage.models import SchemaVersion
-from storage.models import Series
 from storage.models import Study
-from storage.models import StudyModality
 from storage.models import Subscription
 from storage.models import User
 from storage.models import WorklistItem
@@ -140,20 +137,8 @@ class _locked:
         self._tx.__exit__(*exc)
 
 
-COPY_ORDER = (
-    Patient,
-    Study,
-    StudyModality,
-    Series,
-    Instance,
-    AuditEvent,
-    User,
-    ApiToken,
-    Change,
-    Subscription,
-    QueryTag,
-    QueryValue,
-)
+# Every table but the version (the target has its own); MODELS lists parents first.
+COPY_ORDER = tuple(model for model in MODELS if model is not SchemaVersion)
 COPY_CHUNK = 2000
 
 

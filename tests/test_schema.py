@@ -12,6 +12,7 @@ import psycopg
 import pydicom
 import pytest
 from conftest import TEST_FILES
+from conftest import add_user
 from conftest import index_rows
 from conftest import minipacs
 from conftest import storescu
@@ -20,10 +21,18 @@ from make_study import make_study
 
 from pacs import scu
 from storage import Archive
+from storage.schema import COPY_ORDER
 from storage.schema import SCHEMA_VERSION
 
 V1_FILES = ("CT_small.dcm", "MR_small.dcm", "JPEG2000.dcm")
 DATA = Path(__file__).parent / "data"
+WORKLIST_ITEM = {
+    "PatientID": "W1",
+    "PatientName": "Doe^Jane",
+    "Modality": "CT",
+    "ScheduledStationAETitle": "CT01",
+    "ScheduledProcedureStepStartDate": "20261205",
+}
 
 
 def make_v1_archive(data: Path, index: str) -> None:
@@ -82,6 +91,12 @@ def test_migrate_index_copies_sqlite_to_postgresql(start_server, postgres, tmp_p
     sqlite_server = start_server(data=data, index="")
     before = sorted(str(a.to_json_dict()) for a in find_studies(sqlite_server, keys))
     sqlite_server.stop()
+    add_user(data, "reader", "viewer", "a long enough password")
+    with Archive(data, fsync=False) as archive:  # rows of every other kind, copied too
+        archive.worklist.add(WORKLIST_ITEM)
+    tables = [model._meta.table_name for model in COPY_ORDER]
+    counts = {t: index_rows(data, f"SELECT count(*) FROM {t}")[0][0] for t in tables}
+    assert counts["worklistitem"] == counts["apitoken"] == 1
 
     url = postgres.database()
     result = minipacs("migrate-index", "--data", str(data), "--to", url)
@@ -94,6 +109,8 @@ def test_migrate_index_copies_sqlite_to_postgresql(start_server, postgres, tmp_p
     server = start_server(data=data, index=url)
     after = sorted(str(a.to_json_dict()) for a in find_studies(server, keys))
     assert after == before
+    for table, rows in counts.items():  # every table: worklist, users, queue, feed...
+        assert server.rows(f"SELECT count(*) FROM {table}") == [(rows,)], table
     storescu(server.port, *make_study(tmp_path / "new", 2, size=32))  # ids after the copied
     assert server.rows("SELECT count(*) FROM instance") == [(count + 2,)]
     server.stop()
