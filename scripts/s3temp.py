@@ -21,6 +21,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import boto3  # a missing client must fail here, not read as a store that never starts
+from botocore.config import Config
+
 ACCESS_KEY = "minipacs-test"
 SECRET_KEY = "minipacs-test-secret"
 REGION = "us-east-1"
@@ -148,9 +151,6 @@ class Store:
 
     def client(self):
         """A boto3 S3 client of this store (tests look at the objects with it)."""
-        import boto3
-        from botocore.config import Config
-
         return boto3.session.Session().client(
             "s3",
             endpoint_url=self.endpoint,
