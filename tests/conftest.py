@@ -1,5 +1,6 @@
 """Fixtures: real `minipacs serve` processes on free loopback ports, and real clients."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -341,3 +342,39 @@ def storescu_concurrently(port: int, batches: list[list[Path]]) -> list[str]:
     for thread in threads:
         thread.join(120)
     return errors
+
+
+CHROMIUM = "/usr/bin/chromium"
+VIEWER_ARTIFACTS = ROOT / "test-artifacts" / "viewer"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (Debian's) for a module's viewer tests."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
+        )
+        yield chromium
+        chromium.close()
+
+
+@contextlib.contextmanager
+def viewer_page(browser, screenshot: str):
+    """A page in a fresh context, its script errors and requested URLs recorded
+    (`page.errors`, `page.requests`); a screenshot named `screenshot` is kept in
+    test-artifacts/viewer, and a script error fails the test."""
+    # bypass_csp: the page's CSP forbids eval, which Playwright's wait_for_function uses.
+    context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
+    page = context.new_page()
+    page.requests = []
+    page.errors = []
+    page.on("request", lambda r: page.requests.append(r.url))
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    yield page
+    VIEWER_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=VIEWER_ARTIFACTS / f"{screenshot}.png")
+    context.close()
+    assert page.errors == []

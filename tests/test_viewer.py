@@ -8,18 +8,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from conftest import CHROMIUM
 from conftest import ROOT
 from conftest import STORESCU_PROPOSE
+from conftest import VIEWER_ARTIFACTS
 from conftest import Server
 from conftest import minipacs
 from conftest import storescu
+from conftest import viewer_page
 from dicom_files import TEST_FILES
 from playwright.sync_api import Page
 from playwright.sync_api import expect
-from playwright.sync_api import sync_playwright
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = ROOT / "test-artifacts" / "viewer"
 SLICES = 30
 OTHERS = ("CT_small.dcm", "SC_rgb_rle_2frame.dcm", "SC_rgb_jpeg_dcmtk.dcm", "JPEG-lossy.dcm")
 
@@ -46,30 +46,10 @@ def server(tmp_path_factory):
         running.kill()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
-        )
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def page(browser, server, request) -> Page:
-    # bypass_csp: the page's CSP forbids eval, which Playwright's wait_for_function uses.
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-    page = context.new_page()
-    page.requests = []
-    page.errors = []
-    page.on("request", lambda r: page.requests.append(r.url))
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=ARTIFACTS / f"{request.node.name}.png")
-    context.close()
-    assert page.errors == []
+    with viewer_page(browser, f"{request.node.name}") as page:
+        yield page
 
 
 def uid_of(name: str, keyword: str) -> str:
@@ -98,8 +78,8 @@ def canvas(page: Page) -> bytes:
 def test_search_narrows_the_list(page, server):
     page.goto(server.url)
     expect(page.locator("tr.study")).to_have_count(4)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=ARTIFACTS / "list.png")
+    VIEWER_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=VIEWER_ARTIFACTS / "list.png")
     page.get_by_label("Patient ID").fill("STACK1")
     page.get_by_role("button", name="Search").click()
     expect(page.locator("tr.study")).to_have_count(1)
@@ -162,7 +142,7 @@ def test_preset_applies_its_window(page, server):
     expect(page.locator(".corner.br")).to_contain_text("WC 40 WW 80")
     page.wait_for_function("globalThis.minipacsView.loading.size === 0")
     assert any("window=40%2C80" in url or "window=40,80" in url for url in page.requests)
-    page.screenshot(path=ARTIFACTS / "brain-preset.png")
+    page.screenshot(path=VIEWER_ARTIFACTS / "brain-preset.png")
 
 
 def test_invert_zoom_and_overlays(page, server):
@@ -322,8 +302,8 @@ def test_login_page_then_the_study_list(browser, start_server):
     page.get_by_label("Password").fill("a long enough password")
     page.get_by_role("button", name="Log in").click()
     expect(page.locator("tr.study")).to_have_count(1)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=ARTIFACTS / "after-login.png")
+    VIEWER_ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=VIEWER_ARTIFACTS / "after-login.png")
     cookie = next(c for c in context.cookies() if c["name"] == "minipacs_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     page.get_by_role("button", name="Log out").click()  # a viewer may log out (issue 17)

@@ -16,17 +16,14 @@ import urllib.request
 import numpy as np
 import pydicom
 import pytest
-from conftest import ROOT
 from conftest import Server
 from conftest import storescu
+from conftest import viewer_page
 from PIL import Image
 from playwright.sync_api import Page
 from playwright.sync_api import expect
-from playwright.sync_api import sync_playwright
 from pydicom.uid import generate_uid
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = ROOT / "test-artifacts" / "viewer"
 SPACING = 0.661468  # CT_small.dcm's PixelSpacing (make_study keeps it)
 SLICES = 24
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection Document Storage
@@ -73,28 +70,10 @@ def server(tmp_path_factory, study):
         running.kill()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
-        )
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def page(browser, server, request) -> Page:
-    # bypass_csp: the page's CSP forbids eval, which Playwright's wait_for_function uses.
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-    page = context.new_page()
-    page.errors = []
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=ARTIFACTS / f"mpr-{request.node.name}.png")
-    context.close()
-    assert page.errors == []
+    with viewer_page(browser, f"mpr-{request.node.name}") as page:
+        yield page
 
 
 def get(server: Server, path: str) -> bytes:

@@ -15,15 +15,12 @@ import re
 
 import pydicom
 import pytest
-from conftest import ROOT
 from conftest import Server
 from conftest import storescu
+from conftest import viewer_page
 from playwright.sync_api import Page
 from playwright.sync_api import expect
-from playwright.sync_api import sync_playwright
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = ROOT / "test-artifacts" / "viewer"
 SPACING = 0.661468  # CT_small.dcm's PixelSpacing (make_study keeps it)
 
 
@@ -83,28 +80,10 @@ def server(tmp_path_factory, study):
         running.kill()
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"]
-        )
-        yield chromium
-        chromium.close()
-
-
 @pytest.fixture
 def page(browser, server, request) -> Page:
-    # bypass_csp: the page's CSP forbids eval, which Playwright's wait_for_function uses.
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, bypass_csp=True)
-    page = context.new_page()
-    page.errors = []
-    page.on("pageerror", lambda e: page.errors.append(str(e)))
-    yield page
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=ARTIFACTS / f"reading-{request.node.name}.png")
-    context.close()
-    assert page.errors == []
+    with viewer_page(browser, f"reading-{request.node.name}") as page:
+        yield page
 
 
 def open_current(page: Page, server: Server, study: dict) -> None:
