@@ -361,6 +361,13 @@ def browser():
         chromium.close()
 
 
+@pytest.fixture
+def page(browser, server, request):
+    """A viewer page on the module's `server`, its screenshot named after the test."""
+    with viewer_page(browser, f"{request.module.__name__}-{request.node.name}") as page:
+        yield page
+
+
 @contextlib.contextmanager
 def viewer_page(browser, screenshot: str):
     """A page in a fresh context, its script errors and requested URLs recorded

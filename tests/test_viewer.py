@@ -15,7 +15,6 @@ from conftest import VIEWER_ARTIFACTS
 from conftest import Server
 from conftest import minipacs
 from conftest import storescu
-from conftest import viewer_page
 from dicom_files import TEST_FILES
 from playwright.sync_api import Page
 from playwright.sync_api import expect
@@ -44,12 +43,6 @@ def server(tmp_path_factory):
         yield running
     finally:
         running.kill()
-
-
-@pytest.fixture
-def page(browser, server, request) -> Page:
-    with viewer_page(browser, f"{request.node.name}") as page:
-        yield page
 
 
 def uid_of(name: str, keyword: str) -> str:

@@ -18,7 +18,6 @@ import pydicom
 import pytest
 from conftest import Server
 from conftest import storescu
-from conftest import viewer_page
 from PIL import Image
 from playwright.sync_api import Page
 from playwright.sync_api import expect
@@ -68,12 +67,6 @@ def server(tmp_path_factory, study):
         yield running
     finally:
         running.kill()
-
-
-@pytest.fixture
-def page(browser, server, request) -> Page:
-    with viewer_page(browser, f"mpr-{request.node.name}") as page:
-        yield page
 
 
 def get(server: Server, path: str) -> bytes:

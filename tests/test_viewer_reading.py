@@ -17,7 +17,6 @@ import pydicom
 import pytest
 from conftest import Server
 from conftest import storescu
-from conftest import viewer_page
 from playwright.sync_api import Page
 from playwright.sync_api import expect
 
@@ -78,12 +77,6 @@ def server(tmp_path_factory, study):
         yield running
     finally:
         running.kill()
-
-
-@pytest.fixture
-def page(browser, server, request) -> Page:
-    with viewer_page(browser, f"reading-{request.node.name}") as page:
-        yield page
 
 
 def open_current(page: Page, server: Server, study: dict) -> None:
