@@ -53,7 +53,7 @@ from storage.rows import InstanceLocation
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
-DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.5.8 Failure: Duplicate SOP Instance (policy reject)
+DUPLICATE_SOP_INSTANCE = 0x0111  # PS3.7 C.5.9 Failure: Duplicate SOP Instance (policy reject)
 OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: Out of Resources (disk full)
 DATASET_MISMATCH = 0xA900  # PS3.4 B.2.3 Error: Data Set does not match SOP Class
 CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3 Error: Cannot understand (does not parse, bad UID)
