@@ -17,8 +17,6 @@ from dataclasses import field
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.datadict import dictionary_VR
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import ImplicitVRLittleEndian
@@ -36,6 +34,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pynetdicom.sop_class import Verification
 
 from pacs.tls import peer_tls_args
+from storage.query import identifier as identifier  # scu.identifier: part of this API
 
 log = logging.getLogger(__name__)
 UNIQUE_KEY = {
@@ -109,20 +108,6 @@ def echo(remote: Remote) -> int:
     with _association(remote, [(Verification, UNCOMPRESSED)]) as assoc:
         response = assoc.send_c_echo()
         return _status(response)
-
-
-def identifier(level: str, keys: dict[str, str]) -> Dataset:
-    """A query identifier from `Keyword=value` pairs ('' = return key)."""
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level.upper()
-    for keyword, value in keys.items():
-        if tag_for_keyword(keyword) is None:
-            raise ValueError(f"{keyword} is not a DICOM keyword")
-        vr = dictionary_VR(keyword)
-        setattr(ds, keyword, [] if vr == "SQ" else value)
-    if any(isinstance(v, str) and not v.isascii() for v in keys.values()):
-        ds.SpecificCharacterSet = "ISO_IR 192"
-    return ds
 
 
 def find(remote: Remote, query: Dataset, model: str = "STUDY") -> Iterator[Dataset]:

@@ -31,6 +31,8 @@ from peewee import CommaNodeList
 from peewee import Expression
 from peewee import Field
 from peewee import Node
+from pydicom.datadict import dictionary_VR
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
 from storage.dataset import name_key
@@ -358,6 +360,21 @@ class Extended:
     vr: str
     level: str
     state: str
+
+
+def identifier(level: str, keys: dict[str, str]) -> Dataset:
+    """A query identifier from `Keyword=value` pairs ('' = return key, a sequence asked
+    for empty), UTF-8 when a value is not ASCII: what `minipacs find` and `pacs.scu` send
+    and cohort export selects with. ValueError names a word that is not a keyword."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level.upper()
+    for keyword, value in keys.items():
+        if tag_for_keyword(keyword) is None:
+            raise ValueError(f"{keyword} is not a DICOM keyword")
+        setattr(ds, keyword, [] if dictionary_VR(keyword) == "SQ" else value)
+    if any(not str(value).isascii() for value in keys.values()):
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    return ds
 
 
 def keys_from_dataset(ds: Dataset) -> list[Key]:

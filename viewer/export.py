@@ -58,6 +58,7 @@ from storage import files
 from storage.dataset import read_dataset
 from storage.errors import StorageError
 from storage.query import Key
+from storage.query import identifier
 from storage.query import keys_from_dataset
 from storage.rows import InstanceLocation
 from viewer import render
@@ -151,16 +152,12 @@ def query_keys(level: str, pairs: dict[str, str]) -> list[Key]:
         raise ExportError(f"level must be one of {', '.join(LEVELS)}, not {level!r}")
     if not any(str(value).strip() for value in pairs.values()):
         raise ExportError("say what to export: Keyword=value keys (PatientID=* for everything)")
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for keyword, value in pairs.items():
-        if tag_for_keyword(keyword) is None:
-            raise ExportError(f"{keyword} is not a DICOM keyword")
-        setattr(ds, keyword, [] if dictionary_VR(keyword) == "SQ" else value)
+    try:
+        ds = identifier(level, pairs)
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     if UNIQUE[level] not in ds:
         setattr(ds, UNIQUE[level], "")
-    if any(not str(v).isascii() for v in pairs.values()):
-        ds.SpecificCharacterSet = "ISO_IR 192"
     return keys_from_dataset(ds)
 
 
