@@ -4,8 +4,8 @@ ZIP: the instance files as stored plus a DICOMDIR, for a CD or a mail.
 pydicom's FileSet writes a DICOMDIR only for instances it has copied into a staging folder
 first (`FileSet.add` saves every dataset, `write` copies them again), so the DICOMDIR is
 made here, from the DICOM JSON the index keeps: no instance file is opened until its bytes
-are streamed. pydicom still decides each instance's directory record type (its SOP Class
-table, `_four_level_record_type`).
+are streamed. Each instance's directory record type follows PS3.3 F.5 by its SOP Class
+(LEAF_TYPES), the choice pydicom's FileSet makes.
 
 File IDs: `DICOM/PT000001/ST000001/SE000001/IM000001` (PS3.10 8.5: at most 8 components of
 at most 8 characters, A-Z 0-9 _), numbered in series then instance order.
@@ -29,7 +29,6 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.fileset import _four_level_record_type
 from pydicom.filewriter import write_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
@@ -104,8 +103,52 @@ for _kind in ("REGISTRATION", "FIDUCIAL", "VALUE MAP", "MEASUREMENT", "SURFACE",
         "",
     )
 
-# What pydicom's record type choice looks at, besides the SOP Class.
-DECIDING = ("SOPClassUID", "Modality", "EncapsulatedDocument", "RTPlanLabel")
+# The record type under a SERIES record by SOP Class (PS3.3 F.5; the storage classes
+# pydicom's FileSet knows, by their keywords); any other SOP Class is an IMAGE.
+LEAF_TYPES: dict[str, str] = {
+    keyword: kind
+    for kind, keywords in {
+        "RT DOSE": "RTDoseStorage",
+        "RT STRUCTURE SET": "RTStructureSetStorage",
+        "RT TREAT RECORD": "RTBeamsTreatmentRecordStorage RTBrachyTreatmentRecordStorage "
+        "RTTreatmentSummaryRecordStorage RTIonBeamsTreatmentRecordStorage",
+        "PRESENTATION": "GrayscaleSoftcopyPresentationStateStorage "
+        "ColorSoftcopyPresentationStateStorage PseudoColorSoftcopyPresentationStateStorage "
+        "BlendingSoftcopyPresentationStateStorage XAXRFGrayscaleSoftcopyPresentationStateStorage "
+        "BasicStructuredDisplayStorage",
+        "WAVEFORM": "BasicVoiceAudioWaveformStorage TwelveLeadECGWaveformStorage "
+        "GeneralECGWaveformStorage AmbulatoryECGWaveformStorage HemodynamicWaveformStorage "
+        "CardiacElectrophysiologyWaveformStorage ArterialPulseWaveformStorage "
+        "RespiratoryWaveformStorage GeneralAudioWaveformStorage "
+        "RoutineScalpElectroencephalogramWaveformStorage ElectromyogramWaveformStorage "
+        "ElectrooculogramWaveformStorage SleepElectroencephalogramWaveformStorage "
+        "MultichannelRespiratoryWaveformStorage BodyPositionWaveformStorage",
+        "SR DOCUMENT": "BasicTextSRStorage EnhancedSRStorage ComprehensiveSRStorage "
+        "MammographyCADSRStorage ChestCADSRStorage ProcedureLogStorage XRayRadiationDoseSRStorage "
+        "SpectaclePrescriptionReportStorage ColonCADSRStorage "
+        "MacularGridThicknessAndVolumeReportStorage ImplantationPlanSRStorage "
+        "Comprehensive3DSRStorage RadiopharmaceuticalRadiationDoseSRStorage ExtensibleSRStorage "
+        "AcquisitionContextSRStorage SimplifiedAdultEchoSRStorage PatientRadiationDoseSRStorage "
+        "PlannedImagingAgentAdministrationSRStorage PerformedImagingAgentAdministrationSRStorage",
+        "KEY OBJECT DOC": "KeyObjectSelectionDocumentStorage",
+        "SPECTROSCOPY": "MRSpectroscopyStorage",
+        "RAW DATA": "RawDataStorage",
+        "REGISTRATION": "SpatialRegistrationStorage DeformableSpatialRegistrationStorage",
+        "FIDUCIAL": "SpatialFiducialsStorage",
+        "VALUE MAP": "RealWorldValueMappingStorage",
+        "STEREOMETRIC": "StereometricRelationshipStorage",
+        "MEASUREMENT": "LensometryMeasurementsStorage AutorefractionMeasurementsStorage "
+        "KeratometryMeasurementsStorage SubjectiveRefractionMeasurementsStorage "
+        "VisualAcuityMeasurementsStorage OphthalmicAxialMeasurementsStorage "
+        "OphthalmicVisualFieldStaticPerimetryMeasurementsStorage",
+        "SURFACE": "SurfaceSegmentationStorage",
+        "SURFACE SCAN": "SurfaceScanMeshStorage SurfaceScanPointCloudStorage",
+        "TRACT": "TractographyResultsStorage",
+        "ASSESSMENT": "ContentAssessmentResultsStorage",
+    }.items()
+    for keyword in keywords.split()
+}
+RADIOTHERAPY_MODALITIES = ("RTINTENT", "RTSEGANN", "RTRAD")  # second-generation RT IODs
 
 
 def _tag(keyword: str) -> str:
@@ -191,12 +234,21 @@ def _value(found: dict[str, Any], keyword: str) -> str:
 
 
 def _leaf_type(found: dict[str, Any]) -> str:
-    """pydicom's choice of record type (IMAGE, SR DOCUMENT, PRESENTATION, RT DOSE…).
-    The single-level types (PALETTE, IMPLANT, HANGING PROTOCOL) never occur: their IODs
-    have no study, so the archive cannot have stored them."""
-    deciding = {t: found[t] for t in map(_tag, DECIDING) if t in found}
-    kind = _four_level_record_type(Dataset.from_json(deciding, lambda *_: None))
-    return kind if kind in RECORD_KEYS else "IMAGE"
+    """The record type of an instance (IMAGE, SR DOCUMENT, PRESENTATION, RT DOSE…), as
+    pydicom's FileSet decides it: the Modality of second-generation RT and of plans, an
+    encapsulated document, an RT Plan Label, then the SOP Class. The single-level types
+    (PALETTE, IMPLANT, HANGING PROTOCOL) never occur: their IODs have no study, so the
+    archive cannot have stored them."""
+    modality = _value(found, "Modality")
+    if modality in RADIOTHERAPY_MODALITIES:
+        return "RADIOTHERAPY"
+    if modality == "PLAN":
+        return "PLAN"
+    if _tag("EncapsulatedDocument") in found:
+        return "ENCAP DOC"
+    if _tag("RTPlanLabel") in found:
+        return "RT PLAN"
+    return LEAF_TYPES.get(UID(_value(found, "SOPClassUID")).keyword, "IMAGE")
 
 
 def _record(kind: str, found: dict[str, Any]) -> Dataset:

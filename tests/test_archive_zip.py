@@ -248,3 +248,39 @@ def test_the_study_list_downloads_the_zip_from_the_keyboard(server):
                 assert len(archive.namelist()) == len(server.kinds) + 1
         finally:
             browser.close()
+
+
+def test_record_types_are_the_ones_pydicom_chooses():
+    """storage.fileset's own SOP Class table gives every storage class pydicom names the
+    record type pydicom's FileSet would (its private choice, the oracle here only), and
+    so do the Modality, document and RT Plan cases that come before the SOP Class."""
+    from pydicom import uid
+    from pydicom.fileset import _four_level_record_type
+
+    from storage.fileset import RECORD_KEYS
+    from storage.fileset import _leaf_type
+
+    def both(**elements) -> tuple[str, str]:
+        ds = pydicom.Dataset()
+        for keyword, value in elements.items():
+            setattr(ds, keyword, value)
+        return _leaf_type(ds.to_json_dict()), _four_level_record_type(ds)
+
+    storage_classes = [
+        v for v in vars(uid).values() if isinstance(v, uid.UID) and v.keyword.endswith("Storage")
+    ]
+    assert len(storage_classes) > 150
+    kinds = set()
+    for sop_class in storage_classes:
+        ours, pydicoms = both(SOPClassUID=sop_class, Modality="OT")
+        assert ours == pydicoms, sop_class.keyword
+        kinds.add(ours)
+    assert len(kinds) == 19 and kinds <= set(RECORD_KEYS)
+    for elements in (
+        {"Modality": "RTRAD"},
+        {"Modality": "PLAN"},
+        {"EncapsulatedDocument": b"%PDF", "SOPClassUID": uid.RTDoseStorage},
+        {"RTPlanLabel": "P1", "SOPClassUID": uid.RTDoseStorage},
+    ):
+        ours, pydicoms = both(**elements)
+        assert ours == pydicoms != "IMAGE"
