@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 from viewer import mpr
 
 SLICES, SIZE = 12, 32
+SR_CLASS = "1.2.840.10008.5.1.4.1.1."  # + 88.34 (Comprehensive 3D SR), 88.59 (KOS)
 WINDOW = (40.0, 400.0)
 
 
@@ -325,7 +326,6 @@ def test_measurements_saved_as_sr_and_kos_read_back(server):
     "body, reason",
     [
         (b"{not json", "JSON object"),
-        ({"measurements": []}, "nothing to save"),
         ({"measurements": [{"type": "arrow", "sopInstanceUID": "1.2"}]}, "type"),
         (
             {"measurements": [{"type": "length", "sopInstanceUID": "1.2", "points": [[0, 0]]}]},
@@ -337,6 +337,76 @@ def test_measurements_saved_as_sr_and_kos_read_back(server):
 def test_bad_measurements_are_a_400(server, body, reason):
     status, answer = post(server, f"/api/studies/{server.study}/measurements", body)
     assert status == 400 and reason in answer["error"]
+
+
+def test_a_save_supersedes_the_saved_report_and_can_clear_it(server):
+    """Each save states the study's measurements and key images as they are now: a new
+    report names the one it replaces (Predecessor Documents Sequence) and may hold no
+    measurement; a key-image selection counts only when made with the newest report or
+    after it. Earlier documents stay in the archive. Lengths only: no ROI to compute."""
+    import highdicom as hd
+
+    path = f"/api/studies/{server.study}/measurements"
+    sop = pydicom.dcmread(server.files["volume"][5], stop_before_pixels=True).SOPInstanceUID
+    lengths = [
+        {"type": "length", "sopInstanceUID": sop, "points": [[2, 3], [2, 23]]},
+        {"type": "length", "sopInstanceUID": sop, "points": [[4, 4], [14, 4]]},
+    ]
+    key = [{"sopInstanceUID": sop, "frame": 1}]
+
+    def save(measurements: list, keys: list) -> dict:
+        status, saved = post(server, path, {"measurements": measurements, "keyImages": keys})
+        assert status == 201, saved
+        return saved
+
+    def current() -> tuple[list, list]:
+        answer = json.loads(get(server, path)[2])
+        return [m["points"] for m in answer["measurements"]], answer["keyImages"]
+
+    def predecessor(sr: dict) -> str:
+        document = pydicom.dcmread(next(server.data.glob(f"*/*/{sr['sopInstanceUID']}.dcm")))
+        [series] = document.PredecessorDocumentsSequence[0].ReferencedSeriesSequence
+        return series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+
+    first = save(lengths, key)
+    assert current() == ([m["points"] for m in lengths], key)
+
+    # Everything removed: a report with no measurement, and no selection.
+    cleared = save([], [])
+    assert cleared["kos"] is None and current() == ([], [])
+    assert predecessor(cleared["sr"]) == first["sr"]["sopInstanceUID"]
+    found = hd.sr.srread(next(server.data.glob(f"*/*/{cleared['sr']['sopInstanceUID']}.dcm")))
+    assert found.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert found.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert found.content.get_observer_contexts()  # a whole TID 1500 report, …
+    container = found.ContentSequence[-1]  # … its Imaging Measurements empty
+    assert container.ConceptNameCodeSequence[0].CodeValue == "126010"
+    assert "ContentSequence" not in container
+    evidence = {
+        sop.ReferencedSOPInstanceUID
+        for series in found.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        for sop in series.ReferencedSOPSequence
+    }
+    assert sop in evidence and first["sr"]["sopInstanceUID"] not in evidence
+    for name, sop_class in (("sr", "88.34"), ("kos", "88.59")):  # still queryable
+        query = f"/dicom-web/studies/{server.study}/instances?SOPClassUID={SR_CLASS}{sop_class}"
+        uids = {f["00080018"]["Value"][0] for f in json.loads(get(server, query)[2])}
+        assert first[name]["sopInstanceUID"] in uids
+
+    # A key image alone: a selection after the (empty) report, no new report.
+    marked = save([], key)
+    assert marked["sr"] is None and current() == ([], key)
+    # Measurements, the key image unmarked: the selection is older than the report.
+    measured = save(lengths[:1], [])
+    assert measured["kos"] is None and current() == ([lengths[0]["points"]], [])
+    assert predecessor(measured["sr"]) == cleared["sr"]["sopInstanceUID"]
+    # The measurement deleted, the key image kept: an empty report and a selection.
+    kept = save([], key)
+    assert kept["sr"] and kept["kos"] and current() == ([], key)
+    # Both gone, then nothing left to clear.
+    assert save([], [])["kos"] is None and current() == ([], [])
+    status, answer = post(server, path, {"measurements": [], "keyImages": []})
+    assert status == 400 and "nothing to save" in answer["error"]
 
 
 def test_an_idle_volume_leaves_the_cache():

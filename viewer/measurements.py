@@ -19,6 +19,8 @@ import io
 import math
 from dataclasses import dataclass
 from dataclasses import field
+from datetime import UTC
+from datetime import datetime
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -33,6 +35,9 @@ KOS_DESCRIPTION = "minipacs key images"
 SR_SERIES_NUMBER, KOS_SERIES_NUMBER = 990, 991
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+SR_DOCUMENTS = "1.2.840.10008.5.1.4.1.1.88."  # the SR SOP classes' prefix (KOS included)
+IMAGING_MEASUREMENTS = "126010"  # (126010, DCM): TID 1500 row 6, the groups' container
+EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -63,15 +68,13 @@ class Item:
 
 def parse(body: object) -> tuple[list[Item], list[tuple[str, int]], str]:
     """(measurements, key images as (SOP UID, frame), description) of a POST body; 400
-    saying what is wrong."""
+    saying what is wrong. Both lists may be empty: such a save clears what was saved."""
     if not isinstance(body, dict):
         raise WebError(400, "the body must be a JSON object")
     measurements = body.get("measurements", [])
     keys = body.get("keyImages", [])
     if not isinstance(measurements, list) or not isinstance(keys, list):
         raise WebError(400, "measurements and keyImages must be lists")
-    if not measurements and not keys:
-        raise WebError(400, "nothing to save: no measurements and no key images")
     if len(measurements) > MAX_ITEMS or len(keys) > MAX_ITEMS:
         raise WebError(400, f"at most {MAX_ITEMS} measurements and key images")
     items = [_item(found, n) for n, found in enumerate(measurements)]
@@ -146,10 +149,20 @@ def measure(item: Item, spacing: tuple[float, float] | None, spacing_kind: str) 
 
 
 def build_report(
-    items: list[Item], images: dict[str, Dataset], observer: str, description: str
+    items: list[Item],
+    images: dict[str, Dataset],
+    observer: str,
+    description: str,
+    made: datetime,
+    replaces: Dataset | None = None,
+    study: list[Dataset] | None = None,
 ) -> bytes:
-    """The Measurement Report (Comprehensive 3D SR) as Part 10 bytes; `images` are the
-    referenced instances' headers by SOP Instance UID."""
+    """The Measurement Report (Comprehensive 3D SR) as Part 10 bytes, its content made at
+    `made`. `images`: the referenced instances' headers by SOP Instance UID. `replaces`:
+    the report this one supersedes, named in its Predecessor Documents Sequence (PS3.3
+    C.17.2: the earlier version stays in the archive). With no item the report says the
+    study has no measurements: its Imaging Measurements container is empty, and `study`
+    (the study's instances, the first a whole header) is its evidence."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -181,9 +194,12 @@ def build_report(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_person_context=observer_context),
         procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=groups,
+        imaging_measurements=groups or [_placeholder_group()],
     )
     evidence = list({item.sop_uid: images[item.sop_uid] for item in items}.values())
+    if not groups:
+        _empty_measurements(report[0])
+        evidence = study or []
     document = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -193,8 +209,74 @@ def build_report(
         instance_number=1,
         manufacturer="minipacs",
         series_description=description or SERIES_DESCRIPTION,
+        previous_versions=[replaces] if replaces is not None else None,
+        content_date=made.date(),
+        content_time=made.time(),
     )
+    document.TimezoneOffsetFromUTC = made.strftime("%z")
     return _bytes(document)
+
+
+def _placeholder_group():
+    """A TID 1501 group that `_empty_measurements` removes again: highdicom (0.28) builds
+    no TID 1500 report without a group, though the template allows one (the groups under
+    Imaging Measurements are optional; docs/decisions.md, 2026-12-05)."""
+    import highdicom as hd
+
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="none")
+    )
+
+
+def _empty_measurements(root: Dataset) -> None:
+    """The report's Imaging Measurements container without children: no Content Sequence
+    (PS3.3 C.17.3: present only when the item has children, then with one or more)."""
+    container = _imaging_measurements(root)
+    if container is not None and "ContentSequence" in container:
+        del container.ContentSequence
+
+
+def _imaging_measurements(root: Dataset) -> Dataset | None:
+    """The (126010, DCM, "Imaging Measurements") container under a TID 1500 root."""
+    for item in root.get("ContentSequence", []):
+        names = item.get("ConceptNameCodeSequence") or [Dataset()]
+        if (
+            names[0].get("CodeValue") == IMAGING_MEASUREMENTS
+            and item.get("ValueType") == "CONTAINER"
+        ):
+            return item
+    return None
+
+
+def is_empty(report: Dataset) -> bool:
+    """Whether a Measurement Report holds no measurement group (or is no TID 1500 one)."""
+    container = _imaging_measurements(report)
+    return container is None or not container.get("ContentSequence")
+
+
+def reference(study: str, series: str, sop: str, sop_class: str) -> Dataset:
+    """The identifiers highdicom lists an instance by (evidence, predecessors)."""
+    found = Dataset()
+    found.StudyInstanceUID, found.SeriesInstanceUID = study, series
+    found.SOPInstanceUID, found.SOPClassUID = sop, sop_class
+    return found
+
+
+def moment(header: Dataset) -> datetime:
+    """When a document's content was made: Content Date and Time (PS3.3 C.17.2), in its
+    Timezone Offset From UTC when it has one, else this server's zone; the earliest time
+    there is when they are absent or unreadable (such a document is the oldest)."""
+    try:
+        date = str(header.ContentDate)
+        clock, _, fraction = str(header.get("ContentTime") or "").partition(".")
+        text = date + clock.ljust(6, "0") + fraction.ljust(6, "0")[:6]
+        found = datetime.strptime(text, "%Y%m%d%H%M%S%f")
+        offset = str(header.get("TimezoneOffsetFromUTC") or "")
+        if offset:
+            return found.replace(tzinfo=datetime.strptime(offset, "%z").tzinfo)
+        return found.astimezone()
+    except (AttributeError, ValueError, OverflowError):
+        return EARLIEST
 
 
 def _person_name(user: str) -> str:
@@ -204,10 +286,11 @@ def _person_name(user: str) -> str:
 
 
 def build_key_images(
-    references: list[tuple[str, int]], images: dict[str, Dataset], description: str
+    references: list[tuple[str, int]], images: dict[str, Dataset], description: str, made: datetime
 ) -> bytes:
-    """The Key Object Selection document ("Of Interest") as Part 10 bytes. highdicom's
-    KOS references whole instances: a frame number is not kept."""
+    """The Key Object Selection document ("Of Interest") as Part 10 bytes, its content made
+    at `made` (the report saved with it has the same). highdicom's KOS references whole
+    instances: a frame number is not kept."""
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
@@ -225,7 +308,10 @@ def build_key_images(
         instance_number=1,
         manufacturer="minipacs",
         series_description=KOS_DESCRIPTION,
+        content_date=made.date(),
+        content_time=made.time(),
     )
+    document.TimezoneOffsetFromUTC = made.strftime("%z")
     return _bytes(document)
 
 
@@ -318,6 +404,8 @@ def read_report(data: Dataset) -> list[dict]:
     report whose groups are planar ROIs of the shapes we write."""
     import highdicom as hd
 
+    if is_empty(data):  # highdicom's getters expect children there
+        return []
     report = hd.sr.Comprehensive3DSR.from_dataset(data, copy=False)
     found = []
     for group in report.content.get_planar_roi_measurement_groups():

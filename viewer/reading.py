@@ -9,6 +9,7 @@ storing measurements the uploader role; the app's audit hook records each reques
 """
 
 import hashlib
+from datetime import datetime
 from pathlib import Path
 
 from flask import Blueprint
@@ -17,6 +18,8 @@ from flask import current_app
 from flask import g
 from flask import jsonify
 from flask import request
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_partial
 from pydicom.uid import ExplicitVRBigEndian
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import ImplicitVRLittleEndian
@@ -213,8 +216,11 @@ def _image_format() -> str:
 
 @bp.post("/studies/<study>/measurements")
 def save_measurements(study: str) -> Response:
-    """Build the study's Measurement Report and Key Object Selection and store them
-    through the archive's ingest, as STOW-RS does (each instance audited as a store)."""
+    """Store the study's measurements and key images as they are now: a Measurement
+    Report that supersedes the current one (possibly with no measurement: a clear), and a
+    Key Object Selection when there are key images, through the archive's ingest, as
+    STOW-RS does (each instance audited as a store). Nothing is deleted: earlier reports
+    stay in the archive, and GET answers the newest."""
     from viewer import measurements
 
     keys = _keys(study, "")
@@ -228,6 +234,13 @@ def save_measurements(study: str) -> Response:
     missing = sorted(wanted - set(stored))
     if missing:
         raise WebError(400, f"instance {missing[0]} is not in study {study}")
+    report, selection = _saved(list(stored.values()))
+    saved_measurements = report is not None and not measurements.is_empty(_read(report))
+    # A new report when there are measurements, or to clear the saved ones, or to clear
+    # the saved key images when no new selection replaces them.
+    write_report = bool(items) or saved_measurements or (not key_images and selection is not None)
+    if not write_report and not key_images:
+        raise WebError(400, "nothing to save: no measurements, no key images, none saved")
     for item in items:
         row = stored[item.sop_uid]
         image_keys = _keys(study, row.series_uid, item.sop_uid)
@@ -238,14 +251,19 @@ def save_measurements(study: str) -> Response:
         else:
             image = _image(image_keys)
             measurements.measure(item, image.spacing, image.spacing_kind)
-    headers = {sop: read_dataset(stored[sop].path, stop_before_pixels=True) for sop in wanted}
+    headers = {sop: _read(stored[sop], stop_before_pixels=True) for sop in wanted}
+    made = datetime.now().astimezone()  # one time for both: they are one save
     documents = {}
     try:
-        if items:
+        if write_report:
+            replaces = _reference(report) if report is not None else None
+            evidence = None if items else _evidence(list(stored.values()))
             who = g.get("user", "")
-            documents["sr"] = measurements.build_report(items, headers, who, description)
+            documents["sr"] = measurements.build_report(
+                items, headers, who, description, made, replaces, evidence
+            )
         if key_images:
-            documents["kos"] = measurements.build_key_images(key_images, headers, description)
+            documents["kos"] = measurements.build_key_images(key_images, headers, description, made)
     except (ValueError, TypeError, AttributeError) as exc:  # highdicom refused the content
         raise WebError(422, f"cannot build the report: {exc}") from exc
     outcomes: list[stow.Outcome] = []
@@ -266,31 +284,80 @@ def save_measurements(study: str) -> Response:
 
 @bp.get("/studies/<study>/measurements")
 def read_measurements(study: str) -> Response:
-    """The measurements of the study's newest Measurement Report and the key images of
-    its newest Key Object Selection (empty lists when it has none)."""
+    """The study's current measurements and key images (`_saved`); empty lists when it
+    has none, or when the newest save cleared them."""
     from viewer import measurements
 
     rows = list(_archive().catalog.locate("STUDY", _keys(study, "")))
     if not rows:
         raise WebError(404, f"no study {study} in the archive")
     answer: dict = {"sopInstanceUID": None, "measurements": [], "keyImages": []}
-    report = _newest(rows, measurements.COMPREHENSIVE_3D_SR)
+    report, selection = _saved(rows)
     if report is not None:
         answer["sopInstanceUID"] = report.sop_uid
         try:
-            answer["measurements"] = measurements.read_report(read_dataset(report.path))
+            answer["measurements"] = measurements.read_report(_read(report))
         except (ValueError, AttributeError, KeyError, IndexError) as exc:
             raise WebError(422, f"cannot read the report {report.sop_uid}: {exc}") from exc
-    selection = _newest(rows, measurements.KEY_OBJECT_SELECTION)
     if selection is not None:
-        answer["keyImages"] = measurements.read_key_images(read_dataset(selection.path))
+        answer["keyImages"] = measurements.read_key_images(_read(selection))
     return jsonify(answer)
 
 
-def _newest(rows: list[InstanceLocation], sop_class: str) -> InstanceLocation | None:
-    """The last stored instance of a SOP class (the index's ids grow with each store)."""
-    found = [row for row in rows if row.sop_class_uid == sop_class]
-    return max(found, key=lambda row: row.pk) if found else None
+def _saved(
+    rows: list[InstanceLocation],
+) -> tuple[InstanceLocation | None, InstanceLocation | None]:
+    """The study's current Measurement Report (its newest Comprehensive 3D SR) and Key
+    Object Selection (its newest, when made with that report or after it: a save with
+    no key images writes a report and no selection, and so clears them). Newest by the
+    documents' own Content Date and Time (a reindex renumbers the index), then index id."""
+    from viewer import measurements
+
+    def newest(sop_class: str) -> tuple[InstanceLocation | None, datetime]:
+        found = [
+            (measurements.moment(_start(row)), row.pk, row)
+            for row in rows
+            if row.sop_class_uid == sop_class
+        ]
+        if not found:
+            return None, measurements.EARLIEST
+        made, _, row = max(found, key=lambda entry: entry[:2])
+        return row, made
+
+    report, reported = newest(measurements.COMPREHENSIVE_3D_SR)
+    selection, selected = newest(measurements.KEY_OBJECT_SELECTION)
+    if selection is not None and report is not None and selected < reported:
+        selection = None
+    return report, selection
+
+
+def _evidence(rows: list[InstanceLocation]) -> list[Dataset]:
+    """What a report with no measurement lists as its evidence: the study's instances
+    other than SR documents (PS3.3 C.17.2, Current Requested Procedure Evidence Sequence:
+    those the creator knows were made for the procedure), the first as a whole header
+    (highdicom copies the patient and study from it)."""
+    from viewer import measurements
+
+    found = [row for row in rows if not row.sop_class_uid.startswith(measurements.SR_DOCUMENTS)]
+    found = sorted(found or rows, key=lambda row: row.pk)
+    return [_read(found[0], stop_before_pixels=True)] + [_reference(row) for row in found[1:]]
+
+
+def _reference(row: InstanceLocation) -> Dataset:
+    from viewer import measurements
+
+    return measurements.reference(row.study_uid, row.series_uid, row.sop_uid, row.sop_class_uid)
+
+
+def _read(row: InstanceLocation, stop_before_pixels: bool = False) -> Dataset:
+    return read_dataset(_archive().files.local(row.path), stop_before_pixels=stop_before_pixels)
+
+
+def _start(row: InstanceLocation) -> Dataset:
+    """A file's attributes up to Timezone Offset From UTC (0008,0201): a document's
+    Content Date and Time without parsing its content tree."""
+    with open(_archive().files.local(row.path), "rb") as fp:
+        return read_partial(fp, stop_when=lambda tag, vr, length: tag > 0x00080201)
 
 
 def _image(keys: list[Key]) -> geometry.Image:
