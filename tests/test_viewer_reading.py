@@ -209,7 +209,8 @@ def test_a_length_is_spacing_times_pixels(page, server, study):
 
 def test_saved_measurements_come_back(page, server, study):
     """Save stores the prior study's length as an SR through the server; the study opened
-    again shows it where it was. (On the prior: the other tests' study stays as made.)"""
+    again shows it where it was. Deleted and saved again, it is cleared: the study opened
+    again has none. (On the prior: the other tests' study stays as made.)"""
     page.goto(f"{server.url}/study/{study['prior']}")
     page.wait_for_function("globalThis.minipacsView && globalThis.minipacsView.drawn >= 1")
     save = page.get_by_role("button", name="Save")
@@ -229,3 +230,12 @@ def test_saved_measurements_come_back(page, server, study):
     expect(page.locator(".status")).to_have_text("Saved 1 measurement.")
     page.reload()
     expect(stage.locator(".measurement.length .label")).to_have_text(expected)
+    page.keyboard.press("Delete")
+    expect(stage.locator(".measurement")).to_have_count(0)
+    save.click()
+    expect(page.locator(".status")).to_have_text("Cleared the saved measurements.")
+    page.reload()
+    expect(save).to_be_visible()  # the saved report was read
+    expect(stage.locator(".measurement")).to_have_count(0)
+    saved = page.request.get(f"{server.url}/api/studies/{study['prior']}/measurements").json()
+    assert saved["measurements"] == [] and saved["sopInstanceUID"]

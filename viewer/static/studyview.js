@@ -78,6 +78,7 @@ class StudyView {
     this.measurements = new Measurements(() => this.redrawMarks());
     this.cursor = new Cursor(() => this.redrawMarks());
     this.keyImages = new Map(); // sop → { study, series (null until known) }
+    this.saved = new Map(); // study → what its saved report holds: { measurements, keyImages } (counts)
     this.strip = new Strip(this.study, (study) => this.openBeside(study));
     this.grid = new Layout(
       (number) => this.makePane(number),
@@ -605,6 +606,7 @@ class StudyView {
       return;
     }
     this.saveButton.hidden = false;
+    this.saved.set(this.study, { measurements: report.measurements.length, keyImages: (report.keyImages || []).length });
     this.loadKeyImages(report.keyImages || []);
     this.measurements.load(
       report.measurements.map((item) => ({
@@ -620,7 +622,10 @@ class StudyView {
   }
 
   // Save the active pane's study's measurements as an SR and its key images as a Key
-  // Object Selection (the server writes each only when there is something in it).
+  // Object Selection, as they are now: what was saved and is gone now is cleared (the
+  // server writes a report with no measurement, or no selection; the old ones stay in
+  // the archive). Only what was loaded can be cleared: a study whose saved report this
+  // view did not open (a prior) sends nothing when nothing is drawn.
   async save() {
     const study = this.active.study;
     const measurements = this.measurements
@@ -636,7 +641,8 @@ class StudyView {
     const keyImages = [...this.keyImages]
       .filter(([, image]) => image.study === study)
       .map(([sop]) => ({ sopInstanceUID: sop, frame: 1 }));
-    if (!measurements.length && !keyImages.length) {
+    const before = this.saved.get(study) || { measurements: 0, keyImages: 0 };
+    if (!measurements.length && !keyImages.length && !before.measurements && !before.keyImages) {
       this.status.value = "Nothing to save on this study.";
       return;
     }
@@ -644,8 +650,11 @@ class StudyView {
     const count = (n, what) => (n ? `${n} ${what}${n === 1 ? "" : "s"}` : "");
     try {
       await saveMeasurements(study, { measurements, keyImages, description: "" }, this.signal);
-      const saved = [count(measurements.length, "measurement"), count(keyImages.length, "key image")];
-      this.status.value = `Saved ${saved.filter(Boolean).join(" and ")}.`;
+      this.saved.set(study, { measurements: measurements.length, keyImages: keyImages.length });
+      const saved = [count(measurements.length, "measurement"), count(keyImages.length, "key image")].filter(Boolean);
+      const cleared = [!measurements.length && before.measurements && "measurements", !keyImages.length && before.keyImages && "key images"].filter(Boolean);
+      const said = [saved.length && `saved ${saved.join(" and ")}`, cleared.length && `cleared the saved ${cleared.join(" and ")}`].filter(Boolean).join("; ");
+      this.status.value = `${said[0].toUpperCase()}${said.slice(1)}.`;
     } catch (error) {
       if (error.name !== "AbortError") this.status.value = error.status === 403 ? "Saving needs the uploader role." : `Not saved: ${error.message}`;
     }
