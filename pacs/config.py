@@ -5,6 +5,7 @@ Nothing else in minipacs reads the environment.
 
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
 from dataclasses import fields
@@ -40,6 +41,158 @@ class Peer:
     cert: str = ""  # its associations must come over mutual TLS with this certificate CN
 
 
+# How a setting's value (from TOML, a MINIPACS_* variable's text or a flag) becomes its
+# field's (`_convert`): by the field's own "convert" in its metadata, a function of the
+# value and the setting's name; else by its type: a whole number at least its "minimum"
+# (1 unless the metadata says) and at most its "maximum", a boolean, a path, or text.
+# Every message names the setting.
+
+
+def _int(value: Any, name: str, minimum: int = 1, maximum: int | None = None) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
+    if number < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, not {value!r}")
+    if maximum is not None and number > maximum:
+        raise ConfigError(f"{name}: at most {maximum}")
+    return number
+
+
+def _bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, not {value!r}")
+
+
+def _port(value: Any, name: str) -> int:
+    port = _int(value, name, 0)
+    if port > 65535:
+        raise ConfigError(f"{name} must be 0-65535, not {value!r}")
+    return port
+
+
+def _aet(value: Any, name: str) -> str:
+    value = str(value)
+    if not AET_RE.fullmatch(value) or not value.strip():
+        raise ConfigError(f"{name} {value!r} is not a valid AE title (1-16 characters, no '\\')")
+    return value
+
+
+def _one_of(*choices: str, upper: bool = False) -> Callable[[Any, str], str]:
+    """A converter to one of `choices` (given in capitals when `upper`)."""
+    listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+    def convert(value: Any, name: str) -> str:
+        text = str(value).upper() if upper else str(value)
+        if text not in choices:
+            raise ConfigError(f"{name} must be {listed}, not {value!r}")
+        return text
+
+    return convert
+
+
+def _items(value: Any) -> list:
+    """A repeatable setting's items: a TOML list as it is, text split at commas."""
+    return value.split(",") if isinstance(value, str) else list(value)
+
+
+def _peers(value: Any, name: str) -> tuple[Peer, ...]:
+    return tuple(parse_peer(p) if isinstance(p, str) else p for p in _items(value) if p)
+
+
+def _routes(value: Any, name: str) -> tuple[routing.Rule, ...]:
+    try:
+        return tuple(
+            routing.parse_rule(r) if isinstance(r, str) else r
+            for r in _items(value)
+            if str(r).strip()
+        )
+    except routing.RuleError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _subscriptions(value: Any, name: str) -> tuple[events.Subscriber, ...]:
+    try:
+        chosen = tuple(
+            events.parse_setting(s) if isinstance(s, (str, dict)) else s
+            for s in _items(value)
+            if not isinstance(s, str) or s.strip()
+        )
+    except events.SubscriptionError as exc:
+        raise ConfigError(str(exc)) from None
+    urls = [s.url for s in chosen]
+    if len(set(urls)) < len(urls):
+        raise ConfigError(f"{name}: one URL twice")
+    return chosen
+
+
+def _origins(value: Any, name: str) -> tuple[str, ...]:
+    return tuple(str(o).strip().rstrip("/") for o in _items(value) if str(o).strip())
+
+
+def _deid_options(value: Any, name: str) -> str:
+    try:
+        return ",".join(sorted(deidentify.parse_options(str(value))))
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+
+
+def _unknown_aet(value: Any, name: str) -> str:
+    return "+".join(sorted(_services(str(value), name))) or "none" if str(value) else ""
+
+
+def _seconds(value: Any, name: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number of seconds, not {value!r}") from None
+    if not 0 <= seconds <= 600:
+        raise ConfigError(f"{name} must be 0-600 seconds, not {value!r}")
+    return seconds
+
+
+def _index_url(value: Any, name: str) -> str:
+    text = str(value).strip()
+    if text and not is_postgres_url(text):
+        raise ConfigError(f"{name} must be empty (SQLite) or postgresql://…, not {text!r}")
+    return text
+
+
+def _storage_url(value: Any, name: str) -> str:
+    text = str(value).strip()
+    if text != "file":
+        try:
+            objectstore.parse_url(text)
+        except ValueError as exc:
+            raise ConfigError(f"{name} must be file or s3://bucket/prefix: {exc}") from None
+    return text
+
+
+def _endpoint(value: Any, name: str) -> str:
+    text = str(value).strip().rstrip("/")
+    if text and not text.startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be http(s)://host:port, not {text!r}")
+    return text
+
+
+def _syslog_url(value: Any, name: str) -> str:
+    text = str(value).strip()
+    if text and not text.startswith("udp://"):
+        raise ConfigError(f"{name} must be udp://host:port, not {text!r}")
+    return text
+
+
+def _base_url(value: Any, name: str) -> str:
+    return str(value).rstrip("/")
+
+
 @dataclass(frozen=True)
 class Config:
     data: Path = field(
@@ -48,25 +201,28 @@ class Config:
     index: str = field(
         default="",
         metadata={
+            "convert": _index_url,
             "help": "Index database: empty for SQLite in the data folder, or "
             "postgresql://user:password@host:port/db (several servers may share one, with one "
-            "shared data folder)."
+            "shared data folder).",
         },
     )
-    aet: str = field(default="MINIPACS", metadata={"help": "Our AE title."})
+    aet: str = field(default="MINIPACS", metadata={"convert": _aet, "help": "Our AE title."})
     storage: str = field(
         default="file",
         metadata={
+            "convert": _storage_url,
             "help": "Where instances live: file (the data folder) or s3://bucket/prefix, an "
             "S3-compatible object store, with the data folder as the durable first stop and "
-            "a cache (credentials: the AWS environment variables and files)."
+            "a cache (credentials: the AWS environment variables and files).",
         },
     )
     storage_endpoint: str = field(
         default="",
         metadata={
+            "convert": _endpoint,
             "help": "URL of an S3-compatible store that is not AWS (MinIO, SeaweedFS, Ceph): "
-            "http://host:port; empty: AWS."
+            "http://host:port; empty: AWS.",
         },
     )
     storage_region: str = field(
@@ -82,9 +238,10 @@ class Config:
     storage_cache_mb: int = field(
         default=4096,
         metadata={
+            "minimum": 0,
             "help": "Local copies of uploaded or fetched objects kept in the data folder "
             "(MiB; least recently used go first). Instances not yet uploaded are not counted "
-            "and never removed."
+            "and never removed.",
         },
     )
     storage_sync: bool = field(
@@ -102,10 +259,15 @@ class Config:
             "this machine; 0.0.0.0 exposes patient data to every host that can reach it."
         },
     )
-    port: int = field(default=11112, metadata={"help": "DICOM port (0 picks a free one)."})
-    http_port: int = field(default=8080, metadata={"help": "HTTP port (0 picks a free one)."})
+    port: int = field(
+        default=11112, metadata={"convert": _port, "help": "DICOM port (0 picks a free one)."}
+    )
+    http_port: int = field(
+        default=8080, metadata={"convert": _port, "help": "HTTP port (0 picks a free one)."}
+    )
     tls_port: int = field(
-        default=2762, metadata={"help": "DICOM TLS port, used when tls_cert is set (PS3.15)."}
+        default=2762,
+        metadata={"convert": _port, "help": "DICOM TLS port, used when tls_cert is set (PS3.15)."},
     )
     tls_cert: str = field(
         default="", metadata={"help": "Our certificate (PEM) for DICOM TLS, as server and client."}
@@ -129,20 +291,28 @@ class Config:
     peer: tuple[Peer, ...] = field(
         default=(),
         metadata={
+            "convert": _peers,
             "help": "Known remote AEs, AET=HOST:PORT[?allow=echo+store+find+move+get"
             "&check_host=no&tls=yes&cert=CN] (repeatable; all services unless `allow` "
             "narrows them; only from HOST unless check_host=no; cert: only over mutual TLS "
-            "with a client certificate of that subject common name)."
+            "with a client certificate of that subject common name).",
         },
     )
     unknown_aet: str = field(
         default="",
         metadata={
+            "convert": _unknown_aet,
             "help": "Services for calling AEs not in `peer` (echo+store+find+move+get, or "
-            "none); empty: all on 127.0.0.1, echo+store when listening beyond it."
+            "none); empty: all on 127.0.0.1, echo+store when listening beyond it.",
         },
     )
-    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR."})
+    log_level: str = field(
+        default="INFO",
+        metadata={
+            "convert": _one_of("DEBUG", "INFO", "WARNING", "ERROR", upper=True),
+            "help": "DEBUG, INFO, WARNING or ERROR.",
+        },
+    )
     fsync: bool = field(
         default=True,
         metadata={
@@ -153,7 +323,8 @@ class Config:
     duplicates: str = field(
         default="keep",
         metadata={
-            "help": "Different bytes under a stored SOP Instance UID: keep, replace or reject."
+            "convert": _one_of("keep", "replace", "reject"),
+            "help": "Different bytes under a stored SOP Instance UID: keep, replace or reject.",
         },
     )
     accept_unknown_sop_classes: bool = field(
@@ -163,8 +334,9 @@ class Config:
     max_pdu: int = field(
         default=1 << 20,
         metadata={
+            "minimum": 0,
             "help": "Largest PDU a peer may send us, in bytes (0 = no limit, which lets one "
-            "peer make us hold a whole dataset in memory)."
+            "peer make us hold a whole dataset in memory).",
         },
     )
     workers: int = field(
@@ -178,9 +350,10 @@ class Config:
     index_wait: float = field(
         default=0.0,
         metadata={
+            "convert": _seconds,
             "help": "Seconds a storage association's release may wait until what it stored "
             "is queryable (0: release at once; each instance is durable at its Success "
-            "either way, and queryable within a second)."
+            "either way, and queryable within a second).",
         },
     )
     pn_case_insensitive: bool = field(
@@ -201,8 +374,9 @@ class Config:
     volume_cache_mb: int = field(
         default=256,
         metadata={
+            "minimum": 0,
             "help": "Memory for volumes decoded for MPR (MiB; a 512×512×500 CT takes 250): "
-            "a volume larger than this answers 422 (0: no MPR)."
+            "a volume larger than this answers 422 (0: no MPR).",
         },
     )
     render_max_size: int = field(
@@ -215,9 +389,10 @@ class Config:
     disk_reserve_mb: int = field(
         default=64,
         metadata={
+            "minimum": 0,
             "help": "Free space (MiB) C-STORE leaves on the data folder's disk for the index: "
             "below it stores are refused (0xA700), so every acknowledged instance has room "
-            "to become queryable (0: fill the disk)."
+            "to become queryable (0: fill the disk).",
         },
     )
     pixel_budget_mb: int = field(
@@ -232,8 +407,9 @@ class Config:
     move_associations: int = field(
         default=2,
         metadata={
+            "maximum": 8,
             "help": "Associations a C-MOVE sends over at once (one sends while the peer "
-            "stores what came over another); a peer that refuses more gets one."
+            "stores what came over another); a peer that refuses more gets one.",
         },
     )
     max_associations: int = field(
@@ -270,8 +446,9 @@ class Config:
     public_url: str = field(
         default="",
         metadata={
+            "convert": _base_url,
             "help": "Base URL clients reach the web side at (BulkDataURI, RetrieveURL); empty: "
-            "the URL of each request."
+            "the URL of each request.",
         },
     )
     trust_proxy: bool = field(
@@ -284,8 +461,9 @@ class Config:
     route: tuple[routing.Rule, ...] = field(
         default=(),
         metadata={
+            "convert": _routes,
             "help": "Auto-routing rules, e.g. 'AI_NODE modality=CT+MR stable=60' or "
-            "'https://host/dicom-web match=SeriesDescription:*HEAD*' (repeatable)."
+            "'https://host/dicom-web match=SeriesDescription:*HEAD*' (repeatable).",
         },
     )
     route_retry: int = field(
@@ -295,9 +473,10 @@ class Config:
     subscription: tuple[events.Subscriber, ...] = field(
         default=(),
         metadata={
+            "convert": _subscriptions,
             "help": "Event subscriptions beside those of `minipacs subscribe`: TOML tables "
             "[[subscription]] with url, events (a list) and secret, or "
-            "'URL events=study.stable+instance.created secret=S' (repeatable)."
+            "'URL events=study.stable+instance.created secret=S' (repeatable).",
         },
     )
     study_stable: int = field(
@@ -310,34 +489,41 @@ class Config:
     deid_options: str = field(
         default="",
         metadata={
+            "convert": _deid_options,
             "help": "PS3.15 Annex E options of de-identified web retrievals (anonymize=yes), "
             "comma list: uids, devid, instid, patchars, fulldates|modifdates, desc, struct, "
-            "graph; empty: the Basic Profile alone."
+            "graph; empty: the Basic Profile alone.",
         },
     )
     cors_origins: tuple[str, ...] = field(
         default=(),
         metadata={
-            "help": "Origins allowed to call the web side cross-origin (comma list, * = any)."
+            "convert": _origins,
+            "help": "Origins allowed to call the web side cross-origin (comma list, * = any).",
         },
     )
     parse_processes: int = field(
         default=0,
         metadata={
+            "minimum": 0,
             "help": "Child processes that parse STOW-RS uploads for the web server (0: in its "
-            "request threads; C-STORE is parsed by the indexer process)."
+            "request threads; C-STORE is parsed by the indexer process).",
         },
     )
     quota_mb: int = field(
         default=0,
         metadata={
+            "minimum": 0,
             "help": "Archive size limit (MiB of stored files; 0 = none): the least recently "
-            "updated unprotected studies are removed to stay under it."
+            "updated unprotected studies are removed to stay under it.",
         },
     )
     quota_instances: int = field(
         default=0,
-        metadata={"help": "Archive instance limit (0 = none), enforced like quota_mb."},
+        metadata={
+            "minimum": 0,
+            "help": "Archive instance limit (0 = none), enforced like quota_mb.",
+        },
     )
     retention_interval: int = field(
         default=60,
@@ -349,8 +535,9 @@ class Config:
     changefeed_days: int = field(
         default=0,
         metadata={
+            "minimum": 0,
             "help": "Days the change feed keeps its entries (0: forever); older ones are "
-            "pruned, the newest always kept (GET /changefeed says where the feed starts)."
+            "pruned, the newest always kept (GET /changefeed says where the feed starts).",
         },
     )
     token: str = field(
@@ -363,8 +550,9 @@ class Config:
     audit_syslog: str = field(
         default="",
         metadata={
+            "convert": _syslog_url,
             "help": "Also send audit events to this syslog collector as RFC 5424 messages "
-            "over UDP: udp://host:514."
+            "over UDP: udp://host:514.",
         },
     )
     max_upload_mb: int = field(
@@ -392,8 +580,9 @@ class Config:
     token_days: int = field(
         default=90,
         metadata={
+            "minimum": 0,
             "help": "Days a new bearer token is valid, unless `minipacs user token --days` "
-            "says otherwise (0: never expires)."
+            "says otherwise (0: never expires).",
         },
     )
 
@@ -498,174 +687,19 @@ def load(config_file: Path | None, env: dict[str, str], flags: dict[str, Any]) -
     return config
 
 
+FIELDS = {setting.name: setting for setting in fields(Config)}
+
+
 def _convert(name: str, value: Any) -> Any:
-    if name == "data":
-        return Path(value)
-    if name == "aet":
-        return _aet(str(value), "aet")
-    if name in ("port", "http_port", "tls_port"):
-        return _port(value, name)
-    if name in (
-        "max_pdu",
-        "acse_timeout",
-        "dimse_timeout",
-        "network_timeout",
-        "http_timeout",
-        "http_connections",
-        "http_header_kb",
-        "max_associations",
-        "workers",
-        "max_results",
-        "render_cache_mb",
-        "volume_cache_mb",
-        "render_max_size",
-        "pixel_budget_mb",
-        "disk_reserve_mb",
-        "max_upload_mb",
-        "session_idle_minutes",
-        "session_hours",
-        "login_failures",
-        "login_lockout_minutes",
-        "storage_cache_mb",
-    ):
-        return _int(
-            value,
-            name,
-            0
-            if name in ("max_pdu", "disk_reserve_mb", "volume_cache_mb", "storage_cache_mb")
-            else 1,
-        )
-    if name == "move_associations":
-        number = _int(value, name, 1)
-        if number > 8:
-            raise ConfigError("move_associations: at most 8")
-        return number
-    if name in ("parse_processes", "quota_mb", "quota_instances", "token_days", "changefeed_days"):
-        return _int(value, name, 0)
-    if name == "retention_interval":
-        return _int(value, name, 1)
-    if name == "index_wait":
-        try:
-            seconds = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"index_wait must be a number of seconds, not {value!r}") from None
-        if not 0 <= seconds <= 600:
-            raise ConfigError(f"index_wait must be 0-600 seconds, not {value!r}")
-        return seconds
-    if name in (
-        "fsync",
-        "accept_unknown_sop_classes",
-        "pn_case_insensitive",
-        "trust_proxy",
-        "storage_path_style",
-        "storage_sync",
-    ):
+    """The value of setting `name`: by its own converter, else by its type (see above)."""
+    setting = FIELDS[name]
+    if "convert" in setting.metadata:
+        return setting.metadata["convert"](value, name)
+    if setting.type is int:
+        minimum, maximum = setting.metadata.get("minimum", 1), setting.metadata.get("maximum")
+        return _int(value, name, minimum, maximum)
+    if setting.type is bool:
         return _bool(value, name)
-    if name == "peer":
-        items = value.split(",") if isinstance(value, str) else value
-        return tuple(parse_peer(p) if isinstance(p, str) else p for p in items if p)
-    if name == "route":
-        items = value.split(",") if isinstance(value, str) else value
-        try:
-            return tuple(
-                routing.parse_rule(r) if isinstance(r, str) else r for r in items if str(r).strip()
-            )
-        except routing.RuleError as exc:
-            raise ConfigError(str(exc)) from None
-    if name == "route_retry":
-        return _int(value, name, 1)
-    if name == "study_stable":
-        return _int(value, name, 1)
-    if name == "subscription":
-        items = value.split(",") if isinstance(value, str) else value
-        try:
-            chosen = tuple(
-                events.parse_setting(s) if isinstance(s, (str, dict)) else s
-                for s in items
-                if not isinstance(s, str) or s.strip()
-            )
-        except events.SubscriptionError as exc:
-            raise ConfigError(str(exc)) from None
-        urls = [s.url for s in chosen]
-        if len(set(urls)) < len(urls):
-            raise ConfigError("subscription: one URL twice")
-        return chosen
-    if name == "deid_options":
-        try:
-            return ",".join(sorted(deidentify.parse_options(str(value))))
-        except ValueError as exc:
-            raise ConfigError(f"deid_options: {exc}") from None
-    if name == "cors_origins":
-        items = value.split(",") if isinstance(value, str) else value
-        return tuple(str(o).strip().rstrip("/") for o in items if str(o).strip())
-    if name == "unknown_aet":
-        return "+".join(sorted(_services(str(value), name))) or "none" if str(value) else ""
-    if name == "audit_syslog":
-        text = str(value).strip()
-        if text and not text.startswith("udp://"):
-            raise ConfigError(f"audit_syslog must be udp://host:port, not {text!r}")
-        return text
-    if name == "index":
-        text = str(value).strip()
-        if text and not is_postgres_url(text):
-            raise ConfigError(f"index must be empty (SQLite) or postgresql://…, not {text!r}")
-        return text
-    if name == "storage":
-        text = str(value).strip()
-        if text != "file":
-            try:
-                objectstore.parse_url(text)
-            except ValueError as exc:
-                raise ConfigError(f"storage must be file or s3://bucket/prefix: {exc}") from None
-        return text
-    if name == "storage_endpoint":
-        text = str(value).strip().rstrip("/")
-        if text and not text.startswith(("http://", "https://")):
-            raise ConfigError(f"storage_endpoint must be http(s)://host:port, not {text!r}")
-        return text
-    if name == "public_url":
-        return str(value).rstrip("/")
-    if name == "log_level":
-        level = str(value).upper()
-        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, not {value!r}")
-        return level
-    if name == "duplicates":
-        if value not in ("keep", "replace", "reject"):
-            raise ConfigError(f"duplicates must be keep, replace or reject, not {value!r}")
-        return value
+    if setting.type is Path:
+        return Path(value)
     return str(value)
-
-
-def _aet(value: str, name: str) -> str:
-    if not AET_RE.fullmatch(value) or not value.strip():
-        raise ConfigError(f"{name} {value!r} is not a valid AE title (1-16 characters, no '\\')")
-    return value
-
-
-def _port(value: Any, name: str) -> int:
-    port = _int(value, name, 0)
-    if port > 65535:
-        raise ConfigError(f"{name} must be 0-65535, not {value!r}")
-    return port
-
-
-def _int(value: Any, name: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a whole number, not {value!r}") from None
-    if number < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, not {value!r}")
-    return number
-
-
-def _bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be true or false, not {value!r}")
