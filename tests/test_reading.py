@@ -52,7 +52,7 @@ def server(tmp_path_factory):
     from make_study import make_study
 
     root = tmp_path_factory.mktemp("reading")
-    made = make_study(root / "in", SLICES + 5 + 3, size=SIZE)
+    made = make_study(root / "in", 2 * SLICES + 5 + 3, size=SIZE)
     study = pydicom.dcmread(made[0]).StudyInstanceUID
     series = {
         # Slices 1 mm apart, 0.5 mm pixels: coronal and sagittal planes get a row between
@@ -62,7 +62,9 @@ def server(tmp_path_factory):
         "gaps": _save_series(made[SLICES : SLICES + 5], [5.0, 1.0, 2.0, 4.0, 3.5]),
         "single": _save_series(made[SLICES + 5 : SLICES + 6], [0.0]),
         "detector": _save_series(made[SLICES + 6 : SLICES + 7], [0.0], "drop", [0.2, 0.25]),
-        "px": _save_series(made[SLICES + 7 :], [0.0], "drop"),
+        "px": _save_series(made[SLICES + 7 : SLICES + 8], [0.0], "drop"),
+        # 0.7 mm pixels, slices 1 mm apart: 11 mm from end to end is 15.7 output rows.
+        "stretched": _save_series(made[SLICES + 8 :], [float(k) for k in range(SLICES)], [0.7] * 2),
     }
     import_files(root / "data", root / "in")
     running = Server(root / "data").start()
@@ -97,9 +99,9 @@ def windowed(values: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.clip(grey, 0, 255)), 0, 255).astype(np.uint8)
 
 
-def plane(server: Server, name: str, index: int) -> tuple[np.ndarray, dict]:
+def plane(server: Server, name: str, index: int, series="volume") -> tuple[np.ndarray, dict]:
     status, headers, body = get(
-        server, f"{series_path(server, 'volume')}/mpr/{name}/{index}?window=40,400"
+        server, f"{series_path(server, series)}/mpr/{name}/{index}?window=40,400"
     )
     assert status == 200, body
     assert headers["Content-Type"] == "image/png"
@@ -173,6 +175,14 @@ def test_coronal_and_sagittal_rows_are_the_volumes_rows(server):
     axial, headers = plane(server, "axial", 4)
     assert np.array_equal(axial, windowed(volume[4]))
     assert headers["Minipacs-Plane-Origin"] == "0.0,0.0,4.0"
+    # Rows of 0.7 mm over 11 mm: 17 rows, the top one the highest slice and the last one
+    # (0.2 mm below the lowest slice, the nearest row to it) the lowest slice.
+    top_down = np.stack([hu(path) for path in server.files["stretched"]])[::-1]
+    for name, cut in (("coronal", top_down[:, row, :]), ("sagittal", top_down[:, :, column])):
+        image, headers = plane(server, name, row if name == "coronal" else column, "stretched")
+        assert image.shape == (17, SIZE) and headers["Minipacs-Plane-Row"] == "0.0,0.0,-0.7"
+        assert np.array_equal(image[0], windowed(cut[0]))
+        assert np.array_equal(image[-1], windowed(cut[-1]))
 
 
 def test_planes_have_square_pixels_and_a_patient_mapping(server):

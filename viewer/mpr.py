@@ -159,12 +159,16 @@ def _spacing(volume: Volume, axis: int) -> float:
 
 
 def _resampled_size(size: int, spacing: float, pixel: float) -> int:
-    return int(np.floor((size - 1) * spacing / pixel + EXACT)) + 1
+    """Output pixels along an axis of `size` samples `spacing` mm apart: from the first
+    sample to the pixel nearest the last (within half a pixel beyond it, where the last
+    sample's value is shown), so both end slices of a volume are in the plane."""
+    return int(np.floor((size - 1) * spacing / pixel + 0.5)) + 1
 
 
 def _resample(values: np.ndarray, axis: int, spacing: float, pixel: float) -> np.ndarray:
     """`values` sampled every `pixel` mm along `axis` (samples `spacing` mm apart), from
-    the first sample, by linear interpolation; unchanged when the spacing is the pixel."""
+    the first sample, by linear interpolation (the last output pixel, up to half a pixel
+    past the last sample, takes its value); unchanged when the spacing is the pixel."""
     if abs(spacing - pixel) <= EXACT * pixel:
         return values
     size = values.shape[axis]
