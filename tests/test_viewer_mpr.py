@@ -205,8 +205,10 @@ def test_a_series_that_is_not_a_volume_says_why(page, server, study):
 
 def test_keyboard_length_and_key_images_saved_and_reopened(page, server, study):
     """Without the mouse: a length placed with the keyboard cursor reads 30 × the
-    spacing; two images marked as key images; Save (Tab to it, Enter) stores the SR
-    and a Key Object Selection that QIDO-RS finds; the study opened again shows both."""
+    spacing; its start grabbed (g) and moved, then Esc, puts it back; its end grabbed
+    and moved 5 pixels back, then Enter, reads 25 ×; two images marked as key images;
+    Save (Tab to it, Enter) stores the SR and a Key Object Selection that QIDO-RS finds;
+    the study opened again shows both."""
     open_series(page, server, study, "volume", SLICES)
     view = page.locator(".pane[data-pane='1']")
     page.keyboard.press("d")  # length tool
@@ -216,9 +218,21 @@ def test_keyboard_length_and_key_images_saved_and_reopened(page, server, study):
     for _ in range(3):
         page.keyboard.press("Shift+ArrowRight")  # 10 image pixels each
     page.keyboard.press("Enter")
-    expected = f"{30 * SPACING:.2f} mm"
-    expect(view.locator(".measurement.length .label")).to_have_text(expected)
+    label = view.locator(".measurement.length .label")
+    expect(label).to_have_text(f"{30 * SPACING:.2f} mm")
     expect(view.locator(".counter")).to_have_text(f"1 / {SLICES}")  # the arrows moved the cursor
+    page.keyboard.press("g")  # the length's start
+    page.keyboard.press("Shift+ArrowLeft")
+    expect(label).to_have_text(f"{40 * SPACING:.2f} mm")
+    page.keyboard.press("Escape")
+    expect(label).to_have_text(f"{30 * SPACING:.2f} mm")
+    page.keyboard.press("g")
+    page.keyboard.press("g")  # its end
+    for _ in range(5):
+        page.keyboard.press("ArrowLeft")  # (the end is 2 pixels from the image's edge)
+    page.keyboard.press("Enter")
+    expected = f"{25 * SPACING:.2f} mm"
+    expect(label).to_have_text(expected)
     page.keyboard.press("x")
     expect(view.locator(".keyboard-cursor line")).to_have_count(0)
 

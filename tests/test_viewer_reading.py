@@ -114,17 +114,34 @@ def test_orientation_letters_turn_with_the_view(page, server, study):
     )
 
 
-def test_keys_help_and_a_preset_key(page, server, study):
+def test_keys_help_a_preset_key_and_the_window_by_keys(page, server, study):
+    """'?' lists the keys; 2 is the lung preset; Shift+arrows move the window as a drag
+    would, rendered as a drag's (a JPEG, then the exact PNG in the window reached);
+    0 is the file's window again."""
     open_current(page, server, study)
     page.keyboard.press("?")
     help = page.get_by_role("dialog", name="Keyboard shortcuts")
     expect(help).to_be_visible()
     expect(help).to_contain_text("Next series")
+    expect(help).to_contain_text("Window narrower, wider")
     page.keyboard.press("Escape")
     expect(help).to_be_hidden()
+    corner = pane(page, 1).locator(".corner.br")
     page.keyboard.press("2")  # CT's second preset: lung
-    expect(pane(page, 1).locator(".corner.br")).to_contain_text("WC -600 WW 1500")
+    expect(corner).to_contain_text("WC -600 WW 1500")
     expect(page.get_by_label("Window preset")).to_have_value("-600,1500")
+
+    def exact(url: str) -> bool:
+        return "window=-525%2C1650" in url and "accept=image%2Fpng" in url
+
+    with page.expect_request(lambda request: exact(request.url)):
+        page.keyboard.press("Shift+ArrowDown")  # centre up a twentieth of the width: darker
+        page.keyboard.press("Shift+ArrowRight")  # a tenth wider
+    expect(corner).to_contain_text("WC -525 WW 1650")
+    expect(page.get_by_label("Window preset")).to_have_value("custom")
+    first = "window=-525%2C1500"
+    assert any(first in url and "accept=image%2Fjpeg" in url for url in page.requests)
+    expect(pane(page, 1).locator(".counter")).to_have_text("1 / 20")  # the image stayed
     page.keyboard.press("0")
     expect(page.get_by_label("Window preset")).to_have_value("file")
 
@@ -172,8 +189,9 @@ def test_viewports_on_one_frame_of_reference_scroll_together(page, server, study
 def test_a_length_is_spacing_times_pixels(page, server, study):
     """At 1:1 a CSS pixel is an image pixel: a line drawn over 30 of them reads 30 ×
     PixelSpacing; its end dragged 10 further reads 40 ×; it stays with its image when
-    scrolling away and back; a rectangle gets the server's statistics in HU; Delete
-    removes the selected measurement."""
+    scrolling away and back; a rectangle gets the server's statistics in HU, and again
+    when a corner is moved with the keyboard (G grabs the image's last point, the
+    cursor moves it, Enter leaves it); Delete removes the selected measurement."""
     open_current(page, server, study)
     stage = pane(page, 1).locator(".stage")
     page.keyboard.press("z")
@@ -201,7 +219,21 @@ def test_a_length_is_spacing_times_pixels(page, server, study):
     expect(label).to_have_text(f"{40 * SPACING:.2f} mm")
     page.keyboard.press("b")
     drag((x - 20, y - 20), (x - 5, y - 5))
-    expect(stage.locator(".measurement.rectangle .label")).to_contain_text(" HU")
+    stats = stage.locator(".measurement.rectangle .label")
+    expect(stats).to_contain_text(" HU")
+    before = stats.text_content()
+    page.keyboard.press("G")  # the rectangle's second corner, 15 image pixels right of its first
+    expect(stage.locator(".handle.grabbed")).to_have_count(1)
+    page.keyboard.press("Shift+ArrowRight")  # ten image pixels: 15 → 25 wide
+    page.keyboard.press("Enter")
+    expect(stage.locator(".handle.grabbed")).to_have_count(0)
+    expect(stats).to_contain_text(" HU")
+    after = stats.text_content()
+
+    def area(text: str) -> float:
+        return float(re.search(r"Area ([\d.]+) mm²", text).group(1))
+
+    assert 1.4 < area(after) / area(before) < 1.9  # 25/15 wide, give or take the edge pixels
     page.keyboard.press("Delete")
     expect(stage.locator(".measurement.rectangle")).to_have_count(0)
     expect(stage.locator(".measurement.length")).to_have_count(1)

@@ -1,8 +1,8 @@
 // The keyboard cursor, so that every tool works without a pointer: a point on the active
 // pane's image that the arrow keys move (one image pixel, ten with Shift) in the
 // directions they point on the screen, whatever the view's turns and flips. Enter acts
-// there: a measurement tool places its next point, MPR moves its crosshair (the study
-// view decides). It is drawn on an SVG layer in image coordinates, like the
+// there: a measurement tool places its next point, a grabbed measurement point stays,
+// MPR moves its crosshair (the study view decides). It is drawn on an SVG layer in image coordinates, like the
 // measurements, so it follows zoom and pan; and the view follows it, panning when it
 // nears an edge, which is how a zoomed image is panned without a pointer.
 
@@ -34,6 +34,15 @@ export class Cursor {
   toggle(pane) {
     this.on = !this.on;
     if (this.on) this.at(pane);
+    this.changed();
+  }
+
+  // Turn it on at image point `point` of `pane` (a measurement point grabbed), in sight.
+  moveTo(pane, point) {
+    this.on = true;
+    this.pane = pane;
+    this.point = [...point];
+    keepInView(pane.viewport, this.point);
     this.changed();
   }
 

@@ -1,14 +1,16 @@
 // The study view's keys: one table says which key does what, and both the key handler
 // and the "?" help are made from it, so the help cannot drift from the keys. Keys act on
-// the active pane; they are ignored while typing in a field, and with Alt, Ctrl or Meta
-// (the browser's own shortcuts).
+// the active pane; they are ignored while typing in a field, and with Alt, or Ctrl or
+// Meta (the browser's own shortcuts) unless the table names them ("Ctrl+s").
 
 import { button, el } from "./dom.js";
 
-// [keys (KeyboardEvent.key values), shown as, what it does, command of the study view]
+// [keys (keyName's names), shown as, what it does, command of the study view]
 export const KEYS = [
-  [["ArrowDown", "ArrowRight"], "↓ →", "Next image (the cursor on: move it; Shift ×10)", "next"],
+  [["ArrowDown", "ArrowRight"], "↓ →", "Next image (the cursor on: move it)", "next"],
   [["ArrowUp", "ArrowLeft"], "↑ ←", "Previous image (the cursor on: move it)", "previous"],
+  [["Shift+ArrowLeft", "Shift+ArrowRight"], "Shift+← →", "Window narrower, wider, as a drag (the cursor on: move it ten)", "window"],
+  [["Shift+ArrowUp", "Shift+ArrowDown"], "Shift+↑ ↓", "Window centre lower, higher: brighter, darker (the cursor on: move it ten)", "window"],
   [["PageDown"], "PgDn", "10 images on", "forward10"],
   [["PageUp"], "PgUp", "10 images back", "back10"],
   [["Home"], "Home", "First image", "firstImage"],
@@ -40,25 +42,38 @@ export const KEYS = [
   [["b"], "B", "Rectangle ROI tool", "toolRectangle"],
   [["w"], "W", "Window tool (drag sets the window)", "toolWindow"],
   [["x"], "X", "Keyboard cursor on or off", "cursor"],
-  [["Enter"], "Enter", "At the cursor: the tool's next point, or the MPR crosshair", "place"],
+  [["Enter"], "Enter", "At the cursor: the tool's next point, or the MPR crosshair; leave a grabbed point", "place"],
+  [["g", "G"], "G", "Grab the next point of a measurement on the image for the cursor (Shift: previous)", "grab"],
   [["k"], "K", "Mark or unmark the image as a key image", "keyImage"],
   [["Delete", "Backspace"], "Del", "Delete the selected measurement", "deleteMeasurement"],
-  [["Escape"], "Esc", "Stop drawing; close this help", "escape"],
+  [["Escape"], "Esc", "Stop drawing; put a grabbed point back; close this help", "escape"],
+  [["Ctrl+s"], "Ctrl+S", "Save the study's measurements and key images", "save"],
   [["o"], "O", "Overlays on or off", "overlays"],
   [["t"], "T", "Tag panel", "tags"],
   [["?"], "?", "This help", "help"],
 ];
 
-// The command for a key press (its name and the key), or null.
+// Keys a focused panel that scrolls (marked data-scrolls, the tag panel) keeps.
+const SCROLLING = new Set(["ArrowDown", "ArrowUp", "ArrowLeft", "ArrowRight", "PageDown", "PageUp", "Home", "End", " "]);
+
+// A key press's name in KEYS: its KeyboardEvent.key, after "Ctrl+" (Ctrl or Meta) and,
+// for a key that is not a character, "Shift+" (a character has its Shift in it: "R").
+export function keyName(event) {
+  const shift = event.shiftKey && event.key.length > 1 ? "Shift+" : "";
+  return `${event.ctrlKey || event.metaKey ? "Ctrl+" : ""}${shift}${event.key}`;
+}
+
+// The command for a key press, or null. A Shift+ name the table does not have is the
+// key's own ("Shift+Enter" is Enter); a Ctrl+ one is the browser's.
 export function commandFor(event) {
-  if (event.altKey || event.ctrlKey || event.metaKey) return null;
+  if (event.altKey) return null;
   const target = event.target.closest ? event.target : null;
   if (target && target.closest("input, select, textarea, dialog[open]")) return null; // a closed one may keep the focus
   if (target && (event.key === " " || event.key === "Enter") && target.closest("button, a")) return null; // their own click
-  for (const [keys, , , command] of KEYS) {
-    if (keys.includes(event.key)) return command;
-  }
-  return null;
+  if (target && SCROLLING.has(event.key) && target.closest("[data-scrolls]")) return null;
+  const find = (name) => KEYS.find(([keys]) => keys.includes(name));
+  const found = find(keyName(event)) || (event.ctrlKey || event.metaKey ? null : find(event.key));
+  return found ? found[3] : null;
 }
 
 // The "?" dialog listing the keys in two columns (a modal <dialog>: Escape and its
@@ -71,7 +86,11 @@ export function helpDialog() {
   dialog.append(
     el("div", { class: "head" }, el("h2", {}, "Keys"), button("Close", () => dialog.close(), { class: "close" })),
     el("div", { class: "columns" }, table(KEYS.slice(0, half)), table(KEYS.slice(half))),
-    el("p", {}, "Tab reaches every control; Enter on a series opens it in the active viewport."),
+    el(
+      "p",
+      {},
+      "Tab reaches every control. Enter on a series opens it in the active viewport; ] and [ choose that viewport and leave the focus on the series.",
+    ),
   );
   return dialog;
 }

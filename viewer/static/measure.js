@@ -3,9 +3,11 @@
 // turns and flips; they are kept per image (instance and frame) while the study view is
 // open, so scrolling away and back finds them; a handle dragged edits one, Delete
 // removes the selected one. Points are placed with the pointer, or with the keyboard
-// cursor (cursor.js) and Enter. Lengths and angles are computed here from the pixel
-// spacing (mm, mm at the detector, or px without spacing); ROI statistics come from the
-// server, in modality units from the stored pixels, never the windowed picture.
+// cursor (cursor.js) and Enter; without a pointer a point is edited by grabbing it (the
+// next one on the image each time), moving the cursor and Enter. Lengths and angles are
+// computed here from the pixel spacing (mm, mm at the detector, or px without spacing);
+// ROI statistics come from the server, in modality units from the stored pixels, never
+// the windowed picture.
 
 import { roiStatistics } from "./dicomweb.js";
 import { unitOf } from "./orientation.js";
@@ -24,6 +26,7 @@ export class Measurements {
     this.selected = null;
     this.placing = null; // { pane, measurement }: an angle waiting for its third point
     this.keyed = null; // a measurement being placed with the keyboard
+    this.grabbed = null; // { measurement, handle, from }: a point the keyboard cursor moves
   }
 
   // The measurements on the image `pane` shows.
@@ -51,13 +54,19 @@ export class Measurements {
     if (left.length) this.byImage.set(key, left);
     else this.byImage.delete(key);
     if (target.request) target.request.abort();
+    if (this.grabbed && this.grabbed.measurement === target) this.grabbed = null;
     this.selected = null;
     this.changed();
   }
 
-  // Stop placing an angle or a keyboard measurement (it is dropped) and forget the
-  // selection.
+  // Stop placing an angle or a keyboard measurement (it is dropped), put a grabbed point
+  // back, and forget the selection.
   escape() {
+    if (this.grabbed) {
+      const { measurement, handle, from } = this.grabbed;
+      measurement.points[handle] = from;
+      this.grabbed = null;
+    }
     if (this.placing) {
       this.selected = this.placing.measurement;
       this.placing = null;
@@ -106,13 +115,45 @@ export class Measurements {
     return true;
   }
 
-  // The keyboard cursor moved to `point` on `pane`: the point being placed follows.
+  // The keyboard cursor moved to `point` on `pane`: the point grabbed, or being placed,
+  // follows.
   follow(pane, point) {
-    const measurement = this.keyed;
+    const moving = this.grabbed || (this.keyed && { measurement: this.keyed, handle: this.keyed.points.length - 1 });
     const slice = pane.stack[pane.index];
-    if (!measurement || !slice || measurement.sop !== slice.sop || measurement.frame !== slice.frame) return;
-    measurement.points[measurement.points.length - 1] = [...point];
+    if (!moving || !slice || moving.measurement.sop !== slice.sop || moving.measurement.frame !== slice.frame) return;
+    moving.measurement.points[moving.handle] = [...point];
     this.changed();
+  }
+
+  // The keyboard's handle: grab the next (`step` 1) or previous (-1) point of the
+  // measurements on `pane`'s image, in the order they were drawn, each measurement's
+  // points in turn (a point grabbed before stays where it was moved). It is selected
+  // (Delete removes it) and follows the keyboard cursor until released. Returns the
+  // point, or null when the image has none.
+  grab(pane, step) {
+    const handles = this.on(pane).flatMap((measurement) => measurement.points.map((_, handle) => ({ measurement, handle })));
+    if (!handles.length) return null;
+    const was = this.grabbed;
+    const at = was ? handles.findIndex((h) => h.measurement === was.measurement && h.handle === was.handle) : -1;
+    this.release();
+    const next = handles[at < 0 ? (step > 0 ? 0 : handles.length - 1) : (at + step + handles.length) % handles.length];
+    const point = next.measurement.points[next.handle];
+    next.measurement.series ||= pane.series; // a reopened report names the instance only
+    this.grabbed = { ...next, from: [...point] };
+    this.selected = next.measurement;
+    this.changed();
+    return point;
+  }
+
+  // Leave the grabbed point where it is: an ROI moved gets its statistics again, as
+  // after a drag. False when none was grabbed.
+  release() {
+    const grabbed = this.grabbed;
+    if (!grabbed) return false;
+    this.grabbed = null;
+    if (distance(grabbed.measurement.points[grabbed.handle], grabbed.from) > 0) this.measured(grabbed.measurement);
+    this.changed();
+    return true;
   }
 
   // A primary-button press on `pane`: true when a measurement takes it (placing an
@@ -122,6 +163,7 @@ export class Measurements {
     if (!slice || !pane.viewport.shown) return false;
     const viewport = pane.viewport;
     const point = viewport.toImage(event);
+    this.release();
     if (this.placing) {
       const { measurement } = this.placing;
       this.placing = null;
@@ -295,6 +337,8 @@ export class MeasureLayer {
   draw(viewport, measurement, spacing) {
     const screen = measurement.points.map((p) => viewport.toScreen(p));
     const selected = measurement === this.measurements.selected;
+    const grabbed = this.measurements.grabbed;
+    const held = grabbed && grabbed.measurement === measurement ? grabbed.handle : -1;
     const group = svg("g", { class: `measurement ${measurement.type}${selected ? " selected" : ""}`, "data-type": measurement.type });
     if (measurement.type === "length" || measurement.type === "angle") {
       group.append(svg("polyline", { points: screen.map((p) => p.join(",")).join(" ") }));
@@ -309,7 +353,9 @@ export class MeasureLayer {
         group.append(svg("ellipse", { cx: (left + right) / 2, cy: (top + bottom) / 2, rx: (right - left) / 2, ry: (bottom - top) / 2 }));
       }
     }
-    for (const [x, y] of screen) group.append(svg("circle", { class: "handle", cx: x, cy: y, r: 3 }));
+    for (const [i, [x, y]] of screen.entries()) {
+      group.append(svg("circle", { class: i === held ? "handle grabbed" : "handle", cx: x, cy: y, r: i === held ? 5 : 3 }));
+    }
     const anchor = measurement.type === "angle" ? screen[1] : screen.reduce((a, b) => (b[0] > a[0] ? b : a));
     const text = svg("text", { class: "label", x: anchor[0] + 8, y: anchor[1] });
     for (const [i, line] of label(measurement, spacing).entries()) {

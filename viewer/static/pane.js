@@ -14,6 +14,10 @@ import { geometryFromApi, geometryOf } from "./orientation.js";
 import { StackLoader } from "./stackloader.js";
 import { Viewport } from "./viewport.js";
 
+const WIDTH_STEP = 1.1; // a window key widens or narrows the window by a tenth
+const CENTRE_STEP = 1 / 20; // or moves its centre by a twentieth of the width
+const KEYS_REST = 300; // ms without a window key after which the exact PNG is asked for
+
 export class Pane {
   constructor(host, number) {
     this.host = host;
@@ -286,6 +290,7 @@ export class Pane {
     const viewport = this.viewport;
     const stage = viewport.stage;
     stage.focus();
+    clearTimeout(this.windowKeys);
     if (event.button === 0 && !event.shiftKey && this.host.drag(this, event)) return;
     stage.setPointerCapture(event.pointerId);
     const start = [event.clientX, event.clientY];
@@ -300,26 +305,48 @@ export class Pane {
       else if (mode === "zoom") viewport.setZoom(zoom * Math.exp(-dy / 200));
       else if (Math.abs(dx) + Math.abs(dy) > 1) {
         const step = Math.max(1, window.width / 256);
-        this.window = { center: window.center + dy * step, width: Math.max(1, window.width + dx * step) };
-        this.preset = "custom";
-        this.host.windowChanged(this);
-        this.dragging = true;
-        this.dragRender();
+        this.dragWindow({ center: window.center + dy * step, width: Math.max(1, window.width + dx * step) });
       }
     };
     const up = () => {
       stage.removeEventListener("pointermove", move);
       stage.removeEventListener("pointerup", up);
       stage.removeEventListener("pointercancel", up);
-      if (this.dragging) {
-        this.dragging = false;
-        this.loader.request(this.index, "png", { current: true });
-        this.loader.prefetch();
-      }
+      this.endDragWindow();
     };
     stage.addEventListener("pointermove", move);
     stage.addEventListener("pointerup", up);
     stage.addEventListener("pointercancel", up);
+  }
+
+  // A window set by a drag, or by window keys pressed in a row: rendered as a drag's,
+  // a JPEG at a time.
+  dragWindow(window) {
+    this.window = window;
+    this.preset = "custom";
+    this.host.windowChanged(this);
+    this.dragging = true;
+    this.dragRender();
+  }
+
+  // The drag is over: the exact PNG, and the neighbours in the new window.
+  endDragWindow() {
+    if (!this.dragging) return;
+    this.dragging = false;
+    this.loader.request(this.index, "png", { current: true });
+    this.loader.prefetch();
+  }
+
+  // A window key (Shift+arrows) moves the window as a drag in screen direction
+  // `[wider, higher]` would: wider or narrower by a tenth, the centre up or down by a
+  // twentieth of the width. Keys pressed or held in a row are one drag; the exact PNG
+  // comes once they rest.
+  stepWindow([wider, higher]) {
+    if (!this.stack.length) return;
+    const { center, width } = this.startWindow();
+    this.dragWindow({ center: center + higher * width * CENTRE_STEP, width: Math.max(1, width * WIDTH_STEP ** wider) });
+    clearTimeout(this.windowKeys);
+    this.windowKeys = setTimeout(() => this.endDragWindow(), KEYS_REST);
   }
 
   startWindow() {
@@ -425,6 +452,7 @@ export class Pane {
     this.closing.abort();
     this.stopCine();
     clearTimeout(this.metadataTimer);
+    clearTimeout(this.windowKeys);
     this.loader.close();
     this.viewport.close();
   }

@@ -1,7 +1,8 @@
 // The strip beside the panes: the patient's studies (this one and the others with the
 // same Patient ID and issuer, newest first), and the series of each study opened, as
-// links (a click or Enter opens the series in the active pane) that can also be dragged
-// onto any pane, each with the number of its key images. Thumbnails are asked for only
+// links (a click or Enter opens the series in the active pane; ] and [ choose that pane
+// and leave the focus here, the keyboard's drag) that can also be dragged onto any pane,
+// each with the number of its key images. Thumbnails are asked for only
 // when told (`loadThumbnails`), so they do not compete with the first image.
 
 import { first, formatDate, text, thumbnailURL } from "./dicomweb.js";
@@ -98,7 +99,7 @@ function seriesItem(study, series) {
       "data-series": uid,
       "data-study": study,
       draggable: "true",
-      title: "Open in the active viewport, or drag onto a viewport",
+      title: "Open in the active viewport (] and [ choose it), or drag onto a viewport",
     },
     el("img", { "data-src": thumbnailURL(study, uid), alt: "", width: "96", height: "96" }),
     el("span", { class: "label" }, label),

@@ -195,7 +195,7 @@ class StudyView {
     this.mprButton = tool("MPR", "mpr", { "aria-pressed": "false", title: "Axial, coronal and sagittal planes of a volume, or back (M)" });
     this.keyButton = tool("★ Key", "keyImage", { "aria-pressed": "false", "aria-label": "Key image", title: "Mark or unmark the image as a key image (K)" });
     this.cursorButton = tool("Cursor", "cursor", { "aria-pressed": "false", title: "Keyboard cursor: arrows move it, Enter places a point (X)" });
-    this.saveButton = tool("Save", "save", { hidden: "", title: "Save the study's measurements and key images as DICOM (SR and KOS)" });
+    this.saveButton = tool("Save", "save", { hidden: "", title: "Save the study's measurements and key images as DICOM (SR and KOS; Ctrl+S)" });
     this.status = el("output", { class: "status", "aria-live": "polite" });
     const toolbar = el(
       "div",
@@ -251,6 +251,7 @@ class StudyView {
     const commands = {
       next: () => (arrow ? this.moveCursor(arrow, shift) : pane.go(pane.index + 1)),
       previous: () => (arrow ? this.moveCursor(arrow, shift) : pane.go(pane.index - 1)),
+      window: () => (arrow ? this.moveCursor(arrow, shift) : pane.stepWindow(ARROWS[key])),
       forward10: () => pane.go(pane.index + 10),
       back10: () => pane.go(pane.index - 10),
       firstImage: () => pane.go(0),
@@ -273,10 +274,11 @@ class StudyView {
       nextLayout: () => (this.mpr ? this.exitMpr() : this.setLayout(this.layout.next())),
       mpr: () => (this.mpr ? this.exitMpr() : this.enterMpr()),
       keyImage: () => this.toggleKeyImage(),
-      cursor: () => this.cursor.toggle(pane),
+      cursor: () => this.toggleCursor(),
       place: () => this.place(),
-      nextPane: () => this.activate(this.layout.neighbour(1), { focus: true }),
-      previousPane: () => this.activate(this.layout.neighbour(-1), { focus: true }),
+      grab: () => this.grab(key === "G" ? -1 : 1),
+      nextPane: () => this.activate(this.layout.neighbour(1), { focus: this.focusOnViewports() }),
+      previousPane: () => this.activate(this.layout.neighbour(-1), { focus: this.focusOnViewports() }),
       sync: () => this.toggleSync(),
       referenceLines: () => this.toggleReferenceLines(),
       overlays: () => this.toggleOverlays(),
@@ -288,8 +290,11 @@ class StudyView {
       toolEllipse: () => this.setTool("ellipse"),
       toolRectangle: () => this.setTool("rectangle"),
       deleteMeasurement: () => this.measurements.remove(pane),
-      escape: () => this.measurements.escape(),
-      save: () => this.save(),
+      escape: () => {
+        this.measurements.escape();
+        this.status.value = "";
+      },
+      save: () => (this.saveButton.hidden ? (this.status.value = "This server does not save measurements.") : this.save()),
     };
     const action = commands[command];
     if (!action) return;
@@ -491,6 +496,14 @@ class StudyView {
     const at = list.findIndex((s) => first(s, "0020000E") === pane.series);
     const next = list[at + step];
     if (next) this.navigate(`/study/${pane.study}/series/${first(next, "0020000E")}`);
+  }
+
+  // Whether the focus is on a viewport (or nowhere): ] and [ take it along to the next
+  // one; from the strip they leave it there, so that Enter on a series opens it in the
+  // viewport chosen, the keyboard's way to drop a series on a viewport.
+  focusOnViewports() {
+    const focused = document.activeElement;
+    return !focused || focused === document.body || this.layout.node.contains(focused);
   }
 
   // -- what panes tell the view --------------------------------------------------------------
@@ -727,10 +740,20 @@ class StudyView {
     this.measurements.follow(pane, this.cursor.move(pane, direction, shift ? 10 : 1));
   }
 
-  // Enter: at the cursor (turned on first when it is off), the tool's next point, or in
-  // MPR the crosshair.
+  // Turned off, it lets go of a grabbed point where it is.
+  toggleCursor() {
+    this.cursor.toggle(this.active);
+    if (!this.cursor.on) this.measurements.release();
+  }
+
+  // Enter: a grabbed point stays where it is; else at the cursor (turned on first when
+  // it is off), the tool's next point, or in MPR the crosshair.
   place() {
     const pane = this.active;
+    if (this.measurements.release()) {
+      this.status.value = "";
+      return;
+    }
     if (!pane.stack.length || !pane.viewport.shown) return;
     if (!this.cursor.on) {
       this.cursor.toggle(pane);
@@ -739,6 +762,24 @@ class StudyView {
     const point = this.cursor.at(pane);
     if (pane.plane) this.crosshair(pane, point);
     else if (!this.measurements.place(pane, point)) this.status.value = "Choose a tool (D, A, E or B) to place points with Enter.";
+  }
+
+  // g: the next point of a measurement on the image (G: the previous) for the cursor,
+  // turned on there, to move; Enter leaves it, Esc puts it back.
+  grab(step) {
+    const pane = this.active;
+    if (pane.plane || !pane.viewport.shown) return;
+    if (this.measurements.keyed || this.measurements.placing) {
+      this.status.value = "Finish the measurement being drawn first (Enter), or drop it (Esc).";
+      return;
+    }
+    const point = this.measurements.grab(pane, step);
+    if (!point) {
+      this.status.value = "No measurement on this image.";
+      return;
+    }
+    this.cursor.moveTo(pane, point);
+    this.status.value = "Arrows move the point (Shift: ten pixels); Enter leaves it there, Esc puts it back.";
   }
 
   // -- MPR ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // The tag panel: the current instance's DICOM JSON (from its /metadata) as a table, with
-// sequence items indented (three levels deep) and the keyword of each tag.
+// sequence items indented (three levels deep) and the keyword of each tag. Tab reaches
+// it, and then the arrows and Page keys scroll it (data-scrolls: keys.js leaves them).
 
 import { text } from "./dicomweb.js";
 import { el } from "./dom.js";
@@ -9,7 +10,7 @@ const LONGEST = 200; // characters of a value shown
 
 export class TagPanel {
   constructor() {
-    this.node = el("aside", { class: "tags", "aria-label": "DICOM tags", hidden: "" });
+    this.node = el("aside", { class: "tags", "aria-label": "DICOM tags", tabindex: "0", "data-scrolls": "", hidden: "" });
   }
 
   get open() {
