@@ -148,7 +148,8 @@ def test_keys_help_a_preset_key_and_the_window_by_keys(page, server, study):
 
 def test_layout_1x2_shows_the_prior_study(page, server, study):
     """The patient's studies are listed newest first (not the other issuer's), and the
-    second viewport of 1×2 shows the prior."""
+    second viewport of 1×2 shows the prior; without a mouse, ] from a series in the strip
+    makes the second viewport active and Enter opens the series there."""
     open_current(page, server, study)
     items = page.locator(".study-item")
     expect(items).to_have_count(2)
@@ -158,6 +159,13 @@ def test_layout_1x2_shows_the_prior_study(page, server, study):
     expect(pane(page, 2).locator(".counter")).to_have_text("1 / 5")
     expect(pane(page, 2).locator(".corner.tr")).to_contain_text("prior study")
     expect(pane(page, 1).locator(".corner.tr")).to_contain_text("2024-01-02")
+    coronal = page.locator(".series-item", has_text="Coronal")
+    coronal.focus()
+    page.keyboard.press("]")
+    expect(coronal).to_be_focused()
+    page.keyboard.press("Enter")
+    expect(pane(page, 2).locator(".counter")).to_have_text("1 / 6")
+    expect(pane(page, 1).locator(".counter")).to_have_text("1 / 20")
 
 
 def test_viewports_on_one_frame_of_reference_scroll_together(page, server, study):
