@@ -430,3 +430,36 @@ def test_an_idle_volume_leaves_the_cache():
         time.sleep(0.05)
     assert cache.bytes == 0
     assert cache._cached(("series",)) is None
+
+
+def test_other_documents_are_not_the_viewers_report(server, tmp_path):
+    """Only a Measurement Report (126000) is the saved report and only an "Of Interest"
+    selection (113000) the key images: a later rejection note (IHE IOCM) or another
+    system's report of the same SOP classes leaves what the viewer reopens unchanged."""
+    from conftest import storescu
+
+    path = f"/api/studies/{server.study}/measurements"
+    sop = pydicom.dcmread(server.files["volume"][4], stop_before_pixels=True).SOPInstanceUID
+    length = {"type": "length", "sopInstanceUID": sop, "points": [[2, 3], [2, 23]]}
+    status, saved = post(
+        server, path, {"measurements": [length], "keyImages": [{"sopInstanceUID": sop}]}
+    )
+    assert status == 201, saved
+
+    others = []
+    for name, title in (("sr", ("18748-4", "LN")), ("kos", ("113001", "DCM"))):
+        document = pydicom.dcmread(
+            next(server.data.glob(f"*/*/{saved[name]['sopInstanceUID']}.dcm"))
+        )
+        document.SOPInstanceUID = document.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        document.ContentDate, document.ContentTime = "29991231", "235959"  # newer than any save
+        document.ConceptNameCodeSequence[0].CodeValue = title[0]
+        document.ConceptNameCodeSequence[0].CodingSchemeDesignator = title[1]
+        others.append(tmp_path / f"{name}.dcm")
+        document.save_as(others[-1], enforce_file_format=True)
+    storescu(server.port, *others, extra=("--required",))  # SR classes are not among its defaults
+
+    answer = json.loads(get(server, path)[2])
+    assert answer["sopInstanceUID"] == saved["sr"]["sopInstanceUID"]
+    assert [m["points"] for m in answer["measurements"]] == [length["points"]]
+    assert answer["keyImages"] == [{"sopInstanceUID": sop, "frame": 1}]

@@ -37,6 +37,10 @@ COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 SR_DOCUMENTS = "1.2.840.10008.5.1.4.1.1.88."  # the SR SOP classes' prefix (KOS included)
 IMAGING_MEASUREMENTS = "126010"  # (126010, DCM): TID 1500 row 6, the groups' container
+# Document titles (Concept Name of the root, PS3.16): TID 1500's Imaging Measurement
+# Report and TID 2010's "Of Interest" (CID 7010: a rejection note or "For Teaching" is
+# not the reader's key images).
+TITLES = {COMPREHENSIVE_3D_SR: ("126000", "DCM"), KEY_OBJECT_SELECTION: ("113000", "DCM")}
 EARLIEST = datetime.min.replace(tzinfo=UTC)
 
 
@@ -260,6 +264,14 @@ def reference(study: str, series: str, sop: str, sop_class: str) -> Dataset:
     found.StudyInstanceUID, found.SeriesInstanceUID = study, series
     found.SOPInstanceUID, found.SOPClassUID = sop, sop_class
     return found
+
+
+def titled(header: Dataset) -> bool:
+    """Whether a document is what the viewer saves (TITLES): a Measurement Report, or key
+    images "Of Interest". Another system's CAD report or rejection note is left alone."""
+    names = header.get("ConceptNameCodeSequence") or []
+    code = (str(names[0].get("CodeValue", "")), str(names[0].get("CodingSchemeDesignator", "")))
+    return bool(names) and code == TITLES.get(str(header.get("SOPClassUID", "")))
 
 
 def moment(header: Dataset) -> datetime:

@@ -314,10 +314,11 @@ def _saved(
     from viewer import measurements
 
     def newest(sop_class: str) -> tuple[InstanceLocation | None, datetime]:
+        headers = [(_start(row), row) for row in rows if row.sop_class_uid == sop_class]
         found = [
-            (measurements.moment(_start(row)), row.pk, row)
-            for row in rows
-            if row.sop_class_uid == sop_class
+            (measurements.moment(header), row.pk, row)
+            for header, row in headers
+            if measurements.titled(header)
         ]
         if not found:
             return None, measurements.EARLIEST
@@ -354,10 +355,10 @@ def _read(row: InstanceLocation, stop_before_pixels: bool = False) -> Dataset:
 
 
 def _start(row: InstanceLocation) -> Dataset:
-    """A file's attributes up to Timezone Offset From UTC (0008,0201): a document's
-    Content Date and Time without parsing its content tree."""
+    """A document's attributes up to its title, Concept Name Code Sequence (0040,A043):
+    its class, Content Date and Time and title without parsing its content tree."""
     with open(_archive().files.local(row.path), "rb") as fp:
-        return read_partial(fp, stop_when=lambda tag, vr, length: tag > 0x00080201)
+        return read_partial(fp, stop_when=lambda tag, vr, length: tag > 0x0040A043)
 
 
 def _image(keys: list[Key]) -> geometry.Image:
