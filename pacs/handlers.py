@@ -37,7 +37,6 @@ from storage import Archive
 from storage import audit
 from storage import metrics
 from storage import query
-from storage.dataset import dataset_bytes
 from storage.dataset import read_dataset
 from storage.dicomjson import json_to_bytes
 from storage.errors import DuplicateRejected
@@ -547,14 +546,15 @@ def _failed(row: InstanceLocation) -> Dataset:
 def _dataset_to_send(
     path: Path, row: InstanceLocation, accepted: list, pixel_budget: int
 ) -> Dataset:
-    """The stored instance (its file at `path`): its bytes as stored when the peer took
-    that syntax, else the dataset made little endian by storage.recode (decompressed
-    within `pixel_budget` bytes, or byte-swapped), which pynetdicom encodes in the
-    accepted syntax."""
+    """The stored instance (its file at `path`): its bytes as stored, sent from the file,
+    when the peer took that syntax, else the dataset made little endian by storage.recode
+    (decompressed within `pixel_budget` bytes, or byte-swapped), which pynetdicom encodes
+    in the accepted syntax."""
     syntax = UID(row.transfer_syntax)
     offered = [cx.transfer_syntax[0] for cx in accepted if cx.abstract_syntax == row.sop_class_uid]
     if syntax in offered:
-        return seam.StoredDataset(row.sop_class_uid, row.sop_uid, syntax, dataset_bytes(path))
+        stored = seam.StoredFile(path)  # opened here: one that cannot be is a failed sub-op
+        return seam.StoredDataset(row.sop_class_uid, row.sop_uid, syntax, stored)
     ds = read_dataset(path)  # a deflated one inflated within MAX_INFLATED
     if any(s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) for s in offered):
         to_little_endian(ds, pixel_budget)  # raises: the sub-operation fails, counted

@@ -399,6 +399,18 @@ def dataset_bytes(path: Path) -> bytes:
         return fp.read()
 
 
+def open_dataset(path: Path) -> tuple[BinaryIO, int, int]:
+    """A stored Part 10 file opened, where its dataset begins and how many bytes it has:
+    for sending the dataset from the file itself (os.sendfile), not through memory."""
+    fp = open(path, "rb")  # noqa: SIM115 (the caller closes it)
+    try:
+        start, _ = _read_meta(fp)
+        return fp, start, fp.seek(0, io.SEEK_END) - start
+    except BaseException:
+        fp.close()
+        raise
+
+
 def same_dataset(a: Path, b: Path) -> bool:
     """Whether two Part 10 files hold the same dataset bytes and transfer syntax, File
     Meta aside (who wrote the file, and when, is no difference in the instance)."""
