@@ -54,6 +54,7 @@ from storage.dataset import STUDY_INSTANCE_UID
 from storage.dataset import ParsedInstance
 from storage.dataset import read_header
 from storage.dataset import read_instance
+from storage.dataset import read_received
 from storage.dataset import same_dataset
 from storage.dataset import validate_uid
 from storage.engine import describe
@@ -511,7 +512,7 @@ class Archive:
                     continue
                 try:
                     entry = journal.Entry.parse(path)
-                    parsed = read_instance(path)
+                    parsed, sha = read_received(path)  # the file read once
                 except (InvalidDataset, InvalidUID, ValueError) as exc:
                     # Not readable after all: kept for a person (the walk let it pass).
                     self._set_aside(path, exc)
@@ -521,7 +522,7 @@ class Archive:
                         path,
                         parsed,
                         entry.size,
-                        entry.sha256 or hash_file(path)[1],
+                        entry.sha256 or sha,
                         entry.calling_aet,
                         "",
                         entry.address,

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import mmap
+import os
 import re
 import struct
 import tempfile
@@ -21,6 +22,7 @@ from typing import BinaryIO
 import pydicom.config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset as pydicom_read_dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pydicom.uid import ExplicitVRBigEndian
@@ -33,6 +35,7 @@ from storage.errors import InvalidUID
 from storage.errors import NotDicom
 from storage.errors import OverPixelBudget
 from storage.files import CHUNK
+from storage.files import hash_file
 
 # Stored as received: value validation is the sender's business, not a reason to warn per file.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
@@ -59,7 +62,11 @@ IMPLICIT_PIXEL_VR = {0x0008: "OF", 0x0009: "OD", 0x0010: "OW"}
 BULK_THRESHOLD = 1024  # bytes; longer binary values become BulkDataURI in the stored JSON
 MAX_DEPTH = 64  # nested sequences; a deeper dataset is refused, not recursed into
 MAX_INFLATED = 1 << 28  # bytes a deflated dataset may inflate to (256 MiB)
+WHOLE_READ = 1 << 24  # bytes: a journal entry up to this size is read into memory at once
+# Where dcmread(stop_before_pixels=True) stops: the first of the pixel data elements.
+PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 SOP_CLASS_UID, SOP_INSTANCE_UID = 0x00080016, 0x00080018
+SPECIFIC_CHARACTER_SET = 0x00080005
 STUDY_INSTANCE_UID, SERIES_INSTANCE_UID = 0x0020000D, 0x0020000E
 SAMPLES_PER_PIXEL, NUMBER_OF_FRAMES = 0x00280002, 0x00280008
 ROWS, COLUMNS, BITS_ALLOCATED = 0x00280010, 0x00280011, 0x00280100
@@ -129,6 +136,42 @@ def read_instance(
         except Exception as exc:  # pydicom raises many types on malformed input
             raise InvalidDataset(f"dataset does not parse: {exc}") from exc
     return _parse(ds, header.syntax, header.pixel_vrs)
+
+
+def read_received(path: Path) -> tuple[ParsedInstance, str]:
+    """A journal entry's index keys and the SHA-256 of its bytes (storage.indexer).
+
+    Its every element header was walked when it was received (read_header, before the
+    Success), so the walk here starts where pydicom stops, at the pixel data: only the
+    pixel data elements' VRs are still needed from it. The file is read once, for the
+    parse and the hash; pydicom reads the dataset from memory, not the file meta again.
+    The same result as read_instance and hash_file (tests/test_indexer_read.py); an
+    entry that is deflated, larger than WHOLE_READ or begins with command elements
+    (which pydicom reads its own way) is read by them."""
+    with open(path, "rb") as fp:
+        if os.fstat(fp.fileno()).st_size > WHOLE_READ:
+            return read_instance(path), hash_file(path)[1]
+        data = fp.read()
+    buf = io.BytesIO(data)
+    start, syntax = _read_meta(buf)
+    if syntax == DeflatedExplicitVRLittleEndian or data[start : start + 2] == b"\0\0":
+        return read_instance(path), hashlib.sha256(data).hexdigest()
+    implicit = syntax == ImplicitVRLittleEndian
+    little = syntax != ExplicitVRBigEndian
+    try:
+        ds = pydicom_read_dataset(buf, implicit, little, stop_when=_at_pixels)
+        # dcmread converts the Specific Character Set in place (it asks for the dataset's
+        # encoding): its DICOM JSON is then pydicom's, as read_instance gives it.
+        ds.get(SPECIFIC_CHARACTER_SET)
+    except Exception as exc:  # pydicom raises many types on malformed input
+        raise InvalidDataset(f"dataset does not parse: {exc}") from exc
+    walk = _Walk(data, len(data))
+    walk.dataset(buf.tell(), implicit, "<" if little else ">", 0, delimited=False)
+    return _parse(ds, syntax, walk.pixel_vrs), hashlib.sha256(data).hexdigest()
+
+
+def _at_pixels(tag: int, vr: str | None, length: int) -> bool:
+    return tag in PIXEL_TAGS
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,68 @@
+"""The indexer's read of a journal entry (storage.dataset.read_received): the same index
+keys, DICOM JSON and SHA-256 as read_instance and hash_file, which STOW-RS and import
+use, and the same as before the indexer had a read of its own, for every instance file
+shipped in pydicom (charset files, multi-frame, SR, implicit VR, big endian...).
+
+tests/data/indexed.sha256 holds, for each file, the SHA-256 of what it was indexed as
+(keys and DICOM JSON) on 2026-12-05: the stored JSON answers metadata requests and feeds
+the change feed and extended query tags, so it must not drift with a refactor. A change
+that is meant to change it rewrites the file: `.venv/bin/python tests/test_indexer_read.py`.
+"""
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+from dicom_files import dataset_bytes
+from dicom_files import storable
+
+from storage.dataset import read_instance
+from storage.dataset import read_received
+from storage.files import hash_file
+from storage.journal import file_meta
+
+GOLDEN = Path(__file__).parent / "data" / "indexed.sha256"
+FILES = storable()
+
+
+def entry(sample, folder: Path) -> Path:
+    """The journal entry a C-STORE of the file makes: our File Meta, its dataset bytes."""
+    path = folder / f"{sample.path.name}~entry.dcm"
+    meta = file_meta(sample.sop_class_uid, sample.sop_uid, sample.transfer_syntax, "SENDER")
+    path.write_bytes(meta + dataset_bytes(sample.path))
+    return path
+
+
+def digest(parsed) -> str:
+    return hashlib.sha256(
+        json.dumps(dataclasses.asdict(parsed), sort_keys=True).encode()
+    ).hexdigest()
+
+
+def golden() -> dict[str, str]:
+    lines = GOLDEN.read_text().splitlines()
+    return dict(line.split("  ", 1)[::-1] for line in lines if line)
+
+
+@pytest.mark.parametrize("sample", FILES, ids=lambda f: f.path.name)
+def test_entry_indexed_as_before(sample, tmp_path):
+    path = entry(sample, tmp_path)
+    parsed, sha = read_received(path)
+    assert (parsed, sha) == (read_instance(path), hash_file(path)[1])
+    assert digest(parsed) == golden()[sample.path.name]
+
+
+def test_every_file_has_its_digest():
+    assert {f.path.name for f in FILES} <= set(golden())
+    assert pydicom.__version__.startswith("3.")
+
+
+if __name__ == "__main__":  # rewrite the golden digests (see the docstring)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        rows = [f"{digest(read_instance(entry(f, Path(folder))))}  {f.path.name}" for f in FILES]
+    GOLDEN.write_text("\n".join(rows) + "\n")
