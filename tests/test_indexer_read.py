@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from dicom_files import TEST_FILES
 from dicom_files import dataset_bytes
 from dicom_files import storable
+from pydicom.uid import ImplicitVRLittleEndian
 
 from storage.dataset import read_instance
 from storage.dataset import read_received
@@ -26,6 +28,8 @@ from storage.journal import file_meta
 
 GOLDEN = Path(__file__).parent / "data" / "indexed.sha256"
 FILES = storable()
+# No shipped file has private elements of implicit VR that pydicom knows to be numbers.
+IMPLICIT_CT = "CT_small.dcm in Implicit VR"
 
 
 def entry(sample, folder: Path) -> Path:
@@ -33,6 +37,17 @@ def entry(sample, folder: Path) -> Path:
     path = folder / f"{sample.path.name}~entry.dcm"
     meta = file_meta(sample.sop_class_uid, sample.sop_uid, sample.transfer_syntax, "SENDER")
     path.write_bytes(meta + dataset_bytes(sample.path))
+    return path
+
+
+def implicit_ct(folder: Path) -> Path:
+    """CT_small (GE private elements) as sent in Implicit VR, as a journal entry."""
+    ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    path = folder / "implicit.dcm"
+    ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
+    meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ImplicitVRLittleEndian, "SENDER")
+    path.write_bytes(meta + dataset_bytes(path))
     return path
 
 
@@ -55,8 +70,17 @@ def test_entry_indexed_as_before(sample, tmp_path):
     assert digest(parsed) == golden()[sample.path.name]
 
 
+def test_private_numbers_of_implicit_vr_indexed_as_before(tmp_path):
+    """storage.dicomjson encodes them from their bytes once it knows their VR."""
+    path = implicit_ct(tmp_path)
+    parsed, sha = read_received(path)
+    assert (parsed, sha) == (read_instance(path), hash_file(path)[1])
+    assert json.loads(parsed.json)["00191011"] == {"vr": "SS", "Value": [2]}  # GEMS_ACQU_01
+    assert digest(parsed) == golden()[IMPLICIT_CT]
+
+
 def test_every_file_has_its_digest():
-    assert {f.path.name for f in FILES} <= set(golden())
+    assert {f.path.name for f in FILES} | {IMPLICIT_CT} <= set(golden())
     assert pydicom.__version__.startswith("3.")
 
 
@@ -65,4 +89,5 @@ if __name__ == "__main__":  # rewrite the golden digests (see the docstring)
 
     with tempfile.TemporaryDirectory() as folder:
         rows = [f"{digest(read_instance(entry(f, Path(folder))))}  {f.path.name}" for f in FILES]
+        rows.append(f"{digest(read_instance(implicit_ct(Path(folder))))}  {IMPLICIT_CT}")
     GOLDEN.write_text("\n".join(rows) + "\n")
