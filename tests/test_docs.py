@@ -23,6 +23,13 @@ def command_rows() -> dict[str, str]:
     return rows
 
 
+def commands() -> dict[str, click.Command]:
+    """The CLI's commands by name, as `minipacs --help` lists them (each imported from its
+    module on first use, pacs.cli.Verbs)."""
+    context = click.Context(main)
+    return {name: main.get_command(context, name) for name in main.list_commands(context)}
+
+
 def options_of(command: click.Command) -> set[str]:
     """Every option spelling of a command and, for a group, of its subcommands."""
     spelled = {name for param in command.params for name in param.opts + param.secondary_opts}
@@ -33,12 +40,13 @@ def options_of(command: click.Command) -> set[str]:
 
 def test_every_command_has_a_row_and_every_row_a_command():
     rows = command_rows()
-    assert sorted(rows) == sorted(main.commands)
+    assert sorted(rows) == sorted(commands())
+    assert [name for name, command in commands().items() if command.name != name] == []
 
 
 def test_subcommands_are_named_in_their_row():
     rows = command_rows()
-    for name, command in main.commands.items():
+    for name, command in commands().items():
         for sub in getattr(command, "commands", {}):
             assert re.search(rf"\b{sub}\b", rows[name]), f"{name} {sub} missing from README"
 
@@ -48,5 +56,5 @@ def test_options_shown_in_a_row_exist():
     for name, row in rows.items():
         code = " ".join(re.findall(r"`([^`]*)`", row))
         shown = set(re.findall(r"(?<![\w-])(--?[a-zA-Z][\w-]*)", code))
-        unknown = shown - options_of(main.commands[name])
+        unknown = shown - options_of(commands()[name])
         assert not unknown, f"README shows {sorted(unknown)} for minipacs {name}"

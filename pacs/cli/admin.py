@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 import pydicom
 
-from pacs import scu
 from pacs.cli.common import UsageFailure
 from pacs.cli.common import build_config
 from pacs.cli.common import config_options
@@ -56,6 +55,8 @@ def anonymize(config_file, level_uid, uids, out, dest, key_file, **flags) -> Non
     if dest is not None and peer is None:
         raise UsageFailure(f"{dest} is not a configured peer (the `peer` setting)")
     archive = open_archive(config_file, **flags)
+    from pacs import scu  # here: only this verb of the module talks DICOM (pynetdicom)
+
     profile = deidentify.Profile(
         files.secret(key_file or archive.root / ".deid-key"),
         deidentify.parse_options(config.deid_options),

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from pacs import boot
+from pacs.cli.common import ExitStatus
 from pacs.cli.common import UsageFailure
 from pacs.cli.common import build_config
 from pacs.cli.common import config_options
@@ -18,7 +19,6 @@ from pacs.cli.common import print_report
 from pacs.cli.common import selection_level
 from pacs.cli.common import selection_options
 from pacs.cli.common import walk
-from pacs.cli.remote import ExitStatus
 from storage import Outcome
 from storage import migrate
 from storage.errors import NotDicom

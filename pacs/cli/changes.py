@@ -10,9 +10,9 @@ import click
 
 from pacs import changes as feed
 from pacs.boot import setup_logging
+from pacs.cli.common import ExitStatus
 from pacs.cli.common import build_config
 from pacs.cli.common import help_for
-from pacs.cli.remote import ExitStatus
 from pacs.config import Config
 
 

@@ -1,6 +1,7 @@
 """What every archive verb shares: settings into a Config, the archive opened from them,
 the UID selection, and the report printed on stdout."""
 
+import enum
 import json
 import os
 from collections.abc import Iterator
@@ -15,6 +16,16 @@ from pacs.config import Config
 from pacs.config import ConfigError
 from storage import Archive
 from storage.errors import StorageError
+
+
+class ExitStatus(enum.IntEnum):
+    """What a script can rely on (after httpie's ExitStatus)."""
+
+    SUCCESS = 0
+    FAILURE = 1  # a DIMSE failure, or some instances failed
+    USAGE = 2
+    CONNECTION = 3  # not reachable, association rejected or aborted
+    INTERRUPTED = 130
 
 
 class UsageFailure(click.ClickException):

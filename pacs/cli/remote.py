@@ -1,7 +1,6 @@
 """The SCU verbs, against any PACS (this one included): echo, find, send, move, get."""
 
 import csv
-import enum
 import functools
 import json
 import ssl
@@ -12,19 +11,10 @@ import click
 
 from pacs import scu
 from pacs.boot import setup_logging
+from pacs.cli.common import ExitStatus
 from pacs.cli.common import UsageFailure
 from pacs.cli.common import walk
 from pacs.tls import client_context
-
-
-class ExitStatus(enum.IntEnum):
-    """What a script can rely on (after httpie's ExitStatus)."""
-
-    SUCCESS = 0
-    FAILURE = 1  # a DIMSE failure, or some instances failed
-    USAGE = 2
-    CONNECTION = 3  # not reachable, association rejected or aborted
-    INTERRUPTED = 130
 
 
 def remote_options(func):
