@@ -1,5 +1,6 @@
 """Fixtures: real `minipacs serve` processes on free loopback ports, and real clients."""
 
+import compileall
 import contextlib
 import os
 import signal
@@ -26,6 +27,18 @@ import s3temp  # noqa: E402  (from scripts/)
 from storage.engine import open_database  # noqa: E402
 
 ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Byte-compile minipacs once for the run when Python is told not to write bytecode
+    (PYTHONDONTWRITEBYTECODE, set in many CI containers): otherwise every Python process
+    the tests start (a server is three: the command, the server, a DICOM worker) compiles
+    each module of ours it imports again, ~0.1 CPU-s a process. A module edited since is
+    compiled again in memory, as without this; the files are written atomically, so xdist
+    workers doing it at once do not clash."""
+    if sys.flags.dont_write_bytecode:
+        for package in ("pacs", "storage", "viewer"):
+            compileall.compile_dir(ROOT / package, quiet=1)
 
 
 def free_port() -> int:
