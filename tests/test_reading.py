@@ -35,6 +35,7 @@ def _save_series(paths: list[Path], z: list[float], spacing=None, imager=None) -
         pixels = np.roll(ds.pixel_array, 3 * k, axis=1) + 7 * k
         ds.PixelData = pixels.astype(ds.pixel_array.dtype).tobytes()
         ds.SeriesInstanceUID = series
+        ds.IssuerOfPatientID = "READING-TEST"  # a KOS must copy it (and the whole module)
         ds.ImagePositionPatient = [0, 0, z[k]]
         ds.SliceLocation = z[k]
         if spacing == "drop":
@@ -280,11 +281,23 @@ def test_measurements_saved_as_sr_and_kos_read_back(server):
 
     image = pydicom.dcmread(server.files["volume"][2], stop_before_pixels=True)
     sop = image.SOPInstanceUID
+    # Only Imager Pixel Spacing (0.2, 0.25): mm at the detector, which the SR cannot say.
+    detector = pydicom.dcmread(server.files["detector"][0], stop_before_pixels=True)
     body = {
         "measurements": [
             {"type": "length", "sopInstanceUID": sop, "points": [[2, 3], [2, 23]]},
             {"type": "angle", "sopInstanceUID": sop, "points": [[9, 4], [4, 4], [4, 9]]},
             {"type": "ellipse", "sopInstanceUID": sop, "points": [[4.2, 6], [21.7, 17.5]]},
+            {
+                "type": "length",
+                "sopInstanceUID": detector.SOPInstanceUID,
+                "points": [[0, 0], [8, 0]],
+            },
+            {
+                "type": "ellipse",
+                "sopInstanceUID": detector.SOPInstanceUID,
+                "points": [[2, 2], [9, 9]],
+            },
         ],
         "keyImages": [{"sopInstanceUID": sop}],
     }
@@ -318,17 +331,29 @@ def test_measurements_saved_as_sr_and_kos_read_back(server):
     assert groups[2].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sop
     kos = pydicom.dcmread(next(server.data.glob(f"*/*/{saved['kos']['sopInstanceUID']}.dcm")))
     assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"
+    # Both documents carry the image's patient and study (ID and issuer: the same patient).
+    for document in (pydicom.dcmread(path), kos):
+        for keyword in ("PatientID", "IssuerOfPatientID", "PatientName", "StudyDescription"):
+            assert document.get(keyword) == image.get(keyword), keyword
 
     # The viewer reopens them.
     back = json.loads(get(server, f"/api/studies/{server.study}/measurements")[2])
     assert back["sopInstanceUID"] == saved["sr"]["sopInstanceUID"]
-    assert [m["type"] for m in back["measurements"]] == ["length", "angle", "ellipse"]
+    types = [m["type"] for m in back["measurements"]]
+    assert types == ["length", "angle", "ellipse", "length", "ellipse"]
     assert back["measurements"][0]["points"] == [[2, 3], [2, 23]]
     assert back["measurements"][0]["value"] == pytest.approx(10.0)
     assert back["measurements"][2]["points"] == [[4.2, 6], [21.7, 17.5]]
     stats = back["measurements"][2]["stats"]
     assert (stats["mean"], stats["unit"]) == (pytest.approx(roi["mean"]), "HU")
     assert (stats["min"], stats["max"]) == (roi["min"], roi["max"])
+    assert stats["spacingKind"] == "patient"
+    # At the detector, as when measured: 8 columns of 0.25 mm, an area in mm² there.
+    assert (back["measurements"][3]["value"], back["measurements"][3]["unit"]) == (
+        pytest.approx(2.0),
+        "mm (detector)",
+    )
+    assert back["measurements"][4]["stats"]["spacingKind"] == "detector"
     assert back["keyImages"] == [{"sopInstanceUID": sop, "frame": 1}]
 
 

@@ -16,6 +16,7 @@ ROI with its Area, Mean, Standard Deviation, Minimum and Maximum.
 """
 
 import io
+import logging
 import math
 from dataclasses import dataclass
 from dataclasses import field
@@ -26,6 +27,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from viewer.errors import WebError
+
+log = logging.getLogger(__name__)
 
 TYPES = {"length": 2, "angle": 3, "ellipse": 2, "rectangle": 2}  # type → points given
 ROI_TYPES = ("ellipse", "rectangle")
@@ -323,8 +326,24 @@ def build_key_images(
         content_date=made.date(),
         content_time=made.time(),
     )
+    _copy_patient_and_study(document, chosen[0])
     document.TimezoneOffsetFromUTC = made.strftime("%z")
     return _bytes(document)
+
+
+def _copy_patient_and_study(document, image: Dataset) -> None:
+    """The image's whole Patient and Study modules in the document. highdicom's KOS (0.28)
+    copies only the Type 1/2 few (name, ID, birth date, sex, accession...): without
+    Issuer of Patient ID a PACS that keys patients by ID and issuer files the selection
+    under another patient, and without Study Description it disagrees with its study.
+    An image of a SOP class highdicom has no IOD for keeps those few."""
+    try:
+        document.copy_patient_and_study_information(image)
+    except KeyError:
+        log.debug(
+            "no IOD known for SOP class %s: patient and study copied in part",
+            image.get("SOPClassUID"),
+        )
 
 
 def _graphic_type(kind: str):

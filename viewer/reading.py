@@ -299,9 +299,28 @@ def read_measurements(study: str) -> Response:
             answer["measurements"] = measurements.read_report(_read(report))
         except (ValueError, AttributeError, KeyError, IndexError) as exc:
             raise WebError(422, f"cannot read the report {report.sop_uid}: {exc}") from exc
+        _label_spacing(study, rows, answer["measurements"])
     if selection is not None:
         answer["keyImages"] = measurements.read_key_images(_read(selection))
     return jsonify(answer)
+
+
+def _label_spacing(study: str, rows: list[InstanceLocation], found: list[dict]) -> None:
+    """What each measurement's millimetres are, from its image as stored now: an SR unit
+    is UCUM mm either way, so a length on an image with only Imager Pixel Spacing reads
+    "mm (detector)" again, and an ROI's stats say their `spacingKind`, as when measured."""
+    series = {row.sop_uid: row.series_uid for row in rows}
+    kinds: dict[str, str] = {}
+    for item in found:
+        sop = item["sopInstanceUID"]
+        if sop not in series:  # the image is gone from the study: nothing to look up
+            continue
+        if sop not in kinds:
+            kinds[sop] = _image(_keys(study, series[sop], sop)).spacing_kind
+        if "stats" in item:
+            item["stats"]["spacingKind"] = kinds[sop]
+        elif item["unit"] == "mm" and kinds[sop] == "detector":
+            item["unit"] = "mm (detector)"
 
 
 def _saved(
