@@ -457,6 +457,32 @@ def test_an_idle_volume_leaves_the_cache():
     assert cache._cached(("series",)) is None
 
 
+def test_a_volume_in_float_counts_its_own_size_against_the_bound(server, tmp_path):
+    """A Rescale Slope of 0.5 makes the volume float32, twice what int16 needs: one that
+    fits the bound as int16 but not as float32 is refused (422), not kept over it."""
+    from viewer import geometry
+    from viewer.render import RenderError
+
+    paths, images = [], []
+    for k, source in enumerate(server.files["volume"][:4]):
+        ds = pydicom.dcmread(source)
+        ds.RescaleSlope = 0.5
+        paths.append(tmp_path / f"{k}.dcm")
+        ds.save_as(paths[-1])
+        images.append(geometry.image(ds.SOPInstanceUID, ds.to_json()))
+    volume = geometry.volume(images)
+    by_sop = {image.sop_uid: path for image, path in zip(images, paths, strict=True)}
+    ordered = [by_sop[sop] for sop in volume.order]
+    int16 = 4 * SIZE * SIZE * 2
+    roomy = mpr.VolumeCache(2 * int16)
+    assert roomy.get(("float",), volume, ordered, True, None).values.dtype == np.float32
+    tight = mpr.VolumeCache(int16 + int16 // 2)
+    with pytest.raises(RenderError) as refused:
+        tight.get(("float",), volume, ordered, True, None)
+    assert refused.value.code == 422
+    assert tight.bytes == 0
+
+
 def test_other_documents_are_not_the_viewers_report(server, tmp_path):
     """Only a Measurement Report (126000) is the saved report and only an "Of Interest"
     selection (113000) the key images: a later rejection note (IHE IOCM) or another

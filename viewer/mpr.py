@@ -253,6 +253,12 @@ class VolumeCache:
             self._make_room(need)
             started = time.monotonic()
             loaded = decode_volume(paths, native, volume, pixel_budget)
+            if loaded.values.nbytes > self.max_bytes:  # float32: values int16 cannot hold
+                raise RenderError(
+                    422,
+                    f"the volume needs {loaded.values.nbytes >> 20} MiB (values beyond int16), "
+                    f"over volume_cache_mb ({self.max_bytes >> 20} MiB)",
+                )
             log.info(
                 "volume of %d slices decoded in %.2f s (%d MiB)",
                 len(paths),
