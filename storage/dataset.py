@@ -59,6 +59,14 @@ LONG_VRS = {
     b"UV",
 }
 IMPLICIT_PIXEL_VR = {0x0008: "OF", 0x0009: "OD", 0x0010: "OW"}
+# An element header (PS3.5 7.1): (implicit, byte order) -> tag and length, or tag, VR and
+# 2-byte length (a long VR's 4-byte length follows: _LONG).
+_HEADS = {
+    (implicit, order): struct.Struct(order + ("HHL" if implicit else "HH2sH"))
+    for implicit in (True, False)
+    for order in "<>"
+}
+_LONG = {order: struct.Struct(order + "L") for order in "<>"}
 BULK_THRESHOLD = 1024  # bytes; longer binary values become BulkDataURI in the stored JSON
 MAX_DEPTH = 64  # nested sequences; a deeper dataset is refused, not recursed into
 MAX_INFLATED = 1 << 28  # bytes a deflated dataset may inflate to (256 MiB)
@@ -361,32 +369,27 @@ class _Walk:
         """Walk from `pos` to the end of the buffer, or (`delimited`) past an Item
         Delimitation Item; return where it stopped."""
         buf, end = self.buf, self.end
+        head = _HEADS[implicit, order]  # tag, then VR and length or length, in one call
         while True:
             if pos == end and not delimited:
                 return pos
             if pos + 8 > end:
                 raise InvalidDataset(f"dataset truncated in an element header at byte {pos}")
-            group, elem = struct.unpack_from(order + "HH", buf, pos)
+            if implicit:
+                group, elem, length = head.unpack_from(buf, pos)
+                vr = b""
+            else:
+                group, elem, vr, length = head.unpack_from(buf, pos)
             if group == 0xFFFE:
                 if elem == 0xE00D and delimited:
                     return pos + 8
                 raise InvalidDataset(f"unexpected delimiter ({group:04X},{elem:04X}) at byte {pos}")
-            vr = b""
-            if implicit:
-                (length,) = struct.unpack_from(order + "L", buf, pos + 4)
-                value = pos + 8
-            else:
-                vr = buf[pos + 4 : pos + 6]
-                if vr in LONG_VRS:
-                    if pos + 12 > end:
-                        raise InvalidDataset(
-                            f"dataset truncated in an element header at byte {pos}"
-                        )
-                    (length,) = struct.unpack_from(order + "L", buf, pos + 8)
-                    value = pos + 12
-                else:
-                    (length,) = struct.unpack_from(order + "H", buf, pos + 6)
-                    value = pos + 8
+            value = pos + 8
+            if vr in LONG_VRS:
+                if pos + 12 > end:
+                    raise InvalidDataset(f"dataset truncated in an element header at byte {pos}")
+                (length,) = _LONG[order].unpack_from(buf, pos + 8)
+                value = pos + 12
             if depth == 0 and group == 0x7FE0:
                 self.pixel_vrs[(group << 16) | elem] = vr.decode(
                     "ascii", "replace"
@@ -418,7 +421,7 @@ class _Walk:
         while True:
             if pos + 8 > end:
                 raise InvalidDataset(f"dataset truncated inside a sequence at byte {pos}")
-            group, elem, length = struct.unpack_from(order + "HHL", buf, pos)
+            group, elem, length = _HEADS[True, order].unpack_from(buf, pos)
             if (group, elem) == (0xFFFE, 0xE0DD):
                 return pos + 8
             if (group, elem) != (0xFFFE, 0xE000):
