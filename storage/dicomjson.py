@@ -3,8 +3,8 @@
 pydicom's `Dataset.to_json_dict` converts every element to a DataElement first, which
 costs ~5 ms for a CT header: half of what ingest spends per instance. The common VRs
 (numbers, ASCII strings, text in a single-byte or UTF-8 character set, binary) are
-encoded here from their bytes, as are private numbers of implicit VR once their VR is
-found as pydicom finds it; anything else (PN, sequences, ISO 2022 text, other implicit
+encoded here from their bytes, as are private numbers and bytes of implicit VR once
+their VR is found as pydicom finds it; anything else (PN, sequences, ISO 2022 text, other implicit
 VR elements of an ambiguous or private VR, big endian binary) goes through pydicom's own
 element encoder. The output is pydicom's but where PS3.18 says otherwise
 (tests/test_dicomjson.py), and the same from one version to the next
@@ -60,8 +60,10 @@ def dataset_to_json(
             if isinstance(raw, RawDataElement) and raw.value is not None:
                 vr = raw.VR or _implicit_vr(tag)
                 if vr is None and (tag >> 16) % 2:
-                    vr = _private_number_vr(ds, tag)
-                fast = _FAST.get(vr)  # type: ignore[arg-type]
+                    vr = _private_vr(ds, tag)
+                    fast = _PRIVATE_FAST.get(vr)  # type: ignore[arg-type]
+                else:
+                    fast = _FAST.get(vr)  # type: ignore[arg-type]
                 if fast is not None:
                     value = fast(vr, raw.value, raw.is_little_endian, codec, tag, threshold, bulk)
             if value is None:
@@ -111,22 +113,27 @@ def _implicit_vr(tag: int) -> str | None:
     return vr if vr is not None and " or " not in vr else None
 
 
-def _private_number_vr(ds: Dataset, tag: int) -> str | None:
-    """The VR pydicom gives a private element of implicit VR (pydicom.hooks.raw_element_vr:
-    the data dictionary, else the private dictionary under the element's Private Creator),
-    if it is a binary number; None otherwise, for pydicom to decode the element. Numbers
-    come out the same either way, and are most of a vendor's private elements: pydicom
-    took ~20 µs for each (a GE CT header in Implicit VR has ~120)."""
-    vr = _dictionary_vr(int(tag))  # a repeating group's mask may match an odd group
-    if vr is None:
-        element = tag & 0xFFFF
-        if element < 0x1000:  # a Private Creator (LO), or pydicom says UN
-            return None
+def _private_vr(ds: Dataset, tag: int) -> str | None:
+    """The VR pydicom gives a private element of implicit VR (pydicom.hooks.raw_element_vr
+    and _private_vr_for_tag): the data dictionary's, else the private dictionary's under
+    the element's Private Creator, else UN. None when pydicom would warn (a creator that
+    is not one string): it decodes those itself. pydicom took ~20 µs an element, and a
+    vendor's private elements are most of an implicit VR header (~180 in a GE CT's)."""
+    vr = _dictionary_vr(int(tag))  # pydicom asks it first (it holds no private tag)
+    if vr is not None:
+        return vr
+    element = tag & 0xFFFF
+    if 0x0010 <= element < 0x0100:
+        return "LO"  # a Private Creator
+    if element & 0xFF00:
         creator = ds.get(((tag >> 16) << 16) | (element >> 8), "")
-        if not creator or not isinstance(creator.value, str):
-            return None
-        vr = _private_dictionary_vr(int(tag), creator.value)
-    return vr if vr in NUMBERS else None
+        if creator:
+            if not isinstance(creator.value, str):
+                return None
+            vr = _private_dictionary_vr(int(tag), creator.value)
+            if vr is not None:
+                return vr
+    return "UN"
 
 
 # Both dictionaries are fixed (minipacs adds no entries): their answers are kept.
@@ -212,6 +219,12 @@ _FAST: dict[str, Callable[..., dict | None]] = {
     **dict.fromkeys(ASCII_STRINGS, _ascii),
     **dict.fromkeys(TEXT_MULTI, _text_multi),
     **dict.fromkeys(TEXT_SINGLE, _text_single),
+}
+# For private elements of implicit VR, only the encoders whose output is pydicom's for
+# every value: binary numbers and bytes (pydicom keeps those as read, UN included).
+_PRIVATE_FAST: dict[str, Callable[..., dict | None]] = {
+    **dict.fromkeys(NUMBERS, _numbers_binary),
+    **dict.fromkeys([*BINARY, "UN"], _binary),
 }
 
 

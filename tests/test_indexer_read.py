@@ -28,7 +28,7 @@ from storage.journal import file_meta
 
 GOLDEN = Path(__file__).parent / "data" / "indexed.sha256"
 FILES = storable()
-# No shipped file has private elements of implicit VR that pydicom knows to be numbers.
+# No shipped file has private numbers or bytes of implicit VR.
 IMPLICIT_CT = "CT_small.dcm in Implicit VR"
 
 
@@ -41,9 +41,14 @@ def entry(sample, folder: Path) -> Path:
 
 
 def implicit_ct(folder: Path) -> Path:
-    """CT_small (GE private elements) as sent in Implicit VR, as a journal entry."""
+    """CT_small (GE private elements) as sent in Implicit VR, as a journal entry, with
+    private elements no dictionary knows (UN): short, long, and without a creator."""
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    block = ds.private_block(0x0029, "MINIPACS TEST", create=True)  # 0029,11xx (GE has 10)
+    block.add_new(0x10, "OB", bytes(range(16)))
+    block.add_new(0x20, "OB", bytes(2000))
+    ds.add_new(0x00311010, "OB", b"\1\2")
     path = folder / "implicit.dcm"
     ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
     meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ImplicitVRLittleEndian, "SENDER")
@@ -70,12 +75,17 @@ def test_entry_indexed_as_before(sample, tmp_path):
     assert digest(parsed) == golden()[sample.path.name]
 
 
-def test_private_numbers_of_implicit_vr_indexed_as_before(tmp_path):
-    """storage.dicomjson encodes them from their bytes once it knows their VR."""
+def test_private_elements_of_implicit_vr_indexed_as_before(tmp_path):
+    """storage.dicomjson encodes numbers and bytes from their bytes once it knows their VR,
+    as pydicom would: UN when no dictionary knows them."""
     path = implicit_ct(tmp_path)
     parsed, sha = read_received(path)
     assert (parsed, sha) == (read_instance(path), hash_file(path)[1])
-    assert json.loads(parsed.json)["00191011"] == {"vr": "SS", "Value": [2]}  # GEMS_ACQU_01
+    body = json.loads(parsed.json)
+    assert body["00191011"] == {"vr": "SS", "Value": [2]}  # GEMS_ACQU_01
+    assert body["00291110"] == {"vr": "UN", "InlineBinary": "AAECAwQFBgcICQoLDA0ODw=="}
+    assert body["00291120"] == {"vr": "UN", "BulkDataURI": "00291120"}
+    assert body["00311010"] == {"vr": "UN", "InlineBinary": "AQI="}
     assert digest(parsed) == golden()[IMPLICIT_CT]
 
 
