@@ -5,7 +5,7 @@
 
 import { button, el } from "./dom.js";
 
-// [keys (keyName's names), shown as, what it does, command of the study view]
+// [keys (keyName's names), shown as, what it does, command of the study view (commands.js)]
 export const KEYS = [
   [["ArrowDown", "ArrowRight"], "↓ →", "Next image (the cursor on: move it)", "next"],
   [["ArrowUp", "ArrowLeft"], "↑ ←", "Previous image (the cursor on: move it)", "previous"],

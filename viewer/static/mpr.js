@@ -10,7 +10,7 @@
 import { el } from "./dom.js";
 import { Panes } from "./layout.js";
 import { makePlane, toPatient } from "./orientation.js";
-import { planeURL } from "./dicomweb.js";
+import { instanceMetadata, mprPlanes, planeURL } from "./dicomweb.js";
 import { Pane } from "./pane.js";
 import { StackLoader } from "./stackloader.js";
 
@@ -134,21 +134,54 @@ export class PlanePane extends Pane {
   }
 }
 
+// What the planes of `source`'s series (a pane's) are made from: the server's description
+// of its volume (GET …/mpr, which refuses a series that is not one, saying why) and the
+// metadata of the slice the server windows the planes from (the volume's first), for the
+// overlays and the window a drag starts from. `metadata`: sop → instance metadata, the
+// panes' shared map.
+export async function readVolume(source, metadata, signal) {
+  const [info, meta] = await Promise.all([mprPlanes(source.study, source.series, signal), headerOf(source, metadata, signal)]);
+  return { info, meta };
+}
+
+async function headerOf(source, metadata, signal) {
+  const order = source.volume && source.volume.order;
+  const sop = (order && order[0]) || source.stack[source.index].sop;
+  if (!metadata.has(sop)) {
+    try {
+      metadata.set(sop, await instanceMetadata(source.study, source.series, sop, signal));
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+    }
+  }
+  return metadata.get(sop);
+}
+
 // The three planes side by side: the layout the study view swaps in for its own while
 // MPR is on (the same `panes`, `visible`, `active` and `node`; `activate` and `neighbour`
 // from Panes).
 export class MprLayout extends Panes {
-  // `makePane(number, plane)` makes the pane of a plane.
-  constructor(makePane) {
+  // `makePane(number, plane)` makes the pane of a plane; they show `source`'s series,
+  // whose `volume` readVolume read.
+  constructor(makePane, source, { info, meta }) {
     super();
     this.name = "mpr";
     this.panes = PLANES.map((plane, i) => makePane(i + 1, plane));
+    for (const pane of this.panes) pane.setUp(source, info, meta);
     this.active = null;
     this.node = el("div", { class: "grid", "data-layout": "mpr" }, ...this.panes.map((pane) => pane.node));
   }
 
   get visible() {
     return this.panes;
+  }
+
+  // The three planes through the centre of the image `source` shows (without its
+  // geometry, each plane's middle).
+  goToCentreOf(source) {
+    const here = source.geometry();
+    const centre = here && here.plane ? toPatient(here.plane, here.spacing, here.columns / 2, here.rows / 2) : null;
+    for (const pane of this.panes) pane.go(centre ? pane.indexAt(centre) : Math.floor(pane.stack.length / 2));
   }
 
   // Move the planes other than `from` through patient point `point`.

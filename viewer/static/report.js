@@ -1,0 +1,141 @@
+// The reader's report on the studies open, on its own so that what is saved to the
+// archive is in one place: the key images, and the measurements (measure.js's) saved as
+// DICOM, an SR and a Key Object Selection, and reopened from the study's last saved
+// report (docs/viewer-api.md, 4). Key images are whole instances, as a Key Object
+// Selection keeps them (a frame is not kept): marking a frame of a multi-frame instance
+// marks the instance.
+
+import { saveMeasurements, savedMeasurements, seriesOfInstances } from "./dicomweb.js";
+import { angle, length } from "./measure.js";
+
+export class Report {
+  // `measurements`: those of every pane; `panes()`: the layout's panes (a measured
+  // image's spacing is theirs); `changed(study)`: `study`'s key images changed;
+  // `say(message)`: the status line.
+  constructor(measurements, { panes, changed, say }, signal) {
+    this.measurements = measurements;
+    this.panes = panes;
+    this.changed = changed;
+    this.say = say;
+    this.signal = signal;
+    this.canSave = false; // the server has the endpoint: it answered for the saved report
+    this.keyImages = new Map(); // sop → { study, series (null until known) }
+    this.saved = new Map(); // study → what its saved report holds: { measurements, keyImages } (counts)
+  }
+
+  isKeyImage(sop) {
+    return this.keyImages.has(sop);
+  }
+
+  // `study`'s key images per series (of those whose series is known), for the strip.
+  keyImageCounts(study) {
+    const counts = new Map();
+    for (const image of this.keyImages.values()) {
+      if (image.study === study && image.series) counts.set(image.series, (counts.get(image.series) || 0) + 1);
+    }
+    return counts;
+  }
+
+  // Mark the image `pane` shows as a key image, or unmark it.
+  toggleKeyImage(pane) {
+    const slice = pane.stack[pane.index];
+    if (pane.plane) {
+      this.say("An MPR plane is not an image of the archive: mark a slice of the series.");
+      return;
+    }
+    if (!slice) return;
+    const marked = !this.keyImages.has(slice.sop);
+    if (marked) this.keyImages.set(slice.sop, { study: pane.study, series: pane.series });
+    else this.keyImages.delete(slice.sop);
+    this.say(marked ? "Marked as a key image." : "No longer a key image.");
+    this.changed(pane.study);
+  }
+
+  // `study`'s last saved report: its measurements are shown again, and saving is offered
+  // (a server without the endpoint has neither).
+  async load(study) {
+    let report;
+    try {
+      report = await savedMeasurements(study, this.signal);
+    } catch {
+      return;
+    }
+    this.canSave = true;
+    this.saved.set(study, { measurements: report.measurements.length, keyImages: (report.keyImages || []).length });
+    this.loadKeyImages(study, report.keyImages || []);
+    this.measurements.load(
+      report.measurements.map((item) => ({
+        type: item.type,
+        study,
+        series: "", // the pane that shows it fills it in
+        sop: item.sopInstanceUID,
+        frame: item.frame || 1,
+        points: item.points,
+        stats: item.stats || null,
+      })),
+    );
+  }
+
+  // The key images of `study`'s saved Key Object Selection; their series (for the strip)
+  // from QIDO-RS.
+  async loadKeyImages(study, items) {
+    for (const item of items) this.keyImages.set(item.sopInstanceUID, { study, series: null });
+    this.changed(study);
+    if (!items.length) return;
+    try {
+      const found = await seriesOfInstances(study, items.map((item) => item.sopInstanceUID), this.signal);
+      for (const [sop, series] of found) if (this.keyImages.has(sop)) this.keyImages.get(sop).series = series;
+    } catch {
+      return; // the overlays show them; the strip does not count them
+    }
+    this.changed(study);
+  }
+
+  // Save `study`'s measurements as an SR and its key images as a Key Object Selection, as
+  // they are now: what was saved and is gone now is cleared (the server writes a report
+  // with no measurement, or no selection; the old ones stay in the archive). Only what
+  // was loaded can be cleared: a study whose saved report this view did not open (a
+  // prior) sends nothing when nothing is drawn.
+  async save(study) {
+    const measurements = this.measurements
+      .all()
+      .filter((m) => m.study === study && m !== this.measurements.keyed && (m.type !== "angle" || m.points.length === 3))
+      .map((m) => {
+        const spacing = this.spacingOf(m);
+        const found = { type: m.type, sopInstanceUID: m.sop, frame: m.frame, points: m.points };
+        if (m.type === "length") return { ...found, value: length(m.points, spacing), unit: spacing.kind === "px" ? "px" : "mm" };
+        if (m.type === "angle") return { ...found, value: angle(m.points, spacing), unit: "deg" };
+        return found;
+      });
+    const keyImages = [...this.keyImages]
+      .filter(([, image]) => image.study === study)
+      .map(([sop]) => ({ sopInstanceUID: sop, frame: 1 }));
+    const before = this.saved.get(study) || { measurements: 0, keyImages: 0 };
+    if (!measurements.length && !keyImages.length && !before.measurements && !before.keyImages) {
+      this.say("Nothing to save on this study.");
+      return;
+    }
+    this.say("Saving…");
+    const count = (n, what) => (n ? `${n} ${what}${n === 1 ? "" : "s"}` : "");
+    try {
+      await saveMeasurements(study, { measurements, keyImages, description: "" }, this.signal);
+      this.saved.set(study, { measurements: measurements.length, keyImages: keyImages.length });
+      const saved = [count(measurements.length, "measurement"), count(keyImages.length, "key image")].filter(Boolean);
+      const cleared = [!measurements.length && before.measurements && "measurements", !keyImages.length && before.keyImages && "key images"].filter(Boolean);
+      const said = [saved.length && `saved ${saved.join(" and ")}`, cleared.length && `cleared the saved ${cleared.join(" and ")}`].filter(Boolean).join("; ");
+      this.say(`${said[0].toUpperCase()}${said.slice(1)}.`);
+    } catch (error) {
+      if (error.name !== "AbortError") this.say(error.status === 403 ? "Saving needs the uploader role." : `Not saved: ${error.message}`);
+    }
+  }
+
+  // The spacing of a measurement's image, from a pane that has its series.
+  spacingOf(measurement) {
+    for (const pane of this.panes()) {
+      const index = pane.stack.findIndex((s) => s.sop === measurement.sop && s.frame === measurement.frame);
+      const geometry = index >= 0 && pane.geometry(index);
+      if (geometry) return geometry.spacing;
+    }
+    return { row: 1, column: 1, kind: "px" };
+  }
+}
