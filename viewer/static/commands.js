@@ -28,8 +28,8 @@ export class Commands {
       back10: () => pane.go(pane.index - 10),
       firstImage: () => pane.go(0),
       lastImage: () => pane.go(pane.stack.length - 1),
-      nextSeries: () => view.stepSeries(1),
-      previousSeries: () => view.stepSeries(-1),
+      nextSeries: () => view.opener.stepSeries(1),
+      previousSeries: () => view.opener.stepSeries(-1),
       preset: () => {
         const value = presetValue(pane.modality, Number(key));
         if (value) view.applyPreset(value);
@@ -52,8 +52,8 @@ export class Commands {
       cursor: () => this.toggleCursor(),
       place: () => this.place(),
       grab: () => this.grab(key === "G" ? -1 : 1),
-      nextPane: () => view.activate(view.layout.neighbour(1), { focus: view.focusOnViewports() }),
-      previousPane: () => view.activate(view.layout.neighbour(-1), { focus: view.focusOnViewports() }),
+      nextPane: () => view.activate(view.layout.neighbour(1), { focus: focusOnViewports(view.layout) }),
+      previousPane: () => view.activate(view.layout.neighbour(-1), { focus: focusOnViewports(view.layout) }),
       sync: () => view.toggleSync(),
       referenceLines: () => view.toggleReferenceLines(),
       overlays: () => view.toggleOverlays(),
@@ -129,4 +129,12 @@ export class Commands {
     view.cursor.moveTo(pane, point);
     view.say("Arrows move the point (Shift: ten pixels); Enter leaves it there, Esc puts it back.");
   }
+}
+
+// Whether the focus is on a viewport of `layout` (or nowhere): ] and [ take it along to
+// the next one; from the strip they leave it there, so that Enter on a series opens it in
+// the viewport chosen, the keyboard's way to drop a series on a viewport.
+function focusOnViewports(layout) {
+  const focused = document.activeElement;
+  return !focused || focused === document.body || layout.node.contains(focused);
 }

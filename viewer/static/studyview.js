@@ -2,13 +2,13 @@
 // them. The strip (strip.js) lists the patient's studies and their series (studies.js
 // asks for them); the panes (pane.js: one series each, shown by viewport.js from frames
 // the stack loader fetches) sit in a layout (layout.js), linked through patient space
-// (sync.js); the toolbar (toolbar.js) and the keys (keys.js) run commands (commands.js)
-// on the active pane; the tag panel (tagpanel.js) shows its instance; the report
-// (report.js) keeps the key images and saves and reopens the measurements (measure.js).
-// This module holds what spans panes: which pane is active, the URL (the active pane's
-// series and instance), which series a pane opens, syncing, reference lines and
-// overlays, MPR (mpr.js: its three planes replace the layout until it is left) and the
-// keyboard cursor (cursor.js).
+// (sync.js), and open the series opener.js chooses; the toolbar (toolbar.js) and the
+// keys (keys.js) run commands (commands.js) on the active pane; the tag panel
+// (tagpanel.js) shows its instance; the report (report.js) keeps the key images and
+// saves and reopens the measurements (measure.js). This module holds what spans panes:
+// which pane is active, the URL (the active pane's series and instance), syncing,
+// reference lines and overlays, the layout and MPR (mpr.js: its three planes replace
+// the layout until it is left), and the keyboard cursor (cursor.js).
 //
 // Smoothness: rendered frames are cached as ImageBitmaps and neighbours are prefetched;
 // requests no longer useful are aborted; while the window is dragged a JPEG is asked for
@@ -29,12 +29,13 @@
 
 import { Commands } from "./commands.js";
 import { Cursor, CursorLayer } from "./cursor.js";
-import { first, text } from "./dicomweb.js";
+import { text } from "./dicomweb.js";
 import { el } from "./dom.js";
 import { commandFor, helpDialog } from "./keys.js";
 import { Layout } from "./layout.js";
 import { MeasureLayer, Measurements } from "./measure.js";
 import { MprLayout, PlanePane, readVolume } from "./mpr.js";
+import { Opener } from "./opener.js";
 import { Pane } from "./pane.js";
 import { Report } from "./report.js";
 import { Strip } from "./strip.js";
@@ -45,7 +46,7 @@ import { Toolbar } from "./toolbar.js";
 
 export function studyView(root, target, navigate) {
   const view = new StudyView(root, target, navigate);
-  return { show: (next) => view.show(next), close: () => view.close(), shows: (study) => view.studies.has(study) };
+  return { show: (next) => view.opener.show(next), close: () => view.close(), shows: (study) => view.studies.has(study) };
 }
 
 class StudyView {
@@ -66,11 +67,12 @@ class StudyView {
       { panes: () => this.grid.panes, changed: (study) => this.keyImagesChanged(study), say: (message) => this.say(message) },
       this.signal,
     );
-    this.strip = new Strip(this.study, (study) => this.openBeside(study));
+    this.opener = new Opener(this);
+    this.strip = new Strip(this.study, (study) => this.opener.openBeside(study));
     this.studies = new Studies(this.study, this.strip, this.signal);
     this.grid = new Layout(
       (number) => this.makePane(number),
-      (pane, study, series) => this.assign(pane, study, series),
+      (pane, study, series) => this.opener.assign(pane, study, series),
       this.signal,
     );
     this.layout = this.grid; // or, while MPR is on, its MprLayout
@@ -198,8 +200,9 @@ class StudyView {
     this.toolbar.say(message);
   }
 
-  // -- which series a pane shows -----------------------------------------------------------
+  // -- loading ---------------------------------------------------------------------------
 
+  // The study's series, `target` in the first pane, then what waits for the first image.
   async load(target) {
     document.title = "Study — minipacs";
     let seriesList;
@@ -213,7 +216,7 @@ class StudyView {
       this.active.viewport.showMessage("This study has no series.");
       return;
     }
-    await this.show(target);
+    await this.opener.show(target);
     // The thumbnails and the patient's other studies would compete on the server with
     // the first image: they are asked for once it is drawn, or has failed, or there is
     // none to draw.
@@ -221,118 +224,6 @@ class StudyView {
     if (this.signal.aborted) return;
     this.strip.loadThumbnails();
     await Promise.all([this.studies.loadPatient(), this.report.load(this.study)]);
-  }
-
-  // Show `target` ({ study, series, sop, frame } from the URL) in the active pane (of
-  // the layout: MPR is left).
-  async show(target) {
-    this.exitMpr();
-    const study = target.study || this.study;
-    let list;
-    try {
-      list = await this.studies.series(study);
-    } catch (error) {
-      this.fail(error);
-      return;
-    }
-    const pane = this.active;
-    const series = target.series || first(list[0], "0020000E");
-    if (pane.study !== study || pane.series !== series) {
-      const entry = list.find((s) => first(s, "0020000E") === series);
-      if (!entry) {
-        pane.viewport.showMessage("This series is not in the study.");
-        return;
-      }
-      await pane.open(study, entry, { sop: target.sop, frame: target.frame || 1 });
-      if (pane.series !== series) return;
-    }
-    let index = 0;
-    if (target.sop) {
-      index = pane.stack.findIndex((s) => s.sop === target.sop && s.frame === (target.frame || 1));
-      if (index < 0) index = Math.max(0, pane.stack.findIndex((s) => s.sop === target.sop));
-    }
-    pane.go(index, { fromUrl: true });
-  }
-
-  // Open `series` of `study` in `pane` (dropped there, or chosen for it).
-  async assign(pane, study, series) {
-    let list;
-    try {
-      list = await this.studies.series(study);
-    } catch (error) {
-      this.fail(error);
-      return;
-    }
-    const entry = list.find((s) => first(s, "0020000E") === series);
-    if (!entry) return;
-    this.exitMpr();
-    this.activate(pane);
-    await pane.open(study, entry);
-    if (pane.series === series) pane.go(0);
-  }
-
-  // A study of the patient's list was chosen: its series most like the active pane's
-  // (same modality, else the first) opens in the pane beside the active one.
-  async openBeside(study) {
-    this.exitMpr();
-    if (this.layout.name === "1x1") this.setLayout("1x2", { fill: false });
-    const pane = this.layout.neighbour(1);
-    const series = await this.studies.like(study, this.active.modality);
-    if (series) await this.assign(pane, study, first(series, "0020000E"));
-  }
-
-  setLayout(name, { fill = true } = {}) {
-    this.exitMpr();
-    const added = this.layout.set(name);
-    for (const pane of this.grid.panes) if (!this.grid.visible.includes(pane)) pane.stopCine();
-    this.syncToolbar();
-    if (fill) this.fill(added.filter((pane) => !pane.series));
-  }
-
-  // Panes a larger layout adds get, in turn: the newest other study of the patient (to
-  // compare), then this study's series not on the page yet.
-  async fill(panes) {
-    if (!panes.length) return;
-    await this.ready;
-    const wanted = [];
-    const other = this.studies.newestPrior();
-    if (other) {
-      const series = await this.studies.like(other, this.active.modality);
-      if (series) wanted.push([other, first(series, "0020000E")]);
-    }
-    const onPage = new Set(this.grid.visible.map((pane) => pane.series));
-    for (const series of await this.studies.series(this.study)) {
-      const uid = first(series, "0020000E");
-      if (!onPage.has(uid)) wanted.push([this.study, uid]);
-    }
-    for (const pane of panes) {
-      const next = wanted.shift();
-      if (!next) break;
-      if (pane.series) continue;
-      const [study, series] = next;
-      const entry = (await this.studies.series(study)).find((s) => first(s, "0020000E") === series);
-      pane.open(study, entry).then(() => {
-        if (pane.series === series) pane.go(0);
-      });
-    }
-  }
-
-  // Series `step` places from the active pane's, in its study.
-  async stepSeries(step) {
-    const pane = this.active;
-    if (!pane.series) return;
-    const list = await this.studies.series(pane.study);
-    const at = list.findIndex((s) => first(s, "0020000E") === pane.series);
-    const next = list[at + step];
-    if (next) this.navigate(`/study/${pane.study}/series/${first(next, "0020000E")}`);
-  }
-
-  // Whether the focus is on a viewport (or nowhere): ] and [ take it along to the next
-  // one; from the strip they leave it there, so that Enter on a series opens it in the
-  // viewport chosen, the keyboard's way to drop a series on a viewport.
-  focusOnViewports() {
-    const focused = document.activeElement;
-    return !focused || focused === document.body || this.layout.node.contains(focused);
   }
 
   // -- what panes tell the view --------------------------------------------------------------
@@ -430,7 +321,16 @@ class StudyView {
     return this.report.isKeyImage(sop);
   }
 
-  // -- MPR ---------------------------------------------------------------------------------------
+  // -- the layout, and MPR ----------------------------------------------------------------------
+
+  // Layout `name` (1x1…2x2); the panes it adds open series (opener.js) unless `fill` is false.
+  setLayout(name, { fill = true } = {}) {
+    this.exitMpr();
+    const added = this.layout.set(name);
+    for (const pane of this.grid.panes) if (!this.grid.visible.includes(pane)) pane.stopCine();
+    this.syncToolbar();
+    if (fill) this.opener.fill(added.filter((pane) => !pane.series));
+  }
 
   // The active pane's series as three planes, if the server says it is a volume (else its
   // reason, and nothing changes).
