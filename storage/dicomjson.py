@@ -17,6 +17,7 @@ import logging
 import math
 import struct
 from collections.abc import Callable
+from collections.abc import MutableSequence
 from typing import Any
 
 from pydicom.datadict import dictionary_VR
@@ -34,6 +35,12 @@ ASCII_STRINGS = {"AE", "AS", "CS", "DA", "DT", "TM", "UI", "DS", "IS"}
 TEXT_MULTI = {"LO", "SH", "UC"}  # backslash separates values
 TEXT_SINGLE = {"LT", "ST", "UT", "UR"}  # one value, backslash is text
 BINARY = {"OB", "OD", "OF", "OL", "OV", "OW"}  # UN: pydicom may know the real VR
+# Private text of implicit VR: pydicom's JSON of it is remembered (_remembered); values
+# of (PN: nested dicts) and long ones (LT, UT...: seldom repeated) are not.
+REMEMBERED_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "SH", "TM", "UI"}
+REMEMBERED = 64  # bytes of value at most
+REMEMBERED_ELEMENTS = 2048  # then forgotten all at once (~1 MB)
+_MEMORY: dict[tuple, dict] = {}
 SPECIFIC_CHARACTER_SET = BaseTag(0x00080005)
 # Character sets whose text decodes with one Python codec (PS3.3 C.12.1.1.2).
 SIMPLE_CHARSETS = {
@@ -53,6 +60,7 @@ def dataset_to_json(
     codec = _codec(ds, parent_codec)
     body: dict[str, Any] = {}
     elements = ds._dict
+    charset: object = None  # pydicom's for this dataset, once needed
     for tag in sorted(elements, key=int):  # int: BaseTag compares in Python
         raw = elements[tag]
         try:
@@ -60,8 +68,13 @@ def dataset_to_json(
             if isinstance(raw, RawDataElement) and raw.value is not None:
                 vr = raw.VR or _implicit_vr(tag)
                 if vr is None and (tag >> 16) % 2:
-                    vr = _private_vr(ds, tag)
+                    vr, creator = _private_vr(ds, tag)
                     fast = _PRIVATE_FAST.get(vr)  # type: ignore[arg-type]
+                    if fast is None and vr in REMEMBERED_VRS and len(raw.value) <= REMEMBERED:
+                        if charset is None:
+                            charset = _charset(ds)
+                        key = (int(tag), creator, raw.value, charset)
+                        value = _remembered(key, ds, tag, codec, threshold, bulk)
                 else:
                     fast = _FAST.get(vr)  # type: ignore[arg-type]
                 if fast is not None:
@@ -113,27 +126,50 @@ def _implicit_vr(tag: int) -> str | None:
     return vr if vr is not None and " or " not in vr else None
 
 
-def _private_vr(ds: Dataset, tag: int) -> str | None:
+def _private_vr(ds: Dataset, tag: int) -> tuple[str | None, str]:
     """The VR pydicom gives a private element of implicit VR (pydicom.hooks.raw_element_vr
-    and _private_vr_for_tag): the data dictionary's, else the private dictionary's under
-    the element's Private Creator, else UN. None when pydicom would warn (a creator that
-    is not one string): it decodes those itself. pydicom took ~20 µs an element, and a
-    vendor's private elements are most of an implicit VR header (~180 in a GE CT's)."""
+    and _private_vr_for_tag), and the Private Creator it looked it up under: the data
+    dictionary's VR, else the private dictionary's under the creator, else UN. None when
+    pydicom would warn (a creator that is not one string): it decodes those itself."""
     vr = _dictionary_vr(int(tag))  # pydicom asks it first (it holds no private tag)
     if vr is not None:
-        return vr
+        return vr, ""
     element = tag & 0xFFFF
     if 0x0010 <= element < 0x0100:
-        return "LO"  # a Private Creator
+        return "LO", ""  # a Private Creator
     if element & 0xFF00:
         creator = ds.get(((tag >> 16) << 16) | (element >> 8), "")
         if creator:
             if not isinstance(creator.value, str):
-                return None
+                return None, ""
             vr = _private_dictionary_vr(int(tag), creator.value)
             if vr is not None:
-                return vr
-    return "UN"
+                return vr, creator.value
+    return "UN", ""
+
+
+def _charset(ds: Dataset) -> object:
+    """The character set pydicom decodes the dataset's text with (Dataset.__getitem__)."""
+    charset = ds.original_character_set or ds._character_set
+    return tuple(charset) if isinstance(charset, list | MutableSequence) else charset
+
+
+def _remembered(
+    key: tuple, ds: Dataset, tag: BaseTag, codec: str | None, threshold: int, bulk: BulkHandler
+) -> dict:
+    """pydicom's JSON of a private text element of implicit VR, kept under what it depends
+    on (`key`: the tag, its Private Creator, its bytes, the character set). pydicom takes
+    ~25 µs an element and a vendor's private text repeats from one instance of a series
+    to the next. A copy: the caller may change what it gets."""
+    found = _MEMORY.get(key)
+    if found is None:
+        found = _element(ds, tag, codec, threshold, bulk)  # raises: nothing kept
+        if len(_MEMORY) >= REMEMBERED_ELEMENTS:
+            _MEMORY.clear()
+        _MEMORY[key] = found
+    if "Value" in found:
+        return {**found, "Value": list(found["Value"])}
+    return dict(found)
 
 
 # Both dictionaries are fixed (minipacs adds no entries): their answers are kept.

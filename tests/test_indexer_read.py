@@ -40,7 +40,7 @@ def entry(sample, folder: Path) -> Path:
     return path
 
 
-def implicit_ct(folder: Path) -> Path:
+def implicit_ct(folder: Path, scanner: str = "HiSpeed CT/i") -> Path:
     """CT_small (GE private elements) as sent in Implicit VR, as a journal entry, with
     private elements no dictionary knows (UN): short, long, and without a creator."""
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
@@ -49,6 +49,7 @@ def implicit_ct(folder: Path) -> Path:
     block.add_new(0x10, "OB", bytes(range(16)))
     block.add_new(0x20, "OB", bytes(2000))
     ds.add_new(0x00311010, "OB", b"\1\2")
+    ds[0x00091004].value = scanner  # GEMS_IDEN_01 SH
     path = folder / "implicit.dcm"
     ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=True)
     meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, ImplicitVRLittleEndian, "SENDER")
@@ -77,7 +78,8 @@ def test_entry_indexed_as_before(sample, tmp_path):
 
 def test_private_elements_of_implicit_vr_indexed_as_before(tmp_path):
     """storage.dicomjson encodes numbers and bytes from their bytes once it knows their VR,
-    as pydicom would: UN when no dictionary knows them."""
+    as pydicom would (UN when no dictionary knows them), and remembers pydicom's JSON of
+    private text."""
     path = implicit_ct(tmp_path)
     parsed, sha = read_received(path)
     assert (parsed, sha) == (read_instance(path), hash_file(path)[1])
@@ -87,6 +89,11 @@ def test_private_elements_of_implicit_vr_indexed_as_before(tmp_path):
     assert body["00291120"] == {"vr": "UN", "BulkDataURI": "00291120"}
     assert body["00311010"] == {"vr": "UN", "InlineBinary": "AQI="}
     assert digest(parsed) == golden()[IMPLICIT_CT]
+    # Private text is pydicom's JSON, remembered under the element's bytes among others.
+    assert body["00091004"] == {"vr": "SH", "Value": ["HiSpeed CT/i"]}
+    (tmp_path / "other").mkdir()
+    other, _ = read_received(implicit_ct(tmp_path / "other", scanner="LightSpeed"))
+    assert json.loads(other.json)["00091004"] == {"vr": "SH", "Value": ["LightSpeed"]}
 
 
 def test_every_file_has_its_digest():
