@@ -36,12 +36,14 @@ What it replaces, and why (docs/decisions.md, 2026-11-25, 2026-11-26, 2026-12-04
 - `AssociationSocket.send` and the DUL state machine's `do_action` (wrapped per DUL):
   under the lock `_write` takes, so that a PDU pynetdicom takes off its queue is sent
   before any direct write starts, and no direct write lands inside one of its PDUs.
-- `DULServiceProvider.__init__`, `run_reactor`, `_is_transport_event` and the `time` of
-  pynetdicom.dul and pynetdicom.association: pynetdicom's two reactor threads per
-  association poll (1 ms sleeps); `_WakingTime`'s sleep waits, at most as long, for what
-  is polled for (the DUL's socket and a wake-up socketpair its send queue writes to, the
-  association's DIMSE queue, notified also by the ACSE queue), and a sender reading its
-  answer off the socket holds the DUL thread's reads (`_hold_reads`).
+- `DULServiceProvider.__init__`, `run_reactor`, `_is_transport_event` (and per DUL its
+  `kill_dul` and `stop_dul`) and the `time` of pynetdicom.dul and pynetdicom.association:
+  pynetdicom's two reactor threads per association poll (1 ms sleeps); `_WakingTime`'s
+  sleep waits for what is polled for: the association's DIMSE queue, notified also by the
+  ACSE queue (at most 1 ms, as before); the DUL's socket and a wake-up socketpair that its
+  send queue, a kill and the end of a hold write to (at most DUL_POLL: a DUL thread woke
+  1,000 times a second, ~15 ms of CPU a second for each open association, idle or not).
+  A sender reading its answer off the socket holds the DUL thread's reads (`_hold_reads`).
 - `Server` (a subclass of pynetdicom's ThreadedAssociationServer): the Association made in
   the listener thread, no gc.collect() every 60 accepts, the TLS handshake in a thread of
   its own, and `divert` for plain connections.
@@ -89,7 +91,7 @@ from storage.recode import to_little_endian
 
 log = logging.getLogger(__name__)
 PENDING_INTERVAL = 0.1  # s between C-MOVE/C-GET pending responses
-HELD_POLL = 0.05  # s: a DUL thread's poll while a sender reads the socket (_hold_reads)
+DUL_POLL = 0.05  # s: a DUL thread's longest idle wait (its socket, a send or a kill end it)
 STREAM_ABOVE = 256 << 20  # bytes: a larger file pynetdicom must convert is left to it (a path)
 
 # Everything the seam replaces, wraps or overrides, with its signature (annotations left
@@ -105,6 +107,8 @@ EXPECTED: dict[tuple[object, str], str] = {
     (DULServiceProvider, "__init__"): "(self, assoc)",
     (DULServiceProvider, "run_reactor"): "(self)",
     (DULServiceProvider, "_is_transport_event"): "(self)",
+    (DULServiceProvider, "kill_dul"): "(self)",
+    (DULServiceProvider, "stop_dul"): "(self)",
     (StateMachine, "do_action"): "(self, event)",
     (dul, "time"): "module time",
     (association, "time"): "module time",
@@ -696,12 +700,25 @@ def _dul_init(self: DULServiceProvider, assoc: Association) -> None:
     self.to_provider_queue = _WakingQueue(lambda: _wake_dul(self))
     self.to_user_queue = _WakingQueue(lambda: _wake_reactor(assoc))
     act = self.state_machine.do_action
+    kill, stop = self.kill_dul, self.stop_dul
 
     def do_action(event: str) -> None:
         with self._sending:
             act(event)
 
+    def kill_dul() -> None:
+        kill()
+        _wake_dul(self)  # it may be waiting DUL_POLL
+
+    def stop_dul() -> bool:
+        if self.state_machine.current_state == "Sta1":  # where pynetdicom's stops it
+            self._kill_thread = True
+            _wake_dul(self)
+        return stop()
+
     self.state_machine.do_action = do_action  # type: ignore[method-assign]
+    self.kill_dul = kill_dul  # type: ignore[method-assign]
+    self.stop_dul = stop_dul  # type: ignore[method-assign]
 
 
 def _locked_send(self: AssociationSocket, bytestream: bytes) -> None:
@@ -758,12 +775,14 @@ class _WakingTime:
         if seconds <= 0.001 and isinstance(thread, DULServiceProvider) and _ours(thread.assoc):
             sock = getattr(thread.socket, "socket", None)
             if sock is not None:
-                # While a sender reads its answer (_hold_reads) only a send or the end of
-                # the hold (both wake it) gives the thread something to do.
-                held = thread._held
-                watch = [thread._wake_recv] if held else [sock, thread._wake_recv]
+                # Its socket, a send, a kill and the end of a hold wake it; whatever else
+                # it looks at (its timers) can wait DUL_POLL. While a sender reads its
+                # answer (_hold_reads) the socket is not the thread's to watch.
+                watch = [thread._wake_recv] if thread._held else [sock, thread._wake_recv]
+                if watch[0] is sock and isinstance(sock, ssl.SSLSocket) and sock.pending():
+                    return  # read from the socket already, decrypted: select cannot tell
                 try:
-                    select.select(watch, [], [], HELD_POLL if held else seconds)
+                    select.select(watch, [], [], DUL_POLL)
                     while thread._wake_recv.recv(4096):
                         pass
                 except BlockingIOError:  # drained
