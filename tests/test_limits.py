@@ -4,7 +4,9 @@ peers, idle and dribbling HTTP clients, oversized request heads. Bounded in coun
 import socket
 import time
 
+import pytest
 import requests
+from conftest import Server
 from conftest import closed_within
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -12,10 +14,15 @@ from pynetdicom.sop_class import Verification
 LIMITS = "max_associations = 2\nacse_timeout = 2\nhttp_timeout = 2\nhttp_header_kb = 8\n"
 
 
-def limited(start_server, tmp_path):
-    config = tmp_path / "limits.toml"
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server with these limits for the module; each test leaves it as it found it
+    (its associations released, its sockets closed)."""
+    config = tmp_path_factory.mktemp("limits") / "limits.toml"
     config.write_text(LIMITS)
-    return start_server("--config", str(config))
+    running = Server(config.parent / "data", "--config", str(config)).start()
+    yield running
+    running.kill()
 
 
 def associate(port: int):
@@ -24,8 +31,7 @@ def associate(port: int):
     return ae.associate("127.0.0.1", port, ae_title="MINIPACS")
 
 
-def test_association_flood_beyond_the_limit_is_rejected(start_server, tmp_path):
-    server = limited(start_server, tmp_path)
+def test_association_flood_beyond_the_limit_is_rejected(server):
     held = [associate(server.port) for _ in range(2)]
     assert all(a.is_established for a in held)
     extra = [associate(server.port) for _ in range(3)]
@@ -40,15 +46,15 @@ def test_association_flood_beyond_the_limit_is_rejected(start_server, tmp_path):
     again.release()
 
 
-def test_a_silent_dicom_client_is_dropped(start_server, tmp_path):
-    server = limited(start_server, tmp_path)
+def test_a_silent_dicom_client_is_dropped(server):
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         assert closed_within(sock, 8)  # acse_timeout = 2
-    assert associate(server.port).is_established
+    after = associate(server.port)
+    assert after.is_established
+    after.release()
 
 
-def test_idle_and_dribbling_http_clients_hold_no_thread(start_server, tmp_path):
-    server = limited(start_server, tmp_path)
+def test_idle_and_dribbling_http_clients_hold_no_thread(server):
     idle = socket.create_connection(("127.0.0.1", server.http_port))
     dribblers = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(12)]
     for sock in dribblers:  # more than the 8 worker threads, each half a request head
@@ -59,8 +65,7 @@ def test_idle_and_dribbling_http_clients_hold_no_thread(start_server, tmp_path):
         sock.close()
 
 
-def test_an_oversized_request_head_is_refused(start_server, tmp_path):
-    server = limited(start_server, tmp_path)
+def test_an_oversized_request_head_is_refused(server):
     response = requests.get(f"{server.url}/healthz", headers={"X-Big": "a" * 20000}, timeout=10)
     assert response.status_code == 431
     assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
