@@ -21,6 +21,7 @@ from dicom_files import dataset_bytes
 from dicom_files import storable
 from pydicom.uid import ImplicitVRLittleEndian
 
+from storage import dataset
 from storage.dataset import read_instance
 from storage.dataset import read_received
 from storage.files import hash_file
@@ -94,6 +95,16 @@ def test_private_elements_of_implicit_vr_indexed_as_before(tmp_path):
     (tmp_path / "other").mkdir()
     other, _ = read_received(implicit_ct(tmp_path / "other", scanner="LightSpeed"))
     assert json.loads(other.json)["00091004"] == {"vr": "SH", "Value": ["LightSpeed"]}
+
+
+def test_large_entry_read_as_any_file(tmp_path, monkeypatch):
+    """Over WHOLE_READ an entry is not held in memory whole: read_instance and hash_file."""
+    sample = next(f for f in FILES if f.path.name == "SC_rgb_rle_2frame.dcm")  # multi-frame
+    path = entry(sample, tmp_path)
+    monkeypatch.setattr(dataset, "WHOLE_READ", path.stat().st_size - 1)
+    parsed, sha = read_received(path)
+    assert (parsed, sha) == (read_instance(path), hash_file(path)[1])
+    assert digest(parsed) == golden()[sample.path.name]
 
 
 def test_every_file_has_its_digest():
