@@ -3,11 +3,14 @@
 // links (a click or Enter opens the series in the active pane; ] and [ choose that pane
 // and leave the focus here, the keyboard's drag) that can also be dragged onto any pane,
 // each with the number of its key images. Thumbnails are asked for only
-// when told (`loadThumbnails`), so they do not compete with the first image.
+// when told (`loadThumbnails`), so they do not compete with the first image. A series
+// with no images (an SR, a Key Object Selection, a presentation state…: studies.js's
+// `hasImages`) is listed, but as text: no thumbnail is asked for, and it is no link.
 
 import { first, formatDate, text, thumbnailURL } from "./dicomweb.js";
 import { button, el } from "./dom.js";
 import { SERIES_TYPE } from "./layout.js";
+import { hasImages } from "./studies.js";
 
 export class Strip {
   // `openStudy(uid)`: a study of the list was chosen (to be shown beside the current).
@@ -90,6 +93,25 @@ function seriesItem(study, series) {
   const uid = first(series, "0020000E");
   const label = text(series, "0008103E") || `Series ${first(series, "00200011") ?? ""}`;
   const count = first(series, "00201209") || 0;
+  const modality = text(series, "00080060");
+  if (!hasImages(series)) {
+    return el(
+      "div",
+      { class: "series-item no-images", "data-series": uid, "data-study": study, title: "No images: nothing to open in a viewport" },
+      el("span", { class: "thumb-text", "aria-hidden": "true" }, modality || "?"),
+      el("span", { class: "label" }, label),
+      el("span", { class: "count" }, `${modality} · no images`),
+      el("span", { class: "key-count", hidden: "" }),
+    );
+  }
+  const thumbnail = el("img", { "data-src": thumbnailURL(study, uid), alt: "", width: "96", height: "96" });
+  // A series the server cannot render after all (an image-less object under another
+  // modality, a compression it cannot decode): its modality as text, not a broken image.
+  const failed = () => {
+    thumbnail.hidden = true;
+    thumbnail.before(el("span", { class: "thumb-text", "aria-hidden": "true" }, modality || "?"));
+  };
+  thumbnail.addEventListener("error", failed, { once: true });
   return el(
     "a",
     {
@@ -101,9 +123,9 @@ function seriesItem(study, series) {
       draggable: "true",
       title: "Open in the active viewport (] and [ choose it), or drag onto a viewport",
     },
-    el("img", { "data-src": thumbnailURL(study, uid), alt: "", width: "96", height: "96" }),
+    thumbnail,
     el("span", { class: "label" }, label),
-    el("span", { class: "count" }, `${text(series, "00080060")} · ${count} image${count === 1 ? "" : "s"}`),
+    el("span", { class: "count" }, `${modality} · ${count} image${count === 1 ? "" : "s"}`),
     el("span", { class: "key-count", hidden: "" }),
   );
 }

@@ -1,7 +1,8 @@
 // The studies the view can show, on their own so that what is asked of QIDO-RS about
 // them is in one place: the patient's studies (the priors: by Patient ID, the issuer
 // compared in the browser, newest first; dicomweb.js) and each study's series in series
-// number order, each list asked for once and shown in the strip (strip.js) when it comes.
+// number order, each list asked for once and shown in the strip (strip.js) when it comes;
+// and which series have images to show (`hasImages`).
 
 import { first, formatDate, patientStudies, searchSeries, text } from "./dicomweb.js";
 
@@ -54,8 +55,8 @@ export class Studies {
     this.strip.showStudies(this.patient);
   }
 
-  // Study `study`'s series most like one of `modality`: of the same modality, else the
-  // first; null when there is none, or no answer.
+  // Study `study`'s image series most like one of `modality`: of the same modality, else
+  // the first; null when there is none, or no answer.
   async like(study, modality) {
     let list;
     try {
@@ -63,13 +64,33 @@ export class Studies {
     } catch {
       return null;
     }
-    return list.find((s) => text(s, "00080060") === modality) || list[0] || null;
+    const images = list.filter(hasImages);
+    return images.find((s) => text(s, "00080060") === modality) || images[0] || null;
   }
 
   // The newest study of the patient other than the one opened (its UID), if any.
   newestPrior() {
     return this.patient.map((s) => first(s, "0020000D")).find((uid) => uid !== this.study);
   }
+}
+
+// Modalities whose objects hold no Pixel Data (PS3.3 C.7.3.1.1.1): a structured report
+// (the viewer's own saved measurements among them), a key object selection, a
+// presentation state, an encapsulated document, a registration, RT structures, plans and
+// records, waveforms. The server renders nothing for them (a 400), so their series get no
+// thumbnail and open in no image pane.
+const NO_IMAGES = new Set(["SR", "KO", "PR", "DOC", "REG", "RTSTRUCT", "RTPLAN", "RTRECORD", "AU", "ECG", "HD", "EPS", "RESP"]);
+
+// Whether series `series` (a QIDO-RS series answer) has images to show: not of a modality
+// without pixel data, and not said to have no instances.
+export function hasImages(series) {
+  return !NO_IMAGES.has(text(series, "00080060")) && (first(series, "00201209") ?? 1) > 0;
+}
+
+// What a pane or the status line says of series `series`, which has no images.
+export function noImages(series) {
+  const name = text(series, "0008103E") || `Series ${first(series, "00200011") ?? ""}`.trim();
+  return `${name} (${text(series, "00080060") || "no modality"}) has no images to show.`;
 }
 
 // The study's day as YYYY-MM-DD (QIDO-RS answer or instance metadata).
