@@ -85,6 +85,11 @@ def open_current(page: Page, server: Server, study: dict) -> None:
     expect(page.locator(".counter")).to_have_text("1 / 20")
 
 
+def saved_report(response) -> bool:
+    """The viewer's GET of a study's saved measurements (Save shows once it answered)."""
+    return response.url.endswith("/measurements") and response.request.method == "GET"
+
+
 def pane(page: Page, number: int):
     return page.locator(f".pane[data-pane='{number}']")
 
@@ -146,26 +151,29 @@ def test_keys_help_a_preset_key_and_the_window_by_keys(page, server, study):
     expect(page.get_by_label("Window preset")).to_have_value("file")
 
 
-def test_layout_1x2_shows_the_prior_study(page, server, study):
-    """The patient's studies are listed newest first (not the other issuer's), and the
-    second viewport of 1×2 shows the prior; without a mouse, ] from a series in the strip
-    makes the second viewport active and Enter opens the series there."""
+def test_layout_1x2_and_the_prior_study(page, server, study):
+    """The patient's studies are listed newest first (not the other issuer's); 1×2 shows
+    the study's next series beside the first, and the prior chosen in the list takes its
+    place; without a mouse, ] from a series in the strip makes the other viewport active
+    and Enter opens the series there."""
     open_current(page, server, study)
     items = page.locator(".study-item")
     expect(items).to_have_count(2)
     expect(items.nth(0)).to_contain_text("2024-01-02")
     expect(items.nth(1)).to_contain_text("2023-01-01")
     page.get_by_label("Layout").select_option("1x2")
+    expect(pane(page, 2).locator(".counter")).to_have_text("1 / 10")  # Axial 2 mm
+    items.nth(1).click()
     expect(pane(page, 2).locator(".counter")).to_have_text("1 / 5")
     expect(pane(page, 2).locator(".corner.tr")).to_contain_text("prior study")
     expect(pane(page, 1).locator(".corner.tr")).to_contain_text("2024-01-02")
     coronal = page.locator(".series-item", has_text="Coronal")
     coronal.focus()
-    page.keyboard.press("]")
+    page.keyboard.press("]")  # from the prior's viewport (the active one) to the first
     expect(coronal).to_be_focused()
     page.keyboard.press("Enter")
-    expect(pane(page, 2).locator(".counter")).to_have_text("1 / 6")
-    expect(pane(page, 1).locator(".counter")).to_have_text("1 / 20")
+    expect(pane(page, 1).locator(".counter")).to_have_text("1 / 6")
+    expect(pane(page, 2).locator(".counter")).to_have_text("1 / 5")
 
 
 def test_viewports_on_one_frame_of_reference_scroll_together(page, server, study):
@@ -251,7 +259,9 @@ def test_saved_measurements_come_back(page, server, study):
     """Save stores the prior study's length as an SR through the server; the study opened
     again shows it where it was. Deleted and saved again, it is cleared: the study opened
     again has none. (On the prior: the other tests' study stays as made.)"""
-    page.goto(f"{server.url}/study/{study['prior']}")
+    with page.expect_response(saved_report) as answer:  # Save shows once it is in
+        page.goto(f"{server.url}/study/{study['prior']}")
+    assert answer.value.ok
     page.wait_for_function("globalThis.minipacsView && globalThis.minipacsView.drawn >= 1")
     save = page.get_by_role("button", name="Save")
     expect(save).to_be_visible()  # the server has the endpoint
@@ -274,8 +284,58 @@ def test_saved_measurements_come_back(page, server, study):
     expect(stage.locator(".measurement")).to_have_count(0)
     save.click()
     expect(page.locator(".status")).to_have_text("Cleared the saved measurements.")
-    page.reload()
+    with page.expect_response(saved_report):
+        page.reload()
     expect(save).to_be_visible()  # the saved report was read
     expect(stage.locator(".measurement")).to_have_count(0)
     saved = page.request.get(f"{server.url}/api/studies/{study['prior']}/measurements").json()
     assert saved["measurements"] == [] and saved["sopInstanceUID"]
+
+
+def test_a_saved_report_opens_cleanly_and_2x2_shows_four_series(page, server, study):
+    """A study with a saved SR and Key Object Selection (series 990 and 991; saved here
+    through the API, on the last axial slice, which the tests above do not look at) opens
+    with no failed request and no console error: the strip lists both as text, and nothing
+    of them is asked for. The layout key pressed three times (1×2, 2×1, 2×2) fills the
+    panes with four different image series: this study's next ones, then the prior's. The
+    SR's own URL opens nothing and says why."""
+    failed, console = [], []
+    page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
+    page.on("console", lambda m: m.type == "error" and console.append(m.text))
+    last = next(p for p in study["files"][:20] if pydicom.dcmread(p).InstanceNumber == 20)
+    sop = pydicom.dcmread(last).SOPInstanceUID
+    body = {
+        "measurements": [{"type": "length", "sopInstanceUID": sop, "points": [[10, 10], [40, 10]]}],
+        "keyImages": [{"sopInstanceUID": sop}],
+    }
+    saved = page.request.post(
+        f"{server.url}/api/studies/{study['current']}/measurements", data=body
+    )
+    assert saved.ok, saved.text()
+    with page.expect_response(saved_report):
+        open_current(page, server, study)
+    documents = page.locator(".series-item.no-images")
+    expect(documents).to_have_count(2)
+    expect(documents.nth(0)).to_contain_text("SR")
+    expect(documents.nth(1)).to_contain_text("KO")
+    expect(documents.locator("img")).to_have_count(0)
+    for _ in range(3):
+        page.keyboard.press("l")
+    expect(page.get_by_label("Layout")).to_have_value("2x2")
+    for number, count in enumerate(["1 / 20", "1 / 10", "1 / 6", "1 / 5"], start=1):
+        expect(pane(page, number).locator(".counter")).to_have_text(count)
+    expect(pane(page, 4).locator(".corner.tr")).to_contain_text("prior study")
+    shown = page.evaluate("globalThis.minipacsView.panes.map((p) => p.series)")
+    assert len(set(shown)) == 4
+    expect(page.locator(".study-series")).to_have_count(2)  # the prior's series listed too
+    page.wait_for_function(
+        "[...document.querySelectorAll('.series-item img')].every((i) => i.src && i.complete)"
+    )
+
+    uids = [documents.nth(n).get_attribute("data-series") for n in (0, 1)]
+    page.goto(f"{server.url}/study/{study['current']}/series/{uids[0]}")
+    message = pane(page, 1).locator(".message")
+    expect(message).to_have_text("minipacs measurements (SR) has no images to show.")
+    expect(page.locator(".status")).to_have_text(message.text_content())
+    assert not [url for url in page.requests if any(f"/series/{uid}/" in url for uid in uids)]
+    assert failed == [] and console == []

@@ -3,14 +3,17 @@
 // (`assign`), a study of the patient's list (`openBeside`), the panes a larger layout
 // adds (`fill`) and the next or previous series (`stepSeries`, through the URL). The
 // series lists are studies.js's; the study view (studyview.js) has the panes, the layout
-// and the URL.
+// and the URL. A series with no images (studies.js's `hasImages`: an SR, a Key Object
+// Selection, a presentation state…) opens in no pane, whichever way it is asked for.
 
 import { first } from "./dicomweb.js";
+import { hasImages, noImages } from "./studies.js";
 
 export class Opener {
   // `view`: the study view whose panes it fills.
   constructor(view) {
     this.view = view;
+    this.filling = Promise.resolve(); // the fills of grown layouts, one after the other
   }
 
   // Show `target` ({ study, series, sop, frame } from the URL) in the active pane (of
@@ -27,11 +30,22 @@ export class Opener {
       return;
     }
     const pane = view.active;
-    const series = target.series || first(list[0], "0020000E");
+    const series = target.series || first(list.find(hasImages), "0020000E");
+    if (!series) {
+      pane.viewport.showMessage("This study has no images.");
+      return;
+    }
     if (pane.study !== study || pane.series !== series) {
       const entry = list.find((s) => first(s, "0020000E") === series);
       if (!entry) {
         pane.viewport.showMessage("This series is not in the study.");
+        return;
+      }
+      if (!hasImages(entry)) {
+        // The pane keeps what it shows, and the URL says so again.
+        view.say(noImages(entry));
+        if (pane.stack.length) history.replaceState({}, "", pane.url());
+        else pane.viewport.showMessage(noImages(entry));
         return;
       }
       await pane.open(study, entry, { sop: target.sop, frame: target.frame || 1 });
@@ -57,6 +71,10 @@ export class Opener {
     }
     const entry = list.find((s) => first(s, "0020000E") === series);
     if (!entry) return;
+    if (!hasImages(entry)) {
+      view.say(noImages(entry));
+      return;
+    }
     view.exitMpr();
     view.activate(pane);
     await pane.open(study, entry);
@@ -74,33 +92,56 @@ export class Opener {
     if (series) await this.assign(pane, study, first(series, "0020000E"));
   }
 
-  // Panes a larger layout adds get, in turn: the newest other study of the patient (to
-  // compare), then this study's series not on the page yet.
-  async fill(panes) {
+  // Panes a larger layout adds get series not on the page yet, in the order a reader
+  // reading this study wants them: first this study's next image series (after the
+  // active pane's, in series number order, then those before it), as a bigger layout is
+  // mostly more of the study being read; then the newest prior study's series most like
+  // the active pane's (same modality), to compare with. A pane left over stays empty
+  // rather than show a series twice; a prior is opened beside on purpose from the
+  // patient's studies (`openBeside`). Fills run one after the other, so that layouts
+  // grown quickly (the layout key pressed three times) do not pick the same series.
+  fill(panes) {
+    this.filling = this.filling.then(() => this.fillNow(panes)).catch(() => {});
+    return this.filling;
+  }
+
+  async fillNow(panes) {
     const view = this.view;
     if (!panes.length) return;
     await view.ready;
-    const wanted = [];
-    const other = view.studies.newestPrior();
-    if (other) {
-      const series = await view.studies.like(other, view.active.modality);
-      if (series) wanted.push([other, first(series, "0020000E")]);
-    }
-    const onPage = new Set(view.grid.visible.map((pane) => pane.series));
-    for (const series of await view.studies.series(view.study)) {
-      const uid = first(series, "0020000E");
-      if (!onPage.has(uid)) wanted.push([view.study, uid]);
-    }
+    const wanted = await this.nextSeries();
+    // From here to the last pane opened nothing waits: the page cannot change meanwhile.
+    const key = (study, series) => `${study}/${series}`;
+    const onPage = new Set(view.grid.visible.filter((pane) => pane.series).map((pane) => key(pane.study, pane.series)));
     for (const pane of panes) {
-      const next = wanted.shift();
+      if (pane.series || !view.grid.visible.includes(pane)) continue;
+      const next = wanted.find(([study, entry]) => !onPage.has(key(study, first(entry, "0020000E"))));
       if (!next) break;
-      if (pane.series) continue;
-      const [study, series] = next;
-      const entry = (await view.studies.series(study)).find((s) => first(s, "0020000E") === series);
+      const [study, entry] = next;
+      const series = first(entry, "0020000E");
+      onPage.add(key(study, series));
       pane.open(study, entry).then(() => {
         if (pane.series === series) pane.go(0);
       });
     }
+  }
+
+  // [study, series entry] of the image series `fill` offers, in its order.
+  async nextSeries() {
+    const view = this.view;
+    let images;
+    try {
+      images = (await view.studies.series(view.study)).filter(hasImages);
+    } catch {
+      images = [];
+    }
+    const active = view.active;
+    const at = active.study === view.study ? images.findIndex((s) => first(s, "0020000E") === active.series) : -1;
+    const wanted = [...images.slice(at + 1), ...images.slice(0, at + 1)].map((entry) => [view.study, entry]);
+    const prior = view.studies.newestPrior();
+    const like = prior && (await view.studies.like(prior, active.modality));
+    if (like) wanted.push([prior, like]);
+    return wanted;
   }
 
   // Series `step` places from the active pane's, in its study.
@@ -108,7 +149,7 @@ export class Opener {
     const view = this.view;
     const pane = view.active;
     if (!pane.series) return;
-    const list = await view.studies.series(pane.study);
+    const list = (await view.studies.series(pane.study)).filter(hasImages);
     const at = list.findIndex((s) => first(s, "0020000E") === pane.series);
     const next = list[at + step];
     if (next) view.navigate(`/study/${pane.study}/series/${first(next, "0020000E")}`);
