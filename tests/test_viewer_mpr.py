@@ -81,6 +81,11 @@ def open_series(page: Page, server: Server, study: dict, series: str, count: int
     expect(page.locator(".pane[data-pane='1'] .counter")).to_have_text(f"1 / {count}")
 
 
+def saved_report(response) -> bool:
+    """The viewer's GET of a study's saved measurements (Save shows once it answered)."""
+    return response.url.endswith("/measurements") and response.request.method == "GET"
+
+
 def plane_pane(page: Page, plane: str):
     return page.locator(f".pane[data-plane='{plane}']")
 
@@ -209,7 +214,9 @@ def test_keyboard_length_and_key_images_saved_and_reopened(page, server, study):
     and moved 5 pixels back, then Enter, reads 25 ×; two images marked as key images;
     Save (Tab to it, Enter) stores the SR and a Key Object Selection that QIDO-RS finds;
     the study opened again shows both."""
-    open_series(page, server, study, "volume", SLICES)
+    with page.expect_response(saved_report) as answer:  # Save shows once it is in
+        open_series(page, server, study, "volume", SLICES)
+    assert answer.value.ok
     view = page.locator(".pane[data-pane='1']")
     page.keyboard.press("d")  # length tool
     page.keyboard.press("x")  # the cursor, at the image's centre
@@ -256,7 +263,8 @@ def test_keyboard_length_and_key_images_saved_and_reopened(page, server, study):
     marked = {study["sops"][0], study["sops"][-1]}
     assert {item["sopInstanceUID"] for item in saved["keyImages"]} == marked
 
-    page.reload()  # on the last image, where the URL was
+    with page.expect_response(saved_report):
+        page.reload()  # on the last image, where the URL was
     page.wait_for_function("globalThis.minipacsView && globalThis.minipacsView.drawn >= 1")
     expect(view.locator(".counter")).to_have_text(f"{SLICES} / {SLICES}")
     expect(mark).to_be_visible()
