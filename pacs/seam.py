@@ -393,6 +393,7 @@ def _send_stored(
         direct = not isinstance(sock, ssl.SSLSocket)  # MSG_PEEK needs the plain socket
         if direct:
             _hold_reads(self.dul, True)
+        found = None
         try:
             _write(
                 self, partial(_send_dataset, command, context.context_id, stored.stored, max_pdu)
@@ -400,7 +401,12 @@ def _send_stored(
             found = _read_store_response(self, sock, context.context_id, msg_id) if direct else None
         finally:
             if direct:
-                _hold_reads(self.dul, False)
+                # The DUL thread is woken only when it has something to read: what came
+                # instead of the answer, or a C-CANCEL a C-GET's requestor may send. The
+                # peer of a C-MOVE (or the router) sends nothing between our requests,
+                # and waking it after each cost more than the read itself (a release,
+                # like any send, wakes it).
+                _hold_reads(self.dul, False, wake=not found or self.is_acceptor)
         if found is None:  # not the plain answer expected: pynetdicom reads what came
             _, response = self.dimse.get_msg(block=True)
             found = (
@@ -425,6 +431,7 @@ _STATUS_DETAIL = ("ErrorComment", "OffendingElement")
 C_STORE_RSP = 0x8001
 P_DATA, A_ABORT = 0x04, 0x07  # PDU types (PS3.8 9.3.1)
 MAX_PEEK = 1 << 16
+RESPONSE_PEEK = 512  # bytes peeked at first: a C-STORE-RSP PDU is ~200
 
 
 def _send_dataset(
@@ -508,12 +515,12 @@ def _send(sock: socket.socket, data: bytes | bytearray | Callable[[socket.socket
         sock.sendall(data)
 
 
-def _hold_reads(provider: DULServiceProvider, hold: bool) -> None:
+def _hold_reads(provider: DULServiceProvider, hold: bool, wake: bool = True) -> None:
     """Keep the DUL thread off the socket (`hold`) while a sender reads its answer there,
-    or give the socket back to it."""
+    or give the socket back to it: at once (`wake`), or when it next looks (DUL_POLL)."""
     with provider._reading:
         provider._held = hold
-    if not hold:
+    if not hold and wake:
         _wake_dul(provider)
 
 
@@ -529,13 +536,13 @@ def _read_store_response(
     """
     timeout = assoc.dimse_timeout
     deadline = None if timeout is None else time.monotonic() + timeout
-    head = _peek(sock, 6, deadline)
+    head = _peek(sock, 6, deadline, RESPONSE_PEEK)  # the whole response, mostly
     if head is None or head[0] == A_ABORT:
         return {}  # closed, silent, or aborting: no status (the send failed)
     (length,) = struct.unpack(">I", head[2:6])
     if head[0] != P_DATA or length > MAX_PEEK:
         return None
-    pdu = _peek(sock, 6 + length, deadline)
+    pdu = head[: 6 + length] if len(head) >= 6 + length else _peek(sock, 6 + length, deadline)
     if pdu is None:
         return {}
     command = _single_command(pdu[6:], context_id)
@@ -562,18 +569,19 @@ def _read_store_response(
     return found
 
 
-def _peek(sock: socket.socket, size: int, deadline: float | None) -> bytes | None:
-    """The next `size` bytes on the socket, left there; None if it closed or the time ran out."""
+def _peek(sock: socket.socket, size: int, deadline: float | None, upto: int = 0) -> bytes | None:
+    """The next `size` bytes on the socket (up to `upto` if there are more), left there;
+    None if it closed or the time ran out."""
     while True:
         wait = None if deadline is None else max(deadline - time.monotonic(), 0)
         try:
             ready, _, _ = select.select([sock], [], [], wait)
-            data = sock.recv(size, socket.MSG_PEEK) if ready else None
+            data = sock.recv(max(size, upto), socket.MSG_PEEK) if ready else None
         except (OSError, ValueError):
             return None
         if not data:  # closed, or timed out
             return None
-        if len(data) == size:
+        if len(data) >= size:
             return data
         if deadline is not None and time.monotonic() >= deadline:
             return None
