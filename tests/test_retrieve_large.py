@@ -90,8 +90,9 @@ def source(tmp_path_factory) -> Source:
     }
     minipacs("import", "--data", str(root / "data"), str(incoming), "--no-fsync")
     # The destination of the 140 contexts: a second minipacs, it accepts every storage class
-    # (storescp does not).
-    dest = Server(root / "dest", "--aet", "DEST").start()
+    # (storescp does not). Its indexer places the files after each Success: a release that
+    # waits for it (index_wait) makes them all there when the move's final response comes.
+    dest = Server(root / "dest", "--aet", "DEST", env={"MINIPACS_INDEX_WAIT": "60"}).start()
     ports = {aet: free_port() for aet in PEERS}
     peers = [arg for aet, port in ports.items() for arg in ("--peer", f"{aet}=127.0.0.1:{port}")]
     server = Server(
