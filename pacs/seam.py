@@ -66,6 +66,7 @@ from io import BytesIO
 from pathlib import Path
 
 import pynetdicom
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_dataset
@@ -93,6 +94,7 @@ log = logging.getLogger(__name__)
 PENDING_INTERVAL = 0.1  # s between C-MOVE/C-GET pending responses
 DUL_POLL = 0.05  # s: a DUL thread's longest idle wait (its socket, a send or a kill end it)
 STREAM_ABOVE = 256 << 20  # bytes: a larger file pynetdicom must convert is left to it (a path)
+SOP_INSTANCE_UID = 0x00080018
 
 # Everything the seam replaces, wraps or overrides, with its signature (annotations left
 # out) in pynetdicom 3.0.4. check() holds the installed pynetdicom to it.
@@ -210,14 +212,14 @@ class StoredFile:
 
 class StoredDataset(Dataset):
     """A stored instance, as its UIDs (from the index) and where its dataset bytes lie as
-    received (`StoredFile`, closed once the dataset is sent). Of the
-    elements only SOP Instance UID, which pynetdicom reads of a failed sub-operation; the
-    SOP class and transfer syntax are plain attributes (a Dataset with all three and its
-    file meta cost ~80 µs to make, one per sub-operation)."""
+    received (`StoredFile`, closed once the dataset is sent). Of the elements only SOP
+    Instance UID, which pynetdicom reads of a failed sub-operation; the SOP class and
+    transfer syntax are plain attributes (a Dataset with all three and its file meta
+    cost ~80 µs to make, one per sub-operation; this one ~17)."""
 
     def __init__(self, sop_class_uid: str, sop_uid: str, syntax: str, stored: StoredFile) -> None:
         super().__init__()
-        self.SOPInstanceUID = sop_uid
+        self[SOP_INSTANCE_UID] = DataElement(SOP_INSTANCE_UID, "UI", sop_uid)
         self.sop_uid = sop_uid
         self.sop_class_uid = sop_class_uid
         self.syntax = UID(syntax)
@@ -422,12 +424,18 @@ def _send_stored(
         self.abort()  # no (or no valid) answer within the DIMSE timeout
         return status
     for keyword, value in found.items():
-        if value is not None:
-            setattr(status, keyword, value)
+        if value is not None:  # as elements: ~15 µs less each than by keyword
+            tag, vr = _STATUS_ELEMENTS[keyword]
+            status[tag] = DataElement(tag, vr, value)
     return status
 
 
 _STATUS_DETAIL = ("ErrorComment", "OffendingElement")
+_STATUS_ELEMENTS = {
+    "Status": (0x00000900, "US"),
+    "ErrorComment": (0x00000902, "LO"),
+    "OffendingElement": (0x00000901, "AT"),
+}
 C_STORE_RSP = 0x8001
 P_DATA, A_ABORT = 0x04, 0x07  # PDU types (PS3.8 9.3.1)
 MAX_PEEK = 1 << 16
