@@ -250,3 +250,46 @@ def test_a_direct_write_waits_for_the_send_pynetdicom_has_begun(servers):
     assert assoc.send_c_echo().Status == 0x0000
     assoc.release()
     assert assoc.is_released
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0], ids=["blocking", "with-timeout"])
+def test_a_stored_dataset_goes_from_its_file_in_pdus_within_the_peers_maximum(timeout):
+    """`_send_dataset` (C-MOVE/C-GET sub-operations, the router): the command, then the
+    file's dataset bytes behind one PDV header per P-DATA-TF PDU, none longer than the
+    peer's maximum (0: no limit), only the last marked last; on a socket with a timeout
+    too (socket.sendfile then waits for it). Read back over real TCP."""
+    expected = dataset_bytes(CT)
+    command = seam._pdata(1, seam._command((0x00000100, b"\x01\x00")), True, 0)
+    for max_pdu in (0, 16384, 1000):
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            sender = socket.create_connection(listener.getsockname())
+            receiver, _ = listener.accept()
+        sender.settimeout(timeout)
+        stored = seam.StoredFile(CT)
+        try:
+            seam._send_dataset(command, 1, stored, max_pdu, sender)
+        finally:
+            stored.close()
+            sender.close()
+        with receiver:
+            pdvs = _pdvs(receiver, max_pdu)
+        assert pdvs[0] == (0x03, command[12:])  # the command, whole and last
+        data = pdvs[1:]
+        assert [h for h, _ in data] == [0x00] * (len(data) - 1) + [0x02], max_pdu
+        assert b"".join(fragment for _, fragment in data) == expected, max_pdu
+        assert len(data) == (1 if not max_pdu else -(-len(expected) // (max_pdu - 6)))
+
+
+def _pdvs(sock: socket.socket, max_pdu: int) -> list[tuple[int, bytes]]:
+    """(message control header, fragment) of each P-DATA-TF PDU until the sender closes,
+    each checked to be one PDV within `max_pdu`."""
+    stream, pdvs = b"", []
+    while chunk := sock.recv(1 << 16):
+        stream += chunk
+    while stream:
+        kind, length = stream[0], int.from_bytes(stream[2:6], "big")
+        assert kind == 0x04 and (not max_pdu or length <= max_pdu)
+        assert int.from_bytes(stream[6:10], "big") == length - 4  # one PDV a PDU
+        pdvs.append((stream[11], stream[12 : 6 + length]))
+        stream = stream[6 + length :]
+    return pdvs
