@@ -22,13 +22,8 @@ export class Opener {
     const view = this.view;
     view.exitMpr();
     const study = target.study || view.study;
-    let list;
-    try {
-      list = await view.studies.series(study);
-    } catch (error) {
-      view.fail(error);
-      return;
-    }
+    const list = await this.seriesOf(study);
+    if (!list) return;
     const pane = view.active;
     const series = target.series || first(list.find(hasImages), "0020000E");
     if (!series) {
@@ -59,17 +54,22 @@ export class Opener {
     pane.go(index, { fromUrl: true });
   }
 
+  // The study's series (QIDO-RS, asked for once), or null when the request failed (the
+  // view says why).
+  async seriesOf(study) {
+    try {
+      return await this.view.studies.series(study);
+    } catch (error) {
+      this.view.fail(error);
+      return null;
+    }
+  }
+
   // Open `series` of `study` in `pane` (dropped there, or chosen for it).
   async assign(pane, study, series) {
     const view = this.view;
-    let list;
-    try {
-      list = await view.studies.series(study);
-    } catch (error) {
-      view.fail(error);
-      return;
-    }
-    const entry = list.find((s) => first(s, "0020000E") === series);
+    const list = await this.seriesOf(study);
+    const entry = list && list.find((s) => first(s, "0020000E") === series);
     if (!entry) return;
     if (!hasImages(entry)) {
       view.say(noImages(entry));
