@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 MAX_REQUEST = 1 << 16  # bytes of an A-ASSOCIATE-RQ we read ourselves (larger: pynetdicom)
 MIN_PDU = 1 << 16  # a peer may send PDUs this long whatever maximum we announce
-READ_SIZE = 1 << 20  # bytes a recv may bring in at once
+# Bytes a recv may bring in at once (about two of dcmtk's 128 KiB PDUs); a longer PDU
+# grows the buffer to its length. The buffer is resident from the start (bytearray
+# zero-fills it): at 1 MiB, 8 associations held 8 MiB of the worker's RSS.
+READ_SIZE = 1 << 18
 MAX_COMMAND = 1 << 16  # bytes of one command set (a C-STORE-RQ's is ~200)
 # Presentation context results (PS3.8 9.3.3.2)
 ACCEPTED, USER_REJECTED, ABSTRACT_NOT_SUPPORTED, SYNTAX_NOT_SUPPORTED = 0, 1, 3, 4
