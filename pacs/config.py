@@ -368,7 +368,7 @@ class Config:
         },
     )
     render_cache_mb: int = field(
-        default=24,
+        default=16,
         metadata={"help": "Memory for decoded frames kept for re-rendering (MiB)."},
     )
     volume_cache_mb: int = field(

@@ -15,6 +15,7 @@ from pydicom.pixels import apply_modality_lut
 from viewer.render import FrameCache
 from viewer.render import RenderError
 from viewer.render import Request
+from viewer.render import frame_values
 from viewer.render import render
 
 # Where dcmj2pnm and we legitimately differ by more than ±1:
@@ -232,8 +233,28 @@ def test_cache_is_bounded_and_reused(tmp_path):
     path = TEST_FILES / "CT_small.dcm"
     render(path, Request(), cache)
     first = cache.bytes
-    assert 128 * 128 * 4 < first < 128 * 128 * 4 + 200_000  # int32 frame + its header
+    ds, values = frame_values(path, 1, cache, None)  # what the cache holds
+    assert values.dtype == np.int16
+    # Its header without the private elements (179 of this GE slice's 256): ~30 KB, not ~100.
+    assert not [tag for tag in ds.keys() if tag.group % 2]  # noqa: SIM118
+    assert 128 * 128 * 2 < first < 128 * 128 * 2 + 40_000
     render(path, Request(window=(0, 100)), cache)  # a new window: the cached frame
     assert cache.bytes == first
     render(TEST_FILES / "rtdose_1frame.dcm", Request(), cache)  # float64: evicts CT
     assert cache.bytes <= 300_000
+
+
+def test_a_frame_over_the_bound_is_kept_alone():
+    """A radiograph larger than render_cache_mb is still re-windowed without a decode:
+    the newest frame stays even alone over the bound, until another makes it go."""
+    cache = FrameCache(max_bytes=40_000)
+    ct, mr = TEST_FILES / "CT_small.dcm", TEST_FILES / "MR_small.dcm"
+    first = frame_values(ct, 1, cache, None)  # ~64 KB with its header
+    assert frame_values(ct, 1, cache, None) is first
+    assert cache.bytes > 40_000
+    frame_values(mr, 1, cache, None)  # 64² int16: within the bound, the CT goes
+    assert cache.bytes <= 40_000
+    assert frame_values(ct, 1, cache, None) is not first
+    nothing = FrameCache(0)
+    assert frame_values(ct, 1, nothing, None) is not frame_values(ct, 1, nothing, None)
+    assert nothing.bytes == 0
