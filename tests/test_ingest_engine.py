@@ -198,6 +198,30 @@ def _aborted(assoc, sock: socket.socket) -> bool:
     return assoc.is_aborted
 
 
+def test_a_silent_storage_association_is_dropped(start_server, tmp_path):
+    """network_timeout on our upper layer (a receive timeout on a blocking socket): an
+    established storage association that then says nothing is dropped; others go on."""
+    config = tmp_path / "timeout.toml"
+    config.write_text("network_timeout = 2\n")
+    server = start_server("--config", str(config))
+    silent = _established(server)
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    talking = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+    deadline = time.monotonic() + 1.5  # under the timeout: C-ECHOs keep this one alive
+    while time.monotonic() < deadline:
+        assert talking.send_c_echo().Status == 0x0000
+        time.sleep(0.3)
+    deadline = time.monotonic() + 15
+    while silent.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not silent.is_established
+    assert talking.is_established
+    talking.release()
+    assert echo(server.port) == 0
+
+
 def test_absurd_release_and_endless_commands_abort(server):
     """An A-RELEASE-RQ claiming 1 GB, and a command set that never ends, are aborted
     without the server holding what they announce."""
