@@ -263,6 +263,7 @@ class Archive:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self.journal.close()
         db.close()
         if hasattr(db.obj, "close_all"):  # a connection pool (PostgreSQL)
             db.obj.close_all()
