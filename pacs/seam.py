@@ -397,9 +397,14 @@ def _send_stored(
             _hold_reads(self.dul, True)
         found = None
         try:
-            _write(
-                self, partial(_send_dataset, command, context.context_id, stored.stored, max_pdu)
-            )
+            try:
+                _write(
+                    self,
+                    partial(_send_dataset, command, context.context_id, stored.stored, max_pdu),
+                )
+            except OSError:  # a PDU may have gone out in part: nothing can follow it
+                self.abort()
+                raise
             found = _read_store_response(self, sock, context.context_id, msg_id) if direct else None
         finally:
             if direct:
@@ -452,18 +457,20 @@ def _send_dataset(
     512 KiB an instance, the reads, copies and page faults of fresh buffers were most of
     the sender's CPU). TLS encrypts in this process: a fragment at a time is read."""
     size = stored.size
-    step = max_pdu - 6 if max_pdu else 1 << 20
-    fragments = [(start, min(step, size - start)) for start in range(0, max(size, 1), step)]
-    if isinstance(sock, ssl.SSLSocket):
-        sock.sendall(command)
-        for start, length in fragments:
-            head = _pdv_head(context_id, length, start + length >= size)
-            sock.sendall(head + stored.read(start, length))
-        return
-    sock.sendall(command, socket.MSG_MORE)
-    for start, length in fragments:
-        sock.sendall(_pdv_head(context_id, length, start + length >= size), socket.MSG_MORE)
-        _sendfile(sock, stored, stored.start + start, length)
+    step = max(max_pdu - 6, 1) if max_pdu else 1 << 20
+    tls = isinstance(sock, ssl.SSLSocket)
+    sock.sendall(command, 0 if tls else socket.MSG_MORE)  # held back to leave with a head
+    for start in range(0, max(size, 1), step):
+        length = min(step, size - start)
+        head = _pdv_head(context_id, length, start + length >= size)
+        if tls:
+            data = stored.read(start, length)
+            if len(data) != length:  # the PDU header would promise bytes that are not there
+                raise ConnectionError(f"{stored.path} ended before its recorded length")
+            sock.sendall(head + data)
+        else:
+            sock.sendall(head, socket.MSG_MORE)
+            _sendfile(sock, stored, stored.start + start, length)
 
 
 def _sendfile(sock: socket.socket, stored: StoredFile, offset: int, length: int) -> None:
