@@ -498,15 +498,18 @@ def test_other_documents_are_not_the_viewers_report(server, tmp_path):
     assert status == 201, saved
 
     others = []
-    for name, title in (("sr", ("18748-4", "LN")), ("kos", ("113001", "DCM"))):
+    for name, title in (("sr", ("18748-4", "LN")), ("kos", ("113001", "DCM")), ("sr", None)):
         document = pydicom.dcmread(
             next(server.data.glob(f"*/*/{saved[name]['sopInstanceUID']}.dcm"))
         )
         document.SOPInstanceUID = document.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         document.ContentDate, document.ContentTime = "29991231", "235959"  # newer than any save
-        document.ConceptNameCodeSequence[0].CodeValue = title[0]
-        document.ConceptNameCodeSequence[0].CodingSchemeDesignator = title[1]
-        others.append(tmp_path / f"{name}.dcm")
+        if title is None:  # no title at all (a Type 1 attribute, but STOW-RS clients vary)
+            del document.ConceptNameCodeSequence
+        else:
+            document.ConceptNameCodeSequence[0].CodeValue = title[0]
+            document.ConceptNameCodeSequence[0].CodingSchemeDesignator = title[1]
+        others.append(tmp_path / f"{len(others)}.dcm")
         document.save_as(others[-1], enforce_file_format=True)
     storescu(server.port, *others, extra=("--required",))  # SR classes are not among its defaults
 

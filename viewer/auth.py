@@ -77,7 +77,10 @@ class Sessions(SecureCookieSessionInterface):
         self._made: dict[tuple, URLSafeTimedSerializer | None] = {}
 
     def get_signing_serializer(self, app: Flask) -> URLSafeTimedSerializer | None:
-        key = (app.secret_key, tuple(app.config["SECRET_KEY_FALLBACKS"] or ()))
+        key = (
+            app.secret_key,
+            tuple(app.config.get("SECRET_KEY_FALLBACKS") or ()),
+        )  # the key: Flask 3.1+
         if key not in self._made:
             self._made[key] = super().get_signing_serializer(app)
         return self._made[key]

@@ -273,8 +273,10 @@ def titled(header: Dataset) -> bool:
     """Whether a document is what the viewer saves (TITLES): a Measurement Report, or key
     images "Of Interest". Another system's CAD report or rejection note is left alone."""
     names = header.get("ConceptNameCodeSequence") or []
+    if not names:
+        return False
     code = (str(names[0].get("CodeValue", "")), str(names[0].get("CodingSchemeDesignator", "")))
-    return bool(names) and code == TITLES.get(str(header.get("SOPClassUID", "")))
+    return code == TITLES.get(str(header.get("SOPClassUID", "")))
 
 
 def moment(header: Dataset) -> datetime:

@@ -200,9 +200,10 @@ def frame_values(
         raise RenderError(422, f"cannot decode the pixel data: {exc}") from exc
     if arr.ndim == 2 or ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2"):
         arr = _modality(arr, ds, frame)
-    item = (_without_private(ds), arr)
-    if cache is not None:
-        cache.put(key, item)
+    if cache is None:
+        return ds, arr
+    item = (_without_private(ds), arr)  # the kept header: its private part is most of it
+    cache.put(key, item)
     return item
 
 

@@ -149,7 +149,9 @@ export class Opener {
     const view = this.view;
     const pane = view.active;
     if (!pane.series) return;
-    const list = (await view.studies.series(pane.study)).filter(hasImages);
+    const found = await this.seriesOf(pane.study);
+    if (!found) return;
+    const list = found.filter(hasImages);
     const at = list.findIndex((s) => first(s, "0020000E") === pane.series);
     const next = list[at + step];
     if (next) view.navigate(`/study/${pane.study}/series/${first(next, "0020000E")}`);
