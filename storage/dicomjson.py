@@ -120,7 +120,7 @@ def _element(
 
 
 def _implicit_vr(tag: int) -> str | None:
-    if (tag >> 16) % 2:  # private: see _private_number_vr
+    if (tag >> 16) % 2:  # private: see _private_vr
         return None
     vr = _dictionary_vr(int(tag))
     return vr if vr is not None and " or " not in vr else None

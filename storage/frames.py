@@ -10,6 +10,7 @@ Offset Table, else by reading the items' headers (then only one fragment a frame
 told apart without decoding).
 """
 
+import itertools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -123,8 +124,12 @@ def _encapsulated(
         return [read(first + starts[n - 1] + 8, sizes[n - 1]) for n in numbers]
     if table:
         basic = struct.unpack(f"<{table // 4}L", read(offset + 8, table))
-        if len(basic) != count:
-            return None
+        if (
+            len(basic) != count
+            or basic[0] != 0
+            or any(a >= b for a, b in itertools.pairwise(basic))
+        ):
+            return None  # not a table of this object's frames (PS3.5 A.4): read it whole
         frames = []
         for number in numbers:
             start = first + basic[number - 1]
@@ -136,17 +141,18 @@ def _encapsulated(
                 part, fragments = read, _items(read, start, None)
             frames.append(b"".join(part(at, size) for at, size in fragments))
         return frames
-    fragments = _items(read, first, None)
+    fragments = _items(read, first, None, limit=count + 1)
     if len(fragments) != count:
         return None  # several fragments a frame: where each frame ends needs decoding
     return [read(*fragments[n - 1]) for n in numbers]
 
 
-def _items(read: Read, pos: int, end: int | None) -> list[tuple[int, int]]:
+def _items(read: Read, pos: int, end: int | None, limit: int = 0) -> list[tuple[int, int]]:
     """(value start, length) of the items from `pos` to `end`, or to the Sequence
-    Delimitation Item."""
-    found = []
-    while end is None or pos < end:
+    Delimitation Item; at most `limit` of them when it is set (a walk of a cold object
+    costs a ranged read an item: one item more than the frames is already a no)."""
+    found: list[tuple[int, int]] = []
+    while (end is None or pos < end) and not (limit and len(found) >= limit):
         tag, length = _item(read, pos)
         if tag == SEQUENCE_END:
             break
