@@ -56,7 +56,7 @@ def _int(value: Any, name: str, minimum: int = 1, maximum: int | None = None) ->
     if number < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, not {value!r}")
     if maximum is not None and number > maximum:
-        raise ConfigError(f"{name}: at most {maximum}")
+        raise ConfigError(f"{name} must be at most {maximum}, not {value!r}")
     return number
 
 
@@ -369,7 +369,10 @@ class Config:
     )
     render_cache_mb: int = field(
         default=16,
-        metadata={"help": "Memory for decoded frames kept for re-rendering (MiB)."},
+        metadata={
+            "minimum": 0,
+            "help": "Memory for decoded frames kept for re-rendering (MiB; 0: none).",
+        },
     )
     volume_cache_mb: int = field(
         default=256,

@@ -51,7 +51,7 @@ def test_a_setting_from_text(name, text, value):
         ("workers", "0", "workers must be at least 1, not '0'"),
         ("quota_mb", "-1", "quota_mb must be at least 0, not '-1'"),
         ("max_results", "many", "max_results must be a whole number, not 'many'"),
-        ("move_associations", "9", "move_associations: at most 8"),
+        ("move_associations", "9", "move_associations must be at most 8, not '9'"),
         ("tls_port", "65536", "tls_port must be 0-65535, not '65536'"),
         ("trust_proxy", "perhaps", "trust_proxy must be true or false, not 'perhaps'"),
         ("index_wait", "601", "index_wait must be 0-600 seconds, not '601'"),
