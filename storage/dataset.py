@@ -437,14 +437,6 @@ class _Walk:
                 pos += length
 
 
-def dataset_bytes(path: Path) -> bytes:
-    """The dataset part of a stored Part 10 file, exactly as received (what C-STORE sends)."""
-    with open(path, "rb") as fp:
-        start, _ = _read_meta(fp)
-        fp.seek(start)
-        return fp.read()
-
-
 def open_dataset(path: Path) -> tuple[BinaryIO, int, int]:
     """A stored Part 10 file opened, where its dataset begins and how many bytes it has:
     for sending the dataset from the file itself (os.sendfile), not through memory."""

@@ -22,6 +22,7 @@ from conftest import Server
 from conftest import index_rows
 from conftest import minipacs
 from conftest import storescu
+from dicom_files import dataset_bytes
 from gate import Gate
 from make_study import make_study
 from pydicom.data import get_testdata_file
@@ -39,7 +40,6 @@ from storage import Archive
 from storage import frames
 from storage import objects
 from storage import objectstore
-from storage.dataset import dataset_bytes
 
 PREFIX = "archive"
 AS_STORED = {"Accept": "application/dicom; transfer-syntax=*"}
