@@ -6,15 +6,12 @@
 // marks the instance.
 
 import { saveMeasurements, savedMeasurements, seriesOfInstances } from "./dicomweb.js";
-import { angle, length } from "./measure.js";
 
 export class Report {
-  // `measurements`: those of every pane; `panes()`: the layout's panes (a measured
-  // image's spacing is theirs); `changed(study)`: `study`'s key images changed;
-  // `say(message)`: the status line.
-  constructor(measurements, { panes, changed, say }, signal) {
+  // `measurements`: those of every pane; `changed(study)`: `study`'s key images
+  // changed; `say(message)`: the status line.
+  constructor(measurements, { changed, say }, signal) {
     this.measurements = measurements;
-    this.panes = panes;
     this.changed = changed;
     this.say = say;
     this.signal = signal;
@@ -100,13 +97,9 @@ export class Report {
     const measurements = this.measurements
       .all()
       .filter((m) => m.study === study && m !== this.measurements.keyed && (m.type !== "angle" || m.points.length === 3))
-      .map((m) => {
-        const spacing = this.spacingOf(m);
-        const found = { type: m.type, sopInstanceUID: m.sop, frame: m.frame, points: m.points };
-        if (m.type === "length") return { ...found, value: length(m.points, spacing), unit: spacing.kind === "px" ? "px" : "mm" };
-        if (m.type === "angle") return { ...found, value: angle(m.points, spacing), unit: "deg" };
-        return found;
-      });
+      // Points only: the server works out values, units and statistics from the stored
+      // image (docs/viewer-api.md, 4), whichever panes still show it.
+      .map((m) => ({ type: m.type, sopInstanceUID: m.sop, frame: m.frame, points: m.points }));
     const keyImages = [...this.keyImages]
       .filter(([, image]) => image.study === study)
       .map(([sop]) => ({ sopInstanceUID: sop, frame: 1 }));
@@ -127,15 +120,5 @@ export class Report {
     } catch (error) {
       if (error.name !== "AbortError") this.say(error.status === 403 ? "Saving needs the uploader role." : `Not saved: ${error.message}`);
     }
-  }
-
-  // The spacing of a measurement's image, from a pane that has its series.
-  spacingOf(measurement) {
-    for (const pane of this.panes()) {
-      const index = pane.stack.findIndex((s) => s.sop === measurement.sop && s.frame === measurement.frame);
-      const geometry = index >= 0 && pane.geometry(index);
-      if (geometry) return geometry.spacing;
-    }
-    return { row: 1, column: 1, kind: "px" };
   }
 }

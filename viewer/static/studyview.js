@@ -64,7 +64,7 @@ class StudyView {
     this.commands = new Commands(this);
     this.report = new Report(
       this.measurements,
-      { panes: () => this.grid.panes, changed: (study) => this.keyImagesChanged(study), say: (message) => this.say(message) },
+      { changed: (study) => this.keyImagesChanged(study), say: (message) => this.say(message) },
       this.signal,
     );
     this.opener = new Opener(this);
