@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import boto3  # a missing client must fail here, not read as a store that never starts
 from botocore.config import Config
+from ports import free_port  # scripts/ is on the path of whoever imports s3temp
 
 ACCESS_KEY = "minipacs-test"
 SECRET_KEY = "minipacs-test-secret"
@@ -38,23 +38,12 @@ def _weed() -> str:
     return found
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 class Store:
     """One running SeaweedFS; `bucket()` makes a fresh bucket and returns its name."""
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="minipacs-s3-"))
-        self.ports = dict(zip(PORTS, _free_ports(len(PORTS)), strict=True))
+        self.ports = dict(zip(PORTS, [free_port() for _ in PORTS], strict=True))
         identity = {
             "name": "minipacs",
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import pgtemp  # noqa: E402  (from scripts/)
 import s3temp  # noqa: E402  (from scripts/)
+from ports import free_port  # noqa: E402,F401  (from scripts/; tests import it from here)
 
 from storage.engine import open_database  # noqa: E402
 
@@ -41,15 +42,6 @@ def pytest_configure(config: pytest.Config) -> None:
     if sys.flags.dont_write_bytecode:
         for package in ("pacs", "storage", "viewer"):
             compileall.compile_dir(ROOT / package, quiet=1)
-
-
-def free_port() -> int:
-    """A port nothing listens on now, chosen by the kernel at random among the ephemeral
-    ones: concurrent runs and xdist workers rarely meet (a fixed block per worker would
-    make two runs at once take the same ports in the same order)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -133,6 +125,15 @@ class Server:
             self.proc = subprocess.Popen(
                 command, stdin=stdin, stderr=log, stdout=log, cwd=ROOT, env=env
             )
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.kill()  # not left running for a later test's Popen.__del__ to warn about
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -142,10 +143,9 @@ class Server:
                     f"{self.url}/healthz", timeout=1, context=self.ssl_context
                 ) as response:
                     if response.status == 200:
-                        return self
+                        return
             except OSError:
                 time.sleep(0.05)
-        self.kill()
         raise RuntimeError(f"server did not answer within {timeout}s:\n{self.log()}")
 
     def rows(self, sql: str, *args) -> list[tuple]:
