@@ -21,7 +21,6 @@ import http.client
 import json
 import random
 import shlex
-import shutil
 import sqlite3
 import threading
 import time
@@ -335,7 +334,11 @@ def new_server(name: str, load: str, workdir: Path, opts: argparse.Namespace) ->
 
 
 def measure(name: str, load: str, data: Data, root: Path, opts: argparse.Namespace) -> Run:
-    """One load on a fresh server; its data deleted after (its logs are kept)."""
+    """One load on a fresh server. Its data stays until the whole run ends: on an ext4
+    without a journal (this machine's disk), a file created within 60 s of many deletions
+    in its block group scans past each freed inode (the kernel's recently_deleted()), and
+    deleting a run's data here made the next server's C-STOREs pay for it: 18 % of
+    minipacs's receiver CPU at x4, 400 instead of 600 inst/s (scripts/bench/README.md)."""
     if load in ("small", "mixed"):
         files = data.small if load == "small" else data.mixed[1]
     else:
@@ -356,9 +359,6 @@ def measure(name: str, load: str, data: Data, root: Path, opts: argparse.Namespa
         log.error("%s %s: %s", name, load, exc)
     finally:
         run.log_issues = server.stop()
-        for path in workdir.iterdir():
-            if path.is_dir():
-                shutil.rmtree(path)
     figures = bench.cell(run.rate), bench.cell(run.peak_rss_mib)
     log.info("%s %s: %s inst/s, peak RSS %s MiB", name, load, *figures)
     return run
