@@ -22,6 +22,7 @@ import json
 import random
 import shlex
 import sqlite3
+import statistics
 import threading
 import time
 import urllib.parse
@@ -55,7 +56,7 @@ class Data:
     ct: bench.StudyFiles | None = None
     small: list[Path] = field(default_factory=list)
     preload: bench.StudyFiles | None = None  # what the web clients of the mixed load read
-    mixed: tuple[list[Path], ...] = ()  # sent alone, sent under the web load
+    mixed: tuple[list[Path], ...] = ()  # sent alone, under the web load, alone, …
 
 
 def make_data(root: Path, opts: argparse.Namespace) -> Data:
@@ -72,11 +73,11 @@ def make_data(root: Path, opts: argparse.Namespace) -> Data:
     if "mixed" in opts.loads:
         preload = bench.make_study(root / "preload", opts.mixed_preload, patient_id="PRELOAD")
         data.preload = bench.read_study(preload)
-        sets = ([], [])
-        for number in range(2 * ASSOCIATIONS["mixed"]):  # a study for each storescu
+        sets: list[list[Path]] = [[] for _ in range(2 * opts.mixed_repeats)]
+        for number in range(len(sets) * ASSOCIATIONS["mixed"]):  # a study for each storescu
             folder = root / f"mixed-{number}"
-            sets[number % 2].extend(bench.make_study(folder, opts.mixed_per_assoc))
-        data.mixed = sets
+            sets[number % len(sets)].extend(bench.make_study(folder, opts.mixed_per_assoc))
+        data.mixed = tuple(sets)
     return data
 
 
@@ -260,9 +261,17 @@ class WebLoad:
 
     def latency(self, start: float, end: float) -> dict[str, list[float | None]]:
         """Per kind, of the requests started in [start, end): p50 and p99 ms."""
+        return self.latency_in([(start, end)])
+
+    def latency_in(self, windows: list[tuple[float, float]]) -> dict[str, list[float | None]]:
+        """Per kind, of the requests started in any of `windows`: p50 and p99 ms."""
         out = {}
         for kind in self.kinds:
-            ms = [1000 * s for k, t, s, ok in self.records if k == kind and ok and start <= t < end]
+            ms = [
+                1000 * s
+                for k, t, s, ok in self.records
+                if k == kind and ok and any(start <= t < end for start, end in windows)
+            ]
             out[kind] = [bench.percentile(ms, 0.5), bench.percentile(ms, 0.99)]
         return out
 
@@ -271,8 +280,10 @@ class WebLoad:
 
 
 def run_mixed(run: Run, server: bench.Server, data: Data, opts: argparse.Namespace) -> None:
-    """The preloaded study first; web latency alone for --web-seconds; the first set sent
-    alone; the second set sent under the web load (the run's rate)."""
+    """The preloaded study first; web latency alone for --web-seconds; then sets sent
+    alone and under the web load, in turn, --mixed-repeats times each: a set is sent in
+    about half a second, so one pair of sends decided the ratio by noise (0.50 to 0.94
+    in runs of one code). The rates are the medians."""
     preload = data.preload.files
     if bench.send(server, preload, tag="preload").failed:
         raise bench.BenchError("the preloaded study was refused")
@@ -284,22 +295,36 @@ def run_mixed(run: Run, server: bench.Server, data: Data, opts: argparse.Namespa
     time.sleep(opts.web_seconds)
     web.stop()
     web_alone = web.latency(alone_start, time.perf_counter())
-    alone = bench.send(server, data.mixed[0], ASSOCIATIONS["mixed"], "mixed-alone")
-    web.start()
-    time.sleep(0.3)  # the clients under way first
-    loaded_start = time.perf_counter()
-    loaded = bench.send(server, data.mixed[1], ASSOCIATIONS["mixed"], "mixed-loaded")
-    web.stop()
-    bench.wait_queryable(server, len(preload) + alone.files + loaded.files)
-    run.send_s, run.failed = loaded.seconds, alone.failed + loaded.failed
+    alone: list[bench.Sent] = []
+    loaded: list[bench.Sent] = []
+    windows: list[tuple[float, float]] = []
+    for number, files in enumerate(data.mixed):
+        tag = f"mixed-{number}"
+        if number % 2 == 0:
+            bench.wait_queryable(server, len(preload) + sum(len(f) for f in data.mixed[:number]))
+            alone.append(bench.send(server, files, ASSOCIATIONS["mixed"], tag))
+            continue
+        web.start()
+        time.sleep(0.3)  # the clients under way first
+        started = time.perf_counter()
+        loaded.append(bench.send(server, files, ASSOCIATIONS["mixed"], tag))
+        windows.append((started, started + loaded[-1].seconds))
+        web.stop()
+    bench.wait_queryable(server, len(preload) + sum(len(f) for f in data.mixed))
+    rates_alone = [sent.files / sent.seconds for sent in alone]
+    rates_loaded = [sent.files / sent.seconds for sent in loaded]
+    run.send_s = sum(sent.seconds for sent in loaded)
+    run.failed = sum(sent.failed for sent in alone + loaded)
     run.mixed = {
-        "alone": alone.files / alone.seconds,
-        "loaded": loaded.files / loaded.seconds,
-        "ratio": alone.seconds / loaded.seconds,
+        "alone": statistics.median(rates_alone),
+        "loaded": statistics.median(rates_loaded),
+        "ratio": statistics.median(rates_loaded) / statistics.median(rates_alone),
+        "alone_each": rates_alone,
+        "loaded_each": rates_loaded,
         "http_errors": sum(not ok for *_, ok in web.records),
         "requests": len(web.records),
         "web_alone": web_alone,
-        "web_loaded": web.latency(loaded_start, loaded_start + loaded.seconds),
+        "web_loaded": web.latency_in(windows),
     }
 
 
@@ -340,7 +365,9 @@ def measure(name: str, load: str, data: Data, root: Path, opts: argparse.Namespa
     deleting a run's data here made the next server's C-STOREs pay for it: 18 % of
     minipacs's receiver CPU at x4, 400 instead of 600 inst/s (scripts/bench/README.md)."""
     if load in ("small", "mixed"):
-        files = data.small if load == "small" else data.mixed[1]
+        files = (
+            data.small if load == "small" else [path for part in data.mixed[1::2] for path in part]
+        )
     else:
         files = data.ct.files[: opts.x0_count] if load == "x0" else data.ct.files
     run = Run(name, load, files)
@@ -405,6 +432,13 @@ def report(runs: list[Run], opts: argparse.Namespace) -> int:
             header + ["HTTP errors", "requests", "peak RSS MiB", "status"],
             rows,
         )
+        for run in mixed:
+            alone, loaded = (
+                " ".join(f"{r:.0f}" for r in run.mixed[k]) for k in ("alone_each", "loaded_each")
+            )
+            out.note(
+                f"{run.server}: inst/s of each send alone {alone}, loaded {loaded} (medians above)"
+            )
         header = ["server", "request", "alone p50", "p99", "under ingest p50", "p99"]
         out.table("mixed: web latency, ms", header, web)
     lagged = [run for run in runs if run.lag]
@@ -479,6 +513,7 @@ def parser() -> argparse.ArgumentParser:
     add("--x0-count", type=int, default=100, help="storescu runs of x0, one instance each")
     add("--small-studies", type=int, default=2000, help="studies of the small load")
     add("--mixed-per-assoc", type=int, default=30, help="CT instances each mixed storescu sends")
+    add("--mixed-repeats", type=int, default=3, help="sends alone and under web load, each")
     add("--mixed-preload", type=int, default=50, help="instances of the study the web reads")
     add("--web-seconds", type=float, default=4.0, help="web latency measured without ingest")
     add("--minipacs-args", default="", help="more `minipacs serve` arguments (--minipacs-args=...)")
