@@ -7,6 +7,7 @@ costs far more than the bytes.
 """
 
 import struct
+from collections.abc import Iterator
 
 # PDU types (PS3.8 9.3.1)
 ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
@@ -59,15 +60,27 @@ def fields(data: bytes | bytearray) -> dict[int, bytes]:
     return found
 
 
-def pdata(context_id: int, data: bytes, is_command: bool, max_pdu: int) -> bytes:
+def pdata(context_id: int, data: bytes | bytearray, is_command: bool, max_pdu: int) -> bytes:
     """P-DATA-TF PDUs carrying `data` as one message part: one PDV each, fragments no
     longer than the peer's maximum (0: no maximum)."""
-    size = max(max_pdu - 6, 1) if max_pdu else max(len(data), 1)
     out = bytearray()
-    for start in range(0, max(len(data), 1), size):
-        fragment = data[start : start + size]
-        header = (1 if is_command else 0) | (2 if start + size >= len(data) else 0)
-        out += struct.pack(">BBIIBB", P_DATA, 0, len(fragment) + 6, len(fragment) + 2,
-                           context_id, header)  # fmt: skip
-        out += fragment
+    for start, length, header in pdata_headers(context_id, len(data), is_command, max_pdu):
+        out += header
+        out += data[start : start + length]
     return bytes(out)
+
+
+def pdata_headers(
+    context_id: int, size: int, is_command: bool, max_pdu: int
+) -> Iterator[tuple[int, int, bytes]]:
+    """How a message part of `size` bytes goes out as P-DATA-TF PDUs of one PDV each, no
+    longer than `max_pdu` (0: no maximum, one PDU): each fragment's start, length, and
+    the PDU and PDV headers that go before it (PS3.8 9.3.5, E.2). The one place a P-DATA
+    is framed; a sender with the bytes elsewhere (a file, by sendfile) sends each header
+    and then its fragment."""
+    step = max(max_pdu - 6, 1) if max_pdu else max(size, 1)
+    for start in range(0, max(size, 1), step):
+        length = min(step, size - start)
+        control = (1 if is_command else 0) | (2 if start + length >= size else 0)
+        yield start, length, struct.pack(">BBIIBB", P_DATA, 0, length + 6, length + 2,
+                                         context_id, control)  # fmt: skip

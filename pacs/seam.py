@@ -86,6 +86,7 @@ from pynetdicom.fsm import StateMachine
 from pynetdicom.transport import AssociationSocket
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs import dimse
 from storage.dataset import inflate
 from storage.dataset import open_dataset
 from storage.recode import to_little_endian
@@ -289,7 +290,7 @@ class FindAnswers:
                 (0x00000800, struct.pack("<H", data_set_type)),
                 (0x00000900, struct.pack("<H", status)),
             )
-            return _pdata(context_id, command, True, self._max_pdu)
+            return dimse.pdata(context_id, command, True, self._max_pdu)
 
         self._command = response(DATASET, PENDING)  # the same for each answer
         self._final = response(NO_DATASET, 0x0000)
@@ -301,7 +302,7 @@ class FindAnswers:
         first = not self._answered
         self._answered = True
         self._buffer += self._command
-        self._buffer += _pdata(self._context_id, identifier, False, self._max_pdu)
+        self._buffer += dimse.pdata(self._context_id, identifier, False, self._max_pdu)
         if first or len(self._buffer) >= self.FLUSH:  # the first answer goes out at once
             self.flush()
 
@@ -390,7 +391,7 @@ def _send_stored(
         time.sleep(0.0001)
     try:
         max_pdu = _peer_max_pdu(self)
-        command = _pdata(context.context_id, _command(*elements), True, max_pdu)
+        command = dimse.pdata(context.context_id, _command(*elements), True, max_pdu)
         sock = self.dul.socket.socket
         direct = not isinstance(sock, ssl.SSLSocket)  # MSG_PEEK needs the plain socket
         if direct:
@@ -442,9 +443,11 @@ _STATUS_ELEMENTS = {
     "OffendingElement": (0x00000901, "AT"),
 }
 C_STORE_RSP = 0x8001
-P_DATA, A_ABORT = 0x04, 0x07  # PDU types (PS3.8 9.3.1)
 MAX_PEEK = 1 << 16
 RESPONSE_PEEK = 512  # bytes peeked at first: a C-STORE-RSP PDU is ~200
+# A dataset goes to a peer with no maximum PDU length in 1 MiB fragments all the same: on
+# TLS each is read into memory, whatever the file's size.
+UNLIMITED_PDU = (1 << 20) + 6
 
 
 def _send_dataset(
@@ -456,13 +459,10 @@ def _send_dataset(
     header, which MSG_MORE holds back to leave with it: no copy through memory (at
     512 KiB an instance, the reads, copies and page faults of fresh buffers were most of
     the sender's CPU). TLS encrypts in this process: a fragment at a time is read."""
-    size = stored.size
-    step = max(max_pdu - 6, 1) if max_pdu else 1 << 20
     tls = isinstance(sock, ssl.SSLSocket)
     sock.sendall(command, 0 if tls else socket.MSG_MORE)  # held back to leave with a head
-    for start in range(0, max(size, 1), step):
-        length = min(step, size - start)
-        head = _pdv_head(context_id, length, start + length >= size)
+    pdus = dimse.pdata_headers(context_id, stored.size, False, max_pdu or UNLIMITED_PDU)
+    for start, length, head in pdus:
         if tls:
             data = stored.read(start, length)
             if len(data) != length:  # the PDU header would promise bytes that are not there
@@ -488,11 +488,6 @@ def _sendfile(sock: socket.socket, stored: StoredFile, offset: int, length: int)
             sent += count
     if sent != length:  # the PDU header promised `length`: the stream is broken
         raise ConnectionError(f"{stored.path} ended before its recorded length")
-
-
-def _pdv_head(context_id: int, length: int, last: bool) -> bytes:
-    """The PDU and PDV headers of a dataset fragment of `length` bytes (PS3.8 9.3.5, E.2)."""
-    return struct.pack(">BBIIBB", 0x04, 0, length + 6, length + 2, context_id, 2 if last else 0)
 
 
 def _write(assoc: Association, data: bytes | bytearray | Callable[[socket.socket], None]) -> None:
@@ -552,10 +547,10 @@ def _read_store_response(
     timeout = assoc.dimse_timeout
     deadline = None if timeout is None else time.monotonic() + timeout
     head = _peek(sock, 6, deadline, RESPONSE_PEEK)  # the whole response, mostly
-    if head is None or head[0] == A_ABORT:
+    if head is None or head[0] == dimse.ABORT:
         return {}  # closed, silent, or aborting: no status (the send failed)
     (length,) = struct.unpack(">I", head[2:6])
-    if head[0] != P_DATA or length > MAX_PEEK:
+    if head[0] != dimse.P_DATA or length > MAX_PEEK:
         return None
     pdu = head[: 6 + length] if len(head) >= 6 + length else _peek(sock, 6 + length, deadline)
     if pdu is None:
@@ -646,24 +641,6 @@ def _command(*elements: tuple[int, bytes]) -> bytes:
 def _peer_max_pdu(assoc: Association) -> int:
     peer = assoc.requestor if assoc.is_acceptor else assoc.acceptor
     return peer.maximum_length or 0
-
-
-def _pdata(context_id: int, data: bytes, command: bool, max_pdu: int) -> bytes:
-    """P-DATA-TF PDUs carrying `data` as one message part (PS3.8 9.3.5, E.2): one PDV
-    each, fragments no longer than the peer's maximum."""
-    size = max_pdu - 6 if max_pdu else max(len(data), 1)
-    out = bytearray()
-    for start in range(0, max(len(data), 1), size):
-        last = start + size >= len(data)
-        out += _pdv(context_id, data[start : start + size], command, last)
-    return bytes(out)
-
-
-def _pdv(context_id: int, fragment: bytes, command: bool, last: bool) -> bytes:
-    """One P-DATA-TF PDU with one PDV item (its message control header: PS3.8 E.2)."""
-    header = (1 if command else 0) | (2 if last else 0)
-    item = struct.pack(">IBB", len(fragment) + 2, context_id, header) + fragment
-    return struct.pack(">BBI", 0x04, 0, len(item)) + item
 
 
 def _send_msg_sparingly(self: DIMSEServiceProvider, primitive, context_id: int) -> None:

@@ -23,6 +23,7 @@ from pynetdicom.sop_class import CTImageStorage
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
+from pacs import dimse
 from pacs import seam
 from pacs.config import Config
 
@@ -243,7 +244,7 @@ def test_a_direct_write_waits_for_the_send_pynetdicom_has_begun(servers):
     echo = threading.Thread(target=assoc.send_c_echo)
     echo.start()
     assert in_action.wait(10)
-    seam._write(assoc, seam._pdata(context_id, cancel, True, 0))
+    seam._write(assoc, dimse.pdata(context_id, cancel, True, 0))
     written = time.monotonic()
     echo.join(10)
     assert ended and written >= ended[0]
@@ -259,7 +260,7 @@ def test_a_stored_dataset_goes_from_its_file_in_pdus_within_the_peers_maximum(ti
     peer's maximum (0: no limit), only the last marked last; on a socket with a timeout
     too (socket.sendfile then waits for it). Read back over real TCP."""
     expected = dataset_bytes(CT)
-    command = seam._pdata(1, seam._command((0x00000100, b"\x01\x00")), True, 0)
+    command = dimse.pdata(1, seam._command((0x00000100, b"\x01\x00")), True, 0)
     for max_pdu in (0, 16384, 1000):
         with socket.create_server(("127.0.0.1", 0)) as listener:
             sender = socket.create_connection(listener.getsockname())
