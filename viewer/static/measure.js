@@ -29,10 +29,14 @@ export class Measurements {
     this.grabbed = null; // { measurement, handle, from }: a point the keyboard cursor moves
   }
 
-  // The measurements on the image `pane` shows.
+  // The measurements on the image `pane` shows. Every edit finds its measurement here,
+  // so this is where a reopened report's, which names the instance only, takes its
+  // series from the pane (its statistics are asked for under it).
   on(pane) {
     const slice = pane.stack[pane.index];
-    return (slice && this.byImage.get(`${slice.sop}|${slice.frame}`)) || [];
+    const found = (slice && this.byImage.get(`${slice.sop}|${slice.frame}`)) || [];
+    for (const measurement of found) measurement.series ||= pane.series;
+    return found;
   }
 
   all() {
@@ -138,7 +142,6 @@ export class Measurements {
     this.release();
     const next = handles[at < 0 ? (step > 0 ? 0 : handles.length - 1) : (at + step + handles.length) % handles.length];
     const point = next.measurement.points[next.handle];
-    next.measurement.series ||= pane.series; // a reopened report names the instance only
     this.grabbed = { ...next, from: [...point] };
     this.selected = next.measurement;
     this.changed();
@@ -209,7 +212,6 @@ export class Measurements {
 
   // Move point `handle` with the pointer until it is released.
   drag(pane, event, measurement, handle, { drawing = false } = {}) {
-    measurement.series ||= pane.series; // a reopened report names the instance only
     const stage = pane.viewport.stage;
     stage.setPointerCapture(event.pointerId);
     const start = [event.clientX, event.clientY];
