@@ -10,7 +10,7 @@
 import { first, formatDate, text, thumbnailURL } from "./dicomweb.js";
 import { button, el } from "./dom.js";
 import { SERIES_TYPE } from "./layout.js";
-import { hasImages } from "./studies.js";
+import { hasImages, seriesLabel } from "./studies.js";
 
 export class Strip {
   // `openStudy(uid)`: a study of the list was chosen (to be shown beside the current).
@@ -91,7 +91,7 @@ export class Strip {
 
 function seriesItem(study, series) {
   const uid = first(series, "0020000E");
-  const label = text(series, "0008103E") || `Series ${first(series, "00200011") ?? ""}`;
+  const label = seriesLabel(series);
   const count = first(series, "00201209") || 0;
   const modality = text(series, "00080060");
   if (!hasImages(series)) {

@@ -87,10 +87,15 @@ export function hasImages(series) {
   return !NO_IMAGES.has(text(series, "00080060")) && (first(series, "00201209") ?? 1) > 0;
 }
 
+// What names series `series` (a QIDO-RS series answer) in the strip and in messages: its
+// description, else its number.
+export function seriesLabel(series) {
+  return text(series, "0008103E") || `Series ${first(series, "00200011") ?? ""}`.trim();
+}
+
 // What a pane or the status line says of series `series`, which has no images.
 export function noImages(series) {
-  const name = text(series, "0008103E") || `Series ${first(series, "00200011") ?? ""}`.trim();
-  return `${name} (${text(series, "00080060") || "no modality"}) has no images to show.`;
+  return `${seriesLabel(series)} (${text(series, "00080060") || "no modality"}) has no images to show.`;
 }
 
 // The study's day as YYYY-MM-DD (QIDO-RS answer or instance metadata).
