@@ -120,16 +120,19 @@ def test_orientation_letters_turn_with_the_view(page, server, study):
 
 
 def test_keys_help_a_preset_key_and_the_window_by_keys(page, server, study):
-    """'?' lists the keys; 2 is the lung preset; Shift+arrows move the window as a drag
-    would, rendered as a drag's (a JPEG, then the exact PNG in the window reached);
-    0 is the file's window again."""
+    """'?' lists the keys, and the toolbar's titles name them from the same table; 2 is
+    the lung preset; Shift+arrows move the window as a drag would, rendered as a drag's
+    (a JPEG, then the exact PNG in the window reached); 0 is the file's window again."""
     open_current(page, server, study)
     page.keyboard.press("?")
     help = page.get_by_role("dialog", name="Keyboard shortcuts")
     expect(help).to_be_visible()
     expect(help).to_contain_text("Next series")
     expect(help).to_contain_text("Window narrower, wider")
+    expect(help).to_contain_text("Shift+R")
     page.keyboard.press("Escape")
+    rotate = page.get_by_role("button", name="Rotate left")
+    expect(rotate).to_have_attribute("title", "Rotate 90° anticlockwise (Shift+R)")
     expect(help).to_be_hidden()
     corner = pane(page, 1).locator(".corner.br")
     page.keyboard.press("2")  # CT's second preset: lung

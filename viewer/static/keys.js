@@ -53,6 +53,13 @@ export const KEYS = [
   [["?"], "?", "This help", "help"],
 ];
 
+// The key that runs study view command `command` as the help shows it ("C", "Shift+R"),
+// for the toolbar's titles; undefined when no key runs it.
+export function keyOf(command) {
+  const row = KEYS.find(([, , , named]) => named === command);
+  return row && row[1];
+}
+
 // Keys a focused panel that scrolls (marked data-scrolls, the tag panel) keeps.
 const SCROLLING = new Set(["ArrowDown", "ArrowUp", "ArrowLeft", "ArrowRight", "PageDown", "PageUp", "Home", "End", " "]);
 

@@ -6,6 +6,7 @@
 // them (`presetValue`).
 
 import { button, el } from "./dom.js";
+import { keyOf } from "./keys.js";
 import { LAYOUTS } from "./layout.js";
 import { TOOLS } from "./measure.js";
 
@@ -40,25 +41,30 @@ export class Toolbar {
     this.presetSelect.addEventListener("change", () => applyPreset(this.presetSelect.value));
     this.fpsInput = el("input", { type: "number", min: "1", max: "60", value: "10", "aria-label": "Frames per second", class: "fps" });
     this.fpsInput.addEventListener("change", () => setFps(Math.min(60, Math.max(1, Number(this.fpsInput.value) || 10))));
-    const tool = (label, command, attributes) => button(label, () => run(command), attributes);
-    this.playButton = tool("▶ Cine", "cine", { "aria-pressed": "false", class: "cine", title: "Cine (C)" });
-    this.invertButton = tool("Invert", "invert", { "aria-pressed": "false", title: "Invert (I)" });
-    this.syncButton = tool("Sync", "sync", { "aria-pressed": "true", title: "Viewports on one frame of reference scroll together (S)" });
-    this.linesButton = tool("Ref lines", "referenceLines", { "aria-pressed": "true", title: "Reference lines (Y)" });
-    this.overlayButton = tool("Overlays", "overlays", { "aria-pressed": "true", title: "Overlays (O)" });
-    this.tagButton = tool("Tags", "tags", { "aria-pressed": "false", title: "Tag panel (T)" });
+    // A button runs a command by its name in the key table, and its title ends with the
+    // key that runs it too, from that table.
+    const tool = (label, command, { title, ...attributes }) => {
+      const key = keyOf(command);
+      return button(label, () => run(command), { ...attributes, title: key ? `${title} (${key})` : title });
+    };
+    this.playButton = tool("▶ Cine", "cine", { "aria-pressed": "false", class: "cine", title: "Cine" });
+    this.invertButton = tool("Invert", "invert", { "aria-pressed": "false", title: "Invert" });
+    this.syncButton = tool("Sync", "sync", { "aria-pressed": "true", title: "Viewports on one frame of reference scroll together" });
+    this.linesButton = tool("Ref lines", "referenceLines", { "aria-pressed": "true", title: "Reference lines" });
+    this.overlayButton = tool("Overlays", "overlays", { "aria-pressed": "true", title: "Overlays" });
+    this.tagButton = tool("Tags", "tags", { "aria-pressed": "false", title: "Tag panel" });
     this.download = el("a", { class: "download", download: "" }, "Download");
     this.seriesZip = el("a", { class: "download", download: "", title: "The series' files and a DICOMDIR" }, "Series ZIP");
-    const tools = { window: ["W/L", "W"], length: ["Length", "D"], angle: ["Angle", "A"], ellipse: ["Ellipse", "E"], rectangle: ["Rectangle", "B"] };
+    const labels = { window: "W/L", length: "Length", angle: "Angle", ellipse: "Ellipse", rectangle: "Rectangle" };
     this.toolButtons = ["window", ...TOOLS].map((name) => {
-      const [label, key] = tools[name];
-      const title = name === "window" ? `Dragging sets the window (${key})` : `Draw: ${name} (${key})`;
+      const label = labels[name];
+      const title = name === "window" ? "Dragging sets the window" : `Draw: ${name}`;
       return tool(label, `tool${name[0].toUpperCase()}${name.slice(1)}`, { "aria-pressed": String(name === "window"), "data-tool": name, title });
     });
-    this.mprButton = tool("MPR", "mpr", { "aria-pressed": "false", title: "Axial, coronal and sagittal planes of a volume, or back (M)" });
-    this.keyButton = tool("★ Key", "keyImage", { "aria-pressed": "false", "aria-label": "Key image", title: "Mark or unmark the image as a key image (K)" });
-    this.cursorButton = tool("Cursor", "cursor", { "aria-pressed": "false", title: "Keyboard cursor: arrows move it, Enter places a point (X)" });
-    this.saveButton = tool("Save", "save", { hidden: "", title: "Save the study's measurements and key images as DICOM (SR and KOS; Ctrl+S)" });
+    this.mprButton = tool("MPR", "mpr", { "aria-pressed": "false", title: "Axial, coronal and sagittal planes of a volume, or back" });
+    this.keyButton = tool("★ Key", "keyImage", { "aria-pressed": "false", "aria-label": "Key image", title: "Mark or unmark the image as a key image" });
+    this.cursorButton = tool("Cursor", "cursor", { "aria-pressed": "false", title: "Keyboard cursor: arrows move it, Enter places a point" });
+    this.saveButton = tool("Save", "save", { hidden: "", title: "Save the study's measurements and key images as DICOM, an SR and a KOS" });
     this.status = el("output", { class: "status", "aria-live": "polite" });
     this.node = el(
       "div",
@@ -66,22 +72,22 @@ export class Toolbar {
       el("label", {}, "Layout ", this.layoutSelect),
       el("label", {}, "Window ", this.presetSelect),
       this.invertButton,
-      tool("Fit", "fit", { title: "Fit (F)" }),
-      tool("1:1", "actualSize", { title: "Actual size (Z)" }),
-      tool("−", "zoomOut", { "aria-label": "Zoom out", title: "Zoom out (−)" }),
-      tool("+", "zoomIn", { "aria-label": "Zoom in", title: "Zoom in (+)" }),
-      tool("⟲", "rotateLeft", { "aria-label": "Rotate left", title: "Rotate 90° anticlockwise (Shift+R)" }),
-      tool("⟳", "rotateRight", { "aria-label": "Rotate right", title: "Rotate 90° clockwise (R)" }),
-      tool("⇆", "flipH", { "aria-label": "Flip horizontally", title: "Flip left–right (H)" }),
-      tool("⇅", "flipV", { "aria-label": "Flip vertically", title: "Flip top–bottom (V)" }),
-      tool("Reset", "reset", { title: "Reset (Space)" }),
+      tool("Fit", "fit", { title: "Fit" }),
+      tool("1:1", "actualSize", { title: "Actual size" }),
+      tool("−", "zoomOut", { "aria-label": "Zoom out", title: "Zoom out" }),
+      tool("+", "zoomIn", { "aria-label": "Zoom in", title: "Zoom in" }),
+      tool("⟲", "rotateLeft", { "aria-label": "Rotate left", title: "Rotate 90° anticlockwise" }),
+      tool("⟳", "rotateRight", { "aria-label": "Rotate right", title: "Rotate 90° clockwise" }),
+      tool("⇆", "flipH", { "aria-label": "Flip horizontally", title: "Flip left–right" }),
+      tool("⇅", "flipV", { "aria-label": "Flip vertically", title: "Flip top–bottom" }),
+      tool("Reset", "reset", { title: "Reset" }),
       this.playButton,
       el("label", {}, "fps ", this.fpsInput),
       this.syncButton,
       this.linesButton,
       this.overlayButton,
       this.tagButton,
-      tool("?", "help", { "aria-label": "Keys", title: "Keys (?)" }),
+      tool("?", "help", { "aria-label": "Keys", title: "Keys" }),
       this.mprButton,
       el("span", { class: "tools", role: "group", "aria-label": "Tool" }, ...this.toolButtons),
       this.cursorButton,
