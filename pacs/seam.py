@@ -70,7 +70,6 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_dataset
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import AE
 from pynetdicom import association
@@ -196,11 +195,13 @@ def install() -> None:
 
 class StoredFile:
     """The dataset part of a stored file, where it lies (an open file, its first byte and
-    its length): sent from there with os.sendfile, never read into memory on the way."""
+    its length): sent from there with os.sendfile, never read into memory on the way.
+    `meta` is what its File Meta says (storage.dataset.FileMeta)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.file, self.start, self.size = open_dataset(path)
+        self.file, self.meta, self.size = open_dataset(path)
+        self.start = self.meta.start
 
     def read(self, start: int = 0, size: int | None = None) -> bytes:
         """The dataset's bytes (`size` of them from its byte `start`)."""
@@ -254,17 +255,16 @@ def already_sent(dataset: Dataset, status: Dataset) -> Dataset:
 def stored_file(path: Path) -> StoredDataset | Path:
     """A file as a StoredDataset (its dataset bytes where they lie on disk); the path
     itself, for pynetdicom to refuse and say why, when it lacks the file meta a C-STORE
-    needs."""
+    needs. The File Meta is read once, as the file is opened."""
     try:
-        meta = read_file_meta_info(path)
-        return StoredDataset(
-            meta.MediaStorageSOPClassUID,
-            meta.MediaStorageSOPInstanceUID,
-            meta.TransferSyntaxUID,
-            StoredFile(path),
-        )
+        stored = StoredFile(path)
     except Exception:  # unreadable, not DICOM, no meta: pynetdicom says why
         return path
+    meta = stored.meta
+    if not (meta.sop_class_uid and meta.sop_uid):
+        stored.close()
+        return path
+    return StoredDataset(meta.sop_class_uid, meta.sop_uid, meta.syntax, stored)
 
 
 C_STORE_RQ, C_FIND_RSP = 0x0001, 0x8020

@@ -449,13 +449,25 @@ class _Walk:
                 pos += length
 
 
-def open_dataset(path: Path) -> tuple[BinaryIO, int, int]:
-    """A stored Part 10 file opened, where its dataset begins and how many bytes it has:
-    for sending the dataset from the file itself (os.sendfile), not through memory."""
+@dataclass(frozen=True)
+class FileMeta:
+    """What a Part 10 file's File Meta Information says (PS3.10 7.1): where its dataset
+    begins, its transfer syntax, and the SOP class and instance ("" when not there)."""
+
+    start: int
+    syntax: str
+    sop_class_uid: str
+    sop_uid: str
+
+
+def open_dataset(path: Path) -> tuple[BinaryIO, FileMeta, int]:
+    """A stored Part 10 file opened, its File Meta, and how many bytes its dataset has:
+    for sending the dataset from the file itself (os.sendfile), not through memory, with
+    what a C-STORE of it needs read in the same pass."""
     fp = open(path, "rb")  # noqa: SIM115 (the caller closes it)
     try:
-        start, _ = _read_meta(fp)
-        return fp, start, fp.seek(0, io.SEEK_END) - start
+        meta = _file_meta(fp)
+        return fp, meta, fp.seek(0, io.SEEK_END) - meta.start
     except BaseException:
         fp.close()
         raise
@@ -479,10 +491,16 @@ def same_dataset(a: Path, b: Path) -> bool:
 
 def _read_meta(fp: BinaryIO) -> tuple[int, str]:
     """Return the dataset's offset and the transfer syntax from the File Meta (PS3.10 7.1)."""
+    meta = _file_meta(fp)
+    return meta.start, meta.syntax
+
+
+def _file_meta(fp: BinaryIO) -> FileMeta:
+    """The File Meta Information read (PS3.10 7.1), the file left at the dataset's start."""
     fp.seek(128)
     if fp.read(4) != b"DICM":
         raise NotDicom("not a DICOM Part 10 file (no DICM prefix)")
-    syntax = ""
+    uids: dict[int, str] = {}  # by element number: 0x0002, 0x0003, 0x0010
     while True:
         pos = fp.tell()
         head = fp.read(8)
@@ -499,11 +517,11 @@ def _read_meta(fp: BinaryIO) -> tuple[int, str]:
         value = fp.read(length)
         if len(value) < length:
             raise InvalidDataset("file ends inside the File Meta Information")
-        if elem == 0x0010:
-            syntax = value.decode("ascii", "replace").rstrip("\0 ")
-    if not syntax:
+        if elem in (0x0002, 0x0003, 0x0010):
+            uids[elem] = value.decode("ascii", "replace").rstrip("\0 ")
+    if not uids.get(0x0010):
         raise InvalidDataset("File Meta Information has no Transfer Syntax UID")
-    return pos, syntax
+    return FileMeta(pos, uids[0x0010], uids.get(0x0002, ""), uids.get(0x0003, ""))
 
 
 def name_key(name: str) -> str:
