@@ -10,7 +10,7 @@
 import { el } from "./dom.js";
 import { Panes } from "./layout.js";
 import { makePlane, toPatient } from "./orientation.js";
-import { instanceMetadata, mprPlanes, planeURL } from "./dicomweb.js";
+import { mprPlanes, planeURL } from "./dicomweb.js";
 import { Pane } from "./pane.js";
 import { StackLoader } from "./stackloader.js";
 
@@ -137,24 +137,23 @@ export class PlanePane extends Pane {
 // What the planes of `source`'s series (a pane's) are made from: the server's description
 // of its volume (GET …/mpr, which refuses a series that is not one, saying why) and the
 // metadata of the slice the server windows the planes from (the volume's first), for the
-// overlays and the window a drag starts from. `metadata`: sop → instance metadata, the
-// panes' shared map.
-export async function readVolume(source, metadata, signal) {
-  const [info, meta] = await Promise.all([mprPlanes(source.study, source.series, signal), headerOf(source, metadata, signal)]);
+// overlays and the window a drag starts from.
+export async function readVolume(source, signal) {
+  const [info, meta] = await Promise.all([mprPlanes(source.study, source.series, signal), headerOf(source)]);
   return { info, meta };
 }
 
-async function headerOf(source, metadata, signal) {
+// The metadata of the volume's first slice, through the pane (and its cache); undefined
+// when it cannot be read: the planes are shown without it.
+async function headerOf(source) {
   const order = source.volume && source.volume.order;
   const sop = (order && order[0]) || source.stack[source.index].sop;
-  if (!metadata.has(sop)) {
-    try {
-      metadata.set(sop, await instanceMetadata(source.study, source.series, sop, signal));
-    } catch (error) {
-      if (error.name === "AbortError") throw error;
-    }
+  try {
+    return await source.metadataOf(sop);
+  } catch (error) {
+    if (error.name === "AbortError") throw error;
+    return undefined;
   }
-  return metadata.get(sop);
 }
 
 // The three planes side by side: the layout the study view swaps in for its own while

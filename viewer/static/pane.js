@@ -436,8 +436,7 @@ export class Pane {
     clearTimeout(this.metadataTimer);
     this.metadataTimer = setTimeout(async () => {
       try {
-        const meta = await instanceMetadata(this.study, this.series, sop, this.host.signal);
-        this.metadata.set(sop, meta);
+        await this.metadataOf(sop);
         if (this.stack[this.index]?.sop === sop) {
           this.viewport.redraw(); // its pixel aspect, the overlays and the geometry
           this.host.metadataShown(this);
@@ -446,6 +445,13 @@ export class Pane {
         if (error.name !== "AbortError") this.viewport.showMessage(`Cannot read the instance's tags: ${error.message}`);
       }
     }, this.cine ? 250 : 30);
+  }
+
+  // Instance `sop`'s metadata (of this pane's series): the panes' shared map's, else
+  // asked for and kept there.
+  async metadataOf(sop) {
+    if (!this.metadata.has(sop)) this.metadata.set(sop, await instanceMetadata(this.study, this.series, sop, this.host.signal));
+    return this.metadata.get(sop);
   }
 
   close() {

@@ -343,7 +343,7 @@ class StudyView {
     this.say("MPR: reading the volume…");
     let volume;
     try {
-      volume = await readVolume(source, this.metadata, this.signal);
+      volume = await readVolume(source, this.signal);
     } catch (error) {
       if (error.name !== "AbortError") this.say(`No MPR: ${error.message}`);
       return;
