@@ -1,5 +1,5 @@
-// The study view's keys: one table says which key does what, and both the key handler
-// and the "?" help are made from it, so the help cannot drift from the keys. Keys act on
+// The study view's keys: one table says which key does what, and the key handler, the
+// "?" help and the toolbar's titles are made from it, so none can drift from the keys. Keys act on
 // the active pane; they are ignored while typing in a field, and with Alt, or Ctrl or
 // Meta (the browser's own shortcuts) unless the table names them ("Ctrl+s").
 
