@@ -127,15 +127,11 @@ def validate_uid(value: object, name: str) -> str:
     return uid
 
 
-def read_instance(
-    path: Path, pixel_budget: int | None = None, head_only: bool = False
-) -> ParsedInstance:
+def read_instance(path: Path, pixel_budget: int | None = None) -> ParsedInstance:
     """Check that `path` is a whole Part 10 file (within `pixel_budget` bytes of decoded
-    pixel data, when given) and extract its index keys. `head_only`: the file is the
-    first bytes of one, up to its top-level Pixel Data at least (an object read by a
-    ranged GET): checked up to there, InvalidDataset when it ends before."""
+    pixel data, when given) and extract its index keys."""
     with _dataset(path) as (fp, start, syntax, encoded):
-        header = _header(fp, start, syntax, encoded, head_only)
+        header = _header(fp, start, syntax, encoded)
         check_pixel_budget(header.pixel_bytes(), pixel_budget)
         try:
             fp.seek(0)
@@ -248,13 +244,12 @@ def check_pixel_budget(size: int, budget: int | None, what: str = "the pixel dat
         )
 
 
-def read_header(path: Path, pixel_budget: int | None = None, head_only: bool = False) -> Header:
+def read_header(path: Path, pixel_budget: int | None = None) -> Header:
     """Walk every element header of a Part 10 file (truncation or a stray delimiter
     anywhere raises InvalidDataset) and read the top-level HEADER_TAGS; values are not
-    decoded. With `pixel_budget`, a dataset declaring more pixel data is refused.
-    `head_only`: only up to the Pixel Data, as read_instance."""
+    decoded. With `pixel_budget`, a dataset declaring more pixel data is refused."""
     with _dataset(path) as (fp, start, syntax, encoded):
-        header = _header(fp, start, syntax, encoded, head_only)
+        header = _header(fp, start, syntax, encoded)
     check_pixel_budget(header.pixel_bytes(), pixel_budget)
     return header
 
@@ -307,14 +302,13 @@ def _dataset(path: Path) -> Iterator[tuple[BinaryIO, int, str, str]]:
             yield inflated, 0, syntax, ExplicitVRLittleEndian
 
 
-def _header(fp: BinaryIO, start: int, syntax: str, encoded: str, head_only: bool = False) -> Header:
-    """The walk of the dataset from `start`, its bytes in the `encoded` syntax; with
-    `head_only`, up to the top-level Pixel Data's element header, which must be there."""
+def _header(fp: BinaryIO, start: int, syntax: str, encoded: str) -> Header:
+    """The walk of the dataset from `start`, its bytes in the `encoded` syntax."""
     end = fp.seek(0, 2)
     if end <= start:
         raise InvalidDataset("the dataset is empty")
     with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        return _walk_header(buf, end, start, syntax, encoded, head_only)
+        return _walk_header(buf, end, start, syntax, encoded, head_only=False)
 
 
 def read_head(data: bytes) -> tuple[Header, Dataset]:
@@ -335,6 +329,14 @@ def read_head(data: bytes) -> tuple[Header, Dataset]:
     except Exception as exc:  # pydicom raises many types on malformed input
         raise InvalidDataset(f"dataset does not parse: {exc}") from exc
     return header, ds
+
+
+def read_head_instance(data: bytes) -> ParsedInstance:
+    """The index keys from the first bytes of a stored file held in memory, which must
+    reach its top-level Pixel Data (else InvalidDataset, as read_head): an object read by
+    ranged GETs (reindex from the bucket), parsed as read_instance parses a whole file."""
+    header, ds = read_head(data)
+    return _parse(ds, header.syntax, header.pixel_vrs)
 
 
 def _walk_header(buf, end: int, start: int, syntax: str, encoded: str, head_only: bool) -> Header:

@@ -36,6 +36,7 @@ from pathlib import Path
 from storage import frames
 from storage import metrics
 from storage.dataset import ParsedInstance
+from storage.dataset import read_head_instance
 from storage.dataset import read_instance
 from storage.errors import InvalidDataset
 from storage.errors import ObjectStoreError
@@ -223,26 +224,33 @@ class ObjectFiles(LocalFiles):
 
     def parse_object(self, rel: str, size: int) -> tuple[ParsedInstance, str]:
         """An object's index keys and SHA-256 without fetching all of it (reindex from the
-        bucket): read_instance of its first bytes, by ranged GETs of HEAD_READS bytes until
-        they hold its Pixel Data, and the SHA-256 its metadata records; else (no pixel data
-        within them, no SHA-256 recorded) of the whole object, hashed."""
-        tmp = self.root / ".incoming" / f"{uuid.uuid4().hex}.head"
-        try:
-            for length in HEAD_READS:
-                if length >= size:
-                    break
-                part = self.store.read(rel, 0, length)
-                tmp.write_bytes(part.data)
-                try:
-                    parsed = read_instance(tmp, head_only=True)
-                except InvalidDataset:  # the header goes on beyond: read more
-                    continue
-                if part.sha256:
-                    return parsed, part.sha256
+        bucket): its first bytes parsed in memory, read by ranged GETs that each go on
+        where the last ended, up to HEAD_READS bytes in all, until they hold its Pixel
+        Data, and the SHA-256 its metadata records. Else (no pixel data within them, no
+        SHA-256 recorded, an object no larger than the next read) the rest of it is
+        fetched after them into a file, which read_instance checks whole and which is
+        hashed. No byte is read twice, and memory holds the head (HEAD_READS[-1] bytes at
+        most), never the whole object."""
+        head = b""
+        for length in HEAD_READS:
+            if length >= size:
                 break
-            tmp.unlink(missing_ok=True)
-            self.store.fetch(rel, tmp)
-            return read_instance(tmp), hash_file(tmp)[1]
+            part = self.store.read(rel, len(head), length - len(head))
+            head += part.data
+            try:
+                parsed = read_head_instance(head)
+            except InvalidDataset:  # the header goes on beyond: read more
+                continue
+            if part.sha256:
+                return parsed, part.sha256
+            break
+        tmp = self.root / ".incoming" / f"{uuid.uuid4().hex}.object"
+        try:
+            self.store.fetch(rel, tmp, head)
+            found, sha256 = hash_file(tmp)
+            if found != size:
+                raise ObjectStoreError(f"{rel}: {found} bytes read, the listing said {size}")
+            return read_instance(tmp), sha256
         finally:
             tmp.unlink(missing_ok=True)
 

@@ -170,12 +170,15 @@ class ObjectStore:
         if head is None or head.size != size or (head.checksum and head.checksum != expected):
             raise ObjectStoreError(f"{rel}: the store's copy differs from the file after upload")
 
-    def fetch(self, rel: str, target: Path) -> None:
+    def fetch(self, rel: str, target: Path, head: bytes = b"") -> None:
         """Download an object into `target` (created; removed again on failure), its
-        checksum checked by boto3 where the store gives a whole-object one."""
+        checksum checked by boto3 where the store gives a whole-object one. `head`: its
+        first bytes, read already (by `read`): written first, and only the rest is asked
+        for, by a ranged GET that no whole-object checksum covers."""
         try:
             with open(target, "xb") as out:
-                self._call("download", rel, lambda s3: self._copy(s3, rel, out))
+                out.write(head)
+                self._call("download", rel, lambda s3: self._copy(s3, rel, out, len(head)))
         except BaseException:
             target.unlink(missing_ok=True)
             raise
@@ -235,8 +238,9 @@ class ObjectStore:
             "delete", rel, lambda s3: s3.delete_object(Bucket=self.bucket, Key=self.key(rel))
         )
 
-    def _copy(self, s3: Any, rel: str, out) -> None:
-        answer = s3.get_object(Bucket=self.bucket, Key=self.key(rel), ChecksumMode="ENABLED")
+    def _copy(self, s3: Any, rel: str, out, start: int) -> None:
+        where = {"Range": f"bytes={start}-"} if start else {"ChecksumMode": "ENABLED"}
+        answer = s3.get_object(Bucket=self.bucket, Key=self.key(rel), **where)
         body = answer["Body"]
         size = 0
         while chunk := body.read(CHUNK):  # the checksum is checked as the last chunk is read

@@ -38,8 +38,14 @@ from test_metrics import scraped_names
 from pacs import scu
 from storage import Archive
 from storage import frames
+from storage import metrics
 from storage import objects
 from storage import objectstore
+from storage.dataset import read_head
+from storage.dataset import read_head_instance
+from storage.dataset import read_instance
+from storage.errors import InvalidDataset
+from storage.files import hash_file
 
 PREFIX = "archive"
 AS_STORED = {"Accept": "application/dicom; transfer-syntax=*"}
@@ -454,6 +460,53 @@ def test_reindex_from_the_bucket_alone(s3store, tmp_path):
             assert dataset_bytes(tmp_path / "got" / f"{sop}.dcm") == dataset_bytes(stored)
     finally:
         server.kill()
+
+
+def test_reindex_reads_each_byte_of_an_object_once(s3store, tmp_path, monkeypatch):
+    """parse_object reads an object's head by ranged GETs that go on where the last one
+    ended, parses it in memory (a head cut before the Pixel Data is not enough, one that
+    reaches it parses as the whole file), and fetches only the rest when the head does
+    not do: no byte of the object is fetched twice."""
+    for name, value in s3store.env.items():
+        monkeypatch.setenv(name, value)
+    long_header, no_pixels = make_study(tmp_path / "study", 2, size=768)
+    for path in (long_header, no_pixels):
+        ds = pydicom.dcmread(path)
+        block = ds.private_block(0x0029, "MINIPACS TEST", create=True)
+        block.add_new(0x10, "OB", os.urandom(200 << 10))  # past the first 64 KiB read
+        if path == no_pixels:
+            del ds.PixelData
+        ds.save_as(path)
+    settings = objectstore.Settings(
+        f"s3://{s3store.bucket()}/{PREFIX}", endpoint=s3store.endpoint, path_style=True
+    )
+
+    def fetched() -> float:
+        return metrics.REGISTRY.get_sample_value("minipacs_object_bytes_fetched_total") or 0.0
+
+    with Archive(tmp_path / "data", fsync=False, object_store=settings) as archive:
+        files = archive.files
+        assert isinstance(files, objects.ObjectFiles)
+        for path in (long_header, no_pixels):
+            stored = archive.import_file(path)
+            files.upload_now(stored.sop_uid)
+            local = archive.root / stored.path
+            size = local.stat().st_size
+            before = fetched()
+            parsed, sha = files.parse_object(stored.path, size)
+            read = fetched() - before
+            assert (parsed, sha) == (read_instance(local), hash_file(local)[1])
+            if path == long_header:  # 64 KiB, then up to 1 MiB: the head, from memory
+                assert size > frames.HEAD_READS[1]
+                assert read == frames.HEAD_READS[1]
+                data = local.read_bytes()
+                pixels = read_head(data)[0].pixel_offset
+                assert pixels is not None
+                with pytest.raises(InvalidDataset):
+                    read_head_instance(data[: pixels - 12])  # before its element header
+                assert read_head_instance(data[:pixels]) == parsed
+            else:  # 64 KiB, then the rest
+                assert read == size
 
 
 # -- frames of a large multi-frame object by ranged GETs ----------------------------------
