@@ -2,9 +2,11 @@
 (or the bucket), verification of every file, copying the index to another database."""
 
 import contextlib
+import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 from dataclasses import field
 from itertools import islice
 from pathlib import Path
+from typing import IO
 from typing import TYPE_CHECKING
 
 from peewee import OperationalError
@@ -61,6 +64,23 @@ class ReconcileReport:
     indexed: int = 0
     rehashed: int = 0
     problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class Listing:
+    """The instance objects under the prefix, listed once: `minipacs reindex` counts them
+    for its progress, then reads them. Their keys wait in a temporary file, not in memory
+    (a few hundred bytes an object, millions of them in a large bucket)."""
+
+    spool: IO[str]
+    count: int = 0
+
+    def __iter__(self) -> Iterator[tuple[str, int]]:
+        """(path under the data folder, size) of each object, in the bucket's order."""
+        self.spool.seek(0)
+        for line in self.spool:
+            rel, size = json.loads(line)
+            yield rel, size
 
 
 class Maintenance:
@@ -124,13 +144,16 @@ class Maintenance:
         except FileNotFoundError:  # evicted meanwhile
             return True
 
-    def reindex(self, progress: Callable[[], None] | None = None) -> ReconcileReport:
+    def reindex(
+        self, progress: Callable[[], None] | None = None, objects: Listing | None = None
+    ) -> ReconcileReport:
         """Rebuild the index from the files alone; `progress()` after each file. The change
         feed is kept, numbering on: each file indexed is a "create" by "reindex" (what a
         follower holds stays valid; rows whose file had gone leave no "delete"). Extended
         query tags are kept; their values are written again with the rows. With an object
         store: the files still to upload (the newest bytes), then every object under the
-        prefix, each parsed from its first bytes (ObjectFiles.parse_object)."""
+        prefix (`objects`, when listed already for count_files), each parsed from its
+        first bytes (ObjectFiles.parse_object)."""
         with db.connection_context():
             kept = (Change, QueryTag)
             db.drop_tables([model for model in MODELS if model not in kept])
@@ -147,11 +170,32 @@ class Maintenance:
             if progress:
                 progress()
         if isinstance(self.archive.files, ObjectFiles):
-            self._adopt_objects(self.archive.files, report, progress)
+            if objects is None:
+                with self.list_objects() as objects:
+                    self._adopt_objects(self.archive.files, objects, report, progress)
+            else:
+                self._adopt_objects(self.archive.files, objects, report, progress)
         return report
 
+    @contextlib.contextmanager
+    def list_objects(self) -> Iterator[Listing]:
+        """The instance objects under the prefix (none on files), listed now: the one
+        listing `minipacs reindex` counts and then reads (a request per 1,000 keys)."""
+        with tempfile.TemporaryFile("w+", dir=self.archive.incoming) as spool:
+            found = Listing(spool)
+            if isinstance(self.archive.files, ObjectFiles):
+                for rel, size in self.archive.files.store.listing():
+                    if _instance_key(rel):
+                        spool.write(json.dumps([rel, size]) + "\n")
+                        found.count += 1
+            yield found
+
     def _adopt_objects(
-        self, files: ObjectFiles, report: ReconcileReport, progress: Callable[[], None] | None
+        self,
+        files: ObjectFiles,
+        objects: Listing,
+        report: ReconcileReport,
+        progress: Callable[[], None] | None,
     ) -> None:
         """Index every object under the prefix; headers read OBJECT_READERS at a time (the
         requests wait on the network), rows written in the bucket's order."""
@@ -164,9 +208,9 @@ class Maintenance:
             except StorageError as exc:
                 return exc
 
-        objects = ((rel, size) for rel, size in files.store.listing() if _instance_key(rel))
+        listed = iter(objects)
         with ThreadPoolExecutor(OBJECT_READERS, thread_name_prefix="reindex") as pool:
-            while batch := list(islice(objects, 256)):
+            while batch := list(islice(listed, 256)):
                 for (rel, size), parsed in zip(batch, pool.map(parse, batch), strict=True):
                     if isinstance(parsed, StorageError):
                         report.problems.append(Problem(rel, f"not indexed: {parsed}"))
@@ -206,13 +250,9 @@ class Maintenance:
             if hasattr(target, "close_all"):
                 target.close_all()
 
-    def count_files(self) -> int:
+    def count_files(self, objects: Listing) -> int:
         """Files reindex reads (with an object store: files to upload, and the objects)."""
-        files = self.archive.files
-        if isinstance(files, ObjectFiles):
-            pending = sum(1 for path in self._files() if not self._copy_only(path))
-            return pending + sum(1 for rel, _ in files.store.listing() if _instance_key(rel))
-        return sum(1 for _ in self._files())
+        return objects.count + sum(1 for path in self._files() if not self._copy_only(path))
 
     def _adopt(self, path: Path, report: ReconcileReport, who: str, replace: bool = False) -> None:
         """Index a file that is already in place; `who` does it, for the change feed."""

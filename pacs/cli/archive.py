@@ -93,11 +93,15 @@ def reindex(config_file: Path | None, **flags) -> None:
     archive = open_archive(config_file, **flags)
     if not archive.lock(exclusive=True):
         raise UsageFailure(f"a minipacs server is running on {archive.root}: stop it first")
+    maintenance = archive.maintenance
     try:
-        with click.progressbar(
-            length=archive.maintenance.count_files(), label="reindexing", file=sys.stderr
-        ) as bar:
-            report = archive.maintenance.reindex(progress=lambda: bar.update(1))
+        with (
+            maintenance.list_objects() as objects,  # listed once: counted, then read
+            click.progressbar(
+                length=maintenance.count_files(objects), label="reindexing", file=sys.stderr
+            ) as bar,
+        ):
+            report = maintenance.reindex(lambda: bar.update(1), objects)
     except StoreUnavailable as exc:
         click.echo(f"{exc}: run reindex again once it answers", err=True)
         sys.exit(ExitStatus.CONNECTION)
