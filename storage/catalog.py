@@ -74,6 +74,14 @@ class Catalog:
         with db.connection_context():
             yield from query.instance_json(level, keys)
 
+    def instance_elements(
+        self, level: str, keys: list, tags: list[str]
+    ) -> Iterator[tuple[str, dict]]:
+        """(SOP Instance UID, the stored JSON's top-level elements `tags`) under the
+        entities the keys select (storage.query.instance_elements)."""
+        with db.connection_context():
+            yield from query.instance_elements(level, keys, tags)
+
     def contains(self, study_uid: str, series_uid: str = "", sop_uid: str = "") -> bool:
         """Whether the study (and the series in it, and the instance in that) is stored."""
         with db.connection_context():

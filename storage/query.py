@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from peewee import SQL
+from peewee import ColumnBase
 from peewee import CommaNodeList
 from peewee import Expression
 from peewee import Field
 from peewee import Node
+from peewee import fn
 from pydicom.datadict import dictionary_VR
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
@@ -1051,6 +1053,32 @@ def instance_json(level: str, keys: list[Key], model: str = "STUDY") -> Iterator
     )
     for row in _rows(query):
         yield row["instance_sop_uid"], row["instance_json"]
+
+
+def instance_elements(
+    level: str, keys: list[Key], tags: list[str], model: str = "STUDY"
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(SOP Instance UID, {tag: element}) of every instance under the entities the keys
+    select, in `instance_json`'s order, with only the top-level elements `tags` (hex, as in
+    DICOM JSON) the instance has. On SQLite json_extract cuts them out, so a document's
+    header is read without Python parsing the rest (an SR's content tree); PostgreSQL's
+    rows are parsed whole here."""
+    picked = ["00080018", *(tag for tag in tags if tag != "00080018")]  # 2+: an array
+    query, _ = _select("IMAGE", keys, model, Options(), limit_to=level)
+    column: ColumnBase = Instance.json
+    if is_sqlite(db):
+        column = fn.json_extract(Instance.json, *(f'$."{tag}"' for tag in picked))
+    query = query.select_extend(column.alias("instance_elements")).order_by(
+        Series.series_number, Series.id, Instance.instance_number, Instance.id
+    )
+    for row in _rows(query):
+        stored = json.loads(row["instance_elements"])
+        if isinstance(stored, list):  # json_extract's: the values in `picked` order
+            stored = dict(zip(picked, stored, strict=True))
+        yield (
+            row["instance_sop_uid"],
+            {tag: stored[tag] for tag in tags if stored.get(tag) is not None},
+        )
 
 
 # -- Modality Worklist (PS3.4 K.6) ----------------------------------------------------

@@ -6,6 +6,7 @@ What only C-FIND has (statuses, cancel, the models at the wire, the answers' cha
 set, negotiation, settings reaching the engine) is tested with real clients in
 test_query.py."""
 
+import json
 import shutil
 import tracemalloc
 
@@ -136,6 +137,24 @@ def test_uid_list_matching(corpus):
     series = [uid for uid, _ in made["A"]["series"]]
     found = find(corpus, "SERIES", keys("SERIES", SeriesInstanceUID=series))
     assert {value(s, "0020000E") for s in found} == set(series)
+
+
+def test_instance_elements_are_the_stored_jsons_elements_asked_for(corpus):
+    """instance_elements (how the viewer finds a study's current report) answers each
+    instance's stored JSON cut to the tags asked for, a tag it lacks left out, as
+    instance_json in the same order: json_extract on SQLite, Python on PostgreSQL."""
+    archive, made = corpus
+    _, sops = made["A"]["series"][0]
+    study = query.Key(0x0020000D, "UI", made["A"]["uid"])
+    chosen = [study, query.Key(0x00080018, "UI", sops[:2])]
+    tags = ["00100010", "00080060", "00200013", "0040A043"]  # PN, CS, IS; no A043 in images
+    whole = list(archive.catalog.instance_json("IMAGE", chosen))
+    picked = list(archive.catalog.instance_elements("IMAGE", chosen, tags))
+    assert sorted(sop for sop, _ in picked) == sorted(sops[:2])
+    assert [sop for sop, _ in picked] == [sop for sop, _ in whole]
+    for (_, text), (_, elements) in zip(whole, picked, strict=True):
+        stored = json.loads(text)
+        assert elements == {tag: stored[tag] for tag in tags[:3]}
 
 
 @pytest.mark.parametrize(

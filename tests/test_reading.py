@@ -517,3 +517,39 @@ def test_other_documents_are_not_the_viewers_report(server, tmp_path):
     assert answer["sopInstanceUID"] == saved["sr"]["sopInstanceUID"]
     assert [m["points"] for m in answer["measurements"]] == [length["points"]]
     assert answer["keyImages"] == [{"sopInstanceUID": sop, "frame": 1}]
+
+
+def test_the_current_documents_are_found_without_opening_older_ones(server):
+    """Which report and selection are current is decided from the index (one query), and
+    only their files are read: an older saved report and selection whose files are
+    unreadable do not change a GET or a save. Each save adds two documents to the study,
+    and opening every one of them made each GET slower than the last."""
+    path = f"/api/studies/{server.study}/measurements"
+    sop = pydicom.dcmread(server.files["volume"][6], stop_before_pixels=True).SOPInstanceUID
+    key = [{"sopInstanceUID": sop, "frame": 1}]
+
+    def save(points: list) -> dict:
+        length = {"type": "length", "sopInstanceUID": sop, "points": points}
+        status, saved = post(server, path, {"measurements": [length], "keyImages": key})
+        assert status == 201, saved
+        return saved
+
+    older = save([[1, 1], [1, 11]])
+    newer = save([[3, 3], [13, 3]])
+    files = [next(server.data.glob(f"*/*/{older[n]['sopInstanceUID']}.dcm")) for n in older]
+    kept = [file.read_bytes() for file in files]
+    try:
+        for file in files:
+            file.write_bytes(b"not a DICOM file " * 64)
+        status, _, body = get(server, path)
+        assert status == 200, body
+        answer = json.loads(body)
+        assert answer["sopInstanceUID"] == newer["sr"]["sopInstanceUID"]
+        assert [m["points"] for m in answer["measurements"]] == [[[3, 3], [13, 3]]]
+        assert answer["keyImages"] == key
+        latest = save([[5, 5], [5, 25]])  # names the newer report as its predecessor
+        answer = json.loads(get(server, path)[2])
+        assert answer["sopInstanceUID"] == latest["sr"]["sopInstanceUID"]
+    finally:
+        for file, data in zip(files, kept, strict=True):
+            file.write_bytes(data)

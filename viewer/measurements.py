@@ -45,6 +45,9 @@ IMAGING_MEASUREMENTS = "126010"  # (126010, DCM): TID 1500 row 6, the groups' co
 # not the reader's key images).
 TITLES = {COMPREHENSIVE_3D_SR: ("126000", "DCM"), KEY_OBJECT_SELECTION: ("113000", "DCM")}
 EARLIEST = datetime.min.replace(tzinfo=UTC)
+# What `titled` and `moment` read, as DICOM JSON tags: SOP Class UID, Content Date and
+# Time, Timezone Offset From UTC, Concept Name Code Sequence (the title).
+HEADER_TAGS = ["00080016", "00080023", "00080033", "00080201", "0040A043"]
 
 
 @dataclass
@@ -267,6 +270,12 @@ def reference(study: str, series: str, sop: str, sop_class: str) -> Dataset:
     found.StudyInstanceUID, found.SeriesInstanceUID = study, series
     found.SOPInstanceUID, found.SOPClassUID = sop, sop_class
     return found
+
+
+def header(elements: dict) -> Dataset:
+    """A document's HEADER_TAGS from the index's DICOM JSON, for `titled` and `moment`:
+    which documents are current is decided without opening their files."""
+    return Dataset.from_json({tag: elements[tag] for tag in HEADER_TAGS if tag in elements})
 
 
 def titled(header: Dataset) -> bool:

@@ -19,7 +19,6 @@ from flask import g
 from flask import jsonify
 from flask import request
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_partial
 from pydicom.uid import ExplicitVRBigEndian
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import ImplicitVRLittleEndian
@@ -40,7 +39,7 @@ from viewer.errors import int_param
 
 bp = Blueprint("reading", __name__, url_prefix="/api")
 
-STUDY, SERIES, SOP = 0x0020000D, 0x0020000E, 0x00080018
+STUDY, SERIES, SOP, SOP_CLASS = 0x0020000D, 0x0020000E, 0x00080018, 0x00080016
 MEASUREMENTS_BODY = 4 << 20  # bytes of a measurements POST
 IMAGE_TYPES = {"png": "image/png", "jpeg": "image/jpeg"}
 SERIES_PATH = "/studies/<study>/series/<series>"
@@ -234,7 +233,7 @@ def save_measurements(study: str) -> Response:
     missing = sorted(wanted - set(stored))
     if missing:
         raise WebError(400, f"instance {missing[0]} is not in study {study}")
-    report, selection = _saved(list(stored.values()))
+    report, selection = _saved(study, list(stored.values()))
     saved_measurements = report is not None and not measurements.is_empty(_read(report))
     # A new report when there are measurements, or to clear the saved ones, or to clear
     # the saved key images when no new selection replaces them.
@@ -292,7 +291,7 @@ def read_measurements(study: str) -> Response:
     if not rows:
         raise WebError(404, f"no study {study} in the archive")
     answer: dict = {"sopInstanceUID": None, "measurements": [], "keyImages": []}
-    report, selection = _saved(rows)
+    report, selection = _saved(study, rows)
     if report is not None:
         answer["sopInstanceUID"] = report.sop_uid
         try:
@@ -308,40 +307,56 @@ def read_measurements(study: str) -> Response:
 def _label_spacing(study: str, rows: list[InstanceLocation], found: list[dict]) -> None:
     """What each measurement's millimetres are, from its image as stored now: an SR unit
     is UCUM mm either way, so a length on an image with only Imager Pixel Spacing reads
-    "mm (detector)" again, and an ROI's stats say their `spacingKind`, as when measured."""
-    series = {row.sop_uid: row.series_uid for row in rows}
-    kinds: dict[str, str] = {}
+    "mm (detector)" again, and an ROI's stats say their `spacingKind`, as when measured.
+    The images' JSON comes in one query (a report holds at most MAX_ITEMS)."""
+    stored = {row.sop_uid for row in rows}
+    # Images gone from the study have nothing to look up.
+    sops = sorted({item["sopInstanceUID"] for item in found} & stored)
+    if not sops:
+        return
+    keys = [*_keys(study, ""), Key(SOP, "UI", sops)]
+    catalog = _archive().catalog
+    kinds = {
+        sop: geometry.image(sop, text).spacing_kind
+        for sop, text in catalog.instance_json("IMAGE", keys)
+    }
     for item in found:
-        sop = item["sopInstanceUID"]
-        if sop not in series:  # the image is gone from the study: nothing to look up
+        kind = kinds.get(item["sopInstanceUID"])
+        if kind is None:
             continue
-        if sop not in kinds:
-            kinds[sop] = _image(_keys(study, series[sop], sop)).spacing_kind
         if "stats" in item:
-            item["stats"]["spacingKind"] = kinds[sop]
-        elif item["unit"] == "mm" and kinds[sop] == "detector":
+            item["stats"]["spacingKind"] = kind
+        elif item["unit"] == "mm" and kind == "detector":
             item["unit"] = "mm (detector)"
 
 
 def _saved(
-    rows: list[InstanceLocation],
+    study: str, rows: list[InstanceLocation]
 ) -> tuple[InstanceLocation | None, InstanceLocation | None]:
     """The study's current Measurement Report (its newest Comprehensive 3D SR) and Key
     Object Selection (its newest, when made with that report or after it: a save with
     no key images writes a report and no selection, and so clears them). Newest by the
-    documents' own Content Date and Time (a reindex renumbers the index), then index id."""
+    documents' own Content Date and Time (a reindex renumbers the index), then index id.
+    Decided from the index's JSON of the study's documents in one query: every save adds
+    two, and no file of theirs is opened here."""
     from viewer import measurements
 
+    by_sop = {row.sop_uid: row for row in rows}
+    classes = [measurements.COMPREHENSIVE_3D_SR, measurements.KEY_OBJECT_SELECTION]
+    keys = [*_keys(study, ""), Key(SOP_CLASS, "UI", classes)]
+    found: dict[str, list[tuple[datetime, int, InstanceLocation]]] = {c: [] for c in classes}
+    for sop, elements in _archive().catalog.instance_elements(
+        "IMAGE", keys, measurements.HEADER_TAGS
+    ):
+        row = by_sop.get(sop)  # None: stored after `rows` were read
+        header = measurements.header(elements)
+        if row is not None and row.sop_class_uid in found and measurements.titled(header):
+            found[row.sop_class_uid].append((measurements.moment(header), row.pk, row))
+
     def newest(sop_class: str) -> tuple[InstanceLocation | None, datetime]:
-        headers = [(_start(row), row) for row in rows if row.sop_class_uid == sop_class]
-        found = [
-            (measurements.moment(header), row.pk, row)
-            for header, row in headers
-            if measurements.titled(header)
-        ]
-        if not found:
+        if not found[sop_class]:
             return None, measurements.EARLIEST
-        made, _, row = max(found, key=lambda entry: entry[:2])
+        made, _, row = max(found[sop_class], key=lambda entry: entry[:2])
         return row, made
 
     report, reported = newest(measurements.COMPREHENSIVE_3D_SR)
@@ -371,13 +386,6 @@ def _reference(row: InstanceLocation) -> Dataset:
 
 def _read(row: InstanceLocation, stop_before_pixels: bool = False) -> Dataset:
     return read_dataset(_archive().files.local(row.path), stop_before_pixels=stop_before_pixels)
-
-
-def _start(row: InstanceLocation) -> Dataset:
-    """A document's attributes up to its title, Concept Name Code Sequence (0040,A043):
-    its class, Content Date and Time and title without parsing its content tree."""
-    with open(_archive().files.local(row.path), "rb") as fp:
-        return read_partial(fp, stop_when=lambda tag, vr, length: tag > 0x0040A043)
 
 
 def _image(keys: list[Key]) -> geometry.Image:
