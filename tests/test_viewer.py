@@ -33,9 +33,13 @@ def server(tmp_path_factory):
         ds = pydicom.dcmread(path)
         ds.PatientName, ds.PatientID = "Stack^Synthetic", "STACK1"
         ds.save_as(path)
+    broken = make_study(root / "broken", 3, size=16, patient_id="BROKEN1")
+    ds = pydicom.dcmread(broken[0])  # its first slice's pixels cut short: it cannot render
+    ds.PixelData = ds.PixelData[:100]
+    ds.save_as(broken[0])
     running = Server(root / "data").start()
     try:  # the server stops even when pushing the studies fails
-        storescu(running.port, *stack)
+        storescu(running.port, *stack, *broken)
         for name in OTHERS:
             syntax = pydicom.dcmread(TEST_FILES / name, stop_before_pixels=True).file_meta
             propose = STORESCU_PROPOSE.get(syntax.TransferSyntaxUID)
@@ -70,7 +74,7 @@ def canvas(page: Page) -> bytes:
 
 def test_search_narrows_the_list(page, server):
     page.goto(server.url)
-    expect(page.locator("tr.study")).to_have_count(4)
+    expect(page.locator("tr.study")).to_have_count(5)
     VIEWER_ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=VIEWER_ARTIFACTS / "list.png")
     page.get_by_label("Patient ID").fill("STACK1")
@@ -229,6 +233,21 @@ def test_unrenderable_image_is_a_message_in_the_viewport(page, server):
     expect(page.locator(".message")).to_contain_text("Cannot display this image")
     thumbnail = page.locator(".series-item img").first.get_attribute("src")  # no waiting
     assert thumbnail and "/thumbnail" in thumbnail
+
+
+def test_neighbours_are_fetched_when_the_first_image_fails(page, server):
+    """A series' first image is asked for alone, its neighbours once it is drawn; when it
+    fails they are asked for all the same, not only after a scroll."""
+    page.goto(f"{server.url}/?id=BROKEN1")
+    page.locator("tr.study").first.click()
+    expect(page.locator(".message")).to_contain_text("Cannot display this image")
+    second = page.evaluate("globalThis.minipacsView.stack[1].sop")
+    page.wait_for_function(
+        """(sop) => performance.getEntriesByType("resource")
+            .some((entry) => entry.name.includes(`/instances/${sop}/frames/1/rendered`))""",
+        arg=second,
+    )
+    expect(page.locator(".counter")).to_have_text("1 / 3")
 
 
 def test_viewer_modules_keep_to_their_jobs():

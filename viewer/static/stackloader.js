@@ -83,7 +83,12 @@ export class StackLoader {
       },
       (error) => {
         this.loading.delete(key);
-        if (error.name !== "AbortError" && view.isCurrent(key)) view.viewport.showMessage(`Cannot display this image: ${error.message}`);
+        if (error.name === "AbortError") throw error;
+        if (view.isCurrent(key)) view.viewport.showMessage(`Cannot display this image: ${error.message}`);
+        // The neighbours wait for the first image (prefetch), not for it to succeed: one
+        // that failed must not leave them unasked until the next scroll. Only a current
+        // image's failure asks: a neighbour's would ask for that neighbour again.
+        if (entry.current) this.prefetch();
         throw error;
       },
     );
@@ -109,7 +114,7 @@ export class StackLoader {
     const { stack, index, direction, dragging } = this.view;
     if (!stack.length || dragging) return;
     // A series' first image is asked for alone: neighbours asked beside it shared the
-    // server's cores with it. They follow as soon as it is drawn (load's `then`); a
+    // server's cores with it. They follow as soon as it is drawn or has failed (load); a
     // guess at it (`warm`) that was wrong goes.
     if (!this.view.viewport.shown && this.loading.has(this.key(index, "png"))) {
       this.abort((key, entry) => !entry.current);
