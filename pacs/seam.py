@@ -267,9 +267,7 @@ def stored_file(path: Path) -> StoredDataset | Path:
     return StoredDataset(meta.sop_class_uid, meta.sop_uid, meta.syntax, stored)
 
 
-C_STORE_RQ, C_FIND_RSP = 0x0001, 0x8020
 PENDING = 0xFF00
-NO_DATASET, DATASET = 0x0101, 0x0000
 
 
 class FindAnswers:
@@ -283,17 +281,17 @@ class FindAnswers:
         self._max_pdu = _peer_max_pdu(assoc)
 
         def response(data_set_type: int, status: int) -> bytes:
-            command = _command(
-                (0x00000002, _ui(request.AffectedSOPClassUID)),
-                (0x00000100, struct.pack("<H", C_FIND_RSP)),
+            command = dimse.command(
+                (0x00000002, dimse.ui(request.AffectedSOPClassUID)),
+                (0x00000100, struct.pack("<H", dimse.C_FIND_RSP)),
                 (0x00000120, struct.pack("<H", request.MessageID)),
                 (0x00000800, struct.pack("<H", data_set_type)),
                 (0x00000900, struct.pack("<H", status)),
             )
             return dimse.pdata(context_id, command, True, self._max_pdu)
 
-        self._command = response(DATASET, PENDING)  # the same for each answer
-        self._final = response(NO_DATASET, 0x0000)
+        self._command = response(dimse.DATASET, PENDING)  # the same for each answer
+        self._final = response(dimse.NO_DATASET, 0x0000)
         self._message_id = request.MessageID
         self._buffer = bytearray()
         self._answered = False
@@ -372,15 +370,15 @@ def _send_stored(
             dataset = stored.stored.path if large else stored.decoded()
         return _send_c_store(self, dataset, msg_id, priority, originator_aet, originator_id)
     elements = [
-        (0x00000002, _ui(stored.sop_class_uid)),
-        (0x00000100, struct.pack("<H", C_STORE_RQ)),
+        (0x00000002, dimse.ui(stored.sop_class_uid)),
+        (0x00000100, struct.pack("<H", dimse.C_STORE_RQ)),
         (0x00000110, struct.pack("<H", msg_id)),
         (0x00000700, struct.pack("<H", priority)),
-        (0x00000800, struct.pack("<H", DATASET)),
-        (0x00001000, _ui(stored.sop_uid)),
+        (0x00000800, struct.pack("<H", dimse.DATASET)),
+        (0x00001000, dimse.ui(stored.sop_uid)),
     ]
     if originator_aet:
-        elements.append((0x00001030, _ae(originator_aet)))
+        elements.append((0x00001030, dimse.text(originator_aet, 16)))
     if originator_id is not None:
         elements.append((0x00001031, struct.pack("<H", originator_id)))
     # The reactor must not take the response off the queue. pynetdicom pauses it for each
@@ -391,7 +389,7 @@ def _send_stored(
         time.sleep(0.0001)
     try:
         max_pdu = _peer_max_pdu(self)
-        command = dimse.pdata(context.context_id, _command(*elements), True, max_pdu)
+        command = dimse.pdata(context.context_id, dimse.command(*elements), True, max_pdu)
         sock = self.dul.socket.socket
         direct = not isinstance(sock, ssl.SSLSocket)  # MSG_PEEK needs the plain socket
         if direct:
@@ -442,7 +440,6 @@ _STATUS_ELEMENTS = {
     "ErrorComment": (0x00000902, "LO"),
     "OffendingElement": (0x00000901, "AT"),
 }
-C_STORE_RSP = 0x8001
 MAX_PEEK = 1 << 16
 RESPONSE_PEEK = 512  # bytes peeked at first: a C-STORE-RSP PDU is ~200
 # A dataset goes to a peer with no maximum PDU length in 1 MiB fragments all the same: on
@@ -558,11 +555,11 @@ def _read_store_response(
     command = _single_command(pdu[6:], context_id)
     if command is None:
         return None
-    fields = _command_fields(command)
+    fields = dimse.fields(command)
     if (
-        fields.get(0x00000100) != struct.pack("<H", C_STORE_RSP)
+        fields.get(0x00000100) != struct.pack("<H", dimse.C_STORE_RSP)
         or fields.get(0x00000120) != struct.pack("<H", msg_id)
-        or fields.get(0x00000800) != struct.pack("<H", NO_DATASET)
+        or fields.get(0x00000800) != struct.pack("<H", dimse.NO_DATASET)
         or len(fields.get(0x00000900, b"")) != 2
     ):
         return None
@@ -610,32 +607,6 @@ def _single_command(items: bytes, context_id: int) -> bytes | None:
         if header & 2:
             return bytes(command) if offset == len(items) else None
     return None  # the command goes on in another PDU
-
-
-def _command_fields(command: bytes) -> dict[int, bytes]:
-    """Element values of a command set (implicit VR little endian), by tag."""
-    fields, offset = {}, 0
-    while offset + 8 <= len(command):
-        group, element, length = struct.unpack("<HHI", command[offset : offset + 8])
-        fields[(group << 16) | element] = command[offset + 8 : offset + 8 + length]
-        offset += 8 + length
-    return fields
-
-
-def _ae(title: str) -> bytes:
-    data = title.encode("ascii")[:16]
-    return data + b" " if len(data) % 2 else data
-
-
-def _ui(uid: str) -> bytes:
-    data = str(uid).encode("ascii")
-    return data + b"\0" if len(data) % 2 else data
-
-
-def _command(*elements: tuple[int, bytes]) -> bytes:
-    """A command set (implicit VR little endian, PS3.7 6.3.1) with its group length."""
-    body = b"".join(struct.pack("<HHI", t >> 16, t & 0xFFFF, len(v)) + v for t, v in elements)
-    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
 
 
 def _peer_max_pdu(assoc: Association) -> int:

@@ -235,7 +235,7 @@ def test_a_direct_write_waits_for_the_send_pynetdicom_has_begun(servers):
     assoc = ae.associate(*server.server_address, evt_handlers=[(evt.EVT_FSM_TRANSITION, slow)])
     context_id = assoc.accepted_contexts[0].context_id
     # A C-CANCEL-RQ (PS3.7 9.3.2.3): the peer does not answer it.
-    cancel = seam._command(
+    cancel = dimse.command(
         (0x00000100, (0x0FFF).to_bytes(2, "little")),
         (0x00000120, (77).to_bytes(2, "little")),
         (0x00000800, (0x0101).to_bytes(2, "little")),
@@ -260,7 +260,7 @@ def test_a_stored_dataset_goes_from_its_file_in_pdus_within_the_peers_maximum(ti
     peer's maximum (0: no limit), only the last marked last; on a socket with a timeout
     too (socket.sendfile then waits for it). Read back over real TCP."""
     expected = dataset_bytes(CT)
-    command = dimse.pdata(1, seam._command((0x00000100, b"\x01\x00")), True, 0)
+    command = dimse.pdata(1, dimse.command((0x00000100, b"\x01\x00")), True, 0)
     for max_pdu in (0, 16384, 1000):
         with socket.create_server(("127.0.0.1", 0)) as listener:
             sender = socket.create_connection(listener.getsockname())
