@@ -22,6 +22,9 @@ from pydicom.uid import generate_uid
 from viewer import mpr
 
 SLICES, SIZE = 12, 32
+# The server's volume cache is 1 MiB: 5 slices of 256² fit it in int16 (640 KiB), not in
+# float32 (1.25 MiB).
+WIDE_SLICES, WIDE_SIZE = 5, 256
 SR_CLASS = "1.2.840.10008.5.1.4.1.1."  # + 88.34 (Comprehensive 3D SR), 88.59 (KOS)
 WINDOW = (40.0, 400.0)
 
@@ -48,12 +51,29 @@ def _save_series(paths: list[Path], z: list[float], spacing=None, imager=None) -
     return paths
 
 
+def _wide_series(paths: list[Path], slope: float, lowest: int) -> list[Path]:
+    """The files as one new volume of WIDE_SIZE² slices 1 mm apart, Rescale Slope `slope`,
+    and `lowest` the stored value of slice 1's first pixel."""
+    _save_series(paths, [float(k) for k in range(len(paths))])
+    for k, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        pixels = np.full((WIDE_SIZE, WIDE_SIZE), 100 + k, dtype=np.int16)
+        if k == 1:
+            pixels[0, 0] = lowest
+        ds.Rows = ds.Columns = WIDE_SIZE
+        ds.PixelData = pixels.tobytes()
+        ds.RescaleSlope = slope
+        ds.save_as(path)
+    return paths
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from make_study import make_study
 
     root = tmp_path_factory.mktemp("reading")
-    made = make_study(root / "in", 2 * SLICES + 5 + 3, size=SIZE)
+    made = make_study(root / "in", 2 * SLICES + 5 + 3 + 2 * WIDE_SLICES, size=SIZE)
+    wide = made[2 * SLICES + 8 :]
     study = pydicom.dcmread(made[0]).StudyInstanceUID
     series = {
         # Slices 1 mm apart, 0.5 mm pixels: coronal and sagittal planes get a row between
@@ -65,10 +85,15 @@ def server(tmp_path_factory):
         "detector": _save_series(made[SLICES + 6 : SLICES + 7], [0.0], "drop", [0.2, 0.25]),
         "px": _save_series(made[SLICES + 7 : SLICES + 8], [0.0], "drop"),
         # 0.7 mm pixels, slices 1 mm apart: 11 mm from end to end is 15.7 output rows.
-        "stretched": _save_series(made[SLICES + 8 :], [float(k) for k in range(SLICES)], [0.7] * 2),
+        "stretched": _save_series(
+            made[SLICES + 8 : 2 * SLICES + 8], [float(k) for k in range(SLICES)], [0.7] * 2
+        ),
+        # Float32 by its headers (slope 0.5), and by slice 1's values only (-32768 - 1024).
+        "float": _wide_series(wide[:WIDE_SLICES], 0.5, 0),
+        "beyond": _wide_series(wide[WIDE_SLICES:], 1.0, -32768),
     }
     import_files(root / "data", root / "in")
-    running = Server(root / "data").start()
+    running = Server(root / "data", env={"MINIPACS_VOLUME_CACHE_MB": "1"}).start()
     running.study = study
     running.files = series
     running.series = {k: pydicom.dcmread(v[0]).SeriesInstanceUID for k, v in series.items()}
@@ -459,7 +484,8 @@ def test_an_idle_volume_leaves_the_cache():
 
 def test_a_volume_in_float_counts_its_own_size_against_the_bound(server, tmp_path):
     """A Rescale Slope of 0.5 makes the volume float32, twice what int16 needs: one that
-    fits the bound as int16 but not as float32 is refused (422), not kept over it."""
+    fits the bound as int16 but not as float32 is refused (422), not kept over it. Told
+    nothing of it beforehand, the cache finds it in the values and remembers it."""
     from viewer import geometry
     from viewer.render import RenderError
 
@@ -473,14 +499,49 @@ def test_a_volume_in_float_counts_its_own_size_against_the_bound(server, tmp_pat
     volume = geometry.volume(images)
     by_sop = {image.sop_uid: path for image, path in zip(images, paths, strict=True)}
     ordered = [by_sop[sop] for sop in volume.order]
+    shape = mpr.Shape(volume)  # int16 at least, as the headers of integer values say
     int16 = 4 * SIZE * SIZE * 2
     roomy = mpr.VolumeCache(2 * int16)
-    assert roomy.get(("float",), volume, ordered, True, None).values.dtype == np.float32
+    assert roomy.get(("float",), shape, lambda: ordered, True, None).values.dtype == np.float32
     tight = mpr.VolumeCache(int16 + int16 // 2)
     with pytest.raises(RenderError) as refused:
-        tight.get(("float",), volume, ordered, True, None)
+        tight.get(("float",), shape, lambda: ordered, True, None)
     assert refused.value.code == 422
     assert tight.bytes == 0
+    assert roomy.shape(("float",)).voxel == tight.shape(("float",)).voxel == mpr.FLOAT32
+
+
+def _cut_pixels(server: Server, name: str, slices: range) -> None:
+    """Those slices' stored files cut short inside their pixel data: decoding them fails."""
+    for path in server.files[name][slices.start : slices.stop]:
+        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        stored = next(server.data.glob(f"*/*/{sop}.dcm"))
+        stored.write_bytes(stored.read_bytes()[: -WIDE_SIZE * WIDE_SIZE])
+
+
+def test_a_volume_over_the_bound_by_its_headers_is_refused_before_decoding(server):
+    """Rescale Slope 0.5: float32, 1.25 MiB over the 1 MiB cache, refused from the index's
+    JSON before any pixel is read: every file's pixel data cut short changes nothing (a
+    decode would answer "cannot decode")."""
+    _cut_pixels(server, "float", range(WIDE_SLICES))
+    for _ in range(2):
+        status, _, body = get(server, f"{series_path(server, 'float')}/mpr/axial/0")
+        assert status == 422, body
+        error = json.loads(body)["error"]
+        assert "(values beyond int16), over volume_cache_mb (1 MiB)" in error
+
+
+def test_a_volume_found_over_the_bound_while_decoding_is_refused_at_once_after(server):
+    """Integer values, so int16 by the headers; slice 1's -33792 needs float32, over the
+    bound: the decode stops there (slices 2-4, cut short, are not read) and the refusal
+    is remembered (with every slice cut short, the next request answers it again)."""
+    path = f"{series_path(server, 'beyond')}/mpr/coronal/0"
+    _cut_pixels(server, "beyond", range(2, WIDE_SLICES))
+    for cut in (range(0), range(2)):
+        _cut_pixels(server, "beyond", cut)
+        status, _, body = get(server, path)
+        assert status == 422, body
+        assert "(values beyond int16), over volume_cache_mb" in json.loads(body)["error"]
 
 
 def test_other_documents_are_not_the_viewers_report(server, tmp_path):

@@ -88,9 +88,10 @@ class NotAVolume(ValueError):
     """The series does not form a volume; the message says which check failed."""
 
 
-def image(sop_uid: str, text: str) -> Image:
-    """One instance's geometry from its stored DICOM JSON."""
-    data = json.loads(text)
+def image(sop_uid: str, text: str | dict) -> Image:
+    """One instance's geometry from its stored DICOM JSON (or that JSON parsed, when the
+    caller reads more of it: viewer.reading's MPR)."""
+    data = json.loads(text) if isinstance(text, str) else text
     shared = _item(data, SHARED_GROUPS)
     orientation = _numbers(data, ORIENTATION) or _numbers(
         _item(shared, PLANE_ORIENTATION), ORIENTATION

@@ -5,7 +5,10 @@ its pixels to patient coordinates (so a crosshair can link the three).
 A volume is the series' slices (viewer.geometry.volume: checked to be one) decoded by the
 render pipeline's decode and Modality LUT stages, stacked in slice order as int16 (float32
 when the values do not fit), and kept in a VolumeCache bounded by `volume_cache_mb`. A
-plane's modality values then go through the rest of the one pipeline
+volume over the bound is refused before any pixel is read, from the index's JSON (its
+size, and float32 when a header says so), or at the first slice whose values need float32
+when only they say so; either way the refusal is remembered. A plane's modality values
+then go through the rest of the one pipeline
 (`render.render_values`: VOI, presentation, encoding). No Flask here; the contract is
 docs/viewer-api.md, section 3.
 """
@@ -15,6 +18,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections import deque
+from collections.abc import Callable
+from collections.abc import Iterable
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +48,8 @@ LAYOUT = {
 DECODE_THREADS = 4
 DECODE_AHEAD = 8  # slices decoded ahead of the one copied into the volume
 SHAPES_KEPT = 256  # series geometries remembered (a few KiB each)
+INT16, FLOAT32 = 2, 4  # bytes a voxel takes
+RESCALE = ("00281053", "00281052")  # Rescale Slope, Rescale Intercept (DICOM JSON keys)
 VOLUME_IDLE = 300.0  # s a volume stays cached unasked (a reader scrolling MPR asks often)
 EXACT = 1e-6  # relative: a spacing this close to the output pixel needs no resampling
 
@@ -187,6 +194,44 @@ def _resample(values: np.ndarray, axis: int, spacing: float, pixel: float) -> np
 # -- the volume cache -----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What the index's JSON says of one set of a series' instances, remembered so that a
+    plane's request parses none of it again: the volume, or why the series is not one, and
+    the bytes a voxel of its decoded volume takes at least (FLOAT32 when a header says the
+    values are not integers, or once decoding found a slice beyond int16; else INT16)."""
+
+    volume: Volume | str
+    voxel: int = INT16
+
+
+def voxel_bytes(headers: Iterable[dict]) -> int:
+    """FLOAT32 when a slice's Rescale Slope or Intercept (stored DICOM JSON) is not an
+    integer, so its modality values are float32 (render._modality), else INT16: integer
+    values may still go beyond int16, which only the pixels tell."""
+    for header in headers:
+        for tag in RESCALE:
+            values = (header.get(tag) or {}).get("Value") or [0]
+            try:
+                number = float(values[0] or 0)
+            except (TypeError, ValueError):
+                continue  # render._modality would fail on it too: decoding says so
+            if not number.is_integer():
+                return FLOAT32
+    return INT16
+
+
+class OverBound(RenderError):
+    """A volume that cannot fit in the cache (422)."""
+
+    def __init__(self, need: int, bound: int, voxel: int) -> None:
+        beyond = " (values beyond int16)" if voxel == FLOAT32 else ""
+        super().__init__(
+            422,
+            f"the volume needs {need >> 20} MiB{beyond}, over volume_cache_mb ({bound >> 20} MiB)",
+        )
+
+
 @dataclass
 class Loaded:
     """A decoded volume: its modality values [k, r, c] and the header of its first slice
@@ -200,7 +245,9 @@ class VolumeCache:
     """Decoded volumes, least recently used out first, bounded in bytes. One volume is
     decoded at a time (a lock): concurrent asks for one series decode it once, and the
     memory held while decoding stays one volume's. A volume nobody asked for in `idle`
-    seconds is dropped, so a server that showed one MPR returns to its idle memory."""
+    seconds is dropped, so a server that showed one MPR returns to its idle memory. The
+    shapes of the last SHAPES_KEPT sets of instances are remembered beside them: a series
+    refused (not a volume, over the bound) is refused again without reading anything."""
 
     def __init__(self, max_bytes: int, idle: float = VOLUME_IDLE) -> None:
         self.max_bytes = max_bytes
@@ -209,59 +256,62 @@ class VolumeCache:
         self._items: OrderedDict[tuple, Loaded] = OrderedDict()
         self._used: dict[tuple, float] = {}
         self._timer: threading.Timer | None = None
-        self._shapes: OrderedDict[tuple, Volume | str] = OrderedDict()
+        self._shapes: OrderedDict[tuple, Shape] = OrderedDict()
         self._lock = threading.Lock()
         self._building = threading.Lock()
 
-    def shape(self, key: tuple) -> Volume | str | None:
-        """The geometry remembered for `key`: its Volume, why it is none, or None (not
-        worked out yet); each plane's request then skips parsing every slice's JSON."""
+    def shape(self, key: tuple) -> Shape | None:
+        """The shape remembered for `key`, or None (not worked out yet); each plane's
+        request then skips parsing every slice's JSON."""
         with self._lock:
-            return self._shapes.get(key)
+            found = self._shapes.get(key)
+            if found is not None:
+                self._shapes.move_to_end(key)
+            return found
 
-    def remember(self, key: tuple, shape: Volume | str) -> None:
+    def remember(self, key: tuple, shape: Shape) -> None:
         with self._lock:
             self._shapes[key] = shape
+            self._shapes.move_to_end(key)
             while len(self._shapes) > SHAPES_KEPT:
                 self._shapes.popitem(last=False)
 
     def get(
         self,
         key: tuple,
-        volume: Volume,
-        paths: list[Path],
+        shape: Shape,
+        paths: Callable[[], list[Path]],
         native: bool,
         pixel_budget: int | None,
     ) -> Loaded:
-        """The volume under `key` (the series and its instances), decoded from `paths`
-        (in slice order; `native`: all uncompressed) when not cached; 422 when it cannot
-        fit in the cache."""
+        """The volume under `key` (the series and its instances), of `shape`, decoded when
+        not cached from the files `paths()` gives (in slice order; `native`: all
+        uncompressed); 422 when it cannot fit in the cache: from its shape before any file
+        is asked for, else at the first slice whose values need float32 (remembered)."""
         found = self._cached(key)
         if found is not None:
             return found
-        need = volume.rows * volume.columns * len(paths) * 2
+        volume = shape.volume
+        assert isinstance(volume, Volume)
+        need = volume.rows * volume.columns * len(volume.order) * shape.voxel
         if need > self.max_bytes:
-            raise RenderError(
-                422,
-                f"the volume needs {need >> 20} MiB, over volume_cache_mb "
-                f"({self.max_bytes >> 20} MiB)",
-            )
+            raise OverBound(need, self.max_bytes, shape.voxel)
         with self._building:
             found = self._cached(key)
             if found is not None:
                 return found
             self._make_room(need)
             started = time.monotonic()
-            loaded = decode_volume(paths, native, volume, pixel_budget)
-            if loaded.values.nbytes > self.max_bytes:  # float32: values int16 cannot hold
-                raise RenderError(
-                    422,
-                    f"the volume needs {loaded.values.nbytes >> 20} MiB (values beyond int16), "
-                    f"over volume_cache_mb ({self.max_bytes >> 20} MiB)",
-                )
+            try:
+                loaded = decode_volume(paths(), native, shape, pixel_budget, self.max_bytes)
+            except OverBound:  # int16 fitted, float32 does not: next time, refused at once
+                self.remember(key, Shape(volume, FLOAT32))
+                raise
+            if loaded.values.dtype == np.float32 and shape.voxel != FLOAT32:
+                self.remember(key, Shape(volume, FLOAT32))  # room made for it next time
             log.info(
                 "volume of %d slices decoded in %.2f s (%d MiB)",
-                len(paths),
+                len(volume.order),
                 time.monotonic() - started,
                 loaded.values.nbytes >> 20,
             )
@@ -314,16 +364,21 @@ class VolumeCache:
 
 
 def decode_volume(
-    paths: list[Path], native: bool, volume: Volume, pixel_budget: int | None
+    paths: list[Path], native: bool, shape: Shape, pixel_budget: int | None, bound: int
 ) -> Loaded:
     """Each slice through the render pipeline's decode and Modality LUT, into one array:
-    int16 while the values fit, float32 from the first slice that does not. The first
-    slice is read whole (its header is the planes' VOI and its checks the pipeline's);
-    the rest, when uncompressed (`native`), through render.native_frame_values. A few
-    threads decode at once (file reads and numpy leave the GIL), at most DECODE_AHEAD
-    slices ahead of the copy into the volume, so memory stays the volume's."""
+    int16 while the values fit, float32 from the first slice that does not (from the
+    start when the shape says so); OverBound, before the conversion and the slices after,
+    when float32 takes more than `bound` bytes. The first slice is read whole (its header
+    is the planes' VOI and its checks the pipeline's); the rest, when uncompressed
+    (`native`), through render.native_frame_values. A few threads decode at once (file
+    reads and numpy leave the GIL), at most DECODE_AHEAD slices ahead of the copy into the
+    volume, so memory stays the volume's."""
+    volume = shape.volume
+    assert isinstance(volume, Volume)
     header, first = render.frame_values(paths[0], 1, None, pixel_budget)
-    values = np.empty((len(paths), volume.rows, volume.columns), dtype=np.int16)
+    dtype = np.float32 if shape.voxel == FLOAT32 else np.int16
+    values = np.empty((len(paths), volume.rows, volume.columns), dtype=dtype)
 
     def decode(path: Path) -> np.ndarray:
         if not native:
@@ -335,19 +390,26 @@ def decode_volume(
 
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="mpr") as pool:
-        ahead = 1  # the next slice to hand to the pool
-        for k in range(len(paths)):
-            while ahead < len(paths) and ahead - k <= DECODE_AHEAD:
-                pending.append(pool.submit(decode, paths[ahead]))
-                ahead += 1
-            slice_values = first if k == 0 else pending.popleft().result()
-            if slice_values.shape != values.shape[1:]:
-                for future in pending:  # no more work for a volume that will not be
-                    future.cancel()
-                raise RenderError(422, f"slice {k} decodes to {slice_values.shape}, not a slice")
-            if values.dtype == np.int16 and not _fits_int16(slice_values):
-                values = values.astype(np.float32)
-            values[k] = slice_values
+        try:
+            ahead = 1  # the next slice to hand to the pool
+            for k in range(len(paths)):
+                while ahead < len(paths) and ahead - k <= DECODE_AHEAD:
+                    pending.append(pool.submit(decode, paths[ahead]))
+                    ahead += 1
+                slice_values = first if k == 0 else pending.popleft().result()
+                if slice_values.shape != values.shape[1:]:
+                    raise RenderError(
+                        422, f"slice {k} decodes to {slice_values.shape}, not a slice"
+                    )
+                if values.dtype == np.int16 and not _fits_int16(slice_values):
+                    if values.size * FLOAT32 > bound:
+                        raise OverBound(values.size * FLOAT32, bound, FLOAT32)
+                    values = values.astype(np.float32)
+                values[k] = slice_values
+        except BaseException:
+            for future in pending:  # no more work for a volume that will not be
+                future.cancel()
+            raise
     return Loaded(values, header)
 
 

@@ -9,6 +9,8 @@ storing measurements the uploader role; the app's audit hook records each reques
 """
 
 import hashlib
+import json
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -135,7 +137,7 @@ def _number(args, name: str) -> float:
 
 @bp.get(f"{SERIES_PATH}/mpr")
 def mpr_planes(study: str, series: str) -> Response:
-    volume = _volume(study, series)[0]
+    volume = _volume(study, series)[0].volume
     return jsonify(
         slices=len(volume.order),
         spacing=list(volume.spacing),
@@ -148,14 +150,15 @@ def mpr_planes(study: str, series: str) -> Response:
 def mpr_image(study: str, series: str, plane: str, index: int) -> Response:
     if plane not in mpr.PLANES:
         raise WebError(400, f"plane is axial, coronal or sagittal, not {plane[:20]!r}")
-    volume, key, paths, native = _volume(study, series)
+    shape, key, paths, native = _volume(study, series)
+    volume = shape.volume
     cut = mpr.planes(volume)[plane]
     if not 0 <= index < cut.count:
         raise WebError(400, f"{plane} index {index} is outside 0-{cut.count - 1}")
     fmt = _image_format()
     wanted = render_request(fmt, 1)
     cache: mpr.VolumeCache = current_app.extensions["minipacs"]["volumes"]
-    loaded = cache.get(key, volume, paths, native, _config().pixel_budget_mb << 20)
+    loaded = cache.get(key, shape, paths, native, _config().pixel_budget_mb << 20)
     values = mpr.cut(loaded.values, volume, cut, index)
     response = Response(
         render.render_values(loaded.header, values, wanted), mimetype=IMAGE_TYPES[fmt]
@@ -165,11 +168,12 @@ def mpr_image(study: str, series: str, plane: str, index: int) -> Response:
     return response
 
 
-def _volume(study: str, series: str) -> tuple[geometry.Volume, tuple, list[Path], bool]:
-    """The series' volume (409 with the reason when it is not one), the cache key of its
-    instances as stored now, their files in slice order, and whether all are stored
-    uncompressed. The geometry is worked out
-    from the index's JSON once per set of instances (the volume cache remembers it)."""
+def _volume(study: str, series: str) -> tuple[mpr.Shape, tuple, Callable[[], list[Path]], bool]:
+    """The series' shape, its volume a Volume (409 with the reason when it is not one), the
+    cache key of its instances as stored now, their files in slice order (a function: a
+    volume refused before decoding fetches none from an object store), and whether all are
+    stored uncompressed. The shape is worked out from the index's JSON once per set of
+    instances (the volume cache remembers it, and so the refusal)."""
     keys = _keys(study, series)
     rows = list(_archive().catalog.locate("SERIES", keys))
     if not rows:
@@ -177,13 +181,11 @@ def _volume(study: str, series: str) -> tuple[geometry.Volume, tuple, list[Path]
     stored = sorted((row.pk, row.sop_uid, str(row.path)) for row in rows)
     key = (series, hashlib.sha256(repr(stored).encode()).hexdigest())
     cache: mpr.VolumeCache = current_app.extensions["minipacs"]["volumes"]
-    volume = cache.shape(key)
-    if volume is None:
-        try:
-            volume = geometry.volume(_images(study, series)[0])
-        except geometry.NotAVolume as exc:
-            volume = str(exc)
-        cache.remember(key, volume)
+    shape = cache.shape(key)
+    if shape is None:
+        shape = _shape(keys)
+        cache.remember(key, shape)
+    volume = shape.volume
     if isinstance(volume, str):
         raise WebError(409, f"the series is not a volume: {volume}")
     by_sop = {row.sop_uid: row.path for row in rows}
@@ -191,7 +193,20 @@ def _volume(study: str, series: str) -> tuple[geometry.Volume, tuple, list[Path]
         raise WebError(409, "the series changed while it was read; try again")
     native = all(row.transfer_syntax in NATIVE for row in rows)
     local = _archive().files.local  # each fetched when only the object store has it
-    return volume, key, [local(by_sop[sop]) for sop in volume.order], native
+    return shape, key, lambda: [local(by_sop[sop]) for sop in volume.order], native
+
+
+def _shape(keys: list[Key]) -> mpr.Shape:
+    """The series' volume, or why it is not one, and what a voxel of it takes, from its
+    instances' JSON in the index (each parsed once)."""
+    found = [
+        (sop, json.loads(text)) for sop, text in _archive().catalog.instance_json("SERIES", keys)
+    ]
+    try:
+        volume = geometry.volume([geometry.image(sop, data) for sop, data in found])
+    except geometry.NotAVolume as exc:
+        return mpr.Shape(str(exc))
+    return mpr.Shape(volume, mpr.voxel_bytes(data for _, data in found))
 
 
 def _image_format() -> str:
