@@ -22,6 +22,7 @@ from pynetdicom.dsutils import encode
 from pacs import scu
 from storage import Archive
 from storage import query
+from storage.engine import is_sqlite
 from storage.models import Patient
 from storage.models import db
 
@@ -429,3 +430,48 @@ def test_a_large_answer_streams(corpus):
     assert value(first, "00100020") == "BULK00000"
     assert len(rest) == count - 1
     assert first_peak * 4 < whole, (first_peak, whole)
+
+
+def test_stored_json_is_read_a_chunk_of_rows_at_a_time(corpus, monkeypatch):
+    """Answers that need the stored DICOM JSON read it with one statement a chunk of rows,
+    not a SELECT a row: with chunks of 4, each level's answers are the same, in the same
+    order, and (counted by SQLite's trace callback) the statements grow with the chunks,
+    not the rows. Each instance's answer carries its own JSON (BodyPartExamined: HEAD in A)."""
+    _, made = corpus
+    cases = [
+        ("IMAGE", keys("IMAGE", SOPInstanceUID="", BodyPartExamined=""), {}),  # picked
+        ("IMAGE", keys("IMAGE", SOPInstanceUID=""), {"all_attributes": True}),  # whole JSON
+        ("SERIES", keys("SERIES", SeriesInstanceUID="", BodyPartExamined=""), {}),
+        ("STUDY", keys("STUDY", StudyInstanceUID="", BodyPartExamined=""), {}),
+    ]
+    for level, identifier, options in cases:
+        whole = find(corpus, level, identifier, **options)
+        monkeypatch.setattr(query, "JSON_CHUNK", 4)
+        ran: list[str] = []
+        with db.connection_context():
+            sqlite = is_sqlite(db)
+            if sqlite:
+                db.connection().set_trace_callback(ran.append)
+            try:
+                chunked = list(query.find(level, identifier, options=query.Options(**options)))
+            finally:
+                if sqlite:
+                    db.connection().set_trace_callback(None)
+        monkeypatch.undo()
+        assert len(whole) > 4
+        assert chunked == whole
+        if sqlite:  # one a chunk, the query, and the extended query tags' look-up
+            chunks = -(-len(whole) // 4)
+            assert chunks <= len(ran) <= chunks + 2, ran
+    images = find(corpus, "IMAGE", keys("IMAGE", SOPInstanceUID="", BodyPartExamined=""))
+    body = {value(a, "00080018"): value(a, "00180015") for a in images}
+    for label, part in (("A", "HEAD"), ("B", "CHEST"), ("C", "CHEST"), ("D", "CHEST")):
+        for _, sops in made[label]["series"]:
+            assert {body[sop] for sop in sops} == {part}
+    # Matched on the stored JSON after the SQL, then paged, through chunks of 4.
+    chest = keys("IMAGE", SOPInstanceUID="", BodyPartExamined="CHEST")
+    every = find(corpus, "IMAGE", chest)
+    monkeypatch.setattr(query, "JSON_CHUNK", 4)
+    assert find(corpus, "IMAGE", chest) == every
+    archive, _ = corpus
+    assert list(archive.catalog.find("IMAGE", chest, limit=3, offset=4)) == every[4:7]
