@@ -23,7 +23,7 @@ export class Commands {
     const commands = {
       next: () => (arrow ? this.moveCursor(arrow, shift) : pane.go(pane.index + 1)),
       previous: () => (arrow ? this.moveCursor(arrow, shift) : pane.go(pane.index - 1)),
-      window: () => (arrow ? this.moveCursor(arrow, shift) : pane.stepWindow(ARROWS[key])),
+      window: () => (arrow ? this.moveCursor(arrow, shift) : pane.input.stepWindow(ARROWS[key])),
       forward10: () => pane.go(pane.index + 10),
       back10: () => pane.go(pane.index - 10),
       firstImage: () => pane.go(0),

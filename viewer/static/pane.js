@@ -1,7 +1,7 @@
 // A pane of the layout: one series in one viewport, with its own slice, window, zoom,
-// orientation, cine and scroll bar. It loads its stack (QIDO-RS instances), asks the
-// stack loader (stackloader.js) for frames, and turns wheel, drag and slider input into
-// slices, windows, pan and zoom. What spans panes (which one is active, syncing,
+// orientation, cine and scroll bar. It loads its stack (QIDO-RS instances) and asks the
+// stack loader (stackloader.js) for frames; its wheel, drags and window keys are
+// paneinput.js's, which turns them into slices, windows, pan and zoom. What spans panes (which one is active, syncing,
 // reference lines, the toolbar, the URL) belongs to the study view, told through
 // `host`: `activate(pane)`, `moved(pane)`, `loaded(pane)`, `draw(key, bitmap)` (the
 // active pane's frames go through it: the debug API's one draw call), `metadata` (sop →
@@ -11,12 +11,9 @@
 import { first, instanceMetadata, searchInstances, seriesGeometry, seriesMetadata, text, values } from "./dicomweb.js";
 import { el } from "./dom.js";
 import { geometryFromApi, geometryOf } from "./orientation.js";
+import { PaneInput } from "./paneinput.js";
 import { StackLoader } from "./stackloader.js";
 import { Viewport } from "./viewport.js";
-
-const WIDTH_STEP = 1.1; // a window key widens or narrows the window by a tenth
-const CENTRE_STEP = 1 / 20; // or moves its centre by a twentieth of the width
-const KEYS_REST = 300; // ms without a window key after which the exact PNG is asked for
 
 export class Pane {
   constructor(host, number) {
@@ -30,7 +27,7 @@ export class Pane {
     this.direction = 1;
     this.window = null; // null: the file's own; "auto"; or { center, width }
     this.preset = "file";
-    this.dragging = false;
+    this.dragging = false; // the window is being dragged (or keyed): JPEGs until it ends
     this.drawn = 0; // exact frames drawn in this pane
     this.cine = null;
     this.fps = 10;
@@ -46,47 +43,11 @@ export class Pane {
       this.viewport.stage,
       el("div", { class: "scroll" }, this.slider, this.counter),
     );
-    this.listen();
+    this.input = new PaneInput(this); // the wheel, drags and window keys
   }
 
   get modality() {
     return text(this.seriesEntry, "00080060");
-  }
-
-  listen() {
-    this.closing = new AbortController(); // a pane closed before the view (MPR's) lets go of its listeners
-    const signal = AbortSignal.any([this.host.signal, this.closing.signal]);
-    const stage = this.viewport.stage;
-    let wheel = 0;
-    stage.addEventListener(
-      "wheel",
-      (event) => {
-        event.preventDefault();
-        this.host.activate(this);
-        if (event.ctrlKey) {
-          this.viewport.setZoom(this.viewport.zoom * (event.deltaY < 0 ? 1.1 : 1 / 1.1));
-          return;
-        }
-        // A mouse notch (|delta| ≥ 50 px, or lines) is one slice; a touchpad's small
-        // deltas add up to one slice per 100 px.
-        const delta = event.deltaY * (event.deltaMode === 1 ? 40 : 1);
-        if (Math.abs(delta) >= 50) {
-          // A busy browser merges queued notches into one event (deltaY 200, 300…).
-          wheel = 0;
-          this.go(this.index + Math.sign(delta) * Math.max(1, Math.round(Math.abs(delta) / 100)));
-          return;
-        }
-        wheel += delta;
-        if (Math.abs(wheel) >= 100) {
-          this.go(this.index + Math.sign(wheel));
-          wheel = 0;
-        }
-      },
-      { passive: false, signal },
-    );
-    stage.addEventListener("pointerdown", (event) => this.startDrag(event), { signal });
-    stage.addEventListener("focus", () => this.host.activate(this), { signal });
-    stage.addEventListener("contextmenu", (event) => event.preventDefault(), { signal });
   }
 
   // -- loading a series --------------------------------------------------------------------
@@ -282,73 +243,16 @@ export class Pane {
     return `WC ${Math.round(window.center)} WW ${Math.round(window.width)}`;
   }
 
-  // -- window/level, pan and zoom by dragging --------------------------------------------
+  // -- the window ---------------------------------------------------------------------------
 
+  // A press on the stage: a tool's, or a drag (paneinput.js). MPR's planes add their
+  // crosshair click.
   startDrag(event) {
-    this.host.activate(this);
-    if (!this.stack.length) return;
-    const viewport = this.viewport;
-    const stage = viewport.stage;
-    stage.focus();
-    clearTimeout(this.windowKeys);
-    if (event.button === 0 && !event.shiftKey && this.host.drag(this, event)) return;
-    stage.setPointerCapture(event.pointerId);
-    const start = [event.clientX, event.clientY];
-    const pan = [...viewport.pan];
-    const mode = event.button === 1 || event.shiftKey ? "pan" : event.button === 2 ? "zoom" : "window";
-    const zoom = viewport.zoom;
-    const window = this.startWindow();
-    const move = (moved) => {
-      const dx = moved.clientX - start[0];
-      const dy = moved.clientY - start[1];
-      if (mode === "pan") viewport.panTo([pan[0] + dx, pan[1] + dy]);
-      else if (mode === "zoom") viewport.setZoom(zoom * Math.exp(-dy / 200));
-      else if (Math.abs(dx) + Math.abs(dy) > 1) {
-        const step = Math.max(1, window.width / 256);
-        this.dragWindow({ center: window.center + dy * step, width: Math.max(1, window.width + dx * step) });
-      }
-    };
-    const up = () => {
-      stage.removeEventListener("pointermove", move);
-      stage.removeEventListener("pointerup", up);
-      stage.removeEventListener("pointercancel", up);
-      this.endDragWindow();
-    };
-    stage.addEventListener("pointermove", move);
-    stage.addEventListener("pointerup", up);
-    stage.addEventListener("pointercancel", up);
+    this.input.drag(event);
   }
 
-  // A window set by a drag, or by window keys pressed in a row: rendered as a drag's,
-  // a JPEG at a time.
-  dragWindow(window) {
-    this.window = window;
-    this.preset = "custom";
-    this.host.windowChanged(this);
-    this.dragging = true;
-    this.dragRender();
-  }
-
-  // The drag is over: the exact PNG, and the neighbours in the new window.
-  endDragWindow() {
-    if (!this.dragging) return;
-    this.dragging = false;
-    this.loader.request(this.index, "png", { current: true });
-    this.loader.prefetch();
-  }
-
-  // A window key (Shift+arrows) moves the window as a drag in screen direction
-  // `[wider, higher]` would: wider or narrower by a tenth, the centre up or down by a
-  // twentieth of the width. Keys pressed or held in a row are one drag; the exact PNG
-  // comes once they rest.
-  stepWindow([wider, higher]) {
-    if (!this.stack.length) return;
-    const { center, width } = this.startWindow();
-    this.dragWindow({ center: center + higher * width * CENTRE_STEP, width: Math.max(1, width * WIDTH_STEP ** wider) });
-    clearTimeout(this.windowKeys);
-    this.windowKeys = setTimeout(() => this.endDragWindow(), KEYS_REST);
-  }
-
+  // The window a drag or a window key starts from: the pane's, else the file's, else the
+  // whole range of the stored values.
   startWindow() {
     if (this.window && this.window !== "auto") return this.window;
     const meta = this.currentMeta();
@@ -361,25 +265,6 @@ export class Pane {
     const low = (signed ? -(2 ** (bits - 1)) : 0) * slope + intercept;
     const high = (signed ? 2 ** (bits - 1) - 1 : 2 ** bits - 1) * slope + intercept;
     return { center: (low + high) / 2, width: Math.max(1, high - low) };
-  }
-
-  // While dragging: one JPEG in flight; when it lands, ask for the latest window.
-  dragRender() {
-    this.viewport.updateOverlays();
-    if (this.dragInFlight) {
-      this.dragPending = true;
-      return;
-    }
-    this.dragInFlight = true;
-    this.dragPending = false;
-    this.loader.abort((key) => !key.endsWith("|jpeg"));
-    this.loader
-      .request(this.index, "jpeg", { current: true, quality: 70 })
-      .catch(() => {})
-      .finally(() => {
-        this.dragInFlight = false;
-        if (this.dragPending && this.dragging) this.dragRender();
-      });
   }
 
   // "file", "auto", "center,width" or "custom" (the window as it is).
@@ -455,10 +340,9 @@ export class Pane {
   }
 
   close() {
-    this.closing.abort();
+    this.input.close();
     this.stopCine();
     clearTimeout(this.metadataTimer);
-    clearTimeout(this.windowKeys);
     this.loader.close();
     this.viewport.close();
   }
