@@ -112,7 +112,7 @@ export class Pane {
     this.slider.value = String(next + 1);
     this.counter.value = `${next + 1} / ${this.stack.length}`;
     this.counter.textContent = this.counter.value;
-    this.showCurrent();
+    this.loader.showCurrent();
     this.loader.prefetch();
     this.loadMetadata(this.stack[next].sop);
     this.host.moved(this, { fromUrl, synced });
@@ -124,28 +124,6 @@ export class Pane {
     if (!slice) return `/study/${this.study}/series/${this.series}`;
     const frame = slice.frames > 1 ? `?frame=${slice.frame}` : "";
     return `/study/${this.study}/series/${this.series}/instance/${slice.sop}${frame}`;
-  }
-
-  // Scrolling faster than the server renders: one request for "the current slice" in
-  // flight; when it lands, the slice current by then is asked for. Frames are dropped,
-  // the picture keeps moving, and the server renders nothing nobody will see.
-  showCurrent() {
-    const key = this.loader.key(this.index, "png");
-    if (this.loader.bitmaps.has(key) || this.loader.loading.has(key) || !this.currentLoad) {
-      this.currentLoad = this.loader
-        .request(this.index, "png", { current: true })
-        .catch(() => {})
-        .finally(() => {
-          this.currentLoad = null;
-          if (this.currentStale) {
-            this.currentStale = false;
-            this.showCurrent();
-          }
-        });
-      return;
-    }
-    this.currentStale = true;
-    this.loader.placeholder(this.index);
   }
 
   // The stack loader's way to the canvas (key null: a stand-in until the exact one).

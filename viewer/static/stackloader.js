@@ -1,6 +1,6 @@
 // The stack loader: rendered frames of the open series fetched as ImageBitmaps, kept in
-// a bounded cache, neighbours prefetched in the scroll direction, and requests no longer
-// useful aborted. It asks the view what is current (`isCurrent`, `exactShown`) and hands
+// a bounded cache, the current slice asked for one request at a time while it scrolls,
+// neighbours prefetched in the scroll direction, and requests no longer useful aborted. It asks the view what is current (`isCurrent`, `exactShown`) and hands
 // it what to draw (`draw`).
 
 import { fetchBitmap, renderedURL } from "./dicomweb.js";
@@ -60,6 +60,29 @@ export class StackLoader {
       return pending.promise;
     }
     return this.load(key, this.url(index, format, quality), current);
+  }
+
+  // The view's current slice, as it scrolls faster than the server renders: one request
+  // for "the current slice" in flight; when it lands, the slice current by then is asked
+  // for. Frames are dropped, the picture keeps moving, and the server renders nothing
+  // nobody will see. `currentLoad`: that request, while it is in flight.
+  showCurrent() {
+    const index = this.view.index;
+    const key = this.key(index, "png");
+    if (this.bitmaps.has(key) || this.loading.has(key) || !this.currentLoad) {
+      this.currentLoad = this.request(index, "png", { current: true })
+        .catch(() => {})
+        .finally(() => {
+          this.currentLoad = null;
+          if (this.currentStale) {
+            this.currentStale = false;
+            this.showCurrent();
+          }
+        });
+      return;
+    }
+    this.currentStale = true;
+    this.placeholder(index);
   }
 
   // Fetch `slice`'s PNG before the stack is known (a series' likely first slice): the

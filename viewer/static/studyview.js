@@ -221,7 +221,7 @@ class StudyView {
     // the server with the first image: they are asked for once it is drawn, or has
     // failed, or there is none to draw. The report first, before the thumbnails take the
     // browser's connections to the server: Save and the saved measurements come soonest.
-    await this.active.currentLoad;
+    await this.active.loader.currentLoad;
     if (this.signal.aborted) return;
     const report = this.report.load(this.study);
     this.strip.loadThumbnails();
