@@ -277,3 +277,29 @@ def test_a_deflate_bomb_is_refused(server, tmp_path):
         (0,)
     ]
     assert journal_left(server) == []
+
+
+def test_datasets_held_in_memory_or_spilled_to_the_file_are_stored_whole(server, tmp_path):
+    """A dataset up to storage.journal.MEMORY is checked in memory and written at once; a
+    larger one goes to its file as it arrives (from just over the limit to twice it):
+    either way the stored dataset is the sent one, byte for byte."""
+    from storage.dataset import open_dataset
+    from storage.journal import MEMORY
+
+    sizes = {64: "in memory", 725: "just over", 1024: "spilled"}  # 725² × 2 B > 1 MiB
+    sent = {}
+    for size, what in sizes.items():
+        (path,) = make_study(tmp_path / what.replace(" ", "-"), 1, size=size)
+        sent[pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID] = path
+    lengths = sorted(path.stat().st_size for path in sent.values())
+    assert lengths[0] < MEMORY < lengths[1] < lengths[2]
+    storescu(server.port, *sent.values())
+    assert indexed(server, set(sent)) == set(sent)
+    for sop_uid, source in sent.items():
+        (rel,) = server.rows("SELECT path FROM instance WHERE sop_uid = ?", sop_uid)[0]
+        datasets = []
+        for path in (source, server.data / rel):
+            fp, _, _ = open_dataset(path)
+            with fp:
+                datasets.append(fp.read())
+        assert datasets[0] == datasets[1], sizes
