@@ -94,7 +94,7 @@ def serve(config: Config) -> None:
     try:
         config = dataclasses.replace(config, port=port_holder.getsockname()[1])
         indexing.start()
-        children = [Child(config, n) for n in range(config.workers)]
+        children = [Child(config, n, archive) for n in range(config.workers)]
         for child in children:
             child.wait_ready()
         if config.tls_cert:  # in this process: TLS is not the hot path
@@ -135,7 +135,7 @@ def serve(config: Config) -> None:
         )
         while not stop.wait(0.5):
             for child in children:
-                child.respawn_if_dead(archive)
+                child.respawn_if_dead()
         log.info("stopping")
     finally:
         try:

@@ -7,11 +7,12 @@ received (storage.indexer) and supervises `workers` DICOM processes on the share
 (storage.journal). A third process for the indexer would give it a core of its own
 only when the web side is busy too, for ~70 MB more (Python, pydicom and numpy in it).
 
-Each worker is `python -m pacs.boot pacs.worker sqlite|postgresql N SUPERVISOR_PID` with
-the configuration pickled on its stdin: it imports only what it runs (not the web side,
-nor drivers its index does not use: pacs.boot), says "ready" on its
-stdout, and dies with its supervisor (PR_SET_PDEATHSIG), which a killed supervisor
-(kill -9) could otherwise not arrange.
+Each worker is `python -m pacs.boot pacs.worker sqlite|postgresql N SUPERVISOR_PID FD`
+with the configuration pickled on its stdin: it imports only what it runs (not the web
+side, nor drivers its index does not use: pacs.boot), says "ready" on its stdout, and
+dies with its supervisor (PR_SET_PDEATHSIG), which a killed supervisor (kill -9) could
+otherwise not arrange. FD is a pipe to the supervisor: while no association is active,
+the worker parses journal entries for the indexer there (storage.indexer.parse_ahead).
 """
 
 import contextlib
@@ -34,6 +35,7 @@ from pacs.config import Config
 from pacs.scp import start_scp
 from pacs.tls import check_files
 from storage import Archive
+from storage import indexer
 from storage import metrics
 
 log = logging.getLogger(__name__)
@@ -52,28 +54,49 @@ class StartupError(Exception):
 class Child:
     """A supervised DICOM worker process."""
 
-    def __init__(self, config: Config, number: int) -> None:
+    def __init__(self, config: Config, number: int, archive: Archive) -> None:
         self.config = config
         self.number = number
         self.name = f"DICOM worker {number}"
+        self.archive = archive
         self.proc = self._start()
 
     def _start(self) -> subprocess.Popen:
-        proc = subprocess.Popen(
-            boot.command(
-                "pacs.worker",
-                self.config.index,
-                str(self.number),
-                str(os.getpid()),
-                storage=self.config.storage,
-            ),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
+        parsed, parsed_out = os.pipe()  # what it parses for the indexer (parse_ahead)
+        try:
+            proc = subprocess.Popen(
+                boot.command(
+                    "pacs.worker",
+                    self.config.index,
+                    str(self.number),
+                    str(os.getpid()),
+                    str(parsed_out),
+                    storage=self.config.storage,
+                ),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                pass_fds=(parsed_out,),
+            )
+        except BaseException:
+            os.close(parsed)
+            raise
+        finally:
+            os.close(parsed_out)
+        threading.Thread(
+            target=self._take_parsed, args=(parsed,), name=f"{self.name} parsed", daemon=True
+        ).start()
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps(self.config))
         proc.stdin.close()
         return proc
+
+    def _take_parsed(self, parsed: int) -> None:
+        try:
+            indexer.read_parsed(parsed, self.archive.offer_parsed)
+        except (OSError, ValueError, TypeError, KeyError) as exc:  # a worker killed mid-write
+            log.warning("%s: parsed entries no longer taken: %s", self.name, exc)
+        finally:
+            os.close(parsed)
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Return once the child is ready; raise StartupError if it exits or is too slow."""
@@ -86,12 +109,12 @@ class Child:
         code = self.proc.wait()
         raise StartupError(f"{self.name} did not start (exit status {code}): see the log above")
 
-    def respawn_if_dead(self, archive: Archive) -> None:
+    def respawn_if_dead(self) -> None:
         """A new worker for a dead one (whose half-received datasets are removed)."""
         if self.proc.poll() is None:
             return
         log.error("%s exited with %s: starting a new one", self.name, self.proc.returncode)
-        archive.journal.discard_partial(self.proc.pid)
+        self.archive.journal.discard_partial(self.proc.pid)
         try:
             self.proc = self._start()
         except OSError as exc:  # out of memory or processes: again at the next look
@@ -120,7 +143,7 @@ def stop_children(children: list[Child]) -> None:
 def main(args: list[str]) -> None:
     """A worker's entry point (pacs.boot): NUMBER SUPERVISOR_PID, the configuration
     pickled on stdin."""
-    number, supervisor = int(args[0]), int(args[1])
+    number, supervisor, parsed_out = int(args[0]), int(args[1]), int(args[2])
     _die_with(supervisor)
     tune_malloc()
     config: Config = pickle.load(sys.stdin.buffer)
@@ -129,19 +152,30 @@ def main(args: list[str]) -> None:
     auditlog.install(config.audit_syslog)
     try:
         archive = open_archive(config, repair=False)
-        _run(config, archive, f"{supervisor}-worker-{number}", stop)
+        _run(config, archive, (number, parsed_out), stop, f"{supervisor}-worker-{number}")
     except StartupError as exc:
         log.error("%s", exc)
         sys.exit(2)
 
 
-def _run(config: Config, archive: Archive, name: str, stop: threading.Event) -> None:
+def _run(
+    config: Config, archive: Archive, worker: tuple[int, int], stop: threading.Event, name: str
+) -> None:
+    """Serve until `stop`; `worker`: this worker's number and its pipe to the indexer."""
     threading.Thread(  # this process's metrics, for the main process's /metrics
         target=metrics.write_snapshots,
         args=(config.data / METRICS_FOLDER, name, stop),
         daemon=True,
     ).start()
     scps = [listen(config, archive, shared_port=True)]
+    number, parsed_out = worker
+    threading.Thread(
+        target=indexer.parse_ahead,
+        args=(archive, parsed_out, lambda: associations(scps[0]) > 0, stop),
+        kwargs={"share": (number, config.workers)},
+        name="parse-ahead",
+        daemon=True,
+    ).start()
     try:
         _ready()
         stop.wait()
@@ -189,12 +223,14 @@ def listen(config: Config, archive: Archive, shared_port: bool, tls: bool = Fals
     except (OSError, ssl.SSLError) as exc:
         reason = exc.strerror or str(exc)
         raise StartupError(f"cannot listen for DICOM on {config.host}:{port}: {reason}") from exc
-    store = getattr(scp, "store_scp", None)
-    metrics.gauge(
-        "minipacs_associations_active",
-        lambda: len(scp.ae.active_associations) + (store.active if store else 0),
-    )
+    metrics.gauge("minipacs_associations_active", lambda: associations(scp))
     return scp
+
+
+def associations(scp) -> int:
+    """Associations `scp` serves now: on pynetdicom and on our storage engine."""
+    store = getattr(scp, "store_scp", None)
+    return len(scp.ae.active_associations) + (store.active if store else 0)
 
 
 def install_seam() -> None:

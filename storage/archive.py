@@ -86,6 +86,7 @@ UNINDEXED = ".unindexed"  # journal entries the indexer could not read (never de
 # statfs an instance was a GIL hand-off between receivers; 0.25 s of C-STOREs at 2 GB/s).
 FREE_TRUSTED = 0.25
 FREE_MARGIN = 512 << 20
+PREPARSED = 512  # entries parsed by idle DICOM workers kept for the indexer, at most
 UID_NAMES = {
     SOP_CLASS_UID: "SOP Class UID",
     SOP_INSTANCE_UID: "SOP Instance UID",
@@ -170,6 +171,9 @@ class Archive:
         self.pixel_budget = pixel_budget
         self.disk_reserve = disk_reserve
         self._free_until = 0.0  # monotonic time until which the disk has room (_check_reserve)
+        # Journal entries parsed by idle DICOM workers (storage.indexer.parse_ahead).
+        self._preparsed: dict[str, tuple[ParsedInstance, str]] = {}
+        self._preparsed_lock = threading.Lock()
         self._writer: index.IndexWriter | None = None
         self._audits: list[audit.Event] = []  # waiting for the writer (Archive.audit)
         self._audit_lock = threading.Lock()
@@ -519,7 +523,7 @@ class Archive:
                     continue
                 try:
                     entry = journal.Entry.parse(path)
-                    parsed, sha = read_received(path)  # the file read once
+                    parsed, sha = self._take_parsed(path.name) or read_received(path)
                 except (InvalidDataset, InvalidUID, ValueError) as exc:
                     # Not readable after all: kept for a person (the walk let it pass).
                     self._set_aside(path, exc)
@@ -555,6 +559,22 @@ class Archive:
                     self._set_aside(entry.path, StorageError("its index row failed"))
         self.files.wake()
         return len(taken)
+
+    def offer_parsed(self, name: str, parsed: ParsedInstance, sha: str) -> None:
+        """A journal entry a DICOM worker parsed while idle (storage.indexer.parse_ahead),
+        for index_entries to take instead of reading it again; the oldest of more than
+        PREPARSED are dropped (an entry indexed meanwhile is never asked for)."""
+        with self._preparsed_lock:
+            self._preparsed[name] = (parsed, sha)
+            while len(self._preparsed) > PREPARSED:
+                del self._preparsed[next(iter(self._preparsed))]
+
+    def _take_parsed(self, name: str) -> tuple[ParsedInstance, str] | None:
+        with self._preparsed_lock:
+            found = self._preparsed.pop(name, None)
+        if found is not None:
+            metrics.INDEX_PREPARSED.inc()
+        return found
 
     def wait_uploaded(self, entry: Path, sop_uid: str, timeout: float) -> bool:
         """Wait until an acknowledged instance (its journal entry) is indexed and, with

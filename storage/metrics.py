@@ -85,6 +85,9 @@ INSTANCES_STORED = Counter("minipacs_instances_stored", "Instances stored (C-STO
                            registry=REGISTRY)  # fmt: skip
 BYTES_STORED = Counter("minipacs_bytes_stored", "Bytes of the instances stored",
                        registry=REGISTRY)  # fmt: skip
+INDEX_PREPARSED = Counter("minipacs_index_preparsed",
+                          "Journal entries a DICOM worker parsed for the indexer while idle",
+                          registry=REGISTRY)  # fmt: skip
 OBJECT_CACHE_HITS = Counter("minipacs_object_cache_hits",
                             "Reads of an instance found in the data folder (object store)",
                             registry=REGISTRY)  # fmt: skip

@@ -12,6 +12,8 @@ that is meant to change it rewrites the file: `.venv/bin/python tests/test_index
 import dataclasses
 import hashlib
 import json
+import os
+import threading
 from pathlib import Path
 
 import pydicom
@@ -21,7 +23,9 @@ from dicom_files import dataset_bytes
 from dicom_files import storable
 from pydicom.uid import ImplicitVRLittleEndian
 
+from storage import Archive
 from storage import dataset
+from storage import indexer
 from storage.dataset import read_instance
 from storage.dataset import read_received
 from storage.files import hash_file
@@ -119,3 +123,42 @@ if __name__ == "__main__":  # rewrite the golden digests (see the docstring)
         rows = [f"{digest(read_instance(entry(f, Path(folder))))}  {f.path.name}" for f in FILES]
         rows.append(f"{digest(read_instance(implicit_ct(Path(folder))))}  {IMPLICIT_CT}")
     GOLDEN.write_text("\n".join(rows) + "\n")
+
+
+def test_entries_parsed_ahead_reach_the_indexer_as_read(tmp_path):
+    """What an idle DICOM worker parses for the indexer (indexer.parse_ahead, through a
+    real pipe, read back by indexer.read_parsed) is what the indexer would have read
+    itself; it parses only past the indexer's next two batches, and stops when told."""
+    sample = next(sample for sample in FILES if sample.path.name == "CT_small.dcm")
+    with Archive(tmp_path / "data", fsync=False) as archive:
+        first = entry(sample, tmp_path).read_bytes()
+        for number in range(indexer.AHEAD + 6):  # named as the journal names them
+            (archive.journal.folder / f"{number:020d}-1-{number}~{len(first)}~e30.dcm").write_bytes(
+                first
+            )
+        entries = archive.journal.entries()
+        expected = {path.name: read_received(path) for path in entries[indexer.AHEAD :]}
+        got: dict = {}
+        done = threading.Event()
+
+        def offer(name, parsed, sha):
+            got[name] = (parsed, sha)
+            if len(got) == len(expected):
+                done.set()
+
+        source, out = os.pipe()
+        reader = threading.Thread(target=indexer.read_parsed, args=(source, offer))
+        reader.start()
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=indexer.parse_ahead, args=(archive, out, lambda: False, stop)
+        )
+        worker.start()
+        assert done.wait(60)
+        stop.set()
+        worker.join(10)
+        os.close(out)
+        reader.join(10)
+        os.close(source)
+        assert not worker.is_alive() and not reader.is_alive()
+        assert got == expected
