@@ -6,19 +6,21 @@ else takes it. Two xdist workers can be handed the same port a moment apart, and
 that stops and starts again on its ports (the S3 store going down and coming back, a
 server restarted on its own data) leaves them free for another worker to choose. A
 server then answered its readiness probe with another process's bytes. So each chosen
-port is also claimed by a file named for it in one folder per user: a port whose file
-exists is passed over while the process that wrote it lives. The files go when that
-process exits; a file left by a process that died is taken over.
+port is also claimed: a file named for it in one folder per user, locked (flock) by the
+process that chose it for as long as it lives. A port whose file another process has
+locked is passed over; the kernel releases the lock when its holder exits, however it
+exits. The files stay (one per port ever claimed): removing one could let two processes
+lock different files for the same port.
 """
 
-import atexit
+import fcntl
 import os
 import socket
 import tempfile
 from pathlib import Path
 
 CLAIMS = Path(tempfile.gettempdir()) / f"minipacs-ports-{os.getuid()}"
-_held: list[Path] = []
+_held: list[int] = []  # the locked claim files' descriptors, open until the process ends
 
 
 def free_port() -> int:
@@ -28,28 +30,11 @@ def free_port() -> int:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        claim = CLAIMS / str(port)
+        fd = os.open(CLAIMS / str(port), os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if not _owner_alive(claim):
-                claim.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             continue
-        with os.fdopen(fd, "w") as file:
-            file.write(str(os.getpid()))
-        _held.append(claim)
+        _held.append(fd)
         return port
-
-
-def _owner_alive(claim: Path) -> bool:
-    try:
-        pid = int(claim.read_text())
-    except (OSError, ValueError):
-        return True  # being written (or gone): passed over this time
-    return Path(f"/proc/{pid}").exists()
-
-
-@atexit.register
-def _release() -> None:
-    for claim in _held:
-        claim.unlink(missing_ok=True)

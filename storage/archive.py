@@ -82,8 +82,9 @@ from storage.rows import AuditRecord
 log = logging.getLogger(__name__)
 DUPLICATE_POLICIES = ("keep", "replace", "reject")
 UNINDEXED = ".unindexed"  # journal entries the indexer could not read (never deleted)
-# A free-space reading over disk_reserve + FREE_MARGIN is trusted for FREE_TRUSTED s (a
-# statfs an instance was a GIL hand-off between receivers; 0.25 s of C-STOREs at 2 GB/s).
+# A free-space reading over disk_reserve + FREE_MARGIN is trusted for FREE_TRUSTED s, not
+# asked again for each instance: each statfs releases the GIL, a hand-off between the
+# receivers of one worker. The margin is 0.25 s of C-STOREs at 2 GB/s.
 FREE_TRUSTED = 0.25
 FREE_MARGIN = 512 << 20
 PREPARSED = 512  # entries parsed by idle DICOM workers kept for the indexer, at most

@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -39,7 +38,9 @@ from typing import Any
 log = logging.getLogger("bench")
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "scripts"))  # make_study.py, pgtemp.py
+sys.path.insert(0, str(REPO / "scripts"))  # make_study.py, pgtemp.py, ports.py
+from ports import free_port  # noqa: E402  (claimed across processes, as the tests' are)
+
 MINIPACS = REPO / ".venv" / "bin" / "minipacs"
 ORTHANC = Path("/usr/sbin/Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
@@ -132,12 +133,6 @@ def base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MINIPACS_")}
     env["TCP_NODELAY"] = "1"
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:

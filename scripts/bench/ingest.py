@@ -301,8 +301,9 @@ def run_mixed(run: Run, server: bench.Server, data: Data, opts: argparse.Namespa
     windows: list[tuple[float, float]] = []
     for number, files in enumerate(data.mixed):
         tag = f"mixed-{number}"
+        # Each send starts with the index caught up on the one before it.
+        bench.wait_queryable(server, len(preload) + sum(len(f) for f in data.mixed[:number]))
         if number % 2 == 0:
-            bench.wait_queryable(server, len(preload) + sum(len(f) for f in data.mixed[:number]))
             alone.append(bench.send(server, files, ASSOCIATIONS["mixed"], tag))
             continue
         web.start()
