@@ -230,13 +230,16 @@ class ObjectFiles(LocalFiles):
         SHA-256 recorded, an object no larger than the next read) the rest of it is
         fetched after them into a file, which read_instance checks whole and which is
         hashed. No byte is read twice, and memory holds the head (HEAD_READS[-1] bytes at
-        most), never the whole object."""
-        head = b""
+        most), never the whole object. The rest comes by a ranged GET, which the store's
+        whole-object checksum does not cover: its hash is checked against the SHA-256
+        recorded in the metadata, where there is one."""
+        head, recorded = b"", ""
         for length in HEAD_READS:
             if length >= size:
                 break
             part = self.store.read(rel, len(head), length - len(head))
             head += part.data
+            recorded = part.sha256
             try:
                 parsed = read_head_instance(head)
             except InvalidDataset:  # the header goes on beyond: read more
@@ -250,6 +253,10 @@ class ObjectFiles(LocalFiles):
             found, sha256 = hash_file(tmp)
             if found != size:
                 raise ObjectStoreError(f"{rel}: {found} bytes read, the listing said {size}")
+            if recorded and recorded != sha256:
+                raise ObjectStoreError(
+                    f"{rel}: SHA-256 differs from the one its metadata records (object corrupted)"
+                )
             return read_instance(tmp), sha256
         finally:
             tmp.unlink(missing_ok=True)

@@ -509,6 +509,46 @@ def test_reindex_reads_each_byte_of_an_object_once(s3store, tmp_path, monkeypatc
                 assert read == size
 
 
+def test_reindex_checks_the_fetched_rest_against_the_recorded_sha256(
+    s3store, tmp_path, monkeypatch
+):
+    """An object whose header outgrows the first read and has no Pixel Data is indexed from
+    its head plus the rest, fetched by a ranged GET that boto3's whole-object checksum does
+    not cover: a SHA-256 recorded in its metadata that differs from the bytes' makes it a
+    problem of reindex, not a row with an unchecked hash."""
+    for name, value in s3store.env.items():
+        monkeypatch.setenv(name, value)
+    good, bad = make_study(tmp_path / "study", 2, size=64)
+    ds = pydicom.dcmread(bad)
+    block = ds.private_block(0x0029, "MINIPACS TEST", create=True)
+    block.add_new(0x10, "OB", os.urandom(200 << 10))  # past the first 64 KiB read
+    del ds.PixelData
+    ds.save_as(bad)
+    bucket = s3store.bucket()
+    settings = objectstore.Settings(
+        f"s3://{bucket}/{PREFIX}", endpoint=s3store.endpoint, path_style=True
+    )
+    with Archive(tmp_path / "data", fsync=False, object_store=settings) as archive:
+        files = archive.files
+        assert isinstance(files, objects.ObjectFiles)
+        stored = [archive.import_file(path) for path in (good, bad)]
+        for one in stored:
+            files.upload_now(one.sop_uid)
+        wrong = hashlib.sha256(b"not these bytes").hexdigest()
+        s3store.client().put_object(
+            Bucket=bucket,
+            Key=f"{PREFIX}/{stored[1].path}",
+            Body=(archive.root / stored[1].path).read_bytes(),
+            Metadata={"sha256": wrong},
+        )
+        report = archive.maintenance.reindex()
+        assert report.indexed == 1
+        assert [problem.path for problem in report.problems] == [stored[1].path]
+        assert "SHA-256" in report.problems[0].reason
+        assert archive.catalog.instance_file(stored[0].sop_uid) is not None
+        assert archive.catalog.instance_file(stored[1].sop_uid) is None
+
+
 # -- frames of a large multi-frame object by ranged GETs ----------------------------------
 
 
