@@ -1103,22 +1103,20 @@ def instance_elements(
     DICOM JSON) the instance has. On SQLite json_extract cuts them out, so a document's
     header is read without Python parsing the rest (an SR's content tree); PostgreSQL's
     rows are parsed whole here."""
-    picked = ["00080018", *(tag for tag in tags if tag != "00080018")]  # 2+: an array
+    # Two tags at least, as _picked's: json_extract answers one path's value bare.
+    picked = ["00080018", "00080016"]
+    picked += [tag for tag in tags if tag not in picked]
+    sqlite = is_sqlite(db)
     query, _ = _select("IMAGE", keys, model, Options(), limit_to=level)
     column: ColumnBase = Instance.json
-    if is_sqlite(db):
+    if sqlite:
         column = fn.json_extract(Instance.json, *(f'$."{tag}"' for tag in picked))
     query = query.select_extend(column.alias("instance_elements")).order_by(
         Series.series_number, Series.id, Instance.instance_number, Instance.id
     )
     for row in _rows(query):
-        stored = json.loads(row["instance_elements"])
-        if isinstance(stored, list):  # json_extract's: the values in `picked` order
-            stored = dict(zip(picked, stored, strict=True))
-        yield (
-            row["instance_sop_uid"],
-            {tag: stored[tag] for tag in tags if stored.get(tag) is not None},
-        )
+        stored = _parsed(row["instance_elements"], picked if sqlite else None)
+        yield row["instance_sop_uid"], {tag: stored[tag] for tag in tags if tag in stored}
 
 
 # -- Modality Worklist (PS3.4 K.6) ----------------------------------------------------

@@ -143,7 +143,8 @@ def test_uid_list_matching(corpus):
 def test_instance_elements_are_the_stored_jsons_elements_asked_for(corpus):
     """instance_elements (how the viewer finds a study's current report) answers each
     instance's stored JSON cut to the tags asked for, a tag it lacks left out, as
-    instance_json in the same order: json_extract on SQLite, Python on PostgreSQL."""
+    instance_json in the same order: json_extract on SQLite, Python on PostgreSQL. No tag,
+    or SOP Instance UID alone, as well (json_extract answers a single path's value bare)."""
     archive, made = corpus
     _, sops = made["A"]["series"][0]
     study = query.Key(0x0020000D, "UI", made["A"]["uid"])
@@ -156,6 +157,11 @@ def test_instance_elements_are_the_stored_jsons_elements_asked_for(corpus):
     for (_, text), (_, elements) in zip(whole, picked, strict=True):
         stored = json.loads(text)
         assert elements == {tag: stored[tag] for tag in tags[:3]}
+    for few in ([], ["00080018"]):
+        cut = list(archive.catalog.instance_elements("IMAGE", chosen, few))
+        assert [sop for sop, _ in cut] == [sop for sop, _ in whole]
+        for (_, text), (_, elements) in zip(whole, cut, strict=True):
+            assert elements == {tag: json.loads(text)[tag] for tag in few}
 
 
 @pytest.mark.parametrize(
