@@ -170,11 +170,9 @@ class Maintenance:
             if progress:
                 progress()
         if isinstance(self.archive.files, ObjectFiles):
-            if objects is None:
-                with self.list_objects() as objects:
-                    self._adopt_objects(self.archive.files, objects, report, progress)
-            else:
-                self._adopt_objects(self.archive.files, objects, report, progress)
+            listed = contextlib.nullcontext(objects) if objects is not None else self.list_objects()
+            with listed as found:
+                self._adopt_objects(self.archive.files, found, report, progress)
         return report
 
     @contextlib.contextmanager
