@@ -482,33 +482,66 @@ def test_an_idle_volume_leaves_the_cache():
     assert cache._cached(("series",)) is None
 
 
+def _changed_volume(server, tmp_path, change) -> tuple[mpr.Plan, list[Path]]:
+    """The first 4 slices of "volume", each changed by `change(k, ds)`, as files outside
+    the server, and their plan as reading._plan makes it from the headers' JSON."""
+    from viewer import geometry
+
+    paths, images, headers = [], [], []
+    for k, source in enumerate(server.files["volume"][:4]):
+        ds = pydicom.dcmread(source)
+        change(k, ds)
+        paths.append(tmp_path / f"{k}.dcm")
+        ds.save_as(paths[-1])
+        headers.append(ds.to_json_dict())
+        images.append(geometry.image(ds.SOPInstanceUID, headers[-1]))
+    volume = geometry.volume(images)
+    by_sop = {image.sop_uid: path for image, path in zip(images, paths, strict=True)}
+    return mpr.Plan(volume, mpr.voxel_bytes(headers)), [by_sop[sop] for sop in volume.order]
+
+
 def test_a_volume_in_float_counts_its_own_size_against_the_bound(server, tmp_path):
     """A Rescale Slope of 0.5 makes the volume float32, twice what int16 needs: one that
     fits the bound as int16 but not as float32 is refused (422), not kept over it. Told
     nothing of it beforehand, the cache finds it in the values and remembers it."""
-    from viewer import geometry
     from viewer.render import RenderError
 
-    paths, images = [], []
-    for k, source in enumerate(server.files["volume"][:4]):
-        ds = pydicom.dcmread(source)
-        ds.RescaleSlope = 0.5
-        paths.append(tmp_path / f"{k}.dcm")
-        ds.save_as(paths[-1])
-        images.append(geometry.image(ds.SOPInstanceUID, ds.to_json()))
-    volume = geometry.volume(images)
-    by_sop = {image.sop_uid: path for image, path in zip(images, paths, strict=True)}
-    ordered = [by_sop[sop] for sop in volume.order]
-    shape = mpr.Shape(volume)  # int16 at least, as the headers of integer values say
+    plan, ordered = _changed_volume(
+        server, tmp_path, lambda k, ds: setattr(ds, "RescaleSlope", 0.5)
+    )
+    assert plan.voxel == mpr.FLOAT32
+    plan = mpr.Plan(plan.volume)  # int16 at least, as the headers of integer values say
     int16 = 4 * SIZE * SIZE * 2
     roomy = mpr.VolumeCache(2 * int16)
-    assert roomy.get(("float",), shape, lambda: ordered, True, None).values.dtype == np.float32
+    assert roomy.get(("float",), plan, lambda: ordered, True, None).values.dtype == np.float32
     tight = mpr.VolumeCache(int16 + int16 // 2)
     with pytest.raises(RenderError) as refused:
-        tight.get(("float",), shape, lambda: ordered, True, None)
+        tight.get(("float",), plan, lambda: ordered, True, None)
     assert refused.value.code == 422
     assert tight.bytes == 0
-    assert roomy.shape(("float",)).voxel == tight.shape(("float",)).voxel == mpr.FLOAT32
+    assert roomy.plan(("float",)).voxel == tight.plan(("float",)).voxel == mpr.FLOAT32
+
+
+def test_a_modality_lut_makes_a_fractional_rescale_no_float(server, tmp_path):
+    """With a Modality LUT Sequence the pipeline applies the LUT (integers) and ignores
+    Rescale Slope 0.5: the volume is int16 and fits a cache too small for float32."""
+    pixels = np.arange(SIZE * SIZE, dtype=np.int16).reshape(SIZE, SIZE) % 200
+
+    def lut(k: int, ds: Dataset) -> None:
+        ds.PixelData = (pixels + k).astype(ds.pixel_array.dtype).tobytes()
+        ds.RescaleSlope = 0.5
+        item = Dataset()
+        item.LUTDescriptor = [256, 0, 16]
+        item.ModalityLUTType = "HU"
+        item.add_new("LUTData", "US", [4 * i for i in range(256)])
+        ds.ModalityLUTSequence = [item]
+
+    plan, ordered = _changed_volume(server, tmp_path, lut)
+    assert plan.voxel == mpr.INT16
+    cache = mpr.VolumeCache(4 * SIZE * SIZE * 2 + SIZE * SIZE)  # under float32's 4 × 4 KiB
+    loaded = cache.get(("lut",), plan, lambda: ordered, True, None)
+    assert loaded.values.dtype == np.int16
+    assert sorted(np.unique(loaded.values[:, 0, 0])) == [0, 4, 8, 12]
 
 
 def _cut_pixels(server: Server, name: str, slices: range) -> None:

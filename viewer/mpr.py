@@ -47,9 +47,10 @@ LAYOUT = {
 }
 DECODE_THREADS = 4
 DECODE_AHEAD = 8  # slices decoded ahead of the one copied into the volume
-SHAPES_KEPT = 256  # series geometries remembered (a few KiB each)
+PLANS_KEPT = 256  # series geometries remembered (a few KiB each)
 INT16, FLOAT32 = 2, 4  # bytes a voxel takes
 RESCALE = ("00281053", "00281052")  # Rescale Slope, Rescale Intercept (DICOM JSON keys)
+MODALITY_LUT = "00283000"  # Modality LUT Sequence
 VOLUME_IDLE = 300.0  # s a volume stays cached unasked (a reader scrolling MPR asks often)
 EXACT = 1e-6  # relative: a spacing this close to the output pixel needs no resampling
 
@@ -195,7 +196,7 @@ def _resample(values: np.ndarray, axis: int, spacing: float, pixel: float) -> np
 
 
 @dataclass(frozen=True)
-class Shape:
+class Plan:
     """What the index's JSON says of one set of a series' instances, remembered so that a
     plane's request parses none of it again: the volume, or why the series is not one, and
     the bytes a voxel of its decoded volume takes at least (FLOAT32 when a header says the
@@ -208,8 +209,12 @@ class Shape:
 def voxel_bytes(headers: Iterable[dict]) -> int:
     """FLOAT32 when a slice's Rescale Slope or Intercept (stored DICOM JSON) is not an
     integer, so its modality values are float32 (render._modality), else INT16: integer
-    values may still go beyond int16, which only the pixels tell."""
+    values may still go beyond int16, which only the pixels tell. A slice with a Modality
+    LUT Sequence is skipped: render._modality applies the LUT (integers) and ignores the
+    rescale then."""
     for header in headers:
+        if MODALITY_LUT in header:
+            continue
         for tag in RESCALE:
             values = (header.get(tag) or {}).get("Value") or [0]
             try:
@@ -246,7 +251,7 @@ class VolumeCache:
     decoded at a time (a lock): concurrent asks for one series decode it once, and the
     memory held while decoding stays one volume's. A volume nobody asked for in `idle`
     seconds is dropped, so a server that showed one MPR returns to its idle memory. The
-    shapes of the last SHAPES_KEPT sets of instances are remembered beside them: a series
+    plans of the last PLANS_KEPT sets of instances are remembered beside them: a series
     refused (not a volume, over the bound) is refused again without reading anything."""
 
     def __init__(self, max_bytes: int, idle: float = VOLUME_IDLE) -> None:
@@ -256,59 +261,67 @@ class VolumeCache:
         self._items: OrderedDict[tuple, Loaded] = OrderedDict()
         self._used: dict[tuple, float] = {}
         self._timer: threading.Timer | None = None
-        self._shapes: OrderedDict[tuple, Shape] = OrderedDict()
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._lock = threading.Lock()
         self._building = threading.Lock()
 
-    def shape(self, key: tuple) -> Shape | None:
-        """The shape remembered for `key`, or None (not worked out yet); each plane's
+    def plan(self, key: tuple) -> Plan | None:
+        """The plan remembered for `key`, or None (not worked out yet); each plane's
         request then skips parsing every slice's JSON."""
         with self._lock:
-            found = self._shapes.get(key)
+            found = self._plans.get(key)
             if found is not None:
-                self._shapes.move_to_end(key)
+                self._plans.move_to_end(key)
             return found
 
-    def remember(self, key: tuple, shape: Shape) -> None:
+    def remember(self, key: tuple, plan: Plan) -> None:
         with self._lock:
-            self._shapes[key] = shape
-            self._shapes.move_to_end(key)
-            while len(self._shapes) > SHAPES_KEPT:
-                self._shapes.popitem(last=False)
+            self._plans[key] = plan
+            self._plans.move_to_end(key)
+            while len(self._plans) > PLANS_KEPT:
+                self._plans.popitem(last=False)
 
     def get(
         self,
         key: tuple,
-        shape: Shape,
+        plan: Plan,
         paths: Callable[[], list[Path]],
         native: bool,
         pixel_budget: int | None,
     ) -> Loaded:
-        """The volume under `key` (the series and its instances), of `shape`, decoded when
+        """The volume under `key` (the series and its instances), of `plan`, decoded when
         not cached from the files `paths()` gives (in slice order; `native`: all
-        uncompressed); 422 when it cannot fit in the cache: from its shape before any file
+        uncompressed); 422 when it cannot fit in the cache: from its plan before any file
         is asked for, else at the first slice whose values need float32 (remembered)."""
         found = self._cached(key)
         if found is not None:
             return found
-        volume = shape.volume
+        volume = plan.volume
         assert isinstance(volume, Volume)
-        need = volume.rows * volume.columns * len(volume.order) * shape.voxel
-        if need > self.max_bytes:
-            raise OverBound(need, self.max_bytes, shape.voxel)
+        voxels = volume.rows * volume.columns * len(volume.order)
+        self._check(voxels * plan.voxel, plan.voxel)  # at once, not after another's decode
         with self._building:
             found = self._cached(key)
             if found is not None:
                 return found
-            self._make_room(need)
+            # Another request may have learned float32 (and been refused) meanwhile.
+            plan = self.plan(key) or plan
+            self._make_room(voxels * plan.voxel, plan.voxel)
             started = time.monotonic()
             try:
-                loaded = decode_volume(paths(), native, shape, pixel_budget, self.max_bytes)
+                loaded = decode_volume(
+                    paths(),
+                    native,
+                    volume,
+                    plan.voxel == FLOAT32,
+                    pixel_budget,
+                    lambda nbytes: self._make_room(nbytes, FLOAT32),
+                )
             except OverBound:  # int16 fitted, float32 does not: next time, refused at once
-                self.remember(key, Shape(volume, FLOAT32))
+                self.remember(key, Plan(volume, FLOAT32))
                 raise
-            if loaded.values.dtype == np.float32 and shape.voxel != FLOAT32:
-                self.remember(key, Shape(volume, FLOAT32))  # room made for it next time
+            if loaded.values.dtype == np.float32 and plan.voxel != FLOAT32:
+                self.remember(key, Plan(volume, FLOAT32))  # room made for it next time
             log.info(
                 "volume of %d slices decoded in %.2f s (%d MiB)",
                 len(volume.order),
@@ -326,7 +339,14 @@ class VolumeCache:
                 self._used[key] = time.monotonic()
             return found
 
-    def _make_room(self, need: int) -> None:
+    def _check(self, need: int, voxel: int) -> None:
+        if need > self.max_bytes:
+            raise OverBound(need, self.max_bytes, voxel)
+
+    def _make_room(self, need: int, voxel: int) -> None:
+        """Cached volumes dropped, oldest first, until `need` more bytes fit the bound;
+        OverBound when they never can (`voxel`: the bytes a voxel takes, for its message)."""
+        self._check(need, voxel)
         with self._lock:
             while self._items and self.bytes + need > self.max_bytes:
                 self._drop(next(iter(self._items)))
@@ -364,20 +384,24 @@ class VolumeCache:
 
 
 def decode_volume(
-    paths: list[Path], native: bool, shape: Shape, pixel_budget: int | None, bound: int
+    paths: list[Path],
+    native: bool,
+    volume: Volume,
+    float32: bool,
+    pixel_budget: int | None,
+    room: Callable[[int], None],
 ) -> Loaded:
     """Each slice through the render pipeline's decode and Modality LUT, into one array:
     int16 while the values fit, float32 from the first slice that does not (from the
-    start when the shape says so); OverBound, before the conversion and the slices after,
-    when float32 takes more than `bound` bytes. The first slice is read whole (its header
-    is the planes' VOI and its checks the pipeline's); the rest, when uncompressed
-    (`native`), through render.native_frame_values. A few threads decode at once (file
-    reads and numpy leave the GIL), at most DECODE_AHEAD slices ahead of the copy into the
-    volume, so memory stays the volume's."""
-    volume = shape.volume
-    assert isinstance(volume, Volume)
+    start when `float32`). Before that conversion, `room(nbytes)` makes room for the
+    float32 volume in the cache, or raises OverBound (then the slices after are not read).
+    The first slice is read whole (its header is the planes' VOI and its checks the
+    pipeline's); the rest, when uncompressed (`native`), through
+    render.native_frame_values. A few threads decode at once (file reads and numpy leave
+    the GIL), at most DECODE_AHEAD slices ahead of the copy into the volume, so memory
+    stays the volume's."""
     header, first = render.frame_values(paths[0], 1, None, pixel_budget)
-    dtype = np.float32 if shape.voxel == FLOAT32 else np.int16
+    dtype = np.float32 if float32 else np.int16
     values = np.empty((len(paths), volume.rows, volume.columns), dtype=dtype)
 
     def decode(path: Path) -> np.ndarray:
@@ -402,8 +426,7 @@ def decode_volume(
                         422, f"slice {k} decodes to {slice_values.shape}, not a slice"
                     )
                 if values.dtype == np.int16 and not _fits_int16(slice_values):
-                    if values.size * FLOAT32 > bound:
-                        raise OverBound(values.size * FLOAT32, bound, FLOAT32)
+                    room(values.size * FLOAT32)
                     values = values.astype(np.float32)
                 values[k] = slice_values
         except BaseException:

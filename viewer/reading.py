@@ -150,15 +150,15 @@ def mpr_planes(study: str, series: str) -> Response:
 def mpr_image(study: str, series: str, plane: str, index: int) -> Response:
     if plane not in mpr.PLANES:
         raise WebError(400, f"plane is axial, coronal or sagittal, not {plane[:20]!r}")
-    shape, key, paths, native = _volume(study, series)
-    volume = shape.volume
+    plan, key, paths, native = _volume(study, series)
+    volume = plan.volume
     cut = mpr.planes(volume)[plane]
     if not 0 <= index < cut.count:
         raise WebError(400, f"{plane} index {index} is outside 0-{cut.count - 1}")
     fmt = _image_format()
     wanted = render_request(fmt, 1)
     cache: mpr.VolumeCache = current_app.extensions["minipacs"]["volumes"]
-    loaded = cache.get(key, shape, paths, native, _config().pixel_budget_mb << 20)
+    loaded = cache.get(key, plan, paths, native, _config().pixel_budget_mb << 20)
     values = mpr.cut(loaded.values, volume, cut, index)
     response = Response(
         render.render_values(loaded.header, values, wanted), mimetype=IMAGE_TYPES[fmt]
@@ -168,11 +168,11 @@ def mpr_image(study: str, series: str, plane: str, index: int) -> Response:
     return response
 
 
-def _volume(study: str, series: str) -> tuple[mpr.Shape, tuple, Callable[[], list[Path]], bool]:
-    """The series' shape, its volume a Volume (409 with the reason when it is not one), the
+def _volume(study: str, series: str) -> tuple[mpr.Plan, tuple, Callable[[], list[Path]], bool]:
+    """The series' plan, its volume a Volume (409 with the reason when it is not one), the
     cache key of its instances as stored now, their files in slice order (a function: a
     volume refused before decoding fetches none from an object store), and whether all are
-    stored uncompressed. The shape is worked out from the index's JSON once per set of
+    stored uncompressed. The plan is worked out from the index's JSON once per set of
     instances (the volume cache remembers it, and so the refusal)."""
     keys = _keys(study, series)
     rows = list(_archive().catalog.locate("SERIES", keys))
@@ -181,11 +181,11 @@ def _volume(study: str, series: str) -> tuple[mpr.Shape, tuple, Callable[[], lis
     stored = sorted((row.pk, row.sop_uid, str(row.path)) for row in rows)
     key = (series, hashlib.sha256(repr(stored).encode()).hexdigest())
     cache: mpr.VolumeCache = current_app.extensions["minipacs"]["volumes"]
-    shape = cache.shape(key)
-    if shape is None:
-        shape = _shape(keys)
-        cache.remember(key, shape)
-    volume = shape.volume
+    plan = cache.plan(key)
+    if plan is None:
+        plan = _plan(keys)
+        cache.remember(key, plan)
+    volume = plan.volume
     if isinstance(volume, str):
         raise WebError(409, f"the series is not a volume: {volume}")
     by_sop = {row.sop_uid: row.path for row in rows}
@@ -193,10 +193,10 @@ def _volume(study: str, series: str) -> tuple[mpr.Shape, tuple, Callable[[], lis
         raise WebError(409, "the series changed while it was read; try again")
     native = all(row.transfer_syntax in NATIVE for row in rows)
     local = _archive().files.local  # each fetched when only the object store has it
-    return shape, key, lambda: [local(by_sop[sop]) for sop in volume.order], native
+    return plan, key, lambda: [local(by_sop[sop]) for sop in volume.order], native
 
 
-def _shape(keys: list[Key]) -> mpr.Shape:
+def _plan(keys: list[Key]) -> mpr.Plan:
     """The series' volume, or why it is not one, and what a voxel of it takes, from its
     instances' JSON in the index (each parsed once)."""
     found = [
@@ -205,8 +205,8 @@ def _shape(keys: list[Key]) -> mpr.Shape:
     try:
         volume = geometry.volume([geometry.image(sop, data) for sop, data in found])
     except geometry.NotAVolume as exc:
-        return mpr.Shape(str(exc))
-    return mpr.Shape(volume, mpr.voxel_bytes(data for _, data in found))
+        return mpr.Plan(str(exc))
+    return mpr.Plan(volume, mpr.voxel_bytes(data for _, data in found))
 
 
 def _image_format() -> str:
