@@ -88,10 +88,10 @@ class NotAVolume(ValueError):
     """The series does not form a volume; the message says which check failed."""
 
 
-def image(sop_uid: str, text: str | dict) -> Image:
+def image(sop_uid: str, stored: str | dict) -> Image:
     """One instance's geometry from its stored DICOM JSON (or that JSON parsed, when the
     caller reads more of it: viewer.reading's MPR)."""
-    data = json.loads(text) if isinstance(text, str) else text
+    data = json.loads(stored) if isinstance(stored, str) else stored
     shared = _item(data, SHARED_GROUPS)
     orientation = _numbers(data, ORIENTATION) or _numbers(
         _item(shared, PLANE_ORIENTATION), ORIENTATION
