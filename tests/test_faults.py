@@ -9,6 +9,7 @@ import io
 import json
 import random
 import resource
+import shutil
 import socket
 import struct
 import subprocess
@@ -113,6 +114,29 @@ def test_full_disk_fails_a_stow_part_alone(start_server, small_disk, tmp_path):
     (stored,) = answer["00081199"]["Value"]
     assert stored["00081155"]["Value"] == [pydicom.dcmread(small).SOPInstanceUID]
     assert "no space" in server.log()
+    assert_still_serving_and_clean(server)
+
+
+def test_full_disk_at_commit_of_an_in_memory_dataset(start_server, small_disk, tmp_path):
+    """A dataset under journal.MEMORY is held in memory and written to its `.part` file
+    only at commit, in one write: when that write meets a full disk (no reserve to refuse
+    it earlier) the C-STORE gets 0xA700, neither a `.part` nor an entry is left in the
+    journal, and a store once the disk has room again succeeds."""
+    server = start_server(data=small_disk / "data", env={"MINIPACS_DISK_RESERVE_MB": "0"})
+    assert echo(server.port) == 0  # its audit key is made (on the first event) with room
+    path = make_study(tmp_path / "study", 1, size=256)[0]  # ~130 kB: held in memory
+    filler = small_disk / "filler"
+    filler.write_bytes(bytes(shutil.disk_usage(small_disk).free - (48 << 10)))
+    assert shutil.disk_usage(small_disk).free < path.stat().st_size // 2
+    context = [("1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")]
+    (refused,) = store_files(server.port, [path], context)
+    assert refused.Status == 0xA700, server.log()[-3000:]
+    assert "no space" in refused.ErrorComment.lower()
+    assert "refused (0xA700)" in server.log()
+    assert [p.name for p in (server.data / ".queue").iterdir()] == []
+    filler.unlink()
+    (stored,) = store_files(server.port, [path], context)
+    assert stored.Status == 0
     assert_still_serving_and_clean(server)
 
 
