@@ -438,11 +438,16 @@ def test_a_large_answer_streams(corpus):
     assert first_peak * 4 < whole, (first_peak, whole)
 
 
+JSON_SELECTS = tuple(f"SELECT {alias}.id, " for alias in ("i", "s", "st", "p"))  # _JSON_SQL
+
+
 def test_stored_json_is_read_a_chunk_of_rows_at_a_time(corpus, monkeypatch):
     """Answers that need the stored DICOM JSON read it with one statement a chunk of rows,
-    not a SELECT a row: with chunks of 4, each level's answers are the same, in the same
-    order, and (counted by SQLite's trace callback) the statements grow with the chunks,
-    not the rows. Each instance's answer carries its own JSON (BodyPartExamined: HEAD in A)."""
+    not a SELECT a row: with a first chunk of 2 (the first answer waits for no more) and
+    chunks of 4 after it, each level's answers are the same, in the same order, and
+    (counted by SQLite's trace callback) the statements grow with the chunks, not the rows,
+    the first one reading 2 rows' JSON. Each instance's answer carries its own JSON
+    (BodyPartExamined: HEAD in A)."""
     _, made = corpus
     cases = [
         ("IMAGE", keys("IMAGE", SOPInstanceUID="", BodyPartExamined=""), {}),  # picked
@@ -452,6 +457,7 @@ def test_stored_json_is_read_a_chunk_of_rows_at_a_time(corpus, monkeypatch):
     ]
     for level, identifier, options in cases:
         whole = find(corpus, level, identifier, **options)
+        monkeypatch.setattr(query, "FIRST_JSON_CHUNK", 2)
         monkeypatch.setattr(query, "JSON_CHUNK", 4)
         ran: list[str] = []
         with db.connection_context():
@@ -467,16 +473,20 @@ def test_stored_json_is_read_a_chunk_of_rows_at_a_time(corpus, monkeypatch):
         assert len(whole) > 4
         assert chunked == whole
         if sqlite:  # one a chunk, the query, and the extended query tags' look-up
-            chunks = -(-len(whole) // 4)
+            chunks = 1 + -(-(len(whole) - 2) // 4)  # the first of 2 rows, then 4 each
             assert chunks <= len(ran) <= chunks + 2, ran
+            json_ran = [sql for sql in ran if sql.startswith(JSON_SELECTS)]
+            ids = [sql.rpartition(" IN (")[2].count(",") + 1 for sql in json_ran]
+            assert ids == [2] + [4] * (chunks - 1), json_ran  # short chunks padded
     images = find(corpus, "IMAGE", keys("IMAGE", SOPInstanceUID="", BodyPartExamined=""))
     body = {value(a, "00080018"): value(a, "00180015") for a in images}
     for label, part in (("A", "HEAD"), ("B", "CHEST"), ("C", "CHEST"), ("D", "CHEST")):
         for _, sops in made[label]["series"]:
             assert {body[sop] for sop in sops} == {part}
-    # Matched on the stored JSON after the SQL, then paged, through chunks of 4.
+    # Matched on the stored JSON after the SQL, then paged, through chunks of 2 then 4.
     chest = keys("IMAGE", SOPInstanceUID="", BodyPartExamined="CHEST")
     every = find(corpus, "IMAGE", chest)
+    monkeypatch.setattr(query, "FIRST_JSON_CHUNK", 2)
     monkeypatch.setattr(query, "JSON_CHUNK", 4)
     assert find(corpus, "IMAGE", chest) == every
     archive, _ = corpus
