@@ -201,12 +201,11 @@ class StoredFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.file, self.meta, self.size = open_dataset(path)
-        self.start = self.meta.start
 
     def read(self, start: int = 0, size: int | None = None) -> bytes:
         """The dataset's bytes (`size` of them from its byte `start`)."""
         size = self.size - start if size is None else size
-        return os.pread(self.file.fileno(), size, self.start + start)
+        return os.pread(self.file.fileno(), size, self.meta.start + start)
 
     def close(self) -> None:
         self.file.close()
@@ -467,7 +466,7 @@ def _send_dataset(
             sock.sendall(head + data)
         else:
             sock.sendall(head, socket.MSG_MORE)
-            _sendfile(sock, stored, stored.start + start, length)
+            _sendfile(sock, stored, stored.meta.start + start, length)
 
 
 def _sendfile(sock: socket.socket, stored: StoredFile, offset: int, length: int) -> None:
