@@ -365,7 +365,7 @@ def _saved(
     ):
         row = by_sop.get(sop)  # None: stored after `rows` were read
         header = measurements.header(elements)
-        if row is not None and row.sop_class_uid in found and measurements.titled(header):
+        if row is not None and measurements.titled(header):
             found[row.sop_class_uid].append((measurements.moment(header), row.pk, row))
 
     def newest(sop_class: str) -> tuple[InstanceLocation | None, datetime]:
