@@ -313,20 +313,19 @@ def read_measurements(study: str) -> Response:
             answer["measurements"] = measurements.read_report(_read(report))
         except (ValueError, AttributeError, KeyError, IndexError) as exc:
             raise WebError(422, f"cannot read the report {report.sop_uid}: {exc}") from exc
-        _label_spacing(study, rows, answer["measurements"])
+        _label_spacing(study, answer["measurements"])
     if selection is not None:
         answer["keyImages"] = measurements.read_key_images(_read(selection))
     return jsonify(answer)
 
 
-def _label_spacing(study: str, rows: list[InstanceLocation], found: list[dict]) -> None:
+def _label_spacing(study: str, found: list[dict]) -> None:
     """What each measurement's millimetres are, from its image as stored now: an SR unit
     is UCUM mm either way, so a length on an image with only Imager Pixel Spacing reads
     "mm (detector)" again, and an ROI's stats say their `spacingKind`, as when measured.
-    The images' JSON comes in one query (a report holds at most MAX_ITEMS)."""
-    stored = {row.sop_uid for row in rows}
-    # Images gone from the study have nothing to look up.
-    sops = sorted({item["sopInstanceUID"] for item in found} & stored)
+    The images' JSON comes in one query, of the study's instances (one that left it is
+    not found, and keeps what the SR says)."""
+    sops = sorted({item["sopInstanceUID"] for item in found})
     if not sops:
         return
     keys = [*_keys(study, ""), Key(SOP, "UI", sops)]
