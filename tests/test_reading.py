@@ -379,7 +379,12 @@ def test_measurements_saved_as_sr_and_kos_read_back(server):
         "mm (detector)",
     )
     assert back["measurements"][4]["stats"]["spacingKind"] == "detector"
-    assert back["keyImages"] == [{"sopInstanceUID": sop, "frame": 1}]
+    # Each names its image's series, which the viewer shows and measures it under.
+    named = [m["seriesInstanceUID"] for m in back["measurements"]]
+    assert named == [server.series["volume"]] * 3 + [server.series["detector"]] * 2
+    assert back["keyImages"] == [
+        {"sopInstanceUID": sop, "frame": 1, "seriesInstanceUID": server.series["volume"]}
+    ]
 
 
 @pytest.mark.parametrize(
@@ -421,7 +426,11 @@ def test_a_save_supersedes_the_saved_report_and_can_clear_it(server):
 
     def current() -> tuple[list, list]:
         answer = json.loads(get(server, path)[2])
-        return [m["points"] for m in answer["measurements"]], answer["keyImages"]
+        keys = [
+            {k: v for k, v in found.items() if k != "seriesInstanceUID"}
+            for found in answer["keyImages"]
+        ]
+        return [m["points"] for m in answer["measurements"]], keys
 
     def predecessor(sr: dict) -> str:
         document = pydicom.dcmread(next(server.data.glob(f"*/*/{sr['sopInstanceUID']}.dcm")))
@@ -610,7 +619,7 @@ def test_other_documents_are_not_the_viewers_report(server, tmp_path):
     answer = json.loads(get(server, path)[2])
     assert answer["sopInstanceUID"] == saved["sr"]["sopInstanceUID"]
     assert [m["points"] for m in answer["measurements"]] == [length["points"]]
-    assert answer["keyImages"] == [{"sopInstanceUID": sop, "frame": 1}]
+    assert [k["sopInstanceUID"] for k in answer["keyImages"]] == [sop]
 
 
 def test_the_current_documents_are_found_without_opening_older_ones(server):
@@ -640,10 +649,42 @@ def test_the_current_documents_are_found_without_opening_older_ones(server):
         answer = json.loads(body)
         assert answer["sopInstanceUID"] == newer["sr"]["sopInstanceUID"]
         assert [m["points"] for m in answer["measurements"]] == [[[3, 3], [13, 3]]]
-        assert answer["keyImages"] == key
+        assert [k["sopInstanceUID"] for k in answer["keyImages"]] == [sop]
         latest = save([[5, 5], [5, 25]])  # names the newer report as its predecessor
         answer = json.loads(get(server, path)[2])
         assert answer["sopInstanceUID"] == latest["sr"]["sopInstanceUID"]
     finally:
         for file, data in zip(files, kept, strict=True):
             file.write_bytes(data)
+
+
+def test_an_image_that_left_the_study_is_named_without_a_series(server, tmp_path):
+    """A saved measurement or key image whose instance was deleted since still comes back
+    (the SR is the record) but names no series: nothing of the study shows it now."""
+    from conftest import storescu
+
+    path = f"/api/studies/{server.study}/measurements"
+    kept = pydicom.dcmread(server.files["single"][0], stop_before_pixels=True).SOPInstanceUID
+    extra = pydicom.dcmread(server.files["px"][0])  # a copy in a series of its own
+    extra.SeriesInstanceUID, extra.SOPInstanceUID = generate_uid(), generate_uid()
+    extra.file_meta.MediaStorageSOPInstanceUID = extra.SOPInstanceUID
+    extra.save_as(tmp_path / "extra.dcm")
+    storescu(server.port, tmp_path / "extra.dcm")
+    lengths = [
+        {"type": "length", "sopInstanceUID": sop, "points": [[1, 1], [1, 9]]}
+        for sop in (kept, extra.SOPInstanceUID)
+    ]
+    keys = [{"sopInstanceUID": kept}, {"sopInstanceUID": extra.SOPInstanceUID}]
+    status, saved = post(server, path, {"measurements": lengths, "keyImages": keys})
+    assert status == 201, saved
+    gone = f"/dicom-web/studies/{server.study}/series/{extra.SeriesInstanceUID}"
+    request = urllib.request.Request(
+        f"{server.url}{gone}/instances/{extra.SOPInstanceUID}", method="DELETE"
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        assert response.status == 204
+
+    answer = json.loads(get(server, path)[2])
+    for found in (answer["measurements"], answer["keyImages"]):
+        assert [item["sopInstanceUID"] for item in found] == [kept, extra.SOPInstanceUID]
+        assert [item.get("seriesInstanceUID") for item in found] == [server.series["single"], None]

@@ -299,7 +299,9 @@ def save_measurements(study: str) -> Response:
 @bp.get("/studies/<study>/measurements")
 def read_measurements(study: str) -> Response:
     """The study's current measurements and key images (`_saved`); empty lists when it
-    has none, or when the newest save cleared them."""
+    has none, or when the newest save cleared them. Each item names its instance's series
+    as the index has it now (the viewer asks for the image and its statistics under it);
+    one whose instance left the study has no seriesInstanceUID."""
     from viewer import measurements
 
     rows = list(_archive().catalog.locate("STUDY", _keys(study, "")))
@@ -316,6 +318,10 @@ def read_measurements(study: str) -> Response:
         _label_spacing(study, answer["measurements"])
     if selection is not None:
         answer["keyImages"] = measurements.read_key_images(_read(selection))
+    series = {row.sop_uid: row.series_uid for row in rows}
+    for item in answer["measurements"] + answer["keyImages"]:
+        if item["sopInstanceUID"] in series:
+            item["seriesInstanceUID"] = series[item["sopInstanceUID"]]
     return jsonify(answer)
 
 

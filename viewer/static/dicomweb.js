@@ -68,19 +68,6 @@ export function searchInstances(study, series, signal, params) {
   return getJSON(`/studies/${study}/series/${series}/instances`, params && new URLSearchParams(params), signal);
 }
 
-// The series of each of `sops` (instances of `study`): sop → series UID, asked in lists
-// of 50 UIDs (QIDO-RS UID list matching) to keep each URL short.
-export async function seriesOfInstances(study, sops, signal) {
-  const found = new Map();
-  for (let start = 0; start < sops.length; start += 50) {
-    const params = new URLSearchParams({ SOPInstanceUID: sops.slice(start, start + 50).join(",") });
-    for (const item of await getJSON(`/studies/${study}/instances`, params, signal)) {
-      found.set(first(item, "00080018"), first(item, "0020000E"));
-    }
-  }
-  return found;
-}
-
 export async function instanceMetadata(study, series, sop, signal) {
   const items = await getJSON(`/studies/${study}/series/${series}/instances/${sop}/metadata`, null, signal);
   return items[0];

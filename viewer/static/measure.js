@@ -29,14 +29,10 @@ export class Measurements {
     this.grabbed = null; // { measurement, handle, from }: a point the keyboard cursor moves
   }
 
-  // The measurements on the image `pane` shows. Every edit finds its measurement here,
-  // so this is where a reopened report's, which names the instance only, takes its
-  // series from the pane (its statistics are asked for under it).
+  // The measurements on the image `pane` shows.
   on(pane) {
     const slice = pane.stack[pane.index];
-    const found = (slice && this.byImage.get(`${slice.sop}|${slice.frame}`)) || [];
-    for (const measurement of found) measurement.series ||= pane.series;
-    return found;
+    return (slice && this.byImage.get(`${slice.sop}|${slice.frame}`)) || [];
   }
 
   all() {

@@ -5,7 +5,7 @@
 // Selection keeps them (a frame is not kept): marking a frame of a multi-frame instance
 // marks the instance.
 
-import { saveMeasurements, savedMeasurements, seriesOfInstances } from "./dicomweb.js";
+import { saveMeasurements, savedMeasurements } from "./dicomweb.js";
 
 export class Report {
   // `measurements`: those of every pane; `changed(study)`: `study`'s key images
@@ -16,7 +16,7 @@ export class Report {
     this.say = say;
     this.signal = signal;
     this.canSave = false; // the server has the endpoint: it answered for the saved report
-    this.keyImages = new Map(); // sop → { study, series (null until known) }
+    this.keyImages = new Map(); // sop → { study, series }
     this.saved = new Map(); // study → what its saved report holds: { measurements, keyImages } (counts)
   }
 
@@ -24,11 +24,11 @@ export class Report {
     return this.keyImages.has(sop);
   }
 
-  // `study`'s key images per series (of those whose series is known), for the strip.
+  // `study`'s key images per series, for the strip.
   keyImageCounts(study) {
     const counts = new Map();
     for (const image of this.keyImages.values()) {
-      if (image.study === study && image.series) counts.set(image.series, (counts.get(image.series) || 0) + 1);
+      if (image.study === study) counts.set(image.series, (counts.get(image.series) || 0) + 1);
     }
     return counts;
   }
@@ -48,8 +48,10 @@ export class Report {
     this.changed(pane.study);
   }
 
-  // `study`'s last saved report: its measurements are shown again, and saving is offered
-  // (a server without the endpoint has neither).
+  // `study`'s last saved report: its measurements and key images are shown again, and
+  // saving is offered (a server without the endpoint has neither). Each comes with its
+  // image's series; one whose image has left the study comes without and is left out:
+  // no pane can show it, and the server refuses a save that names it.
   async load(study) {
     let report;
     try {
@@ -58,34 +60,24 @@ export class Report {
       return;
     }
     this.canSave = true;
-    this.saved.set(study, { measurements: report.measurements.length, keyImages: (report.keyImages || []).length });
-    this.loadKeyImages(study, report.keyImages || []);
+    const keyImages = report.keyImages || [];
+    this.saved.set(study, { measurements: report.measurements.length, keyImages: keyImages.length });
+    const [measurements, images] = [report.measurements, keyImages].map((items) => items.filter((item) => item.seriesInstanceUID));
+    for (const item of images) this.keyImages.set(item.sopInstanceUID, { study, series: item.seriesInstanceUID });
+    this.changed(study);
     this.measurements.load(
-      report.measurements.map((item) => ({
+      measurements.map((item) => ({
         type: item.type,
         study,
-        series: "", // the pane that shows it fills it in
+        series: item.seriesInstanceUID,
         sop: item.sopInstanceUID,
         frame: item.frame || 1,
         points: item.points,
         stats: item.stats || null,
       })),
     );
-  }
-
-  // The key images of `study`'s saved Key Object Selection; their series (for the strip)
-  // from QIDO-RS.
-  async loadKeyImages(study, items) {
-    for (const item of items) this.keyImages.set(item.sopInstanceUID, { study, series: null });
-    this.changed(study);
-    if (!items.length) return;
-    try {
-      const found = await seriesOfInstances(study, items.map((item) => item.sopInstanceUID), this.signal);
-      for (const [sop, series] of found) if (this.keyImages.has(sop)) this.keyImages.get(sop).series = series;
-    } catch {
-      return; // the overlays show them; the strip does not count them
-    }
-    this.changed(study);
+    const gone = report.measurements.length + keyImages.length - measurements.length - images.length;
+    if (gone) this.say(`${gone} of the saved measurements and key images are on images no longer in this study: not shown.`);
   }
 
   // Save `study`'s measurements as an SR and its key images as a Key Object Selection, as
