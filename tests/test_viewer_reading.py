@@ -342,3 +342,57 @@ def test_a_saved_report_opens_cleanly_and_2x2_shows_four_series(page, server, st
     expect(page.locator(".status")).to_have_text(message.text_content())
     assert not [url for url in page.requests if any(f"/series/{uid}/" in url for uid in uids)]
     assert failed == [] and console == []
+
+
+def test_saved_items_on_a_deleted_image_are_left_out(page, server, study, tmp_path):
+    """The other patient's study, with a length and a key image saved on its image and on
+    one deleted since: the study opens with the kept length drawn, and the status line
+    says two saved items are not shown (their image is gone; the GET names no series for
+    them). Two panes' asks for the same instance's metadata at once make one request."""
+    kept = pydicom.dcmread(study["files"][-1])
+    extra = pydicom.dcmread(study["files"][-1])  # a copy in a series of its own
+    extra.SeriesInstanceUID, extra.SOPInstanceUID = (
+        pydicom.uid.generate_uid(),
+        pydicom.uid.generate_uid(),
+    )
+    extra.file_meta.MediaStorageSOPInstanceUID = extra.SOPInstanceUID
+    extra.save_as(tmp_path / "extra.dcm")
+    storescu(server.port, tmp_path / "extra.dcm")
+    sops = [kept.SOPInstanceUID, extra.SOPInstanceUID]
+    body = {
+        "measurements": [
+            {"type": "length", "sopInstanceUID": sop, "points": [[10, 10], [40, 10]]}
+            for sop in sops
+        ],
+        "keyImages": [{"sopInstanceUID": extra.SOPInstanceUID}],
+    }
+    base = f"{server.url}/api/studies/{kept.StudyInstanceUID}"
+    assert page.request.post(f"{base}/measurements", data=body).ok
+    gone = f"/dicom-web/studies/{kept.StudyInstanceUID}/series/{extra.SeriesInstanceUID}"
+    assert page.request.delete(f"{server.url}{gone}/instances/{extra.SOPInstanceUID}").ok
+
+    with page.expect_response(saved_report):
+        page.goto(f"{server.url}/study/{kept.StudyInstanceUID}")
+    expect(page.locator(".status")).to_have_text(
+        "2 of the saved measurements and key images are on images no longer in this study:"
+        " not shown."
+    )
+    stage = pane(page, 1).locator(".stage")
+    expect(stage.locator(".measurement.length .label")).to_have_text(f"{30 * SPACING:.2f} mm")
+    expect(pane(page, 1).locator(".key-mark")).to_be_hidden()
+
+    asked = []
+    page.on(
+        "request", lambda r: r.url.endswith(f"/{kept.SOPInstanceUID}/metadata") and asked.append(r)
+    )
+    same = page.evaluate(
+        """async (sop) => {
+            const view = globalThis.minipacsView;
+            view.metadata.delete(sop);
+            const pane = view.panes[0];
+            const [a, b] = await Promise.all([pane.metadataOf(sop), pane.metadataOf(sop)]);
+            return a === b && view.metadata.get(sop) === a && !view.metadataAsked.size;
+        }""",
+        kept.SOPInstanceUID,
+    )
+    assert same and len(asked) == 1

@@ -5,8 +5,9 @@
 // reference lines, the toolbar, the URL) belongs to the study view, told through
 // `host`: `activate(pane)`, `moved(pane)`, `loaded(pane)`, `draw(key, bitmap)` (the
 // active pane's frames go through it: the debug API's one draw call), `metadata` (sop →
-// instance metadata, shared), `signal`, `drag(pane, event)` (a tool's own drag, or
-// null to let the pane handle it), `isKeyImage(sop)` (for the overlay).
+// instance metadata, shared), `metadataAsked` (sop → its request while it is out,
+// shared), `signal`, `drag(pane, event)` (a tool's own drag, or null to let the pane
+// handle it), `isKeyImage(sop)` (for the overlay).
 
 import { first, instanceMetadata, searchInstances, seriesGeometry, seriesMetadata, text, values } from "./dicomweb.js";
 import { el } from "./dom.js";
@@ -311,10 +312,23 @@ export class Pane {
   }
 
   // Instance `sop`'s metadata (of this pane's series): the panes' shared map's, else
-  // asked for and kept there.
-  async metadataOf(sop) {
-    if (!this.metadata.has(sop)) this.metadata.set(sop, await instanceMetadata(this.study, this.series, sop, this.host.signal));
-    return this.metadata.get(sop);
+  // asked for and kept there. Asked for once: a caller while the request is out (MPR's
+  // header and the pause after a move, or two panes) waits for the same one.
+  metadataOf(sop) {
+    if (this.metadata.has(sop)) return Promise.resolve(this.metadata.get(sop));
+    const asked = this.host.metadataAsked;
+    if (!asked.has(sop)) {
+      const request = instanceMetadata(this.study, this.series, sop, this.host.signal).then((meta) => {
+        this.metadata.set(sop, meta);
+        return meta;
+      });
+      asked.set(sop, request);
+      request.then(
+        () => asked.delete(sop),
+        () => asked.delete(sop), // a failed one is asked for again next time
+      );
+    }
+    return asked.get(sop);
   }
 
   close() {

@@ -56,6 +56,7 @@ class StudyView {
     this.controller = new AbortController();
     this.signal = this.controller.signal;
     this.metadata = new Map(); // sop → instance metadata, for every pane
+    this.metadataAsked = new Map(); // sop → its metadata request while it is out (pane.js)
     this.syncing = true;
     this.overlays = true;
     this.tags = new TagPanel();
