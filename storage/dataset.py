@@ -254,14 +254,17 @@ def read_header(path: Path, pixel_budget: int | None = None) -> Header:
     return header
 
 
-def read_header_in(data, start: int, syntax: str, pixel_budget: int | None = None) -> Header:
-    """read_header of a Part 10 file held in memory whose dataset begins at `start` in
-    `syntax` (not deflated): a C-STORE's bytes, checked before they are written (no file
-    to open, map and seek, ~17 system calls an instance, each a GIL hand-off between
-    receivers)."""
-    if len(data) <= start:
+def read_header_in(
+    data, start: int, syntax: str, pixel_budget: int | None = None, end: int | None = None
+) -> Header:
+    """read_header of a Part 10 file held in memory (its first `end` bytes, default all)
+    whose dataset begins at `start` in `syntax` (not deflated): a C-STORE's bytes, checked
+    before they are written (no file to open, map and seek, ~17 system calls an instance,
+    each a GIL hand-off between receivers)."""
+    end = len(data) if end is None else end
+    if end <= start:
         raise InvalidDataset("the dataset is empty")
-    header = _walk_header(data, len(data), start, syntax, syntax, head_only=False)
+    header = _walk_header(data, end, start, syntax, syntax, head_only=False)
     check_pixel_budget(header.pixel_bytes(), pixel_budget)
     return header
 
@@ -341,7 +344,7 @@ def read_head_instance(data: bytes) -> ParsedInstance:
 
 def _walk_header(buf, end: int, start: int, syntax: str, encoded: str, head_only: bool) -> Header:
     implicit = encoded == ImplicitVRLittleEndian
-    if not implicit and not buf[start + 4 : start + 6].isalpha():
+    if not implicit and not bytes(buf[start + 4 : min(start + 6, end)]).isalpha():
         raise InvalidDataset(f"dataset is Implicit VR but the Transfer Syntax is {syntax}")
     walk = _Walk(buf, end, stop_at_pixels=head_only)
     order = ">" if encoded == ExplicitVRBigEndian else "<"

@@ -40,6 +40,27 @@ WRITE_SIZE = 1 << 18  # bytes gathered per write() call, once a dataset is past 
 # A dataset up to this size (a CT or MR slice) is checked in memory and written at once;
 # a larger one goes to its file as it arrives. At most this much per association.
 MEMORY = 1 << 20
+# Receive buffers (MEMORY bytes each) kept for the next receipts: a fresh one an instance
+# was ~130 page faults (a new mapping each time: tune_malloc's mmap threshold), each a
+# zeroed page and, on a VM, often a host fault.
+BUFFERS_KEPT = 4
+_spare: list[bytearray] = []
+_spare_lock = threading.Lock()
+
+
+def _take_buffer() -> bytearray:
+    with _spare_lock:
+        if _spare:
+            return _spare.pop()
+    return bytearray(MEMORY)
+
+
+def _give_back(buffer: bytearray) -> None:
+    with _spare_lock:
+        if len(_spare) < BUFFERS_KEPT:
+            _spare.append(buffer)
+
+
 URGENT = b"!"  # a wake-up from someone waiting for entries to be indexed
 # Our Implementation Class UID and Version Name (PS3.7 D.3.3.2), in file meta and
 # association responses: a UUID-derived UID (PS3.5 B.2), made once for minipacs.
@@ -117,31 +138,39 @@ class Receipt:
         self.size = 0  # bytes in the file
         self.error: OSError | None = None
         self._start = len(meta)
-        self._pending = bytearray(meta)
+        self._buffer = _take_buffer()
+        self._used = 0  # bytes of _buffer held
         self._spilled = False  # past MEMORY: written as it comes
         self._fd: int | None = None
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         except OSError as exc:
             self.error = exc
+        self.write(meta)
 
     def write(self, data) -> None:
         """Append bytes (a dataset arrives in PDV fragments: gathered into writes of
         WRITE_SIZE once past MEMORY)."""
-        if self.error is None:
-            self._pending += data
-            if self._spilled:
-                if len(self._pending) >= WRITE_SIZE:
-                    self._flush()
-            elif len(self._pending) > MEMORY:
-                self._spilled = True
-                self._flush()
+        if self.error is not None:
+            return
+        if self._used + len(data) > len(self._buffer):
+            self._spilled = True
+            self._flush()
+            if len(data) > len(self._buffer):
+                self._write_out(data)
+                return
+        self._buffer[self._used : self._used + len(data)] = data
+        self._used += len(data)
+        if self._spilled and self._used >= WRITE_SIZE:
+            self._flush()
 
     def header(self, pixel_budget: int | None) -> dataset.Header:
         """The whole dataset's header walk (storage.dataset.read_header): from memory when
         it is all there and not deflated, else from the file."""
         if not self._spilled and self.syntax != DeflatedExplicitVRLittleEndian:
-            return dataset.read_header_in(self._pending, self._start, self.syntax, pixel_budget)
+            return dataset.read_header_in(
+                self._buffer, self._start, self.syntax, pixel_budget, end=self._used
+            )
         self.flush()
         return dataset.read_header(self.path, pixel_budget)
 
@@ -152,22 +181,25 @@ class Receipt:
             raise self.error
 
     def _flush(self) -> None:
-        if self.error is not None or not self._pending:
+        if self._used:
+            with memoryview(self._buffer) as view:
+                self._write_out(view[: self._used])
+            self._used = 0
+
+    def _write_out(self, data) -> None:
+        if self.error is not None:
             return
         try:
-            view = memoryview(self._pending)
-            while view:
-                view = view[os.write(self._fd, view) :]  # type: ignore[arg-type]
+            with memoryview(data) as view:
+                while view:
+                    view = view[os.write(self._fd, view) :]  # type: ignore[arg-type]
         except OSError as exc:
             self.error = exc
             self._close()
             with contextlib.suppress(OSError):
                 os.truncate(self.path, 0)  # free the space at once
             return
-        finally:
-            view.release()
-        self.size += len(self._pending)
-        self._pending.clear()
+        self.size += len(data)
 
     def sync(self) -> None:
         """The bytes durable (before the rename that makes the entry)."""
@@ -181,7 +213,6 @@ class Receipt:
 
     def discard(self) -> None:
         self._close()
-        self._pending.clear()
         self.path.unlink(missing_ok=True)
 
     def entry_name(self) -> str:
@@ -196,6 +227,10 @@ class Receipt:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._buffer:
+            _give_back(self._buffer)
+            self._buffer = bytearray()
+            self._used = 0
 
 
 class Journal:
