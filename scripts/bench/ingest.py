@@ -47,6 +47,7 @@ WEB_THREADS = 8
 # Targets of the ingest issue: minipacs' rate ÷ Orthanc's, and the others.
 VS_ORTHANC = {"x1": 1.0, "x4": 1.5, "x0": 1.0, "small": 1.0}
 VS_STORESCP = 0.5  # minipacs --no-fsync ÷ storescp, x1 and x4
+REPEATED = ("x1", "x4", "x0")  # measured --repeats times a server, the servers in turn
 MIXED_RATIO = 0.70  # the rate under web load ÷ alone
 LAG_P99_MS = 1000.0
 RSS_MIB = 200.0
@@ -97,6 +98,8 @@ class Run:
     error: str | None = None
     lag: dict[str, Any] = field(default_factory=dict)
     mixed: dict[str, Any] = field(default_factory=dict)
+    repeat: int = 0  # which of the --repeats measurements of this load on this server
+    each: list[float | None] = field(default_factory=list)  # combined: each one's rate
 
     @property
     def rate(self) -> float | None:
@@ -334,7 +337,8 @@ def run_load(run: Run, server: bench.Server, data: Data, opts: argparse.Namespac
     if run.load == "mixed":
         return run_mixed(run, server, data, opts)
     lag = None
-    if run.load == "x1" and "lag" in opts.loads and run.server in ("minipacs", "orthanc"):
+    lagged = run.server in ("minipacs", "orthanc") and run.repeat == 0
+    if run.load == "x1" and "lag" in opts.loads and lagged:
         lag = Lag(server, data.ct)
     started = time.perf_counter()
     if run.load == "x0":
@@ -360,7 +364,9 @@ def new_server(name: str, load: str, workdir: Path, opts: argparse.Namespace) ->
     return bench.Minipacs(workdir, args=args, name=name)
 
 
-def measure(name: str, load: str, data: Data, root: Path, opts: argparse.Namespace) -> Run:
+def measure(
+    name: str, load: str, repeat: int, data: Data, root: Path, opts: argparse.Namespace
+) -> Run:
     """One load on a fresh server. Its data stays until the whole run ends: on an ext4
     without a journal (this machine's disk), a file created within 60 s of many deletions
     in its block group scans past each freed inode (the kernel's recently_deleted()), and
@@ -372,8 +378,8 @@ def measure(name: str, load: str, data: Data, root: Path, opts: argparse.Namespa
         )
     else:
         files = data.ct.files[: opts.x0_count] if load == "x0" else data.ct.files
-    run = Run(name, load, files)
-    workdir = root / f"{name}-{load}"
+    run = Run(name, load, files, repeat=repeat)
+    workdir = root / f"{name}-{load}-{repeat}"
     server = new_server(name, load, workdir, opts)
     log.info("%s %s: %d instances", name, load, len(run.files))
     try:
@@ -421,6 +427,10 @@ def report(runs: list[Run], opts: argparse.Namespace) -> int:
     out.table("C-STORE rates", header + ["÷orthanc", "÷storescp", "status"], rows)
     out.note("x1/x4: 512² CT over 1/4 associations; x0: one association an instance; small:")
     out.note("64² studies of 1-4 instances over 4; storescp has no index: queryable = on disk")
+    for run in runs:
+        if len(run.each) > 1:
+            each = " ".join(bench.cell(rate) for rate in run.each)
+            out.note(f"{run.load} {run.server}: inst/s of each run {each} (the median above)")
     mixed = [run for run in runs if run.mixed]
     if mixed:
         rows, web = [], []
@@ -488,13 +498,48 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     data = make_data(root, opts)
     lag_runs = {"minipacs", "orthanc"} if "lag" in opts.loads else set()
     plan = [
-        (name, load)
+        (name, load, repeat)
         for load in ("x1", "x4", "x0", "small", "mixed")
+        for repeat in range(opts.repeats if load in REPEATED else 1)
         for name in opts.servers
         if load in RUNS[name] and (load in opts.loads or load == "x1" and name in lag_runs)
     ]
     log.info("%d server runs", len(plan))
-    return report([measure(name, load, data, root, opts) for name, load in plan], opts)
+    runs = [measure(name, load, repeat, data, root, opts) for name, load, repeat in plan]
+    return report(combine(runs), opts)
+
+
+def combine(runs: list[Run]) -> list[Run]:
+    """One run for each server and load: repeated ones (--repeats) as their median send
+    and queryable times (so the median rate), the largest peak RSS, every failure and log
+    line, the first one's lag. The machine has slow spells (docs/ingest-performance.md)
+    that can take one run of a server and not its peer's."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.server, run.load), []).append(run)
+    return [_combined(group) if len(group) > 1 else group[0] for group in groups.values()]
+
+
+def _combined(group: list[Run]) -> Run:
+    def median(values: list[float | None]) -> float | None:
+        known = [value for value in values if value is not None]
+        return statistics.median(known) if known else None
+
+    first = group[0]
+    errors = [run.error for run in group if run.error]
+    return Run(
+        first.server,
+        first.load,
+        first.files,
+        send_s=median([run.send_s for run in group]),
+        queryable_s=median([run.queryable_s for run in group]),
+        failed=sum(run.failed or 0 for run in group),
+        peak_rss_mib=max((r.peak_rss_mib for r in group if r.peak_rss_mib), default=None),
+        log_issues=sum(run.log_issues for run in group),
+        error=errors[0] if errors else None,
+        lag=first.lag,
+        each=[run.rate for run in group],
+    )
 
 
 def parse_list(text: str, choices: tuple[str, ...]) -> list[str]:
@@ -517,6 +562,7 @@ def parser() -> argparse.ArgumentParser:
     )
     add("--count", type=int, default=500, help="instances of the CT study (x1, x4, lag)")
     add("--x0-count", type=int, default=100, help="storescu runs of x0, one instance each")
+    add("--repeats", type=int, default=3, help="runs of x1, x4 and x0 a server (medians)")
     add("--small-studies", type=int, default=2000, help="studies of the small load")
     add("--mixed-per-assoc", type=int, default=30, help="CT instances each mixed storescu sends")
     add("--mixed-repeats", type=int, default=3, help="sends alone and under web load, each")
