@@ -67,6 +67,7 @@ from storage.errors import StorageError
 from storage.errors import StoreUnavailable
 from storage.errors import UIDMismatch
 from storage.files import CHUNK
+from storage.files import drop_cached
 from storage.files import fsync_path
 from storage.files import hash_file
 from storage.files import instance_path
@@ -555,6 +556,7 @@ class Archive:
             for entry, stored, write in taken:
                 if write is None or next(done):
                     metrics.stored(stored.size)
+                    drop_cached(entry.path)
                     entry.path.unlink(missing_ok=True)
                 else:  # its row failed alone (logged): not for a retry every round
                     self._set_aside(entry.path, StorageError("its index row failed"))
