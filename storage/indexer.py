@@ -129,7 +129,11 @@ def parse_ahead(
                 except (InvalidDataset, InvalidUID, ValueError, OSError):
                     continue  # indexed meanwhile, or unreadable: the indexer says what is wrong
                 body = {"entry": path.name, "sha256": sha, "parsed": dataclasses.asdict(parsed)}
-                _write(out, json.dumps(body).encode())
+                try:
+                    _write(out, json.dumps(body).encode())
+                except OSError as exc:  # the supervisor stopped reading: it indexes alone
+                    log.warning("parsing ahead stopped: %s", exc)
+                    return
 
 
 def read_parsed(source: int, offer: Callable[[str, ParsedInstance, str], None]) -> None:

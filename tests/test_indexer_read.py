@@ -162,3 +162,27 @@ def test_entries_parsed_ahead_reach_the_indexer_as_read(tmp_path):
         os.close(source)
         assert not worker.is_alive() and not reader.is_alive()
         assert got == expected
+
+
+def test_parsing_ahead_stops_when_nobody_reads(tmp_path):
+    """A worker whose supervisor closed its end of the pipe stops parsing ahead (the
+    indexer then reads every entry itself) instead of dying on a broken pipe."""
+    sample = next(sample for sample in FILES if sample.path.name == "CT_small.dcm")
+    with Archive(tmp_path / "data", fsync=False) as archive:
+        first = entry(sample, tmp_path).read_bytes()
+        for number in range(indexer.AHEAD + 2):
+            name = f"{number:020d}-1-{number}~{len(first)}~e30.dcm"
+            (archive.journal.folder / name).write_bytes(first)
+        source, out = os.pipe()
+        os.close(source)
+        stop = threading.Event()
+        worker = threading.Thread(
+            target=indexer.parse_ahead, args=(archive, out, lambda: False, stop)
+        )
+        worker.start()
+        worker.join(30)
+        stopped = not worker.is_alive()
+        stop.set()
+        worker.join(10)
+        os.close(out)
+        assert stopped
