@@ -262,6 +262,10 @@ def _record(kind: str, found: dict[str, Any]) -> Dataset:
             wanted[tag] = found[tag]
         elif keyword in required:
             wanted[tag] = {"vr": dictionary_VR(_tag_number(keyword))}
+    if kind == "SR DOCUMENT" and _value(found, "VerificationFlag") == "VERIFIED":
+        verified = _verified(found)
+        if verified:
+            wanted[_tag("VerificationDateTime")] = {"vr": "DT", "Value": [verified]}
     content = _tag("ContentSequence")
     if content in wanted:  # PS3.3 F.5.21, F.5.22: only the items that modify the title
         items = wanted[content].get("Value", [])
@@ -276,6 +280,15 @@ def _record(kind: str, found: dict[str, Any]) -> Dataset:
     record.OffsetOfReferencedLowerLevelDirectoryEntity = 0
     record.DirectoryRecordType = kind
     return record
+
+
+def _verified(found: dict[str, Any]) -> str:
+    """The most recent Verification DateTime of a verified SR (PS3.3 F.5.21, Type 1C when
+    VERIFIED): in the instance it is in each Verifying Observer Sequence item, in the
+    record at the top. Compared as text: DT sorts by time within one offset."""
+    items = found.get(_tag("VerifyingObserverSequence"), {}).get("Value") or []
+    times = [_value(item, "VerificationDateTime") for item in items]
+    return max((t for t in times if t), default="")
 
 
 def dicomdir(root: list[_Node]) -> bytes:

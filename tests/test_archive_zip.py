@@ -152,7 +152,12 @@ def test_pydicom_finds_every_instance_where_its_record_says(server, study_zip):
         assert instance.StudyInstanceUID == server.study
         assert instance.PatientID == "ZIP1"
         found[ds.SOPInstanceUID] = instance.DirectoryRecordType
+        if instance.DirectoryRecordType == "SR DOCUMENT" and ds.VerificationFlag == "VERIFIED":
+            # Type 1C in the record, at the top; in the file, in each observer's item
+            verified = [o.VerificationDateTime for o in ds.VerifyingObserverSequence]
+            assert instance.VerificationDateTime == max(verified)
     assert found == server.kinds
+    assert "SR DOCUMENT" in found.values()
 
 
 def test_a_series_archive_holds_that_series_only(server, tmp_path):
