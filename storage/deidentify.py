@@ -13,6 +13,7 @@ Choices the table leaves to the implementation (docs/decisions.md, 2026-11-26):
 - C on dates (Modified Dates option) shifts them back by a per-patient number of days;
   C on text (Clean Descriptors) removes the patient's identifiers found in it; C on
   structured content cleans it the same way, item by item; C on graphics keeps them.
+  Inside a sequence under D or C (SR content), codes are cleaned, not dummied (CODE_TAGS).
 - Private attributes are removed (Retain Safe Private needs Table E.3.10-1: not offered).
 - Pixel data is not cleaned: an instance that says BurnedInAnnotation YES is refused.
 - Attributes the table does not list, at any depth (docs/decisions.md, 2026-12-04), are
@@ -70,8 +71,19 @@ DUMMY = {  # D: a value consistent with the VR that says nothing
 NUMERIC_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "AT"}
 TEXT_VRS = {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "CS"}
 # Inside a sequence the table says D or C for (SR content…): what may carry who and when.
-# Codes (CS), numbers and UIDs keep the structure and the measurements.
+# Codes (CS, CODE_TAGS), numbers and UIDs keep the structure and the measurements.
 FREE_VRS = {"LO", "SH", "LT", "ST", "UT", "UC", "PN", "DA", "DT", "TM"}
+# A code's parts (the Basic Code Sequence Macro): SH, LO, UC and UR, yet codes. Inside
+# such a sequence they are cleaned (C), as outside it: a dummy would make every concept
+# name and unit of an SR "ANONYMIZED", a tree no reader or template can make sense of.
+CODE_TAGS = {
+    0x00080100,  # Code Value
+    0x00080102,  # Coding Scheme Designator
+    0x00080103,  # Coding Scheme Version
+    0x00080104,  # Code Meaning
+    0x00080119,  # Long Code Value
+    0x00080120,  # URN Code Value
+}
 PATIENT_NAME, PATIENT_ID = 0x00100010, 0x00100020
 MAX_SHIFT_DAYS = 3650
 # The file meta elements a de-identified file keeps (the others name the sender).
@@ -238,6 +250,8 @@ class _Work:
             elif elem.VR == "UI":
                 if _instance_uid(elem) and "uids" not in self.profile.options:
                     elem.value = _map_values(elem.value, self.profile.uid)  # links to originals
+            elif inside and elem.tag in CODE_TAGS:
+                self._apply(ds, elem, "C")
             elif inside and elem.VR in FREE_VRS:
                 self._apply(ds, elem, inside)
             elif elem.VR in UNLISTED:

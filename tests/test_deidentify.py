@@ -130,21 +130,42 @@ def test_options():
 
 def test_free_text_and_dates_inside_content_sequences():
     """SR content (Content Sequence: D, C with Clean Structured Content): text and dates in
-    its items go, codes and numbers stay."""
+    its items go, codes and numbers stay (a concept name or unit of "ANONYMIZED", as
+    dciodvfy found in a de-identified Measurement Report, is no code)."""
+
+    def code(value: str, scheme: str, meaning: str) -> Dataset:
+        found = Dataset()
+        found.CodeValue, found.CodingSchemeDesignator, found.CodeMeaning = value, scheme, meaning
+        return found
 
     def report() -> Dataset:
         ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
         item = Dataset()
         item.ValueType, item.TextValue = "TEXT", "Seen John Smith 1CT1 on 2020-01-01"
         item.Date, item.NumericValue = "20200101", "42"
-        ds.ContentSequence = [item]
+        measured = Dataset()
+        measured.ValueType = "NUM"
+        measured.ConceptNameCodeSequence = [code("410668003", "SCT", "Length")]
+        value = Dataset()
+        value.NumericValue = "10"
+        value.MeasurementUnitsCodeSequence = [code("mm", "UCUM", "CT1 mm")]  # meaning: cleaned
+        measured.MeasuredValueSequence = [value]
+        ds.ContentSequence = [item, measured]
         return ds
 
     basic = report()
     data = deidentified(basic)
-    (item,) = basic.ContentSequence
+    item, measured = basic.ContentSequence
     assert b"Smith" not in data and item.Date != "20200101"
     assert item.ValueType == "TEXT" and item.NumericValue == 42
+    name = measured.ConceptNameCodeSequence[0]
+    assert (name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning) == (
+        "410668003",
+        "SCT",
+        "Length",
+    )
+    unit = measured.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
+    assert (unit.CodeValue, unit.CodingSchemeDesignator, unit.CodeMeaning) == ("mm", "UCUM", "* mm")
     cleaned = report()
     deidentified(cleaned, deidentify.Profile(b"k", frozenset({"struct"})))
     assert "1CT1" not in cleaned.ContentSequence[0].TextValue
