@@ -447,7 +447,7 @@ ggggeeee-where-gggg-is-odd X safepriv=C # Private attributes
 00081195 U uids=K # Transaction UID
 00185011 X devid=K # Transducer Identification Sequence
 30080250 X/D fulldates=K modifdates=C # Treatment Date
-300a00b2 X devid=K # Treatment Machine Name
+300a00b2 X/Z devid=K # Treatment Machine Name (X/Z in the current edition; Type 2 in RT Beams)
 300a0608 D desc=C # Treatment Position Group Label
 300a0609 U uids=K # Treatment Position Group UID
 300a0700 U uids=K # Treatment Session UID

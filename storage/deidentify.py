@@ -18,7 +18,8 @@ Choices the table leaves to the implementation (docs/decisions.md, 2026-11-26):
 - Pixel data is not cleaned: an instance that says BurnedInAnnotation YES is refused.
 - Attributes the table does not list, at any depth (docs/decisions.md, 2026-12-04), are
   treated by their VR (`UNLISTED`): person names emptied; dates and times replaced like
-  the table's (kept or shifted by the date options); free text (LT, ST, UT) emptied, or
+  the table's (kept or shifted by the date options); free text (LT, ST, UT) replaced by
+  a dummy (a waveform annotation's text is Type 1C: emptied, the instance was invalid), or
   cleaned with Clean Descriptors; short strings (LO, SH, UC: code meanings, device and
   protocol names) cleaned of the patient's identifiers; AE titles and URIs emptied.
   Codes (CS), numbers and binary data are kept.
@@ -139,9 +140,9 @@ UNLISTED = {  # VR → the rule of an attribute Table E.1-1 does not list
     "DA": Rule("D", _DATES),
     "DT": Rule("D", _DATES),
     "TM": Rule("D", _DATES),
-    "LT": Rule("Z", {"desc": "C"}),
-    "ST": Rule("Z", {"desc": "C"}),
-    "UT": Rule("Z", {"desc": "C"}),
+    "LT": Rule("D", {"desc": "C"}),
+    "ST": Rule("D", {"desc": "C"}),
+    "UT": Rule("D", {"desc": "C"}),
     "LO": Rule("C", {}),
     "SH": Rule("C", {}),
     "UC": Rule("C", {}),

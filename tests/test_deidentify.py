@@ -298,6 +298,20 @@ def test_an_empty_or_wildcard_selection_is_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_attributes_the_iod_requires_keep_a_conformant_value():
+    """What dciodvfy found missing or empty in de-identified copies of pydicom's files:
+    Treatment Machine Name (X/Z, Type 2 in a beam) stays, empty; a waveform annotation's
+    Unformatted Text Value (unlisted free text, Type 1C) becomes a dummy, not empty."""
+    plan = pydicom.dcmread(io.BytesIO(deidentified(pydicom.dcmread(TEST_FILES / "rtplan.dcm"))))
+    assert [beam.get("TreatmentMachineName", "gone") for beam in plan.BeamSequence] == [""]
+    ecg = pydicom.dcmread(TEST_FILES / "waveform_ecg.dcm")
+    texts = [a for a in ecg.WaveformAnnotationSequence if "UnformattedTextValue" in a]
+    assert texts and all(a.UnformattedTextValue for a in texts)
+    back = pydicom.dcmread(io.BytesIO(deidentified(ecg)))
+    found = [a.UnformattedTextValue for a in back.WaveformAnnotationSequence if a.get(0x00700006)]
+    assert found == ["ANONYMIZED"] * len(texts)
+
+
 def test_burned_in_annotation_is_refused():
     ds = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
     ds.BurnedInAnnotation = "YES"
