@@ -218,7 +218,12 @@ def test_move_to_a_peer_that_aborts_midway_counts_the_rest_as_failed(source, sto
 
 def test_more_than_128_sop_class_and_syntax_combinations(source):
     study = study_of(source, "classes")
-    outcome = scu.move(scu.Remote(port=source.server.port), "STUDY", [study], "DEST")
+    try:
+        outcome = scu.move(scu.Remote(port=source.server.port), "STUDY", [study], "DEST")
+    except scu.AssociationError as exc:  # both servers' logs say where it stalled
+        pytest.fail(
+            f"{exc}\nsource:\n{source.server.log()[-4000:]}\ndest:\n{source.dest.log()[-4000:]}"
+        )
     assert outcome.ok, (outcome, source.server.log()[-2000:])
     assert outcome.completed == 140
     assert len(list((source.dest.data / study).glob("*/*.dcm"))) == 140
