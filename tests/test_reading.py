@@ -404,6 +404,41 @@ def test_bad_measurements_are_a_400(server, body, reason):
     assert status == 400 and reason in answer["error"]
 
 
+def test_a_measurement_on_a_frame_of_a_legacy_multi_frame_image_keeps_its_frame(server, tmp_path):
+    """pydicom's SC_rgb_rle_2frame.dcm is a Secondary Capture (a single-frame SOP class, to
+    which highdicom gives no frame number) with Number of Frames 2. A length on its frame
+    2 is saved with Referenced Frame Number 2 and reopens on frame 2 (it was a 422); a
+    frame it does not have is a 400."""
+    from conftest import storescu
+    from pydicom.data import get_testdata_file
+
+    image = pydicom.dcmread(get_testdata_file("SC_rgb_rle_2frame.dcm"))
+    image.decompress()  # storescu offers uncompressed syntaxes
+    image.StudyInstanceUID, image.SeriesInstanceUID = server.study, generate_uid()
+    image.SOPInstanceUID = image.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    like = pydicom.dcmread(server.files["single"][0], stop_before_pixels=True)
+    for keyword in ("PatientID", "IssuerOfPatientID", "PatientName"):
+        setattr(image, keyword, like.get(keyword))
+    image.save_as(tmp_path / "sc.dcm")
+    storescu(server.port, tmp_path / "sc.dcm")
+    path = f"/api/studies/{server.study}/measurements"
+    length = {
+        "type": "length",
+        "sopInstanceUID": image.SOPInstanceUID,
+        "points": [[0, 0], [30, 40]],
+    }
+
+    status, saved = post(server, path, {"measurements": [{**length, "frame": 2}]})
+    assert status == 201, saved
+    status, answer = post(server, path, {"measurements": [{**length, "frame": 3}]})
+    assert status == 400 and "frame 3" in answer["error"]
+    report = pydicom.dcmread(next(server.data.glob(f"*/*/{saved['sr']['sopInstanceUID']}.dcm")))
+    region = report.ContentSequence[-1].ContentSequence[0].ContentSequence[-1]
+    assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedFrameNumber == 2
+    [back] = json.loads(get(server, path)[2])["measurements"]
+    assert (back["frame"], back["value"], back["unit"]) == (2, pytest.approx(50.0), "mm")
+
+
 def test_a_save_supersedes_the_saved_report_and_can_clear_it(server):
     """Each save states the study's measurements and key images as they are now: a new
     report names the one it replaces (Predecessor Documents Sequence) and may hold no

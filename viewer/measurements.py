@@ -182,9 +182,7 @@ def build_report(
         region = hd.sr.ImageRegion(
             graphic_type=_graphic_type(item.kind),
             graphic_data=_graphic_data(item),
-            source_image=hd.sr.SourceImageForRegion.from_source_image(
-                image, referenced_frame_numbers=_frames(image, item.frame)
-            ),
+            source_image=_source_image(image, item.frame),
         )
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
@@ -387,9 +385,25 @@ def _graphic_data(item: Item) -> np.ndarray:
     return np.array(major + minor, dtype=np.float64)
 
 
-def _frames(image: Dataset, frame: int) -> list[int] | None:
-    """Referenced Frame Number only for a multi-frame image (PS3.3 C.17.3.2.5)."""
-    return [frame] if int(image.get("NumberOfFrames") or 1) > 1 else None
+def _source_image(image: Dataset, frame: int):
+    """The image a region is drawn on (TID 1410 SELECTED FROM), with the frame whenever the
+    instance has more than one: Referenced Frame Number is required for a multi-frame
+    image (PS3.3 Table 10-3), and the region is on that frame's pixels. highdicom's
+    from_source_image allows a frame number only in a multi-frame SOP class (the IOD has
+    Number of Frames); a single-frame class with Number of Frames > 1 (a legacy Secondary
+    Capture) is referenced through the constructor, after from_source_image has checked
+    that the instance is an image. 400 for a frame the instance does not have."""
+    import highdicom as hd
+
+    frames = int(image.get("NumberOfFrames") or 1)
+    if frame > frames:
+        raise WebError(400, f"frame {frame} of {image.SOPInstanceUID}: it has {frames}")
+    source = hd.sr.SourceImageForRegion.from_source_image(image)
+    if frames == 1:
+        return source
+    return hd.sr.SourceImageForRegion(
+        image.SOPClassUID, image.SOPInstanceUID, referenced_frame_numbers=[frame]
+    )
 
 
 def _measurements(item: Item) -> list:
