@@ -13,6 +13,7 @@ and a study with the same Patient ID under another issuer, which is another pati
 
 import re
 
+import numpy as np
 import pydicom
 import pytest
 from conftest import Server
@@ -258,6 +259,127 @@ def test_a_length_is_spacing_times_pixels(page, server, study):
     expect(stage.locator(".measurement.length")).to_have_count(1)
 
 
+def hu(path) -> np.ndarray:
+    ds = pydicom.dcmread(path)
+    return ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+
+
+def test_an_angle_an_ellipse_and_a_length_through_zoom_and_pan(page, server, study):
+    """Drawn with the mouse at 1:1: an angle of 45° reads 45.0°; an ellipse gets the
+    statistics numpy finds over the same mask (pixel centres inside it) in HU. Zoomed to
+    244% (no smoothing: an image pixel is a block of canvas pixels), a length is drawn
+    from pixel centre to pixel centre; panned, its drawn ends move as far as the pointer;
+    zoomed again, they spread 1.25 times further; and through both the canvas under each
+    end keeps its colour (the same image pixel) and every value stays."""
+    open_current(page, server, study)
+    stage = pane(page, 1).locator(".stage")
+    page.keyboard.press("z")
+    expect(pane(page, 1).locator(".corner.br")).to_contain_text("Zoom 100%")
+    box = stage.bounding_box()
+    x, y = round(box["x"] + box["width"] / 2), round(box["y"] + box["height"] / 2)
+
+    page.keyboard.press("a")
+    page.mouse.move(x + 20, y)
+    page.mouse.down()
+    page.mouse.move(x, y, steps=4)  # the vertex
+    page.mouse.up()
+    page.mouse.move(x + 20, y - 20, steps=4)  # the third point follows, a click places it
+    page.mouse.down()
+    page.mouse.up()
+    angle = stage.locator(".measurement.angle .label")
+    expect(angle).to_have_text("45.0°")
+
+    page.keyboard.press("e")
+    page.mouse.move(x - 20, y - 20)
+    page.mouse.down()
+    page.mouse.move(x - 5, y - 8, steps=4)
+    page.mouse.up()
+    ellipse = stage.locator(".measurement.ellipse .label")
+    expect(ellipse).to_contain_text(" HU")
+    drawn = page.evaluate(
+        "globalThis.minipacsView.measurements.all().find((m) => m.type === 'ellipse')"
+    )
+    path = next(p for p in study["files"] if pydicom.dcmread(p).SOPInstanceUID == drawn["sop"])
+    (x0, y0), (x1, y1) = drawn["points"]
+    rows, columns = np.mgrid[0:64, 0:64] + 0.5
+    inside = ((columns - (x0 + x1) / 2) / ((x1 - x0) / 2)) ** 2 + (
+        (rows - (y0 + y1) / 2) / ((y1 - y0) / 2)
+    ) ** 2 <= 1
+    values = hu(path)[inside]
+    stats = drawn["stats"]
+    assert stats["pixels"] == inside.sum() > 100  # of a 15 × 12 box
+    assert stats["mean"] == pytest.approx(values.mean())
+    assert stats["sd"] == pytest.approx(values.std())
+    assert (stats["min"], stats["max"]) == (values.min(), values.max())
+    assert stats["area"] == pytest.approx(inside.sum() * SPACING**2)
+    expect(ellipse).to_contain_text(f"Mean {values.mean():.1f} HU")
+    labels = angle.text_content(), ellipse.text_content()
+
+    for _ in range(4):
+        page.keyboard.press("+")
+    expect(pane(page, 1).locator(".corner.br")).to_contain_text("Zoom 244%")
+    page.keyboard.press("d")
+
+    def on_screen(point) -> list[float]:
+        """Where the viewer draws image point `point`, in page coordinates."""
+        at = page.evaluate("(p) => globalThis.minipacsView.panes[0].viewport.toScreen(p)", point)
+        return [box["x"] + at[0], box["y"] + at[1]]
+
+    start, end = on_screen([10.5, 50.5]), on_screen([40.5, 50.5])  # pixel centres
+    page.mouse.move(round(start[0]), round(start[1]))
+    page.mouse.down()
+    page.mouse.move(round(end[0]), round(end[1]), steps=4)
+    page.mouse.up()
+    length = stage.locator(".measurement.length")
+    expect(length.locator(".label")).to_have_text(re.compile(r" mm$"))
+    drawn = page.evaluate(
+        "globalThis.minipacsView.measurements.all().find((m) => m.type === 'length')"
+    )
+    (a, b), (c, d) = drawn["points"]
+    value = f"{np.hypot(c - a, d - b) * SPACING:.2f} mm"
+    assert length.locator(".label").text_content() == value
+    assert abs(np.hypot(c - a, d - b) - 30) < 1  # a pixel at most
+
+    def ends() -> np.ndarray:
+        """The drawn line's two ends, in the stage's CSS pixels."""
+        points = length.locator("polyline").get_attribute("points").split()
+        return np.array([[float(v) for v in p.split(",")] for p in points])
+
+    def colours(points: np.ndarray) -> list[list[int]]:
+        """The canvas's colour under each point."""
+        return page.evaluate(
+            """(points) => {
+                const canvas = document.querySelector(".pane[data-pane='1'] canvas.image");
+                const ratio = window.devicePixelRatio || 1;
+                const context = canvas.getContext("2d");
+                const at = (v) => Math.floor(v * ratio);
+                return points.map(([x, y]) => [...context.getImageData(at(x), at(y), 1, 1).data]);
+            }""",
+            points.tolist(),
+        )
+
+    before = ends()
+    under = colours(before)
+    page.keyboard.down("Shift")  # Shift+drag pans, whatever the tool
+    page.mouse.move(x + 100, y + 100)
+    page.mouse.down()
+    page.mouse.move(x + 130, y + 80, steps=4)
+    page.mouse.up()
+    page.keyboard.up("Shift")
+    panned = ends()
+    assert panned - before == pytest.approx(np.array([[30, -20], [30, -20]]))
+    assert colours(panned) == under
+    page.keyboard.press("+")
+    expect(pane(page, 1).locator(".corner.br")).to_contain_text("Zoom 305%")
+    zoomed = ends()
+    assert np.linalg.norm(zoomed[1] - zoomed[0]) == pytest.approx(
+        1.25 * np.linalg.norm(before[1] - before[0])
+    )
+    assert colours(zoomed) == under
+    assert length.locator(".label").text_content() == value
+    assert (angle.text_content(), ellipse.text_content()) == labels
+
+
 def test_saved_measurements_come_back(page, server, study):
     """Save stores the prior study's length as an SR through the server; the study opened
     again shows it where it was. Deleted and saved again, it is cleared: the study opened
@@ -300,8 +422,9 @@ def test_a_saved_report_opens_cleanly_and_2x2_shows_four_series(page, server, st
     through the API, on the last axial slice, which the tests above do not look at) opens
     with no failed request and no console error: the strip lists both as text, and nothing
     of them is asked for. The layout key pressed three times (1×2, 2×1, 2×2) fills the
-    panes with four different image series: this study's next ones, then the prior's. The
-    SR's own URL opens nothing and says why."""
+    panes with four different image series: this study's next ones, then the prior's;
+    at 2×1 two panes of one size are stacked, each showing its series. The SR's own URL
+    opens nothing and says why."""
     failed, console = [], []
     page.on("response", lambda r: r.status >= 400 and failed.append(f"{r.status} {r.url}"))
     page.on("console", lambda m: m.type == "error" and console.append(m.text))
@@ -322,8 +445,16 @@ def test_a_saved_report_opens_cleanly_and_2x2_shows_four_series(page, server, st
     expect(documents.nth(0)).to_contain_text("SR")
     expect(documents.nth(1)).to_contain_text("KO")
     expect(documents.locator("img")).to_have_count(0)
-    for _ in range(3):
-        page.keyboard.press("l")
+    page.keyboard.press("l")
+    page.keyboard.press("l")
+    expect(page.get_by_label("Layout")).to_have_value("2x1")
+    for number, count in enumerate(["1 / 20", "1 / 10"], start=1):
+        expect(pane(page, number).locator(".counter")).to_have_text(count)
+    expect(pane(page, 3)).to_be_hidden()
+    top, bottom = pane(page, 1).bounding_box(), pane(page, 2).bounding_box()
+    assert (top["x"], top["width"]) == (bottom["x"], bottom["width"])  # one column
+    assert bottom["y"] >= top["y"] + top["height"] and top["height"] == bottom["height"] > 100
+    page.keyboard.press("l")
     expect(page.get_by_label("Layout")).to_have_value("2x2")
     for number, count in enumerate(["1 / 20", "1 / 10", "1 / 6", "1 / 5"], start=1):
         expect(pane(page, number).locator(".counter")).to_have_text(count)
