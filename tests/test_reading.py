@@ -14,11 +14,16 @@ import numpy as np
 import pydicom
 import pytest
 from conftest import Server
+from conftest import add_user
 from conftest import import_files
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
+from test_audit import trail
+from test_auth import PASSWORD
 
+from storage import Archive
+from storage import users
 from viewer import mpr
 
 SLICES, SIZE = 12, 32
@@ -289,11 +294,12 @@ def test_unknown_series_and_bad_uids(server):
     assert get(server, f"/api/studies/{server.study}/series/x/geometry")[0] == 400
 
 
-def post(server: Server, path: str, body: object) -> tuple[int, dict]:
+def post(server: Server, path: str, body: object, token: str = "") -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{server.url}{path}", data=data, headers={"Content-Type": "application/json"}
-    )
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(f"{server.url}{path}", data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return response.status, json.loads(response.read())
@@ -324,10 +330,21 @@ def test_measurements_saved_as_sr_and_kos_read_back(server):
                 "points": [[2, 2], [9, 9]],
             },
         ],
-        "keyImages": [{"sopInstanceUID": sop}],
+        "keyImages": [{"sopInstanceUID": sop}, {"sopInstanceUID": detector.SOPInstanceUID}],
     }
-    status, saved = post(server, f"/api/studies/{server.study}/measurements", body)
+    # Saved by a user (the index has one only meanwhile: the module's other requests have
+    # none), who is named in the store events of both documents.
+    token = add_user(server.data, "reader", "uploader", PASSWORD, server.index)
+    try:
+        status, saved = post(server, f"/api/studies/{server.study}/measurements", body, token)
+    finally:
+        with Archive(server.data, fsync=False, index_url=server.index) as archive:
+            archive.accounts(users.remove, "reader", write=True)
     assert status == 201, saved
+    documents = {saved[name]["sopInstanceUID"] for name in ("sr", "kos")}
+    stored = trail(server, 2, event="store", who="reader")
+    assert {json.loads(e["detail"])["sop"] for e in stored} == documents
+    assert {(e["outcome"], e["study_uid"]) for e in stored} == {("success", server.study)}
     query = f"/dicom-web/studies/{server.study}/instances?SOPClassUID=1.2.840.10008.5.1.4.1.1.88.34"
     found = json.loads(get(server, query)[2])
     assert [f["00080018"]["Value"][0] for f in found] == [saved["sr"]["sopInstanceUID"]]
@@ -356,6 +373,25 @@ def test_measurements_saved_as_sr_and_kos_read_back(server):
     assert groups[2].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == sop
     kos = pydicom.dcmread(next(server.data.glob(f"*/*/{saved['kos']['sopInstanceUID']}.dcm")))
     assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"
+    # The selection references exactly the key images, in its content and its evidence.
+    marked = {
+        (image.SOPClassUID, sop, server.series["volume"]),
+        (detector.SOPClassUID, detector.SOPInstanceUID, server.series["detector"]),
+    }
+    selection = hd.ko.KeyObjectSelectionDocument.from_dataset(kos)
+    assert kos.ConceptNameCodeSequence[0].CodeValue == "113000"  # Of Interest
+    assert {
+        (item.referenced_sop_class_uid, item.referenced_sop_instance_uid, series)
+        for item in selection.content.get_references()
+        for series in [selection.resolve_reference(item.referenced_sop_instance_uid)[1]]
+    } == marked
+    [evidence] = kos.CurrentRequestedProcedureEvidenceSequence
+    assert evidence.StudyInstanceUID == server.study
+    assert {
+        (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID, series.SeriesInstanceUID)
+        for series in evidence.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    } == marked
     # Both documents carry the image's patient and study (ID and issuer: the same patient).
     for document in (pydicom.dcmread(path), kos):
         for keyword in ("PatientID", "IssuerOfPatientID", "PatientName", "StudyDescription"):
@@ -383,7 +419,12 @@ def test_measurements_saved_as_sr_and_kos_read_back(server):
     named = [m["seriesInstanceUID"] for m in back["measurements"]]
     assert named == [server.series["volume"]] * 3 + [server.series["detector"]] * 2
     assert back["keyImages"] == [
-        {"sopInstanceUID": sop, "frame": 1, "seriesInstanceUID": server.series["volume"]}
+        {"sopInstanceUID": sop, "frame": 1, "seriesInstanceUID": server.series["volume"]},
+        {
+            "sopInstanceUID": detector.SOPInstanceUID,
+            "frame": 1,
+            "seriesInstanceUID": server.series["detector"],
+        },
     ]
 
 
