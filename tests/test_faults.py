@@ -29,6 +29,7 @@ VERIFICATION = b"1.2.840.10008.1.1"
 IMPLICIT_LE = b"1.2.840.10008.1.2"
 JSON = "application/dicom+json"
 CT_IMAGE = b"1.2.840.10008.5.1.4.1.1.2"
+RELEASE_RQ = bytes.fromhex("05000000000400000000")  # A-RELEASE-RQ (PS3.8 9.3.6)
 
 
 def assert_still_serving_and_clean(server) -> None:
@@ -207,17 +208,50 @@ def c_echo_pdata() -> bytes:
 
 
 def converse(port: int, *messages: bytes, wait: float = 2.0) -> bytes:
+    """Send each message, then read until the answer to it is whole (`answered`), the
+    server hangs up, or `wait` s pass without a byte (garbage may get no answer at all);
+    all that came back."""
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
         received = b""
         for message in messages:
             sock.sendall(message)
-            time.sleep(0.2)
-        try:
-            while chunk := sock.recv(65536):
-                received += chunk
-        except (TimeoutError, ConnectionResetError):
-            pass
+            answer = b""
+            try:
+                while not answered(answer) and (chunk := sock.recv(65536)):
+                    answer += chunk
+            except (TimeoutError, ConnectionResetError):
+                pass
+            received += answer
         return received
+
+
+def answered(data: bytes) -> bool:
+    """`data` is whole PDUs and, when the last is a P-DATA-TF, its last PDV ends a command
+    (control header bits: command, last fragment; PS3.8 E.2)."""
+    last = b""
+    while len(data) >= 6 and len(data) >= (end := 6 + int.from_bytes(data[2:6], "big")):
+        last, data = data[:end], data[end:]
+    if data or not last:
+        return False
+    pdv = last[6:]
+    while len(pdv) > (end := 4 + int.from_bytes(pdv[:4], "big")):
+        pdv = pdv[end:]
+    return last[0] != 0x04 or len(pdv) >= 6 and (pdv[5] & 3) == 3
+
+
+def read_pdu(sock: socket.socket) -> bytes:
+    """One whole PDU from the peer: its 6-byte header, then the length that gives."""
+    head = recv_exactly(sock, 6)
+    return head + recv_exactly(sock, int.from_bytes(head[2:6], "big"))
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        assert chunk, f"the server hung up after {len(data)} of {size} bytes"
+        data += chunk
+    return data
 
 
 NOISE = random.Random(18).randbytes  # the same "random" bytes on every run and worker
@@ -269,10 +303,11 @@ def command_in(pdata_bodies: list[bytes]):
 def test_absurd_maximum_pdu_sizes(shared, max_pdu):
     server = shared
     # A PDU of 1 or 7 bytes holds no whole PDV header: the answer comes a byte a PDU.
-    reply = pdus(converse(server.port, associate_rq(max_pdu), c_echo_pdata()))
+    reply = pdus(converse(server.port, associate_rq(max_pdu), c_echo_pdata(), RELEASE_RQ))
     assert reply[0][0] == 0x02  # A-ASSOCIATE-AC
-    assert {kind for kind, _ in reply[1:]} == {0x04}  # then P-DATA-TF only
-    response = command_in([body for _, body in reply[1:]])
+    assert {kind for kind, _ in reply[1:-1]} == {0x04}  # then P-DATA-TF only
+    assert reply[-1][0] == 0x06  # and A-RELEASE-RP: no abort after the answer
+    response = command_in([body for _, body in reply[1:-1]])
     assert (response.CommandField, response.Status) == (0x8030, 0x0000)  # C-ECHO-RSP Success
     assert_still_serving_and_clean(server)
 
@@ -300,11 +335,14 @@ def test_peer_vanishing_mid_dataset_leaves_nothing(shared, tmp_path):
     rq = associate_rq(0, CT_IMAGE)
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(rq)
-        assert sock.recv(6)[:1] == b"\x02"
-        time.sleep(0.2)
-        sock.recv(65536)
+        assert read_pdu(sock)[:1] == b"\x02"  # A-ASSOCIATE-AC
         sock.sendall(struct.pack(">BBI", 4, 0, len(pdv)) + pdv)
-        time.sleep(0.3)
+        # Vanish once the server holds part of the dataset: a check of "clean" before it
+        # got there would pass whatever the server leaves behind.
+        deadline = time.monotonic() + 10
+        while not leftovers(server.data):
+            assert time.monotonic() < deadline, "no partial dataset in the journal in 10 s"
+            time.sleep(0.01)
     assert_still_serving_and_clean(server)
     assert list(server.data.glob("*/*/*.dcm")) == []
 
@@ -314,9 +352,7 @@ def test_pdu_longer_than_our_maximum_is_refused(shared):
     # We announce 1 MiB; a P-DATA claiming 512 MiB is a protocol violation, not a buffer.
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
         sock.sendall(associate_rq(0, CT_IMAGE))
-        assert sock.recv(6)[:1] == b"\x02"
-        time.sleep(0.2)
-        sock.recv(65536)
+        assert read_pdu(sock)[:1] == b"\x02"  # A-ASSOCIATE-AC
         sock.sendall(struct.pack(">BBI", 4, 0, 512 << 20) + NOISE(65536))
         try:  # without the limit the server would sit waiting for 512 MiB: a timeout here
             answer = sock.recv(65536)

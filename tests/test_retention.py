@@ -31,13 +31,14 @@ def test_quota_removes_oldest_unprotected_studies(start_server, tmp_path):
     storescu(server.port, *studies[0])
     result = minipacs("protect", "--data", str(server.data), *index_args(server.index), uid["A"])
     assert "protected: 1" in result.stdout
-    for paths in studies[1:]:  # B, C, D in this order: 40 instances, 25 allowed
-        time.sleep(0.05)
-        storescu(server.port, *paths)
-    deadline = time.monotonic() + 30
-    while study_uids(server) != {uid["A"], uid["D"]}:
-        assert time.monotonic() < deadline, study_uids(server)
-        time.sleep(0.2)
+    # B, C, D in this order, each once the one before is in the index (so received
+    # later): 40 instances, 25 allowed. C's arrival takes B away, D's takes C.
+    for name, kept in (("B", "AB"), ("C", "AC"), ("D", "AD")):
+        storescu(server.port, *studies["ABCD".index(name)])
+        wanted, deadline = {uid[n] for n in kept}, time.monotonic() + 30
+        while (found := study_uids(server)) != wanted:
+            assert time.monotonic() < deadline, f"after {name}: {found}, not {kept}"
+            time.sleep(0.1)
     assert server.rows("SELECT num_studies, num_instances FROM patient") == [(2, 20)]
     assert not (server.data / uid["B"]).exists() and not (server.data / uid["C"]).exists()
     assert list((server.data / ".trash").iterdir()) == []
