@@ -245,6 +245,17 @@ def index_rows(data: Path, sql: str, *args, index: str = "") -> list[tuple]:
             database.close_all()
 
 
+def wait_until(check, seconds: float = 30.0):
+    """Poll `check()` until it returns something true or `seconds` pass (never a fixed
+    sleep); its last answer, for the caller to assert on."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if found := check():
+            return found
+        time.sleep(0.1)
+    return check()
+
+
 def closed_within(sock: socket.socket, seconds: float) -> bool:
     """Whether the server closes the connection within `seconds` (we send nothing)."""
     sock.settimeout(seconds)

@@ -21,6 +21,7 @@ from conftest import index_args
 from conftest import index_rows
 from conftest import minipacs
 from conftest import storescu
+from conftest import wait_until
 from make_study import make_study
 
 from storage import Archive
@@ -86,15 +87,6 @@ class Receiver:
             if event["subject"] == study_uid:
                 seen.setdefault(event["id"], event)
         return list(seen.values())
-
-
-def wait_until(check, seconds: float = 30) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
 
 
 def kinds(events_: list[dict]) -> list[str]:

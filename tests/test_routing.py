@@ -4,7 +4,6 @@ server (a second minipacs) over STOW-RS, and whole studies once they are stable.
 
 import datetime
 import json
-import time
 
 import pydicom
 import pytest
@@ -14,6 +13,7 @@ from conftest import index_args
 from conftest import minipacs
 from conftest import storescp
 from conftest import storescu
+from conftest import wait_until
 from make_study import make_study
 
 pytestmark = pytest.mark.usefixtures("engine")  # the queue is a table: both engines
@@ -29,15 +29,6 @@ def attempts(server) -> list[int]:
     """Attempts of each queued item, read from the index here: cheap enough to poll (a
     `minipacs queue` a poll started a Python process every 0.2 s)."""
     return [count for (count,) in server.rows("SELECT attempts FROM routeitem")]
-
-
-def wait_until(check, seconds: float = 20) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.2)
-    return check()
 
 
 def routed_server(start_server, tmp_path, port: int, *rules: str):

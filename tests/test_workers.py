@@ -2,12 +2,12 @@
 
 import os
 import signal
-import time
 from pathlib import Path
 
 from conftest import children
 from conftest import running
 from conftest import storescu_concurrently
+from conftest import wait_until
 from make_study import make_study
 from scu import echo
 
@@ -21,17 +21,10 @@ def workers(pid: int) -> set[int]:
     }
 
 
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-
-
 def test_workers_share_port_and_archive(start_server, tmp_path, engine):
     server = start_server("--workers", "2")
-    wait_for(lambda: len(workers(server.proc.pid)) == 2)
-    wait_for(lambda: "DICOM on" in server.log())
+    assert wait_until(lambda: len(workers(server.proc.pid)) == 2)
+    assert wait_until(lambda: "DICOM on" in server.log())
     studies = [make_study(tmp_path / f"s{n}", 20, size=64) for n in range(6)]
     halves = [half for paths in studies for half in (paths[:10], paths[10:])]
     errors = storescu_concurrently(server.port, halves)
@@ -45,7 +38,7 @@ def test_workers_share_port_and_archive(start_server, tmp_path, engine):
 def test_server_processes_load_only_their_index_driver(start_server, engine):
     """pacs.boot: on SQLite no PostgreSQL driver is loaded (~12 MiB a process)."""
     server = start_server()
-    wait_for(lambda: "DICOM on" in server.log())
+    assert wait_until(lambda: "DICOM on" in server.log())
     processes = [server.proc.pid, *workers(server.proc.pid)]
     assert len(processes) == 2
     assert echo(server.port) == 0
@@ -56,12 +49,14 @@ def test_server_processes_load_only_their_index_driver(start_server, engine):
 
 def test_a_dead_worker_is_replaced_and_stop_ends_all(start_server):
     server = start_server("--workers", "2")
-    wait_for(lambda: len(workers(server.proc.pid)) == 2)
+    assert wait_until(lambda: len(workers(server.proc.pid)) == 2)
     victim = min(workers(server.proc.pid))
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(workers(server.proc.pid)) == 2 and victim not in workers(server.proc.pid))
+    assert wait_until(
+        lambda: len(workers(server.proc.pid)) == 2 and victim not in workers(server.proc.pid)
+    )
     assert "exited with -9: starting a new one" in server.log()
-    wait_for(lambda: server.log().count("DICOM on") == 1)
+    assert wait_until(lambda: server.log().count("DICOM on") == 1)
     for _ in range(4):  # whichever process the kernel picks answers
         assert echo(server.port) == 0
     remaining = workers(server.proc.pid)
@@ -75,7 +70,7 @@ def test_a_dead_worker_is_replaced_and_stop_ends_all(start_server):
 
 def test_workers_stop_when_their_supervisor_is_killed(start_server):
     server = start_server("--workers", "2")
-    wait_for(lambda: len(workers(server.proc.pid)) == 2)
+    assert wait_until(lambda: len(workers(server.proc.pid)) == 2)
     orphans = workers(server.proc.pid)
     server.kill()  # SIGKILL: the supervisor cannot stop them
-    wait_for(lambda: not any(running(pid) for pid in orphans), timeout=20)
+    assert wait_until(lambda: not any(running(pid) for pid in orphans), seconds=20)
