@@ -50,6 +50,7 @@ EVENTS = (
     "rejected",  # an association or request refused by policy
     "protect",
     "commit",  # storage commitment (PS3.4 Annex J)
+    "reindex",  # the index rebuilt from the files (minipacs reindex)
 )
 FIELDS = ("at", "event", "outcome", "who", "address", "patient_id", "study_uid", "detail")
 LAST = "SELECT id, hash FROM auditevent ORDER BY id DESC LIMIT 1"

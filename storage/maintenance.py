@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from peewee import OperationalError
 
+from storage import audit
 from storage import changefeed
 from storage import index
 from storage import schema
@@ -33,10 +34,10 @@ from storage.errors import StorageError
 from storage.errors import StoreUnavailable
 from storage.files import hash_file
 from storage.files import instance_path
-from storage.models import MODELS
-from storage.models import Change
+from storage.models import FROM_FILES
 from storage.models import Instance
 from storage.models import QueryTag
+from storage.models import Study
 from storage.models import db
 from storage.objects import ObjectFiles
 from storage.retention import TRASH
@@ -145,24 +146,46 @@ class Maintenance:
             return True
 
     def reindex(
-        self, progress: Callable[[], None] | None = None, objects: Listing | None = None
+        self,
+        progress: Callable[[], None] | None = None,
+        objects: Listing | None = None,
+        who: str = "reindex",
     ) -> ReconcileReport:
-        """Rebuild the index from the files alone; `progress()` after each file. The change
-        feed is kept, numbering on: each file indexed is a "create" by "reindex" (what a
-        follower holds stays valid; rows whose file had gone leave no "delete"). Extended
-        query tags are kept; their values are written again with the rows. With an object
-        store: the files still to upload (the newest bytes), then every object under the
-        prefix (`objects`, when listed already for count_files), each parsed from its
-        first bytes (ObjectFiles.parse_object)."""
+        """Rebuild what the files tell (models.FROM_FILES) from the files alone; `progress()`
+        after each file. Every other table is kept as it is: the audit trail, users and
+        tokens, queues, subscriptions, the worklist and MPPS hold what no file can. So is
+        which studies are protected from retention. The change feed numbers on: each file
+        indexed is a "create" by "reindex" (what a follower holds stays valid; rows whose
+        file had gone leave no "delete"). Extended query tags are kept; their values are
+        written again with the rows. With an object store: the files still to upload (the
+        newest bytes), then every object under the prefix (`objects`, when listed already
+        for count_files), each parsed from its first bytes (ObjectFiles.parse_object). The
+        reindex itself is audited, by `who`."""
         with db.connection_context():
-            kept = (Change, QueryTag)
-            db.drop_tables([model for model in MODELS if model not in kept])
-            schema.upgrade(db)
+            protected = [s.study_uid for s in Study.select(Study.study_uid).where(Study.protected)]
+            with db.atomic():
+                db.drop_tables(FROM_FILES)
+                db.create_tables(FROM_FILES)
             QueryTag.delete().where(QueryTag.state == "removing").execute()
             QueryTag.update(
                 state="ready", worker="", end_id=None, mark=0, done=0, total=0
             ).execute()
         report = ReconcileReport()
+        try:
+            self._reindex_files(report, progress, objects)
+        except StorageError as exc:  # e.g. the store stopped answering: run it again
+            with contextlib.suppress(StorageError):  # the index itself may be what failed
+                self.archive.write(_protect_again, protected)
+                self._audit_reindex(report, who, f"failure: {exc}")
+            raise
+        self.archive.write(_protect_again, protected)
+        outcome = f"failure: {len(report.problems)} problem(s)" if report.problems else "success"
+        self._audit_reindex(report, who, outcome)
+        return report
+
+    def _reindex_files(
+        self, report: ReconcileReport, progress: Callable[[], None] | None, objects: Listing | None
+    ) -> None:
         for path in self._files():
             if self._copy_only(path):
                 continue  # a copy of an object: indexed from the bucket below
@@ -173,7 +196,11 @@ class Maintenance:
             listed = contextlib.nullcontext(objects) if objects is not None else self.list_objects()
             with listed as found:
                 self._adopt_objects(self.archive.files, found, report, progress)
-        return report
+
+    def _audit_reindex(self, report: ReconcileReport, who: str, outcome: str) -> None:
+        detail = {"indexed": report.indexed, "problems": len(report.problems)}
+        event = audit.Event("reindex", outcome, who=who, detail=detail)
+        self.archive.write(self.archive.chain.append, db, event)
 
     @contextlib.contextmanager
     def list_objects(self) -> Iterator[Listing]:
@@ -301,6 +328,13 @@ class Maintenance:
     def _paths(self) -> Iterator[str]:
         for (rel,) in Instance.select(Instance.path).tuples().iterator():
             yield rel
+
+
+def _protect_again(study_uids: list[str]) -> None:
+    """Protection from retention is no file's: mark again the studies that had it."""
+    for start in range(0, len(study_uids), 500):
+        chunk = study_uids[start : start + 500]
+        Study.update(protected=True).where(Study.study_uid.in_(chunk)).execute()
 
 
 def _instance_key(rel: str) -> bool:

@@ -280,3 +280,11 @@ MODELS = (
     QueryValue,
     SchemaVersion,
 )
+
+# What the DICOM files tell: `minipacs reindex` drops these and rebuilds them from the files
+# (parents first). Every other table holds what no file can (the audit trail, users and
+# tokens, the routing queue, subscriptions, the worklist and MPPS, the change feed, the
+# extended query tags' definitions) and a reindex keeps it as it is. No kept table has a
+# foreign key into these (QueryValue's points out, to QueryTag).
+FROM_FILES = (Patient, Study, StudyModality, Series, Instance, QueryValue)
+KEPT_BY_REINDEX = tuple(model for model in MODELS if model not in FROM_FILES)

@@ -4,12 +4,27 @@ import json
 import os
 import resource
 
+import pydicom
 from conftest import TEST_FILES
 from conftest import index_args
 from conftest import index_rows
 from conftest import minipacs
 from conftest import minipacs as run_minipacs
 from make_study import make_study
+from pydicom.dataset import Dataset
+
+from storage import Archive
+from storage import events
+from storage import users
+from storage.models import KEPT_BY_REINDEX
+
+WORKLIST_ITEM = {
+    "PatientID": "W1",
+    "PatientName": "Doe^Jane",
+    "Modality": "CT",
+    "ScheduledStationAETitle": "CT01",
+    "ScheduledProcedureStepStartDate": "20261205",
+}
 
 
 def test_import_reindex_verify_round_trip(tmp_path, engine):
@@ -129,3 +144,56 @@ def test_import_without_room_rejects_that_file_alone(tmp_path):
     assert "no space" in summary["details"][0]["reason"]
     assert list((data / ".incoming").iterdir()) == []
     assert len(list(data.glob("*/*/*.dcm"))) == 2
+
+
+def test_reindex_of_a_readable_index_keeps_what_the_files_cannot_tell(tmp_path, engine):
+    """Only the rows the files tell are rebuilt (models.FROM_FILES); every other table keeps
+    its rows: users and tokens (still able to log in), the audit trail (its chain intact,
+    the reindex appended to it), the worklist and an MPPS step of it, a subscription and
+    the notifications it waits to send, the change feed; and a study's protection."""
+    data = tmp_path / "data"
+    study = make_study(tmp_path / "study", 3, size=32)
+    with Archive(data, fsync=False, index_url=engine) as archive:
+        archive.events.add(events.make("http://127.0.0.1:9/", ["instance.created"], "s" * 16))
+        for path in study:
+            archive.import_file(path)
+        archive.accounts(users.add, "ana", "admin", "a long enough password", write=True)
+        token = archive.accounts(users.issue_token, "ana", 30, write=True)[0]
+        archive.worklist.add({**WORKLIST_ITEM, "AccessionNumber": "A1"})
+        step = Dataset()
+        step.PerformedProcedureStepStatus = "IN PROGRESS"
+        step.ScheduledStepAttributesSequence = [Dataset()]
+        step.ScheduledStepAttributesSequence[0].AccessionNumber = "A1"
+        archive.worklist.create_step("1.2.3.4", step)
+        study_uid = pydicom.dcmread(study[0], stop_before_pixels=True).StudyInstanceUID
+        assert archive.retention.set_protected(study_uid, True, who="test")
+
+    tables = [model._meta.table_name for model in KEPT_BY_REINDEX]
+    before = {t: index_rows(data, f"SELECT * FROM {t} ORDER BY id", index=engine) for t in tables}
+    assert all(before[t] for t in ("webuser", "apitoken", "routeitem", "performedstep"))
+    instances = "SELECT sop_uid, path, size, sha256 FROM instance ORDER BY sop_uid"
+    files = index_rows(data, instances, index=engine)
+    index_rows(data, "UPDATE instance SET sha256 = 'stale'", index=engine)  # rebuilt below
+
+    result = minipacs("reindex", "--data", str(data), *index_args(engine))
+    assert "indexed: 3" in result.stdout
+
+    assert index_rows(data, instances, index=engine) == files
+    after = {t: index_rows(data, f"SELECT * FROM {t} ORDER BY id", index=engine) for t in tables}
+    grown = ("auditevent", "changefeed")  # the reindex's own event, its three creates
+    assert {t: after[t] for t in tables if t not in grown} == {
+        t: before[t] for t in tables if t not in grown
+    }
+    for table, more in (("auditevent", 1), ("changefeed", 3)):
+        assert after[table][: len(before[table])] == before[table]
+        assert len(after[table]) == len(before[table]) + more
+    with Archive(data, fsync=False, index_url=engine) as archive:
+        assert archive.verify_audit() == []
+        last = list(archive.audit_events())[-1]
+        assert (last.event, last.outcome) == ("reindex", "success")
+        assert last.who.endswith("(minipacs reindex)")
+        assert json.loads(last.detail) == {"indexed": 3, "problems": 0}
+        assert archive.accounts(users.by_password, "ana", "a long enough password")
+        assert archive.accounts(users.by_token, token) == ("ana", "admin")
+    protected = "SELECT protected FROM study WHERE study_uid = ?"
+    assert index_rows(data, protected, study_uid, index=engine) == [(True,)]

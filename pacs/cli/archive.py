@@ -88,8 +88,9 @@ def _upload(archive) -> int:
 @config_options
 def reindex(config_file: Path | None, **flags) -> None:
     """Rebuild the index from the files alone, or with an object store from the bucket and
-    the files still to upload (stop the server first); exit 3 when the store does not
-    answer."""
+    the files still to upload (stop the server first); what no file tells (the audit trail,
+    users, queues, the worklist…) is kept, and the reindex audited. Exit 3 when the store
+    does not answer."""
     archive = open_archive(config_file, **flags)
     if not archive.lock(exclusive=True):
         raise UsageFailure(f"a minipacs server is running on {archive.root}: stop it first")
@@ -101,7 +102,8 @@ def reindex(config_file: Path | None, **flags) -> None:
                 length=maintenance.count_files(objects), label="reindexing", file=sys.stderr
             ) as bar,
         ):
-            report = maintenance.reindex(lambda: bar.update(1), objects)
+            who = f"{getpass.getuser()} (minipacs reindex)"
+            report = maintenance.reindex(lambda: bar.update(1), objects, who)
     except StoreUnavailable as exc:
         click.echo(f"{exc}: run reindex again once it answers", err=True)
         sys.exit(ExitStatus.CONNECTION)
