@@ -3,12 +3,7 @@
 
     .venv/bin/python scripts/bench/dicomweb.py [--count 500] [--reps 20] [--json F]
 
-Both servers start empty. A --count-instance 512² CT study (make_study) is loaded into
-each with STOW-RS, 50 instances a request, one request at a time (the rate), then
---background small studies of their own patients (untimed). Then, on one keep-alive
-connection per server, the servers interleaved: WADO-RS series /metadata of the CT
-series (its first request, then warm), instances and /frames/1 of its instances in
-turn, and QIDO-RS searches, their answer counts checked.
+What it measures, how, and its targets: scripts/bench/README.md, section dicomweb.py.
 """
 
 import argparse
@@ -19,6 +14,11 @@ from pathlib import Path
 import harness as bench
 
 log = bench.log
+OPTIONS: bench.Options = {
+    "--count": (500, "instances of the CT study"),
+    "--background": (300, "small studies (≥ 8)"),
+    "--reps": (20, "timed runs of each request"),
+}
 DICOM = 'multipart/related; type="application/dicom"'
 FRAME = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 # Targets of the DICOMweb issue: series metadata of the 500-instance series.
@@ -60,11 +60,6 @@ def each(client: bench.Client, paths: list[str], accept: str) -> bench.Call:
     return call
 
 
-def search(client: bench.Client, path: str) -> bench.Call:
-    """A call for bench.interleaved: a QIDO-RS or metadata GET, its items counted."""
-    return lambda first: client.search(path)
-
-
 def scenario(opts: argparse.Namespace, root: Path) -> int:
     plugin = "Debian packages dcmtk, orthanc and orthanc-dicomweb"
     bench.require(("echoscu",), (bench.ORTHANC, bench.DICOMWEB_PLUGIN), plugin)
@@ -96,32 +91,30 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     first = [1000 * client.search(f"{series}/metadata")[0] for client in clients.values()]
     rows = [["series metadata, first request", opts.count, first[0], None, first[1], None]]
     requests = {  # name: (the call on a client, answers)
-        "series metadata": (lambda c: search(c, f"{series}/metadata"), opts.count),
+        "series metadata": (lambda c: c.searcher(f"{series}/metadata"), opts.count),
         "instance": (lambda c: each(c, instances, DICOM), None),
         "frame 1": (lambda c: each(c, frames, FRAME), None),
-        "QIDO-RS PatientID": (lambda c: search(c, "/studies?PatientID=SMALL-0-000007"), 1),
+        "QIDO-RS PatientID": (lambda c: c.searcher("/studies?PatientID=SMALL-0-000007"), 1),
         "QIDO-RS PatientName=SMALL^0000*": (
-            lambda c: search(c, "/studies?PatientName=SMALL^0000*"),
+            lambda c: c.searcher("/studies?PatientName=SMALL^0000*"),
             min(100, opts.background),
         ),
-        "QIDO-RS series of the CT study": (lambda c: search(c, f"/studies/{ct.study}/series"), 1),
+        "QIDO-RS series of the CT study": (lambda c: c.searcher(f"/studies/{ct.study}/series"), 1),
         "QIDO-RS instances of the CT series": (
-            lambda c: search(c, f"{series}/instances"),
+            lambda c: c.searcher(f"{series}/instances"),
             opts.count,
         ),
     }
     for name, (make, answers) in requests.items():
         found = bench.interleaved(opts.reps, {n: make(c) for n, c in clients.items()})
-        mp, orth = found["minipacs"], found["orthanc"]
-        wrong = [n for n, lat in found.items() if answers is not None and lat.answers != answers]
-        failed |= bool(wrong or mp.error or orth.error)
-        rows.append([name, answers, mp.p50, mp.p95, orth.p50, orth.p95])
-        rows[-1] += [bench.ratio(mp.p50, orth.p50), f"wrong: {', '.join(wrong)}" if wrong else "ok"]
+        cells, check = bench.side_by_side(found, answers)
+        failed |= check != "ok"
+        rows.append([name, answers, *cells, check])
         if name == "series metadata":
-            out.target("series metadata: minipacs warm p50 ms", mp.p50, METADATA_MS, False)
-            vs = bench.ratio(orth.p50, mp.p50)
+            out.target("series metadata: minipacs warm p50 ms", cells[0], METADATA_MS, False)
+            vs = bench.ratio(cells[2], cells[0])
             out.target("series metadata: orthanc p50 ÷ minipacs", vs, METADATA_VS_ORTHANC)
-    header = ["request", "answers", "minipacs p50", "p95", "orthanc p50", "p95", "ratio", "count"]
+    header = ["request", "answers", "minipacs p50", "p95", "orthanc p50", "p95", "ratio", "status"]
     title = f"WADO-RS and QIDO-RS, ms: {opts.reps} runs each (instances in turn), interleaved"
     out.table(title, header, rows)
     for client in clients.values():
@@ -131,13 +124,5 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     return out.finish(failed)
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=500, help="instances of the CT study")
-    parser.add_argument("--background", type=int, default=300, help="small studies (≥ 8)")
-    parser.add_argument("--reps", type=int, default=20, help="timed runs of each request")
-    return parser
-
-
 if __name__ == "__main__":
-    raise SystemExit(bench.main(parser(), scenario))
+    raise SystemExit(bench.main(__doc__, OPTIONS, scenario))

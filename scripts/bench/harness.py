@@ -402,13 +402,21 @@ def orthanc_version() -> str:
     return "Orthanc " + (result.stdout or result.stderr or "?").split("\n")[0].split()[-1]
 
 
+def poll(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    """`check()` every `every` s until it answers something true: that; BenchError
+    saying `what` did not happen once `timeout` s have passed."""
+    deadline = time.perf_counter() + timeout
+    while not (found := check()):
+        if time.perf_counter() > deadline:
+            raise BenchError(f"{what} not within {timeout:.0f} s")
+        time.sleep(every)
+    return found
+
+
 def wait_queryable(server: Server, count: int, timeout: float | None = None) -> float:
     """Poll every 10 ms until the server reports `count` instances; perf_counter() then."""
-    deadline = time.perf_counter() + (timeout or 60 + count / 10)
-    while (seen := server.count_queryable()) < count:
-        if time.perf_counter() > deadline:
-            raise BenchError(f"{server.name}: {seen} of {count} instances queryable in time")
-        time.sleep(0.01)
+    what = f"{server.name}: {count} instances queryable"
+    poll(lambda: server.count_queryable() >= count, timeout or 60 + count / 10, what, 0.01)
     return time.perf_counter()
 
 
@@ -675,6 +683,10 @@ class Client:
         answer = self.get(path, DICOM_JSON)
         return answer.seconds, len(json.loads(answer.body)) if answer.body else 0
 
+    def searcher(self, path: str) -> "Call":
+        """A call for `interleaved`: the search of `path`, its items counted."""
+        return lambda first: self.search(path)
+
     def close(self) -> None:
         self.conn.close()
 
@@ -692,6 +704,16 @@ def percentile(values: list[float], fraction: float) -> float | None:
 
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
+
+
+def side_by_side(found: dict[str, "Latency"], answers: int | None = None) -> tuple[list, str]:
+    """Two servers' timings of one request: [p50, p95 of each, ratio of the p50s], and
+    "ok" or what failed: an error, or answer counts other than `answers` (if given)."""
+    a, b = found.values()
+    wrong = ", ".join(name for name, lat in found.items() if answers not in (None, lat.answers))
+    failed = ", ".join(name for name, lat in found.items() if lat.error)
+    check = f"wrong: {wrong}" if wrong else f"failed: {failed}" if failed else "ok"
+    return [a.p50, a.p95, b.p50, b.p95, ratio(a.p50, b.p50)], check
 
 
 @dataclass
@@ -839,8 +861,27 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise Interrupted(f"signal {signum}")
 
 
+# A scenario's own options: flag → (default, help). The default's type parses a value;
+# a list default takes a comma-separated list: of its strings (kept in its order), or
+# of numbers of its items' type.
+Options = dict[str, tuple[Any, str]]
+
+
+def comma_list(default: list) -> Callable[[str], list]:
+    def comma_separated(text: str) -> list:
+        items = [item for item in text.split(",") if item]
+        if not isinstance(default[0], str):
+            return [type(default[0])(item) for item in items]
+        if not items or set(items) - set(default):
+            raise argparse.ArgumentTypeError(f"choose among {','.join(default)}")
+        return [item for item in default if item in items]
+
+    return comma_separated
+
+
 def main(
-    parser: argparse.ArgumentParser,
+    doc: str,
+    options: Options,
     scenario: Callable[[argparse.Namespace, Path], int],
     argv: list[str] | None = None,
 ) -> int:
@@ -848,7 +889,11 @@ def main(
     with root a new temporary folder; whatever happens, every child process is stopped
     and the folder deleted. The exit status is the scenario's, or 1 when a measurement
     failed, 2 when something it needs is missing, 130 when interrupted."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     add = parser.add_argument
+    for flag, (default, text) in options.items():
+        kind = comma_list(default) if isinstance(default, list) else type(default)
+        add(flag, type=kind, default=default, help=text)
     add("--json", nargs="?", const="-", metavar="PATH", help="also write the figures as JSON")
     add("--strict", action="store_true", help="exit 3 when a target is missed")
     add("--minipacs-rev", metavar="REV", help="run minipacs from `git archive REV`")

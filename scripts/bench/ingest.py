@@ -3,16 +3,7 @@
 
     .venv/bin/python scripts/bench/ingest.py [--loads x1,x4,x0,small,mixed,lag] [--json F]
 
-Each load runs against a fresh, empty server of each kind, sent by dcmtk storescu:
-- x1, x4: a CT study of --count 512² instances over 1 and over 4 associations;
-- x0: one association per instance (--x0-count storescu runs, one after another);
-- small: --small-studies studies of 1-4 64² instances over 4 associations;
-- mixed: 8 storescu × --mixed-per-assoc CT instances while 8 HTTP clients loop over
-  QIDO-RS, series metadata, WADO-RS and WADO-URI (rendered JPEG) of a preloaded study:
-  the rate under that load ÷ alone, failed stores, HTTP errors and web latency;
-- lag, on the x1 run: from each C-STORE Success to the instance being queryable.
-minipacs --no-fsync runs x1 and x4, like for like with storescp (no fsync, no index).
-Peak RSS is the largest sum of VmRSS over the server's process tree.
+What it measures, how, and its targets: scripts/bench/README.md, section ingest.py.
 """
 
 import argparse
@@ -51,6 +42,19 @@ REPEATED = ("x1", "x4", "x0")  # measured --repeats times a server, the servers 
 MIXED_RATIO = 0.70  # the rate under web load ÷ alone
 LAG_P99_MS = 1000.0
 RSS_MIB = 200.0
+OPTIONS: bench.Options = {
+    "--loads": (list(LOADS), ",".join(LOADS)),
+    "--servers": (list(RUNS), ",".join(RUNS)),
+    "--count": (500, "instances of the CT study (x1, x4, lag)"),
+    "--x0-count": (100, "storescu runs of x0, one instance each"),
+    "--repeats": (3, "runs of x1, x4 and x0 a server (medians)"),
+    "--small-studies": (2000, "studies of the small load"),
+    "--mixed-per-assoc": (30, "CT instances each mixed storescu sends"),
+    "--mixed-repeats": (3, "sends alone and under web load, each"),
+    "--mixed-preload": (50, "instances of the study the web reads"),
+    "--web-seconds": (4.0, "web latency measured without ingest"),
+    "--minipacs-args": ("", "more `minipacs serve` arguments (--minipacs-args=...)"),
+}
 
 
 @dataclass
@@ -263,10 +267,6 @@ class WebLoad:
         for thread in self.threads:
             thread.join(timeout=60)
 
-    def latency(self, start: float, end: float) -> dict[str, list[float | None]]:
-        """Per kind, of the requests started in [start, end): p50 and p99 ms."""
-        return self.latency_in([(start, end)])
-
     def latency_in(self, windows: list[tuple[float, float]]) -> dict[str, list[float | None]]:
         """Per kind, of the requests started in any of `windows`: p50 and p99 ms."""
         out = {}
@@ -298,7 +298,7 @@ def run_mixed(run: Run, server: bench.Server, data: Data, opts: argparse.Namespa
     alone_start = time.perf_counter()
     time.sleep(opts.web_seconds)
     web.stop()
-    web_alone = web.latency(alone_start, time.perf_counter())
+    web_alone = web.latency_in([(alone_start, time.perf_counter())])
     alone: list[bench.Sent] = []
     loaded: list[bench.Sent] = []
     windows: list[tuple[float, float]] = []
@@ -542,35 +542,5 @@ def _combined(group: list[Run]) -> Run:
     )
 
 
-def parse_list(text: str, choices: tuple[str, ...]) -> list[str]:
-    chosen = [item for item in text.split(",") if item]
-    if not chosen or set(chosen) - set(choices):
-        raise argparse.ArgumentTypeError(f"choose among {','.join(choices)}")
-    return [item for item in choices if item in chosen]
-
-
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    add("--loads", type=lambda t: parse_list(t, LOADS), default=list(LOADS), help=",".join(LOADS))
-    servers = tuple(RUNS)
-    add(
-        "--servers",
-        type=lambda t: parse_list(t, servers),
-        default=list(servers),
-        help=",".join(servers),
-    )
-    add("--count", type=int, default=500, help="instances of the CT study (x1, x4, lag)")
-    add("--x0-count", type=int, default=100, help="storescu runs of x0, one instance each")
-    add("--repeats", type=int, default=3, help="runs of x1, x4 and x0 a server (medians)")
-    add("--small-studies", type=int, default=2000, help="studies of the small load")
-    add("--mixed-per-assoc", type=int, default=30, help="CT instances each mixed storescu sends")
-    add("--mixed-repeats", type=int, default=3, help="sends alone and under web load, each")
-    add("--mixed-preload", type=int, default=50, help="instances of the study the web reads")
-    add("--web-seconds", type=float, default=4.0, help="web latency measured without ingest")
-    add("--minipacs-args", default="", help="more `minipacs serve` arguments (--minipacs-args=...)")
-    return parser
-
-
 if __name__ == "__main__":
-    raise SystemExit(bench.main(parser(), scenario))
+    raise SystemExit(bench.main(__doc__, OPTIONS, scenario))

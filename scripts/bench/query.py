@@ -3,13 +3,7 @@
 
     .venv/bin/python scripts/bench/query.py [--studies 2000] [--reps 20] [--json F]
 
-The corpus: --studies small studies (64², one CT, CR or US series, and an MR series in
-about half of them; ~1.5 studies a patient) and a 500-instance 512² CT study, imported
-into minipacs (`minipacs import`) and sent to Orthanc (storescu, 4 associations). Then,
-servers interleaved run by run: C-FIND with dcmtk findscu, the whole process (association
-included), at study level (PatientID; ModalitiesInStudy=MR), series level and image level
-(the CT study's 500 instances), the answer counts checked against the corpus; and C-MOVE
-of the CT study to dcmtk storescp (movescu, start to exit).
+What it measures, how, and its targets: scripts/bench/README.md, section query.py.
 """
 
 import argparse
@@ -24,6 +18,11 @@ from pathlib import Path
 import harness as bench
 
 log = bench.log
+OPTIONS: bench.Options = {
+    "--studies": (2000, "small studies of the corpus"),
+    "--reps": (20, "timed runs of each query"),
+    "--move-reps": (3, "timed C-MOVEs per server"),
+}
 SOP_CLASSES = {
     "CT": "1.2.840.10008.5.1.4.1.1.2",
     "CR": "1.2.840.10008.5.1.4.1.1.1",
@@ -134,15 +133,11 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     for name, (level, keys, answers) in queries.items():
         query = {"QueryRetrieveLevel": level, **keys}
         calls = {s.name: partial(bench.findscu, s, query, "-S") for s in servers}
-        found = bench.interleaved(opts.reps, calls)
-        mp, orth = found["minipacs"], found["orthanc"]
-        wrong = [s for s, lat in found.items() if lat.answers != answers]
-        failed |= bool(wrong or mp.error or orth.error)
-        vs = bench.ratio(mp.p50, orth.p50)
-        check = f"wrong: {', '.join(wrong)}" if wrong else "ok"
-        rows.append([name, level, answers, mp.p50, mp.p95, orth.p50, orth.p95, vs, check])
+        cells, check = bench.side_by_side(bench.interleaved(opts.reps, calls), answers)
+        failed |= check != "ok"
+        rows.append([name, level, answers, *cells, check])
         goal = FIND_GOAL.get(name, 1.0)
-        out.target(f"C-FIND {name}: minipacs p50 ÷ orthanc", vs, goal, higher=False)
+        out.target(f"C-FIND {name}: minipacs p50 ÷ orthanc", cells[-1], goal, higher=False)
     header = ["query", "level", "answers", "minipacs p50", "p95", "orthanc p50", "p95", "ratio"]
     title = f"C-FIND, findscu start to exit, ms ({opts.reps} runs each, servers interleaved)"
     out.table(title, [*header, "answer counts"], rows)
@@ -163,13 +158,5 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     return out.finish(failed)
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--studies", type=int, default=2000, help="small studies of the corpus")
-    parser.add_argument("--reps", type=int, default=20, help="timed runs of each query")
-    parser.add_argument("--move-reps", type=int, default=3, help="timed C-MOVEs per server")
-    return parser
-
-
 if __name__ == "__main__":
-    raise SystemExit(bench.main(parser(), scenario))
+    raise SystemExit(bench.main(__doc__, OPTIONS, scenario))

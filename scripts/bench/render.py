@@ -3,14 +3,7 @@
 
     .venv/bin/python scripts/bench/render.py [--repeat 50] [--cold 20] [--json F]
 
-Copies of a 512² 16-bit CT instance (make_study), each with its own SOP Instance UID,
-are imported into minipacs and uploaded to Orthanc (its DICOMweb plugin loaded). Then,
-on one keep-alive connection per endpoint, the endpoints interleaved: minipacs' WADO-RS
-/rendered (what the viewer asks for), Orthanc's core /instances/{id}/rendered and
-Orthanc's WADO-RS /rendered render PNG at full size and at 128×128: "cold", each request
-on an instance that server never rendered, and "warm", the same frame again with a new
-window every time. Last, minipacs' series /thumbnail (the viewer's series strip; Orthanc's
-plugin has none): its first request, then warm.
+What it measures, how, and its targets: scripts/bench/README.md, section render.py.
 """
 
 import argparse
@@ -19,6 +12,11 @@ import struct
 from pathlib import Path
 
 import harness as bench
+
+OPTIONS: bench.Options = {
+    "--repeat": (50, "warm requests per case"),
+    "--cold": (20, "cold requests (instances) per case"),
+}
 
 ENDPOINTS = ("minipacs", "orthanc core", "orthanc DICOMweb")
 # Targets of the rendering issue.
@@ -134,12 +132,5 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     return out.finish(failed or bool(warm.error))
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=50, help="warm requests per case")
-    parser.add_argument("--cold", type=int, default=20, help="cold requests (instances) per case")
-    return parser
-
-
 if __name__ == "__main__":
-    raise SystemExit(bench.main(parser(), scenario))
+    raise SystemExit(bench.main(__doc__, OPTIONS, scenario))

@@ -3,13 +3,7 @@
 
     .venv/bin/python scripts/bench/scale.py [--steps 0,10000,100000,1000000] [--json F]
 
-At each step: the ingest rate of --real real instances (dcmtk storescu, 2 associations),
-the p50 of a study search by PatientID with C-FIND (findscu, its process start included)
-and with QIDO-RS, the p50 of a 100-instance series' WADO-RS /metadata, and the index
-size. Between steps the index is grown with rows made through the models (no files: the
-searches and the metadata only read the index), studies of 10 instances, 2 a patient.
-Orthanc (SQLite, DICOMweb plugin) gets the same measurements at the steps it reaches by
-real C-STORE (it has no bulk path) within --orthanc-budget seconds.
+What it measures, how, and its targets: scripts/bench/README.md, section scale.py.
 """
 
 import argparse
@@ -44,6 +38,13 @@ GROWN_STUDY_SIZE, GROWN_STUDIES_PER_PATIENT = 10, 2
 INGEST_KEPT = 0.8  # of the rate at the first step
 SEARCH_MS = 50.0
 METADATA_MS = 100.0
+OPTIONS: bench.Options = {
+    "--steps": ([0, 10_000, 100_000, 1_000_000], "archive sizes to measure at"),
+    "--engines": (["sqlite", "postgresql"], "sqlite,postgresql"),
+    "--real": (5000, "real C-STORE instances a step (≥ 100)"),
+    "--reps": (30, "timed searches and metadata requests a step"),
+    "--orthanc-budget": (900.0, "seconds Orthanc has to grow (0: none)"),
+}
 
 
 def write_batch(folder: Path, tag: str, studies: int) -> list[Path]:
@@ -192,9 +193,9 @@ def _insert(rows: dict) -> None:
 # --------------------------------------------------------------------------- measuring
 
 
-def series_size(client: bench.Client, metadata: str) -> int:
+def whole_series(client: bench.Client, metadata: str) -> bool:
     answer = client.request("GET", metadata, {"Accept": bench.DICOM_JSON})
-    return len(json.loads(answer.body)) if answer.status == 200 else 0
+    return answer.status == 200 and len(json.loads(answer.body)) >= SERIES_SIZE
 
 
 def measure(server: bench.Server, batch: list[Path], reps: int, patients: int) -> list:
@@ -204,11 +205,8 @@ def measure(server: bench.Server, batch: list[Path], reps: int, patients: int) -
     for path in (batch[-1], batch[0]):  # indexing may follow Success: wait for both series
         head = dcmread(path, stop_before_pixels=True)
         metadata = f"/studies/{head.StudyInstanceUID}/series/{head.SeriesInstanceUID}/metadata"
-        deadline = time.monotonic() + 60
-        while series_size(client, metadata) < SERIES_SIZE:
-            if time.monotonic() > deadline:
-                raise bench.BenchError(f"{server.name}: the step's series not queryable in 60 s")
-            time.sleep(0.05)
+        whole = partial(whole_series, client, metadata)
+        bench.poll(whole, 60, f"{server.name}: the step's series queryable")
     rng = random.Random(len(batch) + patients)
     real = [dcmread(path, stop_before_pixels=True).PatientID for path in batch[::SERIES_SIZE]]
 
@@ -228,7 +226,7 @@ def measure(server: bench.Server, batch: list[Path], reps: int, patients: int) -
             raise bench.BenchError(f"QIDO-RS on {server.name}: no study of the patient")
         return seconds, studies
 
-    calls = {"C-FIND": cfind, "QIDO-RS": qido, "metadata": lambda first: client.search(metadata)}
+    calls = {"C-FIND": cfind, "QIDO-RS": qido, "metadata": client.searcher(metadata)}
     found = {name: bench.interleaved(reps, {name: call})[name] for name, call in calls.items()}
     client.close()
     if any(latency.error for latency in found.values()):
@@ -332,21 +330,5 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     return out.finish(failed)
 
 
-def numbers(text: str) -> list[int]:
-    return [int(number) for number in text.split(",")]
-
-
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add = parser.add_argument
-    steps = [0, 10_000, 100_000, 1_000_000]
-    add("--steps", type=numbers, default=steps, help="archive sizes to measure at")
-    add("--engines", type=lambda text: text.split(","), default=["sqlite", "postgresql"])
-    add("--real", type=int, default=5000, help="real C-STORE instances a step (≥ 100)")
-    add("--reps", type=int, default=30, help="timed searches and metadata requests a step")
-    add("--orthanc-budget", type=float, default=900, help="seconds Orthanc has to grow (0: none)")
-    return parser
-
-
 if __name__ == "__main__":
-    raise SystemExit(bench.main(parser(), scenario))
+    raise SystemExit(bench.main(__doc__, OPTIONS, scenario))

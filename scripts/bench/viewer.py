@@ -3,17 +3,7 @@
 
     .venv/bin/python scripts/bench/viewer.py [--count 500] [--repeat 5] [--json F]
 
-A --count-slice 512² CT series (make_study) and a one-slice warm-up study are imported
-into one data folder. Debian's Chromium, driven by Playwright, opens the study list in a
-new browser context (empty HTTP cache) and clicks the series' study, --repeat times, each
-against a freshly started minipacs (empty render cache, warmed up on the other study):
-the study list time is from the navigation's start to the first study row in the page,
-the first image from the click to the first exact frame drawn. Then wheel events over
-the image (one slice each) at --interval-ms through the whole series: frames drawn per
-second while they come, and how many slices were shown. Then a window/level drag over
-the image, 60 mouse moves a second for --drag-seconds: new renderings drawn per second.
-The viewer runs unchanged: an init script only wraps its view's `draw` (the debug API
-`globalThis.minipacsView`) and looks at what it shows on every animation frame.
+What it measures, how, and its targets: scripts/bench/README.md, section viewer.py.
 """
 
 import argparse
@@ -27,6 +17,12 @@ from typing import Any
 import harness as bench
 
 log = bench.log
+OPTIONS: bench.Options = {
+    "--count": (500, "slices of the series"),
+    "--repeat": (5, "study list and first image runs"),
+    "--interval-ms": (25.0, "between wheel events"),
+    "--drag-seconds": (2.5, "of the W/L drag"),
+}
 CHROMIUM = Path("/usr/bin/chromium")
 # Targets of the viewer issue.
 FIRST_IMAGE_MS = 300.0  # median, render cache cold
@@ -274,14 +270,5 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     return out.finish()
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=500, help="slices of the series")
-    parser.add_argument("--repeat", type=int, default=5, help="study list and first image runs")
-    parser.add_argument("--interval-ms", type=float, default=25.0, help="between wheel events")
-    parser.add_argument("--drag-seconds", type=float, default=2.5, help="of the W/L drag")
-    return parser
-
-
 if __name__ == "__main__":
-    raise SystemExit(bench.main(parser(), scenario))
+    raise SystemExit(bench.main(__doc__, OPTIONS, scenario))

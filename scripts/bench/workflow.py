@@ -1,16 +1,9 @@
 #!/usr/bin/env python3
-"""Workflow services: Modality Worklist C-FIND beside dcmtk's wlmscpfs; auto-routing
-beside C-MOVE of the same study.
+"""Workflow: Modality Worklist C-FIND beside wlmscpfs; auto-routing beside C-MOVE.
 
     .venv/bin/python scripts/bench/workflow.py [--items 10000] [--reps 20] [--instances 300]
 
-Worklist: the same seeded items go into minipacs (`minipacs worklist import`, CSV) and
-into wlmscpfs's folder as .wl files (made by the same storage.worklist.make_item); five
-queries run `findscu -W` (start to exit) --reps times against each, interleaved; the
-answer counts must agree. Routing: a study is stored into a minipacs whose one route
-points at a dcmtk storescp that is down, so every item waits; then storescp comes up and
-minipacs starts: the time until storescp holds every instance gives the forwarding rate,
-beside `movescu` of the same study from a minipacs without routes.
+What it measures, how, and its targets: scripts/bench/README.md, section workflow.py.
 """
 
 import argparse
@@ -27,6 +20,11 @@ import harness as bench
 
 from storage.worklist import make_item
 
+OPTIONS: bench.Options = {
+    "--items": (10_000, "worklist items"),
+    "--reps": (20, "timed runs of each query"),
+    "--instances": (300, "instances routed and moved"),
+}
 STATIONS = {"CT": ["CT01", "CT02"], "MR": ["MR01"], "US": ["US01"], "CR": ["CR01"]}
 STEP = "ScheduledProcedureStepSequence[0]"
 QUERIES = {
@@ -114,14 +112,13 @@ def worklist(root: Path, opts: argparse.Namespace, out: bench.Report) -> bool:
         query = {**dict.fromkeys(RETURN_KEYS, ""), **keys}
         calls = {s.name: partial(bench.findscu, s, query, "-W") for s in (minipacs, wlm)}
         found = bench.interleaved(opts.reps, calls)
-        mp, wl = found["minipacs"], found["wlmscpfs"]
-        differ |= mp.answers != wl.answers or bool(mp.error or wl.error)
-        answers = mp.answers if mp.answers == wl.answers else f"{mp.answers} ≠ {wl.answers}"
-        table.append([name, answers, mp.p50, mp.p95, wl.p50, wl.p95, bench.ratio(mp.p50, wl.p50)])
+        cells, check = bench.side_by_side(found, found["wlmscpfs"].answers)  # the same?
+        differ |= check != "ok"
+        table.append([name, found["minipacs"].answers, *cells, check])
     minipacs.stop()
     wlm.stop()
     title = f"Modality Worklist C-FIND, {opts.items:,} items, findscu -W start to exit, ms"
-    header = ["query", "answers", "minipacs p50", "p95", "wlmscpfs p50", "p95", "ratio"]
+    header = ["query", "answers", "minipacs p50", "p95", "wlmscpfs p50", "p95", "ratio", "status"]
     out.table(title, header, table)
     out.note(f"minipacs worklist import of the items: {imported:.1f} s")
     return differ
@@ -144,10 +141,8 @@ def routing(root: Path, opts: argparse.Namespace, out: bench.Report) -> None:
     storescp.start()
     started = time.perf_counter()
     startup = routed.start()
-    while bench.count_files(storescp.out) < len(files):
-        if time.perf_counter() - started > 600:
-            raise bench.BenchError("routing did not deliver every instance in 600 s")
-        time.sleep(0.05)
+    arrived = partial(bench.count_files, storescp.out)
+    bench.poll(lambda: arrived() >= len(files), 600, "routing: every instance delivered")
     routing_s = time.perf_counter() - started
     routed.stop()
     bench.minipacs_import(root / "mover-data", [root / "study"])
@@ -173,13 +168,5 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     return out.finish(differ)
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=10_000, help="worklist items")
-    parser.add_argument("--reps", type=int, default=20, help="timed runs of each query")
-    parser.add_argument("--instances", type=int, default=300, help="instances routed and moved")
-    return parser
-
-
 if __name__ == "__main__":
-    raise SystemExit(bench.main(parser(), scenario))
+    raise SystemExit(bench.main(__doc__, OPTIONS, scenario))
