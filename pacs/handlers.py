@@ -44,6 +44,7 @@ from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
 from storage.errors import OutOfResources
 from storage.errors import OverPixelBudget
+from storage.errors import SeriesConflict
 from storage.errors import StorageError
 from storage.errors import UIDMismatch
 from storage.recode import to_little_endian
@@ -63,6 +64,7 @@ NOT_AUTHORIZED = 0x0124  # PS3.7 C.5.25 Refused: Not Authorized (policy)
 STATUS_FOR = {
     OutOfResources: OUT_OF_RESOURCES,
     UIDMismatch: DATASET_MISMATCH,
+    SeriesConflict: DATASET_MISMATCH,  # its series is stored under another study
     InvalidDataset: CANNOT_UNDERSTAND,
     InvalidUID: CANNOT_UNDERSTAND,
     OverPixelBudget: CANNOT_UNDERSTAND,  # declares more pixel data than pixel_budget_mb
@@ -81,10 +83,10 @@ def handle_store(event: Event, archive: Archive, config: Config) -> int | Datase
     and check, and Success once durable and, within QUERYABLE_WAIT seconds, queryable:
     a client that stores and then queries over one association finds what it stored.
 
-    0x0000 stored; 0xA700 disk full; 0xA900 dataset UIDs differ from the request; 0xC000
-    does not parse, has an invalid UID or declares more pixel data than the budget; 0x0111
-    different bytes under a stored UID with policy `reject`; 0x0124 the association may
-    not store; 0x0110 any other failure.
+    0x0000 stored; 0xA700 disk full; 0xA900 dataset UIDs differ from the request, or its
+    series is stored under another study; 0xC000 does not parse, has an invalid UID or
+    declares more pixel data than the budget; 0x0111 different bytes under a stored UID
+    with policy `reject`; 0x0124 the association may not store; 0x0110 any other failure.
     Failures carry an ErrorComment.
     """
     request = event.request

@@ -63,6 +63,7 @@ from storage.errors import DuplicateRejected
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
 from storage.errors import OutOfResources
+from storage.errors import SeriesConflict
 from storage.errors import StorageError
 from storage.errors import StoreUnavailable
 from storage.errors import UIDMismatch
@@ -89,6 +90,7 @@ UNINDEXED = ".unindexed"  # journal entries the indexer could not read (never de
 FREE_TRUSTED = 0.25
 FREE_MARGIN = 512 << 20
 PREPARSED = 512  # entries parsed by idle DICOM workers kept for the indexer, at most
+SERIES_REMEMBERED = 4096  # series whose study a process remembers (_refuse_other_study)
 UID_NAMES = {
     SOP_CLASS_UID: "SOP Class UID",
     SOP_INSTANCE_UID: "SOP Instance UID",
@@ -173,6 +175,7 @@ class Archive:
         self.pixel_budget = pixel_budget
         self.disk_reserve = disk_reserve
         self._free_until = 0.0  # monotonic time until which the disk has room (_check_reserve)
+        self._series_studies: dict[str, str] = {}  # the study each series came with (accept)
         # Journal entries parsed by idle DICOM workers (storage.indexer.parse_ahead).
         self._preparsed: dict[str, tuple[ParsedInstance, str]] = {}
         self._preparsed_lock = threading.Lock()
@@ -463,6 +466,7 @@ class Archive:
             header = receipt.header(self.pixel_budget)
             uids = {tag: validate_uid(header.uid(tag), name) for tag, name in UID_NAMES.items()}
             _as_requested(uids[SOP_CLASS_UID], uids[SOP_INSTANCE_UID], sop_class_uid, sop_uid)
+            self._refuse_other_study(uids[SERIES_INSTANCE_UID], uids[STUDY_INSTANCE_UID])
             if self.duplicates == "reject":
                 self._refuse_different(uids[SOP_INSTANCE_UID], receipt)
             entry = self.journal.commit(receipt)
@@ -494,6 +498,22 @@ class Archive:
                 )
             if free > self.disk_reserve + FREE_MARGIN:
                 self._free_until = time.monotonic() + FREE_TRUSTED
+
+    def _refuse_other_study(self, series_uid: str, study_uid: str) -> None:
+        """SeriesConflict when the index files this series under another study. One index
+        read per series a process receives: the study a series arrived with is remembered,
+        and only an instance naming another one is looked up again (a series deleted and
+        sent again under a new study is accepted; one not indexed yet is the indexer's to
+        refuse, index.apply_row)."""
+        if self._series_studies.get(series_uid) == study_uid:
+            return
+        with db.connection_context():
+            stored = index.study_of_series(series_uid)
+        if stored is not None and stored != study_uid:
+            raise SeriesConflict(index.series_conflict(series_uid, stored, study_uid))
+        if len(self._series_studies) >= SERIES_REMEMBERED:
+            self._series_studies.clear()
+        self._series_studies[series_uid] = study_uid
 
     def _refuse_different(self, sop_uid: str, receipt: journal.Receipt) -> None:
         with db.connection_context():
@@ -552,13 +572,19 @@ class Archive:
                     fsync_path(folder)
             self.files.sync()  # and what is queued for the object store
             writes = [write for _, _, write in taken if write is not None]
-            done = iter(self.write(self._index_rows, writes) if writes else [])
+            try:
+                done = iter(self.write(self._index_rows, writes) if writes else [])
+            except SeriesConflict as exc:  # the one row refused (a batch logs each)
+                log.error("cannot index %s: %s", writes[0].row.parsed.sop_uid, exc)
+                done = iter([False])
             for entry, stored, write in taken:
                 if write is None or next(done):
                     metrics.stored(stored.size)
                     drop_cached(entry.path)
                     entry.path.unlink(missing_ok=True)
                 else:  # its row failed alone (logged): not for a retry every round
+                    if stored.outcome is Outcome.STORED:  # no row names the file placed
+                        (self.root / stored.path).unlink(missing_ok=True)
                     self._set_aside(entry.path, StorageError("its index row failed"))
         self.files.wake()
         return len(taken)

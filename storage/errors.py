@@ -26,6 +26,12 @@ class UIDMismatch(StorageError):
     """The dataset's SOP Class/Instance UID differ from what the request announced."""
 
 
+class SeriesConflict(UIDMismatch):
+    """The dataset's Series Instance UID is stored under another study: a series belongs to
+    one study (PS3.3 C.7.3.1), so filing it there would put the instance in a study its
+    own Study Instance UID does not name."""
+
+
 class DuplicateRejected(StorageError):
     """Different bytes arrived under a stored SOP Instance UID and the policy is `reject`."""
 

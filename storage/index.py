@@ -27,6 +27,7 @@ from storage import querytags
 from storage.dataset import ParsedInstance
 from storage.engine import is_sqlite
 from storage.errors import Refused
+from storage.errors import SeriesConflict
 from storage.models import AnyDatabase
 from storage.models import Instance
 from storage.models import Patient
@@ -208,7 +209,10 @@ class Statements:
         # SQLite has one writer at a time; PostgreSQL must lock the row it rewrites.
         for_update = "" if is_sqlite(database) else " FOR UPDATE"
         self.find_instance = f"SELECT id FROM instance WHERE sop_uid = {p}"
-        self.find_series = f"SELECT id, study_id FROM series WHERE series_uid = {p}"
+        self.find_series = (
+            f"SELECT series.id, series.study_id, study.study_uid FROM series "
+            f"JOIN study ON study.id = series.study_id WHERE series.series_uid = {p}"
+        )
         self.study_lists = (
             f"SELECT patient_id, modalities, sop_classes FROM study WHERE id = {p}{for_update}"
         )
@@ -318,7 +322,10 @@ def apply_row(
             database, series_uid=parsed.series_uid, study=study_id, **parsed.series
         )
     else:
-        (series_id, study_id), new_study, new_series = series, False, False
+        series_id, study_id, study_uid = series
+        if study_uid != parsed.study_uid:
+            raise SeriesConflict(series_conflict(parsed.series_uid, study_uid, parsed.study_uid))
+        new_study, new_series = False, False
     inserted = database.execute_sql(sql.insert_instance, (parsed.sop_uid, series_id, *values))
     if inserted.rowcount == 0:  # another writer indexed the same instance meanwhile
         return None
@@ -364,6 +371,23 @@ def _replaced_values(database: AnyDatabase, instance_id: int, tags: list | None)
     ).fetchone()
     for level, entity in (("IMAGE", instance_id), ("SERIES", series_id), ("STUDY", study_id)):
         querytags.refresh(database, level, [entity], tags)
+
+
+def series_conflict(series_uid: str, stored: str, arrived: str) -> str:
+    """First what an ErrorComment (64 characters) keeps, then the UIDs for the log."""
+    return f"series stored under another study: {series_uid} is in {stored}, not {arrived}"
+
+
+def study_of_series(series_uid: str) -> str | None:
+    """The Study Instance UID the index files a series under (None: not indexed)."""
+    row = (
+        Study.select(Study.study_uid)
+        .join(Series)
+        .where(Series.series_uid == series_uid)
+        .tuples()
+        .first()
+    )
+    return row[0] if row is not None else None
 
 
 def mark_replacing(sop_uid: str) -> None:

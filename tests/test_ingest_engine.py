@@ -12,6 +12,7 @@ from conftest import TEST_FILES
 from conftest import Server
 from conftest import run
 from conftest import storescu
+from dicom_files import dataset_bytes
 from make_study import make_study
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import generate_uid
@@ -303,3 +304,72 @@ def test_datasets_held_in_memory_or_spilled_to_the_file_are_stored_whole(server,
             with fp:
                 datasets.append(fp.read())
         assert datasets[0] == datasets[1], sizes
+
+
+def test_a_series_stored_under_another_study_is_refused(server, tmp_path):
+    """A series belongs to one study (PS3.3 C.7.3.1): an instance naming a stored series
+    but another study is refused with 0xA900 and a comment, on our own upper layer and on
+    pynetdicom's (an association that also queries), and nothing of it is filed."""
+    path, ds = fresh_ct(tmp_path)
+    storescu(server.port, path)
+    assert indexed(server, {ds.SOPInstanceUID}) == {ds.SOPInstanceUID}
+    strays = []
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(CTImageStorage)
+    for also_query in (False, True):
+        if also_query:
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        stray = pydicom.dcmread(CT)
+        stray.SeriesInstanceUID = ds.SeriesInstanceUID
+        stray.StudyInstanceUID, stray.SOPInstanceUID = generate_uid(), generate_uid()
+        strays.append(stray)
+        assoc = ae.associate("127.0.0.1", server.port, ae_title="MINIPACS")
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(stray)
+        finally:
+            assoc.release()
+        assert status.Status == 0xA900, also_query
+        assert status.ErrorComment.startswith("series stored under another study")
+    assert journal_left(server) == []
+    series = server.rows(
+        "SELECT num_instances FROM series WHERE series_uid = ?", ds.SeriesInstanceUID
+    )
+    assert series == [(1,)]
+    for stray in strays:
+        assert not (server.data / stray.StudyInstanceUID).exists()
+        assert server.rows("SELECT 1 FROM study WHERE study_uid = ?", stray.StudyInstanceUID) == []
+
+
+def test_the_indexer_sets_aside_a_series_another_receipt_filed_under_another_study(tmp_path):
+    """Receivers that meet a series before the indexer has filed it accept it: then the
+    indexer files the first study's instance and sets the others aside (kept in
+    `.unindexed`, nothing placed), in a batch and alone, and indexes on."""
+    from storage import Archive
+
+    archive = Archive(tmp_path / "data", fsync=False).open()
+    try:
+        entries, studies = [], []
+        series = generate_uid()
+        for _ in range(3):
+            ds = pydicom.dcmread(CT)
+            ds.SeriesInstanceUID = series
+            ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
+            studies.append(ds.StudyInstanceUID)
+            receipt = archive.receive(
+                ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "MODALITY", "::1"
+            )
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            ds.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
+            receipt.write(dataset_bytes(tmp_path / "ct.dcm"))
+            entries.append(archive.accept(receipt, ds.SOPClassUID, ds.SOPInstanceUID).path)
+        assert archive.index_entries(entries[:2]) == 2  # in one batch
+        assert archive.index_entries(entries[2:]) == 1  # alone: no exception, no retry loop
+        assert archive.catalog.stats()["instances"] == 1
+        aside = sorted(p.name for p in (archive.root / ".unindexed").iterdir())
+        assert aside == sorted(p.name for p in entries[1:])
+        assert [p for p in entries if p.exists()] == []
+        filed = [len(list((archive.root / study).glob("*/*.dcm"))) for study in studies]
+        assert filed == [1, 0, 0]
+    finally:
+        archive.close()
