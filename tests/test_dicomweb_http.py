@@ -519,3 +519,23 @@ def test_viewport_above_render_max_size_is_refused_before_rendering(server):
     status, headers, body = get(f"{url}?viewport=4096,64&accept=image/png")
     assert status == 200
     assert Image.open(io.BytesIO(body)).size == (64, 64)  # fits inside, aspect kept
+
+
+def test_stow_of_a_series_stored_under_another_study_fails_it(stow_server):
+    """A series belongs to one study: an instance naming a stored series under another
+    study fails (0xA900, 409) and is not filed, where C-STORE refuses it too."""
+    study_uid = generate_uid()
+    first, payload = new_instance(study_uid=study_uid)
+    assert post(stow_server, stow_body([payload]))[0] == 200
+    stray = pydicom.dcmread(io.BytesIO(payload))
+    stray.StudyInstanceUID = generate_uid()
+    stray.SOPInstanceUID = stray.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    buffer = io.BytesIO()
+    stray.save_as(buffer, enforce_file_format=True)
+    code, answer = post(stow_server, stow_body([buffer.getvalue()]))
+    assert code == 409
+    (failed,) = answer["00081198"]["Value"]
+    assert failed["00081197"]["Value"] == [0xA900]
+    assert indexed(stow_server, first) and not indexed(stow_server, stray.SOPInstanceUID)
+    assert not list((stow_server.data / stray.StudyInstanceUID).glob("*/*.dcm"))
+    assert incoming_files(stow_server) == []
