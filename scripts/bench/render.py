@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Server-side rendering: minipacs beside Orthanc, PNG at 512² and as 128² thumbnails.
+"""Server-side rendering: PNG at 512² and 128² beside Orthanc, series thumbnails, MPR.
 
-    .venv/bin/python scripts/bench/render.py [--repeat 50] [--cold 20] [--json F]
+    .venv/bin/python scripts/bench/render.py [--repeat 50] [--cold 20] [--mpr-slices 500]
 
 What it measures, how, and its targets: scripts/bench/README.md, section render.py.
 """
@@ -13,15 +13,22 @@ from pathlib import Path
 
 import harness as bench
 
+log = bench.log
 OPTIONS: bench.Options = {
     "--repeat": (50, "warm requests per case"),
     "--cold": (20, "cold requests (instances) per case"),
+    "--mpr-slices": (500, "slices of the MPR volume"),
+    "--mpr-cold": (3, "fresh servers for the first plane"),
 }
 
 ENDPOINTS = ("minipacs", "orthanc core", "orthanc DICOMweb")
-# Targets of the rendering issue.
-PNG512_VS_ORTHANC = 1.0  # minipacs warm p50 ÷ Orthanc core's
-PNG128_MS = 5.0  # minipacs warm p50
+PLANES = ("axial", "coronal", "sagittal")
+MPR_POSITIONS = 5  # cached planes: indices spread evenly from the first to the last
+# Targets of the viewer issue (19).
+PNG_VS_ORTHANC = 1.0  # minipacs warm p50 ÷ Orthanc core's, 512² and 128²
+THUMBNAIL_MS = 5.0  # series /thumbnail warm p50
+MPR_FIRST_MS = 2000.0  # …/mpr and the first plane, volume not cached: p95
+MPR_CACHED_MS = 150.0  # every plane once cached: p95 of each
 
 
 def path(endpoint: str, study: bench.StudyFiles, sop: str, size: int, window: tuple) -> str:
@@ -45,13 +52,18 @@ def renderer(client: bench.Client, endpoint: str, study, sops: list[str], size: 
         done.append(index)
         sop = sops[0] if warm else sops[index]
         window = (40 + index, 400 + 2 * index) if warm else (40, 400)
-        answer = client.get(path(endpoint, study, sop, size, window), "image/png")
-        png = answer.body[:8] == b"\x89PNG\r\n\x1a\n"
-        if not png or struct.unpack(">II", answer.body[16:24]) != (size, size):  # IHDR
-            raise bench.BenchError(f"{endpoint}: not a {size}² PNG: {answer.body[:24]!r}")
-        return answer.seconds, None
+        return png(client, path(endpoint, study, sop, size, window), (size, size)), None
 
     return call
+
+
+def png(client: bench.Client, url: str, size: tuple[int, int]) -> float:
+    """GET a rendered image: its seconds; raises unless it is a PNG of `size` (w, h)."""
+    answer = client.get(url, "image/png")
+    ihdr = struct.unpack(">II", answer.body[16:24]) if len(answer.body) >= 24 else None
+    if answer.body[:8] != b"\x89PNG\r\n\x1a\n" or ihdr != size:
+        raise bench.BenchError(f"{url[:80]}: not a {size} PNG: {answer.body[:24]!r}")
+    return answer.seconds
 
 
 def scenario(opts: argparse.Namespace, root: Path) -> int:
@@ -68,7 +80,10 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
         ds.InstanceNumber = number
         ds.save_as(root / "images" / f"{number:05d}.dcm", enforce_file_format=True)
     study = bench.read_study(sorted((root / "images").iterdir()))
-    bench.minipacs_import(root / "minipacs-data", [root / "images"])
+    log.info("writing the %d-slice MPR volume and a 3-slice warm-up one", opts.mpr_slices)
+    volume = bench.read_study(bench.make_study(root / "mpr" / "volume", opts.mpr_slices))
+    warmup = bench.read_study(bench.make_study(root / "mpr" / "warmup", 3, 64))
+    bench.minipacs_import(root / "minipacs-data", [root / "images", root / "mpr"])
     minipacs = bench.Minipacs(root / "minipacs", root / "minipacs-data")
     orthanc = bench.Orthanc(root / "orthanc", [bench.DICOMWEB_PLUGIN])
     minipacs.start()
@@ -102,13 +117,9 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
             vs = bench.ratio(found["minipacs"].p50, found["orthanc core"].p50)
             cells = [value for lat in found.values() for value in (lat.p50, lat.p95)]
             rows.append([f"PNG {size}²", mode, *cells, vs])
-            if mode == "warm" and size == 512:
+            if mode == "warm":  # Orthanc core's, measured in this run
                 out.target(
-                    "warm PNG 512²: minipacs p50 ÷ orthanc core", vs, PNG512_VS_ORTHANC, False
-                )
-            if mode == "warm" and size == 128:
-                out.target(
-                    "warm PNG 128²: minipacs p50 ms", found["minipacs"].p50, PNG128_MS, False
+                    f"warm PNG {size}²: minipacs p50 ÷ orthanc core", vs, PNG_VS_ORTHANC, False
                 )
     header = ["output", "mode", *(f"{e} {p}" for e in ENDPOINTS for p in ("p50", "p95"))]
     title = f"rendered PNG, ms: {opts.repeat} warm, {opts.cold} cold requests each"
@@ -125,11 +136,76 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
     out.table(
         title, ["server", "first", "warm p50", "p95"], [["minipacs", first, warm.p50, warm.p95]]
     )
-    for client in clients.values():
-        client.close()
+    out.target("series /thumbnail: minipacs warm p50 ms", warm.p50, THUMBNAIL_MS, False)
     minipacs.stop()
     orthanc.stop()
-    return out.finish(failed or bool(warm.error))
+    try:
+        failed |= bool(warm.error) | mpr(opts, root, [warmup, volume], out)
+    except (bench.BenchError, OSError) as exc:  # the figures above are still reported
+        log.error("MPR: %s", exc)
+        out.note(f"MPR failed: {str(exc)[:200]}")
+        failed = True
+    return out.finish(failed)
+
+
+def mpr(opts: argparse.Namespace, root: Path, volumes: list, out: bench.Report) -> bool:
+    """The MPR table and targets; whether a request failed. Each cold run is a fresh
+    server: the small volume's description and a plane (imports, the MPR code warmed
+    up), then the big one's (GET …/mpr: its plan from the index) and its middle axial
+    plane. The last server then serves cached planes, the three interleaved."""
+    names = ("GET …/mpr", "first plane (axial, middle)", "GET …/mpr + first plane")
+    cold = {name: bench.Latency() for name in names}
+    for number in range(opts.mpr_cold):
+        server = bench.Minipacs(root / f"minipacs-mpr-{number}", root / "minipacs-data")
+        server.start()
+        client = bench.Client(server.http_port)
+        for volume in volumes:  # the warm-up one first
+            base = f"/api/studies/{volume.study}/series/{volume.series}/mpr"
+            described = client.get(base, "application/json")
+            planes = json.loads(described.body)["planes"]
+            axial = f"{base}/axial/{planes['axial']['count'] // 2}?format=png&window=40,400"
+            seconds = png(client, axial, (planes["axial"]["width"], planes["axial"]["height"]))
+        times = (described.seconds, seconds, described.seconds + seconds)
+        for latency, took in zip(cold.values(), times, strict=True):
+            latency.runs_ms.append(1000 * took)
+        if number < opts.mpr_cold - 1:
+            server.stop()
+
+    def plane(name: str) -> bench.Call:
+        width, height, count = (planes[name][key] for key in ("width", "height", "count"))
+        spread = [round(i * (count - 1) / (MPR_POSITIONS - 1)) for i in range(MPR_POSITIONS)]
+        done: list[int] = []
+
+        def call(first: bool) -> tuple[float, None]:
+            n = len(done)
+            done.append(n)
+            window = f"{40 + n},{400 + 2 * n}"  # a new one each time: nothing rendered twice
+            path = f"{base}/{name}/{spread[n % MPR_POSITIONS]}?format=png&window={window}"
+            return png(client, path, (width, height)), None
+
+        return call
+
+    cached = bench.interleaved(opts.repeat, {name: plane(name) for name in PLANES})
+    server.stop()
+    rows = [
+        [f"{name}, volume not cached", opts.mpr_cold, lat.p50, lat.p95]
+        for name, lat in cold.items()
+    ]
+    for name, lat in cached.items():
+        size = f"{planes[name]['width']}×{planes[name]['height']}"
+        rows.append(
+            [f"{name} ({size}), cached, {MPR_POSITIONS} places", opts.repeat, lat.p50, lat.p95]
+        )
+    title = f"MPR of a {opts.mpr_slices}-slice 512² CT volume, PNG, ms (Orthanc has none)"
+    out.table(
+        title, ["request", "runs", "p50", "p95", "orthanc"], [[*row, "no peer"] for row in rows]
+    )
+    out.target(
+        "MPR …/mpr + first plane, not cached: p95 ms", cold[names[2]].p95, MPR_FIRST_MS, False
+    )
+    for name, lat in cached.items():
+        out.target(f"MPR {name} plane, cached: p95 ms", lat.p95, MPR_CACHED_MS, False)
+    return any(lat.error for lat in cached.values())
 
 
 if __name__ == "__main__":
