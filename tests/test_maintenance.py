@@ -12,19 +12,12 @@ from conftest import minipacs
 from conftest import minipacs as run_minipacs
 from make_study import make_study
 from pydicom.dataset import Dataset
+from test_schema import WORKLIST_ITEM
 
 from storage import Archive
 from storage import events
 from storage import users
 from storage.models import KEPT_BY_REINDEX
-
-WORKLIST_ITEM = {
-    "PatientID": "W1",
-    "PatientName": "Doe^Jane",
-    "Modality": "CT",
-    "ScheduledStationAETitle": "CT01",
-    "ScheduledProcedureStepStartDate": "20261205",
-}
 
 
 def test_import_reindex_verify_round_trip(tmp_path, engine):
