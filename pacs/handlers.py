@@ -40,6 +40,7 @@ from storage import query
 from storage.dataset import read_dataset
 from storage.dicomjson import json_to_bytes
 from storage.errors import DuplicateRejected
+from storage.errors import InstanceConflict
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
 from storage.errors import OutOfResources
@@ -65,6 +66,7 @@ STATUS_FOR = {
     OutOfResources: OUT_OF_RESOURCES,
     UIDMismatch: DATASET_MISMATCH,
     SeriesConflict: DATASET_MISMATCH,  # its series is stored under another study
+    InstanceConflict: DATASET_MISMATCH,  # stored under another series (duplicates = "reject")
     InvalidDataset: CANNOT_UNDERSTAND,
     InvalidUID: CANNOT_UNDERSTAND,
     OverPixelBudget: CANNOT_UNDERSTAND,  # declares more pixel data than pixel_budget_mb

@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 from typing import cast
@@ -60,12 +61,14 @@ from storage.engine import describe
 from storage.engine import is_sqlite
 from storage.engine import open_database
 from storage.errors import DuplicateRejected
+from storage.errors import InstanceConflict
 from storage.errors import InvalidDataset
 from storage.errors import InvalidUID
 from storage.errors import OutOfResources
 from storage.errors import SeriesConflict
 from storage.errors import StorageError
 from storage.errors import StoreUnavailable
+from storage.errors import UIDConflict
 from storage.errors import UIDMismatch
 from storage.files import CHUNK
 from storage.files import drop_cached
@@ -91,6 +94,7 @@ FREE_TRUSTED = 0.25
 FREE_MARGIN = 512 << 20
 PREPARSED = 512  # entries parsed by idle DICOM workers kept for the indexer, at most
 SERIES_REMEMBERED = 4096  # series whose study a process remembers (_refuse_other_study)
+PATH_UIDS = (STUDY_INSTANCE_UID, SERIES_INSTANCE_UID, SOP_INSTANCE_UID)  # instance_path's
 UID_NAMES = {
     SOP_CLASS_UID: "SOP Class UID",
     SOP_INSTANCE_UID: "SOP Instance UID",
@@ -351,10 +355,13 @@ class Archive:
             if write is not None:
                 try:
                     self.write(self._index_rows, [write])
-                except StorageError:
+                except StorageError as exc:
                     if stored.outcome is Outcome.STORED:  # no row: take the file back out
                         (self.root / stored.path).unlink(missing_ok=True)
-                    raise
+                    kept = _kept_instead(stored, exc, self.duplicates)
+                    if kept is None:
+                        raise
+                    stored = kept
             metrics.stored(stored.size)
             if self.files.synchronous and stored.outcome is not Outcome.KEPT:
                 self.files.upload_now(stored.sop_uid)  # storage_sync: in the bucket first
@@ -401,11 +408,11 @@ class Archive:
         )
         return stored, _RowWrite(row, event, outcome is not Outcome.DUPLICATE)
 
-    def _index_rows(self, writes: list["_RowWrite"]) -> list[bool]:
+    def _index_rows(self, writes: list["_RowWrite"]) -> list[Exception | None]:
         """Index rows, audit events, route items and event notifications, in the writer's
         transaction; each in a savepoint of its own, so one that fails does not take the
-        others with it."""
-        done = []
+        others with it. Each row's failure (None: indexed); a single row's is raised."""
+        done: list[Exception | None] = []
         changes = []
         subscribers = events.subscribers() if any(w.new for w in writes) else []
         tags = querytags.active(db)  # in this transaction: see storage.querytags
@@ -420,14 +427,13 @@ class Archive:
                         events.indexed(subscribers, action, write.row, self.events.options)
                 if action is not None:
                     changes.append(changefeed.indexed(action, write.row.parsed, write.event.who))
-                done.append(True)
+                done.append(None)
             except OperationalError:
                 raise  # the transaction itself is broken (disk full, lost lock): all fail
             except Exception as exc:
                 if len(writes) == 1:
                     raise
-                log.error("cannot index %s: %s", write.row.parsed.sop_uid, exc)
-                done.append(False)
+                done.append(exc)
         self.record(changes)
         return done
 
@@ -468,7 +474,8 @@ class Archive:
             _as_requested(uids[SOP_CLASS_UID], uids[SOP_INSTANCE_UID], sop_class_uid, sop_uid)
             self._refuse_other_study(uids[SERIES_INSTANCE_UID], uids[STUDY_INSTANCE_UID])
             if self.duplicates == "reject":
-                self._refuse_different(uids[SOP_INSTANCE_UID], receipt)
+                rel = instance_path(*(uids[tag] for tag in PATH_UIDS))
+                self._refuse_different(uids[SOP_INSTANCE_UID], rel, receipt)
             entry = self.journal.commit(receipt)
         except OSError as exc:
             receipt.discard()
@@ -515,7 +522,8 @@ class Archive:
             self._series_studies.clear()
         self._series_studies[series_uid] = study_uid
 
-    def _refuse_different(self, sop_uid: str, receipt: journal.Receipt) -> None:
+    def _refuse_different(self, sop_uid: str, rel: str, receipt: journal.Receipt) -> None:
+        """Policy `reject`: refuse different bytes, or the instance stored elsewhere."""
         with db.connection_context():
             row = (
                 Instance.select(Instance.sha256, Instance.path)
@@ -525,6 +533,8 @@ class Archive:
             )
         if row is None:
             return
+        if row[1] != rel:
+            raise index.instance_conflict(sop_uid, row[1], rel)
         try:
             stored = self.files.local(self.root / row[1])
         except StorageError:  # not at hand (object store): the indexer decides
@@ -573,18 +583,22 @@ class Archive:
             self.files.sync()  # and what is queued for the object store
             writes = [write for _, _, write in taken if write is not None]
             try:
-                done = iter(self.write(self._index_rows, writes) if writes else [])
-            except SeriesConflict as exc:  # the one row refused (a batch logs each)
-                log.error("cannot index %s: %s", writes[0].row.parsed.sop_uid, exc)
-                done = iter([False])
+                failures = iter(self.write(self._index_rows, writes) if writes else [])
+            except UIDConflict as exc:  # the one row refused
+                failures = iter([exc])
             for entry, stored, write in taken:
-                if write is None or next(done):
+                failed = next(failures) if write is not None else None
+                if failed is None:
                     metrics.stored(stored.size)
                     drop_cached(entry.path)
                     entry.path.unlink(missing_ok=True)
-                else:  # its row failed alone (logged): not for a retry every round
-                    if stored.outcome is Outcome.STORED:  # no row names the file placed
-                        (self.root / stored.path).unlink(missing_ok=True)
+                    continue
+                if stored.outcome is Outcome.STORED:  # no row names the file placed
+                    (self.root / stored.path).unlink(missing_ok=True)
+                if _kept_instead(stored, failed, self.duplicates) is not None:
+                    entry.path.unlink(missing_ok=True)
+                else:  # its row failed alone: not for a retry every round
+                    log.error("cannot index %s: %s", stored.sop_uid, failed)
                     self._set_aside(entry.path, StorageError("its index row failed"))
         self.files.wake()
         return len(taken)
@@ -752,10 +766,11 @@ class Archive:
         if final.exists():
             return None
         with db.connection_context():
-            query = Instance.select(Instance.sha256).where(Instance.sop_uid == final.stem)
-            recorded = query.scalar()
-        if recorded is None:
+            query = Instance.select(Instance.sha256, Instance.path)
+            found = query.where(Instance.sop_uid == final.stem).tuples().first()
+        if found is None or self.root / found[1] != final:  # elsewhere: for the index
             return None
+        recorded = found[0]
         if recorded == sha:  # the same bytes: they become the local copy
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, final)
@@ -801,6 +816,24 @@ class Archive:
     def pending_writes(self) -> int:
         """Index writes queued for the writer (a metric: a growing queue is a slow disk)."""
         return self._writer.pending() if self._writer is not None else 0
+
+
+def _kept_instead(stored: Stored, exc: BaseException, policy: str) -> Stored | None:
+    """Policy `keep` for an instance stored under another series or study: the stored one
+    stays and the arrival is discarded, as one with different bytes (Outcome.KEPT, named
+    where it is kept). None: `exc` is a failure."""
+    if not isinstance(exc, InstanceConflict) or policy != "keep":
+        return None
+    log.warning("kept stored %s: %s", stored.sop_uid, exc)
+    study_uid, series_uid, _ = exc.stored.split("/")
+    return replace(
+        stored,
+        outcome=Outcome.KEPT,
+        path=exc.stored,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        size=0,
+    )
 
 
 def _as_requested(found_class: str, found_uid: str, sop_class_uid: str, sop_uid: str) -> None:

@@ -26,10 +26,25 @@ class UIDMismatch(StorageError):
     """The dataset's SOP Class/Instance UID differ from what the request announced."""
 
 
-class SeriesConflict(UIDMismatch):
+class UIDConflict(UIDMismatch):
+    """The dataset's UIDs contradict what the archive holds (0xA900, as a mismatch with
+    the request): the indexer sets such an instance aside instead of filing it."""
+
+
+class SeriesConflict(UIDConflict):
     """The dataset's Series Instance UID is stored under another study: a series belongs to
     one study (PS3.3 C.7.3.1), so filing it there would put the instance in a study its
     own Study Instance UID does not name."""
+
+
+class InstanceConflict(UIDConflict):
+    """The dataset's SOP Instance UID is stored under another series or study (a re-sent
+    instance with edited UIDs): moving it is no replacement of its bytes, so only policy
+    `keep` takes it, by keeping the stored one. `stored` is the stored one's path."""
+
+    def __init__(self, message: str, stored: str) -> None:
+        super().__init__(message)
+        self.stored = stored
 
 
 class DuplicateRejected(StorageError):

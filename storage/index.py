@@ -26,8 +26,10 @@ from typing import cast
 from storage import querytags
 from storage.dataset import ParsedInstance
 from storage.engine import is_sqlite
+from storage.errors import InstanceConflict
 from storage.errors import Refused
 from storage.errors import SeriesConflict
+from storage.errors import UIDConflict
 from storage.models import AnyDatabase
 from storage.models import Instance
 from storage.models import Patient
@@ -173,7 +175,7 @@ class IndexWriter:
             if _sqlstate(exc) in RETRYABLE:
                 raise  # the whole batch must roll back to release its locks
             job.error = _cause(exc)
-            if not isinstance(job.error, Refused):
+            if not isinstance(job.error, Refused | UIDConflict):  # the caller's to log
                 log.error("index write failed: %s", job.error)
 
 
@@ -208,7 +210,7 @@ class Statements:
         p = database.param
         # SQLite has one writer at a time; PostgreSQL must lock the row it rewrites.
         for_update = "" if is_sqlite(database) else " FOR UPDATE"
-        self.find_instance = f"SELECT id FROM instance WHERE sop_uid = {p}"
+        self.find_instance = f"SELECT id, path FROM instance WHERE sop_uid = {p}"
         self.find_series = (
             f"SELECT series.id, series.study_id, study.study_uid FROM series "
             f"JOIN study ON study.id = series.study_id WHERE series.series_uid = {p}"
@@ -291,7 +293,9 @@ def apply_row(
 ) -> str | None:
     """Insert or update one instance and maintain the counts above it and the values of
     extended query tags (`tags`: querytags.active, read here when None); what changed, in
-    the change feed's words: "create", "update" (a replace), None (already there)."""
+    the change feed's words: "create", "update" (a replace), None (already there).
+    InstanceConflict when the instance is stored at another path (another series or
+    study), SeriesConflict when its series is stored under another study."""
     parsed = row.parsed
     found = database.execute_sql(sql.find_instance, (parsed.sop_uid,)).fetchone()
     values = (
@@ -306,6 +310,7 @@ def apply_row(
         parsed.json,
     )
     if found is not None:
+        _same_place(parsed.sop_uid, found[1], row.path)
         if row.replace:
             database.execute_sql(sql.replace_instance, (*values, found[0]))
             _replaced_values(database, found[0], tags)
@@ -328,6 +333,8 @@ def apply_row(
         new_study, new_series = False, False
     inserted = database.execute_sql(sql.insert_instance, (parsed.sop_uid, series_id, *values))
     if inserted.rowcount == 0:  # another writer indexed the same instance meanwhile
+        found = database.execute_sql(sql.find_instance, (parsed.sop_uid,)).fetchone()
+        _same_place(parsed.sop_uid, found[1], row.path)
         return None
     database.execute_sql(sql.count_series, (series_id,))
     patient_id, modalities, sop_classes = database.execute_sql(
@@ -349,7 +356,7 @@ def apply_row(
     database.execute_sql(sql.count_patient, (int(new_series), int(new_study), patient_id))
     tags = querytags.active(database) if tags is None else tags
     if tags:
-        (instance_id,) = database.execute_sql(sql.find_instance, (parsed.sop_uid,)).fetchone()
+        instance_id = database.execute_sql(sql.find_instance, (parsed.sop_uid,)).fetchone()[0]
         querytags.index_instance(
             database, tags, parsed.json, instance_id,
             series_id if new_series else None, study_id if new_study else None,
@@ -376,6 +383,22 @@ def _replaced_values(database: AnyDatabase, instance_id: int, tags: list | None)
 def series_conflict(series_uid: str, stored: str, arrived: str) -> str:
     """First what an ErrorComment (64 characters) keeps, then the UIDs for the log."""
     return f"series stored under another study: {series_uid} is in {stored}, not {arrived}"
+
+
+def instance_conflict(sop_uid: str, stored: str, arrived: str) -> InstanceConflict:
+    """An instance stored at `stored` arrived for `arrived` (paths): first what an
+    ErrorComment (64 characters) keeps, then the UIDs for the log."""
+    return InstanceConflict(
+        f"instance stored in another series; delete it first: {sop_uid} is at {stored}, "
+        f"not {arrived}",
+        stored,
+    )
+
+
+def _same_place(sop_uid: str, stored: str, arrived: str) -> None:
+    """A row found for an instance is this file's only where it names the same path."""
+    if stored != arrived:
+        raise instance_conflict(sop_uid, stored, arrived)
 
 
 def study_of_series(series_uid: str) -> str | None:

@@ -5,6 +5,7 @@ import socket
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import pydicom
 import pytest
@@ -356,13 +357,7 @@ def test_the_indexer_sets_aside_a_series_another_receipt_filed_under_another_stu
             ds.SeriesInstanceUID = series
             ds.StudyInstanceUID, ds.SOPInstanceUID = generate_uid(), generate_uid()
             studies.append(ds.StudyInstanceUID)
-            receipt = archive.receive(
-                ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "MODALITY", "::1"
-            )
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            ds.save_as(tmp_path / "ct.dcm", enforce_file_format=True)
-            receipt.write(dataset_bytes(tmp_path / "ct.dcm"))
-            entries.append(archive.accept(receipt, ds.SOPClassUID, ds.SOPInstanceUID).path)
+            entries.append(accepted(archive, ds, tmp_path))
         assert archive.index_entries(entries[:2]) == 2  # in one batch
         assert archive.index_entries(entries[2:]) == 1  # alone: no exception, no retry loop
         assert archive.catalog.stats()["instances"] == 1
@@ -373,3 +368,91 @@ def test_the_indexer_sets_aside_a_series_another_receipt_filed_under_another_stu
         assert filed == [1, 0, 0]
     finally:
         archive.close()
+
+
+def accepted(archive, ds: "pydicom.Dataset", folder) -> Path:
+    """Receive `ds` as a C-STORE receiver does, in process: its journal entry."""
+    receipt = archive.receive(
+        ds.SOPClassUID, ds.SOPInstanceUID, ExplicitVRLittleEndian, "MODALITY", "::1"
+    )
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(folder / "ct.dcm", enforce_file_format=True)
+    receipt.write(dataset_bytes(folder / "ct.dcm"))
+    return archive.accept(receipt, ds.SOPClassUID, ds.SOPInstanceUID).path
+
+
+def moved(ds: "pydicom.Dataset", study: bool = False) -> "pydicom.Dataset":
+    """`ds` re-sent under a new Series (and Study) Instance UID, its SOP Instance UID kept."""
+    again = pydicom.dcmread(CT)
+    again.StudyInstanceUID = generate_uid() if study else ds.StudyInstanceUID
+    again.SeriesInstanceUID = generate_uid()
+    again.SOPInstanceUID = again.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return again
+
+
+@pytest.mark.parametrize("policy", ["keep", "reject", "replace"])
+def test_an_instance_sent_again_under_another_series_leaves_no_orphan(tmp_path, policy):
+    """An instance stored once and sent again with another Series Instance UID (or Study)
+    is never filed twice: `keep` keeps the stored one and drops the arrival, `reject`
+    refuses it (0xA900: on receipt once indexed, else the indexer sets it aside), `replace`
+    sets it aside (a move is no replacement of bytes); a new instance beside is indexed."""
+    from storage import Archive
+    from storage.errors import InstanceConflict
+
+    archive = Archive(tmp_path / "data", fsync=False, duplicates=policy).open()
+    try:
+        _, ds = fresh_ct(tmp_path)
+        _, fresh = fresh_ct(tmp_path)
+        first = accepted(archive, ds, tmp_path)
+        if policy == "reject":  # both acknowledged before the first is indexed
+            again = accepted(archive, moved(ds, study=True), tmp_path)
+            assert archive.index_entries([first, again, accepted(archive, fresh, tmp_path)]) == 3
+            with pytest.raises(InstanceConflict, match="^instance stored in another series"):
+                accepted(archive, moved(ds), tmp_path)  # indexed: refused on receipt
+        else:
+            assert archive.index_entries([first]) == 1
+            again = accepted(archive, moved(ds), tmp_path)
+            assert archive.index_entries([again, accepted(archive, fresh, tmp_path)]) == 2
+        assert archive.catalog.stats()["instances"] == 2
+        stored = archive.root / ds.StudyInstanceUID / ds.SeriesInstanceUID
+        stored /= f"{ds.SOPInstanceUID}.dcm"
+        assert list(archive.root.glob(f"*/*/{ds.SOPInstanceUID}.dcm")) == [stored]
+        assert archive.catalog.instance_file(ds.SOPInstanceUID) == stored
+        aside = [p.name for p in (archive.root / ".unindexed").glob("*")]
+        assert aside == ([] if policy == "keep" else [again.name])
+        assert list((archive.root / ".queue").iterdir()) == []
+    finally:
+        archive.close()
+
+
+def test_import_of_an_instance_stored_under_another_series(tmp_path):
+    """Import (and STOW-RS, the same ingest) of an instance stored under another series:
+    `keep` answers kept, named where it is stored, and files nothing; `reject` fails it
+    with InstanceConflict (a UIDMismatch: 0xA900 in STOW-RS) and files nothing."""
+    from storage import Archive
+    from storage.archive import Outcome
+    from storage.errors import InstanceConflict
+    from storage.errors import UIDMismatch
+
+    for policy in ("keep", "reject"):
+        archive = Archive(tmp_path / policy, fsync=False, duplicates=policy).open()
+        try:
+            path, ds = fresh_ct(tmp_path)
+            assert archive.import_file(path).outcome is Outcome.STORED
+            again = moved(ds, study=True)
+            again.save_as(tmp_path / "again.dcm", enforce_file_format=True)
+            if policy == "keep":
+                kept = archive.import_file(tmp_path / "again.dcm")
+                assert kept.outcome is Outcome.KEPT
+                assert (kept.study_uid, kept.series_uid) == (
+                    ds.StudyInstanceUID,
+                    ds.SeriesInstanceUID,
+                )
+            else:
+                with pytest.raises(InstanceConflict) as refused:
+                    archive.import_file(tmp_path / "again.dcm")
+                assert isinstance(refused.value, UIDMismatch)
+            filed = archive.root.glob(f"*/*/{ds.SOPInstanceUID}.dcm")
+            assert [p.parent.name for p in filed] == [ds.SeriesInstanceUID]
+        finally:
+            archive.close()
