@@ -6,6 +6,7 @@ import csv
 import gzip
 import hashlib
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -17,9 +18,11 @@ import requests
 from conftest import TEST_FILES
 from conftest import Server
 from conftest import add_user
+from conftest import children
 from conftest import import_files
 from conftest import index_args
 from conftest import minipacs
+from conftest import wait_until
 from make_study import make_study
 from PIL import Image
 
@@ -308,3 +311,78 @@ def test_export_job_over_http(archive, request):
     assert call(server, "GET", f"/api/exports/{job}").status_code == 404
     bad = call(server, "POST", "/api/exports", json={"query": {"Modality": "MR"}})
     assert (bad.status_code, bad.json()["error"]) == (400, "no stored instance matches the query")
+
+
+# -- A bounded disk: an export stops before it eats the room ingest needs -----------------
+
+
+def test_an_export_stops_before_the_disk_holds_less_than_the_reserve(archive):
+    """Into the archive's disk an export leaves `disk_reserve_mb` and a margin free: with
+    a reserve larger than the disk it stops before its first file (exit 1, the reason, no
+    file, no manifest); with room the same folder goes on."""
+    if archive["engine"]:
+        pytest.skip("nothing here depends on the index engine: SQLite only")
+    out = archive["root"] / "no-room"
+    reserve = 1 << 30  # MiB: a pebibyte
+    stopped = archive["cli"](
+        "export", "--to", str(out), f"PatientID={PATIENT}",
+        env={"MINIPACS_DISK_RESERVE_MB": str(reserve)}, check=False,
+    )  # fmt: skip
+    assert stopped.returncode == 1, stopped.stderr
+    assert f"export: stopped: under {reserve + 256} MiB free on {out}" in stopped.stdout
+    assert "exported: 0" in stopped.stdout
+    assert "Traceback" not in stopped.stderr
+    assert not list(out.rglob("*.dcm")) and not (out / "manifest.csv").exists()
+    resumed = archive["cli"]("export", "--to", str(out), "--resume")
+    assert "instances: 9  exported: 9  already done: 0  volumes: 0  problems: 0" in resumed.stdout
+    assert len(manifest(out)) == 9
+
+
+def test_a_full_disk_stops_an_export_job_and_ingest_goes_on(archive, request, tmp_path):
+    """A write that finds no room (EFBIG under RLIMIT_FSIZE, the "no room" errno a test
+    can cause without root, as in test_faults) stops the job: failed, with the reason; the
+    files before it kept, the manifest naming only those; audited as a failure; and the
+    server goes on storing."""
+    if archive["engine"]:
+        pytest.skip("the jobs use the index as the command does (tested on both): SQLite only")
+    server = request.getfixturevalue("server")
+    small, other, big = make_study(tmp_path / "full", 3, size=64, patient_id="EXPORT-FULL")
+    ds = pydicom.dcmread(big)  # instance 3, exported last: 2 MiB of pixels
+    ds.Rows = ds.Columns = 1024
+    ds.PixelData = np.zeros((1024, 1024), np.int16).tobytes()
+    ds.save_as(big, enforce_file_format=True)
+    minipacs("send", "--port", str(server.port), str(tmp_path / "full"))
+    limit = 3 << 19  # 1.5 MiB: over the index's files, under the big instance
+    pids = {server.proc.pid, *children(server.proc.pid)}
+    for pid in pids:
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    try:
+        body = {"query": {"PatientID": "EXPORT-FULL"}, "formats": ["dicom"]}
+        job = call(server, "POST", "/api/exports", json=body).json()["id"]
+        state = finished(server, job)
+        assert state["state"] == "failed", state
+        assert state["error"].startswith("stopped: no space left on "), state
+        assert state["summary"]["exported"] == 2
+        listing = call(server, "GET", f"/api/exports/{job}/files").json()
+        written = sorted(f["path"] for f in listing if f["path"].endswith(".dcm"))
+        got = call(server, "GET", f"/api/exports/{job}/files/manifest.csv")
+        rows = list(csv.DictReader(got.text.splitlines()))
+        assert sorted(r["dicom"] for r in rows) == written and len(written) == 2
+        for row in rows:
+            dicom = call(server, "GET", f"/api/exports/{job}/files/{row['dicom']}")
+            assert hashlib.sha256(dicom.content).hexdigest() == row["sha256"]
+        assert {r["SOPInstanceUID"] for r in rows} == {
+            pydicom.dcmread(p).SOPInstanceUID for p in (small, other)
+        }
+        sql = "SELECT outcome FROM auditevent WHERE event = 'export' AND who LIKE ?"
+        outcomes = wait_until(lambda: server.rows(sql, f"% (export job {job})"))
+        assert outcomes[0][0].startswith("failure: stopped: no space left"), outcomes
+        later = make_study(tmp_path / "later", 1, size=64, patient_id="EXPORT-FULL")
+        minipacs("send", "--port", str(server.port), *map(str, later))
+    finally:
+        for pid in pids:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    found = minipacs(
+        "find", "--port", str(server.port), "-L", "IMAGE", "PatientID=EXPORT-FULL", "SOPInstanceUID"
+    )
+    assert pydicom.dcmread(later[0]).SOPInstanceUID in found.stdout

@@ -21,6 +21,12 @@ gets a line once it is; a re-run with the same query and options skips what is d
 state files hold no query values and no original UIDs (the plan lists index ids and the
 exported SOP Instance UIDs), so a de-identified export holds nothing that links it back.
 At the end the manifest is written and every row checked: counts, files, SHA-256.
+
+Bounded on disk: before each file the destination's free space is read, and a run stops
+(`Outcome.stopped`) rather than leave less than a reserve: on the archive's own disk its
+`disk_reserve_mb` plus MARGIN, so C-STORE keeps room after an export; on another disk
+FLOOR. A disk that fills anyway (ENOSPC, EDQUOT) stops it the same way. What is done
+stays done: a re-run once there is room goes on.
 """
 
 import csv
@@ -44,7 +50,6 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 from typing import BinaryIO
-from typing import TextIO
 
 import numpy as np
 from pydicom.datadict import dictionary_VR
@@ -84,6 +89,8 @@ PARTIAL = ".partial"  # files being written, renamed into place once whole
 STAGE = ".stage"  # DICOM files kept only for the NIfTI and PNG steps (no "dicom" format)
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 DCM2NIIX = "dcm2niix"
+MARGIN = 256 << 20  # free bytes an export leaves on the archive's disk beyond its reserve
+FLOOR = 64 << 20  # free bytes an export leaves on any other disk
 
 
 class ExportError(ValueError):
@@ -92,6 +99,11 @@ class ExportError(ValueError):
 
 class NothingSelected(ExportError):
     """The query selects no instance."""
+
+
+class DiskFull(Exception):
+    """Writing on would leave the destination under its reserve, or it is full: the run
+    stops (not a ValueError: no single instance is to blame)."""
 
 
 @dataclass(frozen=True)
@@ -259,7 +271,8 @@ def _write_state(folder: Path, plan: Plan) -> None:
 
 @dataclass
 class Outcome:
-    """What a run did; `problems` are (what, why) pairs, `cancelled` a run stopped early."""
+    """What a run did; `problems` are (what, why) pairs, `cancelled` a run stopped early
+    on request, `stopped` why one stopped for want of disk space."""
 
     total: int = 0
     exported: int = 0
@@ -268,6 +281,7 @@ class Outcome:
     problems: list[tuple[str, str]] = field(default_factory=list)
     notes: list[tuple[str, str]] = field(default_factory=list)
     cancelled: bool = False
+    stopped: str = ""
 
     def summary(self) -> dict[str, int]:
         return {
@@ -291,14 +305,19 @@ class Export:
         profile: deidentify.Profile | None,
         who: str,
         pixel_budget: int | None = None,
+        disk_reserve: int = 0,
     ) -> None:
+        """`disk_reserve`: the bytes C-STORE keeps free on the archive's disk
+        (`disk_reserve_mb`); an export into that disk leaves MARGIN more."""
         self.archive, self.folder, self.plan, self.profile = archive, folder, plan, profile
         self.options = plan.options
         self.who = who
         self.pixel_budget = pixel_budget
+        self.disk_reserve = disk_reserve
+        self.reserve = FLOOR  # set by `run` once the folder is there
         self.cache = render.FrameCache(0)  # each frame is rendered once: nothing to keep
         self.studies: dict[tuple[str, str], int] = {}  # (Patient ID, study) → exported now
-        self.log: TextIO | None = None  # the folder's log, open while a run exports
+        self.log: BinaryIO | None = None  # the folder's log, open while a run exports
 
     def run(
         self,
@@ -307,11 +326,13 @@ class Export:
     ) -> Outcome:
         outcome = Outcome(total=len(self.plan.instances))
         with _locked(self.folder):
+            shared = os.stat(self.folder).st_dev == os.stat(self.archive.root).st_dev
+            self.reserve = self.disk_reserve + MARGIN if shared else FLOOR
             rows, series_done = self._read_log()
             shutil.rmtree(self.folder / PARTIAL, ignore_errors=True)
             (self.folder / PARTIAL).mkdir()
             try:
-                with open(self.folder / LOG, "a", buffering=1) as self.log:
+                with open(self.folder / LOG, "ab", buffering=0) as self.log:
                     self._export(rows, series_done, outcome, progress, cancelled)
                 self.log = None
             finally:
@@ -321,6 +342,15 @@ class Export:
         return outcome
 
     def _export(self, rows, series_done, outcome, progress, cancelled) -> None:
+        try:
+            self._new_line()
+            self._each(rows, series_done, outcome, progress, cancelled)
+        except DiskFull as exc:
+            outcome.stopped = str(exc)
+            outcome.problems.append(("export", outcome.stopped))
+            log.warning("export %s", outcome.stopped)
+
+    def _each(self, rows, series_done, outcome, progress, cancelled) -> None:
         count = 0
         for group in self._series(outcome):
             for location, sop in group:
@@ -397,7 +427,7 @@ class Export:
         where += f"/{_name(ds.get('SeriesInstanceUID'))}"
         kept = "dicom" in self.options.formats
         path = f"{where if kept else f'{STAGE}/{where}'}/{_name(sop)}.dcm"
-        digest = self._write(path, write)
+        digest = self._write(path, write, stored.stat().st_size)
         png, note = "", ""
         if "png" in self.options.formats:
             png, note = self._png(path, f"{where}/{_name(sop)}.png")
@@ -413,16 +443,34 @@ class Export:
             "tags": {k: _text(ds.get(k)) for k in self.options.tags},
         }
 
-    def _write(self, path: str, write: Callable[[BinaryIO], None]) -> str:
-        """Write a file aside, then rename it into place; its SHA-256."""
+    def _write(self, path: str, write: Callable[[BinaryIO], None], size: int = 0) -> str:
+        """Write a file of about `size` bytes aside, then rename it into place; its
+        SHA-256. DiskFull, with nothing left half-written, when there is no room."""
+        self._room(size)
         aside = self.folder / PARTIAL / Path(path).name
-        with open(aside, "wb") as fp:
-            write(fp)
-        target = self.folder / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = files.hash_file(aside)[1]
-        os.replace(aside, target)
+        try:
+            with open(aside, "wb") as fp:
+                write(fp)
+            target = self.folder / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            digest = files.hash_file(aside)[1]
+            os.replace(aside, target)
+        except OSError as exc:
+            aside.unlink(missing_ok=True)
+            self._full(exc)
+            raise
         return digest
+
+    def _room(self, size: int) -> None:
+        """DiskFull when `size` more bytes would leave the folder's disk under the reserve
+        (a statvfs a file: next to writing one, nothing)."""
+        if shutil.disk_usage(self.folder).free - size < self.reserve:
+            raise DiskFull(f"stopped: under {self.reserve >> 20} MiB free on {self.folder}")
+
+    def _full(self, exc: OSError) -> None:
+        """DiskFull for a "no room" error (ENOSPC, EDQUOT, EFBIG), else nothing."""
+        if exc.errno in files.FULL_ERRNOS:
+            raise DiskFull(f"stopped: no space left on {self.folder} ({exc.strerror})") from exc
 
     def _png(self, source: str, path: str) -> tuple[str, str]:
         """A PNG preview of the first frame (the file's own window); or why there is none."""
@@ -431,7 +479,7 @@ class Export:
             image = render.render(self.folder / source, request, self.cache)
         except Exception as exc:  # any instance may lack pixels or a decoder: noted, not fatal
             return "", f"no PNG: {exc}"
-        self._write(path, lambda fp: fp.write(image))
+        self._write(path, lambda fp: fp.write(image), len(image))
         return path, ""
 
     def _series_step(self, rows: list[dict], series_done: dict, outcome: Outcome) -> None:
@@ -445,6 +493,7 @@ class Export:
                 entry["note"] = f"no NIfTI: {problem}"
                 outcome.notes.append((where, entry["note"]))
             else:
+                self._room(sum(p.stat().st_size for p in paths))  # about the volume's size
                 try:
                     entry["nifti"] = self._dcm2niix(paths[0].parent, where)
                 except ExportError as exc:
@@ -457,8 +506,29 @@ class Export:
 
     def _note(self, entry: dict) -> None:
         """A line of the log, once the files it names are in place."""
+        self._append(json.dumps(entry, ensure_ascii=False).encode() + b"\n")
+
+    def _new_line(self) -> None:
+        """After a last line cut short (a crash, a full disk) the next starts a line of its
+        own: the cut one is ignored, and what it named is redone."""
+        size = (self.folder / LOG).stat().st_size
+        if size:
+            with open(self.folder / LOG, "rb") as fp:
+                fp.seek(size - 1)
+                if fp.read(1) != b"\n":
+                    self._append(b"\n")
+
+    def _append(self, data: bytes) -> None:
+        """Bytes at the log's end, unbuffered (a line the disk had no room for is not
+        tried again when the log is closed); DiskFull when there is no room."""
         assert self.log is not None
-        self.log.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        left = memoryview(data)
+        try:
+            while left:
+                left = left[self.log.write(left) :]
+        except OSError as exc:
+            self._full(exc)
+            raise
 
     def _dcm2niix(self, source: Path, where: str) -> list[str]:
         """dcm2niix on one series folder; the volumes (and BIDS sidecars) beside the folder."""
@@ -507,7 +577,15 @@ class Export:
             if sop in rows
         ]
         outcome.volumes = sum(len(entry["nifti"]) for entry in series_done.values())
-        self._write(f"manifest.{self.options.manifest}", lambda fp: self._manifest(fp, manifest))
+        try:
+            self._write(
+                f"manifest.{self.options.manifest}", lambda fp: self._manifest(fp, manifest)
+            )
+        except DiskFull as exc:  # an earlier run's manifest, if any, still names only done files
+            if not outcome.stopped:
+                outcome.stopped = str(exc)
+                outcome.problems.append(("manifest", outcome.stopped))
+                log.warning("export %s", outcome.stopped)
         missing = outcome.total - len(manifest)
         if missing:
             outcome.problems.append(("export", f"{missing} of {outcome.total} not exported"))
@@ -544,9 +622,11 @@ class Export:
     def _audit(self, outcome: Outcome) -> None:
         """One `export` event per study this run wrote files of (its original Patient ID)."""
         deid = ",".join(["basic", *self.options.deid_options]) if self.profile else "no"
-        result = (
-            "success" if not outcome.problems else f"failure: {len(outcome.problems)} problem(s)"
-        )
+        result = "success"
+        if outcome.stopped:
+            result = f"failure: {outcome.stopped}"
+        elif outcome.problems:
+            result = f"failure: {len(outcome.problems)} problem(s)"
         for (patient, study), count in self.studies.items():
             self.archive.audit(
                 audit.Event(

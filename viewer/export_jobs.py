@@ -15,7 +15,10 @@ started by pacs.server) takes queued jobs one at a time, oldest first, through
 viewer.export; a job left running by a stop or a crash continues after the restart, and
 viewer.export skips what it had done. The record is written by the request that makes it,
 then only by that thread; a cancel is a marker file (`<id>.cancel`) the thread looks for
-between instances.
+between instances. The folder is on the archive's disk: a job stops (failed, its `error`
+says why) rather than leave less free than C-STORE's `disk_reserve_mb` and a margin
+(viewer.export), and one job runs at a time per server, so exports never race ingest
+for the last of the disk together.
 """
 
 import fcntl
@@ -195,7 +198,15 @@ def _run_job(archive: Archive, config: Any, folder: Path, job: dict, stop) -> No
         out = folder / job["id"]
         plan = engine.prepare(archive, out, asked["level"], asked["query"], chosen, profile)
         who = f"{job['who'] or 'anyone on loopback'} (export job {job['id']})"
-        work = engine.Export(archive, out, plan, profile, who, config.pixel_budget_mb << 20)
+        work = engine.Export(
+            archive,
+            out,
+            plan,
+            profile,
+            who,
+            config.pixel_budget_mb << 20,
+            config.disk_reserve_mb << 20,
+        )
         outcome = work.run(progress, lambda: stop.is_set() or marker.exists())
     except engine.ExportError as exc:
         _save(folder, {**job, "state": "failed", "error": str(exc)})
@@ -210,6 +221,8 @@ def _run_job(archive: Archive, config: Any, folder: Path, job: dict, stop) -> No
         problems=[{"what": what, "why": why} for what, why in outcome.problems[:100]],
         notes=[{"what": what, "why": why} for what, why in outcome.notes[:100]],
     )
+    if outcome.stopped:
+        job["error"] = outcome.stopped
     _save(folder, job)
     log.info("export job %s: %s %s", job["id"], state, outcome.summary())
 

@@ -99,6 +99,7 @@ def export(
             _profile(archive, plan.options, plan.key_file),
             f"{getpass.getuser()} (minipacs export)",
             config.pixel_budget_mb << 20,
+            config.disk_reserve_mb << 20,
         )
         with click.progressbar(
             length=len(plan.instances), label="exporting", file=sys.stderr
