@@ -347,12 +347,14 @@ def test_a_full_disk_stops_an_export_job_and_ingest_goes_on(archive, request, tm
         pytest.skip("the jobs use the index as the command does (tested on both): SQLite only")
     server = request.getfixturevalue("server")
     small, other, big = make_study(tmp_path / "full", 3, size=64, patient_id="EXPORT-FULL")
-    ds = pydicom.dcmread(big)  # instance 3, exported last: 2 MiB of pixels
-    ds.Rows = ds.Columns = 1024
-    ds.PixelData = np.zeros((1024, 1024), np.int16).tobytes()
+    ds = pydicom.dcmread(big)  # instance 3, exported last: 18 MiB of pixels
+    ds.Rows = ds.Columns = 3072
+    ds.PixelData = np.zeros((3072, 3072), np.int16).tobytes()
     ds.save_as(big, enforce_file_format=True)
     minipacs("send", "--port", str(server.port), str(tmp_path / "full"))
-    limit = 3 << 19  # 1.5 MiB: over the index's files, under the big instance
+    # Every file the server writes meanwhile must stay under it: the index and its WAL
+    # (checkpointed at ~4 MiB) well under, the big instance over.
+    limit = 16 << 20
     pids = {server.proc.pid, *children(server.proc.pid)}
     for pid in pids:
         resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
