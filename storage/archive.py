@@ -515,7 +515,7 @@ class Archive:
         if self._series_studies.get(series_uid) == study_uid:
             return
         with db.connection_context():
-            stored = index.study_of_series(series_uid)
+            stored = index.study_of_series(db, series_uid)
         if stored is not None and stored != study_uid:
             raise SeriesConflict(index.series_conflict(series_uid, stored, study_uid))
         if len(self._series_studies) >= SERIES_REMEMBERED:

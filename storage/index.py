@@ -401,15 +401,15 @@ def _same_place(sop_uid: str, stored: str, arrived: str) -> None:
         raise instance_conflict(sop_uid, stored, arrived)
 
 
-def study_of_series(series_uid: str) -> str | None:
-    """The Study Instance UID the index files a series under (None: not indexed)."""
-    row = (
-        Study.select(Study.study_uid)
-        .join(Series)
-        .where(Series.series_uid == series_uid)
-        .tuples()
-        .first()
-    )
+def study_of_series(database: AnyDatabase, series_uid: str) -> str | None:
+    """The Study Instance UID the index files a series under (None: not indexed). Plain
+    SQL: it is on the C-STORE receive path, where peewee's query building took 110 of
+    its 125 µs."""
+    row = database.execute_sql(
+        f"SELECT study.study_uid FROM series JOIN study ON study.id = series.study_id "
+        f"WHERE series.series_uid = {database.param}",
+        (series_uid,),
+    ).fetchone()
     return row[0] if row is not None else None
 
 
