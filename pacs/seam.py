@@ -44,6 +44,9 @@ What it replaces, and why (docs/decisions.md, 2026-11-25, 2026-11-26, 2026-12-04
   send queue, a kill and the end of a hold write to (at most DUL_POLL: a DUL thread woke
   1,000 times a second, ~15 ms of CPU a second for each open association, idle or not).
   A sender reading its answer off the socket holds the DUL thread's reads (`_hold_reads`).
+- `Association.__init__`: ours pause their reactor at a `_Checkpoint`, not an Event. With
+  pynetdicom's, a sender could see the reactor "paused" during the turn in which it took
+  the sender's answer off the DIMSE queue (a C-MOVE then waited out its DIMSE timeout).
 - `Server` (a subclass of pynetdicom's ThreadedAssociationServer): the Association made in
   the listener thread, no gc.collect() every 60 accepts, the TLS handshake in a thread of
   its own, and `divert` for plain connections.
@@ -102,6 +105,7 @@ EXPECTED: dict[tuple[object, str], str] = {
     (AssociationSocket, "_create_socket"): "(self, address)",
     (AssociationSocket, "recv"): "(self, nr_bytes)",
     (AssociationSocket, "send"): "(self, bytestream)",
+    (Association, "__init__"): "(self, ae, mode)",
     (Association, "send_c_store"): (
         "(self, dataset, msg_id=1, priority=2, originator_aet=None, originator_id=None)"
     ),
@@ -124,6 +128,7 @@ _create_socket = _ORIGINAL[AssociationSocket, "_create_socket"]
 _socket_recv = _ORIGINAL[AssociationSocket, "recv"]
 _socket_send = _ORIGINAL[AssociationSocket, "send"]
 _send_c_store = _ORIGINAL[Association, "send_c_store"]
+_association_init_original = _ORIGINAL[Association, "__init__"]
 _send_msg = _ORIGINAL[DIMSEServiceProvider, "send_msg"]
 _dul_init_original = _ORIGINAL[DULServiceProvider, "__init__"]
 _dul_run_original = _ORIGINAL[DULServiceProvider, "run_reactor"]
@@ -184,6 +189,7 @@ def install() -> None:
     AssociationSocket._create_socket = _nodelay_socket
     AssociationSocket.recv = _recv
     AssociationSocket.send = _locked_send
+    Association.__init__ = _association_init
     Association.send_c_store = _stored_c_store
     DIMSEServiceProvider.send_msg = _send_msg_sparingly
     DULServiceProvider.__init__ = _dul_init
@@ -650,6 +656,50 @@ class _WakingQueue(queue.Queue):
     def put(self, item, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
         self._wake()
+
+
+def _association_init(self: Association, ae: AE, mode: str) -> None:
+    """Association.__init__; ours get a `_Checkpoint` for the reactor to pause at."""
+    _association_init_original(self, ae, mode)
+    if _ours(self):
+        self._reactor_checkpoint = _Checkpoint(self)  # type: ignore[assignment]
+
+
+class _Checkpoint:
+    """The pause point of an association's reactor (pynetdicom's `_reactor_checkpoint`,
+    a threading.Event there). A sender pauses the reactor by clearing it and waiting for
+    `_is_paused`, so that the reactor does not take the answer it waits for off the DIMSE
+    queue. pynetdicom's reactor sets `_is_paused` before its wait, and a wait on a
+    checkpoint still set returns at once: a sender that cleared it in between saw
+    "paused" while the reactor ran one more turn, and that turn could take the answer
+    ("Received unexpected C-STORE service message"; the sender then waited out its DIMSE
+    timeout: a C-MOVE that sent over both paths stalled). Here a wait that passes says so
+    under the lock a clear takes: once a sender has cleared, `_is_paused` is True only
+    for a reactor that stops here before its next look at the queue."""
+
+    def __init__(self, assoc: Association) -> None:
+        self._assoc = assoc
+        self._cond = threading.Condition(threading.Lock())
+        self._open = True
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        with self._cond:
+            self._open = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._open = False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            if self._open:
+                self._assoc._is_paused = False  # passing: whatever the reactor said
+                return True
+            return self._cond.wait_for(lambda: self._open, timeout)
 
 
 def _dul_init(self: DULServiceProvider, assoc: Association) -> None:

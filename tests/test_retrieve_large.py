@@ -227,8 +227,7 @@ def test_more_than_128_sop_class_and_syntax_combinations(source):
     assert outcome.ok, (outcome, source.server.log()[-2000:])
     assert outcome.completed == 140
 
-    # Filed by the destination's indexer after its Successes, polled: with index_wait the
-    # move's final answer waited for that indexer, and once in CI the SCU's 30 s ran out.
+    # Filed by the destination's indexer after its Successes: polled.
     def filed() -> int:
         return len(list((source.dest.data / study).glob("*/*.dcm")))
 

@@ -18,6 +18,7 @@ from dicom_files import dataset_bytes
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom import evt
+from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import CTImageStorage
 from pynetdicom.sop_class import Verification
@@ -171,7 +172,9 @@ def test_installed_seam_acts_for_our_server_ae_only(servers):
         assert "PLAIN" in received
         assert _stock(plain.dul)
         assert all(_stock(a.dul) for a in plain_server.active_associations)
+        assert type(plain._reactor_checkpoint) is threading.Event
         assert _seamed(ours.dul)
+        assert isinstance(ours._reactor_checkpoint, seam._Checkpoint)
         # Our server's acceptor side, with a plain requestor.
         visitor = _requestor(AE(ae_title="VISITOR"), our_server.server_address[1], [])
         assert visitor.send_c_echo().Status == 0x0000
@@ -183,6 +186,38 @@ def test_installed_seam_acts_for_our_server_ae_only(servers):
         plain.release()
         ours.release()
     assert plain.is_released and ours.is_released
+
+
+def test_a_sender_sees_the_reactor_paused_only_once_it_stops():
+    """pynetdicom's reactor turn: `_is_paused = True`, `_reactor_checkpoint.wait()`,
+    `_is_paused = False`, then a look at the DIMSE queue. A sender pauses it by clearing
+    the checkpoint and waiting for `_is_paused`. With pynetdicom's Event, a clear that
+    comes just after the reactor's wait passed leaves `_is_paused` True while that turn
+    goes on to take the sender's answer off the queue (a C-MOVE stalled for its DIMSE
+    timeout in CI). Ours: the sender sees it paused only when its next wait stops it.
+    The interleaving, step by step, on a real association of a ServerAE."""
+    seam.install()
+    assoc = Association(seam.ServerAE(ae_title="OURS"), "requestor")
+    checkpoint = assoc._reactor_checkpoint
+    stock = threading.Event()
+    stock.set()
+    for end in (assoc.dul._wake_recv, assoc.dul._wake_send):  # its DUL never runs
+        end.close()
+    for pause in (checkpoint, stock):
+        assoc._is_paused = True  # the reactor, about to wait
+        assert pause.wait(0)  # not paused: it passes, and goes on with its turn
+        pause.clear()  # a sender, at that moment
+        seen_paused = assoc._is_paused  # what the sender goes by
+        assoc._is_paused = False  # the turn goes on: the queue is looked at
+        if pause is stock:  # pynetdicom's: the sender would go ahead during that turn
+            assert seen_paused
+        else:
+            assert not seen_paused
+            assoc._is_paused = True  # the next turn
+            assert not checkpoint.wait(0.01)  # stops here: now it is paused
+            assert assoc._is_paused
+            checkpoint.set()  # the sender is done: it goes on
+            assert checkpoint.wait(0)
 
 
 def test_divert_sees_plain_connections_first(servers):
