@@ -306,6 +306,8 @@ def test_login_page_then_the_study_list(browser, start_server):
     page = context.new_page()
     page.goto(fresh.url)
     expect(page).to_have_url(re.compile(r"/login\?next=/$"))
+    # Its own icon: no /favicon.ico for a browser to ask for (a 401 in the console).
+    expect(page.locator('link[rel="icon"]')).to_have_count(1)
     page.get_by_label("User").fill("rad")
     page.get_by_label("Password").fill("not the password")
     page.get_by_role("button", name="Log in").click()

@@ -351,7 +351,7 @@ URL_IGNORED = str.maketrans("", "", "\t\n\r")
 LOGIN_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>minipacs: log in</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="stylesheet" href="/ui/static/style.css"></head>
+<link rel="icon" href="data:,"><link rel="stylesheet" href="/ui/static/style.css"></head>
 <body><main class="login"><h1>minipacs</h1><p class="error">{error}</p>
 <form method="post" action="/login"><input type="hidden" name="next" value="{next}">
 <label>User <input name="user" autocomplete="username" required autofocus></label>

@@ -163,9 +163,10 @@ export function first(item, tag) {
 }
 
 export function text(item, tag) {
+  // For people: several values (ModalitiesInStudy "CT, SR") with a comma, not DICOM's "\\".
   return values(item, tag)
     .map((v) => (v && typeof v === "object" ? personName(v) : String(v)))
-    .join("\\");
+    .join(", ");
 }
 
 export function personName(value) {
