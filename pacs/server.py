@@ -154,10 +154,19 @@ def serve(config: Config) -> None:
 
 def _reserve_port(config: Config) -> socket.socket:
     """Bind (not listen) the shared port so that port 0 resolves once for every worker and a
-    port taken by another program fails here, with a clear message."""
-    holder = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    port something already listens on fails here, with a clear message. The holder's
+    SO_REUSEPORT (the workers share the port) would also let it share a port with another
+    minipacs started by the same user, the instances split between two archives: a plain
+    bind first fails on any listener (SO_REUSEADDR only lets it past TIME_WAIT connections
+    left by a stopped server)."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    holder = socket.socket(family)
     try:
+        if config.port:
+            with socket.socket(family) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((config.host, config.port))
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind((config.host, config.port))
     except OSError as exc:
         holder.close()

@@ -83,6 +83,28 @@ def test_port_in_use_is_one_line_and_exit_2(tmp_path):
     assert "Address already in use" in result.stderr
 
 
+def test_second_server_on_a_taken_dicom_port_is_exit_2(server, tmp_path):
+    """The workers share the port (SO_REUSEPORT), which must not let a second minipacs
+    share it too: each would get part of what modalities send."""
+    result = minipacs(
+        "serve",
+        "--data",
+        str(tmp_path / "second"),
+        "--port",
+        str(server.port),
+        "--http-port",
+        "0",
+        check=False,
+        timeout=60,  # today's bug: it serves until killed
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"cannot listen for DICOM on 127.0.0.1:{server.port}: Address already in use" in (
+        result.stderr
+    )
+    assert echo(server.port) == 0x0000
+
+
 def test_unwritable_data_folder_is_exit_2(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
