@@ -30,6 +30,20 @@ def test_echoscu_and_pynetdicom_echo(server):
     assert echo(server.port) == 0x0000
 
 
+def test_scu_commands_default_to_the_settings_pacs(server, tmp_path):
+    """`minipacs echo` (and send, find, move, get) without --port reaches the PACS that
+    MINIPACS_PORT or the --config file names; a flag still wins."""
+    env = {"MINIPACS_PORT": str(server.port)}
+    result = minipacs("echo", env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert f"MINIPACS@127.0.0.1:{server.port}: 0x0000" in result.stdout
+    config = tmp_path / "minipacs.toml"
+    config.write_text(f'host = "0.0.0.0"\nport = {server.port}\n')
+    assert minipacs("echo", "--config", str(config), check=False).returncode == 0
+    elsewhere = minipacs("echo", "--port", str(free_port()), env=env, check=False)
+    assert elsewhere.returncode == 3
+
+
 def test_healthz(server):
     with urllib.request.urlopen(f"{server.url}/healthz") as response:
         assert response.status == 200

@@ -401,8 +401,11 @@ def test_saved_measurements_come_back(page, server, study):
     page.mouse.up()
     expected = f"{30 * SPACING:.2f} mm"
     expect(stage.locator(".measurement.length .label")).to_have_text(expected)
+    documents = page.locator(f'.series-item.no-images[data-study="{study["prior"]}"]')
+    before = documents.count()
     save.click()
     expect(page.locator(".status")).to_have_text("Saved 1 measurement.")
+    expect(documents).to_have_count(before + 1)  # its SR series, listed without a reload
     page.reload()
     expect(stage.locator(".measurement.length .label")).to_have_text(expected)
     page.keyboard.press("Delete")

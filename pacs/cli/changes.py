@@ -13,6 +13,7 @@ from pacs.boot import setup_logging
 from pacs.cli.common import ExitStatus
 from pacs.cli.common import build_config
 from pacs.cli.common import help_for
+from pacs.cli.common import reachable_host
 from pacs.config import Config
 
 
@@ -72,8 +73,8 @@ def changes(config_file, url, ca, since, follow, interval, as_json, **flags) -> 
 
 def default_url(config: Config) -> str:
     """This server's web address, as its settings say."""
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
-    host = "[::1]" if host == "::" else f"[{host}]" if ":" in host else host
+    host = reachable_host(config.host)
+    host = f"[{host}]" if ":" in host else host
     return f"{'https' if config.https_cert else 'http'}://{host}:{config.http_port}"
 
 

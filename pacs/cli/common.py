@@ -41,6 +41,14 @@ def build_config(config_file: Path | None, **flags) -> Config:
         raise UsageFailure(str(exc)) from None
 
 
+def reachable_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to `host`: the wildcard
+    addresses as loopback."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    return "::1" if host == "::" else host
+
+
 def config_options(func):
     """--config, --data, --index and --log-level, shared by every archive verb."""
     func = click.option("--log-level", help=help_for("log_level"))(func)

@@ -13,18 +13,30 @@ from pacs import scu
 from pacs.boot import setup_logging
 from pacs.cli.common import ExitStatus
 from pacs.cli.common import UsageFailure
+from pacs.cli.common import build_config
+from pacs.cli.common import reachable_host
 from pacs.cli.common import walk
 from pacs.tls import client_context
 
 
 def remote_options(func):
     """--host, --port, --aet, --calling-aet and --tls* of the PACS to talk to; the command
-    gets them as one `remote` (scu.Remote)."""
+    gets them as one `remote` (scu.Remote). Host, port and AE title not given are this
+    PACS's, as its settings say (--config, MINIPACS_*): a script on the server's machine
+    reaches it without flags."""
 
     command = func
 
     @functools.wraps(command)
-    def wrapper(host, port, aet, calling_aet, tls, tls_ca, tls_cert, tls_key, **kwargs):
+    def wrapper(
+        config_file, host, port, aet, calling_aet, tls, tls_ca, tls_cert, tls_key, **kwargs
+    ):
+        if config_file is not None or None in (host, port, aet):
+            config = build_config(config_file)
+            host = host or reachable_host(config.host)
+            if port is None:
+                port = config.tls_port if tls else config.port
+            aet = aet or config.aet
         context = None
         if tls or tls_ca or tls_cert:
             try:
@@ -45,13 +57,24 @@ def remote_options(func):
         "--calling-aet", default="MINIPACS-SCU", show_default=True, help="Our AE title."
     )(func)
     func = click.option(
-        "--aet", default="MINIPACS", show_default=True, help="The peer's AE title."
+        "--aet", help="The peer's AE title [default: aet of the settings, MINIPACS_AET]."
     )(func)
     func = click.option(
-        "--port", default=11112, show_default=True, type=int, help="The peer's DICOM port."
+        "--port",
+        type=int,
+        help="The peer's DICOM port [default: port of the settings, MINIPACS_PORT; with "
+        "--tls, tls_port].",
     )(func)
     func = click.option(
-        "--host", default="127.0.0.1", show_default=True, help="The peer's address."
+        "--host",
+        help="The peer's address [default: host of the settings, MINIPACS_HOST; 0.0.0.0 and "
+        ":: as loopback].",
+    )(func)
+    func = click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="TOML settings file of the PACS to talk to (its host, port and aet).",
     )(func)
     func = click.option("--log-level", default="WARNING", show_default=True)(func)
     return func

@@ -69,7 +69,7 @@ export class Commands {
         view.measurements.escape();
         view.say("");
       },
-      save: () => (view.report.canSave ? view.report.save(pane.study) : view.say("This server does not save measurements.")),
+      save: () => (view.report.canSave ? view.saveReport(pane.study) : view.say("This server does not save measurements.")),
     };
     const action = commands[command];
     if (!action) return false;

@@ -38,6 +38,13 @@ export class Studies {
     return known.series;
   }
 
+  // Study `study`'s series asked for again and shown: a save added an SR and a KO series.
+  refresh(study) {
+    const known = this.known.get(study);
+    if (known) known.series = null;
+    return this.series(study);
+  }
+
   // The patient's studies, into the strip; without them the strip lists this study's
   // series only.
   async loadPatient() {

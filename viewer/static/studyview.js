@@ -229,6 +229,14 @@ class StudyView {
     await Promise.all([this.studies.loadPatient(), report]);
   }
 
+  // Save `study`'s measurements and key images (report.js), then show its series again:
+  // the strip lists the SR and KO series the save added without a reload.
+  async saveReport(study) {
+    await this.report.save(study);
+    await this.studies.refresh(study).catch(() => {});
+    if (this.active) this.strip.mark(this.active.study, this.active.series);
+  }
+
   // -- what panes tell the view --------------------------------------------------------------
 
   activate(pane, { focus = false } = {}) {
