@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.uid import ImplicitVRLittleEndian
@@ -34,6 +33,9 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pynetdicom.sop_class import Verification
 
 from pacs.tls import peer_tls_args
+from storage.dataset import open_dataset
+from storage.errors import InvalidDataset
+from storage.errors import StorageError
 from storage.query import identifier as identifier  # scu.identifier: part of this API
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,7 @@ class Outcome:
     status: int = 0x0000
     failed_uids: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    reasons: dict[str, str] = field(default_factory=dict)  # failed UID or path → why
 
     @property
     def ok(self) -> bool:
@@ -131,18 +134,30 @@ def send(
 ) -> Outcome:
     """C-STORE files exactly as they are (dataset bytes from the file), over `parallel`
     associations; `progress(path, status)` is called after each. `make_ae(ae_title=…)`
-    makes our AE for each association (the server's router passes seam.ServerAE)."""
-    files = [Path(p) for p in paths]
+    makes our AE for each association (the server's router passes seam.ServerAE).
+    A file that is not DICOM or cannot be read is not sent: it counts as failed, with
+    its reason, and the others go."""
     outcome = Outcome()
     lock = threading.Lock()
+    files = []
+    for path in map(Path, paths):
+        try:
+            files.append((path, _file_context(path)))
+        except (OSError, StorageError) as exc:
+            outcome.failed += 1
+            outcome.failed_uids.append(str(path))
+            outcome.reasons[str(path)] = f"not sent: {exc}"
+            if progress:
+                progress(path, 0xC000)
     chunks = [files[n::parallel] for n in range(max(1, parallel))]
 
-    def run(chunk: list[Path]) -> None:
+    def run(chunk: list[tuple[Path, tuple[str, str]]]) -> None:
+        done: list[Path] = []
         try:
-            _send_chunk(remote, chunk, outcome, lock, progress, make_ae)
-        except Exception as exc:  # AssociationError, an unreadable file…: never silent
+            _send_chunk(remote, chunk, outcome, lock, progress, make_ae, done)
+        except Exception as exc:  # AssociationError, a file pynetdicom cannot read…
             with lock:
-                outcome.failed += len(chunk)
+                outcome.failed += len(chunk) - len(done)
                 outcome.problems.append(str(exc) or type(exc).__name__)
 
     threads = [threading.Thread(target=run, args=(c,)) for c in chunks if c]
@@ -233,20 +248,22 @@ def _status(response: Dataset) -> int:
     return int(response.Status)
 
 
-def _send_chunk(remote, chunk, outcome, lock, progress, make_ae) -> None:
-    metas = [(path, dcmread(path, stop_before_pixels=True, specific_tags=[])) for path in chunk]
-    contexts: dict[tuple[str, str], None] = {}
-    for _, ds in metas:
-        contexts[(ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID)] = None
+def _file_context(path: Path) -> tuple[str, str]:
+    """A file's (SOP class, transfer syntax) from its File Meta; raises NotDicom,
+    InvalidDataset (no SOP class there) or OSError: such a file is not sent."""
+    fp, meta, _ = open_dataset(path)
+    fp.close()
+    if not meta.sop_class_uid:
+        raise InvalidDataset("File Meta Information has no Media Storage SOP Class UID")
+    return meta.sop_class_uid, meta.syntax
+
+
+def _send_chunk(remote, chunk, outcome, lock, progress, make_ae, done) -> None:
     # One association per 128 distinct (SOP class, transfer syntax) pairs.
-    pairs = list(contexts)
+    pairs = list(dict.fromkeys(context for _, context in chunk))
     for start in range(0, len(pairs), 128):
         group = set(pairs[start : start + 128])
-        todo = [
-            p
-            for p, ds in metas
-            if (ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.TransferSyntaxUID) in group
-        ]
+        todo = [path for path, context in chunk if context in group]
         # A path is sent by pynetdicom as the file's dataset bytes, streamed (never decoded).
         _config.STORE_SEND_CHUNKED_DATASET = True
         with _association(remote, [(c, [s]) for c, s in group], make_ae=make_ae) as assoc:
@@ -256,7 +273,10 @@ def _send_chunk(remote, chunk, outcome, lock, progress, make_ae) -> None:
                 except (ValueError, AttributeError) as exc:  # no context, bad file meta
                     status = 0xC000
                     log.warning("%s: %s", path, exc)
+                    with lock:
+                        outcome.reasons[str(path)] = f"not sent: {exc}"
                 with lock:
+                    done.append(path)
                     if status in (0x0000,) or status & 0xF000 == 0xB000:
                         outcome.completed += 1
                         outcome.warning += status != 0

@@ -246,6 +246,20 @@ def test_send_cli_in_parallel_is_bit_preserving(source, tmp_path):
         assert dataset_bytes(next(server.data.glob(f"*/*/{uid}.dcm"))) == dataset_bytes(path)
 
 
+def test_send_cli_skips_a_file_that_is_not_dicom_and_sends_the_others(source, tmp_path):
+    server = source.server
+    paths = make_study(tmp_path / "mixed", 2, size=32)
+    (tmp_path / "mixed" / "README.txt").write_text("not an image\n")
+    result = minipacs("send", "--port", str(server.port), str(tmp_path / "mixed"), check=False)
+    assert result.returncode == 1, result
+    assert "completed: 2  failed: 1" in result.stdout
+    readme = str(tmp_path / "mixed" / "README.txt")
+    assert f"failed: {readme}: not sent: not a DICOM Part 10 file" in result.stdout
+    for path in paths:
+        uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert list(server.data.glob(f"*/*/{uid}.dcm")), uid
+
+
 def test_every_stored_pydicom_file_comes_back_byte_identical(source, tmp_path):
     studies = sorted({sample.study_uid for sample in storable()})
     wanted = {}

@@ -214,7 +214,8 @@ def _progress(status) -> None:
 def _finish(outcome: scu.Outcome) -> None:
     click.echo("", err=True)
     for uid in outcome.failed_uids:
-        click.echo(f"failed: {uid}")
+        reason = outcome.reasons.get(uid)
+        click.echo(f"failed: {uid}: {reason}" if reason else f"failed: {uid}")
     for problem in outcome.problems:
         click.echo(f"problem: {problem}")
     click.echo(
