@@ -273,6 +273,7 @@ def stored_file(path: Path) -> StoredDataset | Path:
 
 
 PENDING = 0xFF00
+CANCEL = 0xFE00
 
 
 class FindAnswers:
@@ -622,7 +623,10 @@ def _peer_max_pdu(assoc: Association) -> int:
 def _send_msg_sparingly(self: DIMSEServiceProvider, primitive, context_id: int) -> None:
     """DIMSEServiceProvider.send_msg; for ours, skipping C-MOVE/C-GET pending responses
     that follow the previous one within PENDING_INTERVAL, and the final C-FIND response
-    that `FindAnswers.finish` sent already."""
+    that `FindAnswers.finish` sent already. A final C-MOVE/C-GET response other than
+    Cancel loses the Number of Remaining Sub-operations that pynetdicom's reused pending
+    response still carries: PS3.4 C.4.2.1.6 and C.4.3.1.6 allow it only with Pending
+    (shall) and Cancel (may); Warning, Failure and Success shall not contain it."""
     if not _ours(self.assoc):
         return _send_msg(self, primitive, context_id)
     if (
@@ -634,15 +638,14 @@ def _send_msg_sparingly(self: DIMSEServiceProvider, primitive, context_id: int) 
         # pynetdicom sends when the handler raised afterwards would be a second final).
         self._final_sent = None
         return
-    if (
-        isinstance(primitive, C_MOVE | C_GET)
-        and primitive.MessageIDBeingRespondedTo is not None
-        and primitive.Status == PENDING
-    ):
-        now = time.monotonic()
-        if now - getattr(self, "_last_pending", -PENDING_INTERVAL) < PENDING_INTERVAL:
-            return
-        self._last_pending = now
+    if isinstance(primitive, C_MOVE | C_GET) and primitive.MessageIDBeingRespondedTo is not None:
+        if primitive.Status == PENDING:
+            now = time.monotonic()
+            if now - getattr(self, "_last_pending", -PENDING_INTERVAL) < PENDING_INTERVAL:
+                return
+            self._last_pending = now
+        elif primitive.Status != CANCEL:
+            primitive.NumberOfRemainingSuboperations = None
     _send_msg(self, primitive, context_id)
 
 

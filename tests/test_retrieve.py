@@ -18,8 +18,16 @@ from conftest import minipacs
 from conftest import run
 from corpus import build
 from dicom_files import dataset_bytes
+from pynetdicom import AE
+from pynetdicom import build_role
+from pynetdicom import evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pacs import scu
+
+StudyRootMove = StudyRootQueryRetrieveInformationModelMove
+StudyRootGet = StudyRootQueryRetrieveInformationModelGet
 
 
 class StoreSCP:
@@ -123,6 +131,45 @@ def test_move_decompresses_for_a_peer_taking_only_uncompressed(corpus_server, tm
         assert np.array_equal(ds.pixel_array, original.pixel_array)
     finally:
         dest.stop()
+
+
+def test_final_move_and_get_responses_carry_no_remaining_count(corpus_server, tmp_path):
+    # PS3.4 C.4.2.1.6 and C.4.3.1.6: Number of Remaining Sub-operations (0000,1020) in
+    # Pending responses, never in Success (pynetdicom reuses its last pending response).
+    server, made, port = corpus_server
+    study = made["A"]["uid"]  # five instances: at least one pending response each way
+    query = pydicom.Dataset()
+    query.QueryRetrieveLevel, query.StudyInstanceUID = "STUDY", study
+    classes = {pydicom.dcmread(p).SOPClassUID for p in server.data.glob(f"{study}/*/*.dcm")}
+
+    def responses(retrieve) -> list[pydicom.Dataset]:
+        """Over an association of its own: the pending interval is per association."""
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(StudyRootMove)
+        ae.add_requested_context(StudyRootGet)
+        for sop_class in classes:
+            ae.add_requested_context(sop_class)
+        assoc = ae.associate(
+            "127.0.0.1", server.port, ae_title="MINIPACS",
+            evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)],
+            ext_neg=[build_role(c, scp_role=True) for c in classes],
+        )  # fmt: skip
+        try:
+            return [status for status, _ in retrieve(assoc)]
+        finally:
+            assoc.release()
+
+    dest = StoreSCP(port, tmp_path / "moved")
+    try:
+        moved = responses(lambda assoc: assoc.send_c_move(query, "STORESCP", StudyRootMove))
+    finally:
+        dest.stop()
+    got = responses(lambda assoc: assoc.send_c_get(query, StudyRootGet))
+    for *pending, final in (moved, got):
+        assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 5
+        assert "NumberOfRemainingSuboperations" not in final
+        assert pending and all(p.Status == 0xFF00 for p in pending)
+        assert all("NumberOfRemainingSuboperations" in p for p in pending)
 
 
 def test_move_to_unknown_destination_is_a801(corpus_server):
