@@ -268,11 +268,17 @@ def handle_move(event: Event, archive: Archive, config: Config):
         return
     if not _reachable(peer.host, peer.port):
         # Raised before the destination is yielded: pynetdicom answers 0xC514 (unable to
-        # process) instead of 0xA801, which would claim the AE is unknown.
+        # process) instead of 0xA801, which would claim the AE is unknown. That is its only
+        # way to 0xC514, and it logs it at ERROR (its "must yield the (address, port)"
+        # line, then this exception with its traceback): our line says what happened.
         log.warning(
-            "C-MOVE destination %s at %s:%d is not reachable", peer.aet, peer.host, peer.port
+            "C-MOVE from %s: destination %s at %s:%d is not reachable, answered 0xC514",
+            event.assoc.requestor.ae_title,
+            peer.aet,
+            peer.host,
+            peer.port,
         )
-        raise ConnectionError(f"move destination {peer.aet} is not reachable")
+        raise ConnectionError(f"C-MOVE destination {peer.aet} is not reachable (0xC514)")
     established: list = []
     kwargs = {
         "contexts": _contexts_for(instances),
