@@ -15,6 +15,7 @@ from typing import cast
 from werkzeug.security import check_password_hash
 from werkzeug.security import generate_password_hash
 
+from storage.errors import Refused
 from storage.models import ApiToken
 from storage.models import User
 from storage.models import db
@@ -33,8 +34,9 @@ def _dummy_hash() -> str:
     return generate_password_hash("not a password of anyone")
 
 
-class UserError(ValueError):
-    """A user operation that cannot be done; the message says why."""
+class UserError(Refused, ValueError):
+    """A user operation that cannot be done; the message says why. A Refused: the index
+    writer leaves it to the caller, not logged as an index write that failed."""
 
 
 def _now() -> str:

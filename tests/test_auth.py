@@ -162,6 +162,7 @@ def test_weak_passwords_are_refused(tmp_path, password):
     )
     assert result.returncode == 2
     assert "at least 10 characters" in result.stderr
+    assert "index write failed" not in result.stderr  # a refusal, not a failure
 
 
 # -- Beyond loopback (issue 17): a server on 127.0.0.2, with its users made before start ---
