@@ -34,9 +34,11 @@ from peewee import Field
 from peewee import Node
 from peewee import fn
 from pydicom.datadict import dictionary_VR
+from pydicom.datadict import keyword_for_tag
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
+from storage import dates
 from storage.dataset import name_key
 from storage.dataset import time_key
 from storage.engine import is_sqlite
@@ -280,6 +282,7 @@ def _select(
     if combined is not None:
         query = query.where(combined)
     keys, extended = resolved or _resolve(keys)
+    check_values(keys)
     for key, tag in zip(keys, extended, strict=True):
         if key.tag in (QUERY_LEVEL, CHARSET) or _empty(key.value) or is_creator(key.tag):
             continue
@@ -304,6 +307,34 @@ def _select(
         else:
             query = query.where(condition)
     return query, post
+
+
+def check_values(keys: list[Key]) -> None:
+    """Refuse a DA, TM or DT key (in a sequence item too) whose value is not a date, time
+    or datetime, a range of them, or a list of either (storage.dates): matched as text it
+    found nothing, or the wrong things ("2003-2004" as a date), with Success."""
+    for key in keys:
+        values = key.value if isinstance(key.value, list) else [key.value]
+        if key.vr == "SQ":
+            for item in values:
+                check_values(_item_keys(item) if isinstance(item, dict) else [])
+            continue
+        if key.vr not in RANGE_VRS or _empty(key.value):
+            continue
+        for value in (v for text in values for v in str(text).split("\\")):
+            if (why := dates.problem(key.vr, value)) is not None:
+                raise QueryError(f"{_name(key.tag)}: {why}")
+
+
+def _item_keys(item: dict) -> list[Key]:
+    return [Key(int(tag, 16), e.get("vr", ""), _query_value(e)) for tag, e in item.items()]
+
+
+def _name(tag: int) -> str:
+    try:
+        return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
+    except ValueError:
+        return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def is_creator(tag: int) -> bool:
@@ -407,8 +438,8 @@ def keys_from_dataset(ds: Dataset) -> list[Key]:
 def _empty(value: Any) -> bool:
     if isinstance(value, list):
         return all(_empty(v) for v in value) if value else True
-    if isinstance(value, dict):
-        return not value
+    if isinstance(value, dict):  # a sequence's query item: no key in it has a value
+        return all(_empty(_query_value(element)) for element in value.values())
     return value is None or str(value).strip() == "" or str(value).strip() == "*"
 
 
@@ -501,7 +532,7 @@ def _condition(key: Key, options: Options) -> Expression | None:
         )
         return Study.id.in_(matching)
     if key.tag == STUDY_TIME:
-        return _range(Study.time_key, str(key.value), time=True)
+        return _ranges(Study.time_key, key.value, "TM")
     if key.tag not in COLUMNS:
         return None
     return _value_condition(COLUMNS[key.tag][1], key)
@@ -512,7 +543,7 @@ def _value_condition(field: Field, key: Key) -> Expression | None:
     if key.vr == "SQ":
         return None
     if key.vr in RANGE_VRS:
-        return _range(field, str(key.value))
+        return _ranges(field, key.value, key.vr)
     values = key.value if isinstance(key.value, list) else [key.value]
     if key.vr == "UI":  # list of UIDs (PS3.4 C.2.2.2.2): backslash or multi-valued
         uids = [u.strip() for v in values for u in str(v).split("\\") if u.strip()]
@@ -526,8 +557,12 @@ def _combined_datetime(keys: list[Key]) -> Expression | None:
     """StudyDate and StudyTime as one datetime range (PS3.4 C.2.2.2.5.1, when negotiated)."""
     date = next((k for k in keys if k.tag == STUDY_DATE and not _empty(k.value)), None)
     time = next((k for k in keys if k.tag == STUDY_TIME and not _empty(k.value)), None)
-    if date is None or time is None:
-        return None
+    if (
+        date is None
+        or time is None
+        or any(isinstance(k.value, list) or "\\" in str(k.value) for k in (date, time))
+    ):
+        return None  # a list of dates or times is matched key by key
     d1, _, d2 = (
         str(date.value).strip().partition("-")
         if "-" in str(date.value)
@@ -599,7 +634,7 @@ def _extended_condition(key: Key, tag: "Extended", options: Options) -> Node | N
         number = to_number(str(value))
         condition = SQL("1 = 0") if number is None else QueryValue.number == number
     elif key.vr == "TM":
-        condition = _range(QueryValue.text, str(value), time=True)
+        condition = _ranges(QueryValue.text, value, "TM")
     else:
         condition = _value_condition(QueryValue.text, key)
     if condition is None:
@@ -620,23 +655,46 @@ def _as_vr(value: Any, vr: str, wanted: str) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def _range(field: Field, value: str, time: bool = False) -> Expression:
-    """Single value or range (PS3.4 C.2.2.2.5): 'A-B', '-B', 'A-'."""
-    value = value.strip()
-    if "-" not in value:
-        if time:
-            return (field >= time_key(value)) & (field <= time_key(value, upper=True))
-        return field == value
-    low, _, high = value.partition("-")
-    low, high = low.strip(), high.strip()
-    if time:
-        low, high = time_key(low), time_key(high, upper=True)
+def _ranges(field: Field, value: Any, vr: str) -> Expression:
+    """A DA, TM or DT key's condition: any of its values (multi-valued or backslashes),
+    each a single value or a range."""
+    texts = [t for v in (value if isinstance(value, list) else [value]) for t in str(v).split("\\")]
+    condition = _range(field, texts[0], vr)
+    for text in texts[1:]:
+        condition |= _range(field, text, vr)
+    return condition
+
+
+def _range(field: Field, value: str, vr: str) -> Expression:
+    """Single value or range (PS3.4 C.2.2.2.5): 'A-B', '-B', 'A-' (check_values made sure
+    of the form). A single DA or DT is matched exactly; a TM covers its precision."""
+    bounds = _split(value, vr)
+    if bounds.single and vr != "TM":
+        return field == bounds.low
+    low, high = _bounds(bounds, vr)
     condition = field != ""
     if low:
         condition &= field >= low
     if high:
         condition &= field <= high
     return condition
+
+
+def _split(value: str, vr: str) -> dates.Range:
+    """The bounds of a range value; one not checked (not a range) stands for itself."""
+    return dates.split(vr, value) or dates.Range(value.strip(), value.strip(), True)
+
+
+def _bounds(bounds: dates.Range, vr: str) -> tuple[str, str]:
+    """A range's bounds as the stored text compares: a TM as HHMMSS.ffffff (13 is up to
+    13:59:59.999999), a DT's end padded to the last moment it names (2004 is up to
+    20041231235959.999999: as text, "20040119" > "2004")."""
+    low, high = bounds.low, bounds.high
+    if vr == "TM":
+        return time_key(low), time_key(high, upper=True)
+    if vr == "DT":
+        return dates.dt_lower(low) if low else "", dates.dt_upper(high) if high else ""
+    return low, high
 
 
 # -- matching in Python, on stored DICOM JSON ---------------------------------------
@@ -646,7 +704,7 @@ def _matches(element: dict | None, key: Key, options: Options) -> bool:
     """Does the stored element match `key` (a key with a value)?"""
     if key.vr == "SQ":
         items = (element or {}).get("Value") or []
-        wanted = [item for item in key.value if item]
+        wanted = [item for item in key.value if not _empty(item)]
         return all(any(_item_matches(item, q, options) for item in items) for q in wanted)
     values = element_texts(element, key.vr)
     queries = key.value if isinstance(key.value, list) else [key.value]
@@ -658,16 +716,22 @@ def _matches(element: dict | None, key: Key, options: Options) -> bool:
     if key.vr in NUMBER_VRS:
         number = to_number(query)
         return number is not None and number in element_numbers(element, key.vr)
-    if key.vr == "TM":  # as the SQL compares it (_range): HHMMSS.ffffff, precision covered
-        low, _, high = query.partition("-") if "-" in query else (query, "", query)
-        low, high = time_key(low), time_key(high, upper=True)
-        times = [time_key(v) for v in values]
-        return any(t and (not low or t >= low) and (not high or t <= high) for t in times)
-    if key.vr in RANGE_VRS and "-" in query:
-        low, _, high = query.partition("-")
-        return any(v and (not low or v >= low) and (not high or v <= high) for v in values)
+    if key.vr in RANGE_VRS:
+        texts = [t for q in queries for t in q.split("\\")]
+        return any(_in_range(values, text, key.vr) for text in texts)
     compare = _comparator(query, key.vr, options)
     return any(compare(v) for v in values)
+
+
+def _in_range(values: list[str], value: str, vr: str) -> bool:
+    """As the SQL compares (_range): any stored value in the range, or equal to it."""
+    bounds = _split(value, vr)
+    if bounds.single and vr != "TM":
+        return bounds.low in values
+    low, high = _bounds(bounds, vr)
+    if vr == "TM":
+        values = [time_key(v) for v in values]
+    return any(v and (not low or v >= low) and (not high or v <= high) for v in values)
 
 
 def _item_matches(item: dict, query: dict, options: Options) -> bool:
@@ -1021,9 +1085,39 @@ def _getter(key: Key, level: str, options: Options) -> Getter:
             return _decoded(element, key.vr)  # a registered private tag of an implicit VR file
         if "BulkDataURI" in element or "InlineBinary" in element:
             return {"vr": element["vr"]}  # binary values are not C-FIND answers
+        if key.vr == "SQ" and isinstance(key.value, list):
+            return requested_items(element, key.value, options)
         return element
 
     return returned
+
+
+def requested_items(element: dict, query: list[dict], options: Options) -> dict:
+    """A sequence as a C-FIND answer carries it (PS3.4 C.2.2.2.6): the stored items that
+    match the query item, each with only the attributes the query item names ("A
+    sequence of matching Items containing only the requested Attributes"), nested
+    sequences likewise; a requested attribute an item lacks is empty, as a return key
+    is. A key with no item, or an empty one, asks for the entire sequence."""
+    wanted = [item for item in query if item]
+    if not wanted or element.get("vr") != "SQ":
+        return element
+    conditions = [item for item in wanted if not _empty(item)]
+    names = {tag: q for item in wanted for tag, q in item.items()}
+    items = [
+        {tag: _requested(item.get(tag), q, options) for tag, q in sorted(names.items())}
+        for item in element.get("Value") or []
+        if all(_item_matches(item, q, options) for q in conditions)
+    ]
+    return {"vr": "SQ", "Value": items} if items else {"vr": "SQ"}
+
+
+def _requested(element: dict | None, query: dict, options: Options) -> dict:
+    vr = query.get("vr") or "UN"
+    if element is None:
+        return {"vr": vr}
+    if vr == "SQ" and isinstance(query.get("Value"), list):
+        return requested_items(element, query["Value"], options)
+    return element
 
 
 # Attributes `includefield=all` returns above the IMAGE level, beyond the patient group
@@ -1144,6 +1238,7 @@ def find_worklist(keys: list[Key], options: Options) -> Iterator[dict[str, Any]]
     Step Sequence by sequence matching); answers carry the requested keys, as DICOM JSON.
     Indexed keys (patient, accession, modality, station, start date, step ID) narrow the
     SQL. Steps COMPLETED or DISCONTINUED are left out unless a status is asked for."""
+    check_values(keys)
     query = WorklistItem.select(WorklistItem.json).order_by(
         WorklistItem.start_date, WorklistItem.id
     )
@@ -1172,31 +1267,26 @@ def find_worklist(keys: list[Key], options: Options) -> Iterator[dict[str, Any]]
     for (text,) in query.tuples().iterator():
         stored = json.loads(text)
         if all(_empty(k.value) or _matches(stored.get(k.hex), k, options) for k in keys):
-            yield _worklist_answer(stored, keys)
+            yield _worklist_answer(stored, keys, options)
 
 
 def _column_condition(field: Field, key: Key) -> Expression | None:
     values = key.value if isinstance(key.value, list) else [key.value]
     if key.vr in RANGE_VRS:
-        return _range(field, str(values[0]))
+        return _ranges(field, key.value, key.vr)
     return _any_of(field, [str(v).strip() for v in values], key.vr)
 
 
-def _worklist_answer(stored: dict, keys: list[Key]) -> dict[str, Any]:
-    """The requested keys with the item's values; a sequence key's items keep the
-    attributes its query item names (all of them when it names none)."""
+def _worklist_answer(stored: dict, keys: list[Key], options: Options) -> dict[str, Any]:
+    """The requested keys with the item's values; sequence keys as `find` answers them
+    (requested_items)."""
     answer: dict[str, Any] = {"00080005": {"vr": "CS", "Value": ["ISO_IR 192"]}}
     for key in keys:
         if key.tag == CHARSET:
             continue
         element = stored.get(key.hex) or {"vr": key.vr}
-        if key.vr == "SQ" and isinstance(key.value, list) and any(key.value):
-            wanted = {tag for item in key.value if item for tag in item}
-            items = [
-                {tag: value for tag, value in item.items() if tag in wanted}
-                for item in element.get("Value", [])
-            ]
-            element = {"vr": "SQ", "Value": items}
+        if key.vr == "SQ" and isinstance(key.value, list):
+            element = requested_items(element, key.value, options)
         answer[key.hex] = element
     return answer
 

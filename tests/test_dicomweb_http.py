@@ -539,3 +539,14 @@ def test_stow_of_a_series_stored_under_another_study_fails_it(stow_server):
     assert indexed(stow_server, first) and not indexed(stow_server, stray.SOPInstanceUID)
     assert not list((stow_server.data / stray.StudyInstanceUID).glob("*/*.dcm"))
     assert incoming_files(stow_server) == []
+
+
+def test_a_date_that_is_not_one_is_400(server):
+    """PS3.18 8.3: an invalid value of a supported parameter is 400. StudyDate=2003-2004
+    was compared as text (20040119 left out); a valid DA range finds it."""
+    ct = uids("ct")[0]
+    for bad in ("2003", "2003-2004", "notadate"):
+        code, _, body = get(f"{server.url}/dicom-web/studies?StudyDate={bad}")
+        assert code == 400, bad
+        assert "is not a DA" in json.loads(body)["error"], bad
+    assert ct in study_uids(studies(server, "StudyDate=20030101-20041231"))

@@ -96,6 +96,18 @@ def test_study_root_has_no_patient_level(archive):
     assert error.value.status == 0xA900
 
 
+def test_a_date_that_is_not_one_is_a900(archive):
+    """StudyDate=2003 is no DA (PS3.5 6.2): refused with its reason, not Success with
+    nothing; a valid range still answers."""
+    server, made = archive
+    with pytest.raises(scu.ScuError) as error:
+        ask(server, "STUDY", StudyInstanceUID="", StudyDate="2003")
+    assert error.value.status == 0xA900
+    assert "'2003' is not a DA" in str(error.value)
+    answers = ask(server, "STUDY", StudyInstanceUID="", StudyDate="20200101-20201231")
+    assert study_labels(made, answers) == {"A", "C"}
+
+
 def test_series_and_image_levels_lenient_hierarchy(archive):
     server, made = archive
     # Without the study UID (lenient), by modality, across studies.

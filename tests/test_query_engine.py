@@ -106,7 +106,6 @@ def value(answer: dict, tag: str):
         ({"BodyPartExamined": "HEA?"}, {"A"}),
         ({"PatientName": "D[O]E*"}, set()),  # [ is literal: no character class (SQL)
         ({"BodyPartExamined": "[CH]*"}, set()),  # nor on the stored JSON
-        ({"StudyDate": "2020*"}, set()),  # * is no wildcard in a date
         ({"ModalitiesInStudy": "MR"}, {"B", "C"}),
         ({"ModalitiesInStudy": "SR"}, {"C"}),
         ({"ModalitiesInStudy": ["CR", "SR"]}, {"C", "D"}),  # any of the values
@@ -263,6 +262,92 @@ def test_sequence_matching(corpus):
     }
     item.CodingSchemeDesignator = "OTHER"  # every key of the item must match
     assert find(corpus, "STUDY", arrived(identifier)) == []
+
+
+def test_sequence_answers_carry_only_the_requested_item_attributes(corpus):
+    """PS3.4 C.2.2.2.6: "A sequence of matching Items containing only the requested
+    Attributes"; an empty item asks for the entire sequence; an item of return keys only
+    restricts nothing (universal matching: studies without the sequence too)."""
+    identifier = scu.identifier("STUDY", {"StudyInstanceUID": ""})
+    item = Dataset()
+    item.CodeValue = "PROC-B"
+    identifier.ProcedureCodeSequence = [item]
+    (answer,) = find(corpus, "STUDY", arrived(identifier))
+    assert answer["00081032"] == {"vr": "SQ", "Value": [{"00080100": item_value("PROC-B")}]}
+    identifier.ProcedureCodeSequence = [Dataset()]
+    answers = find(corpus, "STUDY", arrived(identifier))
+    whole = {labels(corpus, [a]).pop(): a["00081032"] for a in answers}
+    assert whole["B"]["Value"][0]["00080104"] == {"vr": "LO", "Value": ["procedure B"]}
+    item = Dataset()
+    item.CodeMeaning = ""
+    item.ContextIdentifier = ""  # asked for, not stored: empty, as a return key is
+    identifier.ProcedureCodeSequence = [item]
+    answers = find(corpus, "STUDY", arrived(identifier))
+    assert labels(corpus, answers) == EVERY_STUDY
+    asked = {labels(corpus, [a]).pop(): a["00081032"] for a in answers}
+    assert asked["A"]["Value"] == [
+        {"00080104": {"vr": "LO", "Value": ["procedure A"]}, "0008010F": {"vr": "CS"}}
+    ]
+    assert asked["X2"] == {"vr": "SQ"}
+
+
+def item_value(code: str) -> dict:
+    return {"vr": "SH", "Value": [code]}
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"StudyDate": ["20200105", "20200620"]}, {"A", "C"}),  # a list: any of them
+        ({"StudyDate": "20200105\\20210101-"}, {"A", "B"}),  # a date and a range
+        ({"StudyTime": "13:00-"}, {"B", "D"}),  # ACR-NEMA colons, as before
+        ({"AcquisitionDateTime": "2020-2020"}, {"A", "C"}),  # DT years: all of 2020
+        ({"AcquisitionDateTime": "202001-202001"}, {"A"}),
+        (  # DT with negative offsets, their '-' apart from the range's
+            {"AcquisitionDateTime": "20200101000000-0500-20200301000000-0500"},
+            {"A"},
+        ),
+    ],
+)
+def test_date_lists_partial_datetimes_and_offsets(corpus, values, expected):
+    assert studies(corpus, **values) == expected
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"StudyDate": "2003"},  # a year is not a DA (PS3.5 6.2: YYYYMMDD)
+        {"StudyDate": "2003-2004"},  # nor a range of years
+        {"StudyDate": "notadate"},
+        {"StudyDate": "2020*"},  # * is no wildcard in a date
+        {"StudyDate": "20200230"},  # no such day
+        {"StudyDate": "2003.01.19"},  # ACR-NEMA dates were never matched
+        {"StudyDate": ["20200105", "2020"]},  # every value of a list
+        {"PatientBirthDate": "19700101-1971"},
+        {"StudyTime": "25"},
+        {"SeriesDate": "-"},
+        {"AcquisitionDateTime": "2020-13"},
+        {"AcquisitionDateTime": "20200101+1500"},  # offsets end at +1400
+    ],
+)
+def test_dates_times_and_datetimes_that_are_not_are_refused(corpus, values):
+    """Not a query (C-FIND 0xA900, QIDO-RS 400): before, each matched nothing, or
+    compared as text, with Success."""
+    with pytest.raises(query.QueryError, match="is not a"):
+        studies(corpus, **values)
+
+
+def test_a_bad_date_in_a_sequence_item_or_a_worklist_query_is_refused(corpus):
+    archive, _ = corpus
+    identifier = scu.identifier("STUDY", {"StudyInstanceUID": ""})
+    item = Dataset()
+    item.ReferencedDateTime = "yesterday"
+    identifier.ReferencedRequestSequence = [item]
+    with pytest.raises(query.QueryError, match="ReferencedDateTime"):
+        find(corpus, "STUDY", arrived(identifier))
+    step = {"00400002": {"vr": "DA", "Value": ["2003"]}}  # Scheduled Procedure Step Start Date
+    with pytest.raises(query.QueryError, match="ScheduledProcedureStepStartDate"):
+        list(archive.worklist.find([query.Key(query.SPS, "SQ", [step])]))
 
 
 @pytest.mark.parametrize(
