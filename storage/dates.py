@@ -39,10 +39,13 @@ def split(vr: str, value: str) -> Range | None:
     value = value.strip()
     if _valid(vr, value):
         return Range(value, value, True)
-    # A DT's offset has a '-' of its own ("20030101-0500"): try each '-' as the range's.
-    cuts = [n for n, c in enumerate(value) if c == "-"] if vr == "DT" else [value.find("-")]
-    if vr != "DT" and value.count("-") != 1:
+    # A DT's offset has a '-' of its own ("20030101-0500"): try each '-' as the range's
+    # (at most three: an offset on each end and the range's; more is no DT, and trying
+    # each of a hostile value's thousands would cost time squared in its length).
+    dashes = value.count("-")
+    if dashes != 1 and (vr != "DT" or dashes > 3):
         return None
+    cuts = [n for n, c in enumerate(value) if c == "-"] if vr == "DT" else [value.find("-")]
     for cut in cuts:
         low, high = value[:cut].strip(), value[cut + 1 :].strip()
         if (low or high) and all(not part or _valid(vr, part) for part in (low, high)):
