@@ -21,6 +21,7 @@ import pytest
 from conftest import Server
 from conftest import children
 from conftest import minipacs
+from conftest import wait_until
 from make_study import make_study
 from scu import echo
 from scu import store_files
@@ -339,10 +340,7 @@ def test_peer_vanishing_mid_dataset_leaves_nothing(shared, tmp_path):
         sock.sendall(struct.pack(">BBI", 4, 0, len(pdv)) + pdv)
         # Vanish once the server holds part of the dataset: a check of "clean" before it
         # got there would pass whatever the server leaves behind.
-        deadline = time.monotonic() + 10
-        while not leftovers(server.data):
-            assert time.monotonic() < deadline, "no partial dataset in the journal in 10 s"
-            time.sleep(0.01)
+        assert wait_until(lambda: leftovers(server.data), 10), "no partial dataset in 10 s"
     assert_still_serving_and_clean(server)
     assert list(server.data.glob("*/*/*.dcm")) == []
 
