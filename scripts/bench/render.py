@@ -7,6 +7,7 @@ What it measures, how, and its targets: scripts/bench/README.md, section render.
 """
 
 import argparse
+import http.client
 import json
 import struct
 from pathlib import Path
@@ -137,11 +138,14 @@ def scenario(opts: argparse.Namespace, root: Path) -> int:
         title, ["server", "first", "warm p50", "p95"], [["minipacs", first, warm.p50, warm.p95]]
     )
     out.target("series /thumbnail: minipacs warm p50 ms", warm.p50, THUMBNAIL_MS, False)
+    for client in clients.values():
+        client.close()
     minipacs.stop()
     orthanc.stop()
     try:
         failed |= bool(warm.error) | mpr(opts, root, [warmup, volume], out)
-    except (bench.BenchError, OSError) as exc:  # the figures above are still reported
+    except (bench.BenchError, OSError, http.client.HTTPException, ValueError, KeyError) as exc:
+        # the figures above are still reported
         log.error("MPR: %s", exc)
         out.note(f"MPR failed: {str(exc)[:200]}")
         failed = True
@@ -169,6 +173,7 @@ def mpr(opts: argparse.Namespace, root: Path, volumes: list, out: bench.Report) 
         for latency, took in zip(cold.values(), times, strict=True):
             latency.runs_ms.append(1000 * took)
         if number < opts.mpr_cold - 1:
+            client.close()
             server.stop()
 
     def plane(name: str) -> bench.Call:
@@ -186,6 +191,7 @@ def mpr(opts: argparse.Namespace, root: Path, volumes: list, out: bench.Report) 
         return call
 
     cached = bench.interleaved(opts.repeat, {name: plane(name) for name in PLANES})
+    client.close()
     server.stop()
     rows = [
         [f"{name}, volume not cached", opts.mpr_cold, lat.p50, lat.p95]
