@@ -84,7 +84,8 @@ export class Report {
   // they are now: what was saved and is gone now is cleared (the server writes a report
   // with no measurement, or no selection; the old ones stay in the archive). Only what
   // was loaded can be cleared: a study whose saved report this view did not open (a
-  // prior) sends nothing when nothing is drawn.
+  // prior) sends nothing when nothing is drawn. True only when the server took it: the
+  // caller then re-reads the series, which gained an SR or KOS.
   async save(study) {
     const measurements = this.measurements
       .all()
@@ -98,7 +99,7 @@ export class Report {
     const before = this.saved.get(study) || { measurements: 0, keyImages: 0 };
     if (!measurements.length && !keyImages.length && !before.measurements && !before.keyImages) {
       this.say("Nothing to save on this study.");
-      return;
+      return false;
     }
     this.say("Saving…");
     const count = (n, what) => (n ? `${n} ${what}${n === 1 ? "" : "s"}` : "");
@@ -109,8 +110,10 @@ export class Report {
       const cleared = [!measurements.length && before.measurements && "measurements", !keyImages.length && before.keyImages && "key images"].filter(Boolean);
       const said = [saved.length && `saved ${saved.join(" and ")}`, cleared.length && `cleared the saved ${cleared.join(" and ")}`].filter(Boolean).join("; ");
       this.say(`${said[0].toUpperCase()}${said.slice(1)}.`);
+      return true;
     } catch (error) {
       if (error.name !== "AbortError") this.say(error.status === 403 ? "Saving needs the uploader role." : `Not saved: ${error.message}`);
+      return false;
     }
   }
 }

@@ -232,7 +232,7 @@ class StudyView {
   // Save `study`'s measurements and key images (report.js), then show its series again:
   // the strip lists the SR and KO series the save added without a reload.
   async saveReport(study) {
-    await this.report.save(study);
+    if (!(await this.report.save(study))) return; // nothing new in the study's series
     await this.studies.refresh(study).catch(() => {});
     if (this.active) this.strip.mark(this.active.study, this.active.series);
   }
