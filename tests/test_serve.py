@@ -44,6 +44,20 @@ def test_scu_commands_default_to_the_settings_pacs(server, tmp_path):
     assert elsewhere.returncode == 3
 
 
+def test_scu_commands_read_the_settings_only_for_what_is_missing(server):
+    """A bad MINIPACS_* meant for the server is not read when --host, --port and --aet are
+    all given; when it is read, the refusal says it came from the settings."""
+    env = {"MINIPACS_PORT": "abc"}
+    given = ("--host", "127.0.0.1", "--port", str(server.port), "--aet", "MINIPACS")
+    result = minipacs("echo", *given, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    refused = minipacs("echo", "--port", str(server.port), env=env, check=False)
+    assert refused.returncode == 2
+    assert "'abc' (the PACS's settings, read for the default --host/--port/--aet" in (
+        refused.stderr
+    )
+
+
 def test_healthz(server):
     with urllib.request.urlopen(f"{server.url}/healthz") as response:
         assert response.status == 200

@@ -16,6 +16,7 @@ from pacs.cli.common import UsageFailure
 from pacs.cli.common import build_config
 from pacs.cli.common import reachable_host
 from pacs.cli.common import walk
+from pacs.config import Config
 from pacs.tls import client_context
 
 
@@ -31,8 +32,8 @@ def remote_options(func):
     def wrapper(
         config_file, host, port, aet, calling_aet, tls, tls_ca, tls_cert, tls_key, **kwargs
     ):
-        if config_file is not None or None in (host, port, aet):
-            config = build_config(config_file)
+        if None in (host, port, aet):
+            config = _settings_pacs(config_file)
             host = host or reachable_host(config.host)
             if port is None:
                 port = config.tls_port if tls else config.port
@@ -78,6 +79,18 @@ def remote_options(func):
     )(func)
     func = click.option("--log-level", default="WARNING", show_default=True)(func)
     return func
+
+
+def _settings_pacs(config_file: Path | None) -> Config:
+    """The PACS's settings, for the --host/--port/--aet not given; a bad one says where it
+    came from, since the command itself never named it."""
+    try:
+        return build_config(config_file)
+    except UsageFailure as exc:
+        raise UsageFailure(
+            f"{exc.message} (the PACS's settings, read for the default --host/--port/--aet; "
+            "pass them to skip)"
+        ) from None
 
 
 def level_options(func):
