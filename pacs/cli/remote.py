@@ -32,14 +32,15 @@ def remote_options(func):
     def wrapper(
         config_file, host, port, aet, calling_aet, tls, tls_ca, tls_cert, tls_key, **kwargs
     ):
+        use_tls = bool(tls or tls_ca or tls_cert)
         if None in (host, port, aet):
             config = _settings_pacs(config_file)
             host = host or reachable_host(config.host)
             if port is None:
-                port = config.tls_port if tls else config.port
+                port = config.tls_port if use_tls else config.port
             aet = aet or config.aet
         context = None
-        if tls or tls_ca or tls_cert:
+        if use_tls:
             try:
                 context = client_context(tls_ca or "", tls_cert or "", tls_key or "")
             except (OSError, ssl.SSLError) as exc:
@@ -64,7 +65,7 @@ def remote_options(func):
         "--port",
         type=int,
         help="The peer's DICOM port [default: port of the settings, MINIPACS_PORT; with "
-        "--tls, tls_port].",
+        "--tls, --tls-ca or --tls-cert, tls_port].",
     )(func)
     func = click.option(
         "--host",
