@@ -136,28 +136,34 @@ def send(
     associations; `progress(path, status)` is called after each. `make_ae(ae_title=…)`
     makes our AE for each association (the server's router passes seam.ServerAE).
     A file that is not DICOM or cannot be read is not sent: it counts as failed, with
-    its reason, and the others go."""
+    its reason, and the others go. Each association's worker reads its own files' headers
+    (the contexts it proposes), so `parallel` workers read them side by side rather than
+    the caller reading every file's before any association."""
     outcome = Outcome()
     lock = threading.Lock()
-    files = []
-    for path in map(Path, paths):
-        try:
-            files.append((path, _file_context(path)))
-        except (OSError, StorageError) as exc:
-            outcome.failed += 1
-            outcome.failed_uids.append(str(path))
-            outcome.reasons[str(path)] = f"not sent: {exc}"
-            if progress:
-                progress(path, 0xC000)
-    chunks = [files[n::parallel] for n in range(max(1, parallel))]
+    todo = [Path(path) for path in paths]
+    chunks = [todo[n::parallel] for n in range(max(1, parallel))]
 
-    def run(chunk: list[tuple[Path, tuple[str, str]]]) -> None:
+    def run(chunk: list[Path]) -> None:
+        files: list[tuple[Path, tuple[str, str]]] = []
+        for path in chunk:
+            try:
+                files.append((path, _file_context(path)))
+            except (OSError, StorageError) as exc:
+                with lock:
+                    outcome.failed += 1
+                    outcome.failed_uids.append(str(path))
+                    outcome.reasons[str(path)] = f"not sent: {exc}"
+                if progress:
+                    progress(path, 0xC000)
+        if not files:
+            return
         done: list[Path] = []
         try:
-            _send_chunk(remote, chunk, outcome, lock, progress, make_ae, done)
+            _send_chunk(remote, files, outcome, lock, progress, make_ae, done)
         except Exception as exc:  # AssociationError, a file pynetdicom cannot read…
             with lock:
-                outcome.failed += len(chunk) - len(done)
+                outcome.failed += len(files) - len(done)
                 outcome.problems.append(str(exc) or type(exc).__name__)
 
     threads = [threading.Thread(target=run, args=(c,)) for c in chunks if c]
