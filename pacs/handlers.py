@@ -86,7 +86,7 @@ def handle_store(event: Event, archive: Archive, config: Config) -> int | Datase
     a client that stores and then queries over one association finds what it stored.
 
     0x0000 stored; 0xA700 disk full; 0xA900 dataset UIDs differ from the request, its
-    series is stored under another study, or (policy `reject`) it is stored in another
+    series is stored under another study, or (policies reject, replace) it is stored in another
     series; 0xC000 does not parse, has an invalid UID or declares more pixel data than
     the budget; 0x0111 different bytes under a stored UID with policy `reject`; 0x0124
     the association may not store; 0x0110 any other failure.

@@ -473,7 +473,7 @@ class Archive:
             uids = {tag: validate_uid(header.uid(tag), name) for tag, name in UID_NAMES.items()}
             _as_requested(uids[SOP_CLASS_UID], uids[SOP_INSTANCE_UID], sop_class_uid, sop_uid)
             self._refuse_other_study(uids[SERIES_INSTANCE_UID], uids[STUDY_INSTANCE_UID])
-            if self.duplicates == "reject":
+            if self.duplicates != "keep":  # reject and replace refuse a move before Success
                 rel = instance_path(*(uids[tag] for tag in PATH_UIDS))
                 self._refuse_different(uids[SOP_INSTANCE_UID], rel, receipt)
             entry = self.journal.commit(receipt)
@@ -523,7 +523,9 @@ class Archive:
         self._series_studies[series_uid] = study_uid
 
     def _refuse_different(self, sop_uid: str, rel: str, receipt: journal.Receipt) -> None:
-        """Policy `reject`: refuse different bytes, or the instance stored elsewhere."""
+        """Policies `reject` and `replace`: refuse the instance stored elsewhere (moving it
+        is no replacement: the indexer would set it aside after Success); `reject` also
+        refuses different bytes."""
         with db.connection_context():
             row = (
                 Instance.select(Instance.sha256, Instance.path)
@@ -535,6 +537,8 @@ class Archive:
             return
         if row[1] != rel:
             raise index.instance_conflict(sop_uid, row[1], rel)
+        if self.duplicates != "reject":
+            return
         try:
             stored = self.files.local(self.root / row[1])
         except StorageError:  # not at hand (object store): the indexer decides
@@ -598,8 +602,7 @@ class Archive:
                 if _kept_instead(stored, failed, self.duplicates) is not None:
                     entry.path.unlink(missing_ok=True)
                 else:  # its row failed alone: not for a retry every round
-                    log.error("cannot index %s: %s", stored.sop_uid, failed)
-                    self._set_aside(entry.path, StorageError("its index row failed"))
+                    self._set_aside(entry.path, failed)
         self.files.wake()
         return len(taken)
 

@@ -57,7 +57,7 @@ def problem(vr: str, value: str) -> str | None:
     """Why `value` is not a DA, TM or DT matching value, or None when it is one."""
     if split(vr, value) is not None:
         return None
-    return f"{value.strip()[:64]!r} is not a {vr} ({FORMS[vr]}) nor a range A-B, -B or A-"
+    return f"not a {vr} ({FORMS[vr]}) nor a range A-B, -B or A-"  # no value: it is logged
 
 
 def dt_upper(value: str) -> str:

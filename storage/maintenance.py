@@ -175,10 +175,11 @@ class Maintenance:
             self._reindex_files(report, progress, objects)
         except StorageError as exc:  # e.g. the store stopped answering: run it again
             with contextlib.suppress(StorageError):  # the index itself may be what failed
-                self.archive.write(_protect_again, protected)
                 self._audit_reindex(report, who, f"failure: {exc}")
             raise
-        self.archive.write(_protect_again, protected)
+        finally:  # whatever stops it (Ctrl-C too), the studies found keep their protection
+            with contextlib.suppress(StorageError):
+                self.archive.write(_protect_again, protected)
         outcome = f"failure: {len(report.problems)} problem(s)" if report.problems else "success"
         self._audit_reindex(report, who, outcome)
         return report

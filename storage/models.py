@@ -287,4 +287,3 @@ MODELS = (
 # extended query tags' definitions) and a reindex keeps it as it is. No kept table has a
 # foreign key into these (QueryValue's points out, to QueryTag).
 FROM_FILES = (Patient, Study, StudyModality, Series, Instance, QueryValue)
-KEPT_BY_REINDEX = tuple(model for model in MODELS if model not in FROM_FILES)

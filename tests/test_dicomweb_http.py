@@ -548,5 +548,5 @@ def test_a_date_that_is_not_one_is_400(server):
     for bad in ("2003", "2003-2004", "notadate"):
         code, _, body = get(f"{server.url}/dicom-web/studies?StudyDate={bad}")
         assert code == 400, bad
-        assert "is not a DA" in json.loads(body)["error"], bad
+        assert "StudyDate: not a DA" in json.loads(body)["error"], bad
     assert ct in study_uids(studies(server, "StudyDate=20030101-20041231"))

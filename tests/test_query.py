@@ -103,7 +103,7 @@ def test_a_date_that_is_not_one_is_a900(archive):
     with pytest.raises(scu.ScuError) as error:
         ask(server, "STUDY", StudyInstanceUID="", StudyDate="2003")
     assert error.value.status == 0xA900
-    assert "'2003' is not a DA" in str(error.value)
+    assert "StudyDate: not a DA" in str(error.value)
     answers = ask(server, "STUDY", StudyInstanceUID="", StudyDate="20200101-20201231")
     assert study_labels(made, answers) == {"A", "C"}
 
